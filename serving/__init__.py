@@ -1,0 +1,1 @@
+"""The llm-platform serving image: an OpenAI-compatible inference server with continuous batching."""

@@ -1,0 +1,120 @@
+"""The engine's one narrow interface: the HTTP layer talks to the engine only through these types.
+
+The HTTP layer never touches tensors; the engine never sees HTTP. A request goes in as token ids with
+sampling parameters and comes back as an async stream of `TokenOutput`s; stopping that stream early
+(the consumer closes it, or its task is cancelled) aborts the request and frees its slot.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Literal, Protocol
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples. Validated by the HTTP layer before it reaches the engine."""
+
+    max_tokens: int
+    """Upper bound on generated tokens (the `length` finish reason)."""
+    temperature: float = 1.0
+    """0 means greedy (argmax)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass, in (0, 1]."""
+    seed: int | None = None
+    """Per-request generator seed: the same seed and prompt give the same tokens."""
+    min_tokens: int = 0
+    """End-of-sequence tokens are suppressed until this many tokens were generated."""
+    ignore_eos: bool = False
+    """Never stop on end-of-sequence tokens (benchmarks force exact output lengths this way)."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Extra token ids that end generation with finish reason `stop` (besides the model's EOS ids)."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams
+
+
+@dataclass(frozen=True)
+class TokenOutput:
+    """New tokens for one request since its previous output; the last one carries `finish_reason`."""
+
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot for metrics and health; cheap to take from any thread."""
+
+    waiting: int
+    """Requests admitted but not yet running (queued for a free slot)."""
+    running: int
+    """Requests holding a slot (prefilling or decoding)."""
+    max_running: int
+    """Slot count: the most requests that decode together."""
+    kv_cache_usage: float
+    """Fraction (0..1) of the preallocated KV cache holding live tokens."""
+    kv_cache_capacity_tokens: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    loop_alive: bool
+    """False once the engine loop thread has died (liveness fails)."""
+    device: str
+    """`cuda:0` or `cpu`."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the HTTP layer needs to know about the loaded model."""
+
+    max_model_len: int
+    """Prompt plus generated tokens must fit in this many positions."""
+    vocab_size: int
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    dtype: str = "float32"
+    device: str = "cpu"
+
+
+class EngineError(Exception):
+    """Base of errors the engine raises to its caller."""
+
+
+class QueueFullError(EngineError):
+    """The waiting queue is at its limit: the HTTP layer answers 429 with Retry-After."""
+
+
+class EngineDeadError(EngineError):
+    """The engine loop has died: the HTTP layer answers 503 and liveness fails."""
+
+
+class ModelLoadError(EngineError):
+    """The model directory is unusable; the message says what is wrong and what to do."""
+
+
+class Engine(Protocol):
+    """What every engine implements (the real one, and test doubles)."""
+
+    model_info: ModelInfo
+    tokenizer: object
+    """A `transformers` tokenizer (encode/decode, chat template)."""
+
+    async def start(self) -> None:
+        """Start the engine loop and run one warm-up generation; returns when ready to serve."""
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenOutput]:
+        """Submit a request and stream its tokens. Raises QueueFullError or EngineDeadError on submit.
+        Closing the iterator early aborts the request and frees its slot."""
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (no-op when unknown or finished)."""
+
+    def stats(self) -> EngineStats:
+        ...
+
+    async def shutdown(self) -> None:
+        """Abort everything still running and stop the loop."""
