@@ -1,0 +1,265 @@
+"""Pure builders: plain functions from typed config to Kubernetes-shaped dicts (camelCase, as in YAML).
+
+Components wire these into resources; tests call them directly without mocks. Nothing here touches Pulumi.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from stack_config import (
+    GPU_RESOURCE,
+    MODELS_MOUNT,
+    AutoscalingConfig,
+    GpuPoolConfig,
+    ModelConfig,
+    ProbeConfig,
+)
+
+SERVING_PORT = 8000
+PORT_NAME = "http"
+CONTAINER_NAME = "llm-api"
+SERVING_COMPONENT = "llm-serving"
+PART_OF = "llm-platform"
+RUN_AS_ID = 10001
+API_KEYS_DIR = "/var/run/secrets/llm-platform"
+API_KEYS_FILE_KEY = "api-keys"
+PRESTOP_SLEEP_SECONDS = 5
+"""Endpoints controllers need a moment to drop a terminating pod; until then it still gets traffic."""
+
+
+# ---------------------------------------------------------------------------------------- labels
+
+
+def selector_labels(model_name: str) -> dict[str, str]:
+    """The immutable selector of one model's pods (the article's `app: <name>`)."""
+    return {"app": model_name}
+
+
+def labels(model_name: str) -> dict[str, str]:
+    return {
+        **selector_labels(model_name),
+        "app.kubernetes.io/name": model_name,
+        "app.kubernetes.io/component": SERVING_COMPONENT,
+        "app.kubernetes.io/part-of": PART_OF,
+        "app.kubernetes.io/managed-by": "pulumi",
+    }
+
+
+def serving_pods_selector() -> dict[str, str]:
+    """Selects every serving pod of every model (NetworkPolicies)."""
+    return {"app.kubernetes.io/component": SERVING_COMPONENT, "app.kubernetes.io/part-of": PART_OF}
+
+
+# ------------------------------------------------------------------------------- security context
+
+
+def pod_security_context() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS_ID,
+        "runAsGroup": RUN_AS_ID,
+        "fsGroup": RUN_AS_ID,
+        "fsGroupChangePolicy": "OnRootMismatch",
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security_context() -> dict[str, Any]:
+    """The Pod Security Standards `restricted` profile, plus a read-only root filesystem."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS_ID,
+        "runAsGroup": RUN_AS_ID,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+# ------------------------------------------------------------------------------------------ probes
+
+
+def probe(path: str, cfg: ProbeConfig) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": PORT_NAME, "scheme": "HTTP"},
+        "initialDelaySeconds": cfg.initial_delay_seconds,
+        "periodSeconds": cfg.period_seconds,
+        "timeoutSeconds": cfg.timeout_seconds,
+        "failureThreshold": cfg.failure_threshold,
+        "successThreshold": 1,
+    }
+
+
+def probes(model: ModelConfig) -> dict[str, dict[str, Any]]:
+    """Startup (model loaded and warmed), liveness (engine loop alive), readiness (not draining)."""
+    return {
+        "startupProbe": probe("/health/startup", model.probes.startup),
+        "livenessProbe": probe("/health/live", model.probes.liveness),
+        "readinessProbe": probe("/health/ready", model.probes.readiness),
+    }
+
+
+# --------------------------------------------------------------------------------------- resources
+
+
+def container_resources(model: ModelConfig, gpu_resource: str = GPU_RESOURCE) -> dict[str, Any]:
+    """Requests and limits; GPUs are extended resources, so requests must equal limits."""
+    def amounts(a) -> dict[str, str]:
+        out = {"cpu": a.cpu, "memory": a.memory, "ephemeral-storage": a.ephemeral_storage}
+        if model.gpus_per_replica:
+            out[gpu_resource] = str(model.gpus_per_replica)
+        return out
+
+    return {"requests": amounts(model.resources.requests), "limits": amounts(model.resources.limits)}
+
+
+# --------------------------------------------------------------------------------------- pod spec
+
+
+def model_volume_name(model: ModelConfig) -> str:
+    return "model-storage" if model.workload == "deployment" else model.storage.template_name
+
+
+def serving_env(model: ModelConfig) -> list[dict[str, Any]]:
+    env = [
+        {"name": "MODEL_NAME", "value": model.served_model_name},
+        {"name": "MODEL_PATH", "value": model.model_path},
+        {"name": "PORT", "value": str(SERVING_PORT)},
+        {"name": "API_KEYS_FILE", "value": f"{API_KEYS_DIR}/{API_KEYS_FILE_KEY}"},
+        {"name": "DRAIN_SECONDS", "value": str(model.drain_seconds)},
+        # The root filesystem is read-only: every cache goes to the /tmp emptyDir; weights are never fetched.
+        {"name": "HF_HOME", "value": "/tmp/hf-home"},
+        {"name": "HF_HUB_OFFLINE", "value": "1"},
+        {"name": "TRANSFORMERS_OFFLINE", "value": "1"},
+    ]
+    if model.max_num_seqs is not None:
+        env.append({"name": "MAX_NUM_SEQS", "value": str(model.max_num_seqs)})
+    if model.max_model_len is not None:
+        env.append({"name": "MAX_MODEL_LEN", "value": str(model.max_model_len)})
+    env.extend({"name": k, "value": v} for k, v in sorted(model.env.items()))
+    return env
+
+
+def serving_container(model: ModelConfig, gpu_resource: str = GPU_RESOURCE) -> dict[str, Any]:
+    return {
+        "name": CONTAINER_NAME,
+        "image": model.image,
+        "imagePullPolicy": model.image_pull_policy,
+        "ports": [{"name": PORT_NAME, "containerPort": SERVING_PORT, "protocol": "TCP"}],
+        "env": serving_env(model),
+        "resources": container_resources(model, gpu_resource),
+        "volumeMounts": [
+            {"name": model_volume_name(model), "mountPath": MODELS_MOUNT, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": True},
+        ],
+        **probes(model),
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_SECONDS}}},
+        "securityContext": container_security_context(),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+
+def gpu_scheduling(pool: GpuPoolConfig, priority_class_name: str | None) -> dict[str, Any]:
+    """Pod-spec fields that put a GPU pod on the GPU nodes (never NVIDIA_VISIBLE_DEVICES)."""
+    spec: dict[str, Any] = {}
+    if pool.node_selector:
+        spec["nodeSelector"] = dict(pool.node_selector)
+    if pool.tolerations:
+        spec["tolerations"] = [
+            {k: v for k, v in {"key": t.key, "operator": t.operator, "value": t.value, "effect": t.effect}.items()
+             if v is not None}
+            for t in pool.tolerations
+        ]
+    if pool.runtime_class_name:
+        spec["runtimeClassName"] = pool.runtime_class_name
+    if priority_class_name:
+        spec["priorityClassName"] = priority_class_name
+    return spec
+
+
+def pod_spec(model: ModelConfig, *, service_account: str, api_key_secret: str,
+             scheduling: dict[str, Any], gpu_resource: str = GPU_RESOURCE) -> dict[str, Any]:
+    volumes: list[dict[str, Any]] = [
+        {"name": "tmp", "emptyDir": {"sizeLimit": model.resources.limits.ephemeral_storage}},
+        {"name": "api-keys", "secret": {"secretName": api_key_secret, "defaultMode": 0o440,
+                                        "items": [{"key": API_KEYS_FILE_KEY, "path": API_KEYS_FILE_KEY}]}},
+    ]
+    if model.workload == "deployment":
+        volumes.insert(0, {"name": "model-storage",
+                           "persistentVolumeClaim": {"claimName": model.storage.claim_name, "readOnly": True}})
+    spec: dict[str, Any] = {
+        "serviceAccountName": service_account,
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": pod_security_context(),
+        "terminationGracePeriodSeconds": model.termination_grace_period_seconds,
+        "containers": [serving_container(model, gpu_resource)],
+        "volumes": volumes,
+        "topologySpreadConstraints": [{
+            "maxSkew": 1,
+            "topologyKey": "kubernetes.io/hostname",
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": selector_labels(model.name)},
+        }],
+    }
+    if model.gpus_per_replica:
+        spec.update(scheduling)
+    return spec
+
+
+# -------------------------------------------------------------------------------------- autoscaling
+
+
+def hpa_behavior(a: AutoscalingConfig) -> dict[str, Any]:
+    """Scale up fast (double or +2 pods per 30 s), scale down slowly (half per minute after 5 min calm)."""
+    return {
+        "scaleDown": {
+            "stabilizationWindowSeconds": a.scale_down_stabilization_seconds,
+            "policies": [{"type": "Percent", "value": a.scale_down_percent,
+                          "periodSeconds": a.scale_down_period_seconds}],
+        },
+        "scaleUp": {
+            "stabilizationWindowSeconds": a.scale_up_stabilization_seconds,
+            "policies": [
+                {"type": "Percent", "value": a.scale_up_percent, "periodSeconds": a.scale_up_period_seconds},
+                {"type": "Pods", "value": a.scale_up_pods, "periodSeconds": a.scale_up_period_seconds},
+            ],
+            "selectPolicy": "Max",
+        },
+    }
+
+
+def hpa_spec(model: ModelConfig, kind: str) -> dict[str, Any]:
+    a = model.autoscaling
+
+    def utilization(resource: str, target: int) -> dict[str, Any]:
+        return {"type": "Resource", "resource": {"name": resource,
+                                                 "target": {"type": "Utilization", "averageUtilization": target}}}
+
+    return {
+        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": kind, "name": model.name},
+        "minReplicas": a.min_replicas,
+        "maxReplicas": a.max_replicas,
+        "metrics": [utilization("cpu", a.target_cpu_utilization),
+                    utilization("memory", a.target_memory_utilization)],
+        "behavior": hpa_behavior(a),
+    }
+
+
+# ------------------------------------------------------------------------------------ network policy
+
+
+def namespace_selector(name: str) -> dict[str, Any]:
+    return {"matchLabels": {"kubernetes.io/metadata.name": name}}
+
+
+def dns_egress_rule() -> dict[str, Any]:
+    """DNS to kube-dns, which the article's policy forgot (every name lookup then times out)."""
+    return {
+        "to": [{"namespaceSelector": namespace_selector("kube-system"),
+                "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
+        "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
+    }

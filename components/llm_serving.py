@@ -1,0 +1,168 @@
+"""LLMServing: one model's serving stack.
+
+Deployment (shared model PVC) or StatefulSet (one volume per replica), Service, Ingress with cert-manager
+TLS, autoscaling/v2 HPA with the article's behavior, probes against the image's health contract, a rolling
+update that can always make progress, and the restricted security context. One instance per model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pulumi
+import pulumi_kubernetes as k8s
+
+from components.builders import PORT_NAME, SERVING_PORT, hpa_spec, labels, pod_spec, selector_labels
+from stack_config import GPU_RESOURCE, IngressConfig, ModelConfig
+
+
+@dataclass(frozen=True)
+class LLMServingArgs:
+    namespace: pulumi.Input[str]
+    model: ModelConfig
+    ingress: IngressConfig
+    host: str | None
+    """Ingress host for this model (None when the stack has no Ingress)."""
+    tls_secret_name: str
+    """Secret cert-manager writes this model's certificate into."""
+    service_account: str
+    api_key_secret: str
+    scheduling: dict[str, Any]
+    """GPU scheduling fragment from GpuPool."""
+    gpu_resource: str = GPU_RESOURCE
+    pod_annotations: dict[str, str] | None = None
+    """Extra pod-template annotations (e.g. Prometheus scrape hints without the operator)."""
+
+
+class LLMServing(pulumi.ComponentResource):
+    workload: k8s.apps.v1.Deployment | k8s.apps.v1.StatefulSet
+    service: k8s.core.v1.Service
+    endpoint: pulumi.Output[str]
+    """Where clients reach the OpenAI API: https://host when an Ingress exists, else the in-cluster URL."""
+
+    def __init__(self, name: str, args: LLMServingArgs, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("llm-platform:index:LLMServing", name, None, opts)
+        model = args.model
+        child = pulumi.ResourceOptions(parent=self)
+        common = labels(model.name)
+
+        def meta(object_name: str) -> dict[str, Any]:
+            return {"name": object_name, "namespace": args.namespace, "labels": common}
+
+        template = {
+            "metadata": {"labels": common, "annotations": dict(args.pod_annotations or {})},
+            "spec": pod_spec(model, service_account=args.service_account, api_key_secret=args.api_key_secret,
+                             scheduling=args.scheduling, gpu_resource=args.gpu_resource),
+        }
+        if not template["metadata"]["annotations"]:
+            del template["metadata"]["annotations"]
+
+        # When the HPA owns the replica count, `pulumi up` must not reset it to the configured start value.
+        replica_opts = pulumi.ResourceOptions(parent=self, ignore_changes=["spec.replicas"]) \
+            if model.autoscaling.enabled else child
+
+        self.claim = None
+        self.headless_service = None
+        if model.workload == "deployment":
+            self.claim = k8s.core.v1.PersistentVolumeClaim(
+                f"{name}-model-pvc", metadata=meta(model.storage.claim_name),
+                spec=model_claim_spec(model), opts=child)
+            self.workload = k8s.apps.v1.Deployment(
+                f"{name}-deployment", metadata=meta(model.name),
+                spec={
+                    "replicas": model.replicas,
+                    "revisionHistoryLimit": 5,
+                    "selector": {"matchLabels": selector_labels(model.name)},
+                    "strategy": {"type": "RollingUpdate", "rollingUpdate": {
+                        "maxSurge": model.rollout.max_surge, "maxUnavailable": model.rollout.max_unavailable}},
+                    "template": template,
+                },
+                opts=pulumi.ResourceOptions.merge(replica_opts, pulumi.ResourceOptions(depends_on=[self.claim])))
+        else:
+            self.headless_service = k8s.core.v1.Service(
+                f"{name}-headless", metadata=meta(f"{model.name}-headless"),
+                spec={"clusterIP": "None", "selector": selector_labels(model.name), "publishNotReadyAddresses": True,
+                      "ports": [{"name": PORT_NAME, "port": SERVING_PORT, "targetPort": PORT_NAME,
+                                 "protocol": "TCP"}]},
+                opts=child)
+            self.workload = k8s.apps.v1.StatefulSet(
+                f"{name}-statefulset", metadata=meta(model.name),
+                spec={
+                    "replicas": model.replicas,
+                    "serviceName": f"{model.name}-headless",
+                    # Pods load weights independently; starting them one by one only multiplies cold start.
+                    "podManagementPolicy": "Parallel",
+                    "revisionHistoryLimit": 5,
+                    "selector": {"matchLabels": selector_labels(model.name)},
+                    "updateStrategy": {"type": "RollingUpdate",
+                                       "rollingUpdate": {"maxUnavailable": max(1, model.rollout.max_unavailable)}},
+                    "persistentVolumeClaimRetentionPolicy": {"whenDeleted": "Retain", "whenScaled": "Retain"},
+                    "template": template,
+                    "volumeClaimTemplates": [{
+                        "metadata": {"name": model.storage.template_name, "labels": common},
+                        "spec": model_claim_spec(model),
+                    }],
+                },
+                opts=replica_opts)
+
+        self.service = k8s.core.v1.Service(
+            f"{name}-service", metadata=meta(model.name),
+            spec={
+                "type": model.service_type,
+                "selector": selector_labels(model.name),
+                "ports": [{"name": PORT_NAME, "port": model.service_port, "targetPort": PORT_NAME,
+                           "protocol": "TCP"}],
+            },
+            opts=child)
+
+        self.hpa = None
+        if model.autoscaling.enabled:
+            kind = "Deployment" if model.workload == "deployment" else "StatefulSet"
+            self.hpa = k8s.autoscaling.v2.HorizontalPodAutoscaler(
+                f"{name}-hpa", metadata=meta(f"{model.name}-hpa"), spec=hpa_spec(model, kind),
+                opts=pulumi.ResourceOptions(parent=self, depends_on=[self.workload]))
+
+        self.ingress = None
+        if args.ingress.enabled and args.host:
+            self.ingress = k8s.networking.v1.Ingress(
+                f"{name}-ingress",
+                metadata={**meta(model.name), "annotations": ingress_annotations(args.ingress)},
+                spec=ingress_spec(args.ingress, args.host, model, args.tls_secret_name),
+                opts=child)
+            scheme = "https" if args.ingress.tls else "http"
+            self.endpoint = pulumi.Output.from_input(f"{scheme}://{args.host}/v1")
+        else:
+            self.endpoint = pulumi.Output.concat(
+                "http://", model.name, ".", args.namespace, f".svc.cluster.local:{model.service_port}/v1")
+
+        self.register_outputs({"endpoint": self.endpoint, "workload": model.name, "service": model.name})
+
+
+def model_claim_spec(model: ModelConfig) -> dict[str, Any]:
+    access = "ReadWriteOnce" if model.workload == "statefulset" else model.storage.access_mode
+    return {
+        "accessModes": [access],
+        "storageClassName": model.storage.storage_class,
+        "resources": {"requests": {"storage": model.storage.size}},
+    }
+
+
+def ingress_annotations(ingress: IngressConfig) -> dict[str, str]:
+    annotations = dict(ingress.annotations)
+    if ingress.tls:
+        annotations["cert-manager.io/cluster-issuer"] = ingress.cluster_issuer
+    return annotations
+
+
+def ingress_spec(ingress: IngressConfig, host: str, model: ModelConfig, tls_secret_name: str) -> dict[str, Any]:
+    """`spec.ingressClassName`, not the deprecated `kubernetes.io/ingress.class` annotation."""
+    spec: dict[str, Any] = {
+        "ingressClassName": ingress.class_name,
+        "rules": [{"host": host, "http": {"paths": [{
+            "path": "/", "pathType": "Prefix",
+            "backend": {"service": {"name": model.name, "port": {"number": model.service_port}}},
+        }]}}],
+    }
+    if ingress.tls:
+        spec["tls"] = [{"hosts": [host], "secretName": tls_secret_name}]
+    return spec

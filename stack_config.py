@@ -1,0 +1,627 @@
+"""Typed, validated stack configuration: the ONLY module that reads `pulumi.Config`.
+
+`Pulumi.<stack>.yaml` keys (`llm-platform:<key>`, camelCase, structured objects) are read into frozen
+dataclasses. Defaults live on the dataclasses, once. Every problem raises `ConfigError` with one message
+naming the stack, the key path, the bad value and what is allowed; unknown keys are errors at every level.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping
+
+import pulumi
+
+from quantities import QuantityError, format_bytes_gib, parse_quantity
+
+PROJECT = "llm-platform"
+GPU_RESOURCE = "nvidia.com/gpu"
+MODELS_MOUNT = "/models"
+
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_HOSTNAME = re.compile(r"^(\*\.)?([a-z0-9]([-a-z0-9]*[a-z0-9])?\.)+[a-z]{2,63}$")
+_LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class ConfigError(pulumi.RunError):
+    """Bad stack configuration. Subclasses RunError so `pulumi preview` prints the message, not a traceback."""
+
+    def __init__(self, stack: str, path: str, problem: str):
+        self.stack, self.path, self.problem = stack, path, problem
+        super().__init__(f"stack '{stack}': {PROJECT}:{path}: {problem}")
+
+
+def _quantity(**extra) -> dict:
+    return {"quantity": True, **extra}
+
+
+# --------------------------------------------------------------------------------------------------
+# The configuration schema. Field names are snake_case; the YAML key is the camelCase form.
+# Field metadata: quantity (a Kubernetes quantity string), min/max (numbers), dns (a DNS-1123 label).
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Toleration:
+    key: str
+    """Taint key to tolerate, e.g. `nvidia.com/gpu`."""
+    operator: Literal["Exists", "Equal"] = "Exists"
+    value: str | None = None
+    """Taint value; only with operator Equal."""
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = "NoSchedule"
+
+
+@dataclass(frozen=True)
+class PriorityClassConfig:
+    name: str = field(default="llm-inference", metadata={"dns": True})
+    """PriorityClass created for serving pods, so they are not preempted by batch work."""
+    value: int = field(default=100000, metadata={"min": 0, "max": 1000000000})
+    preemption_policy: Literal["PreemptLowerPriority", "Never"] = "PreemptLowerPriority"
+
+
+@dataclass(frozen=True)
+class GpuPoolConfig:
+    gpu_type: str = "nvidia-h100-80gb"
+    """Human name of the GPU model the pool holds (shown in the plan and on pod labels)."""
+    gpu_memory_gib: int = field(default=80, metadata={"min": 1, "key": "gpuMemoryGiB"})
+    """Memory of one GPU, used by capacity checks."""
+    gpus_per_node: int | None = field(default=None, metadata={"min": 1})
+    """GPUs on one node of the pool; when set, a replica asking for more can never schedule."""
+    node_selector: dict[str, str] = field(default_factory=dict)
+    """Node labels that pick the GPU nodes (e.g. `nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3`)."""
+    tolerations: list[Toleration] = field(
+        default_factory=lambda: [Toleration(key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")]
+    )
+    """Tolerations for the GPU nodes' taints."""
+    runtime_class_name: str | None = field(default=None, metadata={"dns": True})
+    """An existing RuntimeClass (e.g. `nvidia` from the GPU operator); unset uses the node default."""
+    priority_class: PriorityClassConfig | None = None
+    """When set, a PriorityClass is created and used by every serving pod."""
+
+
+@dataclass(frozen=True)
+class ResourceQuotaConfig:
+    enabled: bool = True
+    name: str = field(default="llm-quota", metadata={"dns": True})
+    requests_cpu: str = field(default="100", metadata=_quantity())
+    requests_memory: str = field(default="200Gi", metadata=_quantity())
+    limits_cpu: str = field(default="200", metadata=_quantity())
+    limits_memory: str = field(default="400Gi", metadata=_quantity())
+    gpus: int = field(default=10, metadata={"min": 0})
+    """Cap on `requests.nvidia.com/gpu` and `limits.nvidia.com/gpu`."""
+    persistent_volume_claims: int = field(default=10, metadata={"min": 0})
+    storage_by_class: dict[str, str] = field(default_factory=lambda: {"fast-ssd": "5Ti"})
+    """Storage request cap per StorageClass."""
+
+
+@dataclass(frozen=True)
+class LimitRangeConfig:
+    enabled: bool = True
+    name: str = field(default="llm-limits", metadata={"dns": True})
+    default_cpu: str = field(default="4", metadata=_quantity())
+    default_memory: str = field(default="8Gi", metadata=_quantity())
+    default_request_cpu: str = field(default="2", metadata=_quantity())
+    default_request_memory: str = field(default="4Gi", metadata=_quantity())
+    default_ephemeral_storage: str = field(default="4Gi", metadata=_quantity())
+    default_request_ephemeral_storage: str = field(default="1Gi", metadata=_quantity())
+
+
+@dataclass(frozen=True)
+class PdbConfig:
+    max_unavailable: int | None = field(default=1, metadata={"min": 0})
+    """Pods that may be down at once during voluntary disruptions (node drains). Must allow at least one."""
+    min_available: int | None = field(default=None, metadata={"min": 0})
+    """Alternative to maxUnavailable; must stay below the minimum replica count."""
+
+
+@dataclass(frozen=True)
+class AllowFromConfig:
+    namespaces: list[str] = field(default_factory=lambda: ["api-gateway"])
+    """Namespaces whose pods may call the serving port."""
+    pod_labels: dict[str, str] = field(default_factory=lambda: {"app": "api-gateway"})
+    """When non-empty, only pods with these labels in those namespaces may call."""
+    ip_blocks: list[str] = field(default_factory=list)
+    """CIDRs allowed to call (e.g. a LoadBalancer's source ranges)."""
+
+
+@dataclass(frozen=True)
+class EgressToConfig:
+    namespaces: list[str] = field(default_factory=lambda: ["model-storage"])
+    """Namespaces serving pods may reach (besides DNS)."""
+    ports: list[int] = field(default_factory=lambda: [443])
+
+
+@dataclass(frozen=True)
+class GuardrailsConfig:
+    pod_security: Literal["restricted", "baseline"] = "restricted"
+    """Pod Security Admission level enforced on the namespace."""
+    resource_quota: ResourceQuotaConfig = field(default_factory=ResourceQuotaConfig)
+    limit_range: LimitRangeConfig = field(default_factory=LimitRangeConfig)
+    pdb: PdbConfig = field(default_factory=PdbConfig)
+    network_policies: bool = True
+    """Default-deny NetworkPolicies with explicit allows."""
+    allow_from: AllowFromConfig = field(default_factory=AllowFromConfig)
+    egress_to: EgressToConfig = field(default_factory=EgressToConfig)
+    api_key_length: int = field(default=48, metadata={"min": 32, "max": 256})
+    """Length of the generated API key (pulumi_random)."""
+
+
+@dataclass(frozen=True)
+class IngressConfig:
+    enabled: bool = True
+    class_name: str = "nginx"
+    host: str | None = None
+    """Public host name of the (single) model; models may set their own `host`."""
+    tls: bool = True
+    cluster_issuer: str = "letsencrypt-prod"
+    """cert-manager ClusterIssuer that issues the TLS certificate."""
+    tls_secret_name: str = field(default="llm-tls", metadata={"dns": True})
+    controller_namespace: str = field(default="ingress-nginx", metadata={"dns": True})
+    """Namespace of the ingress controller pods; the NetworkPolicy lets them reach the serving port."""
+    annotations: dict[str, str] = field(default_factory=dict)
+    """Extra Ingress annotations (e.g. proxy timeouts for long streams)."""
+
+
+@dataclass(frozen=True)
+class ObservabilityConfig:
+    prometheus_operator: bool = False
+    """The cluster runs the Prometheus operator: create ServiceMonitor and PrometheusRule."""
+    prometheus_namespace: str = field(default="monitoring", metadata={"dns": True})
+    """Namespace of Prometheus; the NetworkPolicy lets it scrape the serving port."""
+    scrape_interval: str = "15s"
+    grafana_dashboard: bool = True
+    """A Grafana dashboard ConfigMap labelled for the Grafana sidecar."""
+    ttft_slo_seconds: float = field(default=2.0, metadata={"min": 0.01})
+    """Time-to-first-token p95 objective used by the alert."""
+    error_ratio_slo: float = field(default=0.05, metadata={"min": 0.0001, "max": 1})
+
+
+@dataclass(frozen=True)
+class ResourceAmounts:
+    cpu: str = field(metadata=_quantity())
+    memory: str = field(metadata=_quantity())
+    ephemeral_storage: str = field(default="2Gi", metadata=_quantity())
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    requests: ResourceAmounts = field(default_factory=lambda: ResourceAmounts(cpu="4", memory="8Gi", ephemeral_storage="2Gi"))
+    limits: ResourceAmounts = field(default_factory=lambda: ResourceAmounts(cpu="8", memory="16Gi", ephemeral_storage="8Gi"))
+
+
+@dataclass(frozen=True)
+class AutoscalingConfig:
+    enabled: bool = True
+    min_replicas: int = field(default=2, metadata={"min": 1})
+    max_replicas: int = field(default=10, metadata={"min": 1})
+    target_cpu_utilization: int = field(default=70, metadata={"min": 1, "max": 100})
+    target_memory_utilization: int = field(default=80, metadata={"min": 1, "max": 100})
+    scale_down_stabilization_seconds: int = field(default=300, metadata={"min": 0, "max": 3600})
+    scale_down_percent: int = field(default=50, metadata={"min": 1, "max": 100})
+    scale_down_period_seconds: int = field(default=60, metadata={"min": 1, "max": 1800})
+    scale_up_stabilization_seconds: int = field(default=0, metadata={"min": 0, "max": 3600})
+    scale_up_percent: int = field(default=100, metadata={"min": 1, "max": 1000})
+    scale_up_pods: int = field(default=2, metadata={"min": 1})
+    scale_up_period_seconds: int = field(default=30, metadata={"min": 1, "max": 1800})
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    size: str = field(default="500Gi", metadata=_quantity())
+    storage_class: str = "fast-ssd"
+    access_mode: Literal["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"] = "ReadWriteMany"
+    """Deployment replicas share one claim, so it must be mountable on several nodes (not ReadWriteOnce)."""
+    claim_name: str = field(default="model-pvc", metadata={"dns": True})
+    """PVC name for `workload: deployment`."""
+    template_name: str = field(default="model-data", metadata={"dns": True})
+    """volumeClaimTemplates name for `workload: statefulset` (one ReadWriteOnce volume per replica)."""
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    initial_delay_seconds: int = field(metadata={"min": 0})
+    period_seconds: int = field(metadata={"min": 1})
+    timeout_seconds: int = field(metadata={"min": 1})
+    failure_threshold: int = field(metadata={"min": 1})
+
+
+@dataclass(frozen=True)
+class ProbesConfig:
+    liveness: ProbeConfig = field(default_factory=lambda: ProbeConfig(30, 10, 5, 3))
+    readiness: ProbeConfig = field(default_factory=lambda: ProbeConfig(10, 5, 3, 3))
+    startup: ProbeConfig = field(default_factory=lambda: ProbeConfig(0, 10, 5, 30))
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    max_surge: int = field(default=1, metadata={"min": 0})
+    max_unavailable: int = field(default=0, metadata={"min": 0})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = field(metadata={"dns": True})
+    """Kubernetes name of this model's workload, Service, HPA, PDB."""
+    served_model_name: str
+    """MODEL_NAME: the model name clients send."""
+    model_path: str
+    """MODEL_PATH inside the container, under /models."""
+    image: str
+    """Serving image, pinned to a version tag or digest (never `latest`)."""
+    image_pull_policy: Literal["IfNotPresent", "Always", "Never"] = "IfNotPresent"
+    workload: Literal["deployment", "statefulset"] = "deployment"
+    replicas: int = field(default=2, metadata={"min": 1})
+    gpus_per_replica: int = field(default=1, metadata={"min": 0, "max": 16})
+    """GPUs per pod (tensor-parallel size); 0 runs on CPU (dev clusters)."""
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    probes: ProbesConfig = field(default_factory=ProbesConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    service_type: Literal["ClusterIP", "LoadBalancer", "NodePort"] = "ClusterIP"
+    service_port: int = field(default=80, metadata={"min": 1, "max": 65535})
+    host: str | None = None
+    """Ingress host for this model; defaults to `ingress.host`."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment for the serving container (never secrets: they come from Secrets)."""
+    max_num_seqs: int | None = field(default=None, metadata={"min": 1})
+    """Concurrent sequences per replica (MAX_NUM_SEQS); the image picks a default when unset."""
+    max_model_len: int | None = field(default=None, metadata={"min": 16})
+    """Context window per sequence (MAX_MODEL_LEN)."""
+    termination_grace_period_seconds: int = field(default=60, metadata={"min": 5, "max": 3600})
+    drain_seconds: int = field(default=30, metadata={"min": 0, "max": 3600})
+    """In-flight requests get this long to finish after SIGTERM; below the grace period."""
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    stack: str = ""
+    """The stack name (set from Pulumi, not from config)."""
+    namespace: str = field(default="ai-production", metadata={"dns": True})
+    gpu_pool: GpuPoolConfig = field(default_factory=GpuPoolConfig)
+    guardrails: GuardrailsConfig = field(default_factory=GuardrailsConfig)
+    ingress: IngressConfig = field(default_factory=IngressConfig)
+    observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
+    models: list[ModelConfig] = field(default_factory=list)
+
+    @property
+    def total_gpus_at_max(self) -> int:
+        return sum(model_max_replicas(m) * m.gpus_per_replica for m in self.models)
+
+
+def model_min_replicas(model: ModelConfig) -> int:
+    return model.autoscaling.min_replicas if model.autoscaling.enabled else model.replicas
+
+
+def model_max_replicas(model: ModelConfig) -> int:
+    return model.autoscaling.max_replicas if model.autoscaling.enabled else model.replicas
+
+
+def model_host(cfg: StackConfig, model: ModelConfig) -> str | None:
+    return model.host or cfg.ingress.host
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading: YAML values -> dataclasses, by type hints.
+# --------------------------------------------------------------------------------------------------
+
+
+def camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.capitalize() for part in rest)
+
+
+def config_key(f: dataclasses.Field) -> str:
+    """The YAML key of a dataclass field: camelCase, unless the field names its key explicitly."""
+    return f.metadata.get("key", camel(f.name))
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a map of strings"
+    if dataclasses.is_dataclass(tp):
+        return "an object"
+    return {str: "a string", int: "an integer", bool: "true or false", float: "a number"}.get(tp, str(tp))
+
+
+class _Reader:
+    def __init__(self, stack: str):
+        self.stack = stack
+
+    def fail(self, path: str, problem: str) -> typing.NoReturn:
+        raise ConfigError(self.stack, path, problem)
+
+    def read(self, tp: Any, value: Any, path: str, meta: Mapping[str, Any]) -> Any:
+        origin = typing.get_origin(tp)
+        if origin in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            if value is None:
+                return None
+            return self.read(args[0], value, path, meta)
+        if origin is Literal:
+            allowed = typing.get_args(tp)
+            if value not in allowed:
+                self.fail(path, f"{value!r} is not allowed; use {_type_name(tp)}")
+            return value
+        if dataclasses.is_dataclass(tp):
+            return self.read_object(tp, value, path)
+        if origin is list:
+            if not isinstance(value, list):
+                self.fail(path, f"{value!r} is not {_type_name(tp)}")
+            (item,) = typing.get_args(tp)
+            return [self.read(item, v, f"{path}[{i}]", {}) for i, v in enumerate(value)]
+        if origin is dict:
+            if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+                self.fail(path, f"{value!r} is not a map of strings")
+            out = {}
+            for k, v in value.items():
+                if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+                    self.fail(f"{path}.{k}", f"{v!r} is not a string")
+                out[k] = str(v)
+            return out
+        return self.read_scalar(tp, value, path, meta)
+
+    def read_scalar(self, tp: Any, value: Any, path: str, meta: Mapping[str, Any]) -> Any:
+        if meta.get("quantity"):
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                self.fail(path, f"{value!r} is not a Kubernetes quantity (examples: 500m, 4, 8Gi)")
+            try:
+                amount = parse_quantity(value)
+            except QuantityError as exc:
+                self.fail(path, str(exc))
+            if amount < 0:
+                self.fail(path, f"{value!r} is negative; quantities must be zero or more")
+            return str(value)
+        if tp is bool:
+            if not isinstance(value, bool):
+                self.fail(path, f"{value!r} is not true or false")
+            return value
+        if tp is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                self.fail(path, f"{value!r} is not an integer")
+        elif tp is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                self.fail(path, f"{value!r} is not a number")
+            value = float(value)
+        elif tp is str:
+            if not isinstance(value, str) or not value:
+                self.fail(path, f"{value!r} is not a non-empty string")
+            if meta.get("dns") and (len(value) > 63 or not _DNS1123_LABEL.match(value)):
+                self.fail(path, f"{value!r} is not a valid Kubernetes name (DNS-1123 label: lowercase letters, "
+                                "digits and '-', starting and ending alphanumeric, at most 63 characters)")
+            return value
+        if "min" in meta and value < meta["min"]:
+            self.fail(path, f"{value!r} is below the minimum {meta['min']}")
+        if "max" in meta and value > meta["max"]:
+            self.fail(path, f"{value!r} is above the maximum {meta['max']}")
+        return value
+
+    def read_object(self, cls: type, value: Any, path: str) -> Any:
+        if not isinstance(value, dict):
+            self.fail(path, f"{value!r} is not an object with keys {self._keys(cls)}")
+        hints = typing.get_type_hints(cls)
+        by_key = {config_key(f): f for f in dataclasses.fields(cls) if f.name != "stack"}
+        unknown = sorted(set(value) - set(by_key))
+        if unknown:
+            self.fail(f"{path}.{unknown[0]}" if path else unknown[0],
+                      f"unknown key; allowed keys here: {self._keys(cls)}")
+        kwargs = {}
+        for key, f in by_key.items():
+            sub = f"{path}.{key}" if path else key
+            if key in value:
+                kwargs[f.name] = self.read(hints[f.name], value[key], sub, f.metadata)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                self.fail(sub, "is required")
+        return cls(**kwargs)
+
+    @staticmethod
+    def _keys(cls: type) -> str:
+        return ", ".join(config_key(f) for f in dataclasses.fields(cls) if f.name != "stack")
+
+
+def parse_stack_config(stack: str, values: Mapping[str, Any]) -> StackConfig:
+    """Build and validate a StackConfig from `{key: value}` with the `llm-platform:` prefix removed."""
+    reader = _Reader(stack)
+    cfg = reader.read_object(StackConfig, dict(values), "")
+    cfg = dataclasses.replace(cfg, stack=stack)
+    validate(cfg, reader)
+    return cfg
+
+
+def load() -> StackConfig:
+    """Read this stack's `llm-platform:*` config from Pulumi (the only pulumi.Config reader)."""
+    stack = pulumi.get_stack()
+    config = pulumi.Config(PROJECT)
+    from pulumi.runtime.config import CONFIG  # every key set for this stack, to refuse unknown ones
+
+    values: dict[str, Any] = {}
+    for full_key in CONFIG.get():
+        namespace, _, key = full_key.partition(":")
+        if namespace != PROJECT:
+            continue
+        raw = config.get(key)
+        try:
+            values[key] = json.loads(raw) if raw and raw[:1] in "[{" else _scalar(raw)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(stack, key, f"is not valid JSON/YAML: {exc}") from exc
+    return parse_stack_config(stack, values)
+
+
+def _scalar(raw: str | None) -> Any:
+    """Pulumi passes top-level scalars as strings; recover YAML's numbers and booleans."""
+    if raw in ("true", "false"):
+        return raw == "true"
+    if raw is not None and re.fullmatch(r"-?\d+", raw):
+        return int(raw)
+    return raw
+
+
+# --------------------------------------------------------------------------------------------------
+# Cross-field rules.
+# --------------------------------------------------------------------------------------------------
+
+
+def validate(cfg: StackConfig, r: _Reader) -> None:
+    if not cfg.models:
+        r.fail("models", "no model is configured; add at least one entry with name, servedModelName, "
+                         "modelPath and image")
+    _validate_gpu_pool(cfg, r)
+    _validate_guardrails(cfg, r)
+    if cfg.ingress.host is not None and not _HOSTNAME.match(cfg.ingress.host):
+        r.fail("ingress.host", f"{cfg.ingress.host!r} is not a valid host name such as llm-api.example.com")
+    names: dict[str, int] = {}
+    hosts: dict[str, int] = {}
+    for i, model in enumerate(cfg.models):
+        p = f"models[{i}]"
+        if model.name in names:
+            r.fail(f"{p}.name", f"{model.name!r} is already used by models[{names[model.name]}]; "
+                                "each model needs its own name")
+        names[model.name] = i
+        _validate_model(cfg, model, p, r)
+        host = model_host(cfg, model)
+        if cfg.ingress.enabled:
+            if host is None:
+                r.fail(f"{p}.host", "no Ingress host: set ingress.host (one model) or models[].host, "
+                                    "or set ingress.enabled: false")
+            if host in hosts:
+                r.fail(f"{p}.host", f"{host!r} is already the host of models[{hosts[host]}]; the OpenAI API "
+                                    "paths are the same for every model, so each model needs its own host")
+            hosts[host] = i
+    _validate_quota(cfg, r)
+
+
+def _validate_gpu_pool(cfg: StackConfig, r: _Reader) -> None:
+    pool = cfg.gpu_pool
+    for key in pool.node_selector:
+        if not _LABEL_KEY.match(key):
+            r.fail(f"gpuPool.nodeSelector.{key}", f"{key!r} is not a valid label key")
+    for i, tol in enumerate(pool.tolerations):
+        if tol.operator == "Exists" and tol.value is not None:
+            r.fail(f"gpuPool.tolerations[{i}].value", f"{tol.value!r} must be unset with operator Exists "
+                                                      "(use operator Equal to match a value)")
+
+
+def _validate_guardrails(cfg: StackConfig, r: _Reader) -> None:
+    g = cfg.guardrails
+    if g.pdb.max_unavailable is not None and g.pdb.min_available is not None:
+        r.fail("guardrails.pdb", "set maxUnavailable or minAvailable, not both")
+    if g.pdb.max_unavailable is None and g.pdb.min_available is None:
+        r.fail("guardrails.pdb", "set maxUnavailable (recommended: 1) or minAvailable")
+    if g.pdb.max_unavailable == 0:
+        r.fail("guardrails.pdb.maxUnavailable", "0 allows no voluntary disruption, so every node drain and "
+                                                "cluster upgrade blocks forever; use 1 or more")
+    for i, ns in enumerate(g.allow_from.namespaces + g.egress_to.namespaces):
+        if not _DNS1123_LABEL.match(ns):
+            where = "allowFrom" if i < len(g.allow_from.namespaces) else "egressTo"
+            r.fail(f"guardrails.{where}.namespaces", f"{ns!r} is not a valid namespace name")
+    for i, port in enumerate(g.egress_to.ports):
+        if not 1 <= port <= 65535:
+            r.fail(f"guardrails.egressTo.ports[{i}]", f"{port} is not a port (1-65535)")
+    for i, cidr in enumerate(g.allow_from.ip_blocks):
+        if not re.fullmatch(r"[0-9a-fA-F:.]+/\d{1,3}", cidr):
+            r.fail(f"guardrails.allowFrom.ipBlocks[{i}]", f"{cidr!r} is not a CIDR such as 10.0.0.0/8")
+    for cls, size in g.resource_quota.storage_by_class.items():
+        try:
+            parse_quantity(size)
+        except QuantityError as exc:
+            r.fail(f"guardrails.resourceQuota.storageByClass.{cls}", str(exc))
+
+
+def _validate_model(cfg: StackConfig, m: ModelConfig, p: str, r: _Reader) -> None:
+    image_name, _, tag = m.image.rpartition(":") if "@" not in m.image else (m.image, "", "digest")
+    if "/" in tag or not image_name:
+        tag = ""
+    if tag in ("", "latest"):
+        r.fail(f"{p}.image", f"{m.image!r} is not pinned; use a version tag or digest such as "
+                             "registry.example.com/llm-serving:1.0.0 (never `latest` or no tag)")
+    if not m.model_path.startswith(MODELS_MOUNT + "/") or ".." in m.model_path.split("/"):
+        r.fail(f"{p}.modelPath", f"{m.model_path!r} must be a directory under {MODELS_MOUNT}/ "
+                                 f"(where the model volume is mounted), e.g. {MODELS_MOUNT}/llama-3.1-8b")
+    for key in m.env:
+        if not _ENV_NAME.match(key):
+            r.fail(f"{p}.env.{key}", f"{key!r} is not a valid environment variable name")
+        if key == "NVIDIA_VISIBLE_DEVICES":
+            r.fail(f"{p}.env.{key}", "must not be set: `all` exposes every GPU on the node to the pod; "
+                                     "the NVIDIA device plugin assigns GPUs through gpusPerReplica")
+        if key in _MANAGED_ENV:
+            r.fail(f"{p}.env.{key}", f"is set by the platform from {_MANAGED_ENV[key]}; set that instead")
+    if m.gpus_per_replica and cfg.gpu_pool.gpus_per_node and m.gpus_per_replica > cfg.gpu_pool.gpus_per_node:
+        r.fail(f"{p}.gpusPerReplica", f"{m.gpus_per_replica} is more than gpuPool.gpusPerNode "
+                                      f"{cfg.gpu_pool.gpus_per_node}; a pod cannot span nodes")
+    req, lim = m.resources.requests, m.resources.limits
+    for res in ("cpu", "memory", "ephemeral_storage"):
+        if parse_quantity(getattr(req, res)) > parse_quantity(getattr(lim, res)):
+            r.fail(f"{p}.resources.requests.{camel(res)}",
+                   f"{getattr(req, res)} is above the limit {getattr(lim, res)}; requests must not exceed limits")
+    a = m.autoscaling
+    if a.enabled:
+        if a.max_replicas < a.min_replicas:
+            r.fail(f"{p}.autoscaling.maxReplicas", f"{a.max_replicas} is below minReplicas {a.min_replicas}")
+        if not a.min_replicas <= m.replicas <= a.max_replicas:
+            r.fail(f"{p}.replicas", f"{m.replicas} is outside autoscaling minReplicas..maxReplicas "
+                                    f"({a.min_replicas}..{a.max_replicas})")
+    pdb = cfg.guardrails.pdb
+    low = model_min_replicas(m)
+    if pdb.min_available is not None and pdb.min_available >= low:
+        r.fail("guardrails.pdb.minAvailable",
+               f"{pdb.min_available} leaves no voluntary disruption for {p} ({m.name}) at its minimum of {low} "
+               f"replica(s), so node drains block forever; use maxUnavailable: 1 or minAvailable <= {low - 1}")
+    if m.workload == "deployment" and m.storage.access_mode in ("ReadWriteOnce", "ReadWriteOncePod") \
+            and model_max_replicas(m) > 1:
+        r.fail(f"{p}.storage.accessMode",
+               f"{m.storage.access_mode} cannot be shared by up to {model_max_replicas(m)} Deployment replicas "
+               "on different nodes (they hang in ContainerCreating); use ReadOnlyMany or ReadWriteMany, "
+               "or workload: statefulset for one volume per replica")
+    if m.rollout.max_surge == 0 and m.rollout.max_unavailable == 0:
+        r.fail(f"{p}.rollout", "maxSurge 0 and maxUnavailable 0 can never make progress; "
+                               "use maxSurge 1 (needs spare GPU quota) or maxUnavailable 1")
+    if m.drain_seconds >= m.termination_grace_period_seconds:
+        r.fail(f"{p}.drainSeconds", f"{m.drain_seconds} must be below terminationGracePeriodSeconds "
+                                    f"{m.termination_grace_period_seconds}, or the kubelet kills the pod mid-drain")
+    if m.host is not None and not _HOSTNAME.match(m.host):
+        r.fail(f"{p}.host", f"{m.host!r} is not a valid host name such as llm-api.example.com")
+    if m.workload == "statefulset" and m.storage.access_mode != "ReadWriteOnce":
+        r.fail(f"{p}.storage.accessMode", f"{m.storage.access_mode!r}: a StatefulSet gets one volume per "
+                                          "replica from volumeClaimTemplates; use ReadWriteOnce")
+
+
+_MANAGED_ENV = {"MODEL_NAME": "servedModelName", "MODEL_PATH": "modelPath", "PORT": "the platform (8000)",
+                "API_KEYS_FILE": "the generated API-key Secret", "MAX_NUM_SEQS": "maxNumSeqs",
+                "MAX_MODEL_LEN": "maxModelLen", "DRAIN_SECONDS": "drainSeconds"}
+
+
+def _validate_quota(cfg: StackConfig, r: _Reader) -> None:
+    q = cfg.guardrails.resource_quota
+    if not q.enabled:
+        return
+    needed = cfg.total_gpus_at_max
+    if needed > q.gpus:
+        detail = ", ".join(f"{m.name}: {model_max_replicas(m)} x {m.gpus_per_replica}" for m in cfg.models)
+        r.fail("guardrails.resourceQuota.gpus",
+               f"{q.gpus} GPUs cannot hold the models at maxReplicas ({detail} = {needed} GPUs); "
+               f"raise the quota to {needed} or lower maxReplicas")
+    for kind, total_of, quota in (
+        ("requests.cpu", lambda m: m.resources.requests.cpu, q.requests_cpu),
+        ("requests.memory", lambda m: m.resources.requests.memory, q.requests_memory),
+        ("limits.cpu", lambda m: m.resources.limits.cpu, q.limits_cpu),
+        ("limits.memory", lambda m: m.resources.limits.memory, q.limits_memory),
+    ):
+        total = sum(parse_quantity(total_of(m)) * model_max_replicas(m) for m in cfg.models)
+        if total > parse_quantity(quota):
+            key = camel(kind.replace(".", "_"))
+            shown = format_bytes_gib(total) if "memory" in kind else f"{total.normalize():f}"
+            r.fail(f"guardrails.resourceQuota.{key}",
+                   f"{quota} is below what the models need at maxReplicas ({kind} {shown}); "
+                   "raise the quota or lower maxReplicas or the per-replica resources")
