@@ -17,7 +17,7 @@ import runpy
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -98,12 +98,25 @@ def _mocks_class():
         def call(self, args: pulumi.runtime.MockCallArgs):
             return {}
 
-    return RecordingMocks
+    class RecordingMonitor(pulumi.runtime.mocks.MockMonitor):
+        """Also records each registration's parent URN, so tests can check that components parent children."""
+
+        def __init__(self, mocks):
+            super().__init__(mocks)
+            self.parents: dict[tuple[str, str], str] = {}
+
+        def RegisterResource(self, request):
+            self.parents[(request.type, request.name)] = request.parent
+            return super().RegisterResource(request)
+
+    return RecordingMocks, RecordingMonitor
 
 
 def stack_file(stack_or_path: str) -> tuple[str, Path]:
     """Resolve `prod` or a path to a stack file into (stack name, path)."""
     path = Path(stack_or_path)
+    if path.suffix in (".yaml", ".yml") and not path.exists() and (ROOT / path).exists():
+        path = ROOT / path
     if path.suffix in (".yaml", ".yml") and path.exists():
         match = re.match(r"Pulumi\.(.+)\.ya?ml$", path.name)
         return (match.group(1) if match else path.stem), path
@@ -127,29 +140,24 @@ def read_stack_config(path: Path) -> dict[str, str]:
     return flat
 
 
-def run_program(stack: str, config: dict[str, str]) -> RenderResult:
-    """Run `__main__.py` under mocks with this config; return every captured resource and stack output."""
+def run_with_mocks(stack: str, config: dict[str, str], program: Callable[[], Any]) -> RenderResult:
+    """Run `program` under recording mocks with this stack config; return every resource and stack output."""
     import pulumi
+    from pulumi.runtime import settings as runtime_settings
     from pulumi.runtime.stack import run_pulumi_func
     from pulumi.runtime.sync_await import _sync_await
 
-    from pulumi.runtime import settings as runtime_settings
-
-    mocks = _mocks_class()()
+    mocks_class, monitor_class = _mocks_class()
+    mocks = mocks_class()
+    monitor = monitor_class(mocks)
     pulumi.runtime.set_all_config(config)
     # A fresh root Stack per run, so several renders in one process (the tests) do not share outputs.
     runtime_settings.set_root_resource(None)
     runtime_settings.SETTINGS.outputs.clear()
-    pulumi.runtime.set_mocks(mocks, project=PROJECT, stack=stack, preview=False)
-
-    def program():
-        sys.path.insert(0, str(ROOT))
-        try:
-            runpy.run_path(str(ROOT / "__main__.py"), run_name="__main__")
-        finally:
-            sys.path.remove(str(ROOT))
-
+    pulumi.runtime.set_mocks(mocks, project=PROJECT, stack=stack, preview=False, monitor=monitor)
     _sync_await(run_pulumi_func(program))
+    for captured in mocks.resources:
+        captured.parent = monitor.parents.get((captured.type, captured.name)) or None
     result = RenderResult(stack=stack, resources=mocks.resources)
     root = pulumi.runtime.get_root_resource()
     for key, value in getattr(root, "outputs", {}).items():
@@ -158,6 +166,18 @@ def run_program(stack: str, config: dict[str, str]) -> RenderResult:
         if _sync_await(output.is_secret()):
             result.secret_outputs.add(key)
     return result
+
+
+def run_program(stack: str, config: dict[str, str]) -> RenderResult:
+    """Run the project's `__main__.py` (the real program) under mocks."""
+    def program():
+        sys.path.insert(0, str(ROOT))
+        try:
+            runpy.run_path(str(ROOT / "__main__.py"), run_name="__main__")
+        finally:
+            sys.path.remove(str(ROOT))
+
+    return run_with_mocks(stack, config, program)
 
 
 def render_stack(stack_or_path: str) -> RenderResult:

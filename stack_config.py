@@ -343,20 +343,21 @@ class _Reader:
     def fail(self, path: str, problem: str) -> typing.NoReturn:
         raise ConfigError(self.stack, path, problem)
 
-    def read(self, tp: Any, value: Any, path: str, meta: Mapping[str, Any]) -> Any:
+    def read(self, tp: Any, value: Any, path: str, meta: Mapping[str, Any], base: Any = None) -> Any:
+        """Read `value` as type `tp`; a nested object merges over `base`, its default."""
         origin = typing.get_origin(tp)
         if origin in (typing.Union, types.UnionType):
             args = [a for a in typing.get_args(tp) if a is not type(None)]
             if value is None:
                 return None
-            return self.read(args[0], value, path, meta)
+            return self.read(args[0], value, path, meta, base)
         if origin is Literal:
             allowed = typing.get_args(tp)
             if value not in allowed:
                 self.fail(path, f"{value!r} is not allowed; use {_type_name(tp)}")
             return value
         if dataclasses.is_dataclass(tp):
-            return self.read_object(tp, value, path)
+            return self.read_object(tp, value, path, base)
         if origin is list:
             if not isinstance(value, list):
                 self.fail(path, f"{value!r} is not {_type_name(tp)}")
@@ -408,7 +409,9 @@ class _Reader:
             self.fail(path, f"{value!r} is above the maximum {meta['max']}")
         return value
 
-    def read_object(self, cls: type, value: Any, path: str) -> Any:
+    def read_object(self, cls: type, value: Any, path: str, base: Any = None) -> Any:
+        """Keys present override; keys absent keep `base`'s value (a field's default object), else the class
+        default. So `probes: {startup: {failureThreshold: 60}}` changes one number and keeps the rest."""
         if not isinstance(value, dict):
             self.fail(path, f"{value!r} is not an object with keys {self._keys(cls)}")
         hints = typing.get_type_hints(cls)
@@ -420,15 +423,26 @@ class _Reader:
         kwargs = {}
         for key, f in by_key.items():
             sub = f"{path}.{key}" if path else key
+            default = getattr(base, f.name) if base is not None else _field_default(f)
             if key in value:
-                kwargs[f.name] = self.read(hints[f.name], value[key], sub, f.metadata)
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                kwargs[f.name] = self.read(hints[f.name], value[key], sub, f.metadata, default)
+            elif base is not None:
+                kwargs[f.name] = default
+            elif default is dataclasses.MISSING:
                 self.fail(sub, "is required")
         return cls(**kwargs)
 
     @staticmethod
     def _keys(cls: type) -> str:
         return ", ".join(config_key(f) for f in dataclasses.fields(cls) if f.name != "stack")
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
 
 
 def parse_stack_config(stack: str, values: Mapping[str, Any]) -> StackConfig:
