@@ -41,6 +41,7 @@ class Captured:
     name: str
     inputs: dict[str, Any]
     parent: str | None = None
+    ignore_changes: list[str] = field(default_factory=list)
 
     @property
     def is_kubernetes(self) -> bool:
@@ -104,9 +105,11 @@ def _mocks_class():
         def __init__(self, mocks):
             super().__init__(mocks)
             self.parents: dict[tuple[str, str], str] = {}
+            self.ignore_changes: dict[tuple[str, str], list[str]] = {}
 
         def RegisterResource(self, request):
             self.parents[(request.type, request.name)] = request.parent
+            self.ignore_changes[(request.type, request.name)] = list(request.ignoreChanges)
             return super().RegisterResource(request)
 
     return RecordingMocks, RecordingMonitor
@@ -158,6 +161,7 @@ def run_with_mocks(stack: str, config: dict[str, str], program: Callable[[], Any
     _sync_await(run_pulumi_func(program))
     for captured in mocks.resources:
         captured.parent = monitor.parents.get((captured.type, captured.name)) or None
+        captured.ignore_changes = monitor.ignore_changes.get((captured.type, captured.name), [])
     result = RenderResult(stack=stack, resources=mocks.resources)
     root = pulumi.runtime.get_root_resource()
     for key, value in getattr(root, "outputs", {}).items():

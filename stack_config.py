@@ -87,6 +87,7 @@ class GpuPoolConfig:
 @dataclass(frozen=True)
 class ResourceQuotaConfig:
     enabled: bool = True
+    """Create the ResourceQuota."""
     name: str = field(default="llm-quota", metadata={"dns": True})
     requests_cpu: str = field(default="100", metadata=_quantity())
     requests_memory: str = field(default="200Gi", metadata=_quantity())
@@ -102,6 +103,7 @@ class ResourceQuotaConfig:
 @dataclass(frozen=True)
 class LimitRangeConfig:
     enabled: bool = True
+    """Create the LimitRange (defaults for containers that set no requests or limits)."""
     name: str = field(default="llm-limits", metadata={"dns": True})
     default_cpu: str = field(default="4", metadata=_quantity())
     default_memory: str = field(default="8Gi", metadata=_quantity())
@@ -154,10 +156,13 @@ class GuardrailsConfig:
 @dataclass(frozen=True)
 class IngressConfig:
     enabled: bool = True
+    """Create an Ingress per model (off for clusters without an ingress controller)."""
     class_name: str = "nginx"
+    """`spec.ingressClassName` (the `kubernetes.io/ingress.class` annotation is deprecated)."""
     host: str | None = None
     """Public host name of the (single) model; models may set their own `host`."""
     tls: bool = True
+    """Terminate TLS at the Ingress with a certificate from cert-manager."""
     cluster_issuer: str = "letsencrypt-prod"
     """cert-manager ClusterIssuer that issues the TLS certificate."""
     tls_secret_name: str = field(default="llm-tls", metadata={"dns": True})
@@ -197,6 +202,7 @@ class ResourcesConfig:
 @dataclass(frozen=True)
 class AutoscalingConfig:
     enabled: bool = True
+    """Create an autoscaling/v2 HorizontalPodAutoscaler (the workload then ignores `replicas` changes on update)."""
     min_replicas: int = field(default=2, metadata={"min": 1})
     max_replicas: int = field(default=10, metadata={"min": 1})
     target_cpu_utilization: int = field(default=70, metadata={"min": 1, "max": 100})
@@ -240,7 +246,9 @@ class ProbesConfig:
 @dataclass(frozen=True)
 class RolloutConfig:
     max_surge: int = field(default=1, metadata={"min": 0})
+    """Extra pods during a rolling update (each needs spare GPUs in the quota and on nodes)."""
     max_unavailable: int = field(default=0, metadata={"min": 0})
+    """Pods that may be down during a rolling update; use 1 with maxSurge 0 when no GPU is spare."""
 
 
 @dataclass(frozen=True)
@@ -255,7 +263,9 @@ class ModelConfig:
     """Serving image, pinned to a version tag or digest (never `latest`)."""
     image_pull_policy: Literal["IfNotPresent", "Always", "Never"] = "IfNotPresent"
     workload: Literal["deployment", "statefulset"] = "deployment"
+    """Deployment with one shared model claim, or StatefulSet with one volume per replica."""
     replicas: int = field(default=2, metadata={"min": 1})
+    """Starting replica count (the HPA owns it afterwards)."""
     gpus_per_replica: int = field(default=1, metadata={"min": 0, "max": 16})
     """GPUs per pod (tensor-parallel size); 0 runs on CPU (dev clusters)."""
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
@@ -264,7 +274,9 @@ class ModelConfig:
     probes: ProbesConfig = field(default_factory=ProbesConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     service_type: Literal["ClusterIP", "LoadBalancer", "NodePort"] = "ClusterIP"
+    """Service type; a LoadBalancer's outside callers also need `guardrails.allowFrom.ipBlocks`."""
     service_port: int = field(default=80, metadata={"min": 1, "max": 65535})
+    """Service port, forwarded to the container's port 8000 (`http`)."""
     host: str | None = None
     """Ingress host for this model; defaults to `ingress.host`."""
     env: dict[str, str] = field(default_factory=dict)
@@ -283,11 +295,17 @@ class StackConfig:
     stack: str = ""
     """The stack name (set from Pulumi, not from config)."""
     namespace: str = field(default="ai-production", metadata={"dns": True})
+    """Namespace for every namespaced object (created with Pod Security Admission labels)."""
     gpu_pool: GpuPoolConfig = field(default_factory=GpuPoolConfig)
+    """GpuPool: GPU scheduling and the capacity that checks use."""
     guardrails: GuardrailsConfig = field(default_factory=GuardrailsConfig)
+    """Guardrails: quota, limits, disruption budget, network policies, API key."""
     ingress: IngressConfig = field(default_factory=IngressConfig)
+    """Ingress with cert-manager TLS, shared by the models."""
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
+    """Metrics scraping, alerts and dashboard."""
     models: list[ModelConfig] = field(default_factory=list)
+    """One LLMServing per entry."""
 
     @property
     def total_gpus_at_max(self) -> int:
@@ -328,7 +346,8 @@ def _type_name(tp: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
     if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+        item = typing.get_args(tp)[0]
+        return "a list of objects" if dataclasses.is_dataclass(item) else f"a list of {_type_name(item)}"
     if origin is dict:
         return "a map of strings"
     if dataclasses.is_dataclass(tp):

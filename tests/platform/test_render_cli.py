@@ -55,3 +55,10 @@ def test_render_unknown_stack_lists_the_known_ones(tmp_path):
     proc = run_render("qa", "--out", str(tmp_path))
     assert proc.returncode != 0
     assert "no stack file Pulumi.qa.yaml; known stacks: dev, prod, staging" in proc.stderr
+
+
+def test_readme_config_reference_is_current():
+    """The README's config table is generated from stack_config.py; a stale table fails here."""
+    proc = subprocess.run([sys.executable, str(ROOT / "config_reference.py"), "--check"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr

@@ -89,6 +89,15 @@ def test_no_unpinned_image(rendered, stack):
         assert name and tag and tag != "latest"
 
 
+@pytest.mark.parametrize("stack", STACKS)
+def test_hpa_owns_replicas_so_pulumi_up_does_not_reset_them(rendered, stack):
+    result = rendered(stack)
+    has_hpa = bool(result.of_kind("HorizontalPodAutoscaler"))
+    for r in result.resources:
+        if r.type in ("kubernetes:apps/v1:Deployment", "kubernetes:apps/v1:StatefulSet"):
+            assert ("spec.replicas" in r.ignore_changes) == has_hpa, (stack, r.ignore_changes)
+
+
 # ------------------------------------------------------------------------------------------ per stack
 
 
