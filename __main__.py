@@ -53,3 +53,6 @@ pulumi.export("namespace", guardrails.namespace_name)
 pulumi.export("endpoints", {name: s.endpoint for name, s in servings.items()})
 pulumi.export("gpusAtMaxReplicas", cfg.total_gpus_at_max)
 pulumi.export("apiKey", guardrails.api_key)
+pulumi.export("capacityPlan", {plan.name: {**plan.as_output(), "summary": plan.lines()} for plan in cfg.plans})
+for plan in cfg.plans:
+    pulumi.log.info("\n".join(plan.lines()))

@@ -2,6 +2,7 @@
 
     python config_reference.py            # print the Markdown table
     python config_reference.py --check    # exit 1 if README.md's table is stale
+    python config_reference.py --write    # update README.md's table in place
 
 Key paths, types and defaults come from the dataclasses; descriptions from each field's docstring. A test
 runs the check, so the README cannot drift from the code.
@@ -15,7 +16,7 @@ import typing
 from pathlib import Path
 
 import stack_config
-from stack_config import PROJECT, StackConfig, _field_default, _type_name, config_key
+from stack_config import PROJECT, StackConfig, _config_fields, _field_default, _type_name, config_key
 
 ROOT = Path(__file__).resolve().parent
 BEGIN, END = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"
@@ -54,9 +55,7 @@ def rows(cls: type = StackConfig, prefix: str = "", docs=None) -> list[tuple[str
     docs = field_docs() if docs is None else docs
     hints = typing.get_type_hints(cls)
     out = []
-    for f in dataclasses.fields(cls):
-        if f.name == "stack":
-            continue
+    for f in _config_fields(cls):
         key = f"{prefix}{config_key(f)}"
         tp = hints[f.name]
         inner = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
@@ -86,11 +85,17 @@ def readme_table(readme: str) -> str:
 
 
 def main(argv: list[str]) -> int:
+    readme = ROOT / "README.md"
+    if "--write" in argv:
+        text = readme.read_text()
+        start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+        readme.write_text(text[:start] + "\n" + table() + "\n" + text[end:])
+        return 0
     if "--check" in argv:
-        current = readme_table((ROOT / "README.md").read_text())
+        current = readme_table(readme.read_text())
         if current != table():
-            print("README.md's config reference is stale: run `python config_reference.py` and paste the table "
-                  f"between {BEGIN} and {END}", file=sys.stderr)
+            print("README.md's config reference is stale: run `python config_reference.py --write`",
+                  file=sys.stderr)
             return 1
         return 0
     print(table())

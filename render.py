@@ -238,11 +238,12 @@ def print_summary(result: RenderResult, written: list[Path], out: Path, stream=s
     print(f"stack {result.stack}: {len(manifests)} manifests written to {out}", file=stream)
     for row in [("KIND", "NAMESPACE", "NAME")] + rows:
         print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)), file=stream)
-    plan = result.outputs.get("capacityPlan")
+    plan = result.outputs.get("capacityPlan") or {}
     if plan:
         print("capacity plan:", file=stream)
-        for line in plan if isinstance(plan, list) else [plan]:
-            print(f"  {line}", file=stream)
+        for model_plan in plan.values():
+            for line in model_plan["summary"]:
+                print(f"  {line}", file=stream)
     shown = {k: v for k, v in result.outputs.items() if k not in result.secret_outputs and k != "capacityPlan"}
     for key, value in shown.items():
         print(f"output {key}: {json.dumps(value)}", file=stream)

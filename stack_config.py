@@ -16,7 +16,7 @@ from typing import Any, Literal, Mapping
 
 import pulumi
 
-from quantities import QuantityError, format_bytes_gib, parse_quantity
+from quantities import QuantityError, parse_quantity
 
 PROJECT = "llm-platform"
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -65,6 +65,14 @@ class PriorityClassConfig:
 
 
 @dataclass(frozen=True)
+class NodeShape:
+    cpu: str = field(metadata=_quantity())
+    """Allocatable CPU of one GPU node."""
+    memory: str = field(metadata=_quantity())
+    """Allocatable memory of one GPU node."""
+
+
+@dataclass(frozen=True)
 class GpuPoolConfig:
     gpu_type: str = "nvidia-h100-80gb"
     """Human name of the GPU model the pool holds (shown in the plan and on pod labels)."""
@@ -82,6 +90,10 @@ class GpuPoolConfig:
     """An existing RuntimeClass (e.g. `nvidia` from the GPU operator); unset uses the node default."""
     priority_class: PriorityClassConfig | None = None
     """When set, a PriorityClass is created and used by every serving pod."""
+    node_shape: NodeShape | None = None
+    """Allocatable cpu and memory of one GPU node; when set, a replica requesting more is an error."""
+    hourly_cost_per_gpu: float | None = field(default=None, metadata={"min": 0})
+    """Price of one GPU hour; when set, the capacity plan shows cost per hour at min and max replicas."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +123,10 @@ class LimitRangeConfig:
     default_request_memory: str = field(default="4Gi", metadata=_quantity())
     default_ephemeral_storage: str = field(default="4Gi", metadata=_quantity())
     default_request_ephemeral_storage: str = field(default="1Gi", metadata=_quantity())
+    max_cpu: str | None = field(default=None, metadata=_quantity())
+    """Largest cpu limit a container may set; serving containers above it are refused at preview."""
+    max_memory: str | None = field(default=None, metadata=_quantity())
+    """Largest memory limit a container may set."""
 
 
 @dataclass(frozen=True)
@@ -237,10 +253,20 @@ class ProbeConfig:
 
 
 @dataclass(frozen=True)
+class StartupProbeConfig:
+    initial_delay_seconds: int = field(default=0, metadata={"min": 0})
+    period_seconds: int = field(default=10, metadata={"min": 1})
+    timeout_seconds: int = field(default=5, metadata={"min": 1})
+    failure_threshold: int | None = field(default=None, metadata={"min": 1})
+    """Unset: computed so that failureThreshold x periodSeconds covers the estimated model load time (at least
+    30, the article's value); an explicit value that is too short is an error."""
+
+
+@dataclass(frozen=True)
 class ProbesConfig:
     liveness: ProbeConfig = field(default_factory=lambda: ProbeConfig(30, 10, 5, 3))
     readiness: ProbeConfig = field(default_factory=lambda: ProbeConfig(10, 5, 3, 3))
-    startup: ProbeConfig = field(default_factory=lambda: ProbeConfig(0, 10, 5, 30))
+    startup: StartupProbeConfig = field(default_factory=StartupProbeConfig)
 
 
 @dataclass(frozen=True)
@@ -249,6 +275,28 @@ class RolloutConfig:
     """Extra pods during a rolling update (each needs spare GPUs in the quota and on nodes)."""
     max_unavailable: int = field(default=0, metadata={"min": 0})
     """Pods that may be down during a rolling update; use 1 with maxSurge 0 when no GPU is spare."""
+
+
+Preset = Literal["llama-3.1-8b", "llama-3.1-70b", "llama-3.2-1b", "llama-3.2-3b", "qwen2.5-7b", "qwen2.5-72b",
+                 "mistral-7b"]
+
+
+@dataclass(frozen=True)
+class SizingConfig:
+    preset: Preset | None = None
+    """A known architecture whose numbers the program has; or give the numbers below instead."""
+    parameters_billion: float | None = field(default=None, metadata={"min": 0.001})
+    layers: int | None = field(default=None, metadata={"min": 1})
+    kv_heads: int | None = field(default=None, metadata={"min": 1})
+    head_dim: int | None = field(default=None, metadata={"min": 1})
+    attention_heads: int | None = field(default=None, metadata={"min": 1})
+    """Optional; tensor parallelism (gpusPerReplica) must divide it."""
+    dtype: Literal["bfloat16", "float16", "float8", "int4"] = "bfloat16"
+    """Weight dtype; int4 keeps a 16-bit KV cache."""
+    max_context_tokens: int | None = field(default=None, metadata={"min": 16})
+    """Context window each sequence may use (prompt plus output); required. Sets MAX_MODEL_LEN."""
+    max_concurrent_sequences: int | None = field(default=None, metadata={"min": 1})
+    """Sequences decoded together per replica; required. Sets MAX_NUM_SEQS."""
 
 
 @dataclass(frozen=True)
@@ -272,7 +320,18 @@ class ModelConfig:
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     probes: ProbesConfig = field(default_factory=ProbesConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rollout: RolloutConfig | None = None
+    """Unset: computed from the quota. maxSurge 1 / maxUnavailable 0 when the GPU quota has room for one extra
+    replica at maxReplicas (zero downtime), else maxSurge 0 / maxUnavailable 1."""
+    sizing: SizingConfig | None = None
+    """Model architecture and serving limits for the GPU-memory and startup checks (see the capacity plan)."""
+    gpu_memory_utilization: float = field(default=0.9, metadata={"min": 0.1, "max": 1.0})
+    """Fraction of each GPU's memory the engine may use (weights, KV cache, overhead)."""
+    storage_read_mbps: float = field(default=250.0, metadata={"min": 1, "key": "storageReadMBps"})
+    """Model volume read throughput (MB/s), for the load-time estimate behind the startup probe budget."""
+    shm_size: str | None = field(default=None, metadata=_quantity())
+    """/dev/shm size for pods with gpusPerReplica > 1 (memory-backed, counted against the memory limit);
+    unset: 2Gi per GPU, at most 16Gi."""
     service_type: Literal["ClusterIP", "LoadBalancer", "NodePort"] = "ClusterIP"
     """Service type; a LoadBalancer's outside callers also need `guardrails.allowFrom.ipBlocks`."""
     service_port: int = field(default=80, metadata={"min": 1, "max": 65535})
@@ -306,6 +365,9 @@ class StackConfig:
     """Metrics scraping, alerts and dashboard."""
     models: list[ModelConfig] = field(default_factory=list)
     """One LLMServing per entry."""
+
+    plans: tuple = field(default=(), metadata={"internal": True})
+    """Capacity plan per model, computed at validation (not read from config)."""
 
     @property
     def total_gpus_at_max(self) -> int:
@@ -434,7 +496,7 @@ class _Reader:
         if not isinstance(value, dict):
             self.fail(path, f"{value!r} is not an object with keys {self._keys(cls)}")
         hints = typing.get_type_hints(cls)
-        by_key = {config_key(f): f for f in dataclasses.fields(cls) if f.name != "stack"}
+        by_key = {config_key(f): f for f in _config_fields(cls)}
         unknown = sorted(set(value) - set(by_key))
         if unknown:
             self.fail(f"{path}.{unknown[0]}" if path else unknown[0],
@@ -453,7 +515,12 @@ class _Reader:
 
     @staticmethod
     def _keys(cls: type) -> str:
-        return ", ".join(config_key(f) for f in dataclasses.fields(cls) if f.name != "stack")
+        return ", ".join(config_key(f) for f in _config_fields(cls))
+
+
+def _config_fields(cls: type) -> list[dataclasses.Field]:
+    """The fields a stack file may set (not the stack name or computed ones)."""
+    return [f for f in dataclasses.fields(cls) if f.name != "stack" and not f.metadata.get("internal")]
 
 
 def _field_default(f: dataclasses.Field) -> Any:
@@ -470,7 +537,9 @@ def parse_stack_config(stack: str, values: Mapping[str, Any]) -> StackConfig:
     cfg = reader.read_object(StackConfig, dict(values), "")
     cfg = dataclasses.replace(cfg, stack=stack)
     validate(cfg, reader)
-    return cfg
+    from planning import plan_stack  # the capacity checks build on the validated config
+
+    return plan_stack(cfg, reader.fail)
 
 
 def load() -> StackConfig:
@@ -532,7 +601,6 @@ def validate(cfg: StackConfig, r: _Reader) -> None:
                 r.fail(f"{p}.host", f"{host!r} is already the host of models[{hosts[host]}]; the OpenAI API "
                                     "paths are the same for every model, so each model needs its own host")
             hosts[host] = i
-    _validate_quota(cfg, r)
 
 
 def _validate_gpu_pool(cfg: StackConfig, r: _Reader) -> None:
@@ -617,7 +685,7 @@ def _validate_model(cfg: StackConfig, m: ModelConfig, p: str, r: _Reader) -> Non
                f"{m.storage.access_mode} cannot be shared by up to {model_max_replicas(m)} Deployment replicas "
                "on different nodes (they hang in ContainerCreating); use ReadOnlyMany or ReadWriteMany, "
                "or workload: statefulset for one volume per replica")
-    if m.rollout.max_surge == 0 and m.rollout.max_unavailable == 0:
+    if m.rollout is not None and m.rollout.max_surge == 0 and m.rollout.max_unavailable == 0:
         r.fail(f"{p}.rollout", "maxSurge 0 and maxUnavailable 0 can never make progress; "
                                "use maxSurge 1 (needs spare GPU quota) or maxUnavailable 1")
     if m.drain_seconds >= m.termination_grace_period_seconds:
@@ -633,28 +701,3 @@ def _validate_model(cfg: StackConfig, m: ModelConfig, p: str, r: _Reader) -> Non
 _MANAGED_ENV = {"MODEL_NAME": "servedModelName", "MODEL_PATH": "modelPath", "PORT": "the platform (8000)",
                 "API_KEYS_FILE": "the generated API-key Secret", "MAX_NUM_SEQS": "maxNumSeqs",
                 "MAX_MODEL_LEN": "maxModelLen", "DRAIN_SECONDS": "drainSeconds"}
-
-
-def _validate_quota(cfg: StackConfig, r: _Reader) -> None:
-    q = cfg.guardrails.resource_quota
-    if not q.enabled:
-        return
-    needed = cfg.total_gpus_at_max
-    if needed > q.gpus:
-        detail = ", ".join(f"{m.name}: {model_max_replicas(m)} x {m.gpus_per_replica}" for m in cfg.models)
-        r.fail("guardrails.resourceQuota.gpus",
-               f"{q.gpus} GPUs cannot hold the models at maxReplicas ({detail} = {needed} GPUs); "
-               f"raise the quota to {needed} or lower maxReplicas")
-    for kind, total_of, quota in (
-        ("requests.cpu", lambda m: m.resources.requests.cpu, q.requests_cpu),
-        ("requests.memory", lambda m: m.resources.requests.memory, q.requests_memory),
-        ("limits.cpu", lambda m: m.resources.limits.cpu, q.limits_cpu),
-        ("limits.memory", lambda m: m.resources.limits.memory, q.limits_memory),
-    ):
-        total = sum(parse_quantity(total_of(m)) * model_max_replicas(m) for m in cfg.models)
-        if total > parse_quantity(quota):
-            key = camel(kind.replace(".", "_"))
-            shown = format_bytes_gib(total) if "memory" in kind else f"{total.normalize():f}"
-            r.fail(f"guardrails.resourceQuota.{key}",
-                   f"{quota} is below what the models need at maxReplicas ({kind} {shown}); "
-                   "raise the quota or lower maxReplicas or the per-replica resources")

@@ -154,7 +154,7 @@ def serving_container(model: ModelConfig, gpu_resource: str = GPU_RESOURCE) -> d
             {"name": model_volume_name(model), "mountPath": MODELS_MOUNT, "readOnly": True},
             {"name": "tmp", "mountPath": "/tmp"},
             {"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": True},
-        ],
+        ] + ([{"name": "dshm", "mountPath": "/dev/shm"}] if model.shm_size else []),
         **probes(model),
         "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_SECONDS}}},
         "securityContext": container_security_context(),
@@ -187,6 +187,9 @@ def pod_spec(model: ModelConfig, *, service_account: str, api_key_secret: str,
         {"name": "api-keys", "secret": {"secretName": api_key_secret, "defaultMode": 0o440,
                                         "items": [{"key": API_KEYS_FILE_KEY, "path": API_KEYS_FILE_KEY}]}},
     ]
+    if model.shm_size:
+        # Tensor-parallel workers exchange through /dev/shm; the container runtime's 64 MB default crashes them.
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": model.shm_size}})
     if model.workload == "deployment":
         volumes.insert(0, {"name": "model-storage",
                            "persistentVolumeClaim": {"claimName": model.storage.claim_name, "readOnly": True}})

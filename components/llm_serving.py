@@ -43,6 +43,9 @@ class LLMServing(pulumi.ComponentResource):
     def __init__(self, name: str, args: LLMServingArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("llm-platform:index:LLMServing", name, None, opts)
         model = args.model
+        if model.rollout is None or model.probes.startup.failure_threshold is None:
+            raise ValueError(f"{model.name}: LLMServing needs a planned ModelConfig (stack_config.load() fills in "
+                             "rollout and the startup probe budget)")
         child = pulumi.ResourceOptions(parent=self)
         common = labels(model.name)
 

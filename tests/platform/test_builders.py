@@ -14,11 +14,13 @@ from components.metric_contract import BUILTIN_METRICS, metric
 from components.observability import alert_rules, dashboard, scrape_annotations
 from quantities import QuantityError, parse_quantity
 from stack_config import (
-    GpuPoolConfig, GuardrailsConfig, ModelConfig, ObservabilityConfig, PdbConfig, Toleration, parse_stack_config,
+    GpuPoolConfig, GuardrailsConfig, ModelConfig, ObservabilityConfig, PdbConfig, ProbesConfig, RolloutConfig,
+    StartupProbeConfig, Toleration, parse_stack_config,
 )
 from tests.conftest import stack_values
 
-MODEL = ModelConfig(name="m", served_model_name="m-1b", model_path="/models/m", image="r.example.com/s:1.2.3")
+MODEL = ModelConfig(name="m", served_model_name="m-1b", model_path="/models/m", image="r.example.com/s:1.2.3",
+                    rollout=RolloutConfig(1, 0), probes=ProbesConfig(startup=StartupProbeConfig(failure_threshold=30)))
 
 
 @pytest.mark.parametrize("text, value", [

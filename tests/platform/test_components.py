@@ -8,11 +8,13 @@ from components import (
 )
 from stack_config import (
     GpuPoolConfig, GuardrailsConfig, IngressConfig, ModelConfig, ObservabilityConfig, PriorityClassConfig,
+    ProbesConfig, RolloutConfig, StartupProbeConfig,
 )
 from render import to_manifest
 
 MODEL = ModelConfig(name="chat", served_model_name="chat-8b", model_path="/models/chat-8b",
-                    image="registry.example.com/llm-serving:2.1.0")
+                    image="registry.example.com/llm-serving:2.1.0", rollout=RolloutConfig(1, 0),
+                    probes=ProbesConfig(startup=StartupProbeConfig(failure_threshold=30)))
 
 
 def captured(result, type_suffix):
@@ -127,3 +129,10 @@ def test_whole_program_parents_every_resource_under_a_component(rendered):
             assert r.parent.endswith("pulumi:pulumi:Stack::llm-platform-prod"), r.parent
         else:
             assert any(f"{c}::" in (r.parent or "") for c in components), (r.type, r.name, r.parent)
+
+
+def test_llm_serving_refuses_an_unplanned_model(in_mocks):
+    import pytest
+    unplanned = dataclasses.replace(MODEL, rollout=None)
+    with pytest.raises(ValueError, match="needs a planned ModelConfig"):
+        in_mocks(lambda: LLMServing("chat", serving_args(unplanned)))

@@ -142,9 +142,12 @@ def test_probes(prod, probe, path, values):
     assert (p["initialDelaySeconds"], p["periodSeconds"], p["timeoutSeconds"], p["failureThreshold"]) == values
 
 
-def test_rolling_update_and_pinned_image(prod):
+def test_rolling_update_that_can_progress_and_pinned_image(prod):
+    """The quota (10 GPUs) is exactly the HPA maximum (10 x 1), so a surge pod could never start at max:
+    the planned strategy takes one replica down at a time instead, and the plan says so."""
     d = prod.one("Deployment", "llm-service")
-    assert d["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    assert d["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+    assert "no room for an extra replica" in prod.outputs["capacityPlan"]["llm-service"]["rollout"]
     image = container(d)["image"]
     assert image == "registry.example.com/llm-serving:1.0.0"
 

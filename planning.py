@@ -1,0 +1,308 @@
+"""The capacity plan: checks every model against GPU memory, quota, LimitRange and node shape at preview, fills in
+the values computed from them (rollout strategy, startup probe budget, /dev/shm, engine limits), and describes
+the result per model for `render.py`, `pulumi preview` and a stack output.
+
+Each failure is one ConfigError naming the stack, the key path, the numbers and the smallest fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Callable, NoReturn
+
+import capacity
+from capacity import GIB, PRESETS, Architecture, Sizing, gib
+from quantities import format_bytes_gib, parse_quantity
+from stack_config import (
+    ModelConfig, RolloutConfig, SizingConfig, StackConfig, model_max_replicas, model_min_replicas,
+)
+
+Fail = Callable[[str, str], NoReturn]
+ARTICLE_STARTUP_FAILURES = 30
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    name: str
+    gpus_per_replica: int
+    min_replicas: int
+    max_replicas: int
+    rollout: str
+    """The chosen strategy and why."""
+    startup_budget_seconds: int
+    load_estimate_seconds: float | None
+    memory: dict | None
+    """Per-GPU memory in GiB (weights, kvCache, overhead, total, usable, headroom), when sized."""
+    max_sequences_at_full_context: int | None
+    shm: str | None
+    cost_per_hour_min: float | None
+    cost_per_hour_max: float | None
+
+    @property
+    def gpus_at_min(self) -> int:
+        return self.min_replicas * self.gpus_per_replica
+
+    @property
+    def gpus_at_max(self) -> int:
+        return self.max_replicas * self.gpus_per_replica
+
+    def lines(self) -> list[str]:
+        out = [f"{self.name}: {self.gpus_per_replica} GPU(s) per replica, {self.min_replicas}..{self.max_replicas} "
+               f"replicas = {self.gpus_at_min} GPUs at min, {self.gpus_at_max} at max"]
+        if self.memory:
+            m = self.memory
+            out.append(f"  per GPU: weights {m['weightsGiB']:.2f} + KV cache {m['kvCacheGiB']:.2f} + overhead "
+                       f"{m['overheadGiB']:.2f} = {m['totalGiB']:.2f} GiB of {m['usableGiB']:.2f} usable "
+                       f"(headroom {m['headroomGiB']:.2f} GiB)")
+            out.append(f"  max concurrent sequences at full context: {self.max_sequences_at_full_context}")
+        else:
+            out.append("  GPU memory not checked: add models[].sizing (a preset or the architecture numbers)")
+        out.append(f"  rollout: {self.rollout}")
+        estimate = f", estimated load {self.load_estimate_seconds:.0f} s" if self.load_estimate_seconds else ""
+        out.append(f"  startup budget: {self.startup_budget_seconds} s{estimate}")
+        if self.shm:
+            out.append(f"  /dev/shm: {self.shm} (memory-backed, counted in the memory limit)")
+        if self.cost_per_hour_min is not None:
+            out.append(f"  cost: {self.cost_per_hour_min:.2f}/h at min, {self.cost_per_hour_max:.2f}/h at max")
+        return out
+
+    def as_output(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None} | {
+            "gpusAtMin": self.gpus_at_min, "gpusAtMax": self.gpus_at_max}
+
+
+def architecture(sizing: SizingConfig, p: str, fail: Fail) -> Architecture:
+    numbers = {"parametersBillion": sizing.parameters_billion, "layers": sizing.layers,
+               "kvHeads": sizing.kv_heads, "headDim": sizing.head_dim}
+    if sizing.preset is not None:
+        given = [k for k, v in numbers.items() if v is not None]
+        if given:
+            fail(f"{p}.sizing.{given[0]}", f"is set together with preset {sizing.preset!r}; use the preset or the "
+                                           "architecture numbers, not both")
+        return PRESETS[sizing.preset]
+    missing = [k for k, v in numbers.items() if v is None]
+    if missing:
+        fail(f"{p}.sizing.{missing[0]}", f"is required without a preset (known presets: {', '.join(PRESETS)})")
+    return Architecture(sizing.parameters_billion, sizing.layers, sizing.kv_heads, sizing.head_dim,
+                        sizing.attention_heads)
+
+
+def _sizing(m: ModelConfig, p: str, fail: Fail) -> Sizing | None:
+    if m.sizing is None:
+        return None
+    arch = architecture(m.sizing, p, fail)
+    for key, value in (("maxContextTokens", m.sizing.max_context_tokens),
+                       ("maxConcurrentSequences", m.sizing.max_concurrent_sequences)):
+        if value is None:
+            fail(f"{p}.sizing.{key}", "is required: the KV cache, and so whether the model fits, depends on it")
+    if arch.max_context_tokens and m.sizing.max_context_tokens > arch.max_context_tokens:
+        fail(f"{p}.sizing.maxContextTokens", f"{m.sizing.max_context_tokens} is above the model's own context "
+                                             f"window {arch.max_context_tokens}")
+    for key, value, sized in (("maxModelLen", m.max_model_len, m.sizing.max_context_tokens),
+                              ("maxNumSeqs", m.max_num_seqs, m.sizing.max_concurrent_sequences)):
+        if value is not None and value > sized:
+            fail(f"{p}.{key}", f"{value} is above what the capacity check sized ({sized}); leave it unset to "
+                               "use the sizing value, or raise the sizing")
+    return Sizing(arch, m.sizing.dtype, m.sizing.max_context_tokens, m.sizing.max_concurrent_sequences)
+
+
+def check_gpu_memory(cfg: StackConfig, m: ModelConfig, s: Sizing, p: str, fail: Fail) -> dict:
+    tp = m.gpus_per_replica
+    if tp == 0:
+        fail(f"{p}.gpusPerReplica", "0 with a sizing block: GPU memory is checked per GPU; set gpusPerReplica "
+                                    "to 1 or more, or remove sizing for a CPU-only model")
+    if s.arch.attention_heads and s.arch.attention_heads % tp:
+        options = capacity.valid_tp_sizes(s.arch, 16)
+        fail(f"{p}.gpusPerReplica", f"{tp} does not divide the model's {s.arch.attention_heads} attention heads, "
+                                    f"so tensor parallelism cannot split it; use one of {options}")
+    pool = cfg.gpu_pool
+    usable = capacity.usable_bytes(pool.gpu_memory_gib, m.gpu_memory_utilization)
+    need = capacity.per_gpu_bytes(s, tp)
+    weights, kv, overhead = capacity.weight_bytes(s) / tp, capacity.kv_cache_bytes(s) / tp, \
+        capacity.overhead_bytes(s, tp)
+    if need > usable:
+        limit = pool.gpus_per_node or 8
+        smallest = capacity.smallest_tp_that_fits(s, usable, limit)
+        fixes = []
+        seqs, ctx = capacity.max_sequences_that_fit(s, tp, usable), capacity.max_context_that_fits(s, tp, usable)
+        if seqs:
+            fixes.append(f"maxConcurrentSequences <= {seqs} (at maxContextTokens {s.max_context_tokens})")
+        if ctx:
+            fixes.append(f"maxContextTokens <= {ctx} (at maxConcurrentSequences {s.max_concurrent_sequences})")
+        fixes.append(f"gpusPerReplica {smallest}" if smallest else
+                     f"no gpusPerReplica up to {limit} fits: use a larger GPU or a smaller dtype")
+        fail(f"{p}.sizing",
+             f"needs {gib(need)} per GPU at gpusPerReplica {tp} (weights {gib(weights)} + KV cache {gib(kv)} + "
+             f"overhead {gib(overhead)}) but {gib(usable)} is usable ({pool.gpu_memory_gib} GiB x "
+             f"{m.gpu_memory_utilization}); fits with " + ", or ".join(fixes))
+    return {"weightsGiB": weights / GIB, "kvCacheGiB": kv / GIB, "overheadGiB": overhead / GIB,
+            "totalGiB": need / GIB, "usableGiB": usable / GIB, "headroomGiB": (usable - need) / GIB}
+
+
+def startup_threshold(m: ModelConfig, s: Sizing | None, p: str, fail: Fail) -> tuple[int, float | None]:
+    probe = m.probes.startup
+    estimate = capacity.load_seconds(s, m.storage_read_mbps) if s else None
+    computed = capacity.startup_failure_threshold(estimate, probe.period_seconds, ARTICLE_STARTUP_FAILURES) \
+        if estimate else ARTICLE_STARTUP_FAILURES
+    if probe.failure_threshold is None:
+        return computed, estimate
+    if estimate is not None:
+        budget = probe.failure_threshold * probe.period_seconds + probe.initial_delay_seconds
+        needed = estimate * capacity.STARTUP_SAFETY
+        if budget < needed:
+            fail(f"{p}.probes.startup.failureThreshold",
+                 f"{probe.failure_threshold} x {probe.period_seconds} s = {budget} s is shorter than the estimated "
+                 f"{estimate:.0f} s to load {gib(capacity.weight_bytes(s))} at {m.storage_read_mbps:g} MB/s plus "
+                 f"{capacity.WARMUP_SECONDS} s warm-up (x{capacity.STARTUP_SAFETY} margin = {needed:.0f} s), so the "
+                 f"kubelet would kill pods still loading; use at least "
+                 f"{math.ceil(needed / probe.period_seconds)} or leave it unset")
+    return probe.failure_threshold, estimate
+
+
+def check_shm(m: ModelConfig, p: str, fail: Fail) -> str | None:
+    if m.gpus_per_replica <= 1:
+        return None
+    shm = m.shm_size or f"{capacity.shm_bytes(m.gpus_per_replica) // GIB}Gi"
+    shm_bytes, limit, request = parse_quantity(shm), parse_quantity(m.resources.limits.memory), \
+        parse_quantity(m.resources.requests.memory)
+    if shm_bytes + request > limit:
+        fail(f"{p}.resources.limits.memory",
+             f"{m.resources.limits.memory} cannot hold the {shm} /dev/shm of a {m.gpus_per_replica}-GPU replica "
+             f"(memory-backed, it counts against the limit) plus the {m.resources.requests.memory} memory request; "
+             f"raise it to at least {format_bytes_gib(shm_bytes + request)} or lower shmSize")
+    return shm
+
+
+def check_limits(cfg: StackConfig, m: ModelConfig, p: str, fail: Fail) -> None:
+    lr = cfg.guardrails.limit_range
+    for key, value, cap, cap_key in (("cpu", m.resources.limits.cpu, lr.max_cpu, "maxCpu"),
+                                     ("memory", m.resources.limits.memory, lr.max_memory, "maxMemory")):
+        if lr.enabled and cap is not None and parse_quantity(value) > parse_quantity(cap):
+            fail(f"{p}.resources.limits.{key}", f"{value} is above guardrails.limitRange.{cap_key} {cap}; the "
+                                                "LimitRange would reject every pod; lower the limit or raise the maximum")
+    shape = cfg.gpu_pool.node_shape
+    if shape is not None and m.gpus_per_replica:
+        for key, value, node in (("cpu", m.resources.requests.cpu, shape.cpu),
+                                 ("memory", m.resources.requests.memory, shape.memory)):
+            if parse_quantity(value) > parse_quantity(node):
+                fail(f"{p}.resources.requests.{key}", f"{value} is more than one GPU node has "
+                                                      f"(gpuPool.nodeShape.{key} {node}); the pod can never schedule")
+
+
+@dataclass
+class _Budget:
+    """What the quota has left once every model is at maxReplicas, to spend on rollout surges."""
+
+    gpus: Decimal
+    amounts: dict[str, Decimal]
+
+    def fits(self, m: ModelConfig, pods: int) -> bool:
+        if pods * m.gpus_per_replica > self.gpus:
+            return False
+        return all(pods * need <= self.amounts[k] for k, need in _pod_amounts(m).items())
+
+    def take(self, m: ModelConfig, pods: int) -> None:
+        self.gpus -= pods * m.gpus_per_replica
+        for k, need in _pod_amounts(m).items():
+            self.amounts[k] -= pods * need
+
+
+def _pod_amounts(m: ModelConfig) -> dict[str, Decimal]:
+    r = m.resources
+    return {"requests.cpu": parse_quantity(r.requests.cpu), "requests.memory": parse_quantity(r.requests.memory),
+            "limits.cpu": parse_quantity(r.limits.cpu), "limits.memory": parse_quantity(r.limits.memory)}
+
+
+def check_quota(cfg: StackConfig, fail: Fail) -> _Budget | None:
+    q = cfg.guardrails.resource_quota
+    if not q.enabled:
+        return None
+    needed = cfg.total_gpus_at_max
+    if needed > q.gpus:
+        detail = ", ".join(f"{m.name}: {model_max_replicas(m)} x {m.gpus_per_replica}" for m in cfg.models)
+        fail("guardrails.resourceQuota.gpus",
+             f"{q.gpus} GPUs cannot hold the models at maxReplicas ({detail} = {needed} GPUs); "
+             f"raise the quota to {needed} or lower maxReplicas")
+    quotas = {"requests.cpu": q.requests_cpu, "requests.memory": q.requests_memory,
+              "limits.cpu": q.limits_cpu, "limits.memory": q.limits_memory}
+    left = {}
+    for kind, quota in quotas.items():
+        total = sum(_pod_amounts(m)[kind] * model_max_replicas(m) for m in cfg.models)
+        if total > parse_quantity(quota):
+            key = "".join(w.capitalize() if i else w for i, w in enumerate(kind.split(".")))
+            shown = format_bytes_gib(total) if "memory" in kind else f"{total.normalize():f}"
+            fail(f"guardrails.resourceQuota.{key}",
+                 f"{quota} is below what the models need at maxReplicas ({kind} {shown}); "
+                 "raise the quota or lower maxReplicas or the per-replica resources")
+        left[kind] = parse_quantity(quota) - total
+    claims = sum(1 if m.workload == "deployment" else model_max_replicas(m) for m in cfg.models)
+    if claims > q.persistent_volume_claims:
+        fail("guardrails.resourceQuota.persistentVolumeClaims",
+             f"{q.persistent_volume_claims} is below the {claims} model volumes the models need at maxReplicas "
+             "(one per Deployment, one per StatefulSet replica); raise it")
+    for cls, cap in sorted(q.storage_by_class.items()):
+        used = sum(parse_quantity(m.storage.size) * (1 if m.workload == "deployment" else model_max_replicas(m))
+                   for m in cfg.models if m.storage.storage_class == cls)
+        if used > parse_quantity(cap):
+            fail(f"guardrails.resourceQuota.storageByClass.{cls}",
+                 f"{cap} is below the {format_bytes_gib(used)} of {cls} model volumes at maxReplicas; raise it or "
+                 "shrink models[].storage.size")
+    return _Budget(Decimal(q.gpus - needed), left)
+
+
+def choose_rollout(m: ModelConfig, p: str, budget: _Budget | None, fail: Fail) -> tuple[RolloutConfig, str]:
+    if m.workload == "statefulset":
+        return RolloutConfig(0, 1), "StatefulSet replaces one pod at a time (maxUnavailable 1); no surge GPU needed"
+    if m.rollout is not None:
+        surge = m.rollout.max_surge
+        if budget is not None and surge and not budget.fits(m, surge):
+            fail(f"{p}.rollout.maxSurge",
+                 f"{surge} needs {surge * m.gpus_per_replica} spare GPU(s) and room for {surge} more pod(s) at "
+                 f"maxReplicas, but the quota leaves {budget.gpus} GPU(s) spare, so the rollout would wait forever; "
+                 "use maxSurge 0 / maxUnavailable 1, or raise guardrails.resourceQuota")
+        if budget is not None and surge:
+            budget.take(m, surge)
+        return m.rollout, f"maxSurge {surge} / maxUnavailable {m.rollout.max_unavailable} (from config)"
+    if budget is None or budget.fits(m, 1):
+        if budget is not None:
+            budget.take(m, 1)
+        return RolloutConfig(1, 0), "maxSurge 1 / maxUnavailable 0: zero downtime, the quota has room for one " \
+                                    "extra replica at maxReplicas"
+    return RolloutConfig(0, 1), ("maxSurge 0 / maxUnavailable 1: the quota has no room for an extra replica at "
+                                 "maxReplicas, so each update takes one replica down first (capacity dips by one)")
+
+
+def plan_stack(cfg: StackConfig, fail: Fail) -> StackConfig:
+    """Run every capacity check; return the config with computed values filled in and `plans` set."""
+    budget = check_quota(cfg, fail)
+    models, plans = [], []
+    for i, m in enumerate(cfg.models):
+        p = f"models[{i}]"
+        s = _sizing(m, p, fail)
+        memory = check_gpu_memory(cfg, m, s, p, fail) if s else None
+        threshold, estimate = startup_threshold(m, s, p, fail)
+        shm = check_shm(m, p, fail)
+        check_limits(cfg, m, p, fail)
+        rollout, why = choose_rollout(m, p, budget, fail)
+        resolved = dataclasses.replace(
+            m, rollout=rollout, shm_size=shm,
+            probes=dataclasses.replace(m.probes, startup=dataclasses.replace(m.probes.startup,
+                                                                              failure_threshold=threshold)),
+            max_model_len=m.max_model_len or (s.max_context_tokens if s else None),
+            max_num_seqs=m.max_num_seqs or (s.max_concurrent_sequences if s else None))
+        models.append(resolved)
+        price = cfg.gpu_pool.hourly_cost_per_gpu
+        lo, hi = model_min_replicas(m), model_max_replicas(m)
+        plans.append(ModelPlan(
+            name=m.name, gpus_per_replica=m.gpus_per_replica, min_replicas=lo, max_replicas=hi, rollout=why,
+            startup_budget_seconds=threshold * m.probes.startup.period_seconds + m.probes.startup.initial_delay_seconds,
+            load_estimate_seconds=estimate, memory=memory,
+            max_sequences_at_full_context=(capacity.max_sequences_that_fit(
+                s, m.gpus_per_replica, capacity.usable_bytes(cfg.gpu_pool.gpu_memory_gib, m.gpu_memory_utilization))
+                if s else None),
+            shm=shm,
+            cost_per_hour_min=None if price is None else lo * m.gpus_per_replica * price,
+            cost_per_hour_max=None if price is None else hi * m.gpus_per_replica * price))
+    return dataclasses.replace(cfg, models=models, plans=tuple(plans))
