@@ -41,7 +41,10 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class TokenOutput:
-    """New tokens for one request since its previous output; the last one carries `finish_reason`."""
+    """New tokens for one request since its previous output; the last one carries `finish_reason`.
+
+    The token that ends a sequence with `stop` (an EOS id or one of `stop_token_ids`) is not included, so
+    the outputs concatenate to exactly the completion's tokens; the last output may have no tokens."""
 
     token_ids: tuple[int, ...]
     finish_reason: FinishReason | None = None

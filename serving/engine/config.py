@@ -1,0 +1,66 @@
+"""Engine settings: one frozen dataclass, validated on construction, defaults in one place.
+
+The server builds an `EngineConfig` from its own settings (env, CLI) and hands it to
+`LLMEngine.from_model_dir`; nothing in the engine reads the environment itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Device = Literal["auto", "cuda", "cpu"]
+DType = Literal["auto", "bfloat16", "float16", "float32"]
+
+DEFAULT_MAX_NUM_SEQS_GPU = 64
+DEFAULT_MAX_NUM_SEQS_CPU = 8
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine uses its device. Every field has a production default."""
+
+    device: Device = "auto"
+    """`auto` picks CUDA when available and otherwise falls back to CPU (with a warning); `cuda` fails
+    when no GPU is visible; `cpu` is for tests and development."""
+    dtype: DType = "auto"
+    """Weights, activations and KV cache. `auto` is bfloat16 on CUDA and float32 on CPU (CPU half-precision
+    matmuls are slow and poorly supported)."""
+    max_num_seqs: int | None = None
+    """Slots: the most requests that run (prefill or decode) together. None picks 64 on a GPU and 8 on CPU.
+    The KV cache holds max_num_seqs x max_model_len tokens; when that does not fit the memory budget, a default
+    max_model_len is shortened first (not below 4096), then slots are dropped, and the result is logged."""
+    max_model_len: int | None = None
+    """Prompt plus generated tokens per request. None takes the model's `max_position_embeddings`
+    (the sliding window, if the model uses one), lowered to what the KV cache can hold for every slot."""
+    max_waiting: int = 256
+    """Requests queued for a free slot; one more raises QueueFullError (the server answers 429)."""
+    gpu_memory_utilization: float = 0.9
+    """Fraction of the device's memory the engine may use for weights, activations and KV cache together.
+    On CPU the same fraction of the available RAM bounds the KV cache."""
+    max_prefill_tokens_per_step: int = 2048
+    """Chunked-prefill budget: prompt tokens processed per engine step, so a long prompt delays running
+    streams by at most one chunk's compute per decode step."""
+    warmup_tokens: int = 8
+    """Length of the warm-up request's prompt and of its output, run by `start()` before the engine reports
+    ready (first-call allocations and kernel selection happen then, not on a client's request). 0 skips it."""
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"device: {self.device!r} is not one of 'auto', 'cuda', 'cpu'")
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ValueError(f"dtype: {self.dtype!r} is not one of 'auto', 'bfloat16', 'float16', 'float32'")
+        _require_positive("max_num_seqs", self.max_num_seqs, allow_none=True)
+        _require_positive("max_model_len", self.max_model_len, allow_none=True)
+        _require_positive("max_waiting", self.max_waiting)
+        _require_positive("max_prefill_tokens_per_step", self.max_prefill_tokens_per_step)
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization: {self.gpu_memory_utilization} must be in (0, 1]")
+        if self.warmup_tokens < 0:
+            raise ValueError(f"warmup_tokens: {self.warmup_tokens} must be 0 (no warm-up) or more")
+
+
+def _require_positive(name: str, value: int | None, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}: {value!r} must be a positive integer")

@@ -1,0 +1,416 @@
+"""`LLMEngine`: continuous batching on one dedicated thread, streaming tokens to asyncio callers.
+
+The caller's event loop never runs model code. `generate()` validates and enqueues under a lock and
+returns a stream; the engine-loop thread, on each iteration, drops aborted requests, admits waiting
+requests into free KV-cache slots, spends the chunked-prefill budget on prompts, then runs one batched
+decode step for every decoding request. Tokens go back through `loop.call_soon_threadsafe`, one call
+per event loop per step. The thread sleeps on a condition variable when there is no work.
+"""
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from serving.engine.config import DEFAULT_MAX_NUM_SEQS_CPU, DEFAULT_MAX_NUM_SEQS_GPU, EngineConfig
+from serving.engine.interface import (
+    EngineDeadError,
+    EngineStats,
+    FinishReason,
+    GenerationRequest,
+    ModelInfo,
+    ModelLoadError,
+    QueueFullError,
+    SamplingParams,
+    TokenOutput,
+)
+from serving.engine.loader import load_model, resolve_device, resolve_dtype
+from serving.engine.model_runner import (
+    ModelRunner,
+    kv_bytes_per_token,
+    kv_cache_budget_bytes,
+    model_context_len,
+    plan_kv_cache,
+)
+from serving.engine.sampling import RowSampling, banned_token_ids, finish_reason, sample_tokens
+from serving.engine.stream import TokenStream
+
+logger = logging.getLogger("serving.engine")
+
+
+@dataclass(eq=False)
+class _Sequence:
+    """One request's state. After admission only the loop thread touches it."""
+
+    request: GenerationRequest
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    generator: torch.Generator | None
+    slot: int = -1
+    num_cached: int = 0
+    """Prompt tokens whose K/V are in the cache (prefill progress)."""
+    output_ids: list[int] = field(default_factory=list)
+    num_emitted: int = 0
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    final_emitted: bool = False
+
+    @property
+    def prompt(self) -> tuple[int, ...]:
+        return self.request.prompt_token_ids
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.sampling
+
+
+class LLMEngine:
+    """Implements `serving.engine.interface.Engine` over `ModelRunner`."""
+
+    def __init__(self, runner: ModelRunner, tokenizer: object, model_info: ModelInfo, config: EngineConfig) -> None:
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.model_info = model_info
+        self.config = config
+        self._eos_token_ids = model_info.eos_token_ids
+        self._wakeup = threading.Condition(threading.RLock())
+        # Shared with callers, guarded by _wakeup.
+        self._waiting: deque[_Sequence] = deque()
+        self._live: dict[str, _Sequence] = {}
+        self._abort_requests: list[_Sequence] = []
+        self._stopping = False
+        self._dead = False
+        self._prompt_tokens_total = 0
+        self._generation_tokens_total = 0
+        self._live_tokens = 0
+        # Owned by the loop thread.
+        self._free_slots = list(range(runner.num_slots))
+        self._running: dict[int, _Sequence] = {}
+        self._prefilling: list[_Sequence] = []
+        self._decoding: list[_Sequence] = []
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def from_model_dir(cls, path: str | Path, config: EngineConfig | None = None) -> "LLMEngine":
+        """Load and validate the model, size the KV cache and build the engine (slow; call it in a thread)."""
+        config = config or EngineConfig()
+        device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, device)
+        loaded = load_model(path, device, dtype)
+        hf_config = loaded.model.config
+        context_len = model_context_len(hf_config)
+        if config.max_model_len is not None and config.max_model_len > context_len:
+            raise ModelLoadError(
+                f"max_model_len {config.max_model_len} exceeds what this model supports ({context_len}: "
+                "max_position_embeddings, or the sliding window); lower max_model_len"
+            )
+        default_slots = DEFAULT_MAX_NUM_SEQS_GPU if device.type == "cuda" else DEFAULT_MAX_NUM_SEQS_CPU
+        num_slots = config.max_num_seqs or default_slots
+        plan = plan_kv_cache(
+            bytes_per_token=kv_bytes_per_token(hf_config, dtype),
+            budget_bytes=kv_cache_budget_bytes(
+                device, hf_config, dtype, memory_utilization=config.gpu_memory_utilization,
+                num_slots=num_slots, max_prefill_tokens=config.max_prefill_tokens_per_step,
+            ),
+            num_slots=num_slots,
+            max_model_len=config.max_model_len or context_len,
+            max_model_len_is_default=config.max_model_len is None,
+        )
+        runner = ModelRunner(loaded.model, plan)
+        vocab_size = int(hf_config.vocab_size)
+        model_info = ModelInfo(
+            max_model_len=plan.max_model_len,
+            vocab_size=vocab_size,
+            eos_token_ids=tuple(t for t in loaded.eos_token_ids if 0 <= t < vocab_size),
+            dtype=str(dtype).removeprefix("torch."),
+            device=str(device) if device.type == "cpu" else f"cuda:{device.index or 0}",
+        )
+        logger.info(
+            "engine ready to start: %s on %s (%s), %d slots x %d tokens of KV cache",
+            Path(path).name, model_info.device, model_info.dtype, plan.num_slots, plan.max_model_len,
+        )
+        return cls(runner, loaded.tokenizer, model_info, config)
+
+    # ----------------------------------------------------------------- caller side (any thread / event loop)
+
+    async def start(self) -> None:
+        """Start the engine-loop thread and run one warm-up generation; returns when ready to serve."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run_loop, name="llm-engine-loop", daemon=True)
+        self._thread.start()
+        warmup_len = min(self.config.warmup_tokens, self.model_info.max_model_len // 2)
+        if warmup_len > 0:
+            prompt = tuple(index % self.model_info.vocab_size for index in range(warmup_len))
+            # Sampled with top_p so the sort/scatter path is exercised as well as the forward pass.
+            params = SamplingParams(max_tokens=warmup_len, temperature=1.0, top_p=0.9, seed=0, ignore_eos=True)
+            async for _ in self.generate(GenerationRequest("engine-warmup", prompt, params)):
+                pass
+        with self._wakeup:
+            self._prompt_tokens_total = 0
+            self._generation_tokens_total = 0
+
+    def generate(self, request: GenerationRequest) -> TokenStream:
+        """Validate and enqueue now (raising QueueFullError / EngineDeadError / ValueError at once) and
+        return the request's token stream. Must be called from the event loop that will consume it."""
+        self._validate(request)
+        loop = asyncio.get_running_loop()
+        seed = request.sampling.seed
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.runner.device).manual_seed(seed)
+        seq = _Sequence(request, loop, asyncio.Queue(), generator)
+        with self._wakeup:
+            if self._dead:
+                raise EngineDeadError("the engine loop has died; the server must be restarted")
+            if self._stopping:
+                raise EngineDeadError("the engine is shutting down")
+            if request.request_id in self._live:
+                raise ValueError(f"request_id {request.request_id!r} is already running; use a unique id")
+            if len(self._waiting) >= self.config.max_waiting:
+                raise QueueFullError(
+                    f"{len(self._waiting)} requests are already waiting (max_waiting); retry later"
+                )
+            self._waiting.append(seq)
+            self._live[request.request_id] = seq
+            self._prompt_tokens_total += len(request.prompt_token_ids)
+            self._wakeup.notify()
+        return TokenStream(seq.queue, lambda: self._abort_sequence(seq))
+
+    def abort(self, request_id: str) -> None:
+        with self._wakeup:
+            seq = self._live.get(request_id)
+        if seq is not None:
+            self._abort_sequence(seq)
+
+    def stats(self) -> EngineStats:
+        with self._wakeup:
+            return EngineStats(
+                waiting=len(self._waiting),
+                running=len(self._running),
+                max_running=self.runner.num_slots,
+                kv_cache_usage=self._live_tokens / self.runner.capacity_tokens,
+                kv_cache_capacity_tokens=self.runner.capacity_tokens,
+                prompt_tokens_total=self._prompt_tokens_total,
+                generation_tokens_total=self._generation_tokens_total,
+                loop_alive=self._loop_alive(),
+                device=self.model_info.device,
+            )
+
+    async def shutdown(self) -> None:
+        """Abort every request (their streams end with finish reason `abort`) and join the loop thread."""
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        else:
+            self._finish_all_live(None)
+
+    def _validate(self, request: GenerationRequest) -> None:
+        prompt, params = request.prompt_token_ids, request.sampling
+        max_len, vocab = self.model_info.max_model_len, self.model_info.vocab_size
+        if not prompt:
+            raise ValueError("the prompt is empty; send at least one token")
+        if params.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {params.max_tokens}")
+        if len(prompt) + params.max_tokens > max_len:
+            raise ValueError(
+                f"the prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) is "
+                f"{len(prompt) + params.max_tokens} tokens, more than this model's context of {max_len}; "
+                "shorten the prompt or lower max_tokens"
+            )
+        # An out-of-range id would fail inside the embedding on the loop thread and kill the engine.
+        for name, ids in (("prompt", prompt), ("stop_token_ids", params.stop_token_ids)):
+            bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+            if bad is not None:
+                raise ValueError(f"{name} holds token id {bad!r}, outside this model's vocabulary [0, {vocab})")
+        if params.temperature < 0:
+            raise ValueError(f"temperature must be 0 (greedy) or more, got {params.temperature}")
+        if not 0.0 < params.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {params.top_p}")
+        if params.min_tokens < 0:
+            raise ValueError(f"min_tokens must be 0 or more, got {params.min_tokens}")
+
+    def _abort_sequence(self, seq: _Sequence) -> None:
+        # Runs from any thread, including a garbage-collector pass on the loop thread itself (the lock
+        # is reentrant for that reason); the loop frees the slot at its next step boundary.
+        with self._wakeup:
+            if seq.finished or self._live.get(seq.request.request_id) is not seq:
+                return
+            self._abort_requests.append(seq)
+            self._wakeup.notify()
+
+    def _loop_alive(self) -> bool:
+        if self._dead:
+            return False
+        return self._thread is None or self._thread.is_alive()
+
+    # ----------------------------------------------------------------- loop thread
+
+    def _run_loop(self) -> None:
+        try:
+            while True:
+                with self._wakeup:
+                    while not (self._stopping or self._waiting or self._running or self._abort_requests):
+                        self._wakeup.wait()
+                    if self._stopping:
+                        break
+                    aborted, self._abort_requests = self._abort_requests, []
+                    for seq in aborted:
+                        self._finish(seq, "abort")
+                    while self._waiting and self._free_slots:
+                        self._admit(self._waiting.popleft())
+                if self._running:
+                    self._step()
+            self._finish_all_live(None)
+        except BaseException as exc:
+            logger.exception("engine loop died; failing every pending request")
+            with self._wakeup:
+                self._dead = True
+            self._finish_all_live(EngineDeadError(f"the engine loop died: {exc!r}"))
+
+    def _admit(self, seq: _Sequence) -> None:
+        seq.slot = heapq.heappop(self._free_slots)
+        self._running[seq.slot] = seq
+        self._prefilling.append(seq)
+
+    def _step(self) -> None:
+        """Chunked prefill within the token budget, then one batched decode step; then emit tokens."""
+        budget = self.config.max_prefill_tokens_per_step
+        prefilled: list[_Sequence] = []
+        prefill_logits: list[torch.Tensor] = []
+        for seq in list(self._prefilling):
+            if budget == 0:
+                break
+            count = min(budget, len(seq.prompt) - seq.num_cached)
+            done = seq.num_cached + count == len(seq.prompt)
+            chunk = list(seq.prompt[seq.num_cached : seq.num_cached + count])
+            logits = self.runner.prefill(seq.slot, chunk, seq.num_cached, want_logits=done)
+            seq.num_cached += count
+            budget -= count
+            if done:
+                self._prefilling.remove(seq)
+                prefilled.append(seq)
+                prefill_logits.append(logits)
+        touched: list[_Sequence] = []
+        if prefilled:
+            self._sample_and_append(prefilled, torch.stack(prefill_logits))
+            touched += prefilled
+        decoding = [seq for seq in self._decoding if not seq.finished]
+        if decoding:
+            logits = self.runner.decode(
+                [seq.slot for seq in decoding],
+                [seq.output_ids[-1] for seq in decoding],
+                [len(seq.prompt) + len(seq.output_ids) - 1 for seq in decoding],
+            )
+            self._sample_and_append(decoding, logits)
+            touched += decoding
+        self._emit(touched)
+
+    def _sample_and_append(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
+        rows = [
+            RowSampling(
+                temperature=seq.params.temperature,
+                top_p=seq.params.top_p,
+                generator=seq.generator,
+                banned_token_ids=banned_token_ids(seq.params, len(seq.output_ids), self._eos_token_ids),
+            )
+            for seq in seqs
+        ]
+        tokens = sample_tokens(logits, rows).tolist()
+        for seq, token in zip(seqs, tokens):
+            num_generated = len(seq.output_ids) + 1
+            reason = finish_reason(token, num_generated, len(seq.prompt) + num_generated, seq.params,
+                                   self._eos_token_ids, self.model_info.max_model_len)
+            # The token that stops a sequence (EOS or a stop token) is not part of its output text.
+            if reason != "stop":
+                seq.output_ids.append(token)
+            if reason is not None:
+                self._release_slot(seq, reason)
+            elif seq not in self._decoding:
+                self._decoding.append(seq)
+        with self._wakeup:
+            self._generation_tokens_total += len(seqs)
+
+    def _emit(self, seqs: list[_Sequence]) -> None:
+        """Send each sequence's new tokens, batching one call_soon_threadsafe per event loop."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+        for seq in seqs:
+            new_tokens = tuple(seq.output_ids[seq.num_emitted :])
+            reason = seq.finish_reason if seq.finished and not seq.final_emitted else None
+            if not new_tokens and reason is None:
+                continue
+            seq.num_emitted = len(seq.output_ids)
+            seq.final_emitted = reason is not None
+            batches.setdefault(seq.loop, []).append((seq.queue, TokenOutput(new_tokens, reason)))
+        for loop, items in batches.items():
+            if not _deliver_threadsafe(loop, items):
+                for seq in seqs:
+                    if seq.loop is loop and not seq.finished:
+                        self._abort_sequence(seq)
+        with self._wakeup:
+            self._live_tokens = sum(seq.num_cached + len(seq.output_ids) for seq in self._running.values())
+
+    def _finish(self, seq: _Sequence, reason: FinishReason) -> None:
+        """End a sequence now (abort path): free its slot or queue place and send its last output."""
+        if seq.finished:
+            return
+        if seq.slot < 0:
+            self._waiting.remove(seq)
+        self._release_slot(seq, reason)
+        self._emit([seq])
+
+    def _release_slot(self, seq: _Sequence, reason: FinishReason) -> None:
+        seq.finished = True
+        seq.finish_reason = reason
+        if seq.slot >= 0:
+            del self._running[seq.slot]
+            heapq.heappush(self._free_slots, seq.slot)
+            if seq in self._prefilling:
+                self._prefilling.remove(seq)
+            if seq in self._decoding:
+                self._decoding.remove(seq)
+        with self._wakeup:
+            self._live.pop(seq.request.request_id, None)
+
+    def _finish_all_live(self, error: EngineDeadError | None) -> None:
+        """End every live request: with finish reason `abort` on shutdown, with `error` when the loop died."""
+        with self._wakeup:
+            live = list(self._live.values())
+            self._live.clear()
+            self._waiting.clear()
+            self._abort_requests.clear()
+        self._running.clear()
+        self._prefilling.clear()
+        self._decoding.clear()
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+        for seq in live:
+            seq.finished = True
+            if error is not None:
+                item = EngineDeadError(str(error))
+            else:
+                item = TokenOutput(tuple(seq.output_ids[seq.num_emitted :]), "abort")
+            batches.setdefault(seq.loop, []).append((seq.queue, item))
+        for loop, items in batches.items():
+            _deliver_threadsafe(loop, items)
+
+
+def _deliver_threadsafe(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, object]]) -> bool:
+    """Hand outputs to their event loop; False when that loop is closed and nobody can read them."""
+    try:
+        loop.call_soon_threadsafe(_deliver, items)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)

@@ -1,0 +1,239 @@
+"""Our forward pass over a Hugging Face decoder, with a preallocated static KV cache.
+
+HF's modules do everything that varies between architectures (weights, norms, MLP activation, RoPE
+variants such as llama3 scaling, tied embeddings, Qwen3's q/k norms); only attention and the cache
+are ours. The cache holds, per layer, K and V as [num_slots, kv_heads, max_model_len, head_dim]: one
+slot per running request, so a request's cache is a contiguous prefix of its slot.
+
+- `prefill` writes one chunk of one prompt into its slot; the chunk attends causally to the cached
+  prefix and itself, so long prompts can be split across engine steps.
+- `decode_step` is one batched step for slots 0..B-1 over fixed-shape tensors (a later change
+  captures it in CUDA graphs per batch-size bucket). Grouped-query attention reads K/V once per KV
+  head (`enable_gqa=True`) and only up to `kv_len`, a bucketed bound on the longest live sequence.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+from serving.engine.interface import ModelLoadError
+
+logger = logging.getLogger("serving.engine")
+
+KV_LEN_BUCKET = 256
+"""Decode attends over the cache rounded up to a multiple of this, so few distinct shapes occur."""
+MIN_DEFAULT_MODEL_LEN = 4096
+"""When the cache cannot give every slot the model's full context, keep at least this much per slot
+(or the model's own limit) and run fewer slots instead."""
+
+
+@dataclass(frozen=True)
+class KVCachePlan:
+    num_slots: int
+    max_model_len: int
+
+
+def model_context_len(hf_config) -> int:
+    """The longest context the runner handles exactly for this model.
+
+    Attention here is always full; with sequences no longer than the sliding window, full and
+    sliding-window attention are the same computation, so models that use a window are capped to it.
+    """
+    length = int(hf_config.max_position_embeddings)
+    window = getattr(hf_config, "sliding_window", None)
+    layer_types = getattr(hf_config, "layer_types", None)
+    if window and (layer_types is None or "sliding_attention" in layer_types):
+        length = min(length, int(window))
+    return length
+
+
+def kv_bytes_per_token(hf_config, dtype: torch.dtype) -> int:
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * hf_config.num_hidden_layers * hf_config.num_key_value_heads * head_dim * element
+
+
+def kv_cache_budget_bytes(device: torch.device, hf_config, dtype: torch.dtype, *, memory_utilization: float,
+                          num_slots: int, max_prefill_tokens: int) -> int:
+    """Bytes the KV cache may take, measured after the weights are on the device."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(device)
+        # Headroom for one prefill chunk's activations and the decode logits. Prefill attention runs in
+        # the flash kernel (no score matrix), so activations scale with chunk tokens, not tokens^2.
+        element = torch.empty((), dtype=dtype).element_size()
+        activations = max_prefill_tokens * (8 * hf_config.hidden_size + 4 * hf_config.intermediate_size) * element
+        logits = 2 * max(num_slots, 1) * hf_config.vocab_size * 4
+        reserve = (512 << 20) + activations + logits
+        return int(total * memory_utilization - (total - free) - reserve)
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(available * memory_utilization)
+
+
+def plan_kv_cache(*, bytes_per_token: int, budget_bytes: int, num_slots: int, max_model_len: int,
+                  max_model_len_is_default: bool) -> KVCachePlan:
+    """Fit num_slots x max_model_len into the budget: shorten a default context first, then drop slots."""
+    capacity_tokens = max(budget_bytes, 0) // bytes_per_token
+    if num_slots * max_model_len <= capacity_tokens:
+        return KVCachePlan(num_slots, max_model_len)
+    planned_len = max_model_len
+    if max_model_len_is_default:
+        floor = min(max_model_len, MIN_DEFAULT_MODEL_LEN)
+        planned_len = max(floor, min(max_model_len, capacity_tokens // num_slots))
+    planned_slots = min(num_slots, capacity_tokens // planned_len)
+    if planned_slots < 1:
+        raise ModelLoadError(
+            f"the KV cache for one sequence of {planned_len} tokens needs "
+            f"{planned_len * bytes_per_token / 2**30:.2f} GiB but only {max(budget_bytes, 0) / 2**30:.2f} GiB "
+            "is left after the weights; lower max_model_len, raise gpu_memory_utilization, or use a larger GPU"
+        )
+    logger.warning(
+        "KV cache budget %.2f GiB holds %d tokens, not %d slots x %d tokens: running %d slots x %d tokens",
+        budget_bytes / 2**30, capacity_tokens, num_slots, max_model_len, planned_slots, planned_len,
+    )
+    return KVCachePlan(planned_slots, planned_len)
+
+
+class ModelRunner:
+    """Runs prefill chunks and batched decode steps of one HF causal LM over its own KV cache."""
+
+    def __init__(self, model: torch.nn.Module, plan: KVCachePlan) -> None:
+        decoder = model.model
+        self.model = model
+        self.embed_tokens = decoder.embed_tokens
+        self.layers = list(decoder.layers)
+        self.norm = decoder.norm
+        self.lm_head = model.lm_head
+        self.rotary_emb = decoder.rotary_emb
+        first_attention = self.layers[0].self_attn
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            if not hasattr(first_attention, name):
+                raise ModelLoadError(f"{type(first_attention).__name__} has no {name}; this architecture is not "
+                                     "a Llama-style decoder the engine can run")
+        # Each architecture's own RoPE application (identical today for the supported ones, but the
+        # module that defines the attention is the authority).
+        self._apply_rotary = sys.modules[type(first_attention).__module__].apply_rotary_pos_emb
+        self.head_dim = first_attention.head_dim
+        self.scaling = first_attention.scaling
+        self.num_kv_heads = model.config.num_key_value_heads
+        self.vocab_size = model.config.vocab_size
+        self.num_slots = plan.num_slots
+        self.max_model_len = plan.max_model_len
+        parameter = next(model.parameters())
+        self.device, self.dtype = parameter.device, parameter.dtype
+
+        cache_shape = (len(self.layers), self.num_slots, self.num_kv_heads, self.max_model_len, self.head_dim)
+        self.k_cache = torch.zeros(cache_shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(cache_shape, dtype=self.dtype, device=self.device)
+        self._slot_rows = torch.arange(self.num_slots, device=self.device)
+        self._cache_positions = torch.arange(self.max_model_len, device=self.device)
+        self.batch_buckets = _batch_buckets(self.num_slots)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_slots * self.max_model_len
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, token_ids: list[int], start: int, *, want_logits: bool) -> torch.Tensor | None:
+        """Run prompt tokens at positions start.. for `slot`; return float32 logits of the last one if asked."""
+        count = len(token_ids)
+        end = start + count
+        input_ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
+        positions = self._cache_positions[start:end].unsqueeze(0)
+        hidden = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(hidden, positions)
+        # A first chunk is plain causal attention. A later chunk also sees the whole cached prefix: causal
+        # aligned to the bottom-right corner, which CUDA runs in the flash kernel without building a mask.
+        mask = None if start == 0 else causal_lower_right(count, end)
+        for index, layer in enumerate(self.layers):
+            residual = hidden
+            query, key, value = self._project_qkv(layer.self_attn, layer.input_layernorm(hidden), cos, sin)
+            self.k_cache[index, slot, :, start:end] = key[0]
+            self.v_cache[index, slot, :, start:end] = value[0]
+            attention = F.scaled_dot_product_attention(
+                query,
+                self.k_cache[index, slot : slot + 1, :, :end],
+                self.v_cache[index, slot : slot + 1, :, :end],
+                attn_mask=mask,
+                is_causal=mask is None,
+                scale=self.scaling,
+                enable_gqa=True,
+            )
+            hidden = residual + layer.self_attn.o_proj(attention.transpose(1, 2).reshape(1, count, -1))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        if not want_logits:
+            return None
+        return self.lm_head(self.norm(hidden[:, -1])).float()[0]
+
+    def decode(self, slots: list[int], token_ids: list[int], positions: list[int]) -> torch.Tensor:
+        """One decode step for the given slots; returns float32 logits [len(slots), vocab] in that order.
+
+        Inputs are laid out by slot over the smallest bucket covering the highest slot; rows of slots
+        not decoding write their K/V to the last cache position, which no sequence ever reads (the
+        final token of a full-length sequence is sampled, never fed back).
+        """
+        batch = next(size for size in self.batch_buckets if size > max(slots))
+        scratch = self.max_model_len - 1
+        row_tokens = [0] * batch
+        row_positions = [scratch] * batch
+        for slot, token, position in zip(slots, token_ids, positions):
+            row_tokens[slot] = token
+            row_positions[slot] = position
+        kv_len = min(self.max_model_len, -(-(max(positions) + 1) // KV_LEN_BUCKET) * KV_LEN_BUCKET)
+        logits = self.decode_step(
+            torch.tensor(row_tokens, dtype=torch.long).to(self.device, non_blocking=True),
+            torch.tensor(row_positions, dtype=torch.long).to(self.device, non_blocking=True),
+            kv_len,
+        )
+        return logits[torch.tensor(slots, device=self.device)]
+
+    @torch.inference_mode()
+    def decode_step(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """The fixed-shape decode step: row i is slot i, feeding input_ids[i] at positions[i]."""
+        batch = input_ids.shape[0]
+        rows = self._slot_rows[:batch]
+        hidden = self.embed_tokens(input_ids.unsqueeze(1))
+        cos, sin = self.rotary_emb(hidden, positions.unsqueeze(1))
+        valid = self._cache_positions[:kv_len].unsqueeze(0) <= positions.unsqueeze(1)
+        mask = valid[:, None, None, :]
+        for index, layer in enumerate(self.layers):
+            residual = hidden
+            query, key, value = self._project_qkv(layer.self_attn, layer.input_layernorm(hidden), cos, sin)
+            self.k_cache[index][rows, :, positions] = key[:, :, 0]
+            self.v_cache[index][rows, :, positions] = value[:, :, 0]
+            attention = F.scaled_dot_product_attention(
+                query,
+                self.k_cache[index, :batch, :, :kv_len],
+                self.v_cache[index, :batch, :, :kv_len],
+                attn_mask=mask,
+                scale=self.scaling,
+                enable_gqa=True,
+            )
+            hidden = residual + layer.self_attn.o_proj(attention.transpose(1, 2).reshape(batch, 1, -1))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return self.lm_head(self.norm(hidden[:, 0])).float()
+
+    def _project_qkv(self, attention, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        batch, length, _ = hidden.shape
+        shape = (batch, length, -1, self.head_dim)
+        query = attention.q_proj(hidden).view(shape)
+        key = attention.k_proj(hidden).view(shape)
+        value = attention.v_proj(hidden).view(shape)
+        if hasattr(attention, "q_norm"):
+            query, key = attention.q_norm(query), attention.k_norm(key)
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        query, key = self._apply_rotary(query, key, cos, sin)
+        return query, key, value
+
+
+def _batch_buckets(num_slots: int) -> list[int]:
+    buckets = [1]
+    while buckets[-1] < num_slots:
+        buckets.append(min(buckets[-1] * 2, num_slots))
+    return buckets

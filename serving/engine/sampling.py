@@ -1,0 +1,90 @@
+"""Batched next-token sampling on the device, and the rules that end a sequence.
+
+One call samples a token for every row of a logits batch: greedy rows (temperature 0) take the argmax;
+the others sample from temperature-scaled, top-p-filtered probabilities. Sampling uses the
+exponential-race form (argmax of p / E with E ~ Exp(1)), which needs no normalisation and lets each
+seeded request draw its noise from its own `torch.Generator`, so a seeded request gives the same tokens
+whatever else shares its batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from serving.engine.interface import FinishReason, SamplingParams
+
+
+@dataclass(frozen=True)
+class RowSampling:
+    """How to sample one row of a logits batch."""
+
+    temperature: float
+    top_p: float
+    generator: torch.Generator | None
+    """The request's own generator when it has a seed; None draws from the global generator."""
+    banned_token_ids: tuple[int, ...] = ()
+    """Tokens that must not be sampled at this step (EOS and stop tokens before min_tokens)."""
+
+
+def sample_tokens(logits: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Tensor:
+    """Sample one token id per row of float32 `logits` [batch, vocab]; returns a long tensor [batch]."""
+    logits = _ban_tokens(logits, rows)
+    greedy_tokens = logits.argmax(dim=-1)
+    if all(row.temperature == 0 for row in rows):
+        return greedy_tokens
+    device = logits.device
+    temperatures = torch.tensor([row.temperature for row in rows], dtype=torch.float32, device=device)
+    greedy = temperatures == 0
+    probs = torch.softmax(logits / torch.where(greedy, 1.0, temperatures).unsqueeze(1), dim=-1)
+    if any(row.top_p < 1.0 for row in rows):
+        top_p = torch.tensor([row.top_p for row in rows], dtype=torch.float32, device=device)
+        probs = _top_p_filter(probs, top_p)
+    noise = torch.empty_like(probs).exponential_()
+    for index, row in enumerate(rows):
+        if row.generator is not None:
+            noise[index].exponential_(generator=row.generator)
+    sampled_tokens = (probs / noise).argmax(dim=-1)
+    return torch.where(greedy, greedy_tokens, sampled_tokens)
+
+
+def finish_reason(
+    token_id: int,
+    num_generated: int,
+    total_len: int,
+    params: SamplingParams,
+    eos_token_ids: tuple[int, ...],
+    max_model_len: int,
+) -> FinishReason | None:
+    """Why a sequence ends after sampling `token_id` (its `num_generated`-th token, making it `total_len`
+    tokens long with the prompt), or None if it goes on."""
+    if token_id in params.stop_token_ids or (token_id in eos_token_ids and not params.ignore_eos):
+        return "stop"
+    if num_generated >= params.max_tokens or total_len >= max_model_len:
+        return "length"
+    return None
+
+
+def banned_token_ids(params: SamplingParams, num_generated: int, eos_token_ids: tuple[int, ...]) -> tuple[int, ...]:
+    """EOS and stop tokens are banned until min_tokens tokens exist, so the sequence cannot end early."""
+    if num_generated >= params.min_tokens:
+        return ()
+    return tuple(eos_token_ids) + tuple(params.stop_token_ids)
+
+
+def _ban_tokens(logits: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Tensor:
+    row_index = [index for index, row in enumerate(rows) for _ in row.banned_token_ids]
+    if not row_index:
+        return logits
+    token_index = [token for row in rows for token in row.banned_token_ids]
+    banned = (torch.tensor(row_index, device=logits.device), torch.tensor(token_index, device=logits.device))
+    return logits.index_put(banned, torch.tensor(float("-inf"), device=logits.device))
+
+
+def _top_p_filter(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Zero every token outside the smallest set whose mass reaches top_p (the top token always stays)."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    sorted_probs = sorted_probs.masked_fill(mass_before > top_p.unsqueeze(1), 0.0)
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)

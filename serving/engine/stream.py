@@ -1,0 +1,71 @@
+"""The async stream a caller reads one request's tokens from.
+
+The engine-loop thread puts `TokenOutput`s (or an `EngineError`) into an asyncio.Queue on the caller's
+event loop. Reading merges everything already queued into one output, so a slow consumer gets several
+tokens at once instead of falling further behind. A stream abandoned before its final output (closed,
+its task cancelled, or garbage-collected) aborts its request so the slot is freed.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Callable
+
+from serving.engine.interface import TokenOutput
+
+
+class TokenStream:
+    """AsyncIterator[TokenOutput] over one request; the last output carries the finish reason."""
+
+    def __init__(self, queue: asyncio.Queue, on_abandon: Callable[[], None]) -> None:
+        self._queue = queue
+        self._on_abandon = on_abandon
+        self._done = False
+        self._pending_error: BaseException | None = None
+
+    def __aiter__(self) -> "TokenStream":
+        return self
+
+    async def __anext__(self) -> TokenOutput:
+        if self._pending_error is not None:
+            self._done = True
+            error, self._pending_error = self._pending_error, None
+            raise error
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            item = await self._queue.get()
+        except BaseException:  # cancelled while waiting: the consumer is gone
+            self._abandon()
+            raise
+        token_ids: list[int] = []
+        while True:
+            if isinstance(item, BaseException):
+                if not token_ids:
+                    self._done = True
+                    raise item
+                self._pending_error = item  # deliver the tokens that came before the error first
+                return TokenOutput(tuple(token_ids))
+            token_ids.extend(item.token_ids)
+            if item.finish_reason is not None:
+                self._done = True
+                return TokenOutput(tuple(token_ids), item.finish_reason)
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return TokenOutput(tuple(token_ids))
+
+    async def aclose(self) -> None:
+        """Stop reading: aborts the request if it has not finished."""
+        self._abandon()
+
+    def _abandon(self) -> None:
+        if not self._done:
+            self._done = True
+            self._on_abandon()
+
+    def __del__(self) -> None:
+        if not self._done:
+            try:
+                self._on_abandon()
+            except Exception:  # interpreter shutdown: nothing left to free
+                pass

@@ -1,0 +1,576 @@
+"""LLMEngine against `transformers` on tiny random models (CPU, float32), plus one GPU bf16 check.
+
+Greedy outputs must equal HF `generate(do_sample=False)` token for token under every batching
+situation the engine creates (concurrency, joining mid-batch, aborts, chunked prefill), and one decode
+step's logits must equal HF's eager forward. pytest-asyncio is not used: each test drives its own
+`asyncio.run`.
+"""
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import shutil
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from serving.engine import (
+    EngineConfig,
+    EngineDeadError,
+    GenerationRequest,
+    LLMEngine,
+    QueueFullError,
+    SamplingParams,
+)
+from serving.engine.model_runner import KVCachePlan, model_context_len, plan_kv_cache
+from serving.engine.sampling import RowSampling, sample_tokens
+
+EOS = 4  # <|im_end|> in the tiny tokenizer
+EOS_PROMPT = (5, 6, 7, 8, 9)
+"""Greedy decoding of this prompt emits EOS as its 6th token on the tiny model."""
+EOS_PROMPT_GREEDY = [205, 180, 107, 373, 275, EOS, 2, 367, 148, 108]
+
+
+# ----------------------------------------------------------------------------- helpers and fixtures
+
+
+def greedy(max_tokens: int, **kwargs) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, **kwargs)
+
+
+def request(request_id: str, prompt, params: SamplingParams) -> GenerationRequest:
+    return GenerationRequest(request_id, tuple(prompt), params)
+
+
+async def collect(stream) -> tuple[list[int], str | None]:
+    tokens: list[int] = []
+    reason = None
+    async for output in stream:
+        tokens += output.token_ids
+        reason = output.finish_reason
+    return tokens, reason
+
+
+def random_prompt(length: int, seed: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(5, 384, (length,), generator=generator).tolist()
+
+
+def load_hf(model_dir) -> torch.nn.Module:
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, local_files_only=True, attn_implementation="eager"
+    ).eval()
+    model.generation_config.eos_token_id = None  # compare exact lengths; EOS is tested separately
+    return model
+
+
+def hf_greedy(model, prompt, max_new_tokens: int, **kwargs) -> list[int]:
+    with torch.no_grad():
+        output = model.generate(torch.tensor([list(prompt)]), do_sample=False, max_new_tokens=max_new_tokens,
+                                pad_token_id=2, **kwargs)
+    return output[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_model_dir):
+    return load_hf(tiny_model_dir)
+
+
+@pytest.fixture
+def make_engine(tiny_model_dir):
+    engines: list[LLMEngine] = []
+
+    def make(model_dir=None, **overrides) -> LLMEngine:
+        config = EngineConfig(device="cpu", dtype="float32", **overrides)
+        engine = LLMEngine.from_model_dir(model_dir or tiny_model_dir, config)
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        asyncio.run(engine.shutdown())
+
+
+def record_decode_batches(engine: LLMEngine, delay_s: float = 0.0) -> list[list[int]]:
+    """Record the slots of every decode step; a small delay keeps streams alive long enough to overlap."""
+    batches: list[list[int]] = []
+    original = engine.runner.decode
+
+    def decode(slots, token_ids, positions):
+        batches.append(list(slots))
+        if delay_s:
+            time.sleep(delay_s)
+        return original(slots, token_ids, positions)
+
+    engine.runner.decode = decode
+    return batches
+
+
+async def wait_until(predicate, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
+
+
+# ----------------------------------------------------------------------------- greedy equivalence
+
+
+def test_single_request_matches_hf_greedy(make_engine, hf_model):
+    engine = make_engine()
+    prompt = random_prompt(12, seed=1)
+
+    async def main():
+        await engine.start()
+        return await collect(engine.generate(request("one", prompt, greedy(24, ignore_eos=True))))
+
+    tokens, reason = asyncio.run(main())
+    assert tokens == hf_greedy(hf_model, prompt, 24)
+    assert reason == "length"
+
+
+def test_concurrent_requests_of_different_lengths_match_hf_greedy(make_engine, hf_model):
+    engine = make_engine(max_num_seqs=4)
+    cases = [(random_prompt(length, seed=length), max_tokens)
+             for length, max_tokens in [(3, 30), (9, 7), (17, 25), (40, 12), (64, 19), (1, 16)]]
+
+    async def main():
+        await engine.start()
+        streams = [engine.generate(request(f"r{i}", prompt, greedy(max_tokens, ignore_eos=True)))
+                   for i, (prompt, max_tokens) in enumerate(cases)]
+        return await asyncio.gather(*(collect(stream) for stream in streams))
+
+    batches = record_decode_batches(engine)
+    results = asyncio.run(main())
+    for (prompt, max_tokens), (tokens, reason) in zip(cases, results):
+        assert tokens == hf_greedy(hf_model, prompt, max_tokens)
+        assert reason == "length"
+    # Six requests over four slots: decode really batched them, and never beyond the slot count.
+    assert max(len(batch) for batch in batches) == 4
+
+
+def test_request_joining_mid_batch_matches_hf_greedy(make_engine, hf_model):
+    engine = make_engine()
+    first_prompt, late_prompt = random_prompt(10, seed=2), random_prompt(21, seed=3)
+
+    async def main():
+        await engine.start()
+        first = engine.generate(request("first", first_prompt, greedy(120, ignore_eos=True)))
+        first_tokens: list[int] = []
+        async for output in first:
+            first_tokens += output.token_ids
+            if len(first_tokens) >= 5:
+                break
+        late = asyncio.create_task(collect(engine.generate(request("late", late_prompt, greedy(20, ignore_eos=True)))))
+        rest, _ = await collect(first)
+        return first_tokens + rest, (await late)[0]
+
+    batches = record_decode_batches(engine, delay_s=0.002)
+    first_tokens, late_tokens = asyncio.run(main())
+    assert first_tokens == hf_greedy(hf_model, first_prompt, 120)
+    assert late_tokens == hf_greedy(hf_model, late_prompt, 20)
+    assert any(len(batch) == 2 for batch in batches), "the late request never decoded alongside the first"
+
+
+def test_abort_mid_stream_leaves_other_requests_exact(make_engine, hf_model):
+    engine = make_engine()
+    prompts = [random_prompt(length, seed=10 + length) for length in (6, 13, 30)]
+
+    async def main():
+        await engine.start()
+        kept = [asyncio.create_task(collect(engine.generate(request(f"keep{i}", prompt, greedy(60, ignore_eos=True)))))
+                for i, prompt in enumerate(prompts)]
+        victim = engine.generate(request("victim", random_prompt(8, seed=99), greedy(200, ignore_eos=True)))
+        received = 0
+        async for output in victim:
+            received += len(output.token_ids)
+            if received >= 3:
+                break
+        await victim.aclose()
+        results = [await task for task in kept]
+        await wait_until(lambda: engine.stats().running == 0)
+        return received, results
+
+    record_decode_batches(engine, delay_s=0.002)
+    received, results = asyncio.run(main())
+    assert received < 200
+    for prompt, (tokens, reason) in zip(prompts, results):
+        assert tokens == hf_greedy(hf_model, prompt, 60)
+        assert reason == "length"
+    assert engine.stats().generation_tokens_total < 3 * 60 + 200
+
+
+def test_long_prompt_prefilled_in_chunks_matches_hf_greedy(make_engine, hf_model):
+    engine = make_engine(max_prefill_tokens_per_step=16)
+    long_prompt, short_prompt = random_prompt(150, seed=4), random_prompt(5, seed=5)
+    chunk_sizes: list[int] = []
+    original_prefill = engine.runner.prefill
+
+    def prefill(slot, token_ids, start, *, want_logits):
+        chunk_sizes.append(len(token_ids))
+        return original_prefill(slot, token_ids, start, want_logits=want_logits)
+
+    engine.runner.prefill = prefill
+
+    async def main():
+        await engine.start()
+        chunk_sizes.clear()
+        short = engine.generate(request("short", short_prompt, greedy(30, ignore_eos=True)))
+        long = engine.generate(request("long", long_prompt, greedy(20, ignore_eos=True)))
+        return await asyncio.gather(collect(short), collect(long))
+
+    (short_tokens, _), (long_tokens, _) = asyncio.run(main())
+    assert long_tokens == hf_greedy(hf_model, long_prompt, 20)
+    assert short_tokens == hf_greedy(hf_model, short_prompt, 30)
+    assert max(chunk_sizes) == 16 and sum(chunk_sizes) == 155  # 150 + 5 prompt tokens, in 16-token chunks
+
+
+def test_decode_step_logits_match_hf_eager_forward(make_engine, hf_model):
+    engine = make_engine(max_num_seqs=4)
+    runner = engine.runner
+    prompts = {0: random_prompt(7, seed=6), 2: random_prompt(33, seed=7), 3: random_prompt(2, seed=8)}
+    next_tokens = {slot: hf_greedy(hf_model, prompt, 1)[0] for slot, prompt in prompts.items()}
+    for slot, prompt in prompts.items():
+        for start in range(0, len(prompt), 12):  # chunked prefill
+            runner.prefill(slot, prompt[start:start + 12], start, want_logits=False)
+    # Slot 1 is mid-prefill: the decode step's padding row for it must not corrupt its cache.
+    half_prefilled = random_prompt(20, seed=9)
+    runner.prefill(1, half_prefilled[:10], 0, want_logits=False)
+
+    slots = sorted(prompts)
+    logits = runner.decode(slots, [next_tokens[s] for s in slots], [len(prompts[s]) for s in slots])
+    with torch.no_grad():
+        for row, slot in enumerate(slots):
+            expected = hf_model(torch.tensor([prompts[slot] + [next_tokens[slot]]])).logits[0, -1]
+            torch.testing.assert_close(logits[row], expected, rtol=1e-4, atol=1e-4)
+        finished = runner.prefill(1, half_prefilled[10:], 10, want_logits=True)
+        torch.testing.assert_close(finished, hf_model(torch.tensor([half_prefilled])).logits[0, -1],
+                                   rtol=1e-4, atol=1e-4)
+
+
+def _tiny_variant(tiny_model_dir, target, config_class: str, model_class: str, **config_overrides):
+    """Another architecture with the tiny tokenizer: exercises q/k norms, attention bias, rope scaling, tying."""
+    import transformers
+
+    base = transformers.AutoConfig.from_pretrained(tiny_model_dir)
+    config = getattr(transformers, config_class)(
+        vocab_size=base.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2,
+        bos_token_id=base.bos_token_id, eos_token_id=base.eos_token_id, pad_token_id=base.pad_token_id,
+        **config_overrides,
+    )
+    torch.manual_seed(0)
+    getattr(transformers, model_class)(config).save_pretrained(target)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tiny_model_dir / name).exists():
+            shutil.copy(tiny_model_dir / name, target / name)
+    return target
+
+
+@pytest.mark.parametrize(
+    "config_class, model_class, overrides",
+    [
+        ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+        ("Qwen2Config", "Qwen2ForCausalLM", {}),
+        ("LlamaConfig", "LlamaForCausalLM", {
+            "tie_word_embeddings": True,
+            "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 32},
+        }),
+        ("MistralConfig", "MistralForCausalLM", {"sliding_window": 128}),
+    ],
+    ids=["qwen3-qk-norm", "qwen2-attention-bias", "llama3-rope-tied", "mistral-sliding-window"],
+)
+def test_other_architectures_match_hf_greedy(make_engine, tiny_model_dir, tmp_path, config_class, model_class,
+                                             overrides):
+    model_dir = _tiny_variant(tiny_model_dir, tmp_path / "variant", config_class, model_class, **overrides)
+    engine = make_engine(model_dir=model_dir, max_prefill_tokens_per_step=8)
+    reference = load_hf(model_dir)
+    prompts = [random_prompt(19, seed=20), random_prompt(4, seed=21)]
+
+    async def main():
+        await engine.start()
+        streams = [engine.generate(request(f"r{i}", p, greedy(16, ignore_eos=True))) for i, p in enumerate(prompts)]
+        return await asyncio.gather(*(collect(stream) for stream in streams))
+
+    results = asyncio.run(main())
+    for prompt, (tokens, _) in zip(prompts, results):
+        assert tokens == hf_greedy(reference, prompt, 16)
+    if "sliding_window" in overrides:
+        assert engine.model_info.max_model_len == 128  # capped to the window, where full attention is exact
+
+
+# ----------------------------------------------------------------------------- sampling and finish reasons
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(make_engine):
+    engine = make_engine()
+    prompt = random_prompt(6, seed=30)
+
+    def sampled(request_id: str, seed: int | None) -> GenerationRequest:
+        return request(request_id, prompt, SamplingParams(max_tokens=20, temperature=1.0, top_p=0.95, seed=seed,
+                                                          ignore_eos=True))
+
+    async def main():
+        await engine.start()
+        alone = await collect(engine.generate(sampled("alone", 1)))
+        # The same seed inside a busy batch must give the same tokens as alone.
+        batch = await asyncio.gather(*(collect(engine.generate(sampled(f"b{i}", seed)))
+                                       for i, seed in enumerate([1, 2, None, 1])))
+        greedy_tokens = await collect(engine.generate(request("greedy", prompt, greedy(20, ignore_eos=True))))
+        return alone[0], [tokens for tokens, _ in batch], greedy_tokens[0]
+
+    alone, (same_1, seed_2, unseeded, same_1_again), greedy_tokens = asyncio.run(main())
+    assert len(alone) == 20
+    assert alone == same_1 == same_1_again
+    assert seed_2 != alone
+    assert alone != greedy_tokens and unseeded != greedy_tokens
+
+
+def test_min_tokens_suppresses_eos_like_hf(make_engine, tiny_model_dir):
+    engine = make_engine()
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, local_files_only=True)
+
+    async def main():
+        await engine.start()
+        plain = await collect(engine.generate(request("plain", EOS_PROMPT, greedy(30))))
+        held = await collect(engine.generate(request("held", EOS_PROMPT, greedy(30, min_tokens=10))))
+        return plain, held
+
+    (plain_tokens, plain_reason), (held_tokens, held_reason) = asyncio.run(main())
+    # Without min_tokens, EOS at the 6th token ends the stream and is not part of the output.
+    assert (plain_tokens, plain_reason) == (EOS_PROMPT_GREEDY[:5], "stop")
+    hf_tokens = hf_greedy(reference, EOS_PROMPT, 30, min_new_tokens=10, eos_token_id=EOS)
+    assert EOS not in held_tokens[:10] and len(held_tokens) >= 10
+    assert held_tokens == [t for t in hf_tokens if t != EOS]
+    assert held_reason == ("stop" if hf_tokens[-1] == EOS else "length")
+
+
+def test_ignore_eos_generates_exactly_max_tokens_through_eos(make_engine):
+    engine = make_engine()
+
+    async def main():
+        await engine.start()
+        return await collect(engine.generate(request("r", EOS_PROMPT, greedy(10, ignore_eos=True))))
+
+    assert asyncio.run(main()) == (EOS_PROMPT_GREEDY, "length")
+
+
+def test_stop_token_ids_and_max_tokens_set_finish_reasons(make_engine):
+    engine = make_engine()
+    stop_token = EOS_PROMPT_GREEDY[2]
+
+    async def main():
+        await engine.start()
+        stopped = await collect(engine.generate(request("stop", EOS_PROMPT, greedy(30, stop_token_ids=(stop_token,)))))
+        capped = await collect(engine.generate(request("cap", EOS_PROMPT, greedy(3))))
+        return stopped, capped
+
+    stopped, capped = asyncio.run(main())
+    assert stopped == (EOS_PROMPT_GREEDY[:2], "stop")
+    assert capped == (EOS_PROMPT_GREEDY[:3], "length")
+
+
+def test_sampler_top_p_and_banned_tokens():
+    logits = torch.tensor([[0.0, 3.0, 2.9, -1.0], [5.0, 0.0, 0.0, 4.9]])
+    generator = torch.Generator().manual_seed(0)
+    # A tiny top_p keeps only the most likely token, so sampling at any temperature is the argmax.
+    tight = [RowSampling(temperature=5.0, top_p=1e-6, generator=generator)] * 2
+    for _ in range(20):
+        assert sample_tokens(logits, tight).tolist() == [1, 0]
+    banned = [RowSampling(temperature=0.0, top_p=1.0, generator=None, banned_token_ids=(1,)),
+              RowSampling(temperature=0.0, top_p=1.0, generator=None, banned_token_ids=(0, 3))]
+    assert sample_tokens(logits, banned).tolist() == [2, 1]
+
+
+# ----------------------------------------------------------------------------- queueing, aborts, failures
+
+
+def test_queue_full_raises_at_submit_and_queued_requests_still_complete(make_engine):
+    engine = make_engine(max_num_seqs=1, max_waiting=2, warmup_tokens=0)
+
+    async def main():
+        # Not started yet, so nothing leaves the waiting queue.
+        first = engine.generate(request("a", EOS_PROMPT, greedy(4)))
+        second = engine.generate(request("b", EOS_PROMPT, greedy(4)))
+        with pytest.raises(QueueFullError, match="2 requests are already waiting"):
+            engine.generate(request("c", EOS_PROMPT, greedy(4)))
+        assert engine.stats().waiting == 2
+        await engine.start()
+        return await asyncio.gather(collect(first), collect(second))
+
+    assert asyncio.run(main()) == [(EOS_PROMPT_GREEDY[:4], "length")] * 2
+
+
+@pytest.mark.parametrize("how", ["aclose", "abort", "cancel", "garbage-collected"])
+def test_stopping_a_stream_early_frees_its_slot(make_engine, how):
+    engine = make_engine(max_num_seqs=2)
+
+    async def main():
+        await engine.start()
+        params = greedy(200, ignore_eos=True)
+        stream = engine.generate(request("r", random_prompt(8, seed=40), params))
+        if how == "aclose":
+            await stream.__anext__()
+            await stream.aclose()
+        elif how == "abort":
+            await stream.__anext__()
+            engine.abort("r")
+            tokens, reason = await collect(stream)
+            assert reason == "abort"
+        elif how == "cancel":
+            task = asyncio.create_task(collect(stream))
+            await wait_until(lambda: engine.stats().running == 1)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        else:
+            await wait_until(lambda: engine.stats().running == 1)
+            del stream
+            gc.collect()
+        await wait_until(lambda: engine.stats().running == 0)
+        stats = engine.stats()
+        assert stats.kv_cache_usage == 0.0 and stats.waiting == 0
+        assert stats.generation_tokens_total < 200
+        # The id is free again and the engine still serves.
+        return await collect(engine.generate(request("r", EOS_PROMPT, greedy(3))))
+
+    record_decode_batches(engine, delay_s=0.002)
+    assert asyncio.run(main()) == (EOS_PROMPT_GREEDY[:3], "length")
+
+
+def test_loop_crash_fails_pending_and_new_requests(make_engine, caplog):
+    engine = make_engine()
+
+    def broken_decode(slots, token_ids, positions):
+        raise RuntimeError("injected decode failure")
+
+    async def main():
+        await engine.start()
+        assert engine.stats().loop_alive
+        engine.runner.decode = broken_decode
+        streams = [engine.generate(request(f"r{i}", EOS_PROMPT, greedy(5))) for i in range(3)]
+        for stream in streams:
+            with pytest.raises(EngineDeadError, match="injected decode failure"):
+                await collect(stream)
+        await wait_until(lambda: not engine.stats().loop_alive)
+        with pytest.raises(EngineDeadError, match="has died"):
+            engine.generate(request("late", EOS_PROMPT, greedy(5)))
+
+    with caplog.at_level(logging.ERROR, logger="serving.engine"):
+        asyncio.run(main())
+    crash_logs = [record for record in caplog.records if record.exc_info]
+    assert len(crash_logs) == 1 and "injected decode failure" in caplog.text
+    assert engine.stats().loop_alive is False
+
+
+def test_invalid_requests_are_rejected_with_clear_messages(make_engine):
+    engine = make_engine(max_model_len=64)
+
+    async def main():
+        with pytest.raises(ValueError, match="prompt is empty"):
+            engine.generate(request("empty", (), greedy(4)))
+        with pytest.raises(ValueError, match=r"prompt \(60 tokens\) plus max_tokens \(5\) is 65 tokens, more than "
+                                             r"this model's context of 64"):
+            engine.generate(request("long", [5] * 60, greedy(5)))
+        with pytest.raises(ValueError, match=r"token id 384, outside this model's vocabulary \[0, 384\)"):
+            engine.generate(request("oov", [5, 384], greedy(5)))
+        with pytest.raises(ValueError, match="already running"):
+            engine.generate(request("dup", [5], greedy(5)))
+            engine.generate(request("dup", [5], greedy(5)))
+
+    asyncio.run(main())
+    assert engine.model_info.max_model_len == 64 and engine.stats().kv_cache_capacity_tokens == 8 * 64
+
+
+def test_shutdown_ends_streams_with_abort_and_rejects_new_requests(make_engine):
+    engine = make_engine()
+
+    async def main():
+        await engine.start()
+        stream = engine.generate(request("r", random_prompt(8, seed=41), greedy(200, ignore_eos=True)))
+        await stream.__anext__()
+        await engine.shutdown()
+        _, reason = await collect(stream)
+        assert reason == "abort"
+        with pytest.raises(EngineDeadError, match="shutting down"):
+            engine.generate(request("late", EOS_PROMPT, greedy(2)))
+        assert not engine.stats().loop_alive
+
+    record_decode_batches(engine, delay_s=0.002)
+    asyncio.run(main())
+
+
+# ----------------------------------------------------------------------------- sizing
+
+
+def test_kv_cache_plan_shortens_default_context_before_dropping_slots():
+    fits = plan_kv_cache(bytes_per_token=1, budget_bytes=64 * 8192, num_slots=64, max_model_len=8192,
+                         max_model_len_is_default=True)
+    assert fits == KVCachePlan(64, 8192)
+    shortened = plan_kv_cache(bytes_per_token=1, budget_bytes=64 * 5000, num_slots=64, max_model_len=131072,
+                              max_model_len_is_default=True)
+    assert shortened == KVCachePlan(64, 5000)
+    fewer_slots = plan_kv_cache(bytes_per_token=1, budget_bytes=10 * 4096, num_slots=64, max_model_len=131072,
+                                max_model_len_is_default=True)
+    assert fewer_slots == KVCachePlan(10, 4096)
+    explicit = plan_kv_cache(bytes_per_token=1, budget_bytes=3 * 32768, num_slots=64, max_model_len=32768,
+                             max_model_len_is_default=False)
+    assert explicit == KVCachePlan(3, 32768)
+    from serving.engine.interface import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="lower max_model_len, raise gpu_memory_utilization"):
+        plan_kv_cache(bytes_per_token=2**20, budget_bytes=2**30, num_slots=1, max_model_len=2048,
+                      max_model_len_is_default=False)
+
+
+def test_context_length_follows_sliding_window_only_when_used():
+    from transformers import MistralConfig, Qwen2Config
+
+    assert model_context_len(MistralConfig(max_position_embeddings=32768, sliding_window=4096)) == 4096
+    assert model_context_len(MistralConfig(max_position_embeddings=32768, sliding_window=None)) == 32768
+    assert model_context_len(Qwen2Config(max_position_embeddings=32768, sliding_window=4096)) == 32768
+
+
+def test_engine_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="max_num_seqs: 0 must be a positive integer"):
+        EngineConfig(max_num_seqs=0)
+    with pytest.raises(ValueError, match=r"gpu_memory_utilization: 1.5 must be in \(0, 1\]"):
+        EngineConfig(gpu_memory_utilization=1.5)
+    with pytest.raises(ValueError, match="device: 'tpu' is not one of"):
+        EngineConfig(device="tpu")
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bf16_engine_logits_on_gpu_are_as_accurate_as_hf_bf16(tiny_model_dir):
+    engine = LLMEngine.from_model_dir(tiny_model_dir, EngineConfig(device="cuda", dtype="bfloat16", max_num_seqs=4))
+    assert engine.model_info.dtype == "bfloat16" and engine.stats().device.startswith("cuda")
+    hf_bf16 = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16, local_files_only=True,
+                                                   attn_implementation="eager").cuda().eval()
+    hf_fp32 = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, local_files_only=True,
+                                                   attn_implementation="eager").cuda().eval()
+    prompts = {0: random_prompt(9, seed=50), 1: random_prompt(40, seed=51), 3: random_prompt(3, seed=52)}
+    runner = engine.runner
+    with torch.no_grad():
+        next_tokens = {slot: int(hf_fp32(torch.tensor([p], device="cuda")).logits[0, -1].argmax())
+                       for slot, p in prompts.items()}
+        for slot, prompt in prompts.items():
+            runner.prefill(slot, prompt, 0, want_logits=False)
+        slots = sorted(prompts)
+        ours = runner.decode(slots, [next_tokens[s] for s in slots], [len(prompts[s]) for s in slots])
+        for row, slot in enumerate(slots):
+            ids = torch.tensor([prompts[slot] + [next_tokens[slot]]], device="cuda")
+            exact = hf_fp32(ids).logits[0, -1].float()
+            theirs = hf_bf16(ids).logits[0, -1].float()
+            hf_error = (theirs - exact).abs().max().item()
+            our_error = (ours[row] - exact).abs().max().item()
+            assert our_error <= 2 * hf_error + 0.05, (slot, our_error, hf_error)
+            assert ours[row].argmax().item() == exact.argmax().item()
