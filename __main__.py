@@ -1,24 +1,32 @@
-"""The llm-platform Pulumi program: reads the stack config once and composes the four components.
+"""The llm-platform Pulumi program: reads the stack config once and composes the components.
 
-GpuPool -> Guardrails -> LLMServing (one per model) -> Observability. Bad config stops here, at preview,
-with one message naming the stack, the key and what is allowed.
+ClusterAddons (optional Helm releases) -> GpuPool -> Guardrails -> LLMServing (one per model) -> Observability.
+Bad config stops here, at preview, with one message naming the stack, the key and what is allowed; the capacity
+plan is logged and exported.
 """
 import pulumi
 
 import stack_config
 from components import (
-    GpuPool, GpuPoolArgs, Guardrails, GuardrailsArgs, LLMServing, LLMServingArgs, Observability, ObservabilityArgs,
+    ClusterAddons, ClusterAddonsArgs, GpuPool, GpuPoolArgs, Guardrails, GuardrailsArgs, LLMServing, LLMServingArgs,
+    Observability, ObservabilityArgs,
 )
-from components.observability import scrape_annotations
+from components.observability import ObservedModel, adapter_rules, scrape_annotations
 
 cfg = stack_config.load()
+observed = [ObservedModel(model, plan.queries) for model, plan in zip(cfg.models, cfg.plans)]
 
-gpu_pool = GpuPool("gpu-pool", GpuPoolArgs(pool=cfg.gpu_pool))
+addons = ClusterAddons("cluster-addons", ClusterAddonsArgs(
+    addons=cfg.addons, observability=cfg.observability, gpu_pool=cfg.gpu_pool, adapter_rules=adapter_rules(observed),
+))
+after_addons = pulumi.ResourceOptions(depends_on=list(addons.releases.values()))
+
+gpu_pool = GpuPool("gpu-pool", GpuPoolArgs(pool=cfg.gpu_pool), opts=after_addons)
 
 extra_callers = []
 if cfg.ingress.enabled:
     extra_callers.append(cfg.ingress.controller_namespace)
-if cfg.observability.prometheus_operator:
+if cfg.observability.prometheus_operator or cfg.addons.kube_prometheus_stack.enabled:
     extra_callers.append(cfg.observability.prometheus_namespace)
 
 guardrails = Guardrails("guardrails", GuardrailsArgs(
@@ -26,27 +34,30 @@ guardrails = Guardrails("guardrails", GuardrailsArgs(
     guardrails=cfg.guardrails,
     model_names=[m.name for m in cfg.models],
     extra_ingress_namespaces=extra_callers,
-))
+), opts=after_addons)
 
 servings = {}
-for model in cfg.models:
+for model, plan in zip(cfg.models, cfg.plans):
     servings[model.name] = LLMServing(model.name, LLMServingArgs(
         namespace=guardrails.namespace_name,
         model=model,
         ingress=cfg.ingress,
         host=stack_config.model_host(cfg, model) if cfg.ingress.enabled else None,
-        tls_secret_name=cfg.ingress.tls_secret_name if len(cfg.models) == 1 else f"{model.name}-tls",
+        tls_secret_name=stack_config.tls_secret_name(cfg, model) or cfg.ingress.tls_secret_name,
         service_account=guardrails.service_account_name,
         api_key_secret=guardrails.api_key_secret_name,
         scheduling=gpu_pool.scheduling,
         gpu_resource=gpu_pool.gpu_resource,
         pod_annotations=scrape_annotations(cfg.observability),
-    ), opts=pulumi.ResourceOptions(depends_on=[guardrails]))
+        target_load_per_replica=plan.target_load_per_replica,
+        load_query=plan.queries.load_total,
+        prometheus_url=cfg.observability.prometheus_url,
+    ), opts=pulumi.ResourceOptions(depends_on=[guardrails, *addons.releases.values()]))
 
 Observability("observability", ObservabilityArgs(
     namespace=guardrails.namespace_name,
     observability=cfg.observability,
-    model_names=[m.name for m in cfg.models],
+    models=observed,
 ), opts=pulumi.ResourceOptions(depends_on=list(servings.values())))
 
 pulumi.export("namespace", guardrails.namespace_name)

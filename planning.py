@@ -15,8 +15,10 @@ from typing import Callable, NoReturn
 import capacity
 from capacity import GIB, PRESETS, Architecture, Sizing, gib
 from quantities import format_bytes_gib, parse_quantity
+from components.metric_contract import RUNTIMES, ContractError, ModelQueries, model_queries
 from stack_config import (
-    ModelConfig, RolloutConfig, SizingConfig, StackConfig, model_max_replicas, model_min_replicas,
+    ModelConfig, RolloutConfig, SizingConfig, StackConfig, hpa_name, model_max_replicas, model_min_replicas,
+    tls_secret_name,
 )
 
 Fail = Callable[[str, str], NoReturn]
@@ -39,6 +41,11 @@ class ModelPlan:
     shm: str | None
     cost_per_hour_min: float | None
     cost_per_hour_max: float | None
+    autoscaling: str
+    """How the model scales and on what signal (and the cold-start cost of scaling to zero)."""
+    target_load_per_replica: int
+    queries: ModelQueries | None = None
+    """Every PromQL query rendered for this model (not part of the stack output)."""
 
     @property
     def gpus_at_min(self) -> int:
@@ -59,6 +66,7 @@ class ModelPlan:
             out.append(f"  max concurrent sequences at full context: {self.max_sequences_at_full_context}")
         else:
             out.append("  GPU memory not checked: add models[].sizing (a preset or the architecture numbers)")
+        out.append(f"  autoscaling: {self.autoscaling}")
         out.append(f"  rollout: {self.rollout}")
         estimate = f", estimated load {self.load_estimate_seconds:.0f} s" if self.load_estimate_seconds else ""
         out.append(f"  startup budget: {self.startup_budget_seconds} s{estimate}")
@@ -69,7 +77,8 @@ class ModelPlan:
         return out
 
     def as_output(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None} | {
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "queries"}
+        return {k: v for k, v in fields.items() if v is not None} | {
             "gpusAtMin": self.gpus_at_min, "gpusAtMax": self.gpus_at_max}
 
 
@@ -274,6 +283,23 @@ def choose_rollout(m: ModelConfig, p: str, budget: _Budget | None, fail: Fail) -
                                  "maxReplicas, so each update takes one replica down first (capacity dips by one)")
 
 
+def describe_autoscaling(m: ModelConfig, target: int, estimate: float | None, weights: str | None) -> str:
+    a = m.autoscaling
+    if not a.enabled:
+        return f"off: {m.replicas} replica(s)"
+    signal = f"running + waiting requests per replica, target {target}"
+    if a.mode == "hpa":
+        return (f"HPA {a.min_replicas}..{a.max_replicas} on {signal} (Pods metric from prometheus-adapter), "
+                f"CPU {a.target_cpu_utilization}% and memory {a.target_memory_utilization}% as secondary metrics")
+    text = f"KEDA {a.min_replicas}..{a.max_replicas} on {signal}"
+    if a.min_replicas == 0:
+        load = (f"load {weights} of weights (about {estimate:.0f} s estimated) and warm up" if estimate
+                else "load its weights and warm up")
+        text += (f"; scales to zero after {a.cooldown_seconds} s without load and wakes above "
+                 f"{a.activation_load}: the first request after that waits for a pod to be scheduled, {load}")
+    return text
+
+
 def plan_stack(cfg: StackConfig, fail: Fail) -> StackConfig:
     """Run every capacity check; return the config with computed values filled in and `plans` set."""
     budget = check_quota(cfg, fail)
@@ -286,12 +312,23 @@ def plan_stack(cfg: StackConfig, fail: Fail) -> StackConfig:
         shm = check_shm(m, p, fail)
         check_limits(cfg, m, p, fail)
         rollout, why = choose_rollout(m, p, budget, fail)
+        rt = RUNTIMES[m.runtime]
+        num_seqs = m.max_num_seqs or (s.max_concurrent_sequences if s else None)
+        target = m.autoscaling.target_load_per_replica or num_seqs or \
+            (rt.default_max_num_seqs if m.gpus_per_replica else 8)
+        try:
+            queries = model_queries(
+                rt, namespace=cfg.namespace, workload=m.name, served_model_name=m.served_model_name,
+                hpa_name=hpa_name(m), min_replicas=model_min_replicas(m), certificate=tls_secret_name(cfg, m),
+                dcgm=cfg.addons.dcgm_exporter.enabled)
+        except ContractError as exc:
+            fail(f"{p}.runtime", f"{m.runtime!r}: {exc}; the alerts, dashboard and autoscaler need it")
         resolved = dataclasses.replace(
-            m, rollout=rollout, shm_size=shm,
+            m, rollout=rollout, shm_size=shm, image=m.image or rt.default_image,
             probes=dataclasses.replace(m.probes, startup=dataclasses.replace(m.probes.startup,
                                                                               failure_threshold=threshold)),
             max_model_len=m.max_model_len or (s.max_context_tokens if s else None),
-            max_num_seqs=m.max_num_seqs or (s.max_concurrent_sequences if s else None))
+            max_num_seqs=num_seqs)
         models.append(resolved)
         price = cfg.gpu_pool.hourly_cost_per_gpu
         lo, hi = model_min_replicas(m), model_max_replicas(m)
@@ -304,5 +341,7 @@ def plan_stack(cfg: StackConfig, fail: Fail) -> StackConfig:
                 if s else None),
             shm=shm,
             cost_per_hour_min=None if price is None else lo * m.gpus_per_replica * price,
-            cost_per_hour_max=None if price is None else hi * m.gpus_per_replica * price))
+            cost_per_hour_max=None if price is None else hi * m.gpus_per_replica * price,
+            autoscaling=describe_autoscaling(m, target, estimate, gib(capacity.weight_bytes(s)) if s else None),
+            target_load_per_replica=target, queries=queries))
     return dataclasses.replace(cfg, models=models, plans=tuple(plans))

@@ -69,6 +69,10 @@ class RenderResult:
         return sorted(found, key=lambda m: (KIND_ORDER.get(m["kind"], len(KIND_ORDER)), m["kind"],
                                             m["metadata"].get("namespace", ""), m["metadata"]["name"]))
 
+    def helm_releases(self) -> list[dict[str, Any]]:
+        """Helm releases (pulumi_kubernetes Release): chart, version, repository, namespace and values."""
+        return [_clean(r.inputs) for r in self.resources if r.type == "kubernetes:helm.sh/v3:Release"]
+
     def of_kind(self, kind: str) -> list[dict[str, Any]]:
         return [m for m in self.manifests() if m["kind"] == kind]
 
@@ -228,6 +232,15 @@ def write_manifests(result: RenderResult, out: Path) -> list[Path]:
         path = out / name
         path.write_text(dump_yaml(manifest))
         written.append(path)
+    helm_dir = out / "helm"
+    if helm_dir.exists():
+        for old in helm_dir.glob("*.yaml"):
+            old.unlink()
+    for release in result.helm_releases():
+        helm_dir.mkdir(exist_ok=True)
+        path = helm_dir / f"{release['name']}.yaml"
+        path.write_text(dump_yaml(release))
+        written.append(path)
     return written
 
 
@@ -238,6 +251,9 @@ def print_summary(result: RenderResult, written: list[Path], out: Path, stream=s
     print(f"stack {result.stack}: {len(manifests)} manifests written to {out}", file=stream)
     for row in [("KIND", "NAMESPACE", "NAME")] + rows:
         print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)), file=stream)
+    for release in result.helm_releases():
+        print(f"  helm release {release['name']} {release['version']} from {release['repositoryOpts']['repo']} "
+              f"into {release['namespace']} (values in {out / 'helm'})", file=stream)
     plan = result.outputs.get("capacityPlan") or {}
     if plan:
         print("capacity plan:", file=stream)

@@ -194,6 +194,16 @@ class ObservabilityConfig:
     """The cluster runs the Prometheus operator: create ServiceMonitor and PrometheusRule."""
     prometheus_namespace: str = field(default="monitoring", metadata={"dns": True})
     """Namespace of Prometheus; the NetworkPolicy lets it scrape the serving port."""
+    prometheus_url: str = "http://prometheus-operated.monitoring.svc:9090"
+    """Prometheus query URL for KEDA's trigger and prometheus-adapter."""
+    queue_depth_threshold: int = field(default=10, metadata={"min": 1})
+    """Alert when more requests than this wait for a slot..."""
+    queue_depth_minutes: int = field(default=5, metadata={"min": 1})
+    """...for this many minutes."""
+    gpu_idle_utilization_percent: int = field(default=10, metadata={"min": 1, "max": 100})
+    """Alert when GPU utilization stays below this while the model runs above its minimum replicas."""
+    certificate_expiry_days: int = field(default=14, metadata={"min": 1})
+    """Alert when the serving TLS certificate expires within this many days."""
     scrape_interval: str = "15s"
     grafana_dashboard: bool = True
     """A Grafana dashboard ConfigMap labelled for the Grafana sidecar."""
@@ -218,11 +228,21 @@ class ResourcesConfig:
 @dataclass(frozen=True)
 class AutoscalingConfig:
     enabled: bool = True
-    """Create an autoscaling/v2 HorizontalPodAutoscaler (the workload then ignores `replicas` changes on update)."""
-    min_replicas: int = field(default=2, metadata={"min": 1})
+    """Scale the workload (the workload then ignores `replicas` changes on update)."""
+    mode: Literal["hpa", "keda"] = "hpa"
+    """`hpa`: autoscaling/v2 HPA on load per replica via prometheus-adapter, CPU and memory as secondary
+    metrics. `keda`: a KEDA ScaledObject on the same signal, which can scale to zero (minReplicas 0)."""
+    min_replicas: int = field(default=2, metadata={"min": 0})
     max_replicas: int = field(default=10, metadata={"min": 1})
     target_cpu_utilization: int = field(default=70, metadata={"min": 1, "max": 100})
     target_memory_utilization: int = field(default=80, metadata={"min": 1, "max": 100})
+    target_load_per_replica: int | None = field(default=None, metadata={"min": 1})
+    """Running plus waiting requests per replica at which to scale out; unset: the replica's slot count
+    (maxNumSeqs), so replicas are added as soon as requests start to queue."""
+    activation_load: int = field(default=1, metadata={"min": 0})
+    """keda: total load above which a model scaled to zero is woken."""
+    cooldown_seconds: int = field(default=300, metadata={"min": 0})
+    """keda: idle time before scaling to zero."""
     scale_down_stabilization_seconds: int = field(default=300, metadata={"min": 0, "max": 3600})
     scale_down_percent: int = field(default=50, metadata={"min": 1, "max": 100})
     scale_down_period_seconds: int = field(default=60, metadata={"min": 1, "max": 1800})
@@ -307,8 +327,12 @@ class ModelConfig:
     """MODEL_NAME: the model name clients send."""
     model_path: str
     """MODEL_PATH inside the container, under /models."""
-    image: str
-    """Serving image, pinned to a version tag or digest (never `latest`)."""
+    image: str | None = None
+    """Serving image, pinned to a version tag or digest (never `latest`); required for the builtin runtime,
+    defaults to the pinned official image for vllm."""
+    runtime: Literal["builtin", "vllm"] = "builtin"
+    """`builtin`: this project's serving image. `vllm`: the official vLLM OpenAI server image. Probes,
+    autoscaling metrics and alerts follow the runtime's metric contract."""
     image_pull_policy: Literal["IfNotPresent", "Always", "Never"] = "IfNotPresent"
     workload: Literal["deployment", "statefulset"] = "deployment"
     """Deployment with one shared model claim, or StatefulSet with one volume per replica."""
@@ -350,6 +374,31 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class HelmAddon:
+    enabled: bool = False
+    version: str | None = None
+    """Chart version; unset: the version this release of the platform was tested with."""
+    namespace: str | None = field(default=None, metadata={"dns": True})
+    """Namespace to install into (created); unset: the add-on's usual namespace."""
+    values: dict[str, str] = field(default_factory=dict)
+    """Extra chart values as dotted keys (`prometheus.prometheusSpec.retention: 15d`)."""
+
+
+@dataclass(frozen=True)
+class AddonsConfig:
+    kube_prometheus_stack: HelmAddon = field(default_factory=HelmAddon)
+    """Prometheus operator, Prometheus, Alertmanager, Grafana, kube-state-metrics."""
+    prometheus_adapter: HelmAddon = field(default_factory=HelmAddon)
+    """Serves the load-per-replica Pods metric to the HPA, with rules rendered from the metric contract."""
+    keda: HelmAddon = field(default_factory=HelmAddon)
+    """KEDA, for `autoscaling.mode: keda`."""
+    nvidia_device_plugin: HelmAddon = field(default_factory=HelmAddon)
+    """Advertises `nvidia.com/gpu` on the GPU nodes."""
+    dcgm_exporter: HelmAddon = field(default_factory=HelmAddon)
+    """GPU metrics (DCGM) for nodes and pods."""
+
+
+@dataclass(frozen=True)
 class StackConfig:
     stack: str = ""
     """The stack name (set from Pulumi, not from config)."""
@@ -363,6 +412,8 @@ class StackConfig:
     """Ingress with cert-manager TLS, shared by the models."""
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
     """Metrics scraping, alerts and dashboard."""
+    addons: AddonsConfig = field(default_factory=AddonsConfig)
+    """Pinned Helm releases for what a cluster may lack, each switched on per stack."""
     models: list[ModelConfig] = field(default_factory=list)
     """One LLMServing per entry."""
 
@@ -384,6 +435,20 @@ def model_max_replicas(model: ModelConfig) -> int:
 
 def model_host(cfg: StackConfig, model: ModelConfig) -> str | None:
     return model.host or cfg.ingress.host
+
+
+def tls_secret_name(cfg: StackConfig, model: ModelConfig) -> str | None:
+    """cert-manager writes the certificate (and names the Certificate) after this secret."""
+    if not (cfg.ingress.enabled and cfg.ingress.tls):
+        return None
+    return cfg.ingress.tls_secret_name if len(cfg.models) == 1 else f"{model.name}-tls"
+
+
+def hpa_name(model: ModelConfig) -> str | None:
+    """The HorizontalPodAutoscaler that scales the model: ours, or the one KEDA creates for its ScaledObject."""
+    if not model.autoscaling.enabled:
+        return None
+    return f"{model.name}-hpa" if model.autoscaling.mode == "hpa" else f"keda-hpa-{model.name}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -641,12 +706,21 @@ def _validate_guardrails(cfg: StackConfig, r: _Reader) -> None:
 
 
 def _validate_model(cfg: StackConfig, m: ModelConfig, p: str, r: _Reader) -> None:
+    if m.image is None:
+        if m.runtime == "builtin":
+            r.fail(f"{p}.image", "is required for runtime builtin: the serving image built from serving/, pinned "
+                                 "to a version (e.g. registry.example.com/llm-serving:1.0.0)")
+        return _validate_model_rest(cfg, m, p, r)
     image_name, _, tag = m.image.rpartition(":") if "@" not in m.image else (m.image, "", "digest")
     if "/" in tag or not image_name:
         tag = ""
     if tag in ("", "latest"):
         r.fail(f"{p}.image", f"{m.image!r} is not pinned; use a version tag or digest such as "
                              "registry.example.com/llm-serving:1.0.0 (never `latest` or no tag)")
+    _validate_model_rest(cfg, m, p, r)
+
+
+def _validate_model_rest(cfg: StackConfig, m: ModelConfig, p: str, r: _Reader) -> None:
     if not m.model_path.startswith(MODELS_MOUNT + "/") or ".." in m.model_path.split("/"):
         r.fail(f"{p}.modelPath", f"{m.model_path!r} must be a directory under {MODELS_MOUNT}/ "
                                  f"(where the model volume is mounted), e.g. {MODELS_MOUNT}/llama-3.1-8b")
@@ -667,6 +741,11 @@ def _validate_model(cfg: StackConfig, m: ModelConfig, p: str, r: _Reader) -> Non
             r.fail(f"{p}.resources.requests.{camel(res)}",
                    f"{getattr(req, res)} is above the limit {getattr(lim, res)}; requests must not exceed limits")
     a = m.autoscaling
+    if a.enabled and a.min_replicas == 0 and a.mode != "keda":
+        r.fail(f"{p}.autoscaling.minReplicas", "0 needs mode: keda (an HPA cannot scale to zero); use 1 or more, "
+                                               "or set autoscaling.mode: keda")
+    if a.enabled and a.mode == "keda" and cfg.guardrails.pdb.min_available is not None and a.min_replicas == 0:
+        r.fail("guardrails.pdb.minAvailable", "a model that scales to zero needs maxUnavailable, not minAvailable")
     if a.enabled:
         if a.max_replicas < a.min_replicas:
             r.fail(f"{p}.autoscaling.maxReplicas", f"{a.max_replicas} is below minReplicas {a.min_replicas}")

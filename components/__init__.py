@@ -1,8 +1,9 @@
 """The platform's reusable Pulumi components, composed by `__main__.py` in this order."""
+from components.cluster_addons import ClusterAddons, ClusterAddonsArgs
 from components.gpu_pool import GpuPool, GpuPoolArgs
 from components.guardrails import Guardrails, GuardrailsArgs
 from components.llm_serving import LLMServing, LLMServingArgs
 from components.observability import Observability, ObservabilityArgs
 
-__all__ = ["GpuPool", "GpuPoolArgs", "Guardrails", "GuardrailsArgs", "LLMServing", "LLMServingArgs",
+__all__ = ["ClusterAddons", "ClusterAddonsArgs", "GpuPool", "GpuPoolArgs", "Guardrails", "GuardrailsArgs", "LLMServing", "LLMServingArgs",
            "Observability", "ObservabilityArgs"]

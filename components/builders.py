@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from components.metric_contract import LOAD_METRIC, RUNTIMES
 from stack_config import (
     GPU_RESOURCE,
     MODELS_MOUNT,
@@ -93,11 +94,13 @@ def probe(path: str, cfg: ProbeConfig) -> dict[str, Any]:
 
 
 def probes(model: ModelConfig) -> dict[str, dict[str, Any]]:
-    """Startup (model loaded and warmed), liveness (engine loop alive), readiness (not draining)."""
+    """Startup (model loaded and warmed), liveness (engine loop alive), readiness (not draining), on the
+    paths of the model's runtime."""
+    health = RUNTIMES[model.runtime].health
     return {
-        "startupProbe": probe("/health/startup", model.probes.startup),
-        "livenessProbe": probe("/health/live", model.probes.liveness),
-        "readinessProbe": probe("/health/ready", model.probes.readiness),
+        "startupProbe": probe(health["startup"], model.probes.startup),
+        "livenessProbe": probe(health["liveness"], model.probes.liveness),
+        "readinessProbe": probe(health["readiness"], model.probes.readiness),
     }
 
 
@@ -142,19 +145,55 @@ def serving_env(model: ModelConfig) -> list[dict[str, Any]]:
     return env
 
 
-def serving_container(model: ModelConfig, gpu_resource: str = GPU_RESOURCE) -> dict[str, Any]:
+def vllm_args(model: ModelConfig) -> list[str]:
+    """The official vLLM OpenAI server's flags, from the same config the capacity plan checked."""
+    args = ["--model", model.model_path, "--served-model-name", model.served_model_name,
+            "--host", "0.0.0.0", "--port", str(SERVING_PORT),
+            "--tensor-parallel-size", str(max(1, model.gpus_per_replica)),
+            "--gpu-memory-utilization", str(model.gpu_memory_utilization)]
+    if model.max_model_len is not None:
+        args += ["--max-model-len", str(model.max_model_len)]
+    if model.max_num_seqs is not None:
+        args += ["--max-num-seqs", str(model.max_num_seqs)]
+    return args
+
+
+def vllm_env(model: ModelConfig, api_key_secret: str) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        # vLLM reads its API key only from the environment or the command line.
+        {"name": "VLLM_API_KEY", "valueFrom": {"secretKeyRef": {"name": api_key_secret, "key": API_KEYS_FILE_KEY}}},
+        # Read-only root filesystem: every cache (HF, torch compile, Triton) under the /tmp emptyDir.
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"},
+        {"name": "HF_HOME", "value": "/tmp/hf-home"},
+        {"name": "HF_HUB_OFFLINE", "value": "1"},
+        {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
+        {"name": "DO_NOT_TRACK", "value": "1"},
+    ]
+    env.extend({"name": k, "value": v} for k, v in sorted(model.env.items()))
+    return env
+
+
+def serving_container(model: ModelConfig, gpu_resource: str = GPU_RESOURCE,
+                      api_key_secret: str = "llm-api-keys") -> dict[str, Any]:
+    mounts = [{"name": model_volume_name(model), "mountPath": MODELS_MOUNT, "readOnly": True},
+              {"name": "tmp", "mountPath": "/tmp"}]
+    if model.runtime == "builtin":
+        mounts.append({"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": True})
+        runtime_fields: dict[str, Any] = {"env": serving_env(model)}
+    else:
+        runtime_fields = {"command": ["python3", "-m", "vllm.entrypoints.openai.api_server"],
+                          "args": vllm_args(model), "env": vllm_env(model, api_key_secret)}
+    if model.shm_size:
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     return {
         "name": CONTAINER_NAME,
         "image": model.image,
         "imagePullPolicy": model.image_pull_policy,
         "ports": [{"name": PORT_NAME, "containerPort": SERVING_PORT, "protocol": "TCP"}],
-        "env": serving_env(model),
+        **runtime_fields,
         "resources": container_resources(model, gpu_resource),
-        "volumeMounts": [
-            {"name": model_volume_name(model), "mountPath": MODELS_MOUNT, "readOnly": True},
-            {"name": "tmp", "mountPath": "/tmp"},
-            {"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": True},
-        ] + ([{"name": "dshm", "mountPath": "/dev/shm"}] if model.shm_size else []),
+        "volumeMounts": mounts,
         **probes(model),
         "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_SECONDS}}},
         "securityContext": container_security_context(),
@@ -184,9 +223,11 @@ def pod_spec(model: ModelConfig, *, service_account: str, api_key_secret: str,
              scheduling: dict[str, Any], gpu_resource: str = GPU_RESOURCE) -> dict[str, Any]:
     volumes: list[dict[str, Any]] = [
         {"name": "tmp", "emptyDir": {"sizeLimit": model.resources.limits.ephemeral_storage}},
-        {"name": "api-keys", "secret": {"secretName": api_key_secret, "defaultMode": 0o440,
-                                        "items": [{"key": API_KEYS_FILE_KEY, "path": API_KEYS_FILE_KEY}]}},
     ]
+    if model.runtime == "builtin":
+        volumes.append({"name": "api-keys", "secret": {
+            "secretName": api_key_secret, "defaultMode": 0o440,
+            "items": [{"key": API_KEYS_FILE_KEY, "path": API_KEYS_FILE_KEY}]}})
     if model.shm_size:
         # Tensor-parallel workers exchange through /dev/shm; the container runtime's 64 MB default crashes them.
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": model.shm_size}})
@@ -199,7 +240,7 @@ def pod_spec(model: ModelConfig, *, service_account: str, api_key_secret: str,
         "enableServiceLinks": False,
         "securityContext": pod_security_context(),
         "terminationGracePeriodSeconds": model.termination_grace_period_seconds,
-        "containers": [serving_container(model, gpu_resource)],
+        "containers": [serving_container(model, gpu_resource, api_key_secret)],
         "volumes": volumes,
         "topologySpreadConstraints": [{
             "maxSkew": 1,
@@ -235,20 +276,43 @@ def hpa_behavior(a: AutoscalingConfig) -> dict[str, Any]:
     }
 
 
-def hpa_spec(model: ModelConfig, kind: str) -> dict[str, Any]:
+def hpa_spec(model: ModelConfig, kind: str, target_load: int) -> dict[str, Any]:
+    """Scale on requests per replica (a GPU pod saturates long before its CPU); the article's CPU and memory
+    targets stay as secondary metrics (the HPA takes the largest proposal)."""
     a = model.autoscaling
 
     def utilization(resource: str, target: int) -> dict[str, Any]:
         return {"type": "Resource", "resource": {"name": resource,
                                                  "target": {"type": "Utilization", "averageUtilization": target}}}
 
+    load = {"type": "Pods", "pods": {"metric": {"name": LOAD_METRIC},
+                                     "target": {"type": "AverageValue", "averageValue": str(target_load)}}}
     return {
         "scaleTargetRef": {"apiVersion": "apps/v1", "kind": kind, "name": model.name},
         "minReplicas": a.min_replicas,
         "maxReplicas": a.max_replicas,
-        "metrics": [utilization("cpu", a.target_cpu_utilization),
+        "metrics": [load, utilization("cpu", a.target_cpu_utilization),
                     utilization("memory", a.target_memory_utilization)],
         "behavior": hpa_behavior(a),
+    }
+
+
+def keda_scaled_object_spec(model: ModelConfig, kind: str, *, query: str, prometheus_url: str,
+                            target_load: int) -> dict[str, Any]:
+    """KEDA on the same signal as the HPA; it can scale to zero (minReplicaCount 0) and wake on load."""
+    a = model.autoscaling
+    return {
+        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": kind, "name": model.name},
+        "minReplicaCount": a.min_replicas,
+        "maxReplicaCount": a.max_replicas,
+        "pollingInterval": 15,
+        "cooldownPeriod": a.cooldown_seconds,
+        "advanced": {"horizontalPodAutoscalerConfig": {"behavior": hpa_behavior(a)}},
+        "triggers": [{
+            "type": "prometheus",
+            "metadata": {"serverAddress": prometheus_url, "query": query, "threshold": str(target_load),
+                         "activationThreshold": str(a.activation_load)},
+        }],
     }
 
 

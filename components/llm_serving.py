@@ -12,7 +12,9 @@ from typing import Any
 import pulumi
 import pulumi_kubernetes as k8s
 
-from components.builders import PORT_NAME, SERVING_PORT, hpa_spec, labels, pod_spec, selector_labels
+from components.builders import (
+    PORT_NAME, SERVING_PORT, hpa_spec, keda_scaled_object_spec, labels, pod_spec, selector_labels,
+)
 from stack_config import GPU_RESOURCE, IngressConfig, ModelConfig
 
 
@@ -32,6 +34,11 @@ class LLMServingArgs:
     gpu_resource: str = GPU_RESOURCE
     pod_annotations: dict[str, str] | None = None
     """Extra pod-template annotations (e.g. Prometheus scrape hints without the operator)."""
+    target_load_per_replica: int = 1
+    """Running plus waiting requests per replica at which the autoscaler adds replicas (from the plan)."""
+    load_query: str = ""
+    """PromQL for the model's total load (KEDA's trigger), from the metric contract."""
+    prometheus_url: str = ""
 
 
 class LLMServing(pulumi.ComponentResource):
@@ -119,11 +126,20 @@ class LLMServing(pulumi.ComponentResource):
             opts=child)
 
         self.hpa = None
-        if model.autoscaling.enabled:
-            kind = "Deployment" if model.workload == "deployment" else "StatefulSet"
+        self.scaled_object = None
+        kind = "Deployment" if model.workload == "deployment" else "StatefulSet"
+        after_workload = pulumi.ResourceOptions(parent=self, depends_on=[self.workload])
+        if model.autoscaling.enabled and model.autoscaling.mode == "hpa":
             self.hpa = k8s.autoscaling.v2.HorizontalPodAutoscaler(
-                f"{name}-hpa", metadata=meta(f"{model.name}-hpa"), spec=hpa_spec(model, kind),
-                opts=pulumi.ResourceOptions(parent=self, depends_on=[self.workload]))
+                f"{name}-hpa", metadata=meta(f"{model.name}-hpa"),
+                spec=hpa_spec(model, kind, args.target_load_per_replica), opts=after_workload)
+        elif model.autoscaling.enabled:
+            self.scaled_object = k8s.apiextensions.CustomResource(
+                f"{name}-scaledobject", api_version="keda.sh/v1alpha1", kind="ScaledObject",
+                metadata=meta(model.name),
+                spec=keda_scaled_object_spec(model, kind, query=args.load_query, prometheus_url=args.prometheus_url,
+                                             target_load=args.target_load_per_replica),
+                opts=after_workload)
 
         self.ingress = None
         if args.ingress.enabled and args.host:

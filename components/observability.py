@@ -1,9 +1,10 @@
-"""Observability: metrics scraping, alerts and a dashboard for the serving pods.
+"""Observability: metrics scraping, alerts, dashboards and the autoscaling metric rules for the serving pods.
 
-With the Prometheus operator: a ServiceMonitor per model, one PrometheusRule with alerts (each with severity,
-summary and runbook text) and a Grafana dashboard ConfigMap labelled for the Grafana sidecar. Without it:
-the dashboard only, and LLMServing puts `prometheus.io/*` scrape annotations on the pods instead.
-Every query names metrics through `metric_contract`.
+With the Prometheus operator: a ServiceMonitor per model and a PrometheusRule with one alert group per model
+(each alert with severity, summary and runbook). Always: a Grafana dashboard ConfigMap per model, labelled for the
+Grafana sidecar, and the prometheus-adapter rule config that serves load per replica to the HPA. Without the
+operator, LLMServing puts `prometheus.io/*` scrape annotations on the pods instead. Every query comes from
+`metric_contract.model_queries`, so it names only metrics the model's runtime exports.
 """
 from __future__ import annotations
 
@@ -13,17 +14,26 @@ from typing import Any
 
 import pulumi
 import pulumi_kubernetes as k8s
+import yaml
 
 from components.builders import PORT_NAME, SERVING_PORT, labels
-from components.metric_contract import metric
-from stack_config import ObservabilityConfig
+from components.metric_contract import ModelQueries
+from stack_config import ModelConfig, ObservabilityConfig
+
+ADAPTER_RULES_CONFIGMAP = "llm-prometheus-adapter-rules"
+
+
+@dataclass(frozen=True)
+class ObservedModel:
+    model: ModelConfig
+    queries: ModelQueries
 
 
 @dataclass(frozen=True)
 class ObservabilityArgs:
     namespace: pulumi.Input[str]
     observability: ObservabilityConfig
-    model_names: list[str]
+    models: list[ObservedModel]
 
 
 def scrape_annotations(cfg: ObservabilityConfig) -> dict[str, str]:
@@ -43,33 +53,55 @@ class Observability(pulumi.ComponentResource):
         self.service_monitors = []
         self.rule = None
         if cfg.prometheus_operator:
-            for model in args.model_names:
+            for observed in args.models:
+                model = observed.model
                 self.service_monitors.append(k8s.apiextensions.CustomResource(
-                    f"{name}-{model}-servicemonitor",
+                    f"{name}-{model.name}-servicemonitor",
                     api_version="monitoring.coreos.com/v1", kind="ServiceMonitor",
-                    metadata={"name": model, "namespace": args.namespace, "labels": labels(model)},
-                    spec=service_monitor_spec(model, cfg),
+                    metadata={"name": model.name, "namespace": args.namespace, "labels": labels(model.name)},
+                    spec=service_monitor_spec(model.name, cfg),
                     opts=child))
             self.rule = k8s.apiextensions.CustomResource(
                 f"{name}-rules",
                 api_version="monitoring.coreos.com/v1", kind="PrometheusRule",
                 metadata={"name": "llm-serving-alerts", "namespace": args.namespace, "labels": common},
-                spec={"groups": [{"name": "llm-serving", "rules": alert_rules(cfg)}]},
+                spec={"groups": [alert_group(o, cfg) for o in args.models]},
                 opts=child)
 
-        self.dashboard = None
+        self.dashboards = []
         if cfg.grafana_dashboard:
-            self.dashboard = k8s.core.v1.ConfigMap(
-                f"{name}-dashboard",
-                metadata={"name": "llm-serving-dashboard", "namespace": args.namespace,
-                          "labels": {**common, "grafana_dashboard": "1"}},
-                data={"llm-serving.json": json.dumps(dashboard(), indent=1, sort_keys=True)},
+            for observed in args.models:
+                self.dashboards.append(k8s.core.v1.ConfigMap(
+                    f"{name}-{observed.model.name}-dashboard",
+                    metadata={"name": f"{observed.model.name}-dashboard", "namespace": args.namespace,
+                              "labels": {**common, "grafana_dashboard": "1"}},
+                    data={f"{observed.model.name}.json": json.dumps(dashboard(observed), indent=1, sort_keys=True)},
+                    opts=child))
+
+        self.adapter_rules = None
+        rules = adapter_rules(args.models)
+        if rules:
+            self.adapter_rules = k8s.core.v1.ConfigMap(
+                f"{name}-adapter-rules",
+                metadata={"name": ADAPTER_RULES_CONFIGMAP, "namespace": args.namespace, "labels": common},
+                data={"config.yaml": yaml.safe_dump({"rules": rules}, sort_keys=False)},
                 opts=child)
 
         self.register_outputs({
-            "serviceMonitors": [m for m in args.model_names] if cfg.prometheus_operator else [],
-            "alerts": [r["alert"] for r in alert_rules(cfg)] if cfg.prometheus_operator else [],
+            "serviceMonitors": [o.model.name for o in args.models] if cfg.prometheus_operator else [],
+            "alerts": [r["alert"] for o in args.models for r in alert_group(o, cfg)["rules"]]
+            if cfg.prometheus_operator else [],
         })
+
+
+def adapter_rules(models: list[ObservedModel]) -> list[dict[str, Any]]:
+    """One prometheus-adapter rule per runtime used by an HPA-scaled model (identical rules deduplicated)."""
+    rules: list[dict[str, Any]] = []
+    for o in models:
+        a = o.model.autoscaling
+        if a.enabled and a.mode == "hpa" and o.queries.adapter_rule not in rules:
+            rules.append(o.queries.adapter_rule)
+    return rules
 
 
 def service_monitor_spec(model: str, cfg: ObservabilityConfig) -> dict[str, Any]:
@@ -79,63 +111,79 @@ def service_monitor_spec(model: str, cfg: ObservabilityConfig) -> dict[str, Any]
     }
 
 
-def alert_rules(cfg: ObservabilityConfig) -> list[dict[str, Any]]:
-    requests, duration = metric("llm_requests_total"), metric("llm_request_duration_seconds")
-    ttft, waiting = metric("llm_time_to_first_token_seconds"), metric("llm_requests_waiting")
-    kv = metric("llm_kv_cache_usage_ratio")
+def _rule(alert: str, expr: str, for_: str, severity: str, summary: str, runbook: str, model: str) -> dict[str, Any]:
+    return {"alert": alert, "expr": expr, "for": for_, "labels": {"severity": severity, "llm_model": model},
+            "annotations": {"summary": summary, "runbook": runbook}}
 
-    def rule(alert: str, expr: str, duration_: str, severity: str, summary: str, runbook: str) -> dict[str, Any]:
-        return {"alert": alert, "expr": expr, "for": duration_, "labels": {"severity": severity},
-                "annotations": {"summary": summary, "runbook": runbook}}
 
-    return [
-        rule("LLMHighErrorRatio",
-             f'sum by (model) (rate({requests}{{status=~"5.."}}[5m])) / sum by (model) (rate({requests}[5m]))'
-             f" > {cfg.error_ratio_slo}",
-             "5m", "critical", "More than {{ $value | humanizePercentage }} of {{ $labels.model }} requests fail",
-             "Check the serving pods' logs (JSON, by request_id) and /health/live; a dead engine loop returns 503."),
-        rule("LLMTimeToFirstTokenSlow",
-             f"histogram_quantile(0.95, sum by (model, le) (rate({ttft}_bucket[5m]))) > {cfg.ttft_slo_seconds}",
-             "10m", "warning", "p95 time to first token of {{ $labels.model }} is {{ $value }}s",
-             "Requests queue behind full batches: check llm_requests_waiting and whether the HPA is at max."),
-        rule("LLMQueueBacklog", f"sum by (model) ({waiting}) > 10", "5m", "warning",
-             "{{ $value }} requests of {{ $labels.model }} wait for a slot",
-             "Scale out (raise maxReplicas and the GPU quota) or lower per-request max_tokens."),
-        rule("LLMKVCacheFull", f"max by (model) ({kv}) > 0.9", "10m", "warning",
-             "KV cache of {{ $labels.model }} is over 90% full",
-             "New requests will wait; scale out or reduce maxModelLen/maxNumSeqs."),
-        rule("LLMSlowRequests",
-             f"histogram_quantile(0.95, sum by (model, le) (rate({duration}_bucket[5m]))) > 60",
-             "10m", "warning", "p95 request latency of {{ $labels.model }} is {{ $value }}s",
-             "Long generations or a saturated replica: compare tokens/s per pod with the benchmarks."),
-        rule("LLMPodCrashLooping",
-             'increase(kube_pod_container_status_restarts_total{container="llm-api"}[15m]) > 2',
-             "0m", "critical", "Serving pod {{ $labels.pod }} restarted {{ $value }} times in 15 minutes",
-             "`kubectl logs --previous`: a model that does not fit GPU memory or a bad MODEL_PATH crash-loops."),
+def alert_group(o: ObservedModel, cfg: ObservabilityConfig) -> dict[str, Any]:
+    """The model's alerts. Each says what is wrong (summary) and what to look at first (runbook)."""
+    m, q = o.model, o.queries
+    name = m.name
+    rules = [
+        _rule("LLMHighErrorRatio", f"({q.error_ratio}) > {cfg.error_ratio_slo}", "5m", "critical",
+              f"More than {cfg.error_ratio_slo:.0%} of {name} requests fail with 5xx",
+              "Read the serving pods' JSON logs by request_id; 503 means the engine loop died or the pod is "
+              "draining; check /health/live and recent restarts.", name),
+        _rule("LLMTimeToFirstTokenSlow", f"({q.ttft_p95}) > {cfg.ttft_slo_seconds}", "10m", "warning",
+              f"p95 time to first token of {name} is over its {cfg.ttft_slo_seconds} s objective",
+              "Requests queue behind full batches: look at the queue depth and whether replicas are at the "
+              "maximum; raise maxReplicas (and the GPU quota) or lower maxNumSeqs for latency.", name),
+        _rule("LLMQueueBacklog", f"({q.waiting}) > {cfg.queue_depth_threshold}", f"{cfg.queue_depth_minutes}m",
+              "warning", f"More than {cfg.queue_depth_threshold} {name} requests wait for a slot",
+              "Demand exceeds capacity: check the autoscaler (events, prometheus-adapter or KEDA) and the GPU "
+              "quota; scale out or lower per-request max_tokens.", name),
+        _rule("LLMKVCacheNearlyFull", f"({q.kv_cache_max}) > 0.9", "10m", "warning",
+              f"The KV cache of a {name} replica is over 90% full",
+              "New requests will wait for memory: scale out, or reduce maxModelLen / maxNumSeqs.", name),
+        _rule("LLMPodRestarting", f"({q.restarts}) > 2", "0m", "warning",
+              f"{name} containers restarted more than twice in 15 minutes",
+              "`kubectl logs --previous`: out-of-memory (model too large for the GPU or memory limit), a bad "
+              "MODEL_PATH, or a liveness failure (engine loop died).", name),
+        _rule("LLMPodCrashLooping", f"({q.crash_looping}) >= 1", "5m", "critical",
+              f"A {name} pod is in CrashLoopBackOff",
+              "The container exits at start: read its last log line (a JSON error naming the problem: model "
+              "directory, GPU memory, settings) with `kubectl logs --previous`.", name),
     ]
+    if q.at_max_replicas:
+        rules.append(_rule("LLMReplicasAtMaximum", q.at_max_replicas, "10m", "warning",
+                           f"{name} has run at its maximum replicas for 10 minutes",
+                           "The autoscaler cannot add capacity: raise maxReplicas and the GPU quota, or expect "
+                           "queueing and slow first tokens.", name))
+    if q.gpu_utilization and q.above_min_replicas:
+        rules.append(_rule("LLMGpuIdleAboveMinimum",
+                           f"({q.gpu_utilization}) < {cfg.gpu_idle_utilization_percent} and on() "
+                           f"({q.above_min_replicas})", "30m", "info",
+                           f"{name} GPUs are nearly idle while running above the minimum replicas",
+                           "Paying for idle GPUs: check the scale-down behavior and the load target per replica; "
+                           "lower minReplicas or the target.", name))
+    if q.certificate_expiry_seconds:
+        rules.append(_rule("LLMCertificateExpiringSoon",
+                           f"({q.certificate_expiry_seconds}) < {cfg.certificate_expiry_days * 86400}", "1h",
+                           "warning", f"The TLS certificate of {name} expires within {cfg.certificate_expiry_days} days",
+                           "cert-manager did not renew it: `kubectl describe certificate` and the ClusterIssuer's "
+                           "status; check the ACME challenge reaches the Ingress.", name))
+    return {"name": f"llm-serving-{name}", "rules": rules}
 
 
-def dashboard() -> dict[str, Any]:
-    """A compact Grafana dashboard over the contract's metrics."""
-    def panel(pid: int, title: str, expr: str, unit: str, x: int, y: int) -> dict[str, Any]:
-        return {"id": pid, "type": "timeseries", "title": title, "datasource": {"type": "prometheus"},
-                "gridPos": {"h": 8, "w": 12, "x": x, "y": y}, "fieldConfig": {"defaults": {"unit": unit}},
-                "targets": [{"expr": expr, "refId": "A"}]}
-
-    r, d, t = metric("llm_requests_total"), metric("llm_request_duration_seconds"), \
-        metric("llm_time_to_first_token_seconds")
+def dashboard(o: ObservedModel) -> dict[str, Any]:
+    """Request rate, errors, latency and TTFT, tokens/s, queue, KV cache, GPU utilization, replicas."""
+    q = o.queries
     queries = [
-        ("Requests/s by status", f"sum by (model, status) (rate({r}[5m]))", "reqps"),
-        ("Error ratio", f'sum by (model) (rate({r}{{status=~"5.."}}[5m])) / sum by (model) (rate({r}[5m]))',
-         "percentunit"),
-        ("Latency p50/p95", f"histogram_quantile(0.95, sum by (model, le) (rate({d}_bucket[5m])))", "s"),
-        ("Time to first token p95", f"histogram_quantile(0.95, sum by (model, le) (rate({t}_bucket[5m])))", "s"),
-        ("Generated tokens/s", f"sum by (model) (rate({metric('llm_generation_tokens_total')}[1m]))", "short"),
-        ("Queue and running", f"sum by (model) ({metric('llm_requests_waiting')})", "short"),
-        ("KV cache use", f"max by (model) ({metric('llm_kv_cache_usage_ratio')})", "percentunit"),
-        ("GPU utilization", f"avg by (gpu_id) ({metric('llm_gpu_utilization')})", "percent"),
+        ("Error ratio (5xx)", q.error_ratio, "percentunit"),
+        ("Request latency p95", q.latency_p95, "s"),
+        ("Time to first token p95", q.ttft_p95, "s"),
+        ("Generated tokens/s", q.tokens_per_second, "short"),
+        ("Requests running + waiting", q.load_total, "short"),
+        ("Requests waiting", q.waiting, "short"),
+        ("KV cache use (max over replicas)", q.kv_cache_max, "percentunit"),
+        ("Replicas reporting", q.replicas, "short"),
     ]
-    panels = [panel(i + 1, title, expr, unit, 12 * (i % 2), 8 * (i // 2)) for i, (title, expr, unit) in
-              enumerate(queries)]
-    return {"title": "LLM serving", "uid": "llm-serving", "schemaVersion": 39, "time": {"from": "now-1h", "to": "now"},
-            "panels": panels}
+    if q.gpu_utilization:
+        queries.append(("GPU utilization", q.gpu_utilization, "percent"))
+    panels = [{"id": i + 1, "type": "timeseries", "title": title, "datasource": {"type": "prometheus"},
+               "gridPos": {"h": 8, "w": 12, "x": 12 * (i % 2), "y": 8 * (i // 2)},
+               "fieldConfig": {"defaults": {"unit": unit}}, "targets": [{"expr": expr, "refId": "A"}]}
+              for i, (title, expr, unit) in enumerate(queries)]
+    return {"title": f"LLM serving: {o.model.name}", "uid": f"llm-{o.model.name}"[:40], "schemaVersion": 39,
+            "time": {"from": "now-1h", "to": "now"}, "panels": panels}

@@ -10,8 +10,8 @@ from components.builders import (
     container_resources, container_security_context, gpu_scheduling, hpa_spec, pod_spec, probes, serving_env,
 )
 from components.guardrails import network_policy_specs, pdb_spec, resource_quota_hard
-from components.metric_contract import BUILTIN_METRICS, metric
-from components.observability import alert_rules, dashboard, scrape_annotations
+from components.metric_contract import BUILTIN, PLATFORM_METRICS, VLLM, ContractError, model_queries
+from components.observability import ObservedModel, alert_group, dashboard, scrape_annotations
 from quantities import QuantityError, parse_quantity
 from stack_config import (
     GpuPoolConfig, GuardrailsConfig, ModelConfig, ObservabilityConfig, PdbConfig, ProbesConfig, RolloutConfig,
@@ -82,7 +82,7 @@ def test_pod_spec_deployment_mounts_shared_claim_read_only():
 
 
 def test_hpa_spec_targets_the_workload_kind():
-    spec = hpa_spec(MODEL, "StatefulSet")
+    spec = hpa_spec(MODEL, "StatefulSet", 16)
     assert spec["scaleTargetRef"]["kind"] == "StatefulSet"
     assert spec["behavior"]["scaleUp"]["selectPolicy"] == "Max"
 
@@ -97,16 +97,41 @@ def test_quota_pdb_and_network_policies():
     assert "llm-serving-egress" not in no_egress
 
 
-def test_alerts_and_dashboard_only_use_contract_metrics():
+def queries_for(rt, **changes):
+    args = dict(namespace="ns", workload="m", served_model_name="m-1b", hpa_name="m-hpa", min_replicas=2,
+                certificate="llm-tls", dcgm=False) | changes
+    return model_queries(rt, **args)
+
+
+@pytest.mark.parametrize("rt", [BUILTIN, VLLM], ids=["builtin", "vllm"])
+def test_alerts_and_dashboard_only_use_the_runtime_contract(rt):
     import re
-    names = set(BUILTIN_METRICS)
-    exprs = [r["expr"] for r in alert_rules(ObservabilityConfig())]
-    exprs += [t["expr"] for p in dashboard()["panels"] for t in p["targets"]]
+    q = queries_for(rt)
+    exprs = [r["expr"] for r in alert_group(ObservedModel(MODEL, q), ObservabilityConfig())["rules"]]
+    exprs += [t["expr"] for p in dashboard(ObservedModel(MODEL, q))["panels"] for t in p["targets"]]
+    known = set(rt.metrics) | set(PLATFORM_METRICS)
     for expr in exprs:
-        for used in re.findall(r"\b(llm_[a-z_]+?)(?:_bucket|_sum|_count)?\b", expr):
-            assert used in names, (used, expr)
-    with pytest.raises(KeyError, match="not exported by the serving image"):
-        metric("llm_queue_depth")
+        # Metric names: identifiers followed by a selector or a range, minus histogram suffixes.
+        for used in re.findall(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?=\{|\[)", expr):
+            base = re.sub(r"_bucket$", "", used)
+            assert base in known, (base, expr)
+    other = {"vllm": "llm_requests_waiting", "builtin": "vllm:e2e_request_latency_seconds"}[rt.name]
+    assert all(other not in e for e in exprs)
+
+
+def test_a_runtime_without_a_signal_refuses_the_query():
+    import dataclasses as dc
+    broken = dc.replace(BUILTIN, name="broken", signals={k: v for k, v in BUILTIN.signals.items() if k != "kv_cache"})
+    with pytest.raises(ContractError, match="the broken runtime exports no kv cache metric"):
+        queries_for(broken)
+    with pytest.raises(ContractError, match="'llm_queue_depth' is not exported by the builtin runtime"):
+        BUILTIN.metric("llm_queue_depth")
+
+
+def test_vllm_has_no_gpu_metric_unless_dcgm_runs():
+    assert queries_for(VLLM).gpu_utilization is None
+    assert "DCGM_FI_DEV_GPU_UTIL" in queries_for(VLLM, dcgm=True).gpu_utilization
+    assert "llm_gpu_utilization" in queries_for(BUILTIN).gpu_utilization
 
 
 def test_scrape_annotations_only_without_operator():

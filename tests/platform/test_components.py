@@ -108,21 +108,34 @@ def test_llm_serving_cpu_model_gets_no_gpu_scheduling(in_mocks):
     assert "nvidia.com/gpu" not in pod["containers"][0]["resources"]["limits"]
 
 
+def observed(name):
+    from components.metric_contract import BUILTIN, model_queries
+    from components.observability import ObservedModel
+    q = model_queries(BUILTIN, namespace="n", workload=name, served_model_name=name, hpa_name=f"{name}-hpa",
+                      min_replicas=2, certificate=None, dcgm=False)
+    return ObservedModel(dataclasses.replace(MODEL, name=name), q)
+
+
 def test_observability_with_and_without_operator(in_mocks):
     with_op = in_mocks(lambda: Observability("o", ObservabilityArgs(
-        namespace="n", observability=ObservabilityConfig(prometheus_operator=True), model_names=["a", "b"])))
+        namespace="n", observability=ObservabilityConfig(prometheus_operator=True),
+        models=[observed("a"), observed("b")])))
     assert sorted(m["kind"] for m in with_op.manifests()) == \
-        ["ConfigMap", "PrometheusRule", "ServiceMonitor", "ServiceMonitor"]
+        ["ConfigMap", "ConfigMap", "ConfigMap", "PrometheusRule", "ServiceMonitor", "ServiceMonitor"]
+    groups = with_op.one("PrometheusRule")["spec"]["groups"]
+    assert [g["name"] for g in groups] == ["llm-serving-a", "llm-serving-b"]
+    rules = with_op.one("ConfigMap", "llm-prometheus-adapter-rules")["data"]["config.yaml"]
+    assert rules.count("seriesQuery") == 1      # the same rule serves both builtin models
     without = in_mocks(lambda: Observability("o", ObservabilityArgs(
         namespace="n", observability=ObservabilityConfig(prometheus_operator=False, grafana_dashboard=False),
-        model_names=["a"])))
-    assert without.manifests() == []
+        models=[observed("a")])))
+    assert [m["kind"] for m in without.manifests()] == ["ConfigMap"]   # the adapter rules only
 
 
 def test_whole_program_parents_every_resource_under_a_component(rendered):
     """Components parent every child; only the components themselves sit at the stack root."""
     result = rendered("prod")
-    components = {"llm-platform:index:GpuPool", "llm-platform:index:Guardrails", "llm-platform:index:LLMServing",
+    components = {"llm-platform:index:ClusterAddons", "llm-platform:index:GpuPool", "llm-platform:index:Guardrails", "llm-platform:index:LLMServing",
                   "llm-platform:index:Observability"}
     for r in result.resources:
         if r.type in components:

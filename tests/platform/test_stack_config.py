@@ -114,7 +114,8 @@ def test_bad_config_is_one_clear_error(stack, path, value, message):
 def test_missing_required_model_field():
     values = stack_values("prod")
     del model0(values)["image"]
-    with pytest.raises(ConfigError, match=r"^stack 'prod': llm-platform:models\[0\]\.image: is required$"):
+    with pytest.raises(ConfigError, match=r"^stack 'prod': llm-platform:models\[0\]\.image: is required for runtime "
+                                          r"builtin: the serving image built from serving/"):
         parse_stack_config("prod", values)
 
 

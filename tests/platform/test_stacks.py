@@ -136,11 +136,13 @@ def test_prod_observability_with_operator(rendered):
     assert sm["spec"]["endpoints"][0]["port"] == "http"
     rule = prod.one("PrometheusRule")
     alerts = {r["alert"] for r in rule["spec"]["groups"][0]["rules"]}
-    assert {"LLMHighErrorRatio", "LLMTimeToFirstTokenSlow", "LLMKVCacheFull", "LLMPodCrashLooping"} <= alerts
+    assert alerts == {"LLMHighErrorRatio", "LLMTimeToFirstTokenSlow", "LLMQueueBacklog", "LLMKVCacheNearlyFull",
+                      "LLMPodRestarting", "LLMPodCrashLooping", "LLMReplicasAtMaximum", "LLMGpuIdleAboveMinimum",
+                      "LLMCertificateExpiringSoon"}
     for r in rule["spec"]["groups"][0]["rules"]:
-        assert r["labels"]["severity"] in ("warning", "critical")
+        assert r["labels"]["severity"] in ("info", "warning", "critical")
         assert r["annotations"]["summary"] and r["annotations"]["runbook"]
-    dashboard = prod.one("ConfigMap", "llm-serving-dashboard")
+    dashboard = prod.one("ConfigMap", "llm-service-dashboard")
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
 
 
