@@ -2,6 +2,7 @@
 
 `render_values(stack, values)` runs the real `__main__.py` under mocks with a config dict; `stack_values(stack)`
 gives a stack file's config (without the `llm-platform:` prefix) to copy and break in bad-config tests.
+`tiny_model_dir` is one tiny random-weight model directory per test session, built offline.
 """
 from __future__ import annotations
 
@@ -50,3 +51,10 @@ def in_mocks():
     def run(build, stack: str = "test") -> RenderResult:
         return run_with_mocks(stack, {}, build)
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from tests.serving.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
