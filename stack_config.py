@@ -21,6 +21,11 @@ from quantities import QuantityError, parse_quantity
 PROJECT = "llm-platform"
 GPU_RESOURCE = "nvidia.com/gpu"
 MODELS_MOUNT = "/models"
+PRESTOP_SLEEP_SECONDS = 5
+"""Endpoints controllers need a moment to drop a terminating pod; until then it still gets traffic."""
+SHUTDOWN_AFTER_DRAIN_SECONDS = 15
+"""After its drain the image may take this long more: aborted streams finish (5 s) and uvicorn stops (5 s),
+plus margin. The pod's grace period must cover preStop + drain + this."""
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _HOSTNAME = re.compile(r"^(\*\.)?([a-z0-9]([-a-z0-9]*[a-z0-9])?\.)+[a-z]{2,63}$")
@@ -767,9 +772,14 @@ def _validate_model_rest(cfg: StackConfig, m: ModelConfig, p: str, r: _Reader) -
     if m.rollout is not None and m.rollout.max_surge == 0 and m.rollout.max_unavailable == 0:
         r.fail(f"{p}.rollout", "maxSurge 0 and maxUnavailable 0 can never make progress; "
                                "use maxSurge 1 (needs spare GPU quota) or maxUnavailable 1")
-    if m.drain_seconds >= m.termination_grace_period_seconds:
-        r.fail(f"{p}.drainSeconds", f"{m.drain_seconds} must be below terminationGracePeriodSeconds "
-                                    f"{m.termination_grace_period_seconds}, or the kubelet kills the pod mid-drain")
+    needed = PRESTOP_SLEEP_SECONDS + m.drain_seconds + SHUTDOWN_AFTER_DRAIN_SECONDS
+    if needed > m.termination_grace_period_seconds:
+        r.fail(f"{p}.drainSeconds", f"{m.drain_seconds} does not fit terminationGracePeriodSeconds "
+                                    f"{m.termination_grace_period_seconds}: the pod needs {PRESTOP_SLEEP_SECONDS} s "
+                                    f"preStop + {m.drain_seconds} s drain + {SHUTDOWN_AFTER_DRAIN_SECONDS} s shutdown "
+                                    f"= {needed} s, or the kubelet kills it mid-drain; lower drainSeconds to "
+                                    f"{m.termination_grace_period_seconds - PRESTOP_SLEEP_SECONDS - SHUTDOWN_AFTER_DRAIN_SECONDS} "
+                                    f"or raise the grace period to {needed}")
     if m.host is not None and not _HOSTNAME.match(m.host):
         r.fail(f"{p}.host", f"{m.host!r} is not a valid host name such as llm-api.example.com")
     if m.workload == "statefulset" and m.storage.access_mode != "ReadWriteOnce":

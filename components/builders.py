@@ -10,6 +10,7 @@ from components.metric_contract import LOAD_METRIC, RUNTIMES
 from stack_config import (
     GPU_RESOURCE,
     MODELS_MOUNT,
+    PRESTOP_SLEEP_SECONDS,
     AutoscalingConfig,
     GpuPoolConfig,
     ModelConfig,
@@ -24,8 +25,6 @@ PART_OF = "llm-platform"
 RUN_AS_ID = 10001
 API_KEYS_DIR = "/var/run/secrets/llm-platform"
 API_KEYS_FILE_KEY = "api-keys"
-PRESTOP_SLEEP_SECONDS = 5
-"""Endpoints controllers need a moment to drop a terminating pod; until then it still gets traffic."""
 
 
 # ---------------------------------------------------------------------------------------- labels
@@ -132,6 +131,7 @@ def serving_env(model: ModelConfig) -> list[dict[str, Any]]:
         {"name": "PORT", "value": str(SERVING_PORT)},
         {"name": "API_KEYS_FILE", "value": f"{API_KEYS_DIR}/{API_KEYS_FILE_KEY}"},
         {"name": "DRAIN_SECONDS", "value": str(model.drain_seconds)},
+        {"name": "GPU_MEMORY_UTILIZATION", "value": str(model.gpu_memory_utilization)},
         # The root filesystem is read-only: every cache goes to the /tmp emptyDir; weights are never fetched.
         {"name": "HF_HOME", "value": "/tmp/hf-home"},
         {"name": "HF_HUB_OFFLINE", "value": "1"},

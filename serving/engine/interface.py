@@ -110,8 +110,9 @@ class Engine(Protocol):
         """Start the engine loop and run one warm-up generation; returns when ready to serve."""
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenOutput]:
-        """Submit a request and stream its tokens. Raises QueueFullError or EngineDeadError on submit.
-        Closing the iterator early aborts the request and frees its slot."""
+        """Submit a request and stream its tokens. Raises ValueError for an invalid request (empty prompt, a token
+        id outside the vocabulary, prompt plus max_tokens over the context), QueueFullError or EngineDeadError on
+        submit. Closing the iterator early aborts the request and frees its slot."""
 
     def abort(self, request_id: str) -> None:
         """Abort a request (no-op when unknown or finished)."""

@@ -57,8 +57,10 @@ BAD = [
      "models[0].storage.accessMode: ReadWriteOnce cannot be shared by up to 10 Deployment replicas"),
     ("prod", ["models", 0, "rollout"], {"maxSurge": 0, "maxUnavailable": 0},
      "models[0].rollout: maxSurge 0 and maxUnavailable 0 can never make progress"),
-    ("prod", ["models", 0, "drainSeconds"], 60,
-     "models[0].drainSeconds: 60 must be below terminationGracePeriodSeconds 60"),
+    ("prod", ["models", 0, "drainSeconds"], 41,
+     "models[0].drainSeconds: 41 does not fit terminationGracePeriodSeconds 60: the pod needs 5 s preStop + 41 s "
+     "drain + 15 s shutdown = 61 s, or the kubelet kills it mid-drain; lower drainSeconds to 40 or raise the grace "
+     "period to 61"),
     ("prod", ["models", 0, "serviceType"], "ExternalName",
      "models[0].serviceType: 'ExternalName' is not allowed; use one of 'ClusterIP', 'LoadBalancer', 'NodePort'"),
     ("prod", ["models", 0, "probes", "startup", "failureThreshold"], 0,
@@ -151,7 +153,7 @@ def test_boundaries_that_pass():
     m = model0(values)
     m["autoscaling"]["maxReplicas"] = 2          # max == min
     m["replicas"] = 2
-    m["drainSeconds"] = 54                       # just below the grace period
+    m["drainSeconds"] = 40                       # 5 + 40 + 15 = the 60 s grace period exactly
     m["resources"]["requests"]["cpu"] = "8"      # request == limit
     values["guardrails"]["resourceQuota"]["gpus"] = 2   # quota == GPUs at max
     values["guardrails"]["pdb"] = {"maxUnavailable": None, "minAvailable": 1}  # one disruption left at min 2

@@ -1,0 +1,111 @@
+"""`python -m serving --model-path DIR`: run the OpenAI-compatible server (see `serving.settings` for every option).
+
+Exit codes: 0 after a clean shutdown (SIGTERM/SIGINT drain), 1 when the model could not be loaded, 2 for bad
+settings. The first SIGTERM or SIGINT drains (readiness fails, in-flight requests get up to DRAIN_SECONDS,
+the rest are aborted, the engine shuts down); a second one exits at once.
+
+uvicorn's own handling would not do: it closes the listening socket immediately (so readiness probes get
+connection errors rather than a 503), bounds in-flight work by its own timeout, and re-raises the signal
+after shutting down, so the process dies of SIGTERM instead of exiting 0.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from types import FrameType
+
+import uvicorn
+
+from serving.app import Phase, ServerState, create_app
+from serving.logs import configure_logging, route_transformers_logging
+from serving.settings import Settings, SettingsError, load_settings
+
+logger = logging.getLogger("serving")
+
+# After our drain has finished or aborted everything, uvicorn only has to flush and close connections.
+_UVICORN_GRACEFUL_SECONDS = 5
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose first SIGTERM/SIGINT drains the app before uvicorn's shutdown begins."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self._state = state
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain: asyncio.Task | None = None
+
+    async def startup(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Called by uvicorn's signal.signal handler on the main thread, which also runs the event loop,
+        # between two bytecodes: schedule work on the loop rather than doing it here. Not recording the
+        # signal in `_captured_signals` keeps uvicorn from re-raising it after shutdown (exit code 0).
+        if self._drain is not None or self._loop is None:
+            logger.warning("second signal: exiting without waiting", extra={"signal": signal.Signals(sig).name})
+            self.should_exit = True
+            self.force_exit = True
+            return
+        logger.info("signal received: draining", extra={"signal": signal.Signals(sig).name})
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        self._drain = asyncio.ensure_future(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        try:
+            await self._state.drain(self._state.settings.drain_seconds)
+        finally:
+            self.should_exit = True
+
+    async def on_tick(self, counter: int) -> bool:
+        # A model that failed to load ends the process (exit 1) so the kubelet restarts it, visibly.
+        return self._state.phase is Phase.FAILED or await super().on_tick(counter)
+
+
+def _engine_factory(settings: Settings):
+    """The zero-argument factory the app runs in a thread; imports torch only when called."""
+    from serving.engine.config import EngineConfig
+
+    options = {"device": settings.device, "dtype": settings.dtype, "max_num_seqs": settings.max_num_seqs,
+               "max_model_len": settings.max_model_len, "max_waiting": settings.max_queue,
+               "gpu_memory_utilization": settings.gpu_memory_utilization}
+    try:
+        config = EngineConfig(**{name: value for name, value in options.items() if value is not None})
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+
+    def build():
+        from serving.engine.engine import LLMEngine
+
+        route_transformers_logging()
+        return LLMEngine.from_model_dir(settings.model_path, config)
+
+    return build
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = load_settings(argv)
+        factory = _engine_factory(settings)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    app = create_app(settings, factory)
+    state: ServerState = app.state.server
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+                            timeout_graceful_shutdown=_UVICORN_GRACEFUL_SECONDS, lifespan="on")
+    logger.info("starting", extra={"event": "starting", "model": settings.model_name,
+                                   "model_path": str(settings.model_path), "host": settings.host,
+                                   "port": settings.port, "auth": settings.auth_enabled})
+    DrainingServer(config, state).run()
+    return 1 if state.phase is Phase.FAILED else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

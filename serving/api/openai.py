@@ -1,0 +1,369 @@
+"""The OpenAI-compatible API: `/v1/models`, `/v1/completions`, `/v1/chat/completions` (JSON or SSE stream).
+
+A request is validated (400 naming the field), checked against the served model name (404) and the context
+window (400 with the numbers), tokenized (the chat template for chat), and submitted to the engine, which
+answers 429 when its queue is full. Tokens stream back through the incremental detokenizer, which also cuts
+at stop strings. However a generation ends (finished, stop string, client gone, drain deadline, error), its
+engine stream is closed, which aborts the engine request and frees its slot.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, TypeVar
+
+import anyio
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.background import BackgroundTask
+
+from serving.detokenizer import IncrementalDetokenizer
+from serving.engine.interface import (
+    Engine,
+    EngineDeadError,
+    GenerationRequest,
+    QueueFullError,
+    SamplingParams,
+)
+from serving.errors import CLIENT_CLOSED_REQUEST, APIError, bad_request, error_body, validation_error
+from serving.protocol import (
+    BaseGenerationRequest,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessageOut,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    Usage,
+)
+
+if TYPE_CHECKING:
+    from serving.app import InflightGeneration, ServerState
+
+logger = logging.getLogger("serving.api")
+
+RequestT = TypeVar("RequestT", bound=BaseGenerationRequest)
+# How long a client refused with 429 should wait: a slot frees within a few decode steps of any finish.
+RETRY_AFTER_SECONDS = "1"
+
+
+def _state(request: Request) -> "ServerState":
+    return request.app.state.server
+
+
+async def require_api_key(request: Request) -> None:
+    """When keys are configured, every /v1 call needs `Authorization: Bearer <key>`."""
+    keys = _state(request).settings.api_keys
+    if not keys:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise APIError(401, "Missing API key: send it as 'Authorization: Bearer <key>'", code="invalid_api_key")
+    presented = token.strip().encode()
+    # Compare against every key, always, in constant time per key: timing says nothing about which was close.
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(presented, key.encode())
+    if not matched:
+        raise APIError(401, "Incorrect API key provided", code="invalid_api_key")
+
+
+router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
+
+
+def json_body(model: type[RequestT]) -> Callable[[Request], Awaitable[RequestT]]:
+    """Parse and validate the body ourselves: clear 400s whatever the Content-Type, and 404 for a wrong model."""
+
+    async def parse(request: Request) -> RequestT:
+        try:
+            data = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise bad_request(f"Request body is not valid JSON ({exc}); send a JSON object", code="invalid_json")
+        if not isinstance(data, dict):
+            raise bad_request(f"Request body must be a JSON object, not {type(data).__name__}", code="invalid_json")
+        try:
+            body = model.model_validate(data)
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+        unsupported = body.unsupported_parameter()
+        if unsupported is not None:
+            raise bad_request(unsupported[1], param=unsupported[0], code="unsupported_parameter")
+        served = _state(request).settings.model_name
+        if body.model != served:
+            raise APIError(404, f"The model {body.model!r} does not exist; this server serves {served!r}",
+                           param="model", code="model_not_found")
+        return body
+
+    return parse
+
+
+@router.get("/models")
+async def list_models(request: Request) -> ModelList:
+    state = _state(request)
+    engine = state.require_engine()
+    return ModelList(data=[ModelCard(id=state.settings.model_name, created=state.started_at,
+                                     max_model_len=engine.model_info.max_model_len)])
+
+
+@router.post("/completions")
+async def create_completion(request: Request,
+                            body: CompletionRequest = Depends(json_body(CompletionRequest))) -> Response:
+    arrived = time.perf_counter()
+    state = _state(request)
+    engine = state.require_engine()
+    if isinstance(body.prompt, str):
+        prompt_ids = engine.tokenizer.encode(body.prompt)
+    else:
+        prompt_ids = list(body.prompt)
+    generation = _Generation.submit(state, engine, f"cmpl-{uuid.uuid4().hex}", prompt_ids, body, "prompt", arrived)
+    if body.stream:
+        return _sse(generation, _completion_chunks(generation, body, state.settings.model_name))
+    text = await _collect_unless_disconnected(request, generation)
+    return JSONResponse(CompletionResponse(
+        id=generation.request_id, model=state.settings.model_name,
+        choices=[CompletionChoice(text=text, finish_reason=generation.finish_reason)],
+        usage=generation.usage(),
+    ).model_dump())
+
+
+@router.post("/chat/completions")
+async def create_chat_completion(request: Request,
+                                 body: ChatCompletionRequest = Depends(json_body(ChatCompletionRequest))) -> Response:
+    arrived = time.perf_counter()
+    state = _state(request)
+    engine = state.require_engine()
+    prompt_ids = _render_chat(engine.tokenizer, body)
+    generation = _Generation.submit(state, engine, f"chatcmpl-{uuid.uuid4().hex}", prompt_ids, body, "messages",
+                                    arrived)
+    if body.stream:
+        return _sse(generation, _chat_chunks(generation, body, state.settings.model_name))
+    text = await _collect_unless_disconnected(request, generation)
+    return JSONResponse(ChatCompletionResponse(
+        id=generation.request_id, model=state.settings.model_name,
+        choices=[ChatChoice(message=ChatMessageOut(content=text), finish_reason=generation.finish_reason)],
+        usage=generation.usage(),
+    ).model_dump())
+
+
+def _render_chat(tokenizer: Any, body: ChatCompletionRequest) -> list[int]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise bad_request("This model has no chat template; use /v1/completions with a formatted prompt",
+                          param="messages")
+    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+                for m in body.messages]
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # jinja's TemplateError / raise_exception(): the template rejects these messages
+        raise bad_request(f"The messages do not fit this model's chat template: {exc}", param="messages") from exc
+    # The template already holds any BOS token it wants; adding special tokens again would double it.
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+class _Generation:
+    """One engine request from submission to release: text deltas, finish reason, token counts, metrics."""
+
+    def __init__(self, state: "ServerState", engine: Engine, request_id: str, prompt_ids: list[int],
+                 stream: AsyncIterator, stop: list[str], arrived: float, inflight: "InflightGeneration") -> None:
+        self.state = state
+        self.engine = engine
+        self.request_id = request_id
+        self.prompt_tokens = len(prompt_ids)
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self._stream = stream
+        self._detokenizer = IncrementalDetokenizer(engine.tokenizer, prompt_ids, stop)
+        self._arrived = arrived
+        self._inflight = inflight
+        self._released = False
+
+    @classmethod
+    def submit(cls, state: "ServerState", engine: Engine, request_id: str, prompt_ids: list[int],
+               body: BaseGenerationRequest, prompt_param: str, arrived: float) -> "_Generation":
+        """Check the context window, submit to the engine, and map its refusals to HTTP errors."""
+        window = engine.model_info.max_model_len
+        if not prompt_ids:
+            raise bad_request("The prompt is empty; send at least one token", param=prompt_param)
+        requested = body.requested_max_tokens()
+        if len(prompt_ids) >= window or (requested is not None and len(prompt_ids) + requested > window):
+            asked = f"{requested} for max_tokens" if requested is not None else "at least 1 for the completion"
+            raise bad_request(
+                f"This model's maximum context length is {window} tokens. However, you requested "
+                f"{len(prompt_ids) + (requested or 1)} tokens ({len(prompt_ids)} in the prompt, {asked}). "
+                "Please reduce the length of the prompt or max_tokens.",
+                param="max_tokens" if requested is not None and len(prompt_ids) < window else prompt_param,
+                code="context_length_exceeded")
+        max_tokens = requested if requested is not None else window - len(prompt_ids)
+        if body.min_tokens > max_tokens:
+            raise bad_request(f"min_tokens ({body.min_tokens}) is larger than max_tokens ({max_tokens}); lower "
+                              "min_tokens", param="min_tokens")
+        sampling = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            seed=body.seed,
+            min_tokens=body.min_tokens,
+            ignore_eos=body.ignore_eos,
+        )
+        try:
+            stream = engine.generate(GenerationRequest(request_id, tuple(prompt_ids), sampling))
+        except QueueFullError as exc:
+            raise APIError(429, f"The server is at capacity ({exc}); retry after {RETRY_AFTER_SECONDS}s",
+                           code="queue_full", headers={"Retry-After": RETRY_AFTER_SECONDS}) from exc
+        except EngineDeadError as exc:
+            raise APIError(503, f"Service unavailable: {exc}", code="engine_dead") from exc
+        except ValueError as exc:  # the engine's own request validation (e.g. a token id outside the vocabulary)
+            raise bad_request(f"Invalid request: {exc}", param=prompt_param) from exc
+        return cls(state, engine, request_id, prompt_ids, stream, body.stop, arrived, state.track(request_id))
+
+    def usage(self) -> Usage:
+        return Usage.of(self.prompt_tokens, self.completion_tokens)
+
+    async def deltas(self) -> AsyncIterator[str]:
+        """Text deltas as they become safe to send; afterwards `finish_reason` is "stop" or "length"."""
+        metrics = self.state.metrics
+        last_token_at: float | None = None
+        try:
+            async for output in self._stream:
+                if output.token_ids:
+                    now = time.perf_counter()
+                    count = len(output.token_ids)
+                    if last_token_at is None:
+                        metrics.ttft.observe(now - self._arrived)
+                    else:
+                        # Several tokens in one output arrived together: spread the gap so the
+                        # histogram's mean stays the mean time per token.
+                        for _ in range(count):
+                            metrics.itl.observe((now - last_token_at) / count)
+                    last_token_at = now
+                    self.completion_tokens += count
+                text = self._detokenizer.add(output.token_ids)
+                if not self._detokenizer.stopped and output.finish_reason is not None:
+                    if output.finish_reason == "abort":
+                        raise self._aborted()
+                    text += self._detokenizer.finish()
+                    self.finish_reason = "stop" if self._detokenizer.stopped else output.finish_reason
+                if self._detokenizer.stopped:
+                    self.finish_reason = "stop"
+                if text:
+                    yield text
+                if self.finish_reason is not None:
+                    return
+            raise self._aborted()  # the stream ended without a finish reason
+        except EngineDeadError as exc:
+            raise APIError(503, f"Service unavailable: {exc}", code="engine_dead") from exc
+        finally:
+            await self.release()
+
+    def _aborted(self) -> APIError:
+        if self._inflight.cut:
+            reason = "the server is shutting down and cut this generation at the end of its drain period"
+        else:
+            reason = "the engine aborted this generation (it is shutting down)"
+        return APIError(503, f"Service unavailable: {reason}; retry the request", code="aborted")
+
+    async def release(self) -> None:
+        """Close the engine stream (aborting the request unless it finished) and forget it. Idempotent."""
+        if self._released:
+            return
+        self._released = True
+        self.state.untrack(self.request_id)
+        close = getattr(self._stream, "aclose", None)
+        if close is None:
+            self.engine.abort(self.request_id)
+            return
+        # Runs while the request task may be cancelled (client gone): the abort must still happen.
+        with anyio.CancelScope(shield=True):
+            await close()
+
+
+async def _collect_unless_disconnected(request: Request, generation: _Generation) -> str:
+    """Run a non-streaming generation, aborting it if the client disconnects before it is done."""
+    collecting = asyncio.ensure_future(_join(generation.deltas()))
+
+    async def watch_disconnect() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        collecting.cancel()
+
+    watcher = asyncio.ensure_future(watch_disconnect())
+    try:
+        return await collecting
+    except asyncio.CancelledError:
+        if not watcher.done() or watcher.cancelled():
+            raise  # we are cancelled ourselves, not the client leaving
+        raise APIError(CLIENT_CLOSED_REQUEST, "Client closed the request", code="client_closed_request") from None
+    finally:
+        watcher.cancel()
+        await generation.release()
+
+
+async def _join(deltas: AsyncIterator[str]) -> str:
+    return "".join([delta async for delta in deltas])
+
+
+def _sse(generation: _Generation, chunks: AsyncIterator[dict]) -> StreamingResponse:
+    async def events() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+        except APIError as exc:
+            # The 200 and earlier chunks are already sent: the error goes in the stream, as OpenAI does.
+            yield f"data: {json.dumps(error_body(exc.status_code, exc.message, exc.param, exc.code))}\n\n"
+        except Exception:
+            logger.exception("generation failed mid-stream", extra={"engine_request_id": generation.request_id})
+            body = error_body(500, "Internal server error; it was logged", code="internal_error")
+            yield f"data: {json.dumps(body)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    # The background task runs even when the client leaves before the first chunk (the generator then
+    # never starts, and its own cleanup would not run).
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                             background=BackgroundTask(generation.release))
+
+
+class _Chunks:
+    """The envelope every streamed chunk of one response shares (id, object, created, model, usage)."""
+
+    def __init__(self, generation: _Generation, body: BaseGenerationRequest, model: str, object_name: str) -> None:
+        self._generation = generation
+        self._include_usage = body.include_usage
+        self._fixed = {"id": generation.request_id, "object": object_name, "created": int(time.time()),
+                       "model": model}
+
+    def choice(self, fields: dict, finish_reason: str | None) -> dict:
+        choice = {"index": 0, **fields, "logprobs": None, "finish_reason": finish_reason}
+        # With include_usage, OpenAI sends "usage": null on every chunk and the totals on one last chunk.
+        return {**self._fixed, "choices": [choice], **({"usage": None} if self._include_usage else {})}
+
+    def usage(self) -> list[dict]:
+        if not self._include_usage:
+            return []
+        return [{**self._fixed, "choices": [], "usage": self._generation.usage().model_dump()}]
+
+
+async def _completion_chunks(generation: _Generation, body: CompletionRequest, model: str) -> AsyncIterator[dict]:
+    chunks = _Chunks(generation, body, model, "text_completion")
+    async for delta in generation.deltas():
+        yield chunks.choice({"text": delta}, None)
+    yield chunks.choice({"text": ""}, generation.finish_reason)
+    for chunk in chunks.usage():
+        yield chunk
+
+
+async def _chat_chunks(generation: _Generation, body: ChatCompletionRequest, model: str) -> AsyncIterator[dict]:
+    chunks = _Chunks(generation, body, model, "chat.completion.chunk")
+    yield chunks.choice({"delta": {"role": "assistant", "content": ""}}, None)
+    async for delta in generation.deltas():
+        yield chunks.choice({"delta": {"content": delta}}, None)
+    yield chunks.choice({"delta": {}}, generation.finish_reason)
+    for chunk in chunks.usage():
+        yield chunk

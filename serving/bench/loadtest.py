@@ -1,0 +1,331 @@
+"""Closed-loop streaming load test of the server: output tokens/s, TTFT and inter-token latency per concurrency.
+
+Each level runs `concurrency` clients; each client sends a streaming `/v1/completions` request, reads it to
+the end, and sends the next one (closed loop). Prompts are random token ids (256-768 by default) and
+outputs are forced to their length (64-256 by default) with `ignore_eos`, so every level does the same work
+whatever the weights. Per request: TTFT (first text chunk), inter-token latency (gaps between text chunks),
+output tokens (from `usage`). Per level: output tokens / wall time, p50/p99 latencies, errors.
+
+Start a server here (`--model-path`, optionally building random weights of a real shape first with
+`--random-model`) or target a running one (`--url`). The HTTP client is stdlib asyncio, so the numbers
+include no client library overhead beyond parsing SSE.
+
+    python -m serving.bench.loadtest --model-path /tmp/llama-1b-random --random-model llama-3.2-1b \\
+        --device cuda --max-num-seqs 256 --max-model-len 2048 --json-out bench.json
+    python -m serving.bench.loadtest --url http://127.0.0.1:8000 --model llama-3.1-8b --api-key KEY
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# Random-weight model shapes (`--random-model`): real architectures, so GPU numbers mean something.
+SHAPES = {
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=131072,
+                         rope_theta=500000.0, tie_word_embeddings=True),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, max_position_embeddings=2048, tie_word_embeddings=False),
+}
+
+
+# ---- one request --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RequestResult:
+    requested_tokens: int
+    started: float
+    chunk_times: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+    ended: float = 0.0
+    error: str | None = None
+
+
+async def stream_completion(url: str, body: dict, api_key: str | None, timeout: float) -> RequestResult:
+    """POST one streaming completion over a raw connection and time every text chunk."""
+    result = RequestResult(requested_tokens=body["max_tokens"], started=time.perf_counter())
+    target = urlparse(url)
+    payload = json.dumps(body).encode()
+    auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
+    head = (f"POST {target.path or '/'} HTTP/1.1\r\nHost: {target.hostname}:{target.port}\r\n"
+            f"Content-Type: application/json\r\nAccept: text/event-stream\r\n{auth}"
+            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode()
+    writer = None
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(target.hostname, target.port), timeout)
+        writer.write(head + payload)
+        await writer.drain()
+        status = int((await asyncio.wait_for(reader.readline(), timeout)).split()[1])
+        headers = {}
+        while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if status != 200:
+            result.error = f"HTTP {status}: {(await reader.read(300)).decode(errors='replace')}"
+            return result
+        buffer = b""
+        async for data in _body_chunks(reader, headers, timeout):
+            buffer += data
+            while b"\n\n" in buffer:
+                event, buffer = buffer.split(b"\n\n", 1)
+                _handle_event(event, result)
+    except (OSError, asyncio.TimeoutError, ValueError, IndexError) as exc:
+        result.error = repr(exc)
+    finally:
+        result.ended = time.perf_counter()
+        if writer is not None:
+            writer.close()
+    return result
+
+
+def _handle_event(event: bytes, result: RequestResult) -> None:
+    for line in event.splitlines():
+        if not line.startswith(b"data: ") or line == b"data: [DONE]":
+            continue
+        message = json.loads(line[6:])
+        if "error" in message:
+            result.error = message["error"].get("message", str(message["error"]))[:300]
+        if message.get("usage"):
+            result.output_tokens = message["usage"]["completion_tokens"]
+        if any(choice.get("text") for choice in message.get("choices", [])):
+            result.chunk_times.append(time.perf_counter())
+
+
+async def _body_chunks(reader: asyncio.StreamReader, headers: dict, timeout: float):
+    if headers.get("transfer-encoding", "").lower() != "chunked":
+        while data := await asyncio.wait_for(reader.read(65536), timeout):
+            yield data
+        return
+    while True:
+        size = int((await asyncio.wait_for(reader.readline(), timeout)).split(b";")[0].strip() or b"0", 16)
+        if size == 0:
+            return
+        yield (await asyncio.wait_for(reader.readexactly(size + 2), timeout))[:-2]  # drop the chunk's CRLF
+
+
+# ---- one concurrency level ----------------------------------------------------------------------------------
+
+
+def percentile(values: list[float], p: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    rank = (len(values) - 1) * p / 100
+    low = int(rank)
+    high = min(low + 1, len(values) - 1)
+    return values[low] + (values[high] - values[low]) * (rank - low)
+
+
+def make_work(count: int, seed: int, args: argparse.Namespace) -> list[tuple[list[int], int]]:
+    rng = random.Random(seed)
+
+    def prompt() -> list[int]:
+        length = rng.randint(args.in_min, args.in_max)
+        return [rng.randrange(args.token_id_min, args.token_id_max) for _ in range(length)]
+
+    return [(prompt(), rng.randint(args.out_min, args.out_max)) for _ in range(count)]
+
+
+async def run_level(args: argparse.Namespace, url: str, concurrency: int, level_index: int) -> dict:
+    count = max(args.requests_per_level, concurrency * args.rounds)
+    work = make_work(count, args.seed + level_index, args)
+    endpoint = url.rstrip("/") + "/v1/completions"
+
+    def body(prompt: list[int], max_tokens: int) -> dict:
+        return {"model": args.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+
+    if args.warmup:
+        await asyncio.gather(*(stream_completion(endpoint, body(p, 8), args.api_key, args.timeout)
+                               for p, _ in work[:min(concurrency, 8)]))
+    queue = list(reversed(work))
+    results: list[RequestResult] = []
+    started = time.perf_counter()
+
+    async def client() -> None:
+        while queue:
+            if args.max_level_seconds and time.perf_counter() - started > args.max_level_seconds:
+                return  # time cap: stop issuing, in-flight requests finish
+            prompt, max_tokens = queue.pop()
+            results.append(await stream_completion(endpoint, body(prompt, max_tokens), args.api_key, args.timeout))
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    wall = time.perf_counter() - started
+    ok = [r for r in results if r.error is None and r.chunk_times]
+    ttft = [r.chunk_times[0] - r.started for r in ok]
+    itl = [b - a for r in ok for a, b in zip(r.chunk_times, r.chunk_times[1:])]
+    e2e = [r.ended - r.started for r in ok]
+    tokens = sum(r.output_tokens for r in ok)
+    ms = lambda value: None if value is None else round(value * 1e3, 2)  # noqa: E731
+    return {
+        "concurrency": concurrency, "requests": len(results), "ok": len(ok), "errors": len(results) - len(ok),
+        "first_error": next((r.error for r in results if r.error), None),
+        "short_outputs": sum(r.output_tokens < r.requested_tokens for r in ok),
+        "wall_s": round(wall, 2), "output_tokens": tokens, "output_tok_s": round(tokens / wall, 1),
+        "requests_per_s": round(len(ok) / wall, 2),
+        "ttft_p50_ms": ms(percentile(ttft, 50)), "ttft_p99_ms": ms(percentile(ttft, 99)),
+        "itl_p50_ms": ms(percentile(itl, 50)), "itl_p99_ms": ms(percentile(itl, 99)),
+        "e2e_p50_ms": ms(percentile(e2e, 50)), "e2e_p99_ms": ms(percentile(e2e, 99)),
+    }
+
+
+def format_table(levels: list[dict]) -> str:
+    columns = [("concurrency", "conc"), ("requests", "reqs"), ("errors", "errors"), ("output_tok_s", "out tok/s"),
+               ("ttft_p50_ms", "TTFT p50 ms"), ("ttft_p99_ms", "TTFT p99 ms"), ("itl_p50_ms", "ITL p50 ms"),
+               ("itl_p99_ms", "ITL p99 ms"), ("e2e_p50_ms", "E2E p50 ms")]
+    rows = [[title for _, title in columns]] + [[str(level[key]) for key, _ in columns] for level in levels]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
+    lines = ["| " + " | ".join(cell.rjust(width) for cell, width in zip(row, widths)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (width + 1) + ":" for width in widths) + "|")
+    return "\n".join(lines)
+
+
+# ---- the server under test ----------------------------------------------------------------------------------
+
+
+def build_random_model(directory: Path, shape: str) -> None:
+    """Random weights of a real architecture plus a word-level tokenizer (`t0 t1 ...`), all offline."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    dims = SHAPES[shape]
+    vocab = dims["vocab_size"]
+    directory.mkdir(parents=True, exist_ok=True)
+    words = {f"t{i}": i for i in range(vocab - 2)} | {"<|begin_of_text|>": vocab - 2, "<|end_of_text|>": vocab - 1}
+    word_level = Tokenizer(models.WordLevel(words, unk_token="t0"))
+    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, bos_token="<|begin_of_text|>",
+                                        eos_token="<|end_of_text|>", unk_token="t0")
+    tokenizer.save_pretrained(directory)
+    config = LlamaConfig(**dims, bos_token_id=vocab - 2, eos_token_id=vocab - 1, initializer_range=0.02)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16 if device == "cuda" else torch.float32)
+    model.save_pretrained(directory, safe_serialization=True)
+
+
+def start_server(args: argparse.Namespace, log_path: Path) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "serving", "--model-path", str(args.model_path), "--model-name", args.model,
+               "--host", "127.0.0.1", "--port", str(port)]
+    for flag in ("device", "dtype", "max_num_seqs", "max_model_len", "max_queue"):
+        if getattr(args, flag) is not None:
+            command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    log = open(log_path, "wb")
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                               env={**os.environ, "API_KEY": "", "API_KEYS_FILE": ""})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + args.startup_timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            sys.exit(f"server exited with {process.returncode}; see {log_path}")
+        try:
+            with urllib.request.urlopen(f"{url}/health/startup", timeout=2) as response:
+                if response.status == 200:
+                    return process, url
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    process.kill()
+    sys.exit(f"server did not start within {args.startup_timeout}s; see {log_path}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    target = parser.add_argument_group("target (one of)")
+    target.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000")
+    target.add_argument("--model-path", type=Path, help="start `python -m serving` on this model directory")
+    target.add_argument("--random-model", choices=sorted(SHAPES),
+                        help="first build random weights of this shape into --model-path (if it has no config.json)")
+    server = parser.add_argument_group("server options (with --model-path)")
+    server.add_argument("--device")
+    server.add_argument("--dtype")
+    server.add_argument("--max-num-seqs", type=int)
+    server.add_argument("--max-model-len", type=int)
+    server.add_argument("--max-queue", type=int)
+    server.add_argument("--startup-timeout", type=float, default=600)
+    load = parser.add_argument_group("load")
+    load.add_argument("--model", default="bench", help="served model name (default: bench)")
+    load.add_argument("--api-key", default=os.environ.get("API_KEY") or None)
+    load.add_argument("--concurrency", default="1,16,64,256", help="comma-separated levels")
+    load.add_argument("--requests-per-level", type=int, default=32)
+    load.add_argument("--rounds", type=int, default=2, help="at least rounds x concurrency requests per level")
+    load.add_argument("--in-min", type=int, default=256)
+    load.add_argument("--in-max", type=int, default=768)
+    load.add_argument("--out-min", type=int, default=64)
+    load.add_argument("--out-max", type=int, default=256)
+    load.add_argument("--token-id-min", type=int, default=10, help="prompt token ids are drawn from [min, max)")
+    load.add_argument("--token-id-max", type=int, default=None, help="default: the model's vocab size, at most 32000")
+    load.add_argument("--seed", type=int, default=0)
+    load.add_argument("--timeout", type=float, default=300, help="seconds without progress before a request fails")
+    load.add_argument("--warmup", action="store_true", help="a few short requests before each level")
+    load.add_argument("--max-level-seconds", type=float, default=0, help="stop issuing requests after this long")
+    load.add_argument("--json-out", type=Path)
+    args = parser.parse_args(argv)
+    if (args.url is None) == (args.model_path is None):
+        parser.error("give exactly one of --url and --model-path")
+    if args.token_id_max is None:
+        vocab = 32000
+        if args.model_path is not None and (args.model_path / "config.json").is_file():
+            vocab = json.loads((args.model_path / "config.json").read_text())["vocab_size"]
+        elif args.random_model:
+            vocab = SHAPES[args.random_model]["vocab_size"]
+        args.token_id_max = min(vocab - 2, 32000)  # below the random models' special tokens
+    return args
+
+
+async def run_levels(args: argparse.Namespace, url: str) -> list[dict]:
+    levels = []
+    for index, concurrency in enumerate(int(c) for c in args.concurrency.split(",")):
+        level = await run_level(args, url, concurrency, index)
+        print(json.dumps(level), file=sys.stderr, flush=True)
+        levels.append(level)
+    return levels
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    process = None
+    url = args.url
+    if args.model_path is not None:
+        if args.random_model and not (args.model_path / "config.json").is_file():
+            print(f"building random {args.random_model} weights in {args.model_path}", file=sys.stderr)
+            build_random_model(args.model_path, args.random_model)
+        log_path = (args.json_out.with_suffix(".server.log") if args.json_out
+                    else Path(tempfile.gettempdir()) / "loadtest.server.log")
+        print(f"server log: {log_path}", file=sys.stderr)
+        process, url = start_server(args, log_path)
+    try:
+        levels = asyncio.run(run_levels(args, url))
+    finally:
+        if process is not None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(120)
+    print(format_table(levels))
+    if args.json_out:
+        args.json_out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items() if k != "api_key"},
+                                             "levels": levels}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

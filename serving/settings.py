@@ -1,0 +1,197 @@
+"""The server's settings: one frozen `Settings`, read once from command-line flags and environment variables.
+
+A flag wins over its environment variable, which wins over the default. Every value is checked here, so a
+bad value stops the process before it listens, with one line that names the flag or variable, the value and
+what is allowed (`SettingsError`; `python -m serving` prints it and exits 2).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence, TypeVar
+
+T = TypeVar("T")
+
+DEFAULT_PORT = 8000
+DEFAULT_HOST = "0.0.0.0"
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+DEFAULT_DRAIN_SECONDS = 30.0
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class SettingsError(ValueError):
+    """A flag or environment variable has a value the server cannot run with."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_path: Path
+    """Directory of a Hugging Face model (`config.json`, safetensors, tokenizer)."""
+    model_name: str
+    """The name clients send as `model`; defaults to the model directory's base name."""
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    api_keys: frozenset[str] = field(default_factory=frozenset, repr=False)
+    """Accepted bearer tokens; empty means the API is open."""
+    max_num_seqs: int | None = None
+    """Requests decoded together (engine slots); None keeps the engine's default."""
+    max_model_len: int | None = None
+    """Context window (prompt + output tokens); None takes the model's own."""
+    max_queue: int | None = None
+    """Requests allowed to wait for a slot before new ones get 429; None keeps the engine's default."""
+    device: str | None = None
+    """`auto`, `cuda` or `cpu`; None lets the engine choose (auto)."""
+    dtype: str | None = None
+    """`auto`, `bfloat16`, `float16` or `float32`; None lets the engine choose (auto)."""
+    gpu_memory_utilization: float | None = None
+    """Fraction of GPU memory the engine may use for weights and KV cache; None keeps the engine's default."""
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    drain_seconds: float = DEFAULT_DRAIN_SECONDS
+    """After SIGTERM, how long in-flight requests may run before they are aborted."""
+    log_level: str = "info"
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys)
+
+
+def _whole_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError("is not a whole number") from None
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError("is not a number") from None
+
+
+def _positive_int(text: str) -> int:
+    value = _whole_number(text)
+    if value < 1:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _whole_number(text)
+    if not 1 <= value <= 65535:
+        raise ValueError("must be between 1 and 65535")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _number(text)
+    if not 0 <= value < float("inf"):  # also rejects NaN
+        raise ValueError("must be a finite number >= 0")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _number(text)
+    if not 0 < value <= 1:
+        raise ValueError("must be in (0, 1]")
+    return value
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+        return value
+
+    return parse
+
+
+# (attribute, flag, environment variable, parser, help)
+_OPTIONS: tuple[tuple[str, str, str, Callable[[str], object], str], ...] = (
+    ("model_path", "--model-path", "MODEL_PATH", str, "model directory (required)"),
+    ("model_name", "--model-name", "MODEL_NAME", str, "served model name (default: the directory's base name)"),
+    ("host", "--host", "HOST", str, f"bind address (default {DEFAULT_HOST})"),
+    ("port", "--port", "PORT", _port, f"listen port (default {DEFAULT_PORT})"),
+    ("api_keys_file", "--api-keys-file", "API_KEYS_FILE", str, "file of API keys, one per line (# comments)"),
+    ("max_num_seqs", "--max-num-seqs", "MAX_NUM_SEQS", _positive_int, "requests decoded together"),
+    ("max_model_len", "--max-model-len", "MAX_MODEL_LEN", _positive_int, "context window in tokens"),
+    ("max_queue", "--max-queue", "MAX_QUEUE", _positive_int, "waiting requests before 429"),
+    ("device", "--device", "DEVICE", _choice("auto", "cuda", "cpu"),
+     "auto, cuda or cpu (default auto: CUDA if visible)"),
+    ("dtype", "--dtype", "DTYPE", _choice("auto", "bfloat16", "float16", "float32"),
+     "auto, bfloat16, float16 or float32 (default auto: bfloat16 on GPU, float32 on CPU)"),
+    ("gpu_memory_utilization", "--gpu-memory-utilization", "GPU_MEMORY_UTILIZATION", _fraction,
+     "fraction of GPU memory for the engine"),
+    ("max_body_bytes", "--max-body-bytes", "MAX_BODY_BYTES", _positive_int,
+     f"largest request body (default {DEFAULT_MAX_BODY_BYTES})"),
+    ("drain_seconds", "--drain-seconds", "DRAIN_SECONDS", _non_negative_float,
+     f"grace period after SIGTERM (default {DEFAULT_DRAIN_SECONDS:g})"),
+    ("log_level", "--log-level", "LOG_LEVEL", _choice(*LOG_LEVELS), "log level (default info)"),
+)
+
+
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """argparse prints usage plus an error; the contract is one clear line, raised like every other bad value."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise SettingsError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineErrorParser(
+        prog="python -m serving",
+        description="OpenAI-compatible LLM server. Every flag can also be set by the environment variable shown.",
+        epilog="API_KEY (environment only, e.g. from a Kubernetes Secret) adds one key to those of API_KEYS_FILE; "
+               "with no key configured the API is open.",
+    )
+    for attribute, flag, env, _, help_text in _OPTIONS:
+        parser.add_argument(flag, dest=attribute, default=None, metavar=env, help=f"{help_text} [env {env}]")
+    return parser
+
+
+def _read_api_keys(path_text: str) -> set[str]:
+    path = Path(path_text)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise SettingsError(f"API_KEYS_FILE {path_text!r} cannot be read: {exc.strerror or exc}") from exc
+    keys = {line.strip() for line in lines if line.strip() and not line.strip().startswith("#")}
+    if not keys:
+        # An operator who points at a key file means to require keys: an empty file must not open the API.
+        raise SettingsError(f"API_KEYS_FILE {path_text!r} contains no keys; add one key per line")
+    return keys
+
+
+def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Build Settings from flags (`argv`, without the program name) and environment; raise SettingsError."""
+    environ = os.environ if environ is None else environ
+    flags = vars(build_parser().parse_args(list(argv) if argv is not None else None))
+    values: dict[str, object] = {}
+    for attribute, flag, env, parse, _ in _OPTIONS:
+        raw, source = flags.get(attribute), flag
+        if raw is None and environ.get(env, "").strip():
+            raw, source = environ[env], env
+        if raw is None:
+            continue
+        try:
+            values[attribute] = parse(raw.strip())
+        except ValueError as exc:
+            raise SettingsError(f"{source}={raw!r}: {exc}") from None
+
+    if "model_path" not in values:
+        raise SettingsError("no model: pass --model-path DIR or set MODEL_PATH")
+    model_path = Path(str(values.pop("model_path"))).expanduser()
+    if not model_path.is_dir():
+        raise SettingsError(f"model path {str(model_path)!r} is not a directory; point --model-path/MODEL_PATH at a "
+                            "Hugging Face model directory")
+    model_name = str(values.pop("model_name", "") or "").strip() or model_path.resolve().name
+
+    api_keys: set[str] = set()
+    if "api_keys_file" in values:
+        api_keys |= _read_api_keys(str(values.pop("api_keys_file")))
+    if environ.get("API_KEY", "").strip():
+        api_keys.add(environ["API_KEY"].strip())
+    return Settings(model_path=model_path, model_name=model_name, api_keys=frozenset(api_keys), **values)

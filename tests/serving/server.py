@@ -1,0 +1,111 @@
+"""Run the real server (`python -m serving`) in a subprocess for the HTTP tests, and read what it says.
+
+Each `ServerProcess` binds 127.0.0.1 on a free port, writes its JSON log lines to a file, and is stopped
+with SIGTERM (as Kubernetes does), then killed if it does not exit.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MODEL_NAME = "tiny"
+STARTUP_TIMEOUT_S = 90.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, model_dir: Path, log_path: Path, *, env: dict[str, str] | None = None,
+                 args: tuple[str, ...] = ()) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        command = [sys.executable, "-m", "serving", "--model-path", str(model_dir), "--model-name", MODEL_NAME,
+                   "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu", "--dtype", "float32", *args]
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        with open(log_path, "wb") as log:
+            self.process = subprocess.Popen(command, cwd=REPO_ROOT, env=full_env, stdout=log,
+                                            stderr=subprocess.STDOUT)
+
+    def wait_listening(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_text()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise TimeoutError(f"server did not listen within {timeout}s:\n{self.log_text()}")
+
+    def wait_started(self, timeout: float = STARTUP_TIMEOUT_S) -> list[int]:
+        """Poll /health/startup until 200; return every status seen on the way."""
+        self.wait_listening(timeout)
+        deadline = time.monotonic() + timeout
+        seen: list[int] = []
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_text()}")
+            status = httpx.get(f"{self.url}/health/startup", timeout=5).status_code
+            seen.append(status)
+            if status == 200:
+                return seen
+            time.sleep(0.05)
+        raise TimeoutError(f"server did not start within {timeout}s:\n{self.log_text()}")
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_lines(self) -> list[dict]:
+        """Every log line, parsed; a line that is not JSON fails the test (the contract is JSON lines only)."""
+        return [json.loads(line) for line in self.log_text().splitlines() if line.strip()]
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """GET /metrics and index every sample by (name, sorted labels)."""
+    response = httpx.get(f"{url}/metrics", timeout=10)
+    response.raise_for_status()
+    samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def sample(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def sse_events(response: httpx.Response) -> list:
+    """The `data:` payloads of a server-sent-events response, JSON-decoded, with "[DONE]" kept as a string."""
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            payload = line[len("data: "):]
+            events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events

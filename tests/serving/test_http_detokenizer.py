@@ -1,0 +1,89 @@
+"""The HTTP layer's incremental detokenizer and stop strings, against the tiny model's byte-level BPE tokenizer."""
+from __future__ import annotations
+
+import pytest
+
+from serving.detokenizer import IncrementalDetokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def stream(tokenizer, ids, stop=(), prompt=(1,), step=1):
+    detokenizer = IncrementalDetokenizer(tokenizer, list(prompt), stop)
+    deltas = []
+    for start in range(0, len(ids), step):
+        deltas.append(detokenizer.add(ids[start:start + step]))
+        if detokenizer.stopped:
+            break
+    deltas.append(detokenizer.finish())
+    return deltas, detokenizer
+
+
+TEXT = "Héllo wörld — 世界 🙂 says the GPU ✓."
+
+
+@pytest.mark.parametrize("step", [1, 2, 5])
+def test_multibyte_text_streams_without_replacement_characters(tokenizer, step):
+    ids = tokenizer.encode(TEXT, add_special_tokens=False)
+    # Byte-level BPE over an English corpus: the non-ASCII characters are split into byte tokens.
+    assert any("\ufffd" in tokenizer.decode([i]) for i in ids)
+    deltas, detokenizer = stream(tokenizer, ids, step=step)
+    assert "".join(deltas) == TEXT
+    assert not any("\ufffd" in delta for delta in deltas)
+    assert not detokenizer.stopped
+
+
+def test_context_from_the_prompt_keeps_leading_spaces(tokenizer):
+    prompt = tokenizer.encode("The quick brown", add_special_tokens=False)
+    ids = tokenizer.encode("The quick brown fox jumps", add_special_tokens=False)[len(prompt):]
+    deltas, _ = stream(tokenizer, ids, prompt=prompt)
+    assert "".join(deltas) == " fox jumps"
+
+
+def test_stop_string_spanning_tokens_is_cut_and_never_sent(tokenizer):
+    ids = tokenizer.encode("Hello world! How are you today?", add_special_tokens=False)
+    deltas, detokenizer = stream(tokenizer, ids, stop=["are you", "zzz"])
+    assert "".join(deltas) == "Hello world! How "
+    assert detokenizer.stopped
+    assert not any("are" in delta for delta in deltas)
+
+
+def test_partial_stop_string_is_held_back_then_released(tokenizer):
+    ids = tokenizer.encode("Hello world! How are you today?", add_special_tokens=False)
+    detokenizer = IncrementalDetokenizer(tokenizer, [1], ["you there"])
+    sent = ""
+    for token in ids:
+        sent += detokenizer.add([token])
+        # Whatever could still become "you there" stays unsent.
+        assert not sent.endswith(("y", "yo", "you", "you "))
+    sent += detokenizer.finish()
+    assert sent == "Hello world! How are you today?" and not detokenizer.stopped
+
+
+def test_stop_string_in_the_first_token_gives_empty_text(tokenizer):
+    ids = tokenizer.encode("Hello world", add_special_tokens=False)
+    deltas, detokenizer = stream(tokenizer, ids, stop=["H"])
+    assert "".join(deltas) == "" and detokenizer.stopped
+
+
+def test_special_tokens_are_not_text(tokenizer):
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ids = tokenizer.encode("Hello", add_special_tokens=False) + [eos] + tokenizer.encode(" world",
+                                                                                        add_special_tokens=False)
+    deltas, _ = stream(tokenizer, ids)
+    assert "".join(deltas) == "Hello world"
+
+
+def test_invalid_bytes_from_the_model_do_not_stall_the_stream(tokenizer):
+    # UTF-8 lead bytes that never complete always decode to a trailing U+FFFD: held only a few tokens.
+    lead = tokenizer.convert_tokens_to_ids("Ã")  # byte-level BPE's symbol for byte 0xC3
+    ids = [lead] * 12
+    deltas, _ = stream(tokenizer, ids)
+    assert "".join(deltas) == tokenizer.decode(ids) == "\ufffd" * 12
+    assert "".join(deltas[:-1])  # sent while streaming, not only by finish()
+    assert all(delta == "" for delta in deltas[:5])  # but held while a character could still complete
