@@ -154,6 +154,7 @@ def run_with_mocks(stack: str, config: dict[str, str], program: Callable[[], Any
     from pulumi.runtime.stack import run_pulumi_func
     from pulumi.runtime.sync_await import _sync_await
 
+    _ensure_event_loop()
     mocks_class, monitor_class = _mocks_class()
     mocks = mocks_class()
     monitor = monitor_class(mocks)
@@ -174,6 +175,23 @@ def run_with_mocks(stack: str, config: dict[str, str], program: Callable[[], Any
         if _sync_await(output.is_secret()):
             result.secret_outputs.add(key)
     return result
+
+
+def _ensure_event_loop() -> None:
+    """Pulumi's runtime drives its RPCs on the thread's current event loop; code that ran `asyncio.run` before
+    (a test, an embedding program) leaves none, or a closed one."""
+    import asyncio
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            loop = asyncio.get_event_loop()
+        if not loop.is_closed():
+            return
+    except RuntimeError:
+        pass
+    asyncio.set_event_loop(asyncio.new_event_loop())
 
 
 def run_program(stack: str, config: dict[str, str]) -> RenderResult:

@@ -62,3 +62,16 @@ def test_readme_config_reference_is_current():
     proc = subprocess.run([sys.executable, str(ROOT / "config_reference.py"), "--check"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_render_works_after_asyncio_run_cleared_the_event_loop():
+    """Tests and embedding programs may call asyncio.run first, which leaves the thread without a loop."""
+    import asyncio
+
+    from render import render_stack
+
+    async def nothing():
+        return None
+
+    asyncio.run(nothing())
+    assert len(render_stack("dev").manifests()) >= 10
