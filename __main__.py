@@ -1,6 +1,7 @@
 """The llm-platform Pulumi program: reads the stack config once and composes the components.
 
-ClusterAddons (optional Helm releases) -> GpuPool -> Guardrails -> LLMServing (one per model) -> Observability.
+ClusterAddons (optional Helm releases) -> GpuPool -> Guardrails -> ModelStorage and LLMServing (one each per model)
+-> Observability.
 Bad config stops here, at preview, with one message naming the stack, the key and what is allowed; the capacity
 plan is logged and exported.
 """
@@ -9,7 +10,7 @@ import pulumi
 import stack_config
 from components import (
     ClusterAddons, ClusterAddonsArgs, GpuPool, GpuPoolArgs, Guardrails, GuardrailsArgs, LLMServing, LLMServingArgs,
-    Observability, ObservabilityArgs,
+    ModelStorage, ModelStorageArgs, Observability, ObservabilityArgs,
 )
 from components.observability import ObservedModel, adapter_rules, scrape_annotations
 
@@ -18,6 +19,7 @@ observed = [ObservedModel(model, plan.queries) for model, plan in zip(cfg.models
 
 addons = ClusterAddons("cluster-addons", ClusterAddonsArgs(
     addons=cfg.addons, observability=cfg.observability, gpu_pool=cfg.gpu_pool, adapter_rules=adapter_rules(observed),
+    backups=cfg.backups,
 ))
 after_addons = pulumi.ResourceOptions(depends_on=list(addons.releases.values()))
 
@@ -38,6 +40,13 @@ guardrails = Guardrails("guardrails", GuardrailsArgs(
 
 servings = {}
 for model, plan in zip(cfg.models, cfg.plans):
+    storage = ModelStorage(f"{model.name}-storage", ModelStorageArgs(
+        namespace=guardrails.namespace_name,
+        model=model,
+        service_account=guardrails.service_account_name,
+        network_policies=cfg.guardrails.network_policies,
+        backups=cfg.backups,
+    ), opts=pulumi.ResourceOptions(depends_on=[guardrails, *addons.releases.values()]))
     servings[model.name] = LLMServing(model.name, LLMServingArgs(
         namespace=guardrails.namespace_name,
         model=model,
@@ -52,6 +61,7 @@ for model, plan in zip(cfg.models, cfg.plans):
         target_load_per_replica=plan.target_load_per_replica,
         load_query=plan.queries.load_total,
         prometheus_url=cfg.observability.prometheus_url,
+        storage_ready=storage.ready,
     ), opts=pulumi.ResourceOptions(depends_on=[guardrails, *addons.releases.values()]))
 
 Observability("observability", ObservabilityArgs(

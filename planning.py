@@ -16,9 +16,10 @@ import capacity
 from capacity import GIB, PRESETS, Architecture, Sizing, gib
 from quantities import format_bytes_gib, parse_quantity
 from components.metric_contract import RUNTIMES, ContractError, ModelQueries, model_queries
+from model_source import parse_source
 from stack_config import (
-    ModelConfig, RolloutConfig, SizingConfig, StackConfig, hpa_name, model_max_replicas, model_min_replicas,
-    tls_secret_name,
+    MODELS_MOUNT, ModelConfig, RolloutConfig, SizingConfig, StackConfig, dns_name, fill_job_name, hpa_name,
+    model_max_replicas, model_min_replicas, tls_secret_name,
 )
 
 Fail = Callable[[str, str], NoReturn]
@@ -44,6 +45,8 @@ class ModelPlan:
     autoscaling: str
     """How the model scales and on what signal (and the cold-start cost of scaling to zero)."""
     target_load_per_replica: int
+    model_storage: tuple[str, ...] = ()
+    """Where the weights come from, how the volume is filled, backed up or restored."""
     queries: ModelQueries | None = None
     """Every PromQL query rendered for this model (not part of the stack output)."""
 
@@ -72,12 +75,14 @@ class ModelPlan:
         out.append(f"  startup budget: {self.startup_budget_seconds} s{estimate}")
         if self.shm:
             out.append(f"  /dev/shm: {self.shm} (memory-backed, counted in the memory limit)")
+        out.extend(f"  {line}" for line in self.model_storage)
         if self.cost_per_hour_min is not None:
             out.append(f"  cost: {self.cost_per_hour_min:.2f}/h at min, {self.cost_per_hour_max:.2f}/h at max")
         return out
 
     def as_output(self) -> dict:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "queries"}
+        fields["model_storage"] = list(self.model_storage)
         return {k: v for k, v in fields.items() if v is not None} | {
             "gpusAtMin": self.gpus_at_min, "gpusAtMax": self.gpus_at_max}
 
@@ -246,19 +251,65 @@ def check_quota(cfg: StackConfig, fail: Fail) -> _Budget | None:
                  f"{quota} is below what the models need at maxReplicas ({kind} {shown}); "
                  "raise the quota or lower maxReplicas or the per-replica resources")
         left[kind] = parse_quantity(quota) - total
-    claims = sum(1 if m.workload == "deployment" else model_max_replicas(m) for m in cfg.models)
+    claims = sum(_claims_per_model(m) for m in cfg.models)
     if claims > q.persistent_volume_claims:
         fail("guardrails.resourceQuota.persistentVolumeClaims",
              f"{q.persistent_volume_claims} is below the {claims} model volumes the models need at maxReplicas "
              "(one per Deployment, one per StatefulSet replica); raise it")
     for cls, cap in sorted(q.storage_by_class.items()):
-        used = sum(parse_quantity(m.storage.size) * (1 if m.workload == "deployment" else model_max_replicas(m))
+        used = sum(parse_quantity(m.storage.size) * _claims_per_model(m)
                    for m in cfg.models if m.storage.storage_class == cls)
         if used > parse_quantity(cap):
             fail(f"guardrails.resourceQuota.storageByClass.{cls}",
                  f"{cap} is below the {format_bytes_gib(used)} of {cls} model volumes at maxReplicas; raise it or "
                  "shrink models[].storage.size")
     return _Budget(Decimal(q.gpus - needed), left)
+
+
+def _claims_per_model(m: ModelConfig) -> int:
+    """Model volumes the platform creates: one per Deployment (none for an existing pvc:// claim), one per
+    StatefulSet replica."""
+    if m.workload == "statefulset":
+        return model_max_replicas(m)
+    return 0 if m.source and parse_source(m.source).kind == "pvc" else 1
+
+
+def plan_storage(cfg: StackConfig, m: ModelConfig) -> tuple[dict, tuple[str, ...]]:
+    """The model directory, the claim names (an existing claim, or one restored from a snapshot) and the plan's
+    description of how the volume is filled and backed up."""
+    storage, lines = m.storage, []
+    if m.source is None:
+        lines.append(f"model: {m.model_path} on the volume, filled by other means (set source to have the "
+                     "platform fill it from a pinned revision)")
+        model_path = m.model_path
+    else:
+        src = parse_source(m.source)
+        pin = "pinned" if src.pinned else "NOT pinned: the revision can move, replicas filled later may differ"
+        if src.kind == "pvc":
+            model_path = f"{MODELS_MOUNT}/{src.path}"
+            storage = dataclasses.replace(storage, claim_name=src.location)
+            lines.append(f"model: {m.source}: existing claim {src.location!r} mounted read-only, {model_path}; "
+                         "pods check it holds a complete model before serving")
+        else:
+            model_path = f"{m.model_path or f'{MODELS_MOUNT}/{m.name}'}/{src.directory}"
+            how = (f"Job {fill_job_name(m, src.short_id)} fills the volume before the pods roll"
+                   if m.workload == "deployment" else
+                   "each replica's init container fills its own volume (so these pods may reach the source)")
+            lines.append(f"model: {m.source} ({pin}) -> {model_path}; {how}; pods serve offline after checking "
+                         f"the fill's manifest; {m.fill.keep_revisions} revision(s) kept on the volume")
+    if storage.restore_from_snapshot:
+        snap = storage.restore_from_snapshot
+        storage = dataclasses.replace(storage, claim_name=dns_name(storage.claim_name, "from", snap),
+                                      template_name=dns_name(storage.template_name, "from", snap))
+        name = storage.claim_name if m.workload == "deployment" else f"{storage.template_name}-<pod>"
+        lines.append(f"restore: volume {name} is created from VolumeSnapshot {snap!r}; the pods roll onto it and "
+                     "the previous volume is deleted after them")
+    if cfg.backups.enabled and not (m.source and parse_source(m.source).kind == "pvc"):
+        b = cfg.backups
+        age = f", and none older than {b.max_age}" if b.max_age else ""
+        lines.append(f"backups: snapshots '{b.schedule}' with class {b.snapshot_class.name}, keeping the newest "
+                     f"{b.retention}{age} (needs the snapscheduler operator)")
+    return {"model_path": model_path, "storage": storage}, tuple(lines)
 
 
 def choose_rollout(m: ModelConfig, p: str, budget: _Budget | None, fail: Fail) -> tuple[RolloutConfig, str]:
@@ -323,8 +374,9 @@ def plan_stack(cfg: StackConfig, fail: Fail) -> StackConfig:
                 dcgm=cfg.addons.dcgm_exporter.enabled)
         except ContractError as exc:
             fail(f"{p}.runtime", f"{m.runtime!r}: {exc}; the alerts, dashboard and autoscaler need it")
+        storage_fields, storage_lines = plan_storage(cfg, m)
         resolved = dataclasses.replace(
-            m, rollout=rollout, shm_size=shm, image=m.image or rt.default_image,
+            m, **storage_fields, rollout=rollout, shm_size=shm, image=m.image or rt.default_image,
             probes=dataclasses.replace(m.probes, startup=dataclasses.replace(m.probes.startup,
                                                                               failure_threshold=threshold)),
             max_model_len=m.max_model_len or (s.max_context_tokens if s else None),
@@ -343,5 +395,5 @@ def plan_stack(cfg: StackConfig, fail: Fail) -> StackConfig:
             cost_per_hour_min=None if price is None else lo * m.gpus_per_replica * price,
             cost_per_hour_max=None if price is None else hi * m.gpus_per_replica * price,
             autoscaling=describe_autoscaling(m, target, estimate, gib(capacity.weight_bytes(s)) if s else None),
-            target_load_per_replica=target, queries=queries))
+            target_load_per_replica=target, model_storage=storage_lines, queries=queries))
     return dataclasses.replace(cfg, models=models, plans=tuple(plans))

@@ -42,6 +42,11 @@ class Captured:
     inputs: dict[str, Any]
     parent: str | None = None
     ignore_changes: list[str] = field(default_factory=list)
+    depends_on: list[str] = field(default_factory=list)
+    """URNs of the resources this one was registered to wait for."""
+    custom_timeouts: dict[str, str] = field(default_factory=dict)
+    alias_parents: list[str] = field(default_factory=list)
+    """Earlier parents (URNs) whose child of the same name the engine maps onto this resource."""
 
     @property
     def is_kubernetes(self) -> bool:
@@ -104,16 +109,15 @@ def _mocks_class():
             return {}
 
     class RecordingMonitor(pulumi.runtime.mocks.MockMonitor):
-        """Also records each registration's parent URN, so tests can check that components parent children."""
+        """Also records each registration's options (parent, dependencies, timeouts, aliases), so tests can check
+        that components parent their children and order them."""
 
         def __init__(self, mocks):
             super().__init__(mocks)
-            self.parents: dict[tuple[str, str], str] = {}
-            self.ignore_changes: dict[tuple[str, str], list[str]] = {}
+            self.requests: dict[tuple[str, str], Any] = {}
 
         def RegisterResource(self, request):
-            self.parents[(request.type, request.name)] = request.parent
-            self.ignore_changes[(request.type, request.name)] = list(request.ignoreChanges)
+            self.requests[(request.type, request.name)] = request
             return super().RegisterResource(request)
 
     return RecordingMocks, RecordingMonitor
@@ -165,8 +169,16 @@ def run_with_mocks(stack: str, config: dict[str, str], program: Callable[[], Any
     pulumi.runtime.set_mocks(mocks, project=PROJECT, stack=stack, preview=False, monitor=monitor)
     _sync_await(run_pulumi_func(program))
     for captured in mocks.resources:
-        captured.parent = monitor.parents.get((captured.type, captured.name)) or None
-        captured.ignore_changes = monitor.ignore_changes.get((captured.type, captured.name), [])
+        request = monitor.requests.get((captured.type, captured.name))
+        if request is None:
+            continue
+        captured.parent = request.parent or None
+        captured.ignore_changes = list(request.ignoreChanges)
+        captured.depends_on = list(request.dependencies)
+        timeouts = request.customTimeouts
+        captured.custom_timeouts = {k: getattr(timeouts, k) for k in ("create", "update", "delete")
+                                    if getattr(timeouts, k)}
+        captured.alias_parents = [a.spec.parentUrn for a in request.aliases if a.spec.parentUrn]
     result = RenderResult(stack=stack, resources=mocks.resources)
     root = pulumi.runtime.get_root_resource()
     for key, value in getattr(root, "outputs", {}).items():

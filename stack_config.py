@@ -16,6 +16,7 @@ from typing import Any, Literal, Mapping
 
 import pulumi
 
+from model_source import SourceError, parse_source
 from quantities import QuantityError, parse_quantity
 
 PROJECT = "llm-platform"
@@ -267,6 +268,9 @@ class StorageConfig:
     """PVC name for `workload: deployment`."""
     template_name: str = field(default="model-data", metadata={"dns": True})
     """volumeClaimTemplates name for `workload: statefulset` (one ReadWriteOnce volume per replica)."""
+    restore_from_snapshot: str | None = field(default=None, metadata={"dns": True})
+    """Name of a VolumeSnapshot in the namespace to create the model volume from. The restored claim gets a new
+    name (`<claimName>-from-<snapshot>`), the pods roll onto it and the old claim is deleted after them."""
 
 
 @dataclass(frozen=True)
@@ -325,13 +329,56 @@ class SizingConfig:
 
 
 @dataclass(frozen=True)
+class FillResources:
+    requests: ResourceAmounts = field(default_factory=lambda: ResourceAmounts(cpu="1", memory="1Gi", ephemeral_storage="1Gi"))
+    limits: ResourceAmounts = field(default_factory=lambda: ResourceAmounts(cpu="4", memory="4Gi", ephemeral_storage="2Gi"))
+
+
+@dataclass(frozen=True)
+class FillConfig:
+    """How `models[].source` is copied onto the model volume (`python -m serving.fetch` in the serving image)."""
+
+    secret_name: str | None = field(default=None, metadata={"dns": True})
+    """Existing Secret with the source's credentials: key `HF_TOKEN` (hf) or `AWS_ACCESS_KEY_ID` and
+    `AWS_SECRET_ACCESS_KEY` (s3), mounted as files for the fill only (never env, never the serving container).
+    Unset: anonymous (public models) or the node's / workload identity."""
+    hf_endpoint: str | None = None
+    """Hub URL for a mirror or proxy; unset: https://huggingface.co."""
+    s3_endpoint: str | None = None
+    """S3-compatible endpoint URL (MinIO, Ceph, R2, ...); unset: AWS S3."""
+    s3_region: str = "us-east-1"
+    image: str | None = None
+    """Image with `serving.fetch`, pinned; unset: the model's image (required for runtime vllm)."""
+    egress_cidrs: list[str] = field(default_factory=lambda: ["0.0.0.0/0"])
+    """Where the fill may connect; `0.0.0.0/0` excludes the private and link-local ranges (cluster, cloud
+    metadata). Narrow it to the source's addresses where they are fixed."""
+    egress_namespaces: list[str] = field(default_factory=list)
+    """Namespaces of an in-cluster source (e.g. MinIO)."""
+    egress_port: int = field(default=443, metadata={"min": 1, "max": 65535})
+    deadline_seconds: int = field(default=14400, metadata={"min": 60})
+    """The fill Job's activeDeadlineSeconds, and how long `pulumi up` waits for it."""
+    backoff_limit: int = field(default=6, metadata={"min": 0, "max": 100})
+    """Pod retries; each resumes the partial download on the volume."""
+    keep_revisions: int = field(default=2, metadata={"min": 1, "max": 100})
+    """Revision directories kept on the volume (the current one and the previous, for instant rollback)."""
+    resources: FillResources = field(default_factory=FillResources)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str = field(metadata={"dns": True})
     """Kubernetes name of this model's workload, Service, HPA, PDB."""
     served_model_name: str
     """MODEL_NAME: the model name clients send."""
-    model_path: str
-    """MODEL_PATH inside the container, under /models."""
+    model_path: str | None = None
+    """MODEL_PATH inside the container, under /models; required without a `source`. With an hf or s3 source it is
+    the model's folder (default /models/<name>) and each revision is filled into its own directory inside it;
+    with a pvc source it is /models/PATH."""
+    source: str | None = None
+    """Where the weights come from, pinned: `hf://ORG/NAME@<commit sha>`, `s3://BUCKET/PREFIX` or
+    `pvc://CLAIM/PATH`. The volume is filled once (a Job, or an init container per StatefulSet replica) and the
+    pods serve offline after checking the fill's manifest. Unset: the volume is filled by other means."""
+    fill: FillConfig = field(default_factory=FillConfig)
     image: str | None = None
     """Serving image, pinned to a version tag or digest (never `latest`); required for the builtin runtime,
     defaults to the pinned official image for vllm."""
@@ -401,6 +448,35 @@ class AddonsConfig:
     """Advertises `nvidia.com/gpu` on the GPU nodes."""
     dcgm_exporter: HelmAddon = field(default_factory=HelmAddon)
     """GPU metrics (DCGM) for nodes and pods."""
+    snapscheduler: HelmAddon = field(default_factory=HelmAddon)
+    """backube/snapscheduler: takes the scheduled model-volume snapshots of `backups`."""
+
+
+@dataclass(frozen=True)
+class SnapshotClassConfig:
+    name: str = field(default="llm-model-snapshots", metadata={"dns": True})
+    """VolumeSnapshotClass the snapshots use."""
+    driver: str | None = None
+    """CSI driver (e.g. `ebs.csi.aws.com`, `pd.csi.storage.gke.io`): when set, the class is created;
+    unset: `name` must already exist in the cluster."""
+    deletion_policy: Literal["Retain", "Delete"] = "Retain"
+    """Retain keeps the storage-side snapshot when its VolumeSnapshot object is deleted."""
+    parameters: dict[str, str] = field(default_factory=dict)
+    """Driver-specific parameters."""
+
+
+@dataclass(frozen=True)
+class BackupsConfig:
+    enabled: bool = False
+    """Snapshot every model volume on a schedule (needs a CSI driver with snapshots and the snapscheduler
+    operator: `addons.snapscheduler`)."""
+    schedule: str = "0 3 * * *"
+    """Cron schedule (five fields, or @daily, @weekly, ...)."""
+    retention: int = field(default=7, metadata={"min": 1})
+    """Snapshots kept per volume; the oldest are deleted."""
+    max_age: str | None = None
+    """Also delete snapshots older than this (`720h`)."""
+    snapshot_class: SnapshotClassConfig = field(default_factory=SnapshotClassConfig)
 
 
 @dataclass(frozen=True)
@@ -421,6 +497,10 @@ class StackConfig:
     """Pinned Helm releases for what a cluster may lack, each switched on per stack."""
     models: list[ModelConfig] = field(default_factory=list)
     """One LLMServing per entry."""
+    backups: BackupsConfig = field(default_factory=BackupsConfig)
+    """Scheduled CSI snapshots of the model volumes, with retention."""
+    require_pinned_sources: bool | None = None
+    """Refuse `models[].source` revisions that can move (branches, tags); unset: on for stacks named prod*."""
 
     plans: tuple = field(default=(), metadata={"internal": True})
     """Capacity plan per model, computed at validation (not read from config)."""
@@ -440,6 +520,21 @@ def model_max_replicas(model: ModelConfig) -> int:
 
 def model_host(cfg: StackConfig, model: ModelConfig) -> str | None:
     return model.host or cfg.ingress.host
+
+
+def dns_name(*parts: str) -> str:
+    """Join name parts with '-' into a DNS-1123 label (at most 63 characters, ending alphanumeric)."""
+    return "-".join(parts)[:63].rstrip("-.")
+
+
+def fill_job_name(model: ModelConfig, source_id: str) -> str:
+    """One fill Job per model and source revision: a new revision is a new Job."""
+    return dns_name(model.name[:45], "fill", source_id)
+
+
+def fetch_image(model: ModelConfig) -> str | None:
+    """The image that runs `python -m serving.fetch`: fill.image, else the builtin runtime's serving image."""
+    return model.fill.image or (model.image if model.runtime == "builtin" else None)
 
 
 def tls_secret_name(cfg: StackConfig, model: ModelConfig) -> str | None:
@@ -651,6 +746,7 @@ def validate(cfg: StackConfig, r: _Reader) -> None:
                          "modelPath and image")
     _validate_gpu_pool(cfg, r)
     _validate_guardrails(cfg, r)
+    _validate_backups(cfg, r)
     if cfg.ingress.host is not None and not _HOSTNAME.match(cfg.ingress.host):
         r.fail("ingress.host", f"{cfg.ingress.host!r} is not a valid host name such as llm-api.example.com")
     names: dict[str, int] = {}
@@ -716,19 +812,21 @@ def _validate_model(cfg: StackConfig, m: ModelConfig, p: str, r: _Reader) -> Non
             r.fail(f"{p}.image", "is required for runtime builtin: the serving image built from serving/, pinned "
                                  "to a version (e.g. registry.example.com/llm-serving:1.0.0)")
         return _validate_model_rest(cfg, m, p, r)
-    image_name, _, tag = m.image.rpartition(":") if "@" not in m.image else (m.image, "", "digest")
-    if "/" in tag or not image_name:
-        tag = ""
-    if tag in ("", "latest"):
-        r.fail(f"{p}.image", f"{m.image!r} is not pinned; use a version tag or digest such as "
-                             "registry.example.com/llm-serving:1.0.0 (never `latest` or no tag)")
+    _check_pinned_image(m.image, f"{p}.image", r)
     _validate_model_rest(cfg, m, p, r)
 
 
+def _check_pinned_image(image: str, path: str, r: _Reader) -> None:
+    image_name, _, tag = image.rpartition(":") if "@" not in image else (image, "", "digest")
+    if "/" in tag or not image_name:
+        tag = ""
+    if tag in ("", "latest"):
+        r.fail(path, f"{image!r} is not pinned; use a version tag or digest such as "
+                     "registry.example.com/llm-serving:1.0.0 (never `latest` or no tag)")
+
+
 def _validate_model_rest(cfg: StackConfig, m: ModelConfig, p: str, r: _Reader) -> None:
-    if not m.model_path.startswith(MODELS_MOUNT + "/") or ".." in m.model_path.split("/"):
-        r.fail(f"{p}.modelPath", f"{m.model_path!r} must be a directory under {MODELS_MOUNT}/ "
-                                 f"(where the model volume is mounted), e.g. {MODELS_MOUNT}/llama-3.1-8b")
+    _validate_source(cfg, m, p, r)
     for key in m.env:
         if not _ENV_NAME.match(key):
             r.fail(f"{p}.env.{key}", f"{key!r} is not a valid environment variable name")
@@ -785,6 +883,86 @@ def _validate_model_rest(cfg: StackConfig, m: ModelConfig, p: str, r: _Reader) -
     if m.workload == "statefulset" and m.storage.access_mode != "ReadWriteOnce":
         r.fail(f"{p}.storage.accessMode", f"{m.storage.access_mode!r}: a StatefulSet gets one volume per "
                                           "replica from volumeClaimTemplates; use ReadWriteOnce")
+
+
+def _model_dir_problem(path: str) -> str | None:
+    if not path.startswith(MODELS_MOUNT + "/") or ".." in path.split("/") or path.endswith("/"):
+        return (f"{path!r} must be a directory under {MODELS_MOUNT}/ (where the model volume is mounted), "
+                f"e.g. {MODELS_MOUNT}/llama-3.1-8b")
+    return None
+
+
+def require_pinned(cfg: StackConfig) -> bool:
+    return cfg.require_pinned_sources if cfg.require_pinned_sources is not None else cfg.stack.startswith("prod")
+
+
+def _validate_source(cfg: StackConfig, m: ModelConfig, p: str, r: _Reader) -> None:
+    """The model's source, where its directory is, and that the volume can be filled and restored."""
+    if m.source is None:
+        if m.model_path is None:
+            r.fail(f"{p}.modelPath", f"is required without a source: the model directory under {MODELS_MOUNT}/ "
+                                     "(e.g. /models/llama-3.1-8b), or set source: hf://ORG/NAME@<commit sha> to have "
+                                     "the platform fill the volume")
+        if problem := _model_dir_problem(m.model_path):
+            r.fail(f"{p}.modelPath", problem)
+        return
+    try:
+        src = parse_source(m.source)
+    except SourceError as exc:
+        r.fail(f"{p}.source", str(exc))
+    if not src.pinned and require_pinned(cfg):
+        r.fail(f"{p}.source", src.unpinned_problem() + f" (stack {cfg.stack!r} requires pinned sources)")
+    if src.kind == "pvc":
+        if m.workload == "statefulset":
+            r.fail(f"{p}.source", "a pvc:// source is one existing claim, but a StatefulSet gives each replica its "
+                                  "own volume; use workload: deployment, or an hf:// or s3:// source to fill them")
+        expected = f"{MODELS_MOUNT}/{src.path}"
+        if m.model_path is not None and m.model_path != expected:
+            r.fail(f"{p}.modelPath", f"{m.model_path!r} does not match the source: {m.source} is mounted at "
+                                     f"{MODELS_MOUNT}, so the model is at {expected}; remove modelPath")
+        if m.storage.restore_from_snapshot:
+            r.fail(f"{p}.storage.restoreFromSnapshot", f"the claim {src.location!r} of a pvc:// source is not "
+                                                       "managed here; restore it yourself, or use an hf or s3 source")
+    else:
+        if m.model_path is not None and (problem := _model_dir_problem(m.model_path)):
+            r.fail(f"{p}.modelPath", problem)
+        if m.workload == "deployment" and m.storage.access_mode == "ReadOnlyMany":
+            r.fail(f"{p}.storage.accessMode", "ReadOnlyMany cannot be written by the fill Job; use ReadWriteMany "
+                                              "(the serving pods still mount it read-only)")
+        if src.kind == "s3" and m.fill.hf_endpoint:
+            r.fail(f"{p}.fill.hfEndpoint", "is for hf:// sources; this model's source is s3://")
+        if src.kind == "hf" and m.fill.s3_endpoint:
+            r.fail(f"{p}.fill.s3Endpoint", "is for s3:// sources; this model's source is hf://")
+    if m.fill.image is None and m.runtime != "builtin":
+        r.fail(f"{p}.fill.image", f"is required for runtime {m.runtime}: the llm-platform serving image (it holds "
+                                  "the downloader, python -m serving.fetch), pinned to a version")
+    if m.fill.image is not None:
+        _check_pinned_image(m.fill.image, f"{p}.fill.image", r)
+    for key in ("hf_endpoint", "s3_endpoint"):
+        url = getattr(m.fill, key)
+        if url is not None and not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:\d+)?(/\S*)?", url):
+            r.fail(f"{p}.fill.{camel(key)}", f"{url!r} is not a URL such as https://minio.model-storage.svc:9000")
+    for i, cidr in enumerate(m.fill.egress_cidrs):
+        if not re.fullmatch(r"[0-9a-fA-F:.]+/\d{1,3}", cidr):
+            r.fail(f"{p}.fill.egressCidrs[{i}]", f"{cidr!r} is not a CIDR such as 0.0.0.0/0 or 52.0.0.0/8")
+    for i, ns in enumerate(m.fill.egress_namespaces):
+        if not _DNS1123_LABEL.match(ns):
+            r.fail(f"{p}.fill.egressNamespaces[{i}]", f"{ns!r} is not a valid namespace name")
+
+
+# A cron line as snapscheduler's CRD accepts it.
+_CRON = re.compile(r"^(@(annually|yearly|monthly|weekly|daily|hourly))|((((\d+,)*\d+|(\d+(/|-)\d+)|\*(/\d+)?)\s?){5})$")
+
+
+def _validate_backups(cfg: StackConfig, r: _Reader) -> None:
+    b = cfg.backups
+    if not b.enabled:
+        return
+    if not _CRON.fullmatch(b.schedule):
+        r.fail("backups.schedule", f"{b.schedule!r} is not a cron schedule (five fields such as '0 3 * * *', or "
+                                   "@daily, @weekly, ...)")
+    if b.max_age is not None and not re.fullmatch(r"\d+(h|m|s)", b.max_age):
+        r.fail("backups.maxAge", f"{b.max_age!r} is not a duration in hours, minutes or seconds such as 720h")
 
 
 _MANAGED_ENV = {"MODEL_NAME": "servedModelName", "MODEL_PATH": "modelPath", "PORT": "the platform (8000)",

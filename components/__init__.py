@@ -3,7 +3,8 @@ from components.cluster_addons import ClusterAddons, ClusterAddonsArgs
 from components.gpu_pool import GpuPool, GpuPoolArgs
 from components.guardrails import Guardrails, GuardrailsArgs
 from components.llm_serving import LLMServing, LLMServingArgs
+from components.model_storage import ModelStorage, ModelStorageArgs
 from components.observability import Observability, ObservabilityArgs
 
-__all__ = ["ClusterAddons", "ClusterAddonsArgs", "GpuPool", "GpuPoolArgs", "Guardrails", "GuardrailsArgs", "LLMServing", "LLMServingArgs",
-           "Observability", "ObservabilityArgs"]
+__all__ = ["ClusterAddons", "ClusterAddonsArgs", "GpuPool", "GpuPoolArgs", "Guardrails", "GuardrailsArgs",
+           "LLMServing", "LLMServingArgs", "ModelStorage", "ModelStorageArgs", "Observability", "ObservabilityArgs"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from components.metric_contract import LOAD_METRIC, RUNTIMES
+from model_source import parse_source
 from stack_config import (
     GPU_RESOURCE,
     MODELS_MOUNT,
@@ -15,6 +16,7 @@ from stack_config import (
     GpuPoolConfig,
     ModelConfig,
     ProbeConfig,
+    fetch_image,
 )
 
 SERVING_PORT = 8000
@@ -25,6 +27,12 @@ PART_OF = "llm-platform"
 RUN_AS_ID = 10001
 API_KEYS_DIR = "/var/run/secrets/llm-platform"
 API_KEYS_FILE_KEY = "api-keys"
+FILL_LABEL = "llm-platform/fills-model"
+"""On every pod that downloads a model (fill Jobs, StatefulSet pods): the fill egress policy selects it."""
+SOURCE_ANNOTATION = "llm-platform/model-source"
+REVISION_ANNOTATION = "llm-platform/model-revision"
+SOURCE_CREDENTIALS_DIR = "/var/run/secrets/model-source"
+"""fill.secretName is mounted here as files (HF_TOKEN, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), never as env."""
 
 
 # ---------------------------------------------------------------------------------------- labels
@@ -43,6 +51,18 @@ def labels(model_name: str) -> dict[str, str]:
         "app.kubernetes.io/part-of": PART_OF,
         "app.kubernetes.io/managed-by": "pulumi",
     }
+
+
+def source_annotations(model: ModelConfig) -> dict[str, str]:
+    """On the pod template: a new revision changes the template, so the workload rolls onto it."""
+    if model.source is None:
+        return {}
+    return {SOURCE_ANNOTATION: model.source, REVISION_ANNOTATION: parse_source(model.source).revision_label}
+
+
+def fills_in_pod(model: ModelConfig) -> bool:
+    """StatefulSet replicas fill their own volumes (an init container); Deployments share one filled by a Job."""
+    return model.workload == "statefulset" and model.source is not None
 
 
 def serving_pods_selector() -> dict[str, str]:
@@ -201,6 +221,62 @@ def serving_container(model: ModelConfig, gpu_resource: str = GPU_RESOURCE,
     }
 
 
+def fetch_container(model: ModelConfig, *, fill: bool) -> dict[str, Any]:
+    """`python -m serving.fetch` from the serving image: fill the model's revision directory (resumable,
+    verified, atomic; nothing to do when its manifest matches) or, with `fill=False`, only check that the
+    directory holds the complete model before the server starts (read-only, offline)."""
+    src = parse_source(model.source)
+    f = model.fill
+    env: list[dict[str, Any]] = [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HOME", "value": "/tmp/hf-home"},
+                                 {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"}]
+    command = ["python", "-m", "serving.fetch"]
+    if fill:
+        command += ["--keep-revisions", str(f.keep_revisions)]
+        if src.kind == "hf" and f.hf_endpoint:
+            env.append({"name": "HF_ENDPOINT", "value": f.hf_endpoint})
+        if src.kind == "s3":
+            env.append({"name": "AWS_REGION", "value": f.s3_region})
+            if f.s3_endpoint:
+                env.append({"name": "AWS_ENDPOINT_URL_S3", "value": f.s3_endpoint})
+        if f.secret_name and src.kind != "pvc":
+            env.append({"name": "MODEL_SOURCE_CREDENTIALS_DIR", "value": SOURCE_CREDENTIALS_DIR})
+        amounts = f.resources
+        resources = {
+            "requests": {"cpu": amounts.requests.cpu, "memory": amounts.requests.memory,
+                         "ephemeral-storage": amounts.requests.ephemeral_storage},
+            "limits": {"cpu": amounts.limits.cpu, "memory": amounts.limits.memory,
+                       "ephemeral-storage": amounts.limits.ephemeral_storage},
+        }
+    else:
+        command.append("--verify")
+        resources = {"requests": {"cpu": "100m", "memory": "256Mi", "ephemeral-storage": "64Mi"},
+                     "limits": {"cpu": "1", "memory": "512Mi", "ephemeral-storage": "256Mi"}}
+    return {
+        "name": "model-fill" if fill else "model-check",
+        "image": fetch_image(model),
+        "imagePullPolicy": model.image_pull_policy,
+        "command": command + [model.source, model.model_path],
+        "env": env,
+        "resources": resources,
+        "volumeMounts": [{"name": model_volume_name(model), "mountPath": MODELS_MOUNT, "readOnly": not fill},
+                         {"name": "tmp", "mountPath": "/tmp"}]
+        + ([{"name": "source-credentials", "mountPath": SOURCE_CREDENTIALS_DIR, "readOnly": True}]
+           if fill and source_credentials_volume(model) else []),
+        "securityContext": container_security_context(),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+
+def source_credentials_volume(model: ModelConfig) -> dict[str, Any] | None:
+    """The fill's credentials Secret as a volume (its keys become files under SOURCE_CREDENTIALS_DIR)."""
+    if model.source is None or not model.fill.secret_name or parse_source(model.source).kind == "pvc":
+        return None
+    # Optional: a public model needs none, and a missing Secret then fails the fill with a message naming it,
+    # instead of leaving the pod stuck in ContainerCreating.
+    return {"name": "source-credentials",
+            "secret": {"secretName": model.fill.secret_name, "defaultMode": 0o440, "optional": True}}
+
+
 def gpu_scheduling(pool: GpuPoolConfig, priority_class_name: str | None) -> dict[str, Any]:
     """Pod-spec fields that put a GPU pod on the GPU nodes (never NVIDIA_VISIBLE_DEVICES)."""
     spec: dict[str, Any] = {}
@@ -249,6 +325,11 @@ def pod_spec(model: ModelConfig, *, service_account: str, api_key_secret: str,
             "labelSelector": {"matchLabels": selector_labels(model.name)},
         }],
     }
+    if model.source is not None:
+        # The server starts only on a complete model of the configured revision.
+        spec["initContainers"] = [fetch_container(model, fill=fills_in_pod(model))]
+        if fills_in_pod(model) and (credentials := source_credentials_volume(model)):
+            volumes.append(credentials)
     if model.gpus_per_replica:
         spec.update(scheduling)
     return spec

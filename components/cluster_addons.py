@@ -1,8 +1,9 @@
-"""ClusterAddons: pinned Helm releases for the pieces a cluster may lack, each switched on per stack.
+"""ClusterAddons: pinned Helm releases for the pieces a cluster may lack, each switched on per stack, and the
+VolumeSnapshotClass the model-volume backups use.
 
 kube-prometheus-stack (Prometheus operator, Grafana with the dashboard sidecar, kube-state-metrics),
 prometheus-adapter (with the load-per-replica rules rendered from the metric contract), KEDA, the NVIDIA device
-plugin and the DCGM exporter. Created first, so the CRDs and metrics APIs exist before the workloads use them.
+plugin, the DCGM exporter and snapscheduler. Created first, so the CRDs and metrics APIs exist before the workloads use them.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from urllib.parse import urlparse
 import pulumi
 import pulumi_kubernetes as k8s
 
-from stack_config import AddonsConfig, GpuPoolConfig, HelmAddon, ObservabilityConfig
+from components.model_storage import VolumeSnapshotClass
+from stack_config import AddonsConfig, BackupsConfig, GpuPoolConfig, HelmAddon, ObservabilityConfig
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ CHARTS = {
                                   "nvidia-device-plugin"),
     "dcgm_exporter": Chart("dcgm-exporter", "https://nvidia.github.io/dcgm-exporter/helm-charts", "3.5.0",
                            "nvidia-device-plugin"),
+    "snapscheduler": Chart("snapscheduler", "https://backube.github.io/helm-charts", "3.4.0", "backube-snapscheduler"),
 }
 
 
@@ -45,6 +48,8 @@ class ClusterAddonsArgs:
     gpu_pool: GpuPoolConfig
     adapter_rules: list[dict[str, Any]] = field(default_factory=list)
     """prometheus-adapter rules from the metric contract (Observability renders the same rules as a ConfigMap)."""
+    backups: BackupsConfig = field(default_factory=BackupsConfig)
+    """When backups are on and name a CSI driver, the VolumeSnapshotClass the model-volume snapshots use."""
 
 
 class ClusterAddons(pulumi.ComponentResource):
@@ -67,6 +72,15 @@ class ClusterAddons(pulumi.ComponentResource):
                 create_namespace=True,
                 atomic=True,
                 values=merge_dotted(base_values(key, args), addon.values),
+                opts=pulumi.ResourceOptions(parent=self))
+        self.snapshot_class = None
+        snap = args.backups.snapshot_class
+        if args.backups.enabled and snap.driver:
+            self.snapshot_class = VolumeSnapshotClass(
+                f"{name}-volume-snapshot-class",
+                metadata={"name": snap.name, "labels": {"app.kubernetes.io/part-of": "llm-platform",
+                                                        "app.kubernetes.io/managed-by": "pulumi"}},
+                driver=snap.driver, deletion_policy=snap.deletion_policy, parameters=dict(snap.parameters),
                 opts=pulumi.ResourceOptions(parent=self))
         self.register_outputs({"releases": {k: f"{CHARTS[k].chart}@{getattr(args.addons, k).version or CHARTS[k].version}"
                                             for k in self.releases}})

@@ -13,8 +13,10 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 from components.builders import (
-    PORT_NAME, SERVING_PORT, hpa_spec, keda_scaled_object_spec, labels, pod_spec, selector_labels,
+    FILL_LABEL, PORT_NAME, SERVING_PORT, fills_in_pod, hpa_spec, keda_scaled_object_spec, labels, pod_spec,
+    selector_labels, source_annotations,
 )
+from components.model_storage import model_claim_spec, volume_labels
 from stack_config import GPU_RESOURCE, IngressConfig, ModelConfig
 
 
@@ -39,6 +41,8 @@ class LLMServingArgs:
     load_query: str = ""
     """PromQL for the model's total load (KEDA's trigger), from the metric contract."""
     prometheus_url: str = ""
+    storage_ready: list[pulumi.Resource] | None = None
+    """ModelStorage's claim and fill Job: the workload rolls only once the configured revision is on the volume."""
 
 
 class LLMServing(pulumi.ComponentResource):
@@ -59,8 +63,10 @@ class LLMServing(pulumi.ComponentResource):
         def meta(object_name: str) -> dict[str, Any]:
             return {"name": object_name, "namespace": args.namespace, "labels": common}
 
+        pod_labels = {**common, FILL_LABEL: model.name} if fills_in_pod(model) else common
         template = {
-            "metadata": {"labels": common, "annotations": dict(args.pod_annotations or {})},
+            "metadata": {"labels": pod_labels,
+                         "annotations": {**(args.pod_annotations or {}), **source_annotations(model)}},
             "spec": pod_spec(model, service_account=args.service_account, api_key_secret=args.api_key_secret,
                              scheduling=args.scheduling, gpu_resource=args.gpu_resource),
         }
@@ -71,12 +77,9 @@ class LLMServing(pulumi.ComponentResource):
         replica_opts = pulumi.ResourceOptions(parent=self, ignore_changes=["spec.replicas"]) \
             if model.autoscaling.enabled else child
 
-        self.claim = None
         self.headless_service = None
+        storage_ready = list(args.storage_ready or [])
         if model.workload == "deployment":
-            self.claim = k8s.core.v1.PersistentVolumeClaim(
-                f"{name}-model-pvc", metadata=meta(model.storage.claim_name),
-                spec=model_claim_spec(model), opts=child)
             self.workload = k8s.apps.v1.Deployment(
                 f"{name}-deployment", metadata=meta(model.name),
                 spec={
@@ -87,7 +90,7 @@ class LLMServing(pulumi.ComponentResource):
                         "maxSurge": model.rollout.max_surge, "maxUnavailable": model.rollout.max_unavailable}},
                     "template": template,
                 },
-                opts=pulumi.ResourceOptions.merge(replica_opts, pulumi.ResourceOptions(depends_on=[self.claim])))
+                opts=pulumi.ResourceOptions.merge(replica_opts, pulumi.ResourceOptions(depends_on=storage_ready)))
         else:
             self.headless_service = k8s.core.v1.Service(
                 f"{name}-headless", metadata=meta(f"{model.name}-headless"),
@@ -109,11 +112,11 @@ class LLMServing(pulumi.ComponentResource):
                     "persistentVolumeClaimRetentionPolicy": {"whenDeleted": "Retain", "whenScaled": "Retain"},
                     "template": template,
                     "volumeClaimTemplates": [{
-                        "metadata": {"name": model.storage.template_name, "labels": common},
+                        "metadata": {"name": model.storage.template_name, "labels": volume_labels(model)},
                         "spec": model_claim_spec(model),
                     }],
                 },
-                opts=replica_opts)
+                opts=pulumi.ResourceOptions.merge(replica_opts, pulumi.ResourceOptions(depends_on=storage_ready)))
 
         self.service = k8s.core.v1.Service(
             f"{name}-service", metadata=meta(model.name),
@@ -155,15 +158,6 @@ class LLMServing(pulumi.ComponentResource):
                 "http://", model.name, ".", args.namespace, f".svc.cluster.local:{model.service_port}/v1")
 
         self.register_outputs({"endpoint": self.endpoint, "workload": model.name, "service": model.name})
-
-
-def model_claim_spec(model: ModelConfig) -> dict[str, Any]:
-    access = "ReadWriteOnce" if model.workload == "statefulset" else model.storage.access_mode
-    return {
-        "accessModes": [access],
-        "storageClassName": model.storage.storage_class,
-        "resources": {"requests": {"storage": model.storage.size}},
-    }
 
 
 def ingress_annotations(ingress: IngressConfig) -> dict[str, str]:

@@ -77,7 +77,8 @@ def test_llm_serving_deployment(in_mocks):
     servings = []
     result = in_mocks(lambda: servings.append(LLMServing("chat", serving_args())))
     kinds = sorted(m["kind"] for m in result.manifests())
-    assert kinds == ["Deployment", "HorizontalPodAutoscaler", "Ingress", "PersistentVolumeClaim", "Service"]
+    # The model claim belongs to ModelStorage (tests/platform/test_model_storage.py).
+    assert kinds == ["Deployment", "HorizontalPodAutoscaler", "Ingress", "Service"]
     d = result.one("Deployment", "chat")
     assert d["spec"]["template"]["spec"]["nodeSelector"] == {"gpu": "yes"}
     assert d["spec"]["template"]["spec"]["serviceAccountName"] == "sa"
@@ -85,7 +86,7 @@ def test_llm_serving_deployment(in_mocks):
     (component,) = captured(result, ":LLMServing")
     assert component.name == "chat"
     assert {r.name for r in result.resources if r.is_kubernetes} == {
-        "chat-model-pvc", "chat-deployment", "chat-service", "chat-hpa", "chat-ingress"}
+        "chat-deployment", "chat-service", "chat-hpa", "chat-ingress"}
 
 
 def test_llm_serving_statefulset_without_ingress_or_hpa(in_mocks):
@@ -136,7 +137,7 @@ def test_whole_program_parents_every_resource_under_a_component(rendered):
     """Components parent every child; only the components themselves sit at the stack root."""
     result = rendered("prod")
     components = {"llm-platform:index:ClusterAddons", "llm-platform:index:GpuPool", "llm-platform:index:Guardrails", "llm-platform:index:LLMServing",
-                  "llm-platform:index:Observability"}
+                  "llm-platform:index:ModelStorage", "llm-platform:index:Observability"}
     for r in result.resources:
         if r.type in components:
             assert r.parent.endswith("pulumi:pulumi:Stack::llm-platform-prod"), r.parent

@@ -32,7 +32,8 @@ def test_deployment_replicas_container_port_and_env(prod):
     assert c["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
     env = {e["name"]: e["value"] for e in c["env"]}
     assert env["MODEL_NAME"] == "llama-3.1-8b"
-    assert env["MODEL_PATH"] == "/models/llama-3.1-8b"
+    # The article's /models/llama-3.1-8b, with the pinned revision's own directory inside it.
+    assert env["MODEL_PATH"] == "/models/llama-3.1-8b/0e9e39f249a1"
     assert env["PORT"] == "8000"
 
 

@@ -17,6 +17,10 @@ def prod_with(**model_changes):
     return values
 
 
+# vLLM's image has no serving.fetch: the fill and the pods' model check use the platform's serving image.
+VLLM_FILL = {"secretName": "hf-token", "image": "registry.example.com/llm-serving:1.0.0"}
+
+
 def container(result):
     workload = (result.of_kind("Deployment") + result.of_kind("StatefulSet"))[0]
     return workload["spec"]["template"]["spec"]["containers"][0]
@@ -43,7 +47,7 @@ def test_explicit_load_target():
 
 
 def test_vllm_runtime_follows_its_contract():
-    values = prod_with(runtime="vllm")
+    values = prod_with(runtime="vllm", fill=VLLM_FILL)
     del values["models"][0]["image"]
     result = render_values("prod", values)
     c = container(result)
@@ -51,7 +55,7 @@ def test_vllm_runtime_follows_its_contract():
     assert c["command"] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
     args = c["args"]
     pairs = dict(zip(args[::2], args[1::2]))
-    assert pairs["--model"] == "/models/llama-3.1-8b" and pairs["--served-model-name"] == "llama-3.1-8b"
+    assert pairs["--model"] == "/models/llama-3.1-8b/0e9e39f249a1" and pairs["--served-model-name"] == "llama-3.1-8b"
     assert (pairs["--max-model-len"], pairs["--tensor-parallel-size"], pairs["--gpu-memory-utilization"]) == \
         ("8192", "1", "0.9")
     assert pairs["--max-num-seqs"] == "32" and pairs["--port"] == "8000"
@@ -70,7 +74,7 @@ def test_vllm_runtime_follows_its_contract():
 
 
 def test_vllm_gpu_idle_alert_with_dcgm_exporter():
-    values = prod_with(runtime="vllm")
+    values = prod_with(runtime="vllm", fill=VLLM_FILL)
     values["addons"] = {"dcgmExporter": {"enabled": True}}
     result = render_values("prod", values)
     rules = {r["alert"]: r["expr"] for r in result.one("PrometheusRule")["spec"]["groups"][0]["rules"]}
@@ -115,7 +119,7 @@ def test_a_query_naming_a_metric_the_runtime_lacks_fails_render(monkeypatch):
         k: v for k, v in metric_contract.VLLM.signals.items() if k != "ttft"})
     monkeypatch.setitem(metric_contract.RUNTIMES, "vllm", broken)
     with pytest.raises(ConfigError) as err:
-        parse_stack_config("prod", prod_with(runtime="vllm"))
+        parse_stack_config("prod", prod_with(runtime="vllm", fill=VLLM_FILL))
     assert str(err.value) == ("stack 'prod': llm-platform:models[0].runtime: 'vllm': the vllm runtime exports no "
                               "ttft metric; the alerts, dashboard and autoscaler need it")
 

@@ -66,7 +66,7 @@ BAD = [
     ("prod", ["models", 0, "probes", "startup", "failureThreshold"], 0,
      "models[0].probes.startup.failureThreshold: 0 is below the minimum 1"),
     ("prod", ["models", 0, "replica"], 2,
-     "models[0].replica: unknown key; allowed keys here: name, servedModelName, modelPath, image"),
+     "models[0].replica: unknown key; allowed keys here: name, servedModelName, modelPath, source, fill, image"),
     ("prod", ["gpuPool", "gpuMemory"], 80,
      "gpuPool.gpuMemory: unknown key; allowed keys here: gpuType, gpuMemoryGiB"),
     ("prod", ["ingres"], {"host": "x.example.com"}, "ingres: unknown key; allowed keys here: namespace, gpuPool"),

@@ -1,10 +1,21 @@
-"""Layer 1b: ServiceMonitor and PrometheusRule match the shape their published CRDs accept, unknown fields refused."""
+"""Layer 1b: ServiceMonitor, PrometheusRule, ScaledObject, SnapshotSchedule and VolumeSnapshotClass match the shape
+their published CRDs accept, unknown fields refused."""
 from __future__ import annotations
+
+import copy
 
 import pytest
 
 from tests.validation.conftest import keda_manifests, manifests_of, pick, prod_manifests, stacks
 from validation.crds import SCHEMAS, check_crds
+from validation.manifests import ROOT
+
+BACKUPS_EXAMPLE = ROOT / "examples" / "Pulumi.prod-statefulset.yaml"
+
+
+def backup_manifests():
+    """The example stack that creates its VolumeSnapshotClass (a deep copy, to break)."""
+    return copy.deepcopy(manifests_of(BACKUPS_EXAMPLE))
 
 
 @stacks()
@@ -13,7 +24,7 @@ def test_stack_custom_resources_match_their_crds(stack_file):
 
 
 def test_every_schema_is_exercised_by_these_tests():
-    kinds = {m["kind"] for m in prod_manifests() + keda_manifests()}
+    kinds = {m["kind"] for m in prod_manifests() + keda_manifests() + backup_manifests()}
     assert {kind for _, kind in SCHEMAS} <= kinds
 
 
@@ -77,14 +88,38 @@ KEDA_BREAKS = {
 }
 
 
+def _schedule(ms):
+    return pick(ms, "SnapshotSchedule")["spec"]
+
+
+BACKUP_BREAKS = {
+    "schedule-unknown-field": (lambda ms: _schedule(ms).update(keep=7), "SnapshotSchedule", "'keep'"),
+    "schedule-not-cron": (lambda ms: _schedule(ms).update(schedule="every night"), "SnapshotSchedule", "schedule"),
+    "retention-zero": (lambda ms: _schedule(ms)["retention"].update(maxCount=0), "SnapshotSchedule", "maxCount"),
+    "retention-bad-expires": (lambda ms: _schedule(ms)["retention"].update(expires="7d"), "SnapshotSchedule",
+                              "expires"),
+    "template-unknown-field": (lambda ms: _schedule(ms)["snapshotTemplate"].update(className="x"),
+                               "SnapshotSchedule", "'className'"),
+    "snapshot-class-namespaced": (lambda ms: pick(ms, "VolumeSnapshotClass")["metadata"].update(namespace="x"),
+                                  "VolumeSnapshotClass", "metadata"),
+    "snapshot-class-no-driver": (lambda ms: pick(ms, "VolumeSnapshotClass").pop("driver"),
+                                 "VolumeSnapshotClass", "'driver'"),
+    "snapshot-class-bad-policy": (lambda ms: pick(ms, "VolumeSnapshotClass").update(deletionPolicy="Keep"),
+                                  "VolumeSnapshotClass", "deletionPolicy"),
+    "snapshot-class-spec": (lambda ms: pick(ms, "VolumeSnapshotClass").update(spec={"driver": "x"}),
+                            "VolumeSnapshotClass", "'spec'"),
+}
+
+
 def test_keda_scaled_object_passes():
     assert check_crds(keda_manifests()) == []
 
 
-@pytest.mark.parametrize("case", list(BREAKS) + list(KEDA_BREAKS))
+@pytest.mark.parametrize("case", list(BREAKS) + list(KEDA_BREAKS) + list(BACKUP_BREAKS))
 def test_broken_custom_resource_fails(case):
-    breaker, kind, expected_text = {**BREAKS, **KEDA_BREAKS}[case]
-    manifests = keda_manifests() if case in KEDA_BREAKS else prod_manifests()
+    breaker, kind, expected_text = {**BREAKS, **KEDA_BREAKS, **BACKUP_BREAKS}[case]
+    manifests = keda_manifests() if case in KEDA_BREAKS else backup_manifests() if case in BACKUP_BREAKS \
+        else prod_manifests()
     breaker(manifests)
     findings = check_crds(manifests)
     assert findings, f"{case}: the broken {kind} passed"

@@ -69,6 +69,6 @@ def test_broken_manifest_fails(breaker):
 def test_custom_resources_are_left_to_the_crd_layer():
     manifests = prod_manifests()
     custom = [m for m in manifests if is_custom_resource(m)]
-    assert {m["kind"] for m in custom} == {"ServiceMonitor", "PrometheusRule"}
+    assert {m["kind"] for m in custom} == {"ServiceMonitor", "PrometheusRule", "SnapshotSchedule"}
     pick(manifests, "ServiceMonitor")["spec"]["notAField"] = True
     assert check_schemas(manifests) == []

@@ -1,0 +1,215 @@
+"""ModelStorage: one model's volume, how it is filled from a pinned source, and its backups.
+
+- The model claim (Deployment: one ReadWriteMany claim shared by the replicas; a `pvc://` source uses an existing
+  claim instead; a StatefulSet's per-replica volumes come from its volumeClaimTemplates, built here too), created
+  from a VolumeSnapshot when `storage.restoreFromSnapshot` is set.
+- A fill Job per model and source revision (`python -m serving.fetch` from the serving image): downloads into a
+  temporary directory, verifies, writes a manifest and renames into place; `pulumi up` waits for it, then the
+  workload rolls (its pod template carries the revision). StatefulSet replicas fill their own volumes in an init
+  container instead (see `builders.pod_spec`).
+- The fill's egress NetworkPolicy: its source on one port, nothing else (DNS comes from the namespace policy).
+- A snapscheduler SnapshotSchedule for the model volumes, with retention.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pulumi
+import pulumi_kubernetes as k8s
+
+from components.builders import (
+    FILL_LABEL, PART_OF, fetch_container, labels, namespace_selector, pod_security_context, source_annotations,
+    source_credentials_volume,
+)
+from model_source import parse_source
+from stack_config import BackupsConfig, ModelConfig, fill_job_name
+
+VOLUME_LABEL = "llm-platform/model-volume"
+"""On every model volume: the snapshot schedule selects the claims by it."""
+FILL_COMPONENT = "model-fill"
+SNAPSHOT_API = "snapshot.storage.k8s.io"
+NON_PUBLIC_IPV4 = ["10.0.0.0/8", "100.64.0.0/10", "169.254.0.0/16", "172.16.0.0/12", "192.168.0.0/16"]
+"""Excluded from a `0.0.0.0/0` egress: the cluster's own networks and the cloud metadata endpoint."""
+NON_PUBLIC_IPV6 = ["fc00::/7", "fe80::/10"]
+
+
+# ------------------------------------------------------------------------------------------ builders
+
+
+def volume_labels(model: ModelConfig) -> dict[str, str]:
+    return {**labels(model.name), VOLUME_LABEL: model.name}
+
+
+def model_claim_spec(model: ModelConfig) -> dict[str, Any]:
+    access = "ReadWriteOnce" if model.workload == "statefulset" else model.storage.access_mode
+    spec: dict[str, Any] = {
+        "accessModes": [access],
+        "storageClassName": model.storage.storage_class,
+        "resources": {"requests": {"storage": model.storage.size}},
+    }
+    if model.storage.restore_from_snapshot:
+        spec["dataSource"] = {"apiGroup": SNAPSHOT_API, "kind": "VolumeSnapshot",
+                              "name": model.storage.restore_from_snapshot}
+    return spec
+
+
+def fill_labels(model: ModelConfig) -> dict[str, str]:
+    """Not the serving pods' `app` label: a Service, PDB or HPA must never count a fill pod."""
+    return {"app.kubernetes.io/name": model.name, "app.kubernetes.io/component": FILL_COMPONENT,
+            "app.kubernetes.io/part-of": PART_OF, "app.kubernetes.io/managed-by": "pulumi", FILL_LABEL: model.name}
+
+
+def fill_job_spec(model: ModelConfig, *, service_account: str) -> dict[str, Any]:
+    """Runs once per revision; a failed pod is retried and resumes the partial download left on the volume."""
+    return {
+        "backoffLimit": model.fill.backoff_limit,
+        "activeDeadlineSeconds": model.fill.deadline_seconds,
+        "template": {
+            "metadata": {"labels": fill_labels(model), "annotations": source_annotations(model)},
+            "spec": {
+                "restartPolicy": "Never",
+                "serviceAccountName": service_account,
+                "automountServiceAccountToken": False,
+                "enableServiceLinks": False,
+                "securityContext": pod_security_context(),
+                "containers": [fetch_container(model, fill=True)],
+                "volumes": [
+                    {"name": "model-storage", "persistentVolumeClaim": {"claimName": model.storage.claim_name}},
+                    {"name": "tmp", "emptyDir": {"sizeLimit": model.fill.resources.limits.ephemeral_storage}},
+                    *filter(None, [source_credentials_volume(model)]),
+                ],
+            },
+        },
+    }
+
+
+def fill_egress_policy_spec(model: ModelConfig) -> dict[str, Any]:
+    """The pods that download (the fill Job's, or a StatefulSet's) reach the source's port and nothing else."""
+    peers: list[dict[str, Any]] = []
+    for cidr in model.fill.egress_cidrs:
+        block: dict[str, Any] = {"cidr": cidr}
+        if cidr == "0.0.0.0/0":
+            block["except"] = NON_PUBLIC_IPV4
+        elif cidr == "::/0":
+            block["except"] = NON_PUBLIC_IPV6
+        peers.append({"ipBlock": block})
+    peers.extend({"namespaceSelector": namespace_selector(ns)} for ns in model.fill.egress_namespaces)
+    return {
+        "podSelector": {"matchLabels": {FILL_LABEL: model.name}},
+        "policyTypes": ["Egress"],
+        "egress": [{"to": peers, "ports": [{"protocol": "TCP", "port": model.fill.egress_port}]}],
+    }
+
+
+def snapshot_schedule_spec(model: ModelConfig, backups: BackupsConfig) -> dict[str, Any]:
+    retention: dict[str, Any] = {"maxCount": backups.retention}
+    if backups.max_age:
+        retention["expires"] = backups.max_age
+    return {
+        "claimSelector": {"matchLabels": {VOLUME_LABEL: model.name}},
+        "schedule": backups.schedule,
+        "retention": retention,
+        "snapshotTemplate": {"snapshotClassName": backups.snapshot_class.name,
+                             "labels": {VOLUME_LABEL: model.name}},
+    }
+
+
+def fills_with_job(model: ModelConfig) -> bool:
+    return model.workload == "deployment" and model.source is not None and parse_source(model.source).kind != "pvc"
+
+
+def fetches_from_network(model: ModelConfig) -> bool:
+    return model.source is not None and parse_source(model.source).kind != "pvc"
+
+
+def owns_claim(model: ModelConfig) -> bool:
+    return model.workload == "deployment" and not (model.source and parse_source(model.source).kind == "pvc")
+
+
+# ----------------------------------------------------------------------------------------- component
+
+
+@dataclass(frozen=True)
+class ModelStorageArgs:
+    namespace: pulumi.Input[str]
+    model: ModelConfig
+    """The planned model (model_path is the revision directory, claim names resolved)."""
+    service_account: str
+    network_policies: bool
+    backups: BackupsConfig
+
+
+class ModelStorage(pulumi.ComponentResource):
+    claim: k8s.core.v1.PersistentVolumeClaim | None
+    fill_job: k8s.batch.v1.Job | None
+    ready: list[pulumi.Resource]
+    """What the workload must wait for: the claim, and the fill of the configured revision."""
+
+    def __init__(self, name: str, args: ModelStorageArgs, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("llm-platform:index:ModelStorage", name, None, opts)
+        model = args.model
+        child = pulumi.ResourceOptions(parent=self)
+
+        def meta(object_name: str, object_labels: dict[str, str], annotations: dict[str, str] | None = None):
+            out: dict[str, Any] = {"name": object_name, "namespace": args.namespace, "labels": object_labels}
+            if annotations:
+                out["annotations"] = annotations
+            return out
+
+        self.claim = None
+        self.fill_job = None
+        if owns_claim(model):
+            self.claim = k8s.core.v1.PersistentVolumeClaim(
+                f"{model.name}-model-pvc", metadata=meta(model.storage.claim_name, volume_labels(model)),
+                spec=model_claim_spec(model),
+                # Earlier releases created the claim under LLMServing: keep its identity, never recreate the volume.
+                opts=pulumi.ResourceOptions(parent=self, aliases=[pulumi.Alias(
+                    parent=pulumi.create_urn(model.name, "llm-platform:index:LLMServing"))]))
+
+        if fills_with_job(model):
+            src = parse_source(model.source)
+            timeout = f"{model.fill.deadline_seconds + 300}s"
+            self.fill_job = k8s.batch.v1.Job(
+                f"{model.name}-fill",
+                metadata=meta(fill_job_name(model, src.short_id), fill_labels(model), {
+                    **source_annotations(model),
+                    # A failed fill (bad token, source down) is replaced, so the next `pulumi up` retries it.
+                    "pulumi.com/replaceUnready": "true",
+                }),
+                spec=fill_job_spec(model, service_account=args.service_account),
+                opts=pulumi.ResourceOptions(
+                    parent=self, depends_on=[self.claim] if self.claim else None,
+                    custom_timeouts=pulumi.CustomTimeouts(create=timeout, update=timeout)))
+
+        self.fill_policy = None
+        if args.network_policies and fetches_from_network(model):
+            self.fill_policy = k8s.networking.v1.NetworkPolicy(
+                f"{model.name}-fill-egress", metadata=meta(f"{model.name}-fill-egress", fill_labels(model)),
+                spec=fill_egress_policy_spec(model), opts=child)
+
+        self.snapshot_schedule = None
+        if args.backups.enabled and (owns_claim(model) or model.workload == "statefulset"):
+            self.snapshot_schedule = k8s.apiextensions.CustomResource(
+                f"{model.name}-snapshots", api_version="snapscheduler.backube/v1", kind="SnapshotSchedule",
+                metadata=meta(f"{model.name}-model-volume", labels(model.name)),
+                spec=snapshot_schedule_spec(model, args.backups), opts=child)
+
+        self.ready = [r for r in (self.claim, self.fill_job) if r is not None]
+        self.register_outputs({
+            "claim": model.storage.claim_name if model.workload == "deployment" else None,
+            "modelPath": model.model_path,
+            "source": model.source,
+        })
+
+
+class VolumeSnapshotClass(pulumi.CustomResource):
+    """snapshot.storage.k8s.io/v1 VolumeSnapshotClass (cluster-scoped; its fields sit beside metadata, no spec)."""
+
+    def __init__(self, name: str, *, metadata: dict[str, Any], driver: str, deletion_policy: str,
+                 parameters: dict[str, str] | None = None, opts: pulumi.ResourceOptions | None = None):
+        props: dict[str, Any] = {"apiVersion": f"{SNAPSHOT_API}/v1", "kind": "VolumeSnapshotClass",
+                                 "metadata": metadata, "driver": driver, "deletionPolicy": deletion_policy}
+        if parameters:
+            props["parameters"] = parameters
+        super().__init__(f"kubernetes:{SNAPSHOT_API}/v1:VolumeSnapshotClass", name, props, opts)
