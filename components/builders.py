@@ -232,6 +232,8 @@ def fetch_container(model: ModelConfig, *, fill: bool) -> dict[str, Any]:
     command = ["python", "-m", "serving.fetch"]
     if fill:
         command += ["--keep-revisions", str(f.keep_revisions)]
+        # The image is offline by default (serving never downloads); the fill is the one process that may.
+        env.append({"name": "HF_HUB_OFFLINE", "value": "0"})
         if src.kind == "hf" and f.hf_endpoint:
             env.append({"name": "HF_ENDPOINT", "value": f.hf_endpoint})
         if src.kind == "s3":

@@ -122,6 +122,7 @@ def test_prod_fill_job_downloads_the_pinned_revision_into_its_own_directory(rend
     env = {e["name"]: e for e in container["env"]}
     assert env["MODEL_SOURCE_CREDENTIALS_DIR"]["value"] == SOURCE_CREDENTIALS_DIR
     assert not any("valueFrom" in e for e in container["env"])        # the token is a file, never env
+    assert env["HF_HUB_OFFLINE"]["value"] == "0"          # the image is offline by default; only the fill is not
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     # Fill pods are not serving pods: no Service, PDB or HPA may count them.
     labels = template["metadata"]["labels"]
@@ -145,6 +146,7 @@ def test_prod_serving_pods_check_the_manifest_and_stay_offline(rendered):
     assert check["command"][:4] == ["python", "-m", "serving.fetch", "--verify"]
     assert check["command"][-1] == f"/models/llama-3.1-8b/{SHA[:12]}"
     assert all(m["readOnly"] for m in check["volumeMounts"] if m["name"] == "model-storage")
+    assert "HF_HUB_OFFLINE" not in {e["name"] for e in check["env"]}   # stays offline, as the image sets it
     assert not any(m["name"] == "source-credentials" for m in check["volumeMounts"])
     serving = pod(d)["spec"]["containers"][0]
     env = {e["name"]: e.get("value") for e in serving["env"]}
