@@ -329,12 +329,6 @@ class SizingConfig:
 
 
 @dataclass(frozen=True)
-class FillResources:
-    requests: ResourceAmounts = field(default_factory=lambda: ResourceAmounts(cpu="1", memory="1Gi", ephemeral_storage="1Gi"))
-    limits: ResourceAmounts = field(default_factory=lambda: ResourceAmounts(cpu="4", memory="4Gi", ephemeral_storage="2Gi"))
-
-
-@dataclass(frozen=True)
 class FillConfig:
     """How `models[].source` is copied onto the model volume (`python -m serving.fetch` in the serving image)."""
 
@@ -361,7 +355,10 @@ class FillConfig:
     """Pod retries; each resumes the partial download on the volume."""
     keep_revisions: int = field(default=2, metadata={"min": 1, "max": 100})
     """Revision directories kept on the volume (the current one and the previous, for instant rollback)."""
-    resources: FillResources = field(default_factory=FillResources)
+    resources: ResourcesConfig = field(default_factory=lambda: ResourcesConfig(
+        requests=ResourceAmounts(cpu="1", memory="1Gi", ephemeral_storage="1Gi"),
+        limits=ResourceAmounts(cpu="4", memory="4Gi", ephemeral_storage="2Gi")))
+    """The downloader streams to the volume; it needs little memory and no GPU."""
 
 
 @dataclass(frozen=True)
