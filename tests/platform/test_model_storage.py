@@ -14,6 +14,7 @@ from components.model_storage import (
     NON_PUBLIC_IPV4, VOLUME_LABEL, fill_egress_policy_spec, model_claim_spec,
 )
 from model_source import SourceError, parse_source
+from serving.fetch import sources as fetch_sources
 from stack_config import ConfigError, FillConfig, ModelConfig, parse_stack_config
 from tests.conftest import render_values, stack_values
 
@@ -78,16 +79,26 @@ def test_bad_source_uris_are_refused(uri):
 
 
 def test_the_platform_and_the_downloader_agree_on_the_grammar():
-    """The program and serving.fetch parse source URIs separately; a URI one accepts the other must accept."""
-    fetch = pytest.importorskip("serving.fetch.sources")
-    good = [f"hf://org/name@{SHA}", "hf://org/name@main", "hf://org/name", "s3://models/a/b", "pvc://claim/dir"]
-    bad = ["http://x/y", "hf://org", "s3://models", "pvc://claim"]
+    """The program and serving.fetch parse source URIs separately: every URI the program accepts (and so writes into
+    a fill command) the downloader accepts, with the same pinned/unpinned verdict and the same model; a URI the
+    downloader refuses the program refuses first, at preview."""
+    good = [f"hf://org/name@{SHA}", "hf://org/name@main", "hf://org/name@v1.0", "hf://org/name",
+            "s3://models/a/b", "s3://models/a/b/", "pvc://claim/dir", "pvc://claim/a/b"]
     for uri in good:
-        platform, image = parse_source(uri), fetch.parse_source(uri)
+        platform, image = parse_source(uri), fetch_sources.parse_source(uri)
         assert platform.pinned == image.pinned, uri
-    for uri in bad:
-        with pytest.raises(Exception):
-            fetch.parse_source(uri)
+        if platform.kind == "hf":
+            assert (platform.location, platform.revision or "main") == (image.repo_id, image.revision), uri
+        elif platform.kind == "s3":
+            assert (platform.location, platform.path) == (image.bucket, image.prefix), uri
+        else:
+            assert (platform.location, platform.path) == (image.claim, image.path), uri
+    for uri in ["http://x/y", "hf://org", "hf://a/b/c@x", "s3://models", "s3://Bad_Bucket/x", "pvc://claim/../etc",
+                "gs://bucket/x", "/models/llama"]:
+        with pytest.raises(fetch_sources.FetchError):
+            fetch_sources.parse_source(uri)
+        with pytest.raises(SourceError):
+            parse_source(uri)
 
 
 def test_revision_directories_differ_per_revision():

@@ -1,0 +1,91 @@
+"""`python -m serving.fetch [--verify] [--require-pinned] [--keep-revisions N] [--retries N] [--exclude GLOB ...]
+SOURCE DEST`.
+
+Exit codes: 0 filled, already filled or verified; 1 failure (download, checksum, verification); 2 bad usage or a
+refused source. Every failure is one line on stderr that says what is wrong and what to do; progress lines go to
+stderr too (stdout stays empty).
+
+Credentials: HF_TOKEN for the hub; AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN) for S3, each
+read from a file of that name in $MODEL_SOURCE_CREDENTIALS_DIR (the fill's Secret, mounted by the platform) or else
+from the environment; without keys, S3 uses boto3's chain (a workload role). Endpoints: HF_ENDPOINT;
+AWS_ENDPOINT_URL_S3 and AWS_REGION (or AWS_DEFAULT_REGION, default us-east-1).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import NoReturn
+
+from serving.fetch.errors import EXIT_OK, EXIT_USAGE, FetchError
+from serving.fetch.fill import DEFAULT_RETRIES, fill, verify
+from serving.fetch.sources import ACCEPTED_FORMS, DEFAULT_EXCLUDES
+
+PROG = "serving.fetch"
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (like every other failure) with exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        usage = " ".join(self.format_usage().split()).removeprefix("usage: ")
+        raise FetchError(f"{message} (usage: {usage})", EXIT_USAGE)
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(prog="python -m serving.fetch", description="Fill DEST once from SOURCE (a model "
+                            "volume, so serving pods never download weights), or --verify it. Exit codes: 0 ok, "
+                            "1 failure, 2 bad usage or refused source.")
+    parser.add_argument("source", metavar="SOURCE", help=f"where the model comes from: {ACCEPTED_FORMS}")
+    parser.add_argument("dest", metavar="DEST", help="the revision-specific model directory, e.g. "
+                                                     "/models/llama-3.1-8b/0e9e39f249a1")
+    parser.add_argument("--verify", action="store_true",
+                        help="only check that DEST holds a complete model for SOURCE (no network, no hashing)")
+    parser.add_argument("--require-pinned", action="store_true",
+                        help="refuse a source whose content can change (an hf:// branch or tag)")
+    parser.add_argument("--keep-revisions", type=_count, default=0, metavar="N",
+                        help="after the fill, keep DEST and the N-1 most recent other fills beside it (0: keep all)")
+    parser.add_argument("--retries", type=_count, default=DEFAULT_RETRIES, metavar="N",
+                        help=f"retries per file after a dropped connection (default {DEFAULT_RETRIES})")
+    parser.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                        help=f"skip files whose path matches GLOB (repeatable; always skipped: "
+                             f"{', '.join(DEFAULT_EXCLUDES)}, and *.bin beside *.safetensors)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+    logger = logging.getLogger(PROG)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        return _run(build_parser(), argv)
+    finally:
+        logger.removeHandler(handler)
+
+
+def _run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    try:
+        args = parser.parse_args(argv)
+        if args.verify:
+            verify(args.source, args.dest, require_pinned=args.require_pinned)
+        else:
+            fill(args.source, args.dest, require_pinned=args.require_pinned, keep_revisions=args.keep_revisions,
+                 retries=args.retries, excludes=args.exclude)
+    except FetchError as exc:
+        print(f"{PROG}: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,379 @@
+"""Fill a model directory once from a pinned source, so that serving pods never download weights.
+
+Lifecycle of `fill(source, dest)`:
+1. Refuse an unpinned source when asked to (before any request).
+2. `dest` already holds a complete fill of this source (manifest + every file at its size): done, no request.
+3. Download every file into `dest.partial/` (same filesystem): each streams into `<path>.part`, resumes with a
+   Range request after a dropped connection or an earlier interrupted run, and is renamed to `<path>` once its
+   size and checksums verify.
+4. Write the manifest last, then swap `dest.partial` into place with renames: readers of `dest` see nothing, the
+   old complete directory or the new complete one, never a partial model.
+5. Optionally prune older revisions beside `dest`.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from serving.fetch.credentials import Credentials, load_credentials
+from serving.fetch.errors import EXIT_USAGE, FetchError, TransientError
+from serving.fetch.manifest import (MANIFEST_NAME, PARTIAL_SUFFIX, REPLACED_MARKER, ManifestFile, missing_files,
+                                    prune_revisions, read_manifest, verify_directory, write_manifest)
+from serving.fetch.sources import (HfSource, Listing, PvcSource, RemoteFile, S3Source, Source, Store,
+                                   check_relative_path, parse_source, refuse_unpinned, same_source, select_files)
+
+logger = logging.getLogger("serving.fetch")
+T = TypeVar("T")
+
+DEFAULT_RETRIES = 5
+DEFAULT_RETRY_DELAY_S = 1.0
+MAX_RETRY_DELAY_S = 60.0
+PROGRESS_INTERVAL_S = 5.0
+_READ_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class FillResult:
+    dest: Path
+    status: Literal["filled", "already-filled", "verified"]
+    revision: str | None
+    files: int
+    bytes_downloaded: int  # over the network in this run
+    pruned: tuple[Path, ...] = ()
+
+
+def fill(source: str, dest: Path | str, *, require_pinned: bool = False, keep_revisions: int = 0,
+         retries: int = DEFAULT_RETRIES, excludes: Iterable[str] = (),
+         retry_delay: float = DEFAULT_RETRY_DELAY_S) -> FillResult:
+    """Make `dest` a complete copy of `source`; raise FetchError (with its exit code) when that fails.
+
+    `retry_delay` is the first backoff after a dropped connection (doubling per retry, at most a minute).
+    """
+    if retries < 0 or keep_revisions < 0:
+        raise FetchError("--retries and --keep-revisions must be 0 or more", EXIT_USAGE)
+    parsed = _parse(source, require_pinned)
+    dest = Path(os.path.abspath(dest))
+    if isinstance(parsed, PvcSource):
+        return verify(source, dest)  # already on a volume: nothing to download, only to check
+    try:
+        return _fill(parsed, dest, keep_revisions, excludes, retries, retry_delay)
+    except OSError as exc:  # the volume: full, read-only, permissions
+        raise FetchError(f"{exc}; check the model volume (free space, permissions, read-only mount)") from None
+
+
+def _fill(source: HfSource | S3Source, dest: Path, keep_revisions: int, excludes: Iterable[str], retries: int,
+          retry_delay: float) -> FillResult:
+    manifest = read_manifest(dest)
+    current = manifest is not None and same_source(str(manifest.get("source")), source) and not missing_files(
+        manifest, dest)
+    if current and source.pinned:  # the same URI always means the same bytes: no request needed
+        return _already_filled(source, dest, manifest, keep_revisions)
+    store = _open_store(source, load_credentials())
+    try:
+        listing = _with_retries(store.list, retries, retry_delay, f"listing {source.uri}")
+        if current:
+            # A branch may have moved since: the fill is current only if it still points at the same commit.
+            if listing.revision == manifest.get("revision"):
+                return _already_filled(source, dest, manifest, keep_revisions)
+            logger.info("%s: %s moved from %s to %s: refilling", dest, source.uri, manifest.get("revision"),
+                        listing.revision)
+        elif dest.exists():
+            logger.info("%s: holds no complete fill of %s: it will be replaced", dest, source.uri)
+        tmp = dest.with_name(dest.name + PARTIAL_SUFFIX)
+        recorded, downloaded = _download(store, listing, source.uri, tmp, excludes, retries, retry_delay)
+    finally:
+        store.close()
+
+    _fsync_tree(tmp)
+    write_manifest(tmp, source.uri, listing.revision, recorded)
+    _swap_into_place(tmp, dest)
+    logger.info("%s: filled from %s (revision %s): %d files, %s downloaded", dest, source.uri, listing.revision,
+                len(recorded), _human(downloaded))
+    return FillResult(dest, "filled", listing.revision, len(recorded), downloaded, _prune(dest, keep_revisions))
+
+
+def _already_filled(source: Source, dest: Path, manifest: dict, keep_revisions: int) -> FillResult:
+    logger.info("%s: already filled from %s (revision %s)", dest, source.uri, manifest.get("revision"))
+    return FillResult(dest, "already-filled", manifest.get("revision"), len(manifest["files"]), 0,
+                      _prune(dest, keep_revisions))
+
+
+def _download(store: Store, listing: Listing, source: str, tmp: Path, excludes: Iterable[str], retries: int,
+              retry_delay: float) -> tuple[list[ManifestFile], int]:
+    """Fetch every selected file of `listing` into `tmp`; return the manifest entries and the bytes downloaded."""
+    files, excluded = select_files(listing.files, (*excludes, MANIFEST_NAME))
+    if not files:
+        raise FetchError(f"{source}: nothing to download: every file is excluded ({', '.join(excluded)}); "
+                         "check --exclude")
+    for file in files:
+        check_relative_path(file.path, source)
+    tmp.mkdir(parents=True, exist_ok=True)
+    _remove_unlisted(tmp, {file.path for file in files})
+    _check_free_space(tmp, files, source)
+    logger.info("fetching %s (revision %s) into %s: %d files, %s%s", source, listing.revision, tmp,
+                len(files), _human(sum(file.size for file in files)),
+                f"; skipping {', '.join(excluded)}" if excluded else "")
+    recorded, downloaded = [], 0
+    for file in files:
+        sha256, fetched = _fetch_file(store, file, tmp, retries, retry_delay, source)
+        recorded.append(ManifestFile(file.path, file.size, sha256))
+        downloaded += fetched
+    return recorded, downloaded
+
+
+def verify(source: str, dest: Path | str, *, require_pinned: bool = False) -> FillResult:
+    """Check, without network or hashing, that `dest` holds a complete model for `source`; raise FetchError if not."""
+    parsed = _parse(source, require_pinned)
+    dest = Path(os.path.abspath(dest))
+    try:
+        manifest = verify_directory(parsed, dest)
+    except OSError as exc:
+        raise FetchError(f"{exc}; check the model volume (mounted, readable)") from None
+    if manifest is None:
+        logger.info("%s: looks like a complete model (no manifest; checked config.json and safetensors)", dest)
+        return FillResult(dest, "verified", None, sum(1 for p in dest.rglob("*") if p.is_file()), 0)
+    logger.info("%s: complete fill of %s (revision %s)", dest, manifest.get("source"), manifest.get("revision"))
+    return FillResult(dest, "verified", manifest.get("revision"), len(manifest["files"]), 0)
+
+
+def _parse(source: str, require_pinned: bool) -> Source:
+    parsed = parse_source(source)
+    if require_pinned:
+        refuse_unpinned(parsed)
+    return parsed
+
+
+def _open_store(source: HfSource | S3Source, credentials: Credentials) -> Store:
+    # Imported here: a hub fill never loads boto3, a verification loads neither.
+    if isinstance(source, HfSource):
+        from serving.fetch.hub import HubStore
+
+        return HubStore(source, credentials)
+    from serving.fetch.s3 import S3Store
+
+    return S3Store(source, credentials)
+
+
+def _prune(dest: Path, keep_revisions: int) -> tuple[Path, ...]:
+    for leftover in dest.parent.glob(f"{dest.name}{REPLACED_MARKER}*"):
+        shutil.rmtree(leftover, ignore_errors=True)  # from a swap interrupted before its cleanup
+    return tuple(prune_revisions(dest, keep_revisions))
+
+
+def _with_retries(action: Callable[[], T], retries: int, delay: float, what: str) -> T:
+    for attempt in range(retries + 1):
+        try:
+            return action()
+        except TransientError as exc:
+            if attempt == retries:
+                raise FetchError(f"{what} failed after {retries} retries: {exc}; check the network path to the "
+                                 "source, then run the fill again") from None
+            logger.warning("%s: %s; retry %d of %d", what, exc, attempt + 1, retries)
+            time.sleep(_backoff(delay, attempt))
+    raise AssertionError("unreachable")
+
+
+def _backoff(delay: float, attempt: int) -> float:
+    return min(delay * 2 ** attempt, MAX_RETRY_DELAY_S)
+
+
+class _Hashes:
+    """sha256 of every file (for the manifest) plus the checksums its source publishes."""
+
+    def __init__(self, file: RemoteFile) -> None:
+        self.digests = {"sha256": hashlib.sha256()}
+        if "git-sha1" in file.checks:
+            self.digests["git-sha1"] = hashlib.sha1(b"blob %d\0" % file.size, usedforsecurity=False)
+        if "md5" in file.checks:
+            self.digests["md5"] = hashlib.md5(usedforsecurity=False)
+
+    def update(self, chunk: bytes) -> None:
+        for digest in self.digests.values():
+            digest.update(chunk)
+
+    def mismatch(self, file: RemoteFile, skip: frozenset[str] = frozenset()) -> tuple[str, str, str] | None:
+        for algorithm, expected in file.checks.items():
+            actual = self.digests[algorithm].hexdigest()
+            if algorithm not in skip and actual != expected.lower():
+                return algorithm, expected, actual
+        return None
+
+    @property
+    def sha256(self) -> str:
+        return self.digests["sha256"].hexdigest()
+
+
+def _hash_file(path: Path, file: RemoteFile, hashes: _Hashes | None = None) -> _Hashes:
+    hashes = hashes or _Hashes(file)
+    with open(path, "rb") as existing:
+        while chunk := existing.read(_READ_BYTES):
+            hashes.update(chunk)
+    return hashes
+
+
+def _fetch_file(store: Store, file: RemoteFile, tmp: Path, retries: int, delay: float,
+                source: str) -> tuple[str, int]:
+    """Download (or resume, or keep) one file into `tmp`; return its sha256 and the bytes downloaded."""
+    final = tmp / file.path
+    part = final.with_name(final.name + ".part")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        if final.stat().st_size == file.size:
+            hashes = _hash_file(final, file)
+            if hashes.mismatch(file) is None:
+                logger.info("%s: already downloaded and verified", file.path)
+                return hashes.sha256, 0
+        logger.info("%s: the earlier download does not verify: downloading it again", file.path)
+        final.unlink()
+
+    hashes = _Hashes(file)
+    written = part.stat().st_size if part.exists() else 0
+    if written > file.size:
+        part.unlink()
+        written = 0
+    if written:
+        _hash_file(part, file, hashes)
+        logger.info("%s: resuming at %s of %s", file.path, _human(written), _human(file.size))
+    progress = _Progress(file.path, file.size, written)
+    skip_checks: frozenset[str] = frozenset()
+    with open(part, "ab") as out:
+        for attempt in range(retries + 1):
+            if written >= file.size:
+                break  # complete (an empty file needs no request)
+            try:
+                with store.open(file, written) as body:
+                    skip_checks = body.skip_checks
+                    if body.start != written:
+                        if body.start != 0:
+                            raise TransientError(f"asked for bytes from {written}, the server sent from {body.start}")
+                        logger.info("%s: the server ignored the Range request: restarting from zero", file.path)
+                        out.truncate(0)
+                        hashes, written = _Hashes(file), 0
+                        progress.restart()
+                    for chunk in body.chunks():
+                        out.write(chunk)
+                        hashes.update(chunk)
+                        written += len(chunk)
+                        progress.advance(len(chunk), written)
+                if written < file.size:
+                    raise TransientError(f"the body ended after {written} of {file.size} bytes")
+                break
+            except TransientError as exc:
+                out.flush()
+                if attempt == retries:
+                    raise FetchError(f"{source}: {file.path}: download failed after {retries} retries ({exc}); "
+                                     f"{_human(written)} kept in {part}: run the fill again to resume") from None
+                logger.warning("%s: %s; retry %d of %d from byte %d", file.path, exc, attempt + 1, retries, written)
+                time.sleep(_backoff(delay, attempt))
+        out.flush()
+        os.fsync(out.fileno())
+
+    if written != file.size:
+        part.unlink()
+        raise FetchError(f"{source}: {file.path}: size mismatch: expected {file.size} bytes, got {written}; the "
+                         "source changed or the transfer was corrupted; run the fill again")
+    if wrong := hashes.mismatch(file, skip_checks):
+        algorithm, expected, actual = wrong
+        part.unlink()
+        raise FetchError(f"{source}: {file.path}: {algorithm} mismatch: expected {expected}, got {actual}; the "
+                         "source changed or the transfer was corrupted; run the fill again")
+    os.replace(part, final)
+    progress.finish()
+    return hashes.sha256, progress.fetched
+
+
+class _Progress:
+    """At most one line per PROGRESS_INTERVAL_S while a file downloads, and one with its rate when it is done."""
+
+    def __init__(self, path: str, size: int, resumed_at: int) -> None:
+        self.path, self.size, self.resumed_at, self.fetched = path, size, resumed_at, 0
+        self.started = self.last_line = time.monotonic()
+
+    def restart(self) -> None:
+        self.resumed_at = self.fetched = 0
+
+    def advance(self, count: int, written: int) -> None:
+        self.fetched += count
+        now = time.monotonic()
+        if now - self.last_line >= PROGRESS_INTERVAL_S:
+            self.last_line = now
+            logger.info("%s: %s of %s (%d%%), %s", self.path, _human(written), _human(self.size),
+                        100 * written // max(self.size, 1), self._rate(now))
+
+    def finish(self) -> None:
+        now = time.monotonic()
+        resumed = f", resumed at {_human(self.resumed_at)}" if self.resumed_at else ""
+        logger.info("%s: done, %s in %.1f s (%s%s)", self.path, _human(self.fetched), now - self.started,
+                    self._rate(now), resumed)
+
+    def _rate(self, now: float) -> str:
+        return f"{self.fetched / 1e6 / max(now - self.started, 1e-6):.1f} MB/s"
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    raise AssertionError("unreachable")
+
+
+def _remove_unlisted(tmp: Path, listed: set[str]) -> None:
+    """Drop what an earlier run left in `tmp` that this listing does not have (so it cannot end up in the model)."""
+    keep = listed | {f"{path}.part" for path in listed}
+    for path in sorted(tmp.rglob("*"), reverse=True):
+        relative = path.relative_to(tmp).as_posix()
+        if path.is_dir() and not path.is_symlink():
+            if not any(name == relative or name.startswith(relative + "/") for name in listed):
+                shutil.rmtree(path)
+        elif relative not in keep:
+            path.unlink()
+
+
+def _check_free_space(tmp: Path, files: list[RemoteFile], source: str) -> None:
+    needed = 0
+    for file in files:
+        final, part = tmp / file.path, tmp / f"{file.path}.part"
+        have = final.stat().st_size if final.exists() else part.stat().st_size if part.exists() else 0
+        needed += max(file.size - have, 0)
+    free = shutil.disk_usage(tmp).free
+    if needed > free:
+        raise FetchError(f"{tmp.parent}: {source} needs {_human(needed)} more, only {_human(free)} free; grow the "
+                         "model volume or prune old revisions (--keep-revisions)")
+
+
+def _fsync_tree(root: Path) -> None:
+    for directory in [root, *(p for p in root.rglob("*") if p.is_dir())]:
+        _fsync_dir(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _swap_into_place(tmp: Path, dest: Path) -> None:
+    """Publish `tmp` as `dest` with renames only; an existing `dest` is moved aside first, then deleted."""
+    replaced = None
+    if dest.exists() or dest.is_symlink():
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        replaced = dest.with_name(f"{dest.name}{REPLACED_MARKER}{stamp}")
+        os.rename(dest, replaced)
+    os.rename(tmp, dest)
+    _fsync_dir(dest.parent)
+    if replaced is not None:
+        if replaced.is_dir() and not replaced.is_symlink():
+            shutil.rmtree(replaced)
+        else:
+            replaced.unlink()

@@ -1,0 +1,150 @@
+"""The fill's completion record (`llm-platform-manifest.json`), the cheap completeness check and revision pruning.
+
+The manifest is written last, into the temporary directory, before the rename that publishes the model: a model
+directory with a manifest is complete, one without is not ours or not finished.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from serving.fetch.errors import FetchError
+from serving.fetch.sources import PvcSource, Source, check_relative_path, same_source
+
+MANIFEST_NAME = "llm-platform-manifest.json"
+MANIFEST_FORMAT = 1
+FETCHER = "llm-platform serving.fetch"
+PARTIAL_SUFFIX = ".partial"
+REPLACED_MARKER = ".replaced-"
+
+logger = logging.getLogger("serving.fetch")
+
+
+@dataclass(frozen=True)
+class ManifestFile:
+    path: str
+    size: int
+    sha256: str
+
+
+def write_manifest(directory: Path, source: str, revision: str | None, files: list[ManifestFile]) -> dict[str, Any]:
+    """Write and fsync the manifest into `directory`; return its content."""
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "source": source,
+        "revision": revision,
+        "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in sorted(files, key=lambda f: f.path)],
+        "completedAt": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+        "fetcher": FETCHER,
+    }
+    path = directory / MANIFEST_NAME
+    with open(path, "w", encoding="utf-8") as out:
+        json.dump(manifest, out, indent=2)
+        out.write("\n")
+        out.flush()
+        os.fsync(out.fileno())
+    return manifest
+
+
+def read_manifest(directory: Path) -> dict[str, Any] | None:
+    """The manifest in `directory`, or None when there is none or it is not one of ours."""
+    try:
+        manifest = json.loads((directory / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list):
+        return None
+    return manifest
+
+
+def missing_files(manifest: dict[str, Any], directory: Path) -> str | None:
+    """What is wrong with `directory` against its manifest (file present at its recorded size), or None if nothing."""
+    for entry in manifest["files"]:
+        try:
+            path, size = check_relative_path(entry["path"], str(directory)), int(entry["size"])
+        except (KeyError, TypeError, ValueError):
+            return f"the manifest has a malformed entry {entry!r}"
+        try:
+            actual = (directory / path).stat().st_size
+        except OSError:
+            return f"{path} is missing"
+        if actual != size:
+            return f"{path} is {actual} bytes, the manifest says {size}"
+    return None
+
+
+def verify_directory(source: Source, dest: Path) -> dict[str, Any] | None:
+    """Check that `dest` holds a complete model for `source` (no hashing); return its manifest or raise FetchError."""
+    if not dest.is_dir():
+        raise FetchError(f"{dest}: does not exist: the fill for {source.uri} has not run or has not completed; "
+                         "check the model's fill Job logs")
+    manifest = read_manifest(dest)
+    if manifest is None and isinstance(source, PvcSource):
+        _check_model_shape(source, dest)
+        return None
+    if manifest is None:
+        raise FetchError(f"{dest}: no manifest: the fill for {source.uri} has not completed; check the model's fill "
+                         "Job logs")
+    # A pvc:// model may well have been filled from the hub or S3: any complete fill of ours is fine there.
+    if not isinstance(source, PvcSource) and not same_source(str(manifest.get("source")), source):
+        raise FetchError(f"{dest}: holds {manifest.get('source')}, not {source.uri}; point the deployment at the "
+                         f"directory filled from {source.uri}, or run its fill Job")
+    if problem := missing_files(manifest, dest):
+        raise FetchError(f"{dest}: incomplete model for {source.uri}: {problem}; run the model's fill Job again "
+                         "to repair it")
+    return manifest
+
+
+def _check_model_shape(source: PvcSource, dest: Path) -> None:
+    """Without a manifest, a pvc:// directory must at least look like a finished safetensors model."""
+    if not (dest / "config.json").is_file():
+        raise FetchError(f"{dest}: no config.json: {source.uri} is not a Hugging Face model directory; point the "
+                         "source at the directory that holds config.json")
+    if not any(dest.glob("*.safetensors")):
+        raise FetchError(f"{dest}: no *.safetensors weights in {source.uri}; copy the safetensors weights there")
+    if leftover := next(dest.rglob("*.part"), None):
+        raise FetchError(f"{dest}: {leftover.relative_to(dest)} is a partial download: the copy into {source.uri} "
+                         "has not finished; finish it (or remove the .part file)")
+
+
+def prune_revisions(dest: Path, keep: int) -> list[Path]:
+    """Keep `dest` and the `keep - 1` most recently completed sibling fills; delete the other fills.
+
+    Only directories with a manifest count as fills; other directories are never touched, except the leftovers of
+    an interrupted swap (`*.replaced-*`). The parent directory must therefore be per model (`/models/NAME/REV`).
+    """
+    if keep <= 0:
+        return []
+    fills: list[tuple[datetime, Path]] = []
+    removed: list[Path] = []
+    for sibling in dest.parent.iterdir():
+        if sibling == dest or sibling.is_symlink() or not sibling.is_dir() or sibling.name.endswith(PARTIAL_SUFFIX):
+            continue
+        if REPLACED_MARKER in sibling.name:
+            removed.append(_remove(sibling))
+        elif manifest := read_manifest(sibling):
+            fills.append((_completed_at(manifest), sibling))
+    fills.sort(key=lambda fill: fill[0], reverse=True)
+    for _, sibling in fills[keep - 1:]:
+        logger.info("pruning %s (keeping %d revisions)", sibling, keep)
+        removed.append(_remove(sibling))
+    return removed
+
+
+def _completed_at(manifest: dict[str, Any]) -> datetime:
+    try:
+        completed = datetime.fromisoformat(str(manifest.get("completedAt")))
+    except ValueError:
+        return datetime.min.replace(tzinfo=timezone.utc)  # unreadable: treat as the oldest
+    return completed if completed.tzinfo else completed.replace(tzinfo=timezone.utc)
+
+
+def _remove(path: Path) -> Path:
+    shutil.rmtree(path)
+    return path
