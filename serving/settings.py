@@ -47,6 +47,8 @@ class Settings:
     """`auto`, `bfloat16`, `float16` or `float32`; None lets the engine choose (auto)."""
     gpu_memory_utilization: float | None = None
     """Fraction of GPU memory the engine may use for weights and KV cache; None keeps the engine's default."""
+    cuda_graphs: bool | None = None
+    """Decode from CUDA graphs on a GPU; None keeps the engine's default (on)."""
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
     """After SIGTERM, how long in-flight requests may run before they are aborted."""
@@ -99,6 +101,15 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _switch(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "on", "yes"):
+        return True
+    if value in ("0", "false", "off", "no"):
+        return False
+    raise ValueError("must be on or off (true/false, 1/0)")
+
+
 def _choice(*allowed: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = text.strip().lower()
@@ -125,6 +136,8 @@ _OPTIONS: tuple[tuple[str, str, str, Callable[[str], object], str], ...] = (
      "auto, bfloat16, float16 or float32 (default auto: bfloat16 on GPU, float32 on CPU)"),
     ("gpu_memory_utilization", "--gpu-memory-utilization", "GPU_MEMORY_UTILIZATION", _fraction,
      "fraction of GPU memory for the engine"),
+    ("cuda_graphs", "--cuda-graphs", "CUDA_GRAPHS", _switch,
+     "on or off: decode from CUDA graphs on a GPU (default on)"),
     ("max_body_bytes", "--max-body-bytes", "MAX_BODY_BYTES", _positive_int,
      f"largest request body (default {DEFAULT_MAX_BODY_BYTES})"),
     ("drain_seconds", "--drain-seconds", "DRAIN_SECONDS", _non_negative_float,

@@ -40,6 +40,11 @@ class EngineConfig:
     max_prefill_tokens_per_step: int = 2048
     """Chunked-prefill budget: prompt tokens processed per engine step, so a long prompt delays running
     streams by at most one chunk's compute per decode step."""
+    cuda_graphs: bool = True
+    """On a GPU, capture the decode step as CUDA graphs (one per batch-size and KV-length bucket) when the
+    engine loads, and replay them: small batches stop paying Python and launch overhead per step. Capture
+    takes seconds and some memory (the largest step's activations, counted in the KV-cache budget); if it
+    fails, decoding stays eager and the reason is logged. Ignored on CPU."""
     warmup_tokens: int = 8
     """Length of the warm-up request's prompt and of its output, run by `start()` before the engine reports
     ready (first-call allocations and kernel selection happen then, not on a client's request). 0 skips it."""
@@ -55,6 +60,8 @@ class EngineConfig:
         _require_positive("max_prefill_tokens_per_step", self.max_prefill_tokens_per_step)
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization: {self.gpu_memory_utilization} must be in (0, 1]")
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs: {self.cuda_graphs!r} must be true or false")
         if self.warmup_tokens < 0:
             raise ValueError(f"warmup_tokens: {self.warmup_tokens} must be 0 (no warm-up) or more")
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from serving.engine.config import DEFAULT_MAX_NUM_SEQS_CPU, DEFAULT_MAX_NUM_SEQS_GPU, EngineConfig
+from serving.engine.cuda_graphs import DecodeGraphs
 from serving.engine.interface import (
     EngineDeadError,
     EngineStats,
@@ -112,17 +113,20 @@ class LLMEngine:
             )
         default_slots = DEFAULT_MAX_NUM_SEQS_GPU if device.type == "cuda" else DEFAULT_MAX_NUM_SEQS_CPU
         num_slots = config.max_num_seqs or default_slots
+        graphs = config.cuda_graphs and device.type == "cuda"
         plan = plan_kv_cache(
             bytes_per_token=kv_bytes_per_token(hf_config, dtype),
             budget_bytes=kv_cache_budget_bytes(
                 device, hf_config, dtype, memory_utilization=config.gpu_memory_utilization,
-                num_slots=num_slots, max_prefill_tokens=config.max_prefill_tokens_per_step,
+                num_slots=num_slots, max_prefill_tokens=config.max_prefill_tokens_per_step, decode_graphs=graphs,
             ),
             num_slots=num_slots,
             max_model_len=config.max_model_len or context_len,
             max_model_len_is_default=config.max_model_len is None,
         )
         runner = ModelRunner(loaded.model, plan)
+        if graphs:
+            capture_decode_graphs(runner)
         vocab_size = int(hf_config.vocab_size)
         model_info = ModelInfo(
             max_model_len=plan.max_model_len,
@@ -400,6 +404,23 @@ class LLMEngine:
             batches.setdefault(seq.loop, []).append((seq.queue, item))
         for loop, items in batches.items():
             _deliver_threadsafe(loop, items)
+
+
+def capture_decode_graphs(runner: ModelRunner) -> bool:
+    """Capture the runner's decode steps as CUDA graphs and route decoding through them; on any failure log
+    why and keep decoding eagerly (slower, same results). Returns whether graphs are in use."""
+    graphs = DecodeGraphs(runner.decode_step, batch_buckets=runner.batch_buckets,
+                          kv_len_buckets=runner.kv_len_buckets, vocab_size=runner.vocab_size,
+                          scratch_position=runner.scratch_position, device=runner.device)
+    try:
+        graphs.capture()
+    except Exception as exc:  # noqa: BLE001 - any capture failure has the same remedy: decode eagerly
+        logger.warning("CUDA graph capture failed, decoding eagerly (slower at small batches): %s: %s",
+                       type(exc).__name__, exc)
+        runner.use_graphs(None)
+        return False
+    runner.use_graphs(graphs)
+    return True
 
 
 def _deliver_threadsafe(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, object]]) -> bool:

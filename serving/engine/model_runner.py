@@ -7,9 +7,11 @@ slot per running request, so a request's cache is a contiguous prefix of its slo
 
 - `prefill` writes one chunk of one prompt into its slot; the chunk attends causally to the cached
   prefix and itself, so long prompts can be split across engine steps.
-- `decode_step` is one batched step for slots 0..B-1 over fixed-shape tensors (a later change
-  captures it in CUDA graphs per batch-size bucket). Grouped-query attention reads K/V once per KV
-  head (`enable_gqa=True`) and only up to `kv_len`, a bucketed bound on the longest live sequence.
+- `decode_step` is one batched step for slots 0..B-1 over fixed-shape tensors: a batch-size bucket
+  and `kv_len`, a bucketed bound on the longest live sequence (`kv_len_bucket`), so few shapes occur
+  and each can be captured once as a CUDA graph (`serving.engine.cuda_graphs`). Grouped-query
+  attention folds each KV head's query heads into the query-length axis: K/V are read once per KV
+  head, never repeated per query head, and the masked kernels need no GQA support of their own.
 """
 from __future__ import annotations
 
@@ -27,7 +29,10 @@ from serving.engine.interface import ModelLoadError
 logger = logging.getLogger("serving.engine")
 
 KV_LEN_BUCKET = 256
-"""Decode attends over the cache rounded up to a multiple of this, so few distinct shapes occur."""
+"""Decode attends over the cache rounded up to a multiple of this (up to KV_LEN_LINEAR_MAX)..."""
+KV_LEN_LINEAR_MAX = 2048
+"""...and beyond it to the next power of two: at most 2x the attention reads, and a handful of shapes
+(graphs) even for a 128k context."""
 MIN_DEFAULT_MODEL_LEN = 4096
 """When the cache cannot give every slot the model's full context, keep at least this much per slot
 (or the model's own limit) and run fewer slots instead."""
@@ -37,6 +42,26 @@ MIN_DEFAULT_MODEL_LEN = 4096
 class KVCachePlan:
     num_slots: int
     max_model_len: int
+
+
+def kv_len_bucket(length: int, max_model_len: int) -> int:
+    """The cache length a decode step attends over when its longest sequence holds `length` tokens."""
+    if length <= KV_LEN_LINEAR_MAX:
+        bucket = -(-length // KV_LEN_BUCKET) * KV_LEN_BUCKET
+    else:
+        bucket = 1 << (length - 1).bit_length()
+    return min(max(bucket, KV_LEN_BUCKET), max_model_len)
+
+
+def kv_len_buckets(max_model_len: int) -> list[int]:
+    """Every value `kv_len_bucket` can return for this cache, ascending."""
+    buckets, length = [], 1
+    while True:
+        bucket = kv_len_bucket(length, max_model_len)
+        buckets.append(bucket)
+        if bucket >= max_model_len:
+            return buckets
+        length = bucket + 1
 
 
 def model_context_len(hf_config) -> int:
@@ -60,20 +85,34 @@ def kv_bytes_per_token(hf_config, dtype: torch.dtype) -> int:
 
 
 def kv_cache_budget_bytes(device: torch.device, hf_config, dtype: torch.dtype, *, memory_utilization: float,
-                          num_slots: int, max_prefill_tokens: int) -> int:
+                          num_slots: int, max_prefill_tokens: int, decode_graphs: bool = False) -> int:
     """Bytes the KV cache may take, measured after the weights are on the device."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(device)
-        # Headroom for one prefill chunk's activations and the decode logits. Prefill attention runs in
-        # the flash kernel (no score matrix), so activations scale with chunk tokens, not tokens^2.
-        element = torch.empty((), dtype=dtype).element_size()
-        activations = max_prefill_tokens * (8 * hf_config.hidden_size + 4 * hf_config.intermediate_size) * element
-        logits = 2 * max(num_slots, 1) * hf_config.vocab_size * 4
-        reserve = (512 << 20) + activations + logits
+        reserve = (512 << 20) + activation_reserve_bytes(hf_config, dtype, num_slots=num_slots,
+                                                         max_prefill_tokens=max_prefill_tokens,
+                                                         decode_graphs=decode_graphs)
         return int(total * memory_utilization - (total - free) - reserve)
     available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return int(available * memory_utilization)
+
+
+def activation_reserve_bytes(hf_config, dtype: torch.dtype, *, num_slots: int, max_prefill_tokens: int,
+                             decode_graphs: bool) -> int:
+    """Memory kept out of the KV cache for activations: one prefill chunk's and the decode logits; with
+    decode graphs also their private pool (the largest step's activations and logits) and static logits.
+
+    Prefill attention runs in the flash kernel (no score matrix), so its activations scale with chunk
+    tokens, not tokens^2.
+    """
+    element = torch.empty((), dtype=dtype).element_size()
+    slots = max(num_slots, 1)
+    per_token = (8 * hf_config.hidden_size + 4 * hf_config.intermediate_size) * element
+    reserve = max_prefill_tokens * per_token + 2 * slots * hf_config.vocab_size * 4
+    if decode_graphs:
+        reserve += slots * (per_token + hf_config.vocab_size * (element + 4 + 4)) + (64 << 20)
+    return reserve
 
 
 def plan_kv_cache(*, bytes_per_token: int, budget_bytes: int, num_slots: int, max_model_len: int,
@@ -134,6 +173,9 @@ class ModelRunner:
         self._slot_rows = torch.arange(self.num_slots, device=self.device)
         self._cache_positions = torch.arange(self.max_model_len, device=self.device)
         self.batch_buckets = _batch_buckets(self.num_slots)
+        self.kv_len_buckets = kv_len_buckets(self.max_model_len)
+        self.scratch_position = self.max_model_len - 1
+        self.graphs = None
 
     @property
     def capacity_tokens(self) -> int:
@@ -179,19 +221,25 @@ class ModelRunner:
         final token of a full-length sequence is sampled, never fed back).
         """
         batch = next(size for size in self.batch_buckets if size > max(slots))
-        scratch = self.max_model_len - 1
         row_tokens = [0] * batch
-        row_positions = [scratch] * batch
+        row_positions = [self.scratch_position] * batch
         for slot, token, position in zip(slots, token_ids, positions):
             row_tokens[slot] = token
             row_positions[slot] = position
-        kv_len = min(self.max_model_len, -(-(max(positions) + 1) // KV_LEN_BUCKET) * KV_LEN_BUCKET)
-        logits = self.decode_step(
-            torch.tensor(row_tokens, dtype=torch.long).to(self.device, non_blocking=True),
-            torch.tensor(row_positions, dtype=torch.long).to(self.device, non_blocking=True),
-            kv_len,
-        )
+        kv_len = kv_len_bucket(max(positions) + 1, self.max_model_len)
+        inputs = torch.tensor([row_tokens, row_positions], dtype=torch.long)
+        step = self.graphs if self.graphs is not None else self._decode_eager
+        logits = step(inputs.to(self.device, non_blocking=True), kv_len)
+        if slots == list(range(batch)):
+            return logits
         return logits[torch.tensor(slots, device=self.device)]
+
+    def use_graphs(self, graphs) -> None:
+        """Route decode steps through `graphs` (a `serving.engine.cuda_graphs.DecodeGraphs`), or eager (None)."""
+        self.graphs = graphs
+
+    def _decode_eager(self, inputs: torch.Tensor, kv_len: int) -> torch.Tensor:
+        return self.decode_step(inputs[0], inputs[1], kv_len)
 
     @torch.inference_mode()
     def decode_step(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
@@ -207,15 +255,16 @@ class ModelRunner:
             query, key, value = self._project_qkv(layer.self_attn, layer.input_layernorm(hidden), cos, sin)
             self.k_cache[index][rows, :, positions] = key[:, :, 0]
             self.v_cache[index][rows, :, positions] = value[:, :, 0]
+            # [batch, heads, 1, dim] -> [batch, kv_heads, group, dim]: each KV head's query heads become
+            # its query rows (heads are grouped as HF's repeat_kv lays them out), all under the same mask.
             attention = F.scaled_dot_product_attention(
-                query,
+                query.reshape(batch, self.num_kv_heads, -1, self.head_dim),
                 self.k_cache[index, :batch, :, :kv_len],
                 self.v_cache[index, :batch, :, :kv_len],
                 attn_mask=mask,
                 scale=self.scaling,
-                enable_gqa=True,
             )
-            hidden = residual + layer.self_attn.o_proj(attention.transpose(1, 2).reshape(batch, 1, -1))
+            hidden = residual + layer.self_attn.o_proj(attention.reshape(batch, 1, -1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return self.lm_head(self.norm(hidden[:, 0])).float()
 

@@ -39,6 +39,7 @@ def test_bad_setting_exits_2_with_one_line(tiny_model_dir):
     ([], {"MAX_NUM_SEQS": "0"}, "MAX_NUM_SEQS='0': must be a positive integer"),
     ([], {"DRAIN_SECONDS": "soon"}, "DRAIN_SECONDS='soon': is not a number"),
     ([], {"DEVICE": "tpu"}, "DEVICE='tpu': must be one of auto, cuda, cpu"),
+    ([], {"CUDA_GRAPHS": "maybe"}, "CUDA_GRAPHS='maybe': must be on or off (true/false, 1/0)"),
     (["--max-body-bytes", "-5"], {}, "--max-body-bytes='-5': must be a positive integer"),
     (["--no-such-flag"], {}, "unrecognized arguments: --no-such-flag"),
 ])
@@ -53,11 +54,12 @@ def test_settings_from_flags_env_and_key_sources(tiny_model_dir, tmp_path):
     keys.write_text("# comment\n\nalpha\n beta \n")
     settings = load_settings(["--port", "9000", "--drain-seconds", "0"],
                              {"MODEL_PATH": str(tiny_model_dir), "PORT": "1234", "API_KEYS_FILE": str(keys),
-                              "API_KEY": "gamma", "MAX_QUEUE": "3", "DTYPE": "BFloat16"})
+                              "API_KEY": "gamma", "MAX_QUEUE": "3", "DTYPE": "BFloat16", "CUDA_GRAPHS": "Off"})
     assert settings.port == 9000  # the flag wins over PORT
     assert settings.model_name == tiny_model_dir.name
     assert settings.api_keys == {"alpha", "beta", "gamma"}
     assert (settings.max_queue, settings.dtype, settings.drain_seconds) == (3, "bfloat16", 0.0)
+    assert settings.cuda_graphs is False
     assert (settings.host, settings.max_body_bytes, settings.max_num_seqs) == ("0.0.0.0", 1024 * 1024, None)
     assert "alpha" not in repr(settings)
     empty = tmp_path / "empty"
