@@ -190,8 +190,13 @@ def format_table(levels: list[dict]) -> str:
     columns = [("concurrency", "conc"), ("requests", "reqs"), ("errors", "errors"), ("output_tok_s", "out tok/s"),
                ("ttft_p50_ms", "TTFT p50 ms"), ("ttft_p99_ms", "TTFT p99 ms"), ("itl_p50_ms", "ITL p50 ms"),
                ("itl_p99_ms", "ITL p99 ms"), ("e2e_p50_ms", "E2E p50 ms")]
-    rows = [[title for _, title in columns]] + [[str(level[key]) for key, _ in columns] for level in levels]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
+    return markdown_table([[title for _, title in columns]]
+                          + [[str(level[key]) for key, _ in columns] for level in levels])
+
+
+def markdown_table(rows: list[list[str]]) -> str:
+    """A right-aligned Markdown table; the first row is the header."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["| " + " | ".join(cell.rjust(width) for cell, width in zip(row, widths)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (width + 1) + ":" for width in widths) + "|")
     return "\n".join(lines)

@@ -34,6 +34,7 @@ from serving.engine.interface import (
 from serving.engine.loader import load_model, resolve_device, resolve_dtype
 from serving.engine.model_runner import (
     ModelRunner,
+    PrefillChunk,
     kv_bytes_per_token,
     kv_cache_budget_bytes,
     model_context_len,
@@ -288,25 +289,27 @@ class LLMEngine:
     def _step(self) -> None:
         """Chunked prefill within the token budget, then one batched decode step; then emit tokens."""
         budget = self.config.max_prefill_tokens_per_step
+        chunks: list[PrefillChunk] = []
         prefilled: list[_Sequence] = []
-        prefill_logits: list[torch.Tensor] = []
-        for seq in list(self._prefilling):
+        for seq in self._prefilling:
             if budget == 0:
                 break
             count = min(budget, len(seq.prompt) - seq.num_cached)
             done = seq.num_cached + count == len(seq.prompt)
-            chunk = list(seq.prompt[seq.num_cached : seq.num_cached + count])
-            logits = self.runner.prefill(seq.slot, chunk, seq.num_cached, want_logits=done)
+            chunks.append(PrefillChunk(seq.slot, seq.prompt[seq.num_cached : seq.num_cached + count],
+                                       seq.num_cached, want_logits=done))
             seq.num_cached += count
             budget -= count
             if done:
-                self._prefilling.remove(seq)
                 prefilled.append(seq)
-                prefill_logits.append(logits)
         touched: list[_Sequence] = []
-        if prefilled:
-            self._sample_and_append(prefilled, torch.stack(prefill_logits))
-            touched += prefilled
+        if chunks:
+            logits = self.runner.prefill(chunks)
+            for seq in prefilled:
+                self._prefilling.remove(seq)
+            if prefilled:
+                self._sample_and_append(prefilled, logits)
+                touched += prefilled
         decoding = [seq for seq in self._decoding if not seq.finished]
         if decoding:
             logits = self.runner.decode(

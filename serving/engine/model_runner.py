@@ -5,8 +5,8 @@ variants such as llama3 scaling, tied embeddings, Qwen3's q/k norms); only atten
 are ours. The cache holds, per layer, K and V as [num_slots, kv_heads, max_model_len, head_dim]: one
 slot per running request, so a request's cache is a contiguous prefix of its slot.
 
-- `prefill` writes one chunk of one prompt into its slot; the chunk attends causally to the cached
-  prefix and itself, so long prompts can be split across engine steps.
+- `prefill` runs chunks of several prompts in one forward pass, each written into its own slot; a
+  chunk attends causally to its cached prefix and itself, so long prompts can be split across steps.
 - `decode_step` is one batched step for slots 0..B-1 over fixed-shape tensors: a batch-size bucket
   and `kv_len`, a bucketed bound on the longest live sequence (`kv_len_bucket`), so few shapes occur
   and each can be captured once as a CUDA graph (`serving.engine.cuda_graphs`). Grouped-query
@@ -15,9 +15,11 @@ slot per running request, so a request's cache is a contiguous prefix of its slo
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +38,21 @@ KV_LEN_LINEAR_MAX = 2048
 MIN_DEFAULT_MODEL_LEN = 4096
 """When the cache cannot give every slot the model's full context, keep at least this much per slot
 (or the model's own limit) and run fewer slots instead."""
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """Prompt tokens `token_ids` of the request in `slot`, at positions start.. of its sequence."""
+
+    slot: int
+    token_ids: Sequence[int]
+    start: int
+    want_logits: bool = False
+    """Whether this chunk ends the prompt, so the logits of its last token are needed."""
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.token_ids)
 
 
 @dataclass(frozen=True)
@@ -182,36 +199,47 @@ class ModelRunner:
         return self.num_slots * self.max_model_len
 
     @torch.inference_mode()
-    def prefill(self, slot: int, token_ids: list[int], start: int, *, want_logits: bool) -> torch.Tensor | None:
-        """Run prompt tokens at positions start.. for `slot`; return float32 logits of the last one if asked."""
-        count = len(token_ids)
-        end = start + count
-        input_ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
-        positions = self._cache_positions[start:end].unsqueeze(0)
-        hidden = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb(hidden, positions)
+    def prefill(self, chunks: Sequence[PrefillChunk]) -> torch.Tensor | None:
+        """Run prompt chunks of several slots in one forward pass; return float32 logits [n, vocab] of the
+        last token of each chunk that wants them (in order), or None when none does.
+
+        Tokens of all chunks are packed into one row, so projections, norms and MLP run once for the step
+        whatever the number of prompts; only attention runs per chunk, over its own slot's cache.
+        """
+        token_ids = [token for chunk in chunks for token in chunk.token_ids]
+        positions = [position for chunk in chunks for position in range(chunk.start, chunk.end)]
+        inputs = torch.tensor([token_ids, positions], dtype=torch.long).to(self.device, non_blocking=True)
+        total = len(token_ids)
+        hidden = self.embed_tokens(inputs[0:1])
+        cos, sin = self.rotary_emb(hidden, inputs[1:2])
+        offsets = list(itertools.accumulate((len(chunk.token_ids) for chunk in chunks), initial=0))
         # A first chunk is plain causal attention. A later chunk also sees the whole cached prefix: causal
         # aligned to the bottom-right corner, which CUDA runs in the flash kernel without building a mask.
-        mask = None if start == 0 else causal_lower_right(count, end)
+        masks = [None if chunk.start == 0 else causal_lower_right(len(chunk.token_ids), chunk.end) for chunk in chunks]
         for index, layer in enumerate(self.layers):
             residual = hidden
             query, key, value = self._project_qkv(layer.self_attn, layer.input_layernorm(hidden), cos, sin)
-            self.k_cache[index, slot, :, start:end] = key[0]
-            self.v_cache[index, slot, :, start:end] = value[0]
-            attention = F.scaled_dot_product_attention(
-                query,
-                self.k_cache[index, slot : slot + 1, :, :end],
-                self.v_cache[index, slot : slot + 1, :, :end],
-                attn_mask=mask,
-                is_causal=mask is None,
-                scale=self.scaling,
-                enable_gqa=True,
-            )
-            hidden = residual + layer.self_attn.o_proj(attention.transpose(1, 2).reshape(1, count, -1))
+            attended = []
+            for chunk, first, last, mask in zip(chunks, offsets, offsets[1:], masks):
+                slot, begin, end = chunk.slot, chunk.start, chunk.end
+                self.k_cache[index, slot, :, begin:end] = key[0, :, first:last]
+                self.v_cache[index, slot, :, begin:end] = value[0, :, first:last]
+                attended.append(F.scaled_dot_product_attention(
+                    query[:, :, first:last],
+                    self.k_cache[index, slot : slot + 1, :, :end],
+                    self.v_cache[index, slot : slot + 1, :, :end],
+                    attn_mask=mask,
+                    is_causal=mask is None,
+                    scale=self.scaling,
+                    enable_gqa=True,
+                ))
+            attention = attended[0] if len(attended) == 1 else torch.cat(attended, dim=2)
+            hidden = residual + layer.self_attn.o_proj(attention.transpose(1, 2).reshape(1, total, -1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        if not want_logits:
+        wanted = [last - 1 for chunk, last in zip(chunks, offsets[1:]) if chunk.want_logits]
+        if not wanted:
             return None
-        return self.lm_head(self.norm(hidden[:, -1])).float()[0]
+        return self.lm_head(self.norm(hidden[0, wanted])).float()
 
     def decode(self, slots: list[int], token_ids: list[int], positions: list[int]) -> torch.Tensor:
         """One decode step for the given slots; returns float32 logits [len(slots), vocab] in that order.

@@ -28,8 +28,8 @@ from serving.engine import (
 )
 from serving.engine.cuda_graphs import DecodeGraphs
 from serving.engine.engine import capture_decode_graphs
-from serving.engine.model_runner import (KVCachePlan, activation_reserve_bytes, kv_len_bucket, kv_len_buckets,
-                                         model_context_len, plan_kv_cache)
+from serving.engine.model_runner import (KVCachePlan, PrefillChunk, activation_reserve_bytes, kv_len_bucket,
+                                         kv_len_buckets, model_context_len, plan_kv_cache)
 from serving.engine.sampling import RowSampling, sample_tokens
 
 EOS = 4  # <|im_end|> in the tiny tokenizer
@@ -213,9 +213,9 @@ def test_long_prompt_prefilled_in_chunks_matches_hf_greedy(make_engine, hf_model
     chunk_sizes: list[int] = []
     original_prefill = engine.runner.prefill
 
-    def prefill(slot, token_ids, start, *, want_logits):
-        chunk_sizes.append(len(token_ids))
-        return original_prefill(slot, token_ids, start, want_logits=want_logits)
+    def prefill(chunks):
+        chunk_sizes.append(sum(len(chunk.token_ids) for chunk in chunks))
+        return original_prefill(chunks)
 
     engine.runner.prefill = prefill
 
@@ -237,12 +237,12 @@ def test_decode_step_logits_match_hf_eager_forward(make_engine, hf_model):
     runner = engine.runner
     prompts = {0: random_prompt(7, seed=6), 2: random_prompt(33, seed=7), 3: random_prompt(2, seed=8)}
     next_tokens = {slot: hf_greedy(hf_model, prompt, 1)[0] for slot, prompt in prompts.items()}
-    for slot, prompt in prompts.items():
-        for start in range(0, len(prompt), 12):  # chunked prefill
-            runner.prefill(slot, prompt[start:start + 12], start, want_logits=False)
+    for start in range(0, 33, 12):  # chunked prefill, chunks of several prompts in one forward pass
+        runner.prefill([PrefillChunk(slot, prompt[start:start + 12], start)
+                        for slot, prompt in prompts.items() if start < len(prompt)])
     # Slot 1 is mid-prefill: the decode step's padding row for it must not corrupt its cache.
     half_prefilled = random_prompt(20, seed=9)
-    runner.prefill(1, half_prefilled[:10], 0, want_logits=False)
+    runner.prefill([PrefillChunk(1, half_prefilled[:10], 0)])
 
     slots = sorted(prompts)
     logits = runner.decode(slots, [next_tokens[s] for s in slots], [len(prompts[s]) for s in slots])
@@ -250,8 +250,28 @@ def test_decode_step_logits_match_hf_eager_forward(make_engine, hf_model):
         for row, slot in enumerate(slots):
             expected = hf_model(torch.tensor([prompts[slot] + [next_tokens[slot]]])).logits[0, -1]
             torch.testing.assert_close(logits[row], expected, rtol=1e-4, atol=1e-4)
-        finished = runner.prefill(1, half_prefilled[10:], 10, want_logits=True)
-        torch.testing.assert_close(finished, hf_model(torch.tensor([half_prefilled])).logits[0, -1],
+        finished = runner.prefill([PrefillChunk(1, half_prefilled[10:], 10, want_logits=True)])
+        torch.testing.assert_close(finished[0], hf_model(torch.tensor([half_prefilled])).logits[0, -1],
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_one_prefill_pass_over_several_prompts_matches_hf_logits(make_engine, hf_model):
+    """First chunks, later chunks and finishing chunks of different prompts share one forward pass."""
+    runner = make_engine(max_num_seqs=4).runner
+    prompts = {0: random_prompt(30, seed=20), 1: random_prompt(5, seed=21), 3: random_prompt(17, seed=22)}
+    runner.prefill([PrefillChunk(0, prompts[0][:20], 0), PrefillChunk(3, prompts[3][:4], 0)])
+    logits = runner.prefill([PrefillChunk(3, prompts[3][4:], 4, want_logits=True),
+                             PrefillChunk(0, prompts[0][20:25], 20),
+                             PrefillChunk(1, prompts[1], 0, want_logits=True)])
+    assert runner.prefill([PrefillChunk(0, prompts[0][25:], 25)]) is None
+    with torch.no_grad():
+        for row, slot in enumerate((3, 1)):
+            expected = hf_model(torch.tensor([prompts[slot]])).logits[0, -1]
+            torch.testing.assert_close(logits[row], expected, rtol=1e-4, atol=1e-4)
+        # Slot 0's cache holds its whole prompt: the next decode step continues it exactly.
+        next_token = hf_greedy(hf_model, prompts[0], 1)[0]
+        decoded = runner.decode([0], [next_token], [30])
+        torch.testing.assert_close(decoded[0], hf_model(torch.tensor([prompts[0] + [next_token]])).logits[0, -1],
                                    rtol=1e-4, atol=1e-4)
 
 
@@ -658,8 +678,7 @@ def test_bf16_engine_logits_on_gpu_are_as_accurate_as_hf_bf16(tiny_model_dir):
     with torch.no_grad():
         next_tokens = {slot: int(hf_fp32(torch.tensor([p], device="cuda")).logits[0, -1].argmax())
                        for slot, p in prompts.items()}
-        for slot, prompt in prompts.items():
-            runner.prefill(slot, prompt, 0, want_logits=False)
+        runner.prefill([PrefillChunk(slot, prompt, 0) for slot, prompt in prompts.items()])
         slots = sorted(prompts)
         ours = runner.decode(slots, [next_tokens[s] for s in slots], [len(prompts[s]) for s in slots])
         for row, slot in enumerate(slots):

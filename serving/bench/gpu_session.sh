@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark of the serving engine in one call, most important first, each stage under its own
+# time limit so that one slow stage cannot eat the others; results and logs go to $OUT, a summary table is last.
+#
+#   here:  bash serving/bench/prepare_gpu_session.sh          (wheels + baseline script into .gpu-session/)
+#   there: bash serving/bench/gpu_session.sh                  (device tool: carry [".gpu-session"], timeout 600)
+#   here:  python -m serving.bench.report $FILES_AT           (the Markdown for docs/BENCHMARKS.md)
+#
+# SMOKE=1 rehearses every stage on this machine's CPU with the tiny model (no wheels, no baselines).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/gpu-session-out}
+SMOKE=${SMOKE:-0}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+: > "$OUT/summary.txt"
+
+stage() {  # stage NAME LIMIT_S COMMAND...: run with a time limit, log to $OUT/NAME.log, record rc and seconds
+  local name=$1 limit=$2 started
+  shift 2
+  started=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  printf '%-10s rc=%-3s %4ss (limit %ss)\n' "$name" "$rc" "$(( $(date +%s) - started ))" "$limit" | tee -a "$OUT/summary.txt"
+}
+
+if [ "$SMOKE" = 1 ]; then
+  shape=tiny; device=cpu; dtype=float32; batches=1,4; levels=1,4; slots=8; level_s=5; kv=256; prompts=4
+  load_extra=(--requests-per-level 4 --rounds 1 --in-min 16 --in-max 48 --out-min 8 --out-max 16)
+else
+  shape=llama-3.2-1b; device=cuda; dtype=bfloat16; batches=1,16,64,256; levels=1,16,64,256; slots=256; level_s=30
+  kv=1024; prompts=8; load_extra=()
+  # The serving packages the machine lacks, on their own path: its torch and numpy stay as they are.
+  stage deps 90 "$PY" -m pip install --no-index --no-deps --quiet --target .gpu-session/deps .gpu-session/wheels/*.whl
+  export PYTHONPATH="$PWD/.gpu-session/deps:$PWD"
+fi
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv 2>/dev/null
+  "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__,
+'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())"; } >"$OUT/env.txt" 2>&1
+
+# 1. Correctness on the GPU: bf16 logits against HF, CUDA-graph decoding against eager and HF float32.
+stage gputests 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/serving/test_engine.py
+# 2. Engine steps in isolation: decode eager vs graph, prefill one-by-one vs packed, the two GQA attention forms.
+stage steps 120 "$PY" -m serving.bench.engine_steps --shape "$shape" --device "$device" --dtype "$dtype" \
+  --batches "$batches" --kv-len "$kv" --prompts "$prompts" --json-out "$OUT/steps.json"
+# 3. End to end through HTTP streaming, the issue's workload (prompts 256-768, outputs 64-256, ignore_eos).
+stage load 240 "$PY" -m serving.bench.loadtest --model-path "/tmp/bench-$shape" --random-model "$shape" \
+  --device "$device" --dtype "$dtype" --max-num-seqs "$slots" --max-model-len 1024 --max-queue 1024 \
+  --concurrency "$levels" --max-level-seconds "$level_s" --warmup "${load_extra[@]}" --json-out "$OUT/load.json"
+# 4. The baselines, in the same call, with the machine's own transformers (the script was written for it).
+if [ "$SMOKE" != 1 ]; then
+  stage baselines 110 env PYTHONPATH= "$PY" .gpu-session/h100_baselines.py --preset llama-3.2-1b \
+    --modes static,cb --static-requests 64 --cb-requests 256 --json "$OUT/baselines.json"
+fi
+
+echo; cat "$OUT/env.txt"; echo
+for name in gputests steps load baselines; do
+  [ -f "$OUT/$name.log" ] || continue
+  echo "== $name (tail)"; tail -n 30 "$OUT/$name.log"; echo
+done
+echo "== summary"; cat "$OUT/summary.txt"

@@ -1,0 +1,99 @@
+"""Turn one GPU session's results (`serving/bench/gpu_session.sh`'s $OUT) into Markdown for docs/BENCHMARKS.md.
+
+    python -m serving.bench.report /path/to/out > /tmp/section.md
+
+End-to-end levels are set beside the issue's targets and the decode roofline of the same shape (weights plus the
+live K/V read once per step, from the engine-steps run); the baselines measured in the same call follow.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from serving.bench.loadtest import markdown_table
+
+# Output tokens/s the engine must reach end to end (Llama-3.2-1B shape, bf16, one H100).
+TARGETS = {1: 600, 64: 12_000, 256: 25_000}
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _number(value, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}" if isinstance(value, float) else f"{value:,}"
+
+
+def end_to_end(load: dict, steps: dict | None) -> str:
+    roofline = {row["batch"]: row["roofline_tokens_per_s"] for row in (steps or {}).get("decode", [])}
+    rows = [["conc", "out tok/s", "target", "of roofline", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms",
+             "errors", "short outputs"]]
+    for level in load["levels"]:
+        conc = level["concurrency"]
+        ceiling = roofline.get(conc)
+        rows.append([str(conc), _number(level["output_tok_s"]), _number(TARGETS.get(conc)),
+                     f"{level['output_tok_s'] / ceiling:.1%}" if ceiling else "-",
+                     _number(level["ttft_p50_ms"], 2), _number(level["ttft_p99_ms"], 2),
+                     _number(level["itl_p50_ms"], 2), _number(level["itl_p99_ms"], 2),
+                     str(level["errors"]), str(level["short_outputs"])])
+    return markdown_table(rows)
+
+
+def engine_steps(steps: dict) -> str:
+    decode = [["batch", "kv_len", "eager ms", "graph ms", "floor ms", "decode tok/s", "roofline tok/s"]]
+    for row in steps["decode"]:
+        decode.append([str(row["batch"]), str(row["kv_len"]), _number(row["eager_ms"], 2),
+                       _number(row["graph_ms"], 2), _number(row["floor_ms"], 2), _number(row["tokens_per_s"], 0),
+                       _number(row["roofline_tokens_per_s"], 0)])
+    prefill = [["prefill", "prompts x tokens", "ms", "tokens/s"]]
+    for row in steps["prefill"]:
+        prefill.append([row["what"], f"{row['prompts']} x {row['tokens'] // row['prompts']}", _number(row["ms"], 2),
+                        _number(row["tokens_per_s"], 0)])
+    attention = [["batch", "kv_len", "enable_gqa ms", "folded ms", "floor ms", "same result"]]
+    for row in steps["attention"]:
+        attention.append([str(row["batch"]), str(row["kv_len"]), _number(row["enable_gqa_ms"], 3),
+                          _number(row["folded_ms"], 3), _number(row["floor_ms"], 3), str(row["same_result"])])
+    return "\n\n".join(markdown_table(table) for table in (decode, prefill, attention))
+
+
+def baselines(data: dict) -> str:
+    rows = [["baseline", "out tok/s", "of roofline (spec)"]]
+    for result in data["results"]:
+        if "error" in result:
+            rows.append([result["mode"], f"failed: {result['error'][:80]}", "-"])
+            continue
+        rows.append([result.get("mode", "?"), _number(result.get("output_tok_s")),
+                     f"{result['ratio_to_roofline_spec']:.1%}" if "ratio_to_roofline_spec" in result else "-"])
+    return markdown_table(rows) + f"\n\nEnvironment: `{json.dumps(data.get('env', {}))}`"
+
+
+def report(out: Path) -> str:
+    parts = []
+    if (env := out / "env.txt").is_file():
+        parts.append("```\n" + env.read_text().strip() + "\n```")
+    steps, load, base = _load(out / "steps.json"), _load(out / "load.json"), _load(out / "baselines.json")
+    if load:
+        parts.append("End to end (HTTP streaming, `serving.bench.loadtest`):\n\n" + end_to_end(load, steps))
+    if steps:
+        parts.append("Engine steps (`serving.bench.engine_steps`):\n\n" + engine_steps(steps))
+    if base:
+        parts.append("Baselines in the same call (`h100_baselines.py`):\n\n" + baselines(base))
+    if (summary := out / "summary.txt").is_file():
+        parts.append("Stages:\n\n```\n" + summary.read_text().strip() + "\n```")
+    return "\n\n".join(parts) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or not Path(argv[0]).is_dir():
+        print("usage: python -m serving.bench.report OUT_DIR (gpu_session.sh's $OUT)", file=sys.stderr)
+        return 2
+    sys.stdout.write(report(Path(argv[0])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

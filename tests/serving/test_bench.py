@@ -1,0 +1,55 @@
+"""The benchmark scripts run end to end on CPU (tiny random model), so the GPU session's one prepared call does not
+spend device time on a broken script. They check that numbers come out and work was exact, never a speed."""
+from __future__ import annotations
+
+import json
+
+from serving.bench import engine_steps, loadtest
+
+
+def test_engine_steps_times_every_variant_and_checks_the_attention_forms_agree(tmp_path, capsys):
+    out = tmp_path / "steps.json"
+    assert engine_steps.main(["--shape", "tiny", "--device", "cpu", "--batches", "1,3", "--kv-len", "64",
+                              "--prompts", "3", "--prompt-len", "16", "--repeat", "1", "--json-out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [row["batch"] for row in result["decode"]] == [1, 3]
+    assert all(row["eager_ms"] > 0 and row["graph_ms"] is None for row in result["decode"])  # no graphs on CPU
+    assert [row["what"] for row in result["prefill"]] == ["prefill, one prompt per pass",
+                                                          "prefill, packed in one pass"]
+    assert all(row["same_result"] for row in result["attention"])
+    printed = capsys.readouterr().out
+    assert "| decode step |" in printed and "prefill, packed in one pass" in printed
+
+
+def test_loadtest_drives_a_real_server_and_gets_exact_lengths(tmp_path, capsys):
+    out = tmp_path / "load.json"
+    loadtest.main(["--model-path", str(tmp_path / "model"), "--random-model", "tiny", "--device", "cpu",
+                   "--dtype", "float32", "--cuda-graphs", "off", "--concurrency", "1,3", "--requests-per-level", "3",
+                   "--rounds", "1", "--in-min", "8", "--in-max", "24", "--out-min", "4", "--out-max", "9",
+                   "--json-out", str(out)])
+    levels = json.loads(out.read_text())["levels"]
+    assert [level["concurrency"] for level in levels] == [1, 3]
+    for level in levels:
+        assert level["errors"] == 0 and level["short_outputs"] == 0 and level["ok"] == level["requests"] >= 3
+        assert level["output_tok_s"] > 0
+    assert "out tok/s" in capsys.readouterr().out
+
+
+def test_report_sets_each_level_beside_its_target_and_the_roofline(tmp_path):
+    from serving.bench import report
+
+    level = {"ttft_p50_ms": 20.0, "ttft_p99_ms": 90.0, "itl_p50_ms": 1.5, "itl_p99_ms": 4.0, "errors": 0,
+             "short_outputs": 0}
+    (tmp_path / "load.json").write_text(json.dumps({"levels": [
+        {"concurrency": 1, "output_tok_s": 672.5, **level}, {"concurrency": 64, "output_tok_s": 29_000.0, **level}]}))
+    (tmp_path / "steps.json").write_text(json.dumps({
+        "decode": [{"batch": 1, "kv_len": 1024, "eager_ms": 9.0, "graph_ms": 1.9, "floor_ms": 0.75,
+                    "tokens_per_s": 526.3, "roofline_tokens_per_s": 1345.0},
+                   {"batch": 64, "kv_len": 1024, "eager_ms": 10.0, "graph_ms": 2.5, "floor_ms": 1.1,
+                    "tokens_per_s": 25600.0, "roofline_tokens_per_s": 58000.0}],
+        "prefill": [], "attention": []}))
+    text = report.report(tmp_path)
+    assert "|    1 |     672.5 |    600 |       50.0% |" in text
+    assert "|   64 |  29,000.0 | 12,000 |       50.0% |" in text
+    assert "Baselines" not in text  # none were measured
+    assert report.main([str(tmp_path / "missing")]) == 2
