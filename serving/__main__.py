@@ -26,6 +26,8 @@ logger = logging.getLogger("serving")
 
 # After our drain has finished or aborted everything, uvicorn only has to flush and close connections.
 _UVICORN_GRACEFUL_SECONDS = 5
+# How long a thread holding the GIL runs before one waiting for it gets it (Python's default: 5 ms).
+GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 class DrainingServer(uvicorn.Server):
@@ -96,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    # The engine thread and the event loop share the GIL: a thread waiting for it gets it only after the holder
+    # has run this long. The engine needs it briefly between device steps, so a short interval keeps the event
+    # loop's streaming work from stretching every step (see docs/BENCHMARKS.md).
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     app = create_app(settings, factory)
     state: ServerState = app.state.server
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,

@@ -309,6 +309,7 @@ class LLMEngine:
                 self._prefilling.remove(seq)
             if prefilled:
                 self._sample_and_append(prefilled, logits)
+                self._decoding += [seq for seq in prefilled if not seq.finished]
                 touched += prefilled
         decoding = [seq for seq in self._decoding if not seq.finished]
         if decoding:
@@ -322,16 +323,21 @@ class LLMEngine:
         self._emit(touched)
 
     def _sample_and_append(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
-        rows = [
-            RowSampling(
-                temperature=seq.params.temperature,
-                top_p=seq.params.top_p,
-                generator=seq.generator,
-                banned_token_ids=banned_token_ids(seq.params, len(seq.output_ids), self._eos_token_ids),
-            )
-            for seq in seqs
-        ]
-        tokens = sample_tokens(logits, rows).tolist()
+        """Sample each sequence's next token, append it, and end the sequences that are done."""
+        if all(seq.params.temperature == 0 and len(seq.output_ids) >= seq.params.min_tokens for seq in seqs):
+            # Plain greedy rows (nothing banned): the argmax, without building per-row sampling state.
+            tokens = logits.argmax(dim=-1).tolist()
+        else:
+            rows = [
+                RowSampling(
+                    temperature=seq.params.temperature,
+                    top_p=seq.params.top_p,
+                    generator=seq.generator,
+                    banned_token_ids=banned_token_ids(seq.params, len(seq.output_ids), self._eos_token_ids),
+                )
+                for seq in seqs
+            ]
+            tokens = sample_tokens(logits, rows).tolist()
         for seq, token in zip(seqs, tokens):
             num_generated = len(seq.output_ids) + 1
             reason = finish_reason(token, num_generated, len(seq.prompt) + num_generated, seq.params,
@@ -341,8 +347,6 @@ class LLMEngine:
                 seq.output_ids.append(token)
             if reason is not None:
                 self._release_slot(seq, reason)
-            elif seq not in self._decoding:
-                self._decoding.append(seq)
         with self._wakeup:
             self._generation_tokens_total += len(seqs)
 
