@@ -1,7 +1,8 @@
 """Fill a model directory once from a pinned source, so that serving pods never download weights.
 
 Lifecycle of `fill(source, dest)`:
-1. Refuse an unpinned source when asked to (before any request).
+1. Refuse an unpinned source when asked to (before any request), then take `dest`'s lock: concurrent fills of
+   one directory run one after the other.
 2. `dest` already holds a complete fill of this source (manifest + every file at its size): done, no request.
 3. Download every file into `dest.partial/` (same filesystem): each streams into `<path>.part`, resumes with a
    Range request after a dropped connection or an earlier interrupted run, and is renamed to `<path>` once its
@@ -12,12 +13,15 @@ Lifecycle of `fill(source, dest)`:
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
 import shutil
+import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -64,9 +68,38 @@ def fill(source: str, dest: Path | str, *, require_pinned: bool = False, keep_re
     if isinstance(parsed, PvcSource):
         return verify(source, dest)  # already on a volume: nothing to download, only to check
     try:
-        return _fill(parsed, dest, keep_revisions, excludes, retries, retry_delay)
+        with _exclusive(dest):
+            return _fill(parsed, dest, keep_revisions, excludes, retries, retry_delay)
     except OSError as exc:  # the volume: full, read-only, permissions
         raise FetchError(f"{exc}; check the model volume (free space, permissions, read-only mount)") from None
+
+
+@contextmanager
+def _exclusive(dest: Path) -> Iterator[None]:
+    """Hold an advisory lock on `dest` (a `.NAME.lock` file beside it) for the whole fill.
+
+    Two fills of one directory (a Job's next pod starting while the last one still terminates, or two pods
+    sharing a volume) take turns instead of writing the same `.partial` files; the second then finds the first's
+    manifest and has nothing to do. flock locks held by a pod that died are released with it (on NFS, when its
+    lease expires).
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    path = dest.with_name(f".{dest.name}.lock")
+    with open(path, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = path.read_text(encoding="utf-8").strip() or "unknown"
+            logger.info("%s: another fill of this directory is running (%s): waiting for it to finish", dest, holder)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{socket.gethostname()} pid {os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _fill(source: HfSource | S3Source, dest: Path, keep_revisions: int, excludes: Iterable[str], retries: int,

@@ -134,6 +134,7 @@ def prune_revisions(dest: Path, keep: int) -> list[Path]:
     for _, sibling in fills[keep - 1:]:
         logger.info("pruning %s (keeping %d revisions)", sibling, keep)
         removed.append(_remove(sibling))
+        sibling.with_name(f".{sibling.name}.lock").unlink(missing_ok=True)  # the fill's lock file (fill.py)
     return removed
 
 

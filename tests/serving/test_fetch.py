@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -306,7 +307,8 @@ def test_fill_of_another_source_replaces_the_directory_atomically(store, dest, m
     assert result.status == "filled"
     assert_holds(dest, served_files(model_files))  # stray.txt went with the old directory
     assert manifest_of(dest)["source"] == HF_PINNED
-    assert sorted(p.name for p in dest.parent.iterdir()) == [dest.name]  # no .partial, no .replaced-*
+    # No .partial, no .replaced-*: only the directory and its fill lock.
+    assert sorted(p.name for p in dest.parent.iterdir()) == [f".{dest.name}.lock", dest.name]
 
 
 def test_incomplete_fill_is_refilled(store, dest, model_files):
@@ -315,6 +317,39 @@ def test_incomplete_fill_is_refilled(store, dest, model_files):
 
     assert fast_fill(HF_PINNED, dest).status == "filled"
     assert (dest / WEIGHTS).read_bytes() == model_files[WEIGHTS]
+
+
+def test_concurrent_fills_of_one_directory_take_turns(store, dest, model_files, caplog):
+    """A Job's next pod can start while the last one still terminates: the second fill waits for the first's lock
+    (held here from another open file, as another pod would) and only then fills."""
+    import fcntl
+    import threading
+    import time
+
+    held, release = threading.Event(), threading.Event()
+    dest.parent.mkdir(parents=True)
+
+    def other_fill():  # holds the lock the way a running fill does, from another open file
+        with open(dest.with_name(f".{dest.name}.lock"), "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            handle.write("fill-pod-1 pid 7\n")
+            handle.flush()
+            held.set()
+            release.wait(10)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+    first = threading.Thread(target=other_fill)
+    first.start()
+    assert held.wait(10)
+    threading.Timer(0.3, release.set).start()
+    started = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="serving.fetch"):
+        result = fast_fill(HF_PINNED, dest)
+    first.join(10)
+    assert time.monotonic() - started >= 0.3
+    assert "another fill of this directory is running (fill-pod-1 pid 7): waiting" in caplog.text
+    assert result.status == "filled"
+    assert_holds(dest, served_files(model_files))
 
 
 # --- 8: verify -------------------------------------------------------------------------------------------------------
@@ -388,12 +423,13 @@ def test_keep_revisions_prunes_the_oldest_fills_and_keeps_dest(store, tmp_path, 
 
     result = fast_fill(f"s3://{BUCKET}/tiny/v3", model_dir / "v3", keep_revisions=2)
 
-    assert sorted(p.name for p in model_dir.iterdir()) == ["notes", "v2", "v3"]
+    # v1 and its fill lock are gone; the kept fills keep theirs.
+    assert sorted(p.name for p in model_dir.iterdir()) == [".v2.lock", ".v3.lock", "notes", "v2", "v3"]
     assert result.pruned and all(not path.exists() for path in result.pruned)
     # DEST stays even when it is the oldest fill (a rollback to an older revision).
     fast_fill(f"s3://{BUCKET}/tiny/v1", model_dir / "v1")
     assert fast_fill(f"s3://{BUCKET}/tiny/v1", model_dir / "v1", keep_revisions=2).status == "already-filled"
-    assert sorted(p.name for p in model_dir.iterdir()) == ["notes", "v1", "v3"]
+    assert sorted(p.name for p in model_dir.iterdir()) == [".v1.lock", ".v3.lock", "notes", "v1", "v3"]
 
 
 # --- 10: bad sources -------------------------------------------------------------------------------------------------
