@@ -237,6 +237,10 @@ class _Generation:
                     count = len(output.token_ids)
                     if last_token_at is None:
                         metrics.ttft.observe(now - self._arrived)
+                        # Tokens that came with the first one followed it with no gap: every token after the
+                        # first is one inter-token observation, however the outputs were merged.
+                        for _ in range(count - 1):
+                            metrics.itl.observe(0.0)
                     else:
                         # Several tokens in one output arrived together: spread the gap so the
                         # histogram's mean stays the mean time per token.
