@@ -59,9 +59,7 @@ def timed(fn, device: torch.device, repeat: int, warmup: int = 2) -> float:
 def decode_rows(runner: ModelRunner, config, args, device, dtype) -> list[dict]:
     graphs = None
     if device.type == "cuda" and not args.no_graphs:
-        graphs = DecodeGraphs(runner.decode_step, batch_buckets=runner.batch_buckets,
-                              kv_len_buckets=runner.kv_len_buckets, vocab_size=runner.vocab_size,
-                              scratch_position=runner.scratch_position, device=device)
+        graphs = DecodeGraphs.for_runner(runner)
         graphs.capture()
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     kv_per_token = kv_bytes_per_token(config, dtype)

@@ -45,6 +45,12 @@ class DecodeGraphs:
         self._logits = torch.zeros(max_batch, vocab_size, dtype=torch.float32, device=device)
         self._replays: dict[tuple[int, int], Callable[[], None]] = {}
 
+    @classmethod
+    def for_runner(cls, runner) -> "DecodeGraphs":
+        """Graphs for every decode shape of a `ModelRunner`, replaying its `decode_step`."""
+        return cls(runner.decode_step, batch_buckets=runner.batch_buckets, kv_len_buckets=runner.kv_len_buckets,
+                   vocab_size=runner.vocab_size, scratch_position=runner.scratch_position, device=runner.device)
+
     @property
     def shapes(self) -> list[tuple[int, int]]:
         """Every (batch, kv_len) this object serves, largest first (the capture order)."""

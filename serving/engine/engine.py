@@ -416,9 +416,7 @@ class LLMEngine:
 def capture_decode_graphs(runner: ModelRunner) -> bool:
     """Capture the runner's decode steps as CUDA graphs and route decoding through them; on any failure log
     why and keep decoding eagerly (slower, same results). Returns whether graphs are in use."""
-    graphs = DecodeGraphs(runner.decode_step, batch_buckets=runner.batch_buckets,
-                          kv_len_buckets=runner.kv_len_buckets, vocab_size=runner.vocab_size,
-                          scratch_position=runner.scratch_position, device=runner.device)
+    graphs = DecodeGraphs.for_runner(runner)
     try:
         graphs.capture()
     except Exception as exc:  # noqa: BLE001 - any capture failure has the same remedy: decode eagerly

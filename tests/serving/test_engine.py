@@ -604,9 +604,7 @@ def test_static_buffer_decoding_matches_hf_greedy_across_buckets(make_engine, tm
     model_dir = build_tiny_model(tmp_path / "model", max_position_embeddings=1024)
     engine = make_engine(model_dir, max_num_seqs=4)
     runner = engine.runner
-    graphs = RecordedDecodeGraphs(runner.decode_step, batch_buckets=runner.batch_buckets,
-                                  kv_len_buckets=runner.kv_len_buckets, vocab_size=runner.vocab_size,
-                                  scratch_position=runner.scratch_position, device=runner.device)
+    graphs = RecordedDecodeGraphs.for_runner(runner)
     graphs.capture()
     assert graphs.shapes == [(b, k) for b in (4, 2, 1) for k in (1024, 768, 512, 256)]
     runner.use_graphs(graphs)
