@@ -18,7 +18,7 @@ from types import FrameType
 
 import uvicorn
 
-from serving.app import Phase, ServerState, create_app
+from serving.app import EngineSource, Phase, ServerState, create_app
 from serving.logs import configure_logging, route_transformers_logging
 from serving.settings import Settings, SettingsError, load_settings
 
@@ -97,12 +97,17 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    return serve(settings, factory)
+
+
+def serve(settings: Settings, engine: EngineSource) -> int:
+    """Run the server on `engine` (an Engine, or a factory run in a thread at startup) until it is stopped."""
     configure_logging(settings.log_level)
     # The engine thread and the event loop share the GIL: a thread waiting for it gets it only after the holder
     # has run this long. The engine needs it briefly between device steps, so a short interval keeps the event
     # loop's streaming work from stretching every step (see docs/BENCHMARKS.md).
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-    app = create_app(settings, factory)
+    app = create_app(settings, engine)
     state: ServerState = app.state.server
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
                             timeout_graceful_shutdown=_UVICORN_GRACEFUL_SECONDS, lifespan="on")

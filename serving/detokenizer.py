@@ -11,7 +11,8 @@ so a client never receives a stop string's first half; when one matches, the tex
 """
 from __future__ import annotations
 
-from typing import Sequence
+from functools import partial
+from typing import Callable, Sequence
 
 _PROMPT_CONTEXT_TOKENS = 5
 # A UTF-8 character is at most 4 bytes, so at most 4 byte tokens. Held longer, the replacement
@@ -24,7 +25,7 @@ class IncrementalDetokenizer:
     """One per request. `add()` each engine output, then `finish()` once the engine is done (or we stop)."""
 
     def __init__(self, tokenizer: object, prompt_token_ids: Sequence[int], stop: Sequence[str] = ()) -> None:
-        self._tokenizer = tokenizer
+        self._decode = _decoder(tokenizer)
         self._ids: list[int] = list(prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:])
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
@@ -53,9 +54,6 @@ class IncrementalDetokenizer:
         if not self.stopped:
             self._append(self._decode_new(final=True))
         return self._take(final=True)
-
-    def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def _decode_new(self, final: bool) -> str:
         if self._read_offset >= len(self._ids):
@@ -96,3 +94,24 @@ class IncrementalDetokenizer:
             if any(s.startswith(tail) for s in self._stop):
                 return length
         return 0
+
+
+def _decoder(tokenizer: object) -> Callable[[list[int]], str]:
+    """`ids -> text` without special tokens or clean-up of spaces.
+
+    For a `tokenizers`-backed tokenizer that does not change decoding, that is exactly the Rust tokenizer's own
+    decode, called directly: transformers' `decode` wraps it in argument handling that costs three times the decode
+    itself, twice per streamed output (see docs/BENCHMARKS.md, HTTP layer). Any other tokenizer goes through
+    `decode`."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and getattr(type(tokenizer), "_decode", None) is _TOKENIZERS_BACKEND_DECODE:
+        return partial(backend.decode, skip_special_tokens=True)
+    return partial(tokenizer.decode, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+try:
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    _TOKENIZERS_BACKEND_DECODE = TokenizersBackend._decode
+except ImportError:  # another transformers layout: always the public decode
+    _TOKENIZERS_BACKEND_DECODE = object()

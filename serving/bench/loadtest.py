@@ -227,10 +227,14 @@ def build_random_model(directory: Path, shape: str) -> None:
     model.save_pretrained(directory, safe_serialization=True)
 
 
-def start_server(args: argparse.Namespace, log_path: Path) -> tuple[subprocess.Popen, str]:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+        return sock.getsockname()[1]
+
+
+def start_server(args: argparse.Namespace, log_path: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
     command = [sys.executable, "-m", "serving", "--model-path", str(args.model_path), "--model-name", args.model,
                "--host", "127.0.0.1", "--port", str(port)]
     for flag in ("device", "dtype", "max_num_seqs", "max_model_len", "max_queue", "cuda_graphs"):
@@ -240,19 +244,25 @@ def start_server(args: argparse.Namespace, log_path: Path) -> tuple[subprocess.P
     process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
                                env={**os.environ, "API_KEY": "", "API_KEYS_FILE": ""})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + args.startup_timeout
+    wait_started(process, url, args.startup_timeout, log_path)
+    return process, url
+
+
+def wait_started(process: subprocess.Popen, url: str, timeout: float, log_path: Path) -> None:
+    """Poll /health/startup until 200; exit with where the log is if the server dies or takes too long."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             sys.exit(f"server exited with {process.returncode}; see {log_path}")
         try:
             with urllib.request.urlopen(f"{url}/health/startup", timeout=2) as response:
                 if response.status == 200:
-                    return process, url
+                    return
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.5)
     process.kill()
-    sys.exit(f"server did not start within {args.startup_timeout}s; see {log_path}")
+    sys.exit(f"server did not start within {timeout}s; see {log_path}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from serving.bench import http_layer
 from serving.bench.loadtest import markdown_table
 
 # Output tokens/s the engine must reach end to end (Llama-3.2-1B shape, bf16, one H100).
@@ -79,6 +80,9 @@ def report(out: Path) -> str:
         parts.append("End to end (HTTP streaming, `serving.bench.loadtest`):\n\n" + end_to_end(load, steps))
     if steps:
         parts.append("Engine steps (`serving.bench.engine_steps`):\n\n" + engine_steps(steps))
+    if http := _load(out / "http.json"):
+        parts.append("The HTTP layer on this machine's CPU, synthetic engine (`serving.bench.http_layer`):\n\n"
+                     + http_layer.format_table(http["levels"]))
     if base:
         parts.append("Baselines in the same call (`h100_baselines.py`):\n\n" + baselines(base))
     if (summary := out / "summary.txt").is_file():

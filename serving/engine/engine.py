@@ -41,7 +41,7 @@ from serving.engine.model_runner import (
     plan_kv_cache,
 )
 from serving.engine.sampling import RowSampling, banned_token_ids, finish_reason, sample_tokens
-from serving.engine.stream import TokenStream
+from serving.engine.stream import TokenStream, deliver_threadsafe
 
 logger = logging.getLogger("serving.engine")
 
@@ -362,7 +362,7 @@ class LLMEngine:
             seq.final_emitted = reason is not None
             batches.setdefault(seq.loop, []).append((seq.queue, TokenOutput(new_tokens, reason)))
         for loop, items in batches.items():
-            if not _deliver_threadsafe(loop, items):
+            if not deliver_threadsafe(loop, items):
                 for seq in seqs:
                     if seq.loop is loop and not seq.finished:
                         self._abort_sequence(seq)
@@ -410,7 +410,7 @@ class LLMEngine:
                 item = TokenOutput(tuple(seq.output_ids[seq.num_emitted :]), "abort")
             batches.setdefault(seq.loop, []).append((seq.queue, item))
         for loop, items in batches.items():
-            _deliver_threadsafe(loop, items)
+            deliver_threadsafe(loop, items)
 
 
 def capture_decode_graphs(runner: ModelRunner) -> bool:
@@ -426,17 +426,3 @@ def capture_decode_graphs(runner: ModelRunner) -> bool:
         return False
     runner.use_graphs(graphs)
     return True
-
-
-def _deliver_threadsafe(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, object]]) -> bool:
-    """Hand outputs to their event loop; False when that loop is closed and nobody can read them."""
-    try:
-        loop.call_soon_threadsafe(_deliver, items)
-    except RuntimeError:
-        return False
-    return True
-
-
-def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:
-    for queue, item in items:
-        queue.put_nowait(item)

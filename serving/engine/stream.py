@@ -1,4 +1,4 @@
-"""The async stream a caller reads one request's tokens from.
+"""The async stream a caller reads one request's tokens from, and how an engine thread feeds it.
 
 The engine-loop thread puts `TokenOutput`s (or an `EngineError`) into an asyncio.Queue on the caller's
 event loop. Reading merges everything already queued into one output, so a slow consumer gets several
@@ -69,3 +69,18 @@ class TokenStream:
                 self._on_abandon()
             except Exception:  # interpreter shutdown: nothing left to free
                 pass
+
+
+def deliver_threadsafe(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, object]]) -> bool:
+    """From an engine thread, put each item (a TokenOutput or an EngineError) into its stream's queue on `loop`, all
+    in one event-loop callback. False when that loop is closed and nobody can read them."""
+    try:
+        loop.call_soon_threadsafe(_deliver, items)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)

@@ -48,8 +48,31 @@ def test_report_sets_each_level_beside_its_target_and_the_roofline(tmp_path):
                    {"batch": 64, "kv_len": 1024, "eager_ms": 10.0, "graph_ms": 2.5, "floor_ms": 1.1,
                     "tokens_per_s": 25600.0, "roofline_tokens_per_s": 58000.0}],
         "prefill": [], "attention": []}))
+    (tmp_path / "http.json").write_text(json.dumps({"levels": [
+        {"concurrency": 256, "requests": 512, "errors": 0, "short_outputs": 0, "engine_tok_s": 42666.7,
+         "output_tok_s": 19105.8, "server_cpu_us_per_token": 44.1, "ttft_p99_ms": 369.7, "itl_p50_ms": 9.6,
+         "itl_p99_ms": 22.8}]}))
     text = report.report(tmp_path)
+    assert "|  256 |  512 |      0 |     0 |      42666.7 |      19105.8 |                44.1 |" in text
     assert "|    1 |     672.5 |    600 |       50.0% |" in text
     assert "|   64 |  29,000.0 | 12,000 |       50.0% |" in text
     assert "Baselines" not in text  # none were measured
     assert report.main([str(tmp_path / "missing")]) == 2
+
+
+def test_http_layer_streams_every_token_from_the_synthetic_engine_and_reads_the_server_cpu(tmp_path, capsys):
+    from serving.bench import http_layer
+
+    out = tmp_path / "http.json"
+    assert http_layer.main(["--model-path", str(tmp_path / "tokenizer"), "--device-ms", "1", "--python-ms", "0.5",
+                            "--max-running", "4", "--concurrency", "2,6", "--requests-per-level", "6",
+                            "--rounds", "1", "--in-min", "8", "--in-max", "24", "--out-min", "5", "--out-max", "12",
+                            "--json-out", str(out)]) == 0
+    levels = json.loads(out.read_text())["levels"]
+    assert [level["concurrency"] for level in levels] == [2, 6]
+    for level in levels:
+        assert level["errors"] == 0 and level["short_outputs"] == 0 and level["ok"] == level["requests"] == 6
+        assert level["server_cpu_s"] > 0 and level["server_cpu_us_per_token"] > 0
+    # The engine alone would stream min(concurrency, slots) tokens per 1.5 ms step.
+    assert [level["engine_tok_s"] for level in levels] == [round(2 / 1.5e-3, 1), round(4 / 1.5e-3, 1)]
+    assert "server CPU us/token" in capsys.readouterr().out

@@ -448,3 +448,21 @@ def test_json_log_lines_carry_the_request_id(server):
     assert line["duration_ms"] > 0
     assert access[generated]["status"] == 400
     assert not any(line.get("path", "").startswith(("/health", "/metrics")) for line in access.values())
+
+
+@pytest.mark.parametrize("model", [MODEL_NAME, "\u0000delta\u0000"])
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_streamed_delta_chunks_are_the_bytes_of_encoding_the_whole_chunk(model, include_usage):
+    from types import SimpleNamespace
+
+    from serving.api.openai import _Chunks
+
+    generation = SimpleNamespace(request_id="cmpl-1", finish_reason="length", usage=lambda: None)
+    body = SimpleNamespace(include_usage=include_usage)
+    chunks = _Chunks(generation, body, model, "chat.completion.chunk", lambda text: {"delta": {"content": text}})
+    # The second model name is the splice placeholder itself: those chunks are then encoded whole.
+    assert (chunks._around_delta is None) == (model != MODEL_NAME)
+    for text in ["plain", ' "quoted" \\ back', "line\nbreak\ttab", "caf\u00e9 \u2603 \U0001f600", "\u0000", ""]:
+        expected = json.dumps(chunks.choice({"delta": {"content": text}}, None), ensure_ascii=False)
+        assert chunks.delta(text) == expected
+        assert json.loads(chunks.delta(text))["choices"][0]["delta"]["content"] == text

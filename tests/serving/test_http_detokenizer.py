@@ -87,3 +87,28 @@ def test_invalid_bytes_from_the_model_do_not_stall_the_stream(tokenizer):
     assert "".join(deltas) == tokenizer.decode(ids) == "\ufffd" * 12
     assert "".join(deltas[:-1])  # sent while streaming, not only by finish()
     assert all(delta == "" for delta in deltas[:5])  # but held while a character could still complete
+
+
+def test_fast_tokenizers_decode_through_the_rust_tokenizer_with_the_same_text(tokenizer):
+    import random
+
+    from serving.detokenizer import _decoder
+
+    decode = _decoder(tokenizer)
+    assert decode.func == tokenizer.backend_tokenizer.decode  # not transformers' argument handling
+    rng = random.Random(0)
+    for _ in range(300):  # special tokens included: both skip them
+        ids = [rng.randrange(len(tokenizer)) for _ in range(rng.randint(1, 8))]
+        assert decode(ids) == tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def test_a_tokenizer_that_changes_decoding_keeps_its_own_decode(tokenizer):
+    from serving.detokenizer import _decoder
+
+    class Shouting(type(tokenizer)):
+        def _decode(self, token_ids, **kwargs):
+            return super()._decode(token_ids, **kwargs).upper()
+
+    shouting = Shouting(tokenizer_object=tokenizer.backend_tokenizer)
+    ids = tokenizer.encode("Hello world", add_special_tokens=False)
+    assert _decoder(shouting)(ids) == "HELLO WORLD"
