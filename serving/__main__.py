@@ -19,6 +19,7 @@ from types import FrameType
 import uvicorn
 
 from serving.app import EngineSource, Phase, ServerState, create_app
+from serving.engine.config import GIL_SWITCH_INTERVAL_S
 from serving.logs import configure_logging, route_transformers_logging
 from serving.settings import Settings, SettingsError, load_settings
 
@@ -26,8 +27,6 @@ logger = logging.getLogger("serving")
 
 # After our drain has finished or aborted everything, uvicorn only has to flush and close connections.
 _UVICORN_GRACEFUL_SECONDS = 5
-# How long a thread holding the GIL runs before one waiting for it gets it (Python's default: 5 ms).
-GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 class DrainingServer(uvicorn.Server):
@@ -82,6 +81,10 @@ def _engine_factory(settings: Settings):
         raise SettingsError(str(exc)) from None
 
     def build():
+        if settings.engine_process:
+            from serving.engine.process import EngineClient
+
+            return EngineClient.spawn(settings.model_path, config, settings.log_level)
         from serving.engine.engine import LLMEngine
 
         route_transformers_logging()
@@ -103,9 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 def serve(settings: Settings, engine: EngineSource) -> int:
     """Run the server on `engine` (an Engine, or a factory run in a thread at startup) until it is stopped."""
     configure_logging(settings.log_level)
-    # The engine thread and the event loop share the GIL: a thread waiting for it gets it only after the holder
-    # has run this long. The engine needs it briefly between device steps, so a short interval keeps the event
-    # loop's streaming work from stretching every step (see docs/BENCHMARKS.md).
+    # The event loop shares the GIL with the engine thread, or with the reader of the engine process's pipe.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     app = create_app(settings, engine)
     state: ServerState = app.state.server

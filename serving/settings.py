@@ -49,6 +49,9 @@ class Settings:
     """Fraction of GPU memory the engine may use for weights and KV cache; None keeps the engine's default."""
     cuda_graphs: bool | None = None
     """Decode from CUDA graphs on a GPU; None keeps the engine's default (on)."""
+    engine_process: bool = True
+    """Run the engine in a child process, so HTTP streaming and the engine's Python do not share one GIL
+    (`serving.engine.process`); off runs it on a thread of the server's process."""
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
     """After SIGTERM, how long in-flight requests may run before they are aborted."""
@@ -138,6 +141,8 @@ _OPTIONS: tuple[tuple[str, str, str, Callable[[str], object], str], ...] = (
      "fraction of GPU memory for the engine"),
     ("cuda_graphs", "--cuda-graphs", "CUDA_GRAPHS", _switch,
      "on or off: decode from CUDA graphs on a GPU (default on)"),
+    ("engine_process", "--engine-process", "ENGINE_PROCESS", _switch,
+     "on or off: run the engine in a process of its own, apart from HTTP streaming (default on)"),
     ("max_body_bytes", "--max-body-bytes", "MAX_BODY_BYTES", _positive_int,
      f"largest request body (default {DEFAULT_MAX_BODY_BYTES})"),
     ("drain_seconds", "--drain-seconds", "DRAIN_SECONDS", _non_negative_float,

@@ -27,10 +27,11 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run with a time limit, log to $OUT/N
 if [ "$SMOKE" = 1 ]; then
   shape=tiny; device=cpu; dtype=float32; batches=1,4; levels=1,4; slots=8; level_s=5; kv=256; prompts=4
   load_extra=(--requests-per-level 4 --rounds 1 --in-min 16 --in-max 48 --out-min 8 --out-max 16)
-  http_levels=4; http_requests=8
+  http_levels=4; http_requests=8; thread_levels=4
 else
-  shape=llama-3.2-1b; device=cuda; dtype=bfloat16; batches=1,16,64,256; levels=1,16,64,256; slots=256; level_s=30
+  shape=llama-3.2-1b; device=cuda; dtype=bfloat16; batches=1,16,64,256; levels=1,16,64,256; slots=256; level_s=20
   kv=1024; prompts=8; load_extra=(); http_levels=64,256; http_requests=512
+  thread_levels=256
   # The serving packages the machine lacks, on their own path: its torch and numpy stay as they are.
   stage deps 90 "$PY" -m pip install --no-index --no-deps --quiet --target .gpu-session/deps .gpu-session/wheels/*.whl
   export PYTHONPATH="$PWD/.gpu-session/deps:$PWD"
@@ -46,22 +47,31 @@ stage gputests 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/serving/t
 stage steps 120 "$PY" -m serving.bench.engine_steps --shape "$shape" --device "$device" --dtype "$dtype" \
   --batches "$batches" --kv-len "$kv" --prompts "$prompts" --json-out "$OUT/steps.json"
 # 3. End to end through HTTP streaming, the workload (prompts 256-768, outputs 64-256, ignore_eos).
-stage load 240 "$PY" -m serving.bench.loadtest --model-path "/tmp/bench-$shape" --random-model "$shape" \
+stage load 200 "$PY" -m serving.bench.loadtest --model-path "/tmp/bench-$shape" --random-model "$shape" \
   --device "$device" --dtype "$dtype" --max-num-seqs "$slots" --max-model-len 1024 --max-queue 1024 \
   --concurrency "$levels" --max-level-seconds "$level_s" --warmup "${load_extra[@]}" --json-out "$OUT/load.json"
-# 4. The HTTP layer alone on this machine's CPU: the real server streaming from a synthetic engine whose steps take
-#    what the graph step at 256 is predicted to take, so it says how much of the load stage's 256 level HTTP costs.
-stage http 60 "$PY" -m serving.bench.http_layer --concurrency "$http_levels" --requests-per-level "$http_requests" \
-  --device-ms 4.5 --python-ms 1.5 --max-level-seconds 20 --json-out "$OUT/http.json"
-# 5. The baselines, in the same call, with the machine's own transformers (the script was written for it).
+# 4. The baselines, in the same call, with the machine's own transformers (the script was written for it).
 if [ "$SMOKE" != 1 ]; then
   stage baselines 110 env PYTHONPATH= "$PY" .gpu-session/h100_baselines.py --preset llama-3.2-1b \
     --modes static,cb --static-requests 64 --cb-requests 256 --json "$OUT/baselines.json"
 fi
+# 5. The HTTP layer alone on this machine's CPU: the real server streaming from a synthetic engine whose steps take
+#    what the graph step at 256 is predicted to take, with the engine in its own process (the default) and on a
+#    thread, so the load stage's 256 level can be read against what HTTP alone allows here.
+for mode in on off; do
+  stage "http-$mode" 45 "$PY" -m serving.bench.http_layer --concurrency "$http_levels" \
+    --requests-per-level "$http_requests" --device-ms 4.5 --python-ms 1.5 --engine-process "$mode" \
+    --max-level-seconds 10 --json-out "$OUT/http-$mode.json"
+done
+# 6. End to end with the engine on a thread of the server's process instead, for the one level where it matters.
+stage load-thread 100 "$PY" -m serving.bench.loadtest --model-path "/tmp/bench-$shape" --random-model "$shape" \
+  --device "$device" --dtype "$dtype" --max-num-seqs "$slots" --max-model-len 1024 --max-queue 1024 \
+  --engine-process off --concurrency "$thread_levels" --max-level-seconds "$level_s" --warmup "${load_extra[@]}" \
+  --json-out "$OUT/load-thread.json"
 
 echo; cat "$OUT/env.txt"; echo
-for name in gputests steps load http baselines; do
+for name in gputests steps load baselines http-on http-off load-thread; do
   [ -f "$OUT/$name.log" ] || continue
-  echo "== $name (tail)"; tail -n 30 "$OUT/$name.log"; echo
+  echo "== $name (tail)"; tail -n 12 "$OUT/$name.log"; echo
 done
 echo "== summary"; cat "$OUT/summary.txt"

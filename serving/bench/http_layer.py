@@ -4,9 +4,10 @@ Everything but the model is the real server (`serving.__main__.serve`: uvicorn, 
 detokenizer, SSE, metrics). The engine is replaced by `SyntheticEngine`, which on every step waits `--device-ms`
 without the GIL (as the engine thread does while the GPU works), then holds the GIL for `--python-ms` (the engine's
 own Python between device steps), then appends one token to every running request and delivers them as the real
-engine does. So the engine alone would stream `running / (device_ms + python_ms)` tokens per second; what the
-server delivers below that is the HTTP layer's cost, and the server's CPU time per streamed token says how much
-of a core each token takes.
+engine does, in its own process (`--engine-process on`, the server's default) or on a thread of the server's. So
+the engine alone would stream `running / (device_ms + python_ms)` tokens per second; what the server delivers below
+that is the HTTP layer's cost, and the HTTP process's CPU time per streamed token says how much of a core each
+token takes (with the engine on a thread, that includes the engine's Python).
 
 The load is `serving.bench.loadtest`'s closed loop in this process; the server runs in a subprocess and its CPU
 time comes from /proc (Linux). Prompts are not prefilled (the first token comes one step after admission).
@@ -25,11 +26,12 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 from serving.bench import loadtest
 from serving.engine.interface import EngineStats, GenerationRequest, ModelInfo, QueueFullError, TokenOutput
-from serving.engine.stream import TokenStream, deliver_threadsafe
+from serving.engine.stream import LoopSink, OutputSink, TokenStream
 
 MODEL_NAME = "bench"
 
@@ -59,13 +61,16 @@ class SyntheticEngine:
         self._thread.start()
 
     def generate(self, request: GenerationRequest) -> TokenStream:
-        seq = _Synthetic(request, asyncio.get_running_loop(), asyncio.Queue())
+        queue: asyncio.Queue = asyncio.Queue()
+        self.submit(request, LoopSink(asyncio.get_running_loop()), queue)
+        return TokenStream(queue, lambda: self.abort(request.request_id))
+
+    def submit(self, request: GenerationRequest, sink: OutputSink, handle: object) -> None:
         with self._lock:
             if len(self._waiting) >= self._max_waiting:
                 raise QueueFullError(f"{len(self._waiting)} requests are already waiting")
-            self._waiting.append(seq)
+            self._waiting.append(_Synthetic(request, sink, handle))
             self._lock.notify()
-        return TokenStream(seq.queue, lambda: self.abort(request.request_id))
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -99,52 +104,59 @@ class SyntheticEngine:
             spin_until = time.perf_counter() + self._python_s
             while time.perf_counter() < spin_until:
                 pass
-            batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+            batches: dict[OutputSink, list[tuple[object, object]]] = {}
             finished = []
             for seq in step:
                 seq.generated += 1
                 done = seq.generated >= seq.request.sampling.max_tokens
                 token = low + (seq.generated * 7 + len(seq.request.prompt_token_ids)) % (high - low)
-                batches.setdefault(seq.loop, []).append((seq.queue, TokenOutput((token,), "length" if done else None)))
+                batches.setdefault(seq.sink, []).append((seq.handle, TokenOutput((token,), "length" if done else None)))
                 if done:
                     finished.append(seq.request.request_id)
             with self._lock:
                 self._generated += len(step)
                 for request_id in finished:
                     self._running.pop(request_id, None)
-            for loop, items in batches.items():
-                deliver_threadsafe(loop, items)
+            for sink, items in batches.items():
+                sink.deliver(items)
 
 
 class _Synthetic:
-    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
+    def __init__(self, request: GenerationRequest, sink: OutputSink, handle: object) -> None:
         self.request = request
-        self.loop = loop
-        self.queue = queue
+        self.sink = sink
+        self.handle = handle
         self.generated = 0
+
+
+def build_synthetic_engine(model_path: str, device_ms: float, python_ms: float, max_running: int) -> SyntheticEngine:
+    from transformers import AutoTokenizer
+
+    return SyntheticEngine(AutoTokenizer.from_pretrained(model_path), device_ms=device_ms, python_ms=python_ms,
+                           max_running=max_running)
 
 
 # ---- the server subprocess ----------------------------------------------------------------------------------
 
 
 def serve(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
     from serving.__main__ import serve as serve_app
+    from serving.engine.process import EngineClient
     from serving.settings import Settings
 
-    engine = SyntheticEngine(AutoTokenizer.from_pretrained(args.model_path), device_ms=args.device_ms,
-                             python_ms=args.python_ms, max_running=args.max_running)
+    build = partial(build_synthetic_engine, str(args.model_path), args.device_ms, args.python_ms, args.max_running)
     settings = Settings(model_path=args.model_path, model_name=MODEL_NAME, host="127.0.0.1", port=args.port,
                         log_level="warning")
-    return serve_app(settings, engine)
+    if args.engine_process == "on":
+        return serve_app(settings, lambda: EngineClient.spawn_engine(build, max_waiting=4096, log_level="warning"))
+    return serve_app(settings, build())
 
 
 def start_server(args: argparse.Namespace, log_path: Path) -> tuple[subprocess.Popen, str]:
     port = loadtest.free_port()
     command = [sys.executable, "-m", "serving.bench.http_layer", "--serve", "--model-path", str(args.model_path),
                "--port", str(port), "--device-ms", str(args.device_ms), "--python-ms", str(args.python_ms),
-               "--max-running", str(args.max_running)]
+               "--max-running", str(args.max_running), "--engine-process", args.engine_process]
     process = subprocess.Popen(command, cwd=loadtest.REPO_ROOT, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     loadtest.wait_started(process, url, args.startup_timeout, log_path)
@@ -176,7 +188,7 @@ async def run_levels(args: argparse.Namespace, url: str, pid: int) -> list[dict]
 def format_table(levels: list[dict]) -> str:
     columns = [("concurrency", "conc"), ("requests", "reqs"), ("errors", "errors"), ("short_outputs", "short"),
                ("engine_tok_s", "engine tok/s"), ("output_tok_s", "served tok/s"),
-               ("server_cpu_us_per_token", "server CPU us/token"), ("ttft_p99_ms", "TTFT p99 ms"),
+               ("server_cpu_us_per_token", "HTTP process CPU us/token"), ("ttft_p99_ms", "TTFT p99 ms"),
                ("itl_p50_ms", "ITL p50 ms"), ("itl_p99_ms", "ITL p99 ms")]
     return loadtest.markdown_table([[title for _, title in columns]]
                                    + [[str(level[key]) for key, _ in columns] for level in levels])
@@ -189,6 +201,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device-ms", type=float, default=4.5, help="per step, waiting without the GIL")
     parser.add_argument("--python-ms", type=float, default=1.5, help="per step, holding the GIL")
     parser.add_argument("--max-running", type=int, default=256, help="requests that step together (slots)")
+    parser.add_argument("--engine-process", choices=["on", "off"], default="on",
+                        help="the engine in its own process, as the server runs it by default, or on a thread")
     parser.add_argument("--concurrency", default="64,256")
     parser.add_argument("--requests-per-level", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=2)

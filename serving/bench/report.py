@@ -80,9 +80,14 @@ def report(out: Path) -> str:
         parts.append("End to end (HTTP streaming, `serving.bench.loadtest`):\n\n" + end_to_end(load, steps))
     if steps:
         parts.append("Engine steps (`serving.bench.engine_steps`):\n\n" + engine_steps(steps))
-    if http := _load(out / "http.json"):
-        parts.append("The HTTP layer on this machine's CPU, synthetic engine (`serving.bench.http_layer`):\n\n"
-                     + http_layer.format_table(http["levels"]))
+    if thread := _load(out / "load-thread.json"):
+        parts.append("End to end with the engine on a thread of the server's process (`--engine-process off`):\n\n"
+                     + end_to_end(thread, steps))
+    for mode, where in (("on", "in its own process"), ("off", "on a thread of the server's process")):
+        if http := _load(out / f"http-{mode}.json"):
+            parts.append(f"The HTTP layer on this machine's CPU, synthetic engine {where} "
+                         f"(`serving.bench.http_layer --engine-process {mode}`):\n\n"
+                         + http_layer.format_table(http["levels"]))
     if base:
         parts.append("Baselines in the same call (`h100_baselines.py`):\n\n" + baselines(base))
     if (summary := out / "summary.txt").is_file():

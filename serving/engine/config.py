@@ -11,6 +11,11 @@ from typing import Literal
 Device = Literal["auto", "cuda", "cpu"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 
+# How long a thread holding the GIL runs before one waiting for it gets it (Python's default: 5 ms). The engine
+# thread needs the GIL briefly between device steps, so a short interval keeps other threads (the HTTP event loop,
+# the pipe to it) from stretching every step (see docs/BENCHMARKS.md).
+GIL_SWITCH_INTERVAL_S = 0.0005
+
 DEFAULT_MAX_NUM_SEQS_GPU = 64
 DEFAULT_MAX_NUM_SEQS_CPU = 8
 

@@ -3,8 +3,10 @@
 The caller's event loop never runs model code. `generate()` validates and enqueues under a lock and
 returns a stream; the engine-loop thread, on each iteration, drops aborted requests, admits waiting
 requests into free KV-cache slots, spends the chunked-prefill budget on prompts, then runs one batched
-decode step for every decoding request. Tokens go back through `loop.call_soon_threadsafe`, one call
-per event loop per step. The thread sleeps on a condition variable when there is no work.
+decode step for every decoding request. Outputs go to each request's `OutputSink` in one call per sink per
+step: for `generate()`, the caller's event loop (`loop.call_soon_threadsafe`); for `submit()`, whatever the
+caller gives, such as the pipe to the HTTP process (`serving.engine.process`). The thread sleeps on a
+condition variable when there is no work.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import asyncio
 import heapq
 import logging
 import threading
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +33,7 @@ from serving.engine.interface import (
     QueueFullError,
     SamplingParams,
     TokenOutput,
+    check_request,
 )
 from serving.engine.loader import load_model, resolve_device, resolve_dtype
 from serving.engine.model_runner import (
@@ -41,7 +45,7 @@ from serving.engine.model_runner import (
     plan_kv_cache,
 )
 from serving.engine.sampling import RowSampling, banned_token_ids, finish_reason, sample_tokens
-from serving.engine.stream import TokenStream, deliver_threadsafe
+from serving.engine.stream import LoopSink, OutputSink, TokenStream
 
 logger = logging.getLogger("serving.engine")
 
@@ -51,8 +55,9 @@ class _Sequence:
     """One request's state. After admission only the loop thread touches it."""
 
     request: GenerationRequest
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    sink: "OutputSink"
+    handle: object
+    """What `sink` delivers this request's outputs to (its stream's queue, or its request id)."""
     generator: torch.Generator | None
     slot: int = -1
     num_cached: int = 0
@@ -97,6 +102,7 @@ class LLMEngine:
         self._prefilling: list[_Sequence] = []
         self._decoding: list[_Sequence] = []
         self._thread: threading.Thread | None = None
+        self._loop_sinks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopSink] = weakref.WeakKeyDictionary()
 
     @classmethod
     def from_model_dir(cls, path: str | Path, config: EngineConfig | None = None) -> "LLMEngine":
@@ -164,13 +170,20 @@ class LLMEngine:
     def generate(self, request: GenerationRequest) -> TokenStream:
         """Validate and enqueue now (raising QueueFullError / EngineDeadError / ValueError at once) and
         return the request's token stream. Must be called from the event loop that will consume it."""
-        self._validate(request)
-        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        seq = self.submit(request, self._loop_sink(asyncio.get_running_loop()), queue)
+        return TokenStream(queue, lambda: self._abort_sequence(seq))
+
+    def submit(self, request: GenerationRequest, sink: "OutputSink", handle: object) -> object:
+        """Validate and enqueue now, raising as `generate` does; from any thread. The request's outputs (and an
+        EngineDeadError if the loop dies) go to `sink.deliver([(handle, output), ...])` from the loop thread, the
+        last output with a finish reason. Abort it with `abort(request.request_id)`."""
+        check_request(request, self.model_info)
         seed = request.sampling.seed
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.runner.device).manual_seed(seed)
-        seq = _Sequence(request, loop, asyncio.Queue(), generator)
+        seq = _Sequence(request, sink, handle, generator)
         with self._wakeup:
             if self._dead:
                 raise EngineDeadError("the engine loop has died; the server must be restarted")
@@ -186,7 +199,14 @@ class LLMEngine:
             self._live[request.request_id] = seq
             self._prompt_tokens_total += len(request.prompt_token_ids)
             self._wakeup.notify()
-        return TokenStream(seq.queue, lambda: self._abort_sequence(seq))
+        return seq
+
+    def _loop_sink(self, loop: asyncio.AbstractEventLoop) -> "OutputSink":
+        with self._wakeup:
+            sink = self._loop_sinks.get(loop)
+            if sink is None:
+                sink = self._loop_sinks[loop] = LoopSink(loop)
+            return sink
 
     def abort(self, request_id: str) -> None:
         with self._wakeup:
@@ -217,31 +237,6 @@ class LLMEngine:
             await asyncio.to_thread(self._thread.join)
         else:
             self._finish_all_live(None)
-
-    def _validate(self, request: GenerationRequest) -> None:
-        prompt, params = request.prompt_token_ids, request.sampling
-        max_len, vocab = self.model_info.max_model_len, self.model_info.vocab_size
-        if not prompt:
-            raise ValueError("the prompt is empty; send at least one token")
-        if params.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {params.max_tokens}")
-        if len(prompt) + params.max_tokens > max_len:
-            raise ValueError(
-                f"the prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) is "
-                f"{len(prompt) + params.max_tokens} tokens, more than this model's context of {max_len}; "
-                "shorten the prompt or lower max_tokens"
-            )
-        # An out-of-range id would fail inside the embedding on the loop thread and kill the engine.
-        for name, ids in (("prompt", prompt), ("stop_token_ids", params.stop_token_ids)):
-            bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < vocab), None)
-            if bad is not None:
-                raise ValueError(f"{name} holds token id {bad!r}, outside this model's vocabulary [0, {vocab})")
-        if params.temperature < 0:
-            raise ValueError(f"temperature must be 0 (greedy) or more, got {params.temperature}")
-        if not 0.0 < params.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {params.top_p}")
-        if params.min_tokens < 0:
-            raise ValueError(f"min_tokens must be 0 or more, got {params.min_tokens}")
 
     def _abort_sequence(self, seq: _Sequence) -> None:
         # Runs from any thread, including a garbage-collector pass on the loop thread itself (the lock
@@ -352,7 +347,7 @@ class LLMEngine:
 
     def _emit(self, seqs: list[_Sequence]) -> None:
         """Send each sequence's new tokens, batching one call_soon_threadsafe per event loop."""
-        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+        batches: dict[OutputSink, list[tuple[object, object]]] = {}
         for seq in seqs:
             new_tokens = tuple(seq.output_ids[seq.num_emitted :])
             reason = seq.finish_reason if seq.finished and not seq.final_emitted else None
@@ -360,14 +355,14 @@ class LLMEngine:
                 continue
             seq.num_emitted = len(seq.output_ids)
             seq.final_emitted = reason is not None
-            batches.setdefault(seq.loop, []).append((seq.queue, TokenOutput(new_tokens, reason)))
-        for loop, items in batches.items():
-            if not deliver_threadsafe(loop, items):
-                for seq in seqs:
-                    if seq.loop is loop and not seq.finished:
-                        self._abort_sequence(seq)
+            batches.setdefault(seq.sink, []).append((seq.handle, TokenOutput(new_tokens, reason)))
         with self._wakeup:
             self._live_tokens = sum(seq.num_cached + len(seq.output_ids) for seq in self._running.values())
+        for sink, items in batches.items():
+            if not sink.deliver(items):  # nobody can read them any more: free their slots
+                for seq in seqs:
+                    if seq.sink is sink and not seq.finished:
+                        self._abort_sequence(seq)
 
     def _finish(self, seq: _Sequence, reason: FinishReason) -> None:
         """End a sequence now (abort path): free its slot or queue place and send its last output."""
@@ -401,16 +396,16 @@ class LLMEngine:
         self._running.clear()
         self._prefilling.clear()
         self._decoding.clear()
-        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+        batches: dict[OutputSink, list[tuple[object, object]]] = {}
         for seq in live:
             seq.finished = True
             if error is not None:
                 item = EngineDeadError(str(error))
             else:
                 item = TokenOutput(tuple(seq.output_ids[seq.num_emitted :]), "abort")
-            batches.setdefault(seq.loop, []).append((seq.queue, item))
-        for loop, items in batches.items():
-            deliver_threadsafe(loop, items)
+            batches.setdefault(seq.sink, []).append((seq.handle, item))
+        for sink, items in batches.items():
+            sink.deliver(items)
 
 
 def capture_decode_graphs(runner: ModelRunner) -> bool:

@@ -83,6 +83,34 @@ class ModelInfo:
     device: str = "cpu"
 
 
+def check_request(request: GenerationRequest, model_info: ModelInfo) -> None:
+    """Raise ValueError, saying what is wrong, for a request this model cannot run (every engine checks this on
+    submit, before anything is queued)."""
+    prompt, params = request.prompt_token_ids, request.sampling
+    max_len, vocab = model_info.max_model_len, model_info.vocab_size
+    if not prompt:
+        raise ValueError("the prompt is empty; send at least one token")
+    if params.max_tokens < 1:
+        raise ValueError(f"max_tokens must be at least 1, got {params.max_tokens}")
+    if len(prompt) + params.max_tokens > max_len:
+        raise ValueError(
+            f"the prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) is "
+            f"{len(prompt) + params.max_tokens} tokens, more than this model's context of {max_len}; "
+            "shorten the prompt or lower max_tokens"
+        )
+    # An out-of-range id would fail inside the embedding on the loop thread and kill the engine.
+    for name, ids in (("prompt", prompt), ("stop_token_ids", params.stop_token_ids)):
+        bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"{name} holds token id {bad!r}, outside this model's vocabulary [0, {vocab})")
+    if params.temperature < 0:
+        raise ValueError(f"temperature must be 0 (greedy) or more, got {params.temperature}")
+    if not 0.0 < params.top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {params.top_p}")
+    if params.min_tokens < 0:
+        raise ValueError(f"min_tokens must be 0 or more, got {params.min_tokens}")
+
+
 class EngineError(Exception):
     """Base of errors the engine raises to its caller."""
 

@@ -8,7 +8,7 @@ its task cancelled, or garbage-collected) aborts its request so the slot is free
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
+from typing import Callable, Protocol
 
 from serving.engine.interface import TokenOutput
 
@@ -71,16 +71,28 @@ class TokenStream:
                 pass
 
 
-def deliver_threadsafe(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, object]]) -> bool:
-    """From an engine thread, put each item (a TokenOutput or an EngineError) into its stream's queue on `loop`, all
-    in one event-loop callback. False when that loop is closed and nobody can read them."""
-    try:
-        loop.call_soon_threadsafe(_deliver, items)
-    except RuntimeError:
-        return False
-    return True
+class OutputSink(Protocol):
+    """Where the engine loop thread sends outputs: once per step, every output for this sink's requests."""
+
+    def deliver(self, items: list[tuple[object, object]]) -> bool:
+        """`items` are (handle, TokenOutput or EngineError) pairs, the handle being what the request was submitted
+        with. False when nobody can read them any more (the engine then aborts those requests)."""
 
 
-def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:
+class LoopSink:
+    """Delivers to asyncio queues (the handles) on one event loop, in one thread-safe callback per step."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+
+    def deliver(self, items: list[tuple[asyncio.Queue, object]]) -> bool:
+        try:
+            self.loop.call_soon_threadsafe(_put_all, items)
+        except RuntimeError:  # the loop is closed
+            return False
+        return True
+
+
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
     for queue, item in items:
         queue.put_nowait(item)

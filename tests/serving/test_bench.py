@@ -48,12 +48,13 @@ def test_report_sets_each_level_beside_its_target_and_the_roofline(tmp_path):
                    {"batch": 64, "kv_len": 1024, "eager_ms": 10.0, "graph_ms": 2.5, "floor_ms": 1.1,
                     "tokens_per_s": 25600.0, "roofline_tokens_per_s": 58000.0}],
         "prefill": [], "attention": []}))
-    (tmp_path / "http.json").write_text(json.dumps({"levels": [
+    (tmp_path / "http-on.json").write_text(json.dumps({"levels": [
         {"concurrency": 256, "requests": 512, "errors": 0, "short_outputs": 0, "engine_tok_s": 42666.7,
          "output_tok_s": 19105.8, "server_cpu_us_per_token": 44.1, "ttft_p99_ms": 369.7, "itl_p50_ms": 9.6,
          "itl_p99_ms": 22.8}]}))
     text = report.report(tmp_path)
-    assert "|  256 |  512 |      0 |     0 |      42666.7 |      19105.8 |                44.1 |" in text
+    assert "|  256 |  512 |      0 |     0 |      42666.7 |      19105.8 |                      44.1 |" in text
+    assert "synthetic engine in its own process" in text and "on a thread of the server" not in text
     assert "|    1 |     672.5 |    600 |       50.0% |" in text
     assert "|   64 |  29,000.0 | 12,000 |       50.0% |" in text
     assert "Baselines" not in text  # none were measured
@@ -75,4 +76,4 @@ def test_http_layer_streams_every_token_from_the_synthetic_engine_and_reads_the_
         assert level["server_cpu_s"] > 0 and level["server_cpu_us_per_token"] > 0
     # The engine alone would stream min(concurrency, slots) tokens per 1.5 ms step.
     assert [level["engine_tok_s"] for level in levels] == [round(2 / 1.5e-3, 1), round(4 / 1.5e-3, 1)]
-    assert "server CPU us/token" in capsys.readouterr().out
+    assert "HTTP process CPU us/token" in capsys.readouterr().out

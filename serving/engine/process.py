@@ -1,0 +1,308 @@
+"""The engine in a process of its own: `EngineClient` implements `Engine` in the HTTP process over a pipe.
+
+In one process, the engine thread and the HTTP event loop share one GIL: at a few hundred streams the event loop's
+per-token work (SSE, detokenizer, sockets) and the engine's Python between device steps wait for each other, and
+both slow down. Here the engine (model, KV cache, CUDA graphs, its loop thread) runs in a child process and the
+HTTP process keeps its GIL and its core to itself. Nothing else changes: the app sees the same `Engine` interface.
+
+The protocol is one duplex pipe of pickled tuples. HTTP process -> engine: ("start",), ("add", request),
+("abort", request_id), ("shutdown",). Engine -> HTTP process: ("loaded", model_info, tokenizer, stats) or
+("load_failed", kind, message), ("started", stats), ("out", [(request_id, token_ids, finish_reason) or
+(request_id, None, EngineError), ...], stats) once per engine step, ("rejected", request_id, error), ("stopped",). The child ignores SIGINT (a Ctrl-C in a
+terminal reaches the whole process group, and the HTTP process owns shutdown: it drains, then stops the engine);
+it exits when told to or when the pipe closes. If the child dies, every open stream fails with EngineDeadError,
+liveness fails, and the kubelet restarts the container.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+import multiprocessing
+import signal
+import sys
+import threading
+import time
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+from serving.engine.config import GIL_SWITCH_INTERVAL_S, EngineConfig
+from serving.engine.interface import (
+    EngineDeadError,
+    EngineStats,
+    GenerationRequest,
+    ModelInfo,
+    ModelLoadError,
+    QueueFullError,
+    TokenOutput,
+    check_request,
+)
+from serving.engine.stream import LoopSink, TokenStream
+
+logger = logging.getLogger("serving.engine")
+
+_SHUTDOWN_TIMEOUT_S = 30.0
+_JOIN_TIMEOUT_S = 10.0
+
+
+class EngineClient:
+    """`Engine` for the HTTP process; the real engine runs in the child process this starts."""
+
+    def __init__(self, process: multiprocessing.process.BaseProcess, conn, model_info: ModelInfo, tokenizer: object,
+                 stats: EngineStats, max_waiting: int) -> None:
+        self.model_info = model_info
+        self.tokenizer = tokenizer
+        self._process = process
+        self._conn = conn
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stats = stats
+        self._max_waiting = max_waiting
+        self._dead: str | None = None
+        self._replies: dict[str, concurrent.futures.Future] = {}
+        self._stopping = False
+        self._reader = threading.Thread(target=self._read, name="engine-client-reader", daemon=True)
+        self._reader.start()
+
+    @classmethod
+    def spawn(cls, model_path: str | Path, config: EngineConfig, log_level: str = "info") -> "EngineClient":
+        """Start the engine process and wait until its model is loaded (slow; call it in a thread). Raises
+        ModelLoadError with the engine's own message when the model cannot be loaded."""
+        return cls.spawn_engine(partial(load_engine, str(model_path), config), config.max_waiting, log_level)
+
+    @classmethod
+    def spawn_engine(cls, build: Callable[[], object], max_waiting: int, log_level: str = "info") -> "EngineClient":
+        """Like `spawn`, for any engine `build()` returns in the child (it must be picklable, and the engine must
+        have `submit(request, sink, handle)` besides the `Engine` methods, as `LLMEngine` does)."""
+        context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
+        parent_conn, child_conn = context.Pipe(duplex=True)
+        process = context.Process(target=engine_main, args=(child_conn, build, log_level),
+                                  name="llm-engine", daemon=True)
+        process.start()
+        child_conn.close()
+        logger.info("engine process %d started", process.pid, extra={"event": "engine_process_started",
+                                                                    "pid": process.pid})
+        try:
+            message = parent_conn.recv()
+        except (EOFError, OSError):
+            process.join(_JOIN_TIMEOUT_S)
+            raise ModelLoadError(f"the engine process exited (code {process.exitcode}) while loading the model; "
+                                 "its log lines above say why") from None
+        if message[0] == "load_failed":
+            _, kind, text = message
+            process.join(_JOIN_TIMEOUT_S)
+            if kind == "ModelLoadError":
+                raise ModelLoadError(text)
+            raise RuntimeError(f"the engine process failed to load the model: {text}")
+        _, model_info, tokenizer, stats = message
+        return cls(process, parent_conn, model_info, tokenizer, stats, max_waiting)
+
+    # ---- Engine ------------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Run the engine's warm-up in its process; returns when it is ready to serve."""
+        await self._request("started", ("start",))
+
+    def generate(self, request: GenerationRequest) -> TokenStream:
+        check_request(request, self.model_info)
+        queue: asyncio.Queue = asyncio.Queue()
+        request_id = request.request_id
+        with self._lock:
+            if self._dead is not None:
+                raise EngineDeadError(self._dead)
+            if self._stopping:
+                raise EngineDeadError("the engine is shutting down")
+            if request_id in self._streams:
+                raise ValueError(f"request_id {request_id!r} is already running; use a unique id")
+            waiting = len(self._streams) - self._stats.max_running
+            if waiting >= self._max_waiting:
+                raise QueueFullError(f"{waiting} requests are already waiting (max_waiting); retry later")
+            self._streams[request_id] = (asyncio.get_running_loop(), queue)
+        self._send(("add", request))
+        return TokenStream(queue, lambda: self.abort(request_id))
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            if request_id not in self._streams:
+                return
+        self._send(("abort", request_id))
+
+    def stats(self) -> EngineStats:
+        stats = self._stats
+        if self._dead is not None and stats.loop_alive:
+            stats = dataclasses.replace(stats, loop_alive=False)
+        return stats
+
+    async def shutdown(self) -> None:
+        """Abort everything still running (streams end with `abort`), stop the engine process and wait for it."""
+        with self._lock:
+            self._stopping = True
+        if self._dead is None:
+            try:
+                await asyncio.wait_for(self._request("stopped", ("shutdown",)), _SHUTDOWN_TIMEOUT_S)
+            except (asyncio.TimeoutError, EngineDeadError):
+                pass
+        await asyncio.to_thread(self._process.join, _JOIN_TIMEOUT_S)
+        if self._process.is_alive():
+            logger.warning("the engine process did not exit; killing it")
+            self._process.kill()
+            await asyncio.to_thread(self._process.join, _JOIN_TIMEOUT_S)
+        self._conn.close()
+
+    # ---- pipe ----------------------------------------------------------------------------------------------------
+
+    async def _request(self, reply: str, message: tuple) -> None:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self._dead is not None:
+                raise EngineDeadError(self._dead)
+            self._replies[reply] = future
+        self._send(message)
+        await asyncio.wrap_future(future)
+
+    def _send(self, message: tuple) -> None:
+        try:
+            with self._send_lock:
+                self._conn.send(message)
+        except (OSError, ValueError):  # the pipe is closed: the reader reports the engine process as gone
+            pass
+
+    def _read(self) -> None:
+        """Reader thread: hand each step's outputs to their streams, one callback per event loop."""
+        while True:
+            try:
+                message = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            kind = message[0]
+            if kind == "out":
+                self._stats = message[2]
+                self._dispatch([(request_id, error if token_ids is None else TokenOutput(token_ids, error))
+                                for request_id, token_ids, error in message[1]])
+            elif kind == "rejected":
+                self._dispatch([(message[1], message[2])])
+            else:  # "started" / "stopped", with a stats snapshot or not
+                if len(message) > 1:
+                    self._stats = message[1]
+                with self._lock:
+                    future = self._replies.pop(kind, None)
+                if future is not None:
+                    future.set_result(None)
+            if not self._stats.loop_alive and self._dead is None:
+                self._dead = "the engine loop died; the server must be restarted"
+        self._process.join(1.0)
+        reason = (f"the engine process exited (code {self._process.exitcode})"
+                  if not self._stopping else "the engine process stopped")
+        with self._lock:
+            self._dead = self._dead or reason
+            streams, self._streams = self._streams, {}
+            replies, self._replies = self._replies, {}
+        if not self._stopping:
+            logger.error("%s; failing %d open requests", reason, len(streams))
+        for future in replies.values():
+            future.set_exception(EngineDeadError(reason))
+        self._deliver([(loop, queue, EngineDeadError(reason)) for loop, queue in streams.values()])
+
+    def _dispatch(self, outputs: list[tuple[str, object]]) -> None:
+        items = []
+        with self._lock:
+            for request_id, item in outputs:
+                final = not isinstance(item, TokenOutput) or item.finish_reason is not None
+                entry = self._streams.pop(request_id, None) if final else self._streams.get(request_id)
+                if entry is not None:
+                    items.append((entry[0], entry[1], item))
+        self._deliver(items)
+
+    @staticmethod
+    def _deliver(items: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, object]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+        for loop, queue, item in items:
+            by_loop.setdefault(loop, []).append((queue, item))
+        for loop, batch in by_loop.items():
+            LoopSink(loop).deliver(batch)
+
+
+# ---- the engine process ----------------------------------------------------------------------------------------
+
+
+class _PipeSink:
+    """Engine-process side: each step's outputs, keyed by request id, in one message with a stats snapshot."""
+
+    def __init__(self, conn, lock: threading.Lock, engine) -> None:
+        self._conn = conn
+        self._lock = lock
+        self._engine = engine
+
+    def deliver(self, items: list[tuple[object, object]]) -> bool:
+        # Plain tuples: pickling 256 TokenOutput dataclasses takes 9x as long, on the engine's critical path.
+        outputs = [(handle, item.token_ids, item.finish_reason) if isinstance(item, TokenOutput)
+                   else (handle, None, item) for handle, item in items]
+        return _send(self._conn, self._lock, ("out", outputs, self._engine.stats()))
+
+
+def _send(conn, lock: threading.Lock, message: tuple) -> bool:
+    try:
+        with lock:
+            conn.send(message)
+    except (OSError, ValueError, BrokenPipeError):
+        return False
+    return True
+
+
+def load_engine(model_path: str, config: EngineConfig) -> object:
+    from serving.engine.engine import LLMEngine
+    from serving.logs import route_transformers_logging
+
+    route_transformers_logging()
+    return LLMEngine.from_model_dir(model_path, config)
+
+
+def engine_main(conn, build: Callable[[], object], log_level: str) -> None:
+    """The engine process: build the engine, then serve the HTTP process's commands until told to stop."""
+    # Ctrl-C in a terminal reaches the whole process group; the HTTP process drains and then stops the engine.
+    # SIGTERM keeps its default: multiprocessing terminates a daemonic child that way if the HTTP process exits
+    # without stopping it, and the kubelet signals only the container's first process.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from serving.logs import configure_logging
+
+    configure_logging(log_level)
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    lock = threading.Lock()
+    try:
+        engine = build()
+    except ModelLoadError as exc:
+        _send(conn, lock, ("load_failed", "ModelLoadError", str(exc)))
+        return
+    except Exception as exc:  # noqa: BLE001 - reported to the HTTP process, which logs it and exits 1
+        logger.exception("the engine failed to load the model")
+        _send(conn, lock, ("load_failed", type(exc).__name__, f"{type(exc).__name__}: {exc}"))
+        return
+    _send(conn, lock, ("loaded", engine.model_info, engine.tokenizer, engine.stats()))
+    sink = _PipeSink(conn, lock, engine)
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):  # the HTTP process is gone: stop the engine and exit
+            asyncio.run(engine.shutdown())
+            return
+        kind = message[0]
+        if kind == "add":
+            request = message[1]
+            try:
+                engine.submit(request, sink, request.request_id)
+            except Exception as exc:  # noqa: BLE001 - the HTTP process checked first; this is a race, reported
+                _send(conn, lock, ("rejected", request.request_id, exc))
+        elif kind == "abort":
+            engine.abort(message[1])
+        elif kind == "start":
+            started = time.perf_counter()
+            asyncio.run(engine.start())
+            logger.info("engine warmed up in %.1f s", time.perf_counter() - started)
+            _send(conn, lock, ("started", engine.stats()))
+        elif kind == "shutdown":
+            asyncio.run(engine.shutdown())
+            _send(conn, lock, ("stopped", engine.stats()))
+            return

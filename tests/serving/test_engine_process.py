@@ -1,0 +1,135 @@
+"""The engine in its own process (the server's default): what happens when that process dies, is signalled, or is
+not used. The happy paths (completions, streaming, aborts, drain) run through it in every other HTTP test."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from serving.settings import load_settings
+from tests.serving.server import MODEL_NAME, ServerProcess, sse_events
+from tests.serving.tiny_model import build_tiny_model
+
+WINDOW = 2048
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-2k"), max_position_embeddings=WINDOW)
+
+
+def children(pid: int) -> list[int]:
+    """Live child processes of `pid` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def engine_pid(server: ServerProcess) -> int:
+    """The engine process (multiprocessing's resource tracker is a child of the server too), as the log names it."""
+    pids = [pid for pid in children(server.process.pid) if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    logged = [line["pid"] for line in server.log_lines() if line.get("event") == "engine_process_started"]
+    assert len(pids) == 1 and logged == pids, f"engine processes under the server: {pids}, logged: {logged}"
+    return pids[0]
+
+
+def completion(server: ServerProcess, max_tokens: int = 4) -> httpx.Response:
+    return httpx.post(f"{server.url}/v1/completions", timeout=60, json={
+        "model": MODEL_NAME, "prompt": "Hello world", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True})
+
+
+@pytest.fixture
+def server(model_dir, tmp_path):
+    server = ServerProcess(model_dir, tmp_path / "server.log")
+    server.wait_started()
+    yield server
+    server.terminate()
+
+
+def test_engine_process_killed_mid_stream_fails_the_stream_and_liveness_then_the_server_exits_cleanly(server):
+    pid = engine_pid(server)
+    body = {"model": MODEL_NAME, "prompt": "Hello world", "max_tokens": 2000, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    events: list = []
+    first_chunk = threading.Event()
+
+    def read() -> None:
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    payload = line[len("data: "):]
+                    events.append(payload if payload == "[DONE]" else json.loads(payload))
+                    first_chunk.set()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert first_chunk.wait(30)
+    os.kill(pid, signal.SIGKILL)
+    reader.join(30)
+    assert not reader.is_alive()
+    error = events[-2]["error"]
+    assert events[-1] == "[DONE]" and error["code"] == "engine_dead"
+    assert "engine process exited (code -9)" in error["message"]
+    live = httpx.get(f"{server.url}/health/live", timeout=10)
+    assert live.status_code == 503 and live.json() == {"status": "engine loop dead"}
+    refused = completion(server)
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_dead"
+    assert server.terminate() == 0
+    logged = [line for line in server.log_lines() if "engine process exited" in line.get("message", "")]
+    assert logged and logged[0]["level"] == "error"
+
+
+def test_engine_process_ignores_sigint_the_server_owns_shutdown(server):
+    pid = engine_pid(server)
+    os.kill(pid, signal.SIGINT)  # what Ctrl-C in a terminal sends the whole process group
+    time.sleep(0.5)
+    response = completion(server)
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 4
+    assert engine_pid(server) == pid
+    assert server.terminate() == 0
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]
+
+
+def test_engine_on_a_thread_when_engine_process_is_off(model_dir, tmp_path):
+    server = ServerProcess(model_dir, tmp_path / "server.log", env={"ENGINE_PROCESS": "off"})
+    try:
+        server.wait_started()
+        assert children(server.process.pid) == []
+        streamed = httpx.post(f"{server.url}/v1/completions", timeout=60, json={
+            "model": MODEL_NAME, "prompt": "Hello world", "max_tokens": 5, "temperature": 0, "stream": True})
+        events = sse_events(streamed)
+        assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
+    finally:
+        assert server.terminate() == 0
+
+
+def test_a_model_that_fails_to_load_in_the_engine_process_exits_1_with_the_engines_message(tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    server = ServerProcess(broken, tmp_path / "server.log")
+    assert server.process.wait(120) == 1
+    failures = [line for line in server.log_lines() if line.get("event") == "model_load_failed"]
+    assert len(failures) == 1 and "model_type 'gpt2' is not supported" in failures[0]["message"]
+
+
+@pytest.mark.parametrize(("value", "expected"), [("off", False), ("On", True), ("0", False)])
+def test_engine_process_setting(model_dir, value, expected):
+    assert load_settings(["--model-path", str(model_dir)], {"ENGINE_PROCESS": value}).engine_process is expected
+    assert load_settings(["--model-path", str(model_dir)], {}).engine_process is True
