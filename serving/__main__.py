@@ -19,7 +19,7 @@ from types import FrameType
 import uvicorn
 
 from serving.app import EngineSource, Phase, ServerState, create_app
-from serving.engine.config import GIL_SWITCH_INTERVAL_S
+from serving.engine.config import GIL_SWITCH_INTERVAL_S, EngineConfig
 from serving.logs import configure_logging, route_transformers_logging
 from serving.settings import Settings, SettingsError, load_settings
 
@@ -68,17 +68,21 @@ class DrainingServer(uvicorn.Server):
         return self._state.phase is Phase.FAILED or await super().on_tick(counter)
 
 
-def _engine_factory(settings: Settings):
-    """The zero-argument factory the app runs in a thread; imports torch only when called."""
-    from serving.engine.config import EngineConfig
-
+def engine_config(settings: Settings) -> EngineConfig:
+    """The engine's settings from the server's; SettingsError for a combination the engine refuses."""
     options = {"device": settings.device, "dtype": settings.dtype, "max_num_seqs": settings.max_num_seqs,
                "max_model_len": settings.max_model_len, "max_waiting": settings.max_queue,
-               "gpu_memory_utilization": settings.gpu_memory_utilization, "cuda_graphs": settings.cuda_graphs}
+               "gpu_memory_utilization": settings.gpu_memory_utilization, "cuda_graphs": settings.cuda_graphs,
+               "max_prefill_tokens_per_step": settings.max_prefill_tokens}
     try:
-        config = EngineConfig(**{name: value for name, value in options.items() if value is not None})
+        return EngineConfig(**{name: value for name, value in options.items() if value is not None})
     except ValueError as exc:
         raise SettingsError(str(exc)) from None
+
+
+def _engine_factory(settings: Settings):
+    """The zero-argument factory the app runs in a thread; imports torch only when called."""
+    config = engine_config(settings)
 
     def build():
         if settings.engine_process:

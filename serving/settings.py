@@ -49,6 +49,8 @@ class Settings:
     """Fraction of GPU memory the engine may use for weights and KV cache; None keeps the engine's default."""
     cuda_graphs: bool | None = None
     """Decode from CUDA graphs on a GPU; None keeps the engine's default (on)."""
+    max_prefill_tokens: int | None = None
+    """Chunked-prefill budget per engine step; None keeps the engine's default."""
     engine_process: bool = True
     """Run the engine in a child process, so HTTP streaming and the engine's Python do not share one GIL
     (`serving.engine.process`); off runs it on a thread of the server's process."""
@@ -141,6 +143,8 @@ _OPTIONS: tuple[tuple[str, str, str, Callable[[str], object], str], ...] = (
      "fraction of GPU memory for the engine"),
     ("cuda_graphs", "--cuda-graphs", "CUDA_GRAPHS", _switch,
      "on or off: decode from CUDA graphs on a GPU (default on)"),
+    ("max_prefill_tokens", "--max-prefill-tokens", "MAX_PREFILL_TOKENS", _positive_int,
+     "prompt tokens prefilled per engine step (default 2048)"),
     ("engine_process", "--engine-process", "ENGINE_PROCESS", _switch,
      "on or off: run the engine in a process of its own, apart from HTTP streaming (default on)"),
     ("max_body_bytes", "--max-body-bytes", "MAX_BODY_BYTES", _positive_int,

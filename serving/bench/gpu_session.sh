@@ -21,6 +21,7 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run with a time limit, log to $OUT/N
   started=$(date +%s)
   timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
+  last_rc=$rc
   printf '%-10s rc=%-3s %4ss (limit %ss)\n' "$name" "$rc" "$(( $(date +%s) - started ))" "$limit" | tee -a "$OUT/summary.txt"
 }
 
@@ -50,6 +51,8 @@ stage steps 120 "$PY" -m serving.bench.engine_steps --shape "$shape" --device "$
 stage load 200 "$PY" -m serving.bench.loadtest --model-path "/tmp/bench-$shape" --random-model "$shape" \
   --device "$device" --dtype "$dtype" --max-num-seqs "$slots" --max-model-len 1024 --max-queue 1024 \
   --concurrency "$levels" --max-level-seconds "$level_s" --warmup "${load_extra[@]}" --json-out "$OUT/load.json"
+# If the server with its engine process failed, stage 6 measures every level with the engine on a thread instead.
+[ "$last_rc" = 0 ] || thread_levels=$levels
 # 4. The baselines, in the same call, with the machine's own transformers (the script was written for it).
 if [ "$SMOKE" != 1 ]; then
   stage baselines 110 env PYTHONPATH= "$PY" .gpu-session/h100_baselines.py --preset llama-3.2-1b \

@@ -237,7 +237,8 @@ def start_server(args: argparse.Namespace, log_path: Path) -> tuple[subprocess.P
     port = free_port()
     command = [sys.executable, "-m", "serving", "--model-path", str(args.model_path), "--model-name", args.model,
                "--host", "127.0.0.1", "--port", str(port)]
-    for flag in ("device", "dtype", "max_num_seqs", "max_model_len", "max_queue", "cuda_graphs", "engine_process"):
+    for flag in ("device", "dtype", "max_num_seqs", "max_model_len", "max_queue", "max_prefill_tokens", "cuda_graphs",
+                 "engine_process"):
         if getattr(args, flag) is not None:
             command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     log = open(log_path, "wb")
@@ -278,6 +279,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     server.add_argument("--max-num-seqs", type=int)
     server.add_argument("--max-model-len", type=int)
     server.add_argument("--max-queue", type=int)
+    server.add_argument("--max-prefill-tokens", type=int, help="prompt tokens prefilled per engine step")
     server.add_argument("--cuda-graphs", choices=["on", "off"], help="decode from CUDA graphs (server default: on)")
     server.add_argument("--engine-process", choices=["on", "off"],
                         help="the engine in its own process or on a thread of the server's (server default: on)")

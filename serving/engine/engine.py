@@ -55,7 +55,7 @@ class _Sequence:
     """One request's state. After admission only the loop thread touches it."""
 
     request: GenerationRequest
-    sink: "OutputSink"
+    sink: OutputSink
     handle: object
     """What `sink` delivers this request's outputs to (its stream's queue, or its request id)."""
     generator: torch.Generator | None
@@ -174,7 +174,7 @@ class LLMEngine:
         seq = self.submit(request, self._loop_sink(asyncio.get_running_loop()), queue)
         return TokenStream(queue, lambda: self._abort_sequence(seq))
 
-    def submit(self, request: GenerationRequest, sink: "OutputSink", handle: object) -> object:
+    def submit(self, request: GenerationRequest, sink: OutputSink, handle: object) -> _Sequence:
         """Validate and enqueue now, raising as `generate` does; from any thread. The request's outputs (and an
         EngineDeadError if the loop dies) go to `sink.deliver([(handle, output), ...])` from the loop thread, the
         last output with a finish reason. Abort it with `abort(request.request_id)`."""
@@ -201,7 +201,7 @@ class LLMEngine:
             self._wakeup.notify()
         return seq
 
-    def _loop_sink(self, loop: asyncio.AbstractEventLoop) -> "OutputSink":
+    def _loop_sink(self, loop: asyncio.AbstractEventLoop) -> LoopSink:
         with self._wakeup:
             sink = self._loop_sinks.get(loop)
             if sink is None:
@@ -346,7 +346,7 @@ class LLMEngine:
             self._generation_tokens_total += len(seqs)
 
     def _emit(self, seqs: list[_Sequence]) -> None:
-        """Send each sequence's new tokens, batching one call_soon_threadsafe per event loop."""
+        """Send each sequence's new tokens: one delivery per sink (one call_soon_threadsafe per event loop)."""
         batches: dict[OutputSink, list[tuple[object, object]]] = {}
         for seq in seqs:
             new_tokens = tuple(seq.output_ids[seq.num_emitted :])

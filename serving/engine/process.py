@@ -16,10 +16,10 @@ liveness fails, and the kubelet restarts the container.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import dataclasses
 import logging
 import multiprocessing
+import os
 import signal
 import sys
 import threading
@@ -62,10 +62,9 @@ class EngineClient:
         self._stats = stats
         self._max_waiting = max_waiting
         self._dead: str | None = None
-        self._replies: dict[str, concurrent.futures.Future] = {}
+        self._replies: dict[str, asyncio.Future] = {}
         self._stopping = False
-        self._reader = threading.Thread(target=self._read, name="engine-client-reader", daemon=True)
-        self._reader.start()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
     def spawn(cls, model_path: str | Path, config: EngineConfig, log_level: str = "info") -> "EngineClient":
@@ -103,7 +102,10 @@ class EngineClient:
     # ---- Engine ------------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Run the engine's warm-up in its process; returns when it is ready to serve."""
+        """Run the engine's warm-up in its process; returns when it is ready to serve. From here on this event loop
+        reads the pipe itself: a step's outputs reach their streams with no thread hand-off in between."""
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._conn.fileno(), self._on_readable)
         await self._request("started", ("start",))
 
     def generate(self, request: GenerationRequest) -> TokenStream:
@@ -150,18 +152,20 @@ class EngineClient:
             logger.warning("the engine process did not exit; killing it")
             self._process.kill()
             await asyncio.to_thread(self._process.join, _JOIN_TIMEOUT_S)
+        if self._loop is not None and not self._conn.closed:
+            self._loop.remove_reader(self._conn.fileno())
         self._conn.close()
 
     # ---- pipe ----------------------------------------------------------------------------------------------------
 
     async def _request(self, reply: str, message: tuple) -> None:
-        future: concurrent.futures.Future = concurrent.futures.Future()
+        future = asyncio.get_running_loop().create_future()
         with self._lock:
             if self._dead is not None:
                 raise EngineDeadError(self._dead)
             self._replies[reply] = future
         self._send(message)
-        await asyncio.wrap_future(future)
+        await future
 
     def _send(self, message: tuple) -> None:
         try:
@@ -170,29 +174,36 @@ class EngineClient:
         except (OSError, ValueError):  # the pipe is closed: the reader reports the engine process as gone
             pass
 
-    def _read(self) -> None:
-        """Reader thread: hand each step's outputs to their streams, one callback per event loop."""
-        while True:
-            try:
-                message = self._conn.recv()
-            except (EOFError, OSError):
-                break
-            kind = message[0]
-            if kind == "out":
-                self._stats = message[2]
-                self._dispatch([(request_id, error if token_ids is None else TokenOutput(token_ids, error))
-                                for request_id, token_ids, error in message[1]])
-            elif kind == "rejected":
-                self._dispatch([(message[1], message[2])])
-            else:  # "started" / "stopped", with a stats snapshot or not
-                if len(message) > 1:
-                    self._stats = message[1]
-                with self._lock:
-                    future = self._replies.pop(kind, None)
-                if future is not None:
-                    future.set_result(None)
-            if not self._stats.loop_alive and self._dead is None:
-                self._dead = "the engine loop died; the server must be restarted"
+    def _on_readable(self) -> None:
+        """On the event loop: take every message waiting in the pipe."""
+        try:
+            while True:
+                self._handle(self._conn.recv())
+                if not self._conn.poll():
+                    return
+        except (EOFError, OSError):
+            self._loop.remove_reader(self._conn.fileno())
+            self._on_closed()
+
+    def _handle(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "out":
+            self._stats = message[2]
+            self._dispatch([(request_id, error if token_ids is None else TokenOutput(token_ids, error))
+                            for request_id, token_ids, error in message[1]])
+        elif kind == "rejected":
+            self._dispatch([(message[1], message[2])])
+        else:  # "started" / "stopped", with a stats snapshot
+            self._stats = message[1]
+            with self._lock:
+                future = self._replies.pop(kind, None)
+            if future is not None and not future.done():
+                future.set_result(None)
+        if not self._stats.loop_alive and self._dead is None:
+            self._dead = "the engine loop died; the server must be restarted"
+
+    def _on_closed(self) -> None:
+        """The pipe closed: the engine process exited. Fail whatever is still open."""
         self._process.join(1.0)
         reason = (f"the engine process exited (code {self._process.exitcode})"
                   if not self._stopping else "the engine process stopped")
@@ -203,7 +214,8 @@ class EngineClient:
         if not self._stopping:
             logger.error("%s; failing %d open requests", reason, len(streams))
         for future in replies.values():
-            future.set_exception(EngineDeadError(reason))
+            if not future.done():
+                future.set_exception(EngineDeadError(reason))
         self._deliver([(loop, queue, EngineDeadError(reason)) for loop, queue in streams.values()])
 
     def _dispatch(self, outputs: list[tuple[str, object]]) -> None:
@@ -216,12 +228,14 @@ class EngineClient:
                     items.append((entry[0], entry[1], item))
         self._deliver(items)
 
-    @staticmethod
-    def _deliver(items: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, object]]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+    def _deliver(self, items: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, object]]) -> None:
+        other_loops: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
         for loop, queue, item in items:
-            by_loop.setdefault(loop, []).append((queue, item))
-        for loop, batch in by_loop.items():
+            if loop is self._loop:
+                queue.put_nowait(item)
+            else:  # a stream read on another event loop
+                other_loops.setdefault(loop, []).append((queue, item))
+        for loop, batch in other_loops.items():
             LoopSink(loop).deliver(batch)
 
 
@@ -253,11 +267,18 @@ def _send(conn, lock: threading.Lock, message: tuple) -> bool:
 
 
 def load_engine(model_path: str, config: EngineConfig) -> object:
+    import torch
+
     from serving.engine.engine import LLMEngine
     from serving.logs import route_transformers_logging
 
     route_transformers_logging()
-    return LLMEngine.from_model_dir(model_path, config)
+    engine = LLMEngine.from_model_dir(model_path, config)
+    if engine.model_info.device == "cpu":
+        # On CPU the engine's matmul threads would take every core and spin, starving the HTTP process of the core
+        # it needs to stream (docs/BENCHMARKS.md): leave it one.
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - 1))
+    return engine
 
 
 def engine_main(conn, build: Callable[[], object], log_level: str) -> None:

@@ -11,6 +11,7 @@ import asyncio
 import gc
 import logging
 import shutil
+import threading
 import time
 from contextlib import contextmanager
 
@@ -723,3 +724,53 @@ def test_cuda_graph_decoding_matches_eager_and_hf_across_joins(tmp_path):
     hf = load_hf(model_dir)
     for (prompt, max_tokens), tokens in zip(cases, graphed):
         assert tokens == hf_greedy(hf, prompt, max_tokens)
+
+
+class RecordingSink:
+    """An OutputSink that keeps what it is given (from the loop thread); `accept=False` plays a reader that is gone."""
+
+    def __init__(self, accept: bool = True) -> None:
+        self.accept = accept
+        self.items: list[tuple[object, object]] = []
+        self.calls = 0
+        self.done = threading.Event()
+
+    def deliver(self, items):
+        self.calls += 1
+        self.items += items
+        if any(getattr(item, "finish_reason", None) for _, item in items):
+            self.done.set()
+        return self.accept
+
+
+def test_submit_delivers_to_any_sink_one_call_per_step_the_same_tokens_as_generate(make_engine, hf_model):
+    engine = make_engine()
+    asyncio.run(engine.start())
+    sink = RecordingSink()
+    prompts = {"a": random_prompt(9, seed=61), "b": random_prompt(14, seed=62)}
+    for handle, prompt in prompts.items():
+        engine.submit(request(f"req-{handle}", prompt, greedy(12, ignore_eos=True)), sink, handle)
+    deadline = time.monotonic() + 30
+    while sum(1 for _, item in sink.items if item.finish_reason) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    for handle, prompt in prompts.items():
+        outputs = [item for h, item in sink.items if h == handle]
+        assert [t for output in outputs for t in output.token_ids] == hf_greedy(hf_model, prompt, 12)
+        assert outputs[-1].finish_reason == "length"
+    # Both requests decode together: most steps carry both of their outputs in one delivery.
+    assert sink.calls < len(sink.items)
+
+
+def test_a_sink_that_refuses_delivery_gets_its_requests_aborted_and_slots_freed(make_engine):
+    engine = make_engine(max_num_seqs=1)
+    asyncio.run(engine.start())
+    gone = RecordingSink(accept=False)
+    engine.submit(request("orphan", random_prompt(8, seed=63), greedy(200, ignore_eos=True)), gone, "orphan")
+    assert gone.done.wait(10)
+    assert gone.items[-1][1].finish_reason == "abort" and len(gone.items) < 10
+    # The slot is free again: another request runs to its end.
+    sink = RecordingSink()
+    engine.submit(request("next", EOS_PROMPT, greedy(3)), sink, "next")
+    assert sink.done.wait(10)
+    assert [t for _, item in sink.items for t in item.token_ids] == EOS_PROMPT_GREEDY[:3]

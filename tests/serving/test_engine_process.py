@@ -12,7 +12,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serving.settings import load_settings
 from tests.serving.server import MODEL_NAME, ServerProcess, sse_events
 from tests.serving.tiny_model import build_tiny_model
 
@@ -127,9 +126,3 @@ def test_a_model_that_fails_to_load_in_the_engine_process_exits_1_with_the_engin
     assert server.process.wait(120) == 1
     failures = [line for line in server.log_lines() if line.get("event") == "model_load_failed"]
     assert len(failures) == 1 and "model_type 'gpt2' is not supported" in failures[0]["message"]
-
-
-@pytest.mark.parametrize(("value", "expected"), [("off", False), ("On", True), ("0", False)])
-def test_engine_process_setting(model_dir, value, expected):
-    assert load_settings(["--model-path", str(model_dir)], {"ENGINE_PROCESS": value}).engine_process is expected
-    assert load_settings(["--model-path", str(model_dir)], {}).engine_process is True

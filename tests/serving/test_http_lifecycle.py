@@ -11,6 +11,8 @@ import time
 import httpx
 import pytest
 
+from serving.__main__ import engine_config
+from serving.engine.config import EngineConfig
 from serving.settings import SettingsError, load_settings
 from tests.serving.server import MODEL_NAME, REPO_ROOT, ServerProcess, sample, scrape
 from tests.serving.tiny_model import build_tiny_model
@@ -40,6 +42,8 @@ def test_bad_setting_exits_2_with_one_line(tiny_model_dir):
     ([], {"DRAIN_SECONDS": "soon"}, "DRAIN_SECONDS='soon': is not a number"),
     ([], {"DEVICE": "tpu"}, "DEVICE='tpu': must be one of auto, cuda, cpu"),
     ([], {"CUDA_GRAPHS": "maybe"}, "CUDA_GRAPHS='maybe': must be on or off (true/false, 1/0)"),
+    ([], {"ENGINE_PROCESS": "sometimes"}, "ENGINE_PROCESS='sometimes': must be on or off (true/false, 1/0)"),
+    ([], {"MAX_PREFILL_TOKENS": "0"}, "MAX_PREFILL_TOKENS='0': must be a positive integer"),
     (["--max-body-bytes", "-5"], {}, "--max-body-bytes='-5': must be a positive integer"),
     (["--no-such-flag"], {}, "unrecognized arguments: --no-such-flag"),
 ])
@@ -60,6 +64,13 @@ def test_settings_from_flags_env_and_key_sources(tiny_model_dir, tmp_path):
     assert settings.api_keys == {"alpha", "beta", "gamma"}
     assert (settings.max_queue, settings.dtype, settings.drain_seconds) == (3, "bfloat16", 0.0)
     assert settings.cuda_graphs is False
+    assert settings.engine_process is True and settings.max_prefill_tokens is None
+    tuned = load_settings(["--max-prefill-tokens", "8192"], {"MODEL_PATH": str(tiny_model_dir), "MAX_QUEUE": "3",
+                                                             "ENGINE_PROCESS": "off", "CUDA_GRAPHS": "off"})
+    config = engine_config(tuned)
+    assert (config.max_prefill_tokens_per_step, config.max_waiting, config.cuda_graphs) == (8192, 3, False)
+    assert tuned.engine_process is False
+    assert engine_config(settings).max_prefill_tokens_per_step == EngineConfig().max_prefill_tokens_per_step
     assert (settings.host, settings.max_body_bytes, settings.max_num_seqs) == ("0.0.0.0", 1024 * 1024, None)
     assert "alpha" not in repr(settings)
     empty = tmp_path / "empty"
