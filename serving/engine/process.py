@@ -64,6 +64,8 @@ class EngineClient:
         self._dead: str | None = None
         self._replies: dict[str, asyncio.Future] = {}
         self._stopping = False
+        self._closed = False
+        """The pipe is closed: the engine process has exited."""
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
@@ -142,7 +144,7 @@ class EngineClient:
         """Abort everything still running (streams end with `abort`), stop the engine process and wait for it."""
         with self._lock:
             self._stopping = True
-        if self._dead is None:
+        if not self._closed:  # even with its loop dead, the engine process can still stop cleanly
             try:
                 await asyncio.wait_for(self._request("stopped", ("shutdown",)), _SHUTDOWN_TIMEOUT_S)
             except (asyncio.TimeoutError, EngineDeadError):
@@ -161,8 +163,8 @@ class EngineClient:
     async def _request(self, reply: str, message: tuple) -> None:
         future = asyncio.get_running_loop().create_future()
         with self._lock:
-            if self._dead is not None:
-                raise EngineDeadError(self._dead)
+            if self._closed:
+                raise EngineDeadError(self._dead or "the engine process is gone")
             self._replies[reply] = future
         self._send(message)
         await future
@@ -208,6 +210,7 @@ class EngineClient:
         reason = (f"the engine process exited (code {self._process.exitcode})"
                   if not self._stopping else "the engine process stopped")
         with self._lock:
+            self._closed = True
             self._dead = self._dead or reason
             streams, self._streams = self._streams, {}
             replies, self._replies = self._replies, {}

@@ -1,0 +1,106 @@
+"""`EngineClient` against a scripted engine in a real engine process: the `Engine` contract across the pipe (streams,
+refusals at submit, abort, shutdown) and its failure modes (the engine loop dies; the process dies)."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from functools import partial
+
+import pytest
+
+from serving.engine.interface import EngineDeadError, GenerationRequest, QueueFullError, SamplingParams
+from serving.engine.process import EngineClient
+from tests.serving import scripted_engine
+from tests.serving.test_engine import collect
+
+
+def request(request_id: str, first_token: int, max_tokens: int) -> GenerationRequest:
+    return GenerationRequest(request_id, (first_token, 1, 2), SamplingParams(max_tokens=max_tokens))
+
+
+@pytest.fixture
+def client():
+    client = EngineClient.spawn_engine(partial(scripted_engine.build, max_running=2, max_waiting=2), max_waiting=2,
+                                       log_level="warning")
+    yield client
+    if client._process.is_alive():
+        client._process.kill()
+        client._process.join(10)
+
+
+def test_streams_cross_the_pipe_in_order_with_their_finish_reasons(client):
+    async def main():
+        await client.start()
+        results = await asyncio.gather(*(collect(client.generate(request(f"r{i}", 10 * i, 5 + i))) for i in range(4)))
+        stats = client.stats()
+        await client.shutdown()
+        return results, stats
+
+    results, stats = asyncio.run(main())
+    assert results == [(list(range(10 * i, 10 * i + 5 + i)), "length") for i in range(4)]
+    assert stats.generation_tokens_total == sum(5 + i for i in range(4)) and stats.loop_alive
+    assert client._process.exitcode == 0
+
+
+def test_refusals_happen_at_submit_in_the_http_process(client):
+    async def main():
+        await client.start()
+        with pytest.raises(ValueError, match="outside this model's vocabulary"):
+            client.generate(request("bad", 5000, 3))
+        streams = [client.generate(request(f"r{i}", i, 200)) for i in range(4)]  # 2 running + 2 waiting
+        with pytest.raises(ValueError, match="already running"):
+            client.generate(request("r0", 0, 3))
+        with pytest.raises(QueueFullError, match="2 requests are already waiting"):
+            client.generate(request("r5", 5, 3))
+        client.abort("r0")
+        tokens, reason = await collect(streams[0])
+        assert reason == "abort" and len(tokens) < 200
+        await client.shutdown()  # the rest end with abort
+        return [await collect(stream) for stream in streams[1:]]
+
+    assert [reason for _, reason in asyncio.run(main())] == ["abort"] * 3
+
+
+def test_a_dead_engine_loop_fails_its_streams_liveness_and_new_requests(client):
+    async def main():
+        await client.start()
+        healthy = client.generate(request("healthy", 1, 4000))
+        await healthy.__anext__()
+        poison = client.generate(request("poison", scripted_engine.KILL_TOKEN, 5))  # kept: a dropped stream aborts
+        with pytest.raises(EngineDeadError, match="CUDA error"):
+            await collect(healthy)
+        with pytest.raises(EngineDeadError, match="CUDA error"):
+            await collect(poison)
+        assert not client.stats().loop_alive
+        with pytest.raises(EngineDeadError, match="engine loop died"):
+            client.generate(request("later", 1, 3))
+        await client.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_killed_engine_process_fails_its_streams_and_shutdown_still_returns(client):
+    async def main():
+        await client.start()
+        stream = client.generate(request("r", 1, 4000))
+        await stream.__anext__()
+        os.kill(client._process.pid, signal.SIGKILL)
+        with pytest.raises(EngineDeadError, match=r"engine process exited \(code -9\)"):
+            await collect(stream)
+        assert not client.stats().loop_alive
+        with pytest.raises(EngineDeadError):
+            client.generate(request("later", 1, 3))
+        await asyncio.wait_for(client.shutdown(), 30)
+
+    asyncio.run(main())
+
+
+def test_an_engine_that_fails_to_build_is_a_load_error_with_its_message():
+    from serving.engine.config import EngineConfig
+    from serving.engine.interface import ModelLoadError
+    from serving.engine.process import load_engine
+
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        EngineClient.spawn_engine(partial(load_engine, "/nonexistent/model", EngineConfig(device="cpu")),
+                                  max_waiting=1, log_level="warning")
