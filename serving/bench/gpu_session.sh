@@ -28,11 +28,11 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run with a time limit, log to $OUT/N
 if [ "$SMOKE" = 1 ]; then
   shape=tiny; device=cpu; dtype=float32; batches=1,4; levels=1,4; slots=8; level_s=5; kv=256; prompts=4
   load_extra=(--requests-per-level 4 --rounds 1 --in-min 16 --in-max 48 --out-min 8 --out-max 16)
-  http_levels=4; http_requests=8; thread_levels=4
+  http_levels=4; http_requests=8; variant_levels=4
 else
   shape=llama-3.2-1b; device=cuda; dtype=bfloat16; batches=1,16,64,256; levels=1,16,64,256; slots=256; level_s=20
   kv=1024; prompts=8; load_extra=(); http_levels=64,256; http_requests=512
-  thread_levels=256
+  variant_levels=256
   # The serving packages the machine lacks, on their own path: its torch and numpy stay as they are.
   stage deps 90 "$PY" -m pip install --no-index --no-deps --quiet --target .gpu-session/deps .gpu-session/wheels/*.whl
   export PYTHONPATH="$PWD/.gpu-session/deps:$PWD"
@@ -48,10 +48,16 @@ stage gputests 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/serving/t
 stage steps 120 "$PY" -m serving.bench.engine_steps --shape "$shape" --device "$device" --dtype "$dtype" \
   --batches "$batches" --kv-len "$kv" --prompts "$prompts" --json-out "$OUT/steps.json"
 # 3. End to end through HTTP streaming, the workload (prompts 256-768, outputs 64-256, ignore_eos).
-stage load 200 "$PY" -m serving.bench.loadtest --model-path "/tmp/bench-$shape" --random-model "$shape" \
-  --device "$device" --dtype "$dtype" --max-num-seqs "$slots" --max-model-len 1024 --max-queue 1024 \
-  --concurrency "$levels" --max-level-seconds "$level_s" --warmup "${load_extra[@]}" --json-out "$OUT/load.json"
+load_stage() {  # load_stage NAME LIMIT_S LEVELS [SERVER FLAGS...]: the same server and workload, flags changed
+  local name=$1 limit=$2 at=$3
+  shift 3
+  stage "$name" "$limit" "$PY" -m serving.bench.loadtest --model-path "/tmp/bench-$shape" --random-model "$shape" \
+    --device "$device" --dtype "$dtype" --max-num-seqs "$slots" --max-model-len 1024 --max-queue 1024 "$@" \
+    --concurrency "$at" --max-level-seconds "$level_s" --warmup "${load_extra[@]}" --json-out "$OUT/$name.json"
+}
+load_stage load 200 "$levels"
 # If the server with its engine process failed, stage 6 measures every level with the engine on a thread instead.
+thread_levels=$variant_levels
 [ "$last_rc" = 0 ] || thread_levels=$levels
 # 4. The baselines, in the same call, with the machine's own transformers (the script was written for it).
 if [ "$SMOKE" != 1 ]; then
@@ -66,14 +72,13 @@ for mode in on off; do
     --requests-per-level "$http_requests" --device-ms 4.5 --python-ms 1.5 --engine-process "$mode" \
     --max-level-seconds 10 --json-out "$OUT/http-$mode.json"
 done
-# 6. End to end with the engine on a thread of the server's process instead, for the one level where it matters.
-stage load-thread 100 "$PY" -m serving.bench.loadtest --model-path "/tmp/bench-$shape" --random-model "$shape" \
-  --device "$device" --dtype "$dtype" --max-num-seqs "$slots" --max-model-len 1024 --max-queue 1024 \
-  --engine-process off --concurrency "$thread_levels" --max-level-seconds "$level_s" --warmup "${load_extra[@]}" \
-  --json-out "$OUT/load-thread.json"
+# 6. The 256 level again with one server setting changed: the engine on a thread of the server's process, and four
+#    times the prefill budget per step (fewer eager prefill passes per second at 156 prompts/s).
+load_stage load-thread 100 "$thread_levels" --engine-process off
+load_stage load-prefill8k 100 "$variant_levels" --max-prefill-tokens 8192
 
 echo; cat "$OUT/env.txt"; echo
-for name in gputests steps load baselines http-on http-off load-thread; do
+for name in gputests steps load baselines http-on http-off load-thread load-prefill8k; do
   [ -f "$OUT/$name.log" ] || continue
   echo "== $name (tail)"; tail -n 12 "$OUT/$name.log"; echo
 done

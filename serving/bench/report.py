@@ -80,9 +80,10 @@ def report(out: Path) -> str:
         parts.append("End to end (HTTP streaming, `serving.bench.loadtest`):\n\n" + end_to_end(load, steps))
     if steps:
         parts.append("Engine steps (`serving.bench.engine_steps`):\n\n" + engine_steps(steps))
-    if thread := _load(out / "load-thread.json"):
-        parts.append("End to end with the engine on a thread of the server's process (`--engine-process off`):\n\n"
-                     + end_to_end(thread, steps))
+    for name, what in (("load-thread", "the engine on a thread of the server's process (`--engine-process off`)"),
+                       ("load-prefill8k", "a prefill budget of 8192 tokens per step (`--max-prefill-tokens 8192`)")):
+        if variant := _load(out / f"{name}.json"):
+            parts.append(f"End to end with {what}:\n\n" + end_to_end(variant, steps))
     for mode, where in (("on", "in its own process"), ("off", "on a thread of the server's process")):
         if http := _load(out / f"http-{mode}.json"):
             parts.append(f"The HTTP layer on this machine's CPU, synthetic engine {where} "
