@@ -7,11 +7,12 @@ HTTP process keeps its GIL and its core to itself. Nothing else changes: the app
 
 The protocol is one duplex pipe of pickled tuples. HTTP process -> engine: ("start",), ("add", request),
 ("abort", request_id), ("shutdown",). Engine -> HTTP process: ("loaded", model_info, tokenizer, stats) or
-("load_failed", kind, message), ("started", stats), ("out", [(request_id, token_ids, finish_reason) or
-(request_id, None, EngineError), ...], stats) once per engine step, ("rejected", request_id, error), ("stopped",). The child ignores SIGINT (a Ctrl-C in a
-terminal reaches the whole process group, and the HTTP process owns shutdown: it drains, then stops the engine);
-it exits when told to or when the pipe closes. If the child dies, every open stream fails with EngineDeadError,
-liveness fails, and the kubelet restarts the container.
+("load_failed", kind, message); ("started", stats) or ("start_failed", message); once per engine step
+("out", [(request_id, token_ids, finish_reason) or (request_id, None, EngineError), ...], stats);
+("rejected", request_id, error); ("stopped", stats). The child ignores SIGINT (a Ctrl-C in a terminal reaches the
+whole process group, and the HTTP process owns shutdown: it drains, then stops the engine); it exits when told to
+or when the pipe closes. If the child dies, every open stream fails with EngineDeadError, liveness fails, and the
+kubelet restarts the container.
 """
 from __future__ import annotations
 
@@ -195,6 +196,11 @@ class EngineClient:
                             for request_id, token_ids, error in message[1]])
         elif kind == "rejected":
             self._dispatch([(message[1], message[2])])
+        elif kind == "start_failed":
+            with self._lock:
+                future = self._replies.pop("started", None)
+            if future is not None and not future.done():
+                future.set_exception(RuntimeError(f"the engine's warm-up failed: {message[1]}"))
         else:  # "started" / "stopped", with a stats snapshot
             self._stats = message[1]
             with self._lock:
@@ -323,7 +329,12 @@ def engine_main(conn, build: Callable[[], object], log_level: str) -> None:
             engine.abort(message[1])
         elif kind == "start":
             started = time.perf_counter()
-            asyncio.run(engine.start())
+            try:
+                asyncio.run(engine.start())
+            except Exception as exc:  # noqa: BLE001 - reported to the HTTP process, which logs it and exits 1
+                logger.exception("the engine's warm-up failed")
+                _send(conn, lock, ("start_failed", f"{type(exc).__name__}: {exc}"))
+                continue
             logger.info("engine warmed up in %.1f s", time.perf_counter() - started)
             _send(conn, lock, ("started", engine.stats()))
         elif kind == "shutdown":

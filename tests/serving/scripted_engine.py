@@ -1,6 +1,7 @@
 """An engine for `EngineClient` tests, built in the engine process by `build` (importable there, no torch): each
 request streams `max_tokens` tokens (its prompt's first token, counting up), one per 2 ms step, and a request whose
-prompt starts with token 999 kills the engine loop, as a CUDA error on the loop thread would."""
+prompt starts with token 999 kills the engine loop, as a CUDA error on the loop thread would; `fail_start` makes the
+warm-up fail."""
 from __future__ import annotations
 
 import threading
@@ -12,7 +13,8 @@ KILL_TOKEN = 999
 
 
 class ScriptedEngine:
-    def __init__(self, max_running: int, max_waiting: int) -> None:
+    def __init__(self, max_running: int, max_waiting: int, fail_start: bool = False) -> None:
+        self._fail_start = fail_start
         self.model_info = ModelInfo(max_model_len=4096, vocab_size=1000)
         self.tokenizer = None
         self._max_running = max_running
@@ -23,6 +25,8 @@ class ScriptedEngine:
         self._generated = 0
 
     async def start(self) -> None:
+        if self._fail_start:
+            raise RuntimeError("CUDA out of memory during warm-up")
         threading.Thread(target=self._run, daemon=True).start()
 
     def submit(self, request, sink, handle) -> None:
@@ -77,5 +81,5 @@ class ScriptedEngine:
             sink.deliver([(handle, EngineDeadError("the engine loop died: CUDA error"))])
 
 
-def build(max_running: int = 2, max_waiting: int = 2) -> ScriptedEngine:
-    return ScriptedEngine(max_running, max_waiting)
+def build(max_running: int = 2, max_waiting: int = 2, fail_start: bool = False) -> ScriptedEngine:
+    return ScriptedEngine(max_running, max_waiting, fail_start)

@@ -104,3 +104,16 @@ def test_an_engine_that_fails_to_build_is_a_load_error_with_its_message():
     with pytest.raises(ModelLoadError, match="does not exist"):
         EngineClient.spawn_engine(partial(load_engine, "/nonexistent/model", EngineConfig(device="cpu")),
                                   max_waiting=1, log_level="warning")
+
+
+def test_a_failed_warm_up_fails_start_with_the_engines_reason_and_the_process_still_stops():
+    client = EngineClient.spawn_engine(partial(scripted_engine.build, fail_start=True), max_waiting=2,
+                                       log_level="warning")
+
+    async def main():
+        with pytest.raises(RuntimeError, match="warm-up failed: RuntimeError: CUDA out of memory during warm-up"):
+            await client.start()
+        await asyncio.wait_for(client.shutdown(), 30)
+
+    asyncio.run(main())
+    assert client._process.exitcode == 0
