@@ -31,7 +31,7 @@ if [ "$SMOKE" = 1 ]; then
   http_levels=4; http_requests=8; variant_levels=4
 else
   shape=llama-3.2-1b; device=cuda; dtype=bfloat16; batches=1,16,64,256; levels=1,16,64,256; slots=256; level_s=20
-  kv=1024; prompts=8; load_extra=(); http_levels=64,256; http_requests=512
+  kv=1024; prompts=8; load_extra=(); http_levels=256; http_requests=512
   variant_levels=256
   # The serving packages the machine lacks, on their own path: its torch and numpy stay as they are.
   stage deps 90 "$PY" -m pip install --no-index --no-deps --quiet --target .gpu-session/deps .gpu-session/wheels/*.whl
