@@ -61,9 +61,11 @@ def fill_labels(model: ModelConfig) -> dict[str, str]:
 
 
 def fill_job_spec(model: ModelConfig, *, service_account: str) -> dict[str, Any]:
-    """Runs once per revision; a failed pod is retried and resumes the partial download left on the volume."""
+    """Runs once per revision; a failed pod is retried and resumes the partial download left on the volume. The retry
+    starts only once the failed pod is gone (`podReplacementPolicy: Failed`): two fill pods never write at once."""
     return {
         "backoffLimit": model.fill.backoff_limit,
+        "podReplacementPolicy": "Failed",
         "activeDeadlineSeconds": model.fill.deadline_seconds,
         "template": {
             "metadata": {"labels": fill_labels(model), "annotations": source_annotations(model)},

@@ -118,6 +118,7 @@ def test_prod_fill_job_downloads_the_pinned_revision_into_its_own_directory(rend
     assert job["metadata"]["annotations"]["pulumi.com/replaceUnready"] == "true"
     spec = job["spec"]
     assert spec["backoffLimit"] == 6 and spec["activeDeadlineSeconds"] == 14400
+    assert spec["podReplacementPolicy"] == "Failed"  # a retry waits for the terminating pod: one writer at a time
     template = spec["template"]
     assert template["spec"]["restartPolicy"] == "Never"
     (container,) = template["spec"]["containers"]
