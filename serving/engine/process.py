@@ -9,14 +9,15 @@ The protocol is one duplex pipe of pickled tuples. HTTP process -> engine: ("sta
 ("abort", request_id), ("shutdown",). Engine -> HTTP process: ("loaded", model_info, tokenizer, stats) or
 ("load_failed", kind, message); ("started", stats) or ("start_failed", message); once per engine step
 ("out", [(request_id, token_ids, finish_reason) or (request_id, None, EngineError), ...], stats);
-("rejected", request_id, error); ("stopped", stats). The child ignores SIGINT (a Ctrl-C in a terminal reaches the
-whole process group, and the HTTP process owns shutdown: it drains, then stops the engine); it exits when told to
-or when the pipe closes. If the child dies, every open stream fails with EngineDeadError, liveness fails, and the
+("rejected", request_id, error); ("stopped", stats). The child ignores SIGINT and SIGTERM (a signal for the whole
+process group must not stop the engine while the HTTP process drains: that process owns shutdown); it exits when
+told to or when the pipe closes. If the child dies, every open stream fails with EngineDeadError, liveness fails, and the
 kubelet restarts the container.
 """
 from __future__ import annotations
 
 import asyncio
+import atexit
 import dataclasses
 import logging
 import multiprocessing
@@ -85,6 +86,9 @@ class EngineClient:
                                   name="llm-engine", daemon=True)
         process.start()
         child_conn.close()
+        # multiprocessing joins its children at exit after a SIGTERM the engine ignores: reap it first (atexit runs
+        # the last registered first) should this process exit without shutting the engine down.
+        atexit.register(_reap, process, parent_conn)
         logger.info("engine process %d started", process.pid, extra={"event": "engine_process_started",
                                                                     "pid": process.pid})
         try:
@@ -248,6 +252,17 @@ class EngineClient:
             LoopSink(loop).deliver(batch)
 
 
+def _reap(process: multiprocessing.process.BaseProcess, conn) -> None:
+    """At exit: close the pipe (the engine process stops on its own when it sees that), kill it if it lingers."""
+    if not process.is_alive():
+        return
+    conn.close()
+    process.join(_JOIN_TIMEOUT_S)
+    if process.is_alive():
+        process.kill()
+        process.join(_JOIN_TIMEOUT_S)
+
+
 # ---- the engine process ----------------------------------------------------------------------------------------
 
 
@@ -292,10 +307,11 @@ def load_engine(model_path: str, config: EngineConfig) -> object:
 
 def engine_main(conn, build: Callable[[], object], log_level: str) -> None:
     """The engine process: build the engine, then serve the HTTP process's commands until told to stop."""
-    # Ctrl-C in a terminal reaches the whole process group; the HTTP process drains and then stops the engine.
-    # SIGTERM keeps its default: multiprocessing terminates a daemonic child that way if the HTTP process exits
-    # without stopping it, and the kubelet signals only the container's first process.
+    # A signal for the whole process group (Ctrl-C in a terminal; `timeout`, an init or a supervisor that signals the
+    # group) must not stop the engine under requests the HTTP process is still draining: it stops the engine when
+    # its drain is over, and if it dies first the pipe closes and the engine stops on its own.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from serving.logs import configure_logging
 
     configure_logging(log_level)

@@ -5,13 +5,18 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
+import time
 from functools import partial
+from pathlib import Path
 
 import pytest
 
 from serving.engine.interface import EngineDeadError, GenerationRequest, QueueFullError, SamplingParams
 from serving.engine.process import EngineClient
 from tests.serving import scripted_engine
+from tests.serving.server import REPO_ROOT
 from tests.serving.test_engine import collect
 
 
@@ -117,3 +122,24 @@ def test_a_failed_warm_up_fails_start_with_the_engines_reason_and_the_process_st
 
     asyncio.run(main())
     assert client._process.exitcode == 0
+
+
+def test_a_process_that_exits_without_shutting_its_engine_down_reaps_the_engine_process(tmp_path):
+    # The engine ignores SIGTERM (group signals must not stop it mid-drain), and multiprocessing joins its children
+    # at exit after sending one: without the reaper this exit would hang for ever.
+    script = tmp_path / "leave.py"
+    script.write_text(
+        "from functools import partial\n"
+        "from serving.engine.process import EngineClient\n"
+        "from tests.serving import scripted_engine\n"
+        "if __name__ == '__main__':\n"
+        "    client = EngineClient.spawn_engine(partial(scripted_engine.build), max_waiting=1, log_level='warning')\n"
+        "    print(client._process.pid, flush=True)\n")
+    result = subprocess.run([sys.executable, str(script)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert result.returncode == 0, result.stderr
+    pid = int(result.stdout.split()[0])
+    deadline = time.monotonic() + 15
+    while Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]:
+        assert time.monotonic() < deadline, "the engine process outlived its parent"
+        time.sleep(0.1)

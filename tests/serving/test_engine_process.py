@@ -94,9 +94,10 @@ def test_engine_process_killed_mid_stream_fails_the_stream_and_liveness_then_the
     assert logged and logged[0]["level"] == "error"
 
 
-def test_engine_process_ignores_sigint_the_server_owns_shutdown(server):
+def test_engine_process_ignores_group_signals_the_server_owns_shutdown(server):
     pid = engine_pid(server)
     os.kill(pid, signal.SIGINT)  # what Ctrl-C in a terminal sends the whole process group
+    os.kill(pid, signal.SIGTERM)  # what `timeout` or a supervisor may send the whole group
     time.sleep(0.5)
     response = completion(server)
     assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 4
@@ -126,3 +127,20 @@ def test_a_model_that_fails_to_load_in_the_engine_process_exits_1_with_the_engin
     assert server.process.wait(120) == 1
     failures = [line for line in server.log_lines() if line.get("event") == "model_load_failed"]
     assert len(failures) == 1 and "model_type 'gpt2' is not supported" in failures[0]["message"]
+
+
+def test_a_second_signal_exits_at_once_mid_generation_and_takes_the_engine_process_with_it(server):
+    pid = engine_pid(server)
+    body = {"model": MODEL_NAME, "prompt": "Hello world", "max_tokens": 2000, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as response:
+        next(response.iter_lines())
+        # The second signal exits at once, in the middle of a generation, without waiting for the drain.
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(30) is not None
+    deadline = time.monotonic() + 15
+    while Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]:
+        assert time.monotonic() < deadline, "the engine process outlived the server"
+        time.sleep(0.1)
