@@ -774,3 +774,27 @@ def test_a_sink_that_refuses_delivery_gets_its_requests_aborted_and_slots_freed(
     engine.submit(request("next", EOS_PROMPT, greedy(3)), sink, "next")
     assert sink.done.wait(10)
     assert [t for _, item in sink.items for t in item.token_ids] == EOS_PROMPT_GREEDY[:3]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_engine_process_on_the_gpu_gives_the_in_process_engines_tokens(tiny_model_dir):
+    """The server's default: CUDA, graphs and all, in a spawned engine process, the same greedy tokens as in-process."""
+    from serving.engine.process import EngineClient
+
+    config = EngineConfig(device="cuda", dtype="float32", max_num_seqs=4)
+    cases = [(random_prompt(length, seed=80 + length), 20) for length in (3, 17, 40)]
+
+    async def run(engine):
+        await engine.start()
+        try:
+            streams = [engine.generate(request(f"r{i}", prompt, greedy(max_tokens, ignore_eos=True)))
+                       for i, (prompt, max_tokens) in enumerate(cases)]
+            return [tokens for tokens, _ in await asyncio.gather(*(collect(stream) for stream in streams))]
+        finally:
+            await engine.shutdown()
+
+    in_process = asyncio.run(run(LLMEngine.from_model_dir(tiny_model_dir, config)))
+    client = EngineClient.spawn(tiny_model_dir, config, log_level="warning")
+    assert client.stats().device.startswith("cuda")
+    assert asyncio.run(run(client)) == in_process
