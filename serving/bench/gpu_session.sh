@@ -69,7 +69,7 @@ fi
 #    thread, so the load stage's 256 level can be read against what HTTP alone allows here.
 for mode in on off; do
   stage "http-$mode" 45 "$PY" -m serving.bench.http_layer --concurrency "$http_levels" \
-    --requests-per-level "$http_requests" --device-ms 4.5 --python-ms 1.5 --engine-process "$mode" \
+    --requests-per-level "$http_requests" --device-ms 4.5 --python-ms 0.6 --engine-process "$mode" \
     --max-level-seconds 10 --json-out "$OUT/http-$mode.json"
 done
 # 6. The 256 level again with one server setting changed: the engine on a thread of the server's process, and four

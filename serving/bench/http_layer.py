@@ -12,7 +12,7 @@ token takes (with the engine on a thread, that includes the engine's Python).
 The load is `serving.bench.loadtest`'s closed loop in this process; the server runs in a subprocess and its CPU
 time comes from /proc (Linux). Prompts are not prefilled (the first token comes one step after admission).
 
-    python -m serving.bench.http_layer --concurrency 64,256 --device-ms 4.5 --python-ms 1.5
+    python -m serving.bench.http_layer --concurrency 64,256 --device-ms 4.5 --python-ms 0.6
 """
 from __future__ import annotations
 
@@ -199,7 +199,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-path", type=Path, default=Path(tempfile.gettempdir()) / "bench-http-tokenizer",
                         help="a model directory whose tokenizer the server uses (built here if it has none)")
     parser.add_argument("--device-ms", type=float, default=4.5, help="per step, waiting without the GIL")
-    parser.add_argument("--python-ms", type=float, default=1.5, help="per step, holding the GIL")
+    parser.add_argument("--python-ms", type=float, default=0.6,
+                        help="per step, holding the GIL (default: the engine thread's measured Python at batch 256)")
     parser.add_argument("--max-running", type=int, default=256, help="requests that step together (slots)")
     parser.add_argument("--engine-process", choices=["on", "off"], default="on",
                         help="the engine in its own process, as the server runs it by default, or on a thread")
