@@ -12,17 +12,28 @@ cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/gpu-session-out}
 SMOKE=${SMOKE:-0}
 PY=${PYTHON:-python3}
+# Every stage ends by this many seconds after the start (the device call's own limit is 600 s), so the summary
+# and the logs' tails are always printed; a stage that would start with under 20 s left is skipped.
+BUDGET_S=${BUDGET_S:-560}
+session_started=$(date +%s)
 mkdir -p "$OUT"
 : > "$OUT/summary.txt"
 
 stage() {  # stage NAME LIMIT_S COMMAND...: run with a time limit, log to $OUT/NAME.log, record rc and seconds
-  local name=$1 limit=$2 started
+  local name=$1 limit=$2 started left
   shift 2
   started=$(date +%s)
+  left=$(( BUDGET_S - (started - session_started) - 10 ))
+  if [ "$left" -lt 20 ]; then
+    last_rc=124
+    printf '%-14s skipped: the session budget of %ss is spent\n' "$name" "$BUDGET_S" | tee -a "$OUT/summary.txt"
+    return
+  fi
+  [ "$limit" -le "$left" ] || limit=$left
   timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
   last_rc=$rc
-  printf '%-10s rc=%-3s %4ss (limit %ss)\n' "$name" "$rc" "$(( $(date +%s) - started ))" "$limit" | tee -a "$OUT/summary.txt"
+  printf '%-14s rc=%-3s %4ss (limit %ss)\n' "$name" "$rc" "$(( $(date +%s) - started ))" "$limit" | tee -a "$OUT/summary.txt"
 }
 
 if [ "$SMOKE" = 1 ]; then

@@ -55,6 +55,7 @@ class SyntheticEngine:
         self._generated = 0
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._loop_sinks: dict[asyncio.AbstractEventLoop, LoopSink] = {}
 
     async def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="synthetic-engine", daemon=True)
@@ -62,7 +63,9 @@ class SyntheticEngine:
 
     def generate(self, request: GenerationRequest) -> TokenStream:
         queue: asyncio.Queue = asyncio.Queue()
-        self.submit(request, LoopSink(asyncio.get_running_loop()), queue)
+        loop = asyncio.get_running_loop()
+        sink = self._loop_sinks.get(loop) or self._loop_sinks.setdefault(loop, LoopSink(loop))
+        self.submit(request, sink, queue)  # one sink per loop: one delivery per loop per step, as the engine does
         return TokenStream(queue, lambda: self.abort(request.request_id))
 
     def submit(self, request: GenerationRequest, sink: OutputSink, handle: object) -> None:
@@ -74,8 +77,11 @@ class SyntheticEngine:
 
     def abort(self, request_id: str) -> None:
         with self._lock:
-            self._running.pop(request_id, None)
+            seqs = [seq for seq in [self._running.pop(request_id, None), *self._waiting]
+                    if seq is not None and seq.request.request_id == request_id]
             self._waiting = [seq for seq in self._waiting if seq.request.request_id != request_id]
+        for seq in seqs:  # the final output every request gets
+            seq.sink.deliver([(seq.handle, TokenOutput((), "abort"))])
 
     def stats(self) -> EngineStats:
         with self._lock:
@@ -87,6 +93,10 @@ class SyntheticEngine:
         with self._lock:
             self._stopping = True
             self._lock.notify()
+            live = [*self._running.values(), *self._waiting]
+            self._running, self._waiting = {}, []
+        for seq in live:
+            seq.sink.deliver([(seq.handle, TokenOutput((), "abort"))])
 
     def _run(self) -> None:
         low, high = self._token_range

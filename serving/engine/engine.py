@@ -263,10 +263,11 @@ class LLMEngine:
                     if self._stopping:
                         break
                     aborted, self._abort_requests = self._abort_requests, []
-                    for seq in aborted:
-                        self._finish(seq, "abort")
+                    aborted = [seq for seq in aborted if self._end(seq, "abort")]
                     while self._waiting and self._free_slots:
                         self._admit(self._waiting.popleft())
+                # Outside the lock: a sink may block (a full pipe) and must not hold up submit() or abort().
+                self._emit(aborted)
                 if self._running:
                     self._step()
             self._finish_all_live(None)
@@ -304,8 +305,12 @@ class LLMEngine:
                 self._prefilling.remove(seq)
             if prefilled:
                 self._sample_and_append(prefilled, logits)
-                self._decoding += [seq for seq in prefilled if not seq.finished]
-                touched += prefilled
+                # Those already done (one token, or a stop token first) get their last output now: it must not
+                # wait on a decode below that could fail, since a finished sequence is no longer live.
+                self._emit([seq for seq in prefilled if seq.finished])
+                started = [seq for seq in prefilled if not seq.finished]
+                self._decoding += started
+                touched += started
         decoding = [seq for seq in self._decoding if not seq.finished]
         if decoding:
             logits = self.runner.decode(
@@ -364,14 +369,15 @@ class LLMEngine:
                     if seq.sink is sink and not seq.finished:
                         self._abort_sequence(seq)
 
-    def _finish(self, seq: _Sequence, reason: FinishReason) -> None:
-        """End a sequence now (abort path): free its slot or queue place and send its last output."""
+    def _end(self, seq: _Sequence, reason: FinishReason) -> bool:
+        """End a sequence now (abort path): free its slot or queue place; False if it had already ended. Its last
+        output is for the caller to emit."""
         if seq.finished:
-            return
+            return False
         if seq.slot < 0:
             self._waiting.remove(seq)
         self._release_slot(seq, reason)
-        self._emit([seq])
+        return True
 
     def _release_slot(self, seq: _Sequence, reason: FinishReason) -> None:
         seq.finished = True

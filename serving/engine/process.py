@@ -22,6 +22,7 @@ import dataclasses
 import logging
 import multiprocessing
 import os
+import queue
 import signal
 import sys
 import threading
@@ -46,6 +47,7 @@ from serving.engine.stream import LoopSink, TokenStream
 logger = logging.getLogger("serving.engine")
 
 _SHUTDOWN_TIMEOUT_S = 30.0
+_UNLIMITED = 1 << 30
 _JOIN_TIMEOUT_S = 10.0
 
 
@@ -53,12 +55,18 @@ class EngineClient:
     """`Engine` for the HTTP process; the real engine runs in the child process this starts."""
 
     def __init__(self, process: multiprocessing.process.BaseProcess, conn, model_info: ModelInfo, tokenizer: object,
-                 stats: EngineStats, max_waiting: int) -> None:
+                 stats: EngineStats, max_waiting: int, reaper: Callable[[], None]) -> None:
         self.model_info = model_info
         self.tokenizer = tokenizer
         self._process = process
         self._conn = conn
-        self._send_lock = threading.Lock()
+        self._reaper = reaper
+        # Commands go out through a writer thread: a full pipe must never block the event loop (the engine process
+        # may itself be waiting for this loop to read its outputs), and abort() may be called by a garbage-collector
+        # pass on any thread, holding nothing (SimpleQueue.put is safe there).
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write, name="engine-client-writer", daemon=True)
+        self._writer.start()
         self._lock = threading.Lock()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stats = stats
@@ -74,7 +82,10 @@ class EngineClient:
     def spawn(cls, model_path: str | Path, config: EngineConfig, log_level: str = "info") -> "EngineClient":
         """Start the engine process and wait until its model is loaded (slow; call it in a thread). Raises
         ModelLoadError with the engine's own message when the model cannot be loaded."""
-        return cls.spawn_engine(partial(load_engine, str(model_path), config), config.max_waiting, log_level)
+        # This process enforces max_waiting (it counts every request not yet finished); the engine's own count of
+        # waiting requests can run ahead of its admissions in a burst, so it gets no limit of its own.
+        unlimited = dataclasses.replace(config, max_waiting=_UNLIMITED)
+        return cls.spawn_engine(partial(load_engine, str(model_path), unlimited), config.max_waiting, log_level)
 
     @classmethod
     def spawn_engine(cls, build: Callable[[], object], max_waiting: int, log_level: str = "info") -> "EngineClient":
@@ -87,24 +98,28 @@ class EngineClient:
         process.start()
         child_conn.close()
         # multiprocessing joins its children at exit after a SIGTERM the engine ignores: reap it first (atexit runs
-        # the last registered first) should this process exit without shutting the engine down.
-        atexit.register(_reap, process, parent_conn)
+        # the last registered first) should this process exit without shutting the engine down, even mid-load.
+        reaper = partial(_reap, process, parent_conn)
+        atexit.register(reaper)
         logger.info("engine process %d started", process.pid, extra={"event": "engine_process_started",
                                                                     "pid": process.pid})
         try:
             message = parent_conn.recv()
         except (EOFError, OSError):
+            message = None
+        if message is None or message[0] == "load_failed":
             process.join(_JOIN_TIMEOUT_S)
-            raise ModelLoadError(f"the engine process exited (code {process.exitcode}) while loading the model; "
-                                 "its log lines above say why") from None
-        if message[0] == "load_failed":
+            parent_conn.close()
+            atexit.unregister(reaper)
+            if message is None:
+                raise ModelLoadError(f"the engine process exited (code {process.exitcode}) while loading the model; "
+                                     "its log lines above say why")
             _, kind, text = message
-            process.join(_JOIN_TIMEOUT_S)
             if kind == "ModelLoadError":
                 raise ModelLoadError(text)
             raise RuntimeError(f"the engine process failed to load the model: {text}")
         _, model_info, tokenizer, stats = message
-        return cls(process, parent_conn, model_info, tokenizer, stats, max_waiting)
+        return cls(process, parent_conn, model_info, tokenizer, stats, max_waiting, reaper)
 
     # ---- Engine ------------------------------------------------------------------------------------------------
 
@@ -134,10 +149,9 @@ class EngineClient:
         return TokenStream(queue, lambda: self.abort(request_id))
 
     def abort(self, request_id: str) -> None:
-        with self._lock:
-            if request_id not in self._streams:
-                return
-        self._send(("abort", request_id))
+        # No lock: this may run in a garbage-collector pass inside a block that holds one (see __init__).
+        if request_id in self._streams:
+            self._send(("abort", request_id))
 
     def stats(self) -> EngineStats:
         stats = self._stats
@@ -149,7 +163,9 @@ class EngineClient:
         """Abort everything still running (streams end with `abort`), stop the engine process and wait for it."""
         with self._lock:
             self._stopping = True
-        if not self._closed:  # even with its loop dead, the engine process can still stop cleanly
+        if self._loop is None:  # never started: nothing reads replies, and no stream is open
+            self._send(("shutdown",))
+        elif not self._closed:  # even with its loop dead, the engine process can still stop cleanly
             try:
                 await asyncio.wait_for(self._request("stopped", ("shutdown",)), _SHUTDOWN_TIMEOUT_S)
             except (asyncio.TimeoutError, EngineDeadError):
@@ -159,9 +175,12 @@ class EngineClient:
             logger.warning("the engine process did not exit; killing it")
             self._process.kill()
             await asyncio.to_thread(self._process.join, _JOIN_TIMEOUT_S)
+        self._outbox.put(None)
+        await asyncio.to_thread(self._writer.join, _JOIN_TIMEOUT_S)
         if self._loop is not None and not self._conn.closed:
             self._loop.remove_reader(self._conn.fileno())
         self._conn.close()
+        atexit.unregister(self._reaper)
 
     # ---- pipe ----------------------------------------------------------------------------------------------------
 
@@ -175,11 +194,16 @@ class EngineClient:
         await future
 
     def _send(self, message: tuple) -> None:
-        try:
-            with self._send_lock:
+        self._outbox.put(message)
+
+    def _write(self) -> None:
+        """Writer thread: send each queued command; stops at None or when the pipe is closed (the reader then
+        reports the engine process as gone)."""
+        while (message := self._outbox.get()) is not None:
+            try:
                 self._conn.send(message)
-        except (OSError, ValueError):  # the pipe is closed: the reader reports the engine process as gone
-            pass
+            except (OSError, ValueError):
+                return
 
     def _on_readable(self) -> None:
         """On the event loop: take every message waiting in the pipe."""
@@ -216,9 +240,13 @@ class EngineClient:
 
     def _on_closed(self) -> None:
         """The pipe closed: the engine process exited. Fail whatever is still open."""
-        self._process.join(1.0)
-        reason = (f"the engine process exited (code {self._process.exitcode})"
-                  if not self._stopping else "the engine process stopped")
+        self._process.join(0.1)  # on the event loop: only long enough to read an exit code that is due
+        if self._stopping:
+            reason = "the engine process stopped"
+        elif self._process.exitcode is None:
+            reason = "the engine process closed its pipe"
+        else:
+            reason = f"the engine process exited (code {self._process.exitcode})"
         with self._lock:
             self._closed = True
             self._dead = self._dead or reason

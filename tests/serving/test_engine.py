@@ -798,3 +798,25 @@ def test_engine_process_on_the_gpu_gives_the_in_process_engines_tokens(tiny_mode
     client = EngineClient.spawn(tiny_model_dir, config, log_level="warning")
     assert client.stats().device.startswith("cuda")
     assert asyncio.run(run(client)) == in_process
+
+
+def test_a_request_that_ends_in_prefill_gets_its_output_even_if_that_steps_decode_kills_the_loop(make_engine):
+    engine = make_engine(max_num_seqs=4)
+
+    async def main():
+        await engine.start()
+        long = engine.generate(request("long", random_prompt(3, seed=70), greedy(200, ignore_eos=True)))
+        await long.__anext__()  # decoding
+
+        def crash(*args, **kwargs):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        engine.runner.decode = crash
+        # One token: done in the prefill half of the step whose decode half then fails.
+        short = engine.generate(request("short", random_prompt(3, seed=71), greedy(1, ignore_eos=True)))
+        tokens, reason = await asyncio.wait_for(collect(short), 10)
+        assert len(tokens) == 1 and reason == "length"
+        with pytest.raises(EngineDeadError, match="illegal memory access"):
+            await asyncio.wait_for(collect(long), 10)
+
+    asyncio.run(main())

@@ -143,3 +143,28 @@ def test_a_process_that_exits_without_shutting_its_engine_down_reaps_the_engine_
     while Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]:
         assert time.monotonic() < deadline, "the engine process outlived its parent"
         time.sleep(0.1)
+
+
+def test_the_drain_deadline_aborting_a_thousand_requests_at_once_does_not_deadlock_the_pipe(tiny_model_dir):
+    """What ServerState.drain does at its deadline: one abort per open request, in one synchronous loop. The engine
+    answers each with a final output while the event loop is not reading; neither side may block the other."""
+    from serving.engine.config import EngineConfig
+
+    client = EngineClient.spawn(tiny_model_dir, EngineConfig(device="cpu", max_num_seqs=8, max_waiting=2000,
+                                                             warmup_tokens=0), log_level="warning")
+    count = 1200
+
+    async def main():
+        await client.start()
+        params = SamplingParams(max_tokens=200, ignore_eos=True)
+        streams = [client.generate(GenerationRequest(f"r{i}", (5, 6, 7), params)) for i in range(count)]
+        await asyncio.sleep(0.5)
+        for i in range(count):
+            client.abort(f"r{i}")
+        results = await asyncio.wait_for(asyncio.gather(*(collect(stream) for stream in streams)), 60)
+        await asyncio.wait_for(client.shutdown(), 60)
+        return results
+
+    results = asyncio.run(main())
+    assert len(results) == count and {reason for _, reason in results} <= {"abort", "length"}
+    assert sum(reason == "abort" for _, reason in results) > count - 50
