@@ -168,3 +168,25 @@ def test_the_drain_deadline_aborting_a_thousand_requests_at_once_does_not_deadlo
     results = asyncio.run(main())
     assert len(results) == count and {reason for _, reason in results} <= {"abort", "length"}
     assert sum(reason == "abort" for _, reason in results) > count - 50
+
+
+def test_a_burst_the_http_process_admits_is_never_refused_by_the_engine_process(tiny_model_dir):
+    """8 slots and 8 waiting places: 16 requests submitted at once all run (the engine's loop admits into slots
+    only between steps, so its own waiting count can run ahead of the HTTP process's)."""
+    from serving.engine.config import EngineConfig
+
+    client = EngineClient.spawn(tiny_model_dir, EngineConfig(device="cpu", max_num_seqs=8, max_waiting=8,
+                                                             warmup_tokens=0), log_level="warning")
+
+    async def main():
+        await client.start()
+        params = SamplingParams(max_tokens=20, ignore_eos=True)
+        streams = [client.generate(GenerationRequest(f"r{i}", (5, 6, 7), params)) for i in range(16)]
+        with pytest.raises(QueueFullError):
+            client.generate(GenerationRequest("r16", (5, 6, 7), params))
+        try:
+            return await asyncio.wait_for(asyncio.gather(*(collect(stream) for stream in streams)), 60)
+        finally:
+            await client.shutdown()
+
+    assert [(len(tokens), reason) for tokens, reason in asyncio.run(main())] == [(20, "length")] * 16
