@@ -124,10 +124,13 @@ class EngineClient:
     # ---- Engine ------------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Run the engine's warm-up in its process; returns when it is ready to serve. From here on this event loop
-        reads the pipe itself: a step's outputs reach their streams with no thread hand-off in between."""
+        """Run the engine's warm-up in its process; returns when it is ready to serve. From here on a reader thread
+        hands everything the engine sends to this event loop, in one callback per batch of messages."""
         self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self._conn.fileno(), self._on_readable)
+        # A thread with a blocking socket, not loop.add_reader: uvloop makes a watched descriptor non-blocking, and
+        # the writer thread's sends on the same socket would then fail with EAGAIN whenever the pipe is full.
+        reader = threading.Thread(target=self._read, name="engine-client-reader", daemon=True)
+        reader.start()
         await self._request("started", ("start",))
 
     def generate(self, request: GenerationRequest) -> TokenStream:
@@ -177,8 +180,6 @@ class EngineClient:
             await asyncio.to_thread(self._process.join, _JOIN_TIMEOUT_S)
         self._outbox.put(None)
         await asyncio.to_thread(self._writer.join, _JOIN_TIMEOUT_S)
-        if self._loop is not None and not self._conn.closed:
-            self._loop.remove_reader(self._conn.fileno())
         self._conn.close()
         atexit.unregister(self._reaper)
 
@@ -205,16 +206,27 @@ class EngineClient:
             except (OSError, ValueError):
                 return
 
-    def _on_readable(self) -> None:
-        """On the event loop: take every message waiting in the pipe."""
-        try:
-            while True:
-                self._handle(self._conn.recv())
-                if not self._conn.poll():
-                    return
-        except (EOFError, OSError):
-            self._loop.remove_reader(self._conn.fileno())
-            self._on_closed()
+    def _read(self) -> None:
+        """Reader thread: receive what the engine sends and run `_handle` on the event loop, a batch per callback."""
+        while True:
+            try:
+                batch = [self._conn.recv()]
+                while self._conn.poll():
+                    batch.append(self._conn.recv())
+            except (EOFError, OSError):
+                callback, args = self._on_closed, ()
+            else:
+                callback, args = self._handle_all, (batch,)
+            try:
+                self._loop.call_soon_threadsafe(callback, *args)
+            except RuntimeError:  # the event loop is closed: nobody is left to tell
+                return
+            if callback == self._on_closed:
+                return
+
+    def _handle_all(self, messages: list[tuple]) -> None:
+        for message in messages:
+            self._handle(message)
 
     def _handle(self, message: tuple) -> None:
         kind = message[0]
