@@ -55,7 +55,6 @@ class SyntheticEngine:
         self._generated = 0
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._loop_sinks: dict[asyncio.AbstractEventLoop, LoopSink] = {}
 
     async def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="synthetic-engine", daemon=True)
@@ -63,9 +62,7 @@ class SyntheticEngine:
 
     def generate(self, request: GenerationRequest) -> TokenStream:
         queue: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        sink = self._loop_sinks.get(loop) or self._loop_sinks.setdefault(loop, LoopSink(loop))
-        self.submit(request, sink, queue)  # one sink per loop: one delivery per loop per step, as the engine does
+        self.submit(request, LoopSink.of(asyncio.get_running_loop()), queue)
         return TokenStream(queue, lambda: self.abort(request.request_id))
 
     def submit(self, request: GenerationRequest, sink: OutputSink, handle: object) -> None:

@@ -14,7 +14,6 @@ import asyncio
 import heapq
 import logging
 import threading
-import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,7 +101,6 @@ class LLMEngine:
         self._prefilling: list[_Sequence] = []
         self._decoding: list[_Sequence] = []
         self._thread: threading.Thread | None = None
-        self._loop_sinks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopSink] = weakref.WeakKeyDictionary()
 
     @classmethod
     def from_model_dir(cls, path: str | Path, config: EngineConfig | None = None) -> "LLMEngine":
@@ -171,7 +169,7 @@ class LLMEngine:
         """Validate and enqueue now (raising QueueFullError / EngineDeadError / ValueError at once) and
         return the request's token stream. Must be called from the event loop that will consume it."""
         queue: asyncio.Queue = asyncio.Queue()
-        seq = self.submit(request, self._loop_sink(asyncio.get_running_loop()), queue)
+        seq = self.submit(request, LoopSink.of(asyncio.get_running_loop()), queue)
         return TokenStream(queue, lambda: self._abort_sequence(seq))
 
     def submit(self, request: GenerationRequest, sink: OutputSink, handle: object) -> _Sequence:
@@ -200,13 +198,6 @@ class LLMEngine:
             self._prompt_tokens_total += len(request.prompt_token_ids)
             self._wakeup.notify()
         return seq
-
-    def _loop_sink(self, loop: asyncio.AbstractEventLoop) -> LoopSink:
-        with self._wakeup:
-            sink = self._loop_sinks.get(loop)
-            if sink is None:
-                sink = self._loop_sinks[loop] = LoopSink(loop)
-            return sink
 
     def abort(self, request_id: str) -> None:
         with self._wakeup:

@@ -11,8 +11,8 @@ The protocol is one duplex pipe of pickled tuples. HTTP process -> engine: ("sta
 ("out", [(request_id, token_ids, finish_reason) or (request_id, None, EngineError), ...], stats);
 ("rejected", request_id, error); ("stopped", stats). The child ignores SIGINT and SIGTERM (a signal for the whole
 process group must not stop the engine while the HTTP process drains: that process owns shutdown); it exits when
-told to or when the pipe closes. If the child dies, every open stream fails with EngineDeadError, liveness fails, and the
-kubelet restarts the container.
+told to or when the pipe closes. If the child dies, every open stream fails with EngineDeadError, liveness fails,
+and the kubelet restarts the container.
 """
 from __future__ import annotations
 
@@ -208,21 +208,19 @@ class EngineClient:
 
     def _read(self) -> None:
         """Reader thread: receive what the engine sends and run `_handle` on the event loop, a batch per callback."""
-        while True:
-            try:
+        try:
+            while True:
                 batch = [self._conn.recv()]
                 while self._conn.poll():
                     batch.append(self._conn.recv())
-            except (EOFError, OSError):
-                callback, args = self._on_closed, ()
-            else:
-                callback, args = self._handle_all, (batch,)
+                self._loop.call_soon_threadsafe(self._handle_all, batch)
+        except (EOFError, OSError):
             try:
-                self._loop.call_soon_threadsafe(callback, *args)
-            except RuntimeError:  # the event loop is closed: nobody is left to tell
-                return
-            if callback == self._on_closed:
-                return
+                self._loop.call_soon_threadsafe(self._on_closed)
+            except RuntimeError:
+                pass
+        except RuntimeError:  # the event loop is closed: nobody is left to tell
+            pass
 
     def _handle_all(self, messages: list[tuple]) -> None:
         for message in messages:
@@ -237,18 +235,23 @@ class EngineClient:
         elif kind == "rejected":
             self._dispatch([(message[1], message[2])])
         elif kind == "start_failed":
-            with self._lock:
-                future = self._replies.pop("started", None)
-            if future is not None and not future.done():
-                future.set_exception(RuntimeError(f"the engine's warm-up failed: {message[1]}"))
+            self._reply("started", RuntimeError(f"the engine's warm-up failed: {message[1]}"))
         else:  # "started" / "stopped", with a stats snapshot
             self._stats = message[1]
-            with self._lock:
-                future = self._replies.pop(kind, None)
-            if future is not None and not future.done():
-                future.set_result(None)
+            self._reply(kind)
         if not self._stats.loop_alive and self._dead is None:
             self._dead = "the engine loop died; the server must be restarted"
+
+    def _reply(self, kind: str, error: BaseException | None = None) -> None:
+        """Settle what `_request` awaits for a reply of this kind."""
+        with self._lock:
+            future = self._replies.pop(kind, None)
+        if future is None or future.done():
+            return
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
 
     def _on_closed(self) -> None:
         """The pipe closed: the engine process exited. Fail whatever is still open."""
@@ -289,7 +292,7 @@ class EngineClient:
             else:  # a stream read on another event loop
                 other_loops.setdefault(loop, []).append((queue, item))
         for loop, batch in other_loops.items():
-            LoopSink(loop).deliver(batch)
+            LoopSink.of(loop).deliver(batch)
 
 
 def _reap(process: multiprocessing.process.BaseProcess, conn) -> None:
@@ -325,7 +328,7 @@ def _send(conn, lock: threading.Lock, message: tuple) -> bool:
     try:
         with lock:
             conn.send(message)
-    except (OSError, ValueError, BrokenPipeError):
+    except (OSError, ValueError):  # the HTTP process is gone
         return False
     return True
 

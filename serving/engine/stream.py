@@ -8,6 +8,8 @@ its task cancelled, or garbage-collected) aborts its request so the slot is free
 from __future__ import annotations
 
 import asyncio
+import threading
+import weakref
 from typing import Callable, Protocol
 
 from serving.engine.interface import TokenOutput
@@ -82,8 +84,21 @@ class OutputSink(Protocol):
 class LoopSink:
     """Delivers to asyncio queues (the handles) on one event loop, in one thread-safe callback per step."""
 
+    _by_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopSink]" = weakref.WeakKeyDictionary()
+    _by_loop_lock = threading.Lock()
+
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> "LoopSink":
+        """The one sink of `loop`: an engine groups each step's outputs by sink, so one sink per loop means one
+        callback per loop per step."""
+        with cls._by_loop_lock:
+            sink = cls._by_loop.get(loop)
+            if sink is None:
+                sink = cls._by_loop[loop] = cls(loop)
+            return sink
 
     def deliver(self, items: list[tuple[asyncio.Queue, object]]) -> bool:
         try:
