@@ -51,6 +51,8 @@ class Settings:
     """Decode from CUDA graphs on a GPU; None keeps the engine's default (on)."""
     max_prefill_tokens: int | None = None
     """Chunked-prefill budget per engine step; None keeps the engine's default."""
+    attention_backend: str | None = None
+    """`auto`, `flash` or `sdpa`: how attention reads the KV cache; None lets the engine choose (auto)."""
     engine_process: bool = True
     """Run the engine in a child process, so HTTP streaming and the engine's Python do not share one GIL
     (`serving.engine.process`); off runs it on a thread of the server's process."""
@@ -145,6 +147,8 @@ _OPTIONS: tuple[tuple[str, str, str, Callable[[str], object], str], ...] = (
      "on or off: decode from CUDA graphs on a GPU (default on)"),
     ("max_prefill_tokens", "--max-prefill-tokens", "MAX_PREFILL_TOKENS", _positive_int,
      "prompt tokens prefilled per engine step (default 2048)"),
+    ("attention_backend", "--attention-backend", "ATTENTION_BACKEND", _choice("auto", "flash", "sdpa"),
+     "auto, flash or sdpa: how attention reads the KV cache (default auto: flash where it applies)"),
     ("engine_process", "--engine-process", "ENGINE_PROCESS", _switch,
      "on or off: run the engine in a process of its own, apart from HTTP streaming (default on)"),
     ("max_body_bytes", "--max-body-bytes", "MAX_BODY_BYTES", _positive_int,

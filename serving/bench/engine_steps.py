@@ -1,5 +1,6 @@
-"""Engine steps in isolation: decode step eager vs CUDA graph, prefill one prompt per pass vs packed, and the
-decode attention's two grouped-query formulations. Random weights of a real shape, built in memory.
+"""Engine steps in isolation: decode step eager vs CUDA graph, prefill one prompt per pass vs packed, and decode
+attention alone, each with every attention implementation that applies here (`sdpa` everywhere, `flash` on a
+CUDA GPU in bf16/fp16). Random weights of a real shape, built in memory.
 
 Each variant is timed on the same runner in the same process (median of `--repeat` runs after warm-up, with
 device synchronisation), so before/after comparisons of the engine's levers come from one run:
@@ -8,9 +9,12 @@ device synchronisation), so before/after comparisons of the engine's levers come
         --json-out steps.json
     python -m serving.bench.engine_steps --shape tiny --device cpu --batches 1,4 --kv-len 256   # smoke
 
-`floor_ms` is the timed step's memory floor: every weight read once plus every K/V byte up to `--kv-len` read once,
-at `--hbm-tb-s` (3.35 for an H100 SXM). The roofline column is the decode throughput that floor allows at the
-workload's mean K/V length (`--mean-kv-len`), the ceiling the end-to-end numbers are compared with.
+Decode rows have the workload's spread of lengths: row i holds a seeded random length between a quarter of
+`--kv-len` and `--kv-len` (mean about 5/8 of it), so the step's KV bucket is `--kv-len` while the valid K/V is
+less, as in serving. `floor_ms` is the step's memory floor: every weight read once plus every valid K/V byte
+read once, at `--hbm-tb-s` (3.35 for an H100 SXM, 4.8 for an H200); `bucket_floor_ms` reads the whole bucket for
+every row, what attention over the bucket (sdpa) cannot avoid. The roofline column is the decode throughput the
+floor allows at the workload's mean K/V length (`--mean-kv-len`), the ceiling end-to-end numbers are compared with.
 """
 from __future__ import annotations
 
@@ -22,9 +26,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from serving.bench.loadtest import SHAPES, markdown_table
+from serving.engine.attention import FlashAttention, SdpaAttention, flash_unavailable_reason
 from serving.engine.cuda_graphs import DecodeGraphs
 from serving.engine.model_runner import KVCachePlan, ModelRunner, PrefillChunk, kv_bytes_per_token, kv_len_bucket
 
@@ -56,28 +60,51 @@ def timed(fn, device: torch.device, repeat: int, warmup: int = 2) -> float:
     return statistics.median(samples)
 
 
-def decode_rows(runner: ModelRunner, config, args, device, dtype) -> list[dict]:
-    graphs = None
-    if device.type == "cuda" and not args.no_graphs:
-        graphs = DecodeGraphs.for_runner(runner)
-        graphs.capture()
+def attentions(runner: ModelRunner, names: list[str], dtype: torch.dtype) -> tuple[dict, dict]:
+    """The requested attention implementations that apply here, and why the others were skipped."""
+    chosen, skipped = {}, {}
+    for name in names:
+        if name == "flash" and (reason := flash_unavailable_reason(runner.device, dtype, runner.head_dim)):
+            skipped[name] = reason
+            continue
+        chosen[name] = (FlashAttention if name == "flash" else SdpaAttention)(runner.attention_shape)
+    return chosen, skipped
+
+
+def row_lengths(batch: int, kv_len: int) -> torch.Tensor:
+    """Valid K/V per row: seeded, uniform between kv_len / 4 and kv_len."""
+    generator = torch.Generator().manual_seed(batch)
+    return torch.randint(max(kv_len // 4, 1), kv_len + 1, (batch,), generator=generator)
+
+
+def decode_rows(runner: ModelRunner, config, args, device, dtype, backends: dict) -> list[dict]:
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     kv_per_token = kv_bytes_per_token(config, dtype)
+    kv_len = kv_len_bucket(args.kv_len, runner.max_model_len)
     rows = []
-    for batch in args.batches:
-        generator = torch.Generator().manual_seed(batch)
-        tokens = torch.randint(10, config.vocab_size, (batch,), generator=generator)
-        positions = torch.full((batch,), args.kv_len - 1, dtype=torch.long)
-        inputs = torch.stack([tokens, positions]).to(device)
-        kv_len = kv_len_bucket(args.kv_len, runner.max_model_len)
-        eager = timed(lambda: runner.decode_step(inputs[0], inputs[1], kv_len), device, args.repeat)
-        graphed = timed(lambda: graphs(inputs, kv_len), device, args.repeat) if graphs else None
-        floor_ms = _floor_ms(weight_bytes + batch * args.kv_len * kv_per_token, args.hbm_tb_s)
-        workload_floor_ms = _floor_ms(weight_bytes + batch * args.mean_kv_len * kv_per_token, args.hbm_tb_s)
-        best = min(t for t in (eager, graphed) if t is not None)
-        rows.append({"what": "decode step", "batch": batch, "kv_len": args.kv_len, "eager_ms": eager,
-                     "graph_ms": graphed, "floor_ms": floor_ms, "tokens_per_s": batch / best * 1e3,
-                     "roofline_tokens_per_s": batch / workload_floor_ms * 1e3})
+    for name, attention in backends.items():
+        runner.use_attention(attention)
+        graphs = None
+        if device.type == "cuda" and not args.no_graphs:
+            graphs = DecodeGraphs(runner.decode_step, batch_buckets=args.batches, kv_len_buckets=[kv_len],
+                                  vocab_size=runner.vocab_size, scratch_position=runner.scratch_position,
+                                  device=device)
+            graphs.capture()
+        for batch in args.batches:
+            lengths = row_lengths(batch, args.kv_len)
+            tokens = torch.randint(10, config.vocab_size, (batch,), generator=torch.Generator().manual_seed(batch))
+            inputs = torch.stack([tokens, lengths - 1]).to(device)
+            eager = timed(lambda: runner.decode_step(inputs[0], inputs[1], kv_len), device, args.repeat)
+            graphed = timed(lambda: graphs(inputs, kv_len), device, args.repeat) if graphs else None
+            best = min(t for t in (eager, graphed) if t is not None)
+            rows.append({"what": "decode step", "attention": name, "batch": batch, "kv_len": kv_len,
+                         "mean_len": round(lengths.float().mean().item()), "eager_ms": eager, "graph_ms": graphed,
+                         "floor_ms": _floor_ms(weight_bytes + int(lengths.sum()) * kv_per_token, args.hbm_tb_s),
+                         "bucket_floor_ms": _floor_ms(weight_bytes + batch * kv_len * kv_per_token, args.hbm_tb_s),
+                         "tokens_per_s": batch / best * 1e3,
+                         "roofline_tokens_per_s": batch / _floor_ms(weight_bytes + batch * args.mean_kv_len
+                                                                    * kv_per_token, args.hbm_tb_s) * 1e3})
+        graphs = None  # its memory back before the next implementation's capture
     return rows
 
 
@@ -85,44 +112,48 @@ def _floor_ms(bytes_moved: float, tb_per_s: float) -> float:
     return bytes_moved / (tb_per_s * 1e12) * 1e3
 
 
-def prefill_rows(runner: ModelRunner, config, args, device) -> list[dict]:
+def prefill_rows(runner: ModelRunner, config, args, device, backends: dict) -> list[dict]:
     generator = torch.Generator().manual_seed(1)
     prompts = [torch.randint(10, config.vocab_size, (args.prompt_len,), generator=generator).tolist()
                for _ in range(args.prompts)]
     chunks = [PrefillChunk(slot, prompt, 0, want_logits=True) for slot, prompt in enumerate(prompts)]
-    one_by_one = timed(lambda: [runner.prefill([chunk]) for chunk in chunks], device, args.repeat)
-    packed = timed(lambda: runner.prefill(chunks), device, args.repeat)
     tokens = args.prompts * args.prompt_len
-    return [{"what": "prefill, one prompt per pass", "prompts": args.prompts, "tokens": tokens, "ms": one_by_one,
-             "tokens_per_s": tokens / one_by_one * 1e3},
-            {"what": "prefill, packed in one pass", "prompts": args.prompts, "tokens": tokens, "ms": packed,
-             "tokens_per_s": tokens / packed * 1e3}]
+    rows = []
+    for name, attention in backends.items():
+        runner.use_attention(attention)
+        variants = [("one prompt per pass", lambda: [runner.prefill([chunk]) for chunk in chunks])] if not rows else []
+        variants.append(("packed in one pass", lambda: runner.prefill(chunks)))
+        for what, run in variants:
+            ms = timed(run, device, args.repeat)
+            rows.append({"what": f"prefill, {what}", "attention": name, "prompts": args.prompts, "tokens": tokens,
+                         "ms": ms, "tokens_per_s": tokens / ms * 1e3})
+    return rows
 
 
-def attention_rows(config, args, device, dtype) -> list[dict]:
-    """Decode attention alone: SDPA with enable_gqa vs query heads folded per KV head (what the runner does)."""
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+def attention_rows(runner: ModelRunner, config, args, device, dtype, backends: dict) -> list[dict]:
+    """Decode attention alone, all layers' worth, over a random cache with the decode rows' lengths; each
+    implementation's result checked against sdpa's."""
+    shape = runner.attention_shape
+    kv_len = kv_len_bucket(args.kv_len, runner.max_model_len)
+    generator = torch.Generator(device=device).manual_seed(0)
+    layer = (shape.num_slots, shape.max_model_len, shape.num_kv_heads, shape.head_dim)
+    k_layer = torch.randn(layer, generator=generator, device=device, dtype=dtype)
+    v_layer = torch.randn(layer, generator=generator, device=device, dtype=dtype)
+    reference = SdpaAttention(shape)
     rows = []
     for batch in args.batches:
-        query = torch.randn(batch, heads, 1, head_dim, device=device, dtype=dtype)
-        key = torch.randn(batch, kv_heads, args.kv_len, head_dim, device=device, dtype=dtype)
-        value = torch.randn_like(key)
-        lengths = torch.randint(1, args.kv_len + 1, (batch,), device=device)
-        mask = (torch.arange(args.kv_len, device=device)[None, :] < lengths[:, None])[:, None, None, :]
-        repeated = timed(lambda: F.scaled_dot_product_attention(query, key, value, attn_mask=mask, enable_gqa=True),
-                         device, args.repeat)
-        folded = timed(lambda: F.scaled_dot_product_attention(query.reshape(batch, kv_heads, -1, head_dim), key,
-                                                              value, attn_mask=mask), device, args.repeat)
-        same = torch.allclose(
-            F.scaled_dot_product_attention(query, key, value, attn_mask=mask, enable_gqa=True).reshape(batch, -1),
-            F.scaled_dot_product_attention(query.reshape(batch, kv_heads, -1, head_dim), key, value,
-                                           attn_mask=mask).reshape(batch, -1), atol=2e-2, rtol=2e-2)
-        kv_bytes = 2 * key.numel() * key.element_size() * config.num_hidden_layers
-        rows.append({"what": "decode attention, all layers", "batch": batch, "kv_len": args.kv_len,
-                     "enable_gqa_ms": repeated * config.num_hidden_layers,
-                     "folded_ms": folded * config.num_hidden_layers,
-                     "floor_ms": kv_bytes / (args.hbm_tb_s * 1e12) * 1e3, "same_result": same})
+        lengths = row_lengths(batch, args.kv_len).to(device=device, dtype=torch.int32)
+        query = torch.randn(batch, shape.num_heads, shape.head_dim, generator=generator, device=device, dtype=dtype)
+        expected = reference.decode(query, k_layer, v_layer, reference.decode_plan(lengths, kv_len)).float()
+        valid_bytes = 2 * int(lengths.sum()) * shape.num_kv_heads * shape.head_dim * k_layer.element_size()
+        for name, attention in backends.items():
+            plan = attention.decode_plan(lengths, kv_len)
+            ms = timed(lambda: attention.decode(query, k_layer, v_layer, plan), device, args.repeat)
+            got = attention.decode(query, k_layer, v_layer, plan).float()
+            rows.append({"what": "decode attention, all layers", "attention": name, "batch": batch,
+                         "kv_len": kv_len, "ms": ms * config.num_hidden_layers,
+                         "floor_ms": valid_bytes * config.num_hidden_layers / (args.hbm_tb_s * 1e12) * 1e3,
+                         "same_result": bool(torch.allclose(got, expected, atol=3e-2, rtol=3e-2))})
     return rows
 
 
@@ -155,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="mean K/V length during decode for the roofline column (default: the benchmark "
                              "workload's, prompts 256-768 plus half of outputs 64-256)")
     parser.add_argument("--no-graphs", action="store_true", help="skip the CUDA graph variant")
+    parser.add_argument("--attention", default="sdpa,flash",
+                        help="attention implementations to time (comma-separated; those that do not apply here are "
+                             "skipped, saying why)")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args(argv)
     args.batches = sorted({int(b) for b in args.batches.split(",")})
@@ -164,15 +198,18 @@ def main(argv: list[str] | None = None) -> int:
     max_model_len = max(args.kv_len, args.prompt_len)
     runner, config = build_runner(args.shape, device, dtype, num_slots, max_model_len)
     print(f"{args.shape} on {device} ({dtype}), torch {torch.__version__}", file=sys.stderr)
+    backends, skipped = attentions(runner, args.attention.split(","), dtype)
+    for name, reason in skipped.items():
+        print(f"attention {name} skipped: {reason}", file=sys.stderr)
 
-    sections = {"decode": decode_rows(runner, config, args, device, dtype),
-                "prefill": prefill_rows(runner, config, args, device),
-                "attention": attention_rows(config, args, device, dtype)}
+    sections = {"decode": decode_rows(runner, config, args, device, dtype, backends),
+                "prefill": prefill_rows(runner, config, args, device, backends),
+                "attention": attention_rows(runner, config, args, device, dtype, backends)}
     for name, rows in sections.items():
         print(f"\n{name}\n{table(rows)}")
     if args.json_out:
         args.json_out.write_text(json.dumps({"shape": args.shape, "device": str(device), "dtype": str(dtype),
-                                             "torch": torch.__version__, **sections}, indent=2))
+                                             "torch": torch.__version__, "skipped": skipped, **sections}, indent=2))
     return 0
 
 

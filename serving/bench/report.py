@@ -44,20 +44,24 @@ def end_to_end(load: dict, steps: dict | None) -> str:
 
 
 def engine_steps(steps: dict) -> str:
-    decode = [["batch", "kv_len", "eager ms", "graph ms", "floor ms", "decode tok/s", "roofline tok/s"]]
+    decode = [["attention", "batch", "kv_len", "mean len", "eager ms", "graph ms", "floor ms", "bucket floor ms",
+               "decode tok/s", "roofline tok/s"]]
     for row in steps["decode"]:
-        decode.append([str(row["batch"]), str(row["kv_len"]), _number(row["eager_ms"], 2),
-                       _number(row["graph_ms"], 2), _number(row["floor_ms"], 2), _number(row["tokens_per_s"], 0),
+        decode.append([row["attention"], str(row["batch"]), str(row["kv_len"]), str(row["mean_len"]),
+                       _number(row["eager_ms"], 2), _number(row["graph_ms"], 2), _number(row["floor_ms"], 2),
+                       _number(row["bucket_floor_ms"], 2), _number(row["tokens_per_s"], 0),
                        _number(row["roofline_tokens_per_s"], 0)])
-    prefill = [["prefill", "prompts x tokens", "ms", "tokens/s"]]
+    prefill = [["prefill", "attention", "prompts x tokens", "ms", "tokens/s"]]
     for row in steps["prefill"]:
-        prefill.append([row["what"], f"{row['prompts']} x {row['tokens'] // row['prompts']}", _number(row["ms"], 2),
-                        _number(row["tokens_per_s"], 0)])
-    attention = [["batch", "kv_len", "enable_gqa ms", "folded ms", "floor ms", "same result"]]
+        prefill.append([row["what"], row["attention"], f"{row['prompts']} x {row['tokens'] // row['prompts']}",
+                        _number(row["ms"], 2), _number(row["tokens_per_s"], 0)])
+    attention = [["decode attention, all layers", "batch", "kv_len", "ms", "floor ms", "same as sdpa"]]
     for row in steps["attention"]:
-        attention.append([str(row["batch"]), str(row["kv_len"]), _number(row["enable_gqa_ms"], 3),
-                          _number(row["folded_ms"], 3), _number(row["floor_ms"], 3), str(row["same_result"])])
-    return "\n\n".join(markdown_table(table) for table in (decode, prefill, attention))
+        attention.append([row["attention"], str(row["batch"]), str(row["kv_len"]), _number(row["ms"], 3),
+                          _number(row["floor_ms"], 3), str(row["same_result"])])
+    tables = [markdown_table(table) for table in (decode, prefill, attention) if len(table) > 1]
+    skipped = "".join(f"\n\n{name} was not timed: {reason}." for name, reason in steps.get("skipped", {}).items())
+    return "\n\n".join(tables) + skipped
 
 
 def baselines(data: dict) -> str:
@@ -80,8 +84,9 @@ def report(out: Path) -> str:
         parts.append("End to end (HTTP streaming, `serving.bench.loadtest`):\n\n" + end_to_end(load, steps))
     if steps:
         parts.append("Engine steps (`serving.bench.engine_steps`):\n\n" + engine_steps(steps))
-    for name, what in (("load-thread", "the engine on a thread of the server's process (`--engine-process off`)"),
-                       ("load-prefill8k", "a prefill budget of 8192 tokens per step (`--max-prefill-tokens 8192`)")):
+    for name, what in (("load-sdpa", "attention over each step's KV bucket (`--attention-backend sdpa`)"),
+                       ("load-prefill8k", "a prefill budget of 8192 tokens per step (`--max-prefill-tokens 8192`)"),
+                       ("load-thread", "the engine on a thread of the server's process (`--engine-process off`)")):
         if variant := _load(out / f"{name}.json"):
             parts.append(f"End to end with {what}:\n\n" + end_to_end(variant, steps))
     for mode, where in (("on", "in its own process"), ("off", "on a thread of the server's process")):

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+Attention = Literal["auto", "flash", "sdpa"]
 Device = Literal["auto", "cuda", "cpu"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 
@@ -50,6 +51,12 @@ class EngineConfig:
     engine loads, and replay them: small batches stop paying Python and launch overhead per step. Capture
     takes seconds and some memory (the largest step's activations, counted in the KV-cache budget); if it
     fails, decoding stays eager and the reason is logged. Ignored on CPU."""
+    attention: Attention = "auto"
+    """How attention reads the KV cache (`serving.engine.attention`). `flash`: the flash kernel's variable-length
+    form, reading only each sequence's own K/V (CUDA, float16/bfloat16, compute capability 8.0+); `sdpa`: PyTorch's
+    scaled_dot_product_attention over the batch's KV-length bucket (any device). `auto` takes flash where it
+    applies and agrees with SDPA on a check run at load, otherwise SDPA; if decode graphs cannot be captured with
+    flash, it captures them with SDPA. An explicit `flash` that cannot be used fails the load, saying why."""
     warmup_tokens: int = 8
     """Length of the warm-up request's prompt and of its output, run by `start()` before the engine reports
     ready (first-call allocations and kernel selection happen then, not on a client's request). 0 skips it."""
@@ -65,6 +72,8 @@ class EngineConfig:
         _require_positive("max_prefill_tokens_per_step", self.max_prefill_tokens_per_step)
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization: {self.gpu_memory_utilization} must be in (0, 1]")
+        if self.attention not in ("auto", "flash", "sdpa"):
+            raise ValueError(f"attention: {self.attention!r} is not one of 'auto', 'flash', 'sdpa'")
         if not isinstance(self.cuda_graphs, bool):
             raise ValueError(f"cuda_graphs: {self.cuda_graphs!r} must be true or false")
         if self.warmup_tokens < 0:

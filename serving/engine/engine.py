@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from serving.engine.attention import SdpaAttention, select_attention
 from serving.engine.config import DEFAULT_MAX_NUM_SEQS_CPU, DEFAULT_MAX_NUM_SEQS_GPU, EngineConfig
 from serving.engine.cuda_graphs import DecodeGraphs
 from serving.engine.interface import (
@@ -129,9 +130,10 @@ class LLMEngine:
             max_model_len=config.max_model_len or context_len,
             max_model_len_is_default=config.max_model_len is None,
         )
-        runner = ModelRunner(loaded.model, plan)
+        runner = ModelRunner(loaded.model, plan,
+                             attention=lambda shape: select_attention(config.attention, shape, dtype))
         if graphs:
-            capture_decode_graphs(runner)
+            capture_decode_graphs(runner, may_change_attention=config.attention == "auto")
         vocab_size = int(hf_config.vocab_size)
         model_info = ModelInfo(
             max_model_len=plan.max_model_len,
@@ -141,8 +143,9 @@ class LLMEngine:
             device=str(device) if device.type == "cpu" else f"cuda:{device.index or 0}",
         )
         logger.info(
-            "engine ready to start: %s on %s (%s), %d slots x %d tokens of KV cache",
+            "engine ready to start: %s on %s (%s), %d slots x %d tokens of KV cache, %s attention",
             Path(path).name, model_info.device, model_info.dtype, plan.num_slots, plan.max_model_len,
+            runner.attention.name,
         )
         return cls(runner, loaded.tokenizer, model_info, config)
 
@@ -405,16 +408,24 @@ class LLMEngine:
             sink.deliver(items)
 
 
-def capture_decode_graphs(runner: ModelRunner) -> bool:
-    """Capture the runner's decode steps as CUDA graphs and route decoding through them; on any failure log
-    why and keep decoding eagerly (slower, same results). Returns whether graphs are in use."""
+def capture_decode_graphs(runner: ModelRunner, *, may_change_attention: bool = False) -> bool:
+    """Capture the runner's decode steps as CUDA graphs and route decoding through them. If capture fails with
+    an attention other than SDPA and `may_change_attention`, switch to SDPA and capture again; on any other
+    failure log why and keep decoding eagerly (slower, same results). Returns whether graphs are in use."""
     graphs = DecodeGraphs.for_runner(runner)
     try:
         graphs.capture()
     except Exception as exc:  # noqa: BLE001 - any capture failure has the same remedy: decode eagerly
-        logger.warning("CUDA graph capture failed, decoding eagerly (slower at small batches): %s: %s",
-                       type(exc).__name__, exc)
-        runner.use_graphs(None)
-        return False
-    runner.use_graphs(graphs)
-    return True
+        failure = f"{type(exc).__name__}: {exc}"
+    else:
+        runner.use_graphs(graphs)
+        return True
+    graphs = None  # what the failed capture holds goes back to the allocator before another attempt
+    if may_change_attention and runner.attention.name != SdpaAttention.name:
+        logger.warning("CUDA graph capture with %s attention failed (%s); capturing with sdpa attention",
+                       runner.attention.name, failure)
+        runner.use_attention(SdpaAttention(runner.attention_shape))
+        return capture_decode_graphs(runner)
+    logger.warning("CUDA graph capture failed, decoding eagerly (slower at small batches): %s", failure)
+    runner.use_graphs(None)
+    return False

@@ -2,16 +2,19 @@
 
 HF's modules do everything that varies between architectures (weights, norms, MLP activation, RoPE
 variants such as llama3 scaling, tied embeddings, Qwen3's q/k norms); only attention and the cache
-are ours. The cache holds, per layer, K and V as [num_slots, kv_heads, max_model_len, head_dim]: one
-slot per running request, so a request's cache is a contiguous prefix of its slot.
+are ours. The cache holds, per layer, K and V as [num_slots, max_model_len, kv_heads, head_dim]: one
+slot per running request, so a request's cache is a contiguous prefix of its slot, token-major as
+flash kernels read it. Activations stay token-major too ([batch, tokens, heads, head_dim]), so K/V
+go into the cache without a transpose.
 
 - `prefill` runs chunks of several prompts in one forward pass, each written into its own slot; a
   chunk attends causally to its cached prefix and itself, so long prompts can be split across steps.
 - `decode_step` is one batched step for slots 0..B-1 over fixed-shape tensors: a batch-size bucket
   and `kv_len`, a bucketed bound on the longest live sequence (`kv_len_bucket`), so few shapes occur
-  and each can be captured once as a CUDA graph (`serving.engine.cuda_graphs`). Grouped-query
-  attention folds each KV head's query heads into the query-length axis: K/V are read once per KV
-  head, never repeated per query head, and the masked kernels need no GQA support of their own.
+  and each can be captured once as a CUDA graph (`serving.engine.cuda_graphs`).
+- Attention itself is `serving.engine.attention`'s: SDPA over the KV bucket, or the flash kernel's
+  variable-length form reading only each sequence's own K/V; both fold grouped-query heads so K/V
+  are read once per KV head.
 """
 from __future__ import annotations
 
@@ -19,13 +22,12 @@ import itertools
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
+from serving.engine.attention import Attention, AttentionShape, ChunkSpan, SdpaAttention
 from serving.engine.interface import ModelLoadError
 
 logger = logging.getLogger("serving.engine")
@@ -159,7 +161,8 @@ def plan_kv_cache(*, bytes_per_token: int, budget_bytes: int, num_slots: int, ma
 class ModelRunner:
     """Runs prefill chunks and batched decode steps of one HF causal LM over its own KV cache."""
 
-    def __init__(self, model: torch.nn.Module, plan: KVCachePlan) -> None:
+    def __init__(self, model: torch.nn.Module, plan: KVCachePlan,
+                 attention: Callable[[AttentionShape], Attention] = SdpaAttention) -> None:
         decoder = model.model
         self.model = model
         self.embed_tokens = decoder.embed_tokens
@@ -184,11 +187,15 @@ class ModelRunner:
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
 
-        cache_shape = (len(self.layers), self.num_slots, self.num_kv_heads, self.max_model_len, self.head_dim)
+        cache_shape = (len(self.layers), self.num_slots, self.max_model_len, self.num_kv_heads, self.head_dim)
         self.k_cache = torch.zeros(cache_shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(cache_shape, dtype=self.dtype, device=self.device)
         self._slot_rows = torch.arange(self.num_slots, device=self.device)
-        self._cache_positions = torch.arange(self.max_model_len, device=self.device)
+        self.attention_shape = AttentionShape(
+            num_heads=model.config.num_attention_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+            scale=self.scaling, num_slots=self.num_slots, max_model_len=self.max_model_len, device=self.device,
+        )
+        self.attention = attention(self.attention_shape)
         self.batch_buckets = _batch_buckets(self.num_slots)
         self.kv_len_buckets = kv_len_buckets(self.max_model_len)
         self.scratch_position = self.max_model_len - 1
@@ -203,38 +210,27 @@ class ModelRunner:
         """Run prompt chunks of several slots in one forward pass; return float32 logits [n, vocab] of the
         last token of each chunk that wants them (in order), or None when none does.
 
-        Tokens of all chunks are packed into one row, so projections, norms and MLP run once for the step
-        whatever the number of prompts; only attention runs per chunk, over its own slot's cache.
+        Tokens of all chunks are packed into one row, so projections, norms, MLP and the K/V writes run once
+        for the step whatever the number of prompts; attention reads each chunk's own slot.
         """
         token_ids = [token for chunk in chunks for token in chunk.token_ids]
         positions = [position for chunk in chunks for position in range(chunk.start, chunk.end)]
-        inputs = torch.tensor([token_ids, positions], dtype=torch.long).to(self.device, non_blocking=True)
-        total = len(token_ids)
+        slots = [chunk.slot for chunk in chunks for _ in chunk.token_ids]
+        inputs = torch.tensor([token_ids, positions, slots], dtype=torch.long).to(self.device, non_blocking=True)
+        offsets = list(itertools.accumulate((len(chunk.token_ids) for chunk in chunks), initial=0))
+        plan = self.attention.prefill_plan([
+            ChunkSpan(chunk.slot, first, last, chunk.start, chunk.end)
+            for chunk, first, last in zip(chunks, offsets, offsets[1:])
+        ])
         hidden = self.embed_tokens(inputs[0:1])
         cos, sin = self.rotary_emb(hidden, inputs[1:2])
-        offsets = list(itertools.accumulate((len(chunk.token_ids) for chunk in chunks), initial=0))
-        # A first chunk is plain causal attention. A later chunk also sees the whole cached prefix: causal
-        # aligned to the bottom-right corner, which CUDA runs in the flash kernel without building a mask.
-        masks = [None if chunk.start == 0 else causal_lower_right(len(chunk.token_ids), chunk.end) for chunk in chunks]
         for index, layer in enumerate(self.layers):
             residual = hidden
             query, key, value = self._project_qkv(layer.self_attn, layer.input_layernorm(hidden), cos, sin)
-            attended = []
-            for chunk, first, last, mask in zip(chunks, offsets, offsets[1:], masks):
-                slot, begin, end = chunk.slot, chunk.start, chunk.end
-                self.k_cache[index, slot, :, begin:end] = key[0, :, first:last]
-                self.v_cache[index, slot, :, begin:end] = value[0, :, first:last]
-                attended.append(F.scaled_dot_product_attention(
-                    query[:, :, first:last],
-                    self.k_cache[index, slot : slot + 1, :, :end],
-                    self.v_cache[index, slot : slot + 1, :, :end],
-                    attn_mask=mask,
-                    is_causal=mask is None,
-                    scale=self.scaling,
-                    enable_gqa=True,
-                ))
-            attention = attended[0] if len(attended) == 1 else torch.cat(attended, dim=2)
-            hidden = residual + layer.self_attn.o_proj(attention.transpose(1, 2).reshape(1, total, -1))
+            self.k_cache[index][inputs[2], inputs[1]] = key[0]
+            self.v_cache[index][inputs[2], inputs[1]] = value[0]
+            attention = self.attention.prefill(query[0], self.k_cache[index], self.v_cache[index], plan)
+            hidden = residual + layer.self_attn.o_proj(attention.unsqueeze(0))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         wanted = [last - 1 for chunk, last in zip(chunks, offsets[1:]) if chunk.want_logits]
         if not wanted:
@@ -269,6 +265,10 @@ class ModelRunner:
     def _decode_eager(self, inputs: torch.Tensor, kv_len: int) -> torch.Tensor:
         return self.decode_step(inputs[0], inputs[1], kv_len)
 
+    def use_attention(self, attention: Attention) -> None:
+        """Read the cache through `attention` from now on (decode graphs captured before must be recaptured)."""
+        self.attention = attention
+
     @torch.inference_mode()
     def decode_step(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         """The fixed-shape decode step: row i is slot i, feeding input_ids[i] at positions[i]."""
@@ -276,27 +276,21 @@ class ModelRunner:
         rows = self._slot_rows[:batch]
         hidden = self.embed_tokens(input_ids.unsqueeze(1))
         cos, sin = self.rotary_emb(hidden, positions.unsqueeze(1))
-        valid = self._cache_positions[:kv_len].unsqueeze(0) <= positions.unsqueeze(1)
-        mask = valid[:, None, None, :]
+        # Rows of slots not decoding sit at the scratch position: they attend to one token, not a whole slot.
+        lengths = torch.where(positions == self.scratch_position, 1, positions + 1).to(torch.int32)
+        plan = self.attention.decode_plan(lengths, kv_len)
         for index, layer in enumerate(self.layers):
             residual = hidden
             query, key, value = self._project_qkv(layer.self_attn, layer.input_layernorm(hidden), cos, sin)
-            self.k_cache[index][rows, :, positions] = key[:, :, 0]
-            self.v_cache[index][rows, :, positions] = value[:, :, 0]
-            # [batch, heads, 1, dim] -> [batch, kv_heads, group, dim]: each KV head's query heads become
-            # its query rows (heads are grouped as HF's repeat_kv lays them out), all under the same mask.
-            attention = F.scaled_dot_product_attention(
-                query.reshape(batch, self.num_kv_heads, -1, self.head_dim),
-                self.k_cache[index, :batch, :, :kv_len],
-                self.v_cache[index, :batch, :, :kv_len],
-                attn_mask=mask,
-                scale=self.scaling,
-            )
-            hidden = residual + layer.self_attn.o_proj(attention.reshape(batch, 1, -1))
+            self.k_cache[index][rows, positions] = key[:, 0]
+            self.v_cache[index][rows, positions] = value[:, 0]
+            attention = self.attention.decode(query[:, 0], self.k_cache[index], self.v_cache[index], plan)
+            hidden = residual + layer.self_attn.o_proj(attention.unsqueeze(1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return self.lm_head(self.norm(hidden[:, 0])).float()
 
     def _project_qkv(self, attention, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Token-major [batch, tokens, heads, head_dim] queries, keys and values, RoPE applied."""
         batch, length, _ = hidden.shape
         shape = (batch, length, -1, self.head_dim)
         query = attention.q_proj(hidden).view(shape)
@@ -304,8 +298,7 @@ class ModelRunner:
         value = attention.v_proj(hidden).view(shape)
         if hasattr(attention, "q_norm"):
             query, key = attention.q_norm(query), attention.k_norm(key)
-        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-        query, key = self._apply_rotary(query, key, cos, sin)
+        query, key = self._apply_rotary(query, key, cos, sin, unsqueeze_dim=2)
         return query, key, value
 
 

@@ -12,13 +12,38 @@ def test_engine_steps_times_every_variant_and_checks_the_attention_forms_agree(t
     assert engine_steps.main(["--shape", "tiny", "--device", "cpu", "--batches", "1,3", "--kv-len", "64",
                               "--prompts", "3", "--prompt-len", "16", "--repeat", "1", "--json-out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert [row["batch"] for row in result["decode"]] == [1, 3]
+    # On CPU only sdpa applies; flash is skipped with its reason.
+    assert result["skipped"] == {"flash": "it needs a CUDA device (the engine runs on cpu)"}
+    assert [(row["attention"], row["batch"]) for row in result["decode"]] == [("sdpa", 1), ("sdpa", 3)]
     assert all(row["eager_ms"] > 0 and row["graph_ms"] is None for row in result["decode"])  # no graphs on CPU
+    for row in result["decode"]:  # rows hold a spread of lengths within the bucket: less to read than the bucket
+        assert 16 <= row["mean_len"] <= 64 and 0 < row["floor_ms"] <= row["bucket_floor_ms"]
     assert [row["what"] for row in result["prefill"]] == ["prefill, one prompt per pass",
                                                           "prefill, packed in one pass"]
     assert all(row["same_result"] for row in result["attention"])
     printed = capsys.readouterr().out
     assert "| decode step |" in printed and "prefill, packed in one pass" in printed
+
+
+def test_engine_steps_times_flash_beside_sdpa_where_it_applies(tmp_path, monkeypatch):
+    """With a flash kernel (the CPU stand-in here) every section gets a flash row that agrees with sdpa."""
+    from serving.engine import attention as attention_module
+    from tests.serving.flash_reference import flash_varlen_reference
+
+    monkeypatch.setattr(engine_steps, "flash_unavailable_reason", lambda *args: None)
+    monkeypatch.setattr(attention_module.torch.ops.aten, "_flash_attention_forward", flash_varlen_reference,
+                        raising=False)
+    out = tmp_path / "steps.json"
+    assert engine_steps.main(["--shape", "tiny", "--device", "cpu", "--batches", "2", "--kv-len", "64",
+                              "--prompts", "2", "--prompt-len", "16", "--repeat", "1", "--json-out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["skipped"] == {}
+    assert [row["attention"] for row in result["decode"]] == ["sdpa", "flash"]
+    assert [(row["what"], row["attention"]) for row in result["prefill"]] == [
+        ("prefill, one prompt per pass", "sdpa"), ("prefill, packed in one pass", "sdpa"),
+        ("prefill, packed in one pass", "flash")]
+    assert [(row["attention"], row["same_result"]) for row in result["attention"]] == [("sdpa", True),
+                                                                                      ("flash", True)]
 
 
 def test_loadtest_drives_a_real_server_and_gets_exact_lengths(tmp_path, capsys):
@@ -43,11 +68,13 @@ def test_report_sets_each_level_beside_its_target_and_the_roofline(tmp_path):
     (tmp_path / "load.json").write_text(json.dumps({"levels": [
         {"concurrency": 1, "output_tok_s": 672.5, **level}, {"concurrency": 64, "output_tok_s": 29_000.0, **level}]}))
     (tmp_path / "steps.json").write_text(json.dumps({
-        "decode": [{"batch": 1, "kv_len": 1024, "eager_ms": 9.0, "graph_ms": 1.9, "floor_ms": 0.75,
-                    "tokens_per_s": 526.3, "roofline_tokens_per_s": 1345.0},
-                   {"batch": 64, "kv_len": 1024, "eager_ms": 10.0, "graph_ms": 2.5, "floor_ms": 1.1,
-                    "tokens_per_s": 25600.0, "roofline_tokens_per_s": 58000.0}],
-        "prefill": [], "attention": []}))
+        "decode": [{"attention": "flash", "batch": 1, "kv_len": 1024, "mean_len": 700, "eager_ms": 9.0,
+                    "graph_ms": 1.9, "floor_ms": 0.75, "bucket_floor_ms": 0.76, "tokens_per_s": 526.3,
+                    "roofline_tokens_per_s": 1345.0},
+                   {"attention": "flash", "batch": 64, "kv_len": 1024, "mean_len": 640, "eager_ms": 10.0,
+                    "graph_ms": 2.5, "floor_ms": 1.1, "bucket_floor_ms": 1.4, "tokens_per_s": 25600.0,
+                    "roofline_tokens_per_s": 58000.0}],
+        "prefill": [], "attention": [], "skipped": {"sdpa": "not asked for"}}))
     (tmp_path / "http-on.json").write_text(json.dumps({"levels": [
         {"concurrency": 256, "requests": 512, "errors": 0, "short_outputs": 0, "engine_tok_s": 42666.7,
          "output_tok_s": 19105.8, "server_cpu_us_per_token": 44.1, "ttft_p99_ms": 369.7, "itl_p50_ms": 9.6,
@@ -58,6 +85,8 @@ def test_report_sets_each_level_beside_its_target_and_the_roofline(tmp_path):
     assert "|    1 |     672.5 |    600 |       50.0% |" in text
     assert "|   64 |  29,000.0 | 12,000 |       50.0% |" in text
     assert "Baselines" not in text  # none were measured
+    assert "|     flash |    64 |   1024 |      640 |    10.00 |     2.50 |     1.10 |            1.40 |" in text
+    assert "sdpa was not timed: not asked for." in text
     assert report.main([str(tmp_path / "missing")]) == 2
 
 

@@ -59,6 +59,19 @@ async def collect(stream) -> tuple[list[int], str | None]:
     return tokens, reason
 
 
+async def greedy_tokens(engine, cases, *, shutdown: bool = False) -> list[list[int]]:
+    """Start the engine, run every (prompt, max_tokens) case at once, greedy with ignore_eos; each case's tokens.
+    With `shutdown`, the engine is shut down afterwards whatever happens."""
+    await engine.start()
+    try:
+        streams = [engine.generate(request(f"r{i}", prompt, greedy(max_tokens, ignore_eos=True)))
+                   for i, (prompt, max_tokens) in enumerate(cases)]
+        return [tokens for tokens, _ in await asyncio.gather(*(collect(stream) for stream in streams))]
+    finally:
+        if shutdown:
+            await engine.shutdown()
+
+
 def random_prompt(length: int, seed: int) -> list[int]:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(5, 384, (length,), generator=generator).tolist()
@@ -612,13 +625,7 @@ def test_static_buffer_decoding_matches_hf_greedy_across_buckets(make_engine, tm
     cases = [(random_prompt(length, seed=80 + length), max_tokens)
              for length, max_tokens in [(3, 40), (300, 260), (17, 30), (1, 9), (64, 50), (9, 5)]]
 
-    async def main():
-        await engine.start()
-        streams = [engine.generate(request(f"r{i}", prompt, greedy(max_tokens, ignore_eos=True)))
-                   for i, (prompt, max_tokens) in enumerate(cases)]
-        return [tokens for tokens, _ in await asyncio.gather(*(collect(stream) for stream in streams))]
-
-    results = asyncio.run(main())
+    results = asyncio.run(greedy_tokens(engine, cases))
     hf = load_hf(model_dir)
     for (prompt, max_tokens), tokens in zip(cases, results):
         assert tokens == hf_greedy(hf, prompt, max_tokens)
@@ -633,12 +640,7 @@ def test_failed_graph_capture_keeps_decoding_eagerly(make_engine, hf_model, capl
     assert engine.runner.graphs is None
     assert "CUDA graph capture failed, decoding eagerly" in caplog.text
     prompt = random_prompt(12, seed=4)
-
-    async def main():
-        await engine.start()
-        return await collect(engine.generate(request("after", prompt, greedy(10, ignore_eos=True))))
-
-    assert asyncio.run(main())[0] == hf_greedy(hf_model, prompt, 10)
+    assert asyncio.run(greedy_tokens(engine, [(prompt, 10)])) == [hf_greedy(hf_model, prompt, 10)]
 
 
 def test_context_length_follows_sliding_window_only_when_used():
@@ -707,17 +709,7 @@ def test_cuda_graph_decoding_matches_eager_and_hf_across_joins(tmp_path):
         assert (engine.runner.graphs is not None) == cuda_graphs, "graph capture failed (see the warning log)"
         if cuda_graphs:
             assert engine.runner.kv_len_buckets == [256, 512, 768, 1024]
-
-        async def main():
-            await engine.start()
-            streams = [engine.generate(request(f"r{i}", prompt, greedy(max_tokens, ignore_eos=True)))
-                       for i, (prompt, max_tokens) in enumerate(cases)]
-            try:
-                return [tokens for tokens, _ in await asyncio.gather(*(collect(stream) for stream in streams))]
-            finally:
-                await engine.shutdown()
-
-        return asyncio.run(main())
+        return asyncio.run(greedy_tokens(engine, cases, shutdown=True))
 
     graphed, eager = run(True), run(False)
     assert graphed == eager
@@ -784,20 +776,10 @@ def test_engine_process_on_the_gpu_gives_the_in_process_engines_tokens(tiny_mode
 
     config = EngineConfig(device="cuda", dtype="float32", max_num_seqs=4)
     cases = [(random_prompt(length, seed=80 + length), 20) for length in (3, 17, 40)]
-
-    async def run(engine):
-        await engine.start()
-        try:
-            streams = [engine.generate(request(f"r{i}", prompt, greedy(max_tokens, ignore_eos=True)))
-                       for i, (prompt, max_tokens) in enumerate(cases)]
-            return [tokens for tokens, _ in await asyncio.gather(*(collect(stream) for stream in streams))]
-        finally:
-            await engine.shutdown()
-
-    in_process = asyncio.run(run(LLMEngine.from_model_dir(tiny_model_dir, config)))
+    in_process = asyncio.run(greedy_tokens(LLMEngine.from_model_dir(tiny_model_dir, config), cases, shutdown=True))
     client = EngineClient.spawn(tiny_model_dir, config, log_level="warning")
     assert client.stats().device.startswith("cuda")
-    assert asyncio.run(run(client)) == in_process
+    assert asyncio.run(greedy_tokens(client, cases, shutdown=True)) == in_process
 
 
 def test_a_request_that_ends_in_prefill_gets_its_output_even_if_that_steps_decode_kills_the_loop(make_engine):
