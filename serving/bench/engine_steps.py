@@ -62,6 +62,9 @@ def timed(fn, device: torch.device, repeat: int, warmup: int = 2) -> float:
 
 def attentions(runner: ModelRunner, names: list[str], dtype: torch.dtype) -> tuple[dict, dict]:
     """The requested attention implementations that apply here, and why the others were skipped."""
+    unknown = sorted(set(names) - {"sdpa", "flash"})
+    if unknown:
+        raise SystemExit(f"--attention: {', '.join(unknown)} unknown; choose from sdpa, flash")
     chosen, skipped = {}, {}
     for name in names:
         if name == "flash" and (reason := flash_unavailable_reason(runner.device, dtype, runner.head_dim)):
@@ -72,12 +75,15 @@ def attentions(runner: ModelRunner, names: list[str], dtype: torch.dtype) -> tup
 
 
 def row_lengths(batch: int, kv_len: int) -> torch.Tensor:
-    """Valid K/V per row: seeded, uniform between kv_len / 4 and kv_len."""
+    """Valid K/V per row: seeded, uniform between kv_len / 4 and kv_len - 1 (a row at the cache's last position
+    would be the runner's scratch row)."""
     generator = torch.Generator().manual_seed(batch)
-    return torch.randint(max(kv_len // 4, 1), kv_len + 1, (batch,), generator=generator)
+    return torch.randint(max(kv_len // 4, 1), kv_len, (batch,), generator=generator)
 
 
-def decode_rows(runner: ModelRunner, config, args, device, dtype, backends: dict) -> list[dict]:
+def decode_rows(runner: ModelRunner, config, args, device, dtype, backends: dict, skipped: dict) -> list[dict]:
+    """Decode steps with each implementation; one whose graphs cannot be captured is timed eagerly only, and
+    `skipped` says why."""
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     kv_per_token = kv_bytes_per_token(config, dtype)
     kv_len = kv_len_bucket(args.kv_len, runner.max_model_len)
@@ -89,7 +95,11 @@ def decode_rows(runner: ModelRunner, config, args, device, dtype, backends: dict
             graphs = DecodeGraphs(runner.decode_step, batch_buckets=args.batches, kv_len_buckets=[kv_len],
                                   vocab_size=runner.vocab_size, scratch_position=runner.scratch_position,
                                   device=device)
-            graphs.capture()
+            try:
+                graphs.capture()
+            except Exception as exc:  # noqa: BLE001 - recorded; the eager numbers still come out
+                skipped[f"{name} graphs"] = f"capture failed: {type(exc).__name__}: {exc}"
+                graphs = None
         for batch in args.batches:
             lengths = row_lengths(batch, args.kv_len)
             tokens = torch.randint(10, config.vocab_size, (batch,), generator=torch.Generator().manual_seed(batch))
@@ -198,15 +208,15 @@ def main(argv: list[str] | None = None) -> int:
     max_model_len = max(args.kv_len, args.prompt_len)
     runner, config = build_runner(args.shape, device, dtype, num_slots, max_model_len)
     print(f"{args.shape} on {device} ({dtype}), torch {torch.__version__}", file=sys.stderr)
-    backends, skipped = attentions(runner, args.attention.split(","), dtype)
-    for name, reason in skipped.items():
-        print(f"attention {name} skipped: {reason}", file=sys.stderr)
+    backends, skipped = attentions(runner, [name.strip() for name in args.attention.split(",")], dtype)
 
-    sections = {"decode": decode_rows(runner, config, args, device, dtype, backends),
+    sections = {"decode": decode_rows(runner, config, args, device, dtype, backends, skipped),
                 "prefill": prefill_rows(runner, config, args, device, backends),
                 "attention": attention_rows(runner, config, args, device, dtype, backends)}
     for name, rows in sections.items():
         print(f"\n{name}\n{table(rows)}")
+    for name, reason in skipped.items():
+        print(f"{name} skipped: {reason}", file=sys.stderr)
     if args.json_out:
         args.json_out.write_text(json.dumps({"shape": args.shape, "device": str(device), "dtype": str(dtype),
                                              "torch": torch.__version__, "skipped": skipped, **sections}, indent=2))

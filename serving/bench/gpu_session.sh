@@ -3,7 +3,7 @@
 # time limit so that one slow stage cannot eat the others; results and logs go to $OUT, a summary table is last.
 #
 #   here:  bash serving/bench/prepare_gpu_session.sh          (wheels + baseline script into .gpu-session/)
-#   there: bash serving/bench/gpu_session.sh                  (device tool: carry [".gpu-session"], timeout 600)
+#   there: bash serving/bench/gpu_session.sh                  (device tool: carry [".gpu-session"], timeout_s 590)
 #   here:  python -m serving.bench.report $FILES_AT           (the Markdown for docs/BENCHMARKS.md)
 #
 # SMOKE=1 rehearses every stage on this machine's CPU with the tiny model (no wheels, no baselines).
@@ -55,7 +55,7 @@ fi
 
 # 1. Correctness on the GPU: bf16 logits against HF, CUDA-graph decoding against eager and HF float32, the flash
 #    kernel against SDPA and against the CPU stand-in the CPU tests trust.
-stage gputests 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/serving/test_engine.py \
+stage gputests 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/serving/test_engine.py \
   tests/serving/test_attention.py
 # 2. Engine steps in isolation, with each attention (sdpa, flash): decode eager vs graph, prefill one-by-one vs
 #    packed, decode attention alone. The floors use the H200's 4.8 TB/s.

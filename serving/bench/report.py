@@ -55,7 +55,7 @@ def engine_steps(steps: dict) -> str:
     for row in steps["prefill"]:
         prefill.append([row["what"], row["attention"], f"{row['prompts']} x {row['tokens'] // row['prompts']}",
                         _number(row["ms"], 2), _number(row["tokens_per_s"], 0)])
-    attention = [["decode attention, all layers", "batch", "kv_len", "ms", "floor ms", "same as sdpa"]]
+    attention = [["attention (decode, all layers)", "batch", "kv_len", "ms", "floor ms", "same as sdpa"]]
     for row in steps["attention"]:
         attention.append([row["attention"], str(row["batch"]), str(row["kv_len"]), _number(row["ms"], 3),
                           _number(row["floor_ms"], 3), str(row["same_result"])])

@@ -13,8 +13,9 @@ flash kernels read, so a slot's first n tokens are n consecutive rows of the lay
   runs every chunk's attention in one kernel call.
 
 In decode both read K/V once per KV head, never once per query head: SDPA with each KV head's query heads folded
-into that head's query rows; the flash kernel does the same fold itself for single-token queries, and then also
-splits each sequence's K/V across thread blocks when the batch is too small to fill the GPU.
+into that head's query rows; the flash kernel does the same fold itself for single-token queries of grouped-query
+models, and then also splits each sequence's K/V across thread blocks when the batch is too small to fill the GPU
+(a model with as many KV heads as query heads gets neither, and needs neither fold).
 
 `select_attention` picks the implementation when the engine loads: `auto` takes flash where the kernel applies and
 its results agree with SDPA's on a check run at load (random data of the model's head shape, rows of different
@@ -224,15 +225,16 @@ def flash_unavailable_reason(device: torch.device, dtype: torch.dtype, head_dim:
 
 def disagreement(candidate: Callable[[AttentionShape], Attention], shape: AttentionShape,
                  dtype: torch.dtype) -> str | None:
-    """Build `candidate` and SDPA for a small cache of this model's head shape (at most 4 slots x 256 tokens, so the
-    check needs no memory the KV cache was promised), run both on the same random data (decode rows of different
-    lengths; prefill chunks from different slots, out of slot order, first and later chunks) and say how they
-    differ, or None when they agree within the dtype's rounding."""
-    s = dataclasses.replace(shape, num_slots=min(shape.num_slots, 4), max_model_len=min(shape.max_model_len, 256))
+    """Build `candidate` and SDPA for a small cache of this model's head shape (at most 4 slots x 1024 tokens, a few
+    MiB, so the check needs no memory the KV cache was promised), run both on the same random data and say how they
+    differ, or None when they agree within the dtype's rounding. The data: decode rows of 1 to 640 tokens under a KV
+    bucket shorter than the slots (a long row is split across thread blocks by the flash kernel), and prefill chunks
+    from different slots, out of slot order, a first chunk and a later one."""
+    s = dataclasses.replace(shape, num_slots=min(shape.num_slots, 4), max_model_len=min(shape.max_model_len, 1024))
     implementation, reference = candidate(s), SdpaAttention(s)
     device = s.device
     generator = torch.Generator(device=device).manual_seed(0)
-    slots, length = s.num_slots, min(s.max_model_len, 160)
+    slots, length = s.num_slots, min(s.max_model_len, 640)
     layer_shape = (s.num_slots, s.max_model_len, s.num_kv_heads, s.head_dim)
     k_layer = torch.zeros(layer_shape, dtype=dtype, device=device)
     v_layer = torch.zeros(layer_shape, dtype=dtype, device=device)
@@ -243,7 +245,7 @@ def disagreement(candidate: Callable[[AttentionShape], Attention], shape: Attent
     lengths = torch.tensor([1, length, min(37, length), max(length // 2, 1)][:slots], dtype=torch.int32,
                            device=device)
     query = torch.randn(slots, s.num_heads, s.head_dim, generator=generator, device=device, dtype=dtype)
-    kv_len = s.max_model_len
+    kv_len = min(s.max_model_len, -(-length // 256) * 256)
     head, tail = max(length // 4, 1), min(3, length)
     spans = [ChunkSpan(slot=slots - 1, first=0, last=head, start=0, end=head),
              ChunkSpan(slot=0, first=head, last=head + tail, start=length - tail, end=length)]
@@ -280,7 +282,9 @@ def select_attention(choice: AttentionChoice, shape: AttentionShape, dtype: torc
             logger.info("attention: flash (variable-length, reads only each sequence's own K/V)")
             return FlashAttention(shape, flash_forward)
     if choice == "flash":
-        raise ModelLoadError(f"attention_backend is flash, but the flash kernel cannot be used: {reason}; "
+        raise ModelLoadError(f"attention (ATTENTION_BACKEND) is flash, but the flash kernel cannot be used: {reason}; "
                              "set it to auto or sdpa")
-    logger.info("attention: sdpa (flash is not used: %s)", reason)
+    # Where the kernel applies but disagrees, something is wrong with it or with how it is called: say so loudly.
+    log = logger.warning if reason.startswith("its ") else logger.info
+    log("attention: sdpa (flash is not used: %s)", reason)
     return sdpa

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+import math
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from serving.engine.attention import SdpaAttention, select_attention
+from serving.engine.attention import AttentionChoice, SdpaAttention, select_attention
 from serving.engine.config import DEFAULT_MAX_NUM_SEQS_CPU, DEFAULT_MAX_NUM_SEQS_GPU, EngineConfig
 from serving.engine.cuda_graphs import DecodeGraphs
 from serving.engine.interface import (
@@ -44,13 +45,13 @@ from serving.engine.model_runner import (
     model_context_len,
     plan_kv_cache,
 )
-from serving.engine.sampling import RowSampling, banned_token_ids, finish_reason, sample_tokens
+from serving.engine.sampling import RowSampling, StopRule, banned_token_ids, sample_tokens
 from serving.engine.stream import LoopSink, OutputSink, TokenStream
 
 logger = logging.getLogger("serving.engine")
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Sequence:
     """One request's state. After admission only the loop thread touches it."""
 
@@ -59,6 +60,12 @@ class _Sequence:
     handle: object
     """What `sink` delivers this request's outputs to (its stream's queue, or its request id)."""
     generator: torch.Generator | None
+    stop: StopRule
+    argmax_from: float
+    """Output length from which a plain argmax picks its next token: min_tokens for a greedy request (EOS and stop
+    tokens are banned before that), never for a sampled one."""
+    prompt: tuple[int, ...]
+    params: SamplingParams
     slot: int = -1
     num_cached: int = 0
     """Prompt tokens whose K/V are in the cache (prefill progress)."""
@@ -67,14 +74,6 @@ class _Sequence:
     finished: bool = False
     finish_reason: FinishReason | None = None
     final_emitted: bool = False
-
-    @property
-    def prompt(self) -> tuple[int, ...]:
-        return self.request.prompt_token_ids
-
-    @property
-    def params(self) -> SamplingParams:
-        return self.request.sampling
 
 
 class LLMEngine:
@@ -97,10 +96,14 @@ class LLMEngine:
         self._generation_tokens_total = 0
         self._live_tokens = 0
         # Owned by the loop thread.
+        self._cache_tokens = 0
+        """Tokens of the running sequences (prompt tokens cached plus tokens generated), kept as they change."""
+        self._generated_since_emit = 0
         self._free_slots = list(range(runner.num_slots))
         self._running: dict[int, _Sequence] = {}
         self._prefilling: list[_Sequence] = []
         self._decoding: list[_Sequence] = []
+        """In slot order, so that a full batch is laid out as it stands (`ModelRunner.decode`)."""
         self._thread: threading.Thread | None = None
 
     @classmethod
@@ -133,7 +136,7 @@ class LLMEngine:
         runner = ModelRunner(loaded.model, plan,
                              attention=lambda shape: select_attention(config.attention, shape, dtype))
         if graphs:
-            capture_decode_graphs(runner, may_change_attention=config.attention == "auto")
+            capture_decode_graphs(runner, config.attention)
         vocab_size = int(hf_config.vocab_size)
         model_info = ModelInfo(
             max_model_len=plan.max_model_len,
@@ -184,7 +187,12 @@ class LLMEngine:
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.runner.device).manual_seed(seed)
-        seq = _Sequence(request, sink, handle, generator)
+        params = request.sampling
+        seq = _Sequence(request, sink, handle, generator,
+                        stop=StopRule.of(params, len(request.prompt_token_ids), self._eos_token_ids,
+                                         self.model_info.max_model_len),
+                        argmax_from=params.min_tokens if params.temperature == 0 else math.inf,
+                        prompt=request.prompt_token_ids, params=params)
         with self._wakeup:
             if self._dead:
                 raise EngineDeadError("the engine loop has died; the server must be restarted")
@@ -289,6 +297,7 @@ class LLMEngine:
             chunks.append(PrefillChunk(seq.slot, seq.prompt[seq.num_cached : seq.num_cached + count],
                                        seq.num_cached, want_logits=done))
             seq.num_cached += count
+            self._cache_tokens += count
             budget -= count
             if done:
                 prefilled.append(seq)
@@ -303,14 +312,16 @@ class LLMEngine:
                 # wait on a decode below that could fail, since a finished sequence is no longer live.
                 self._emit([seq for seq in prefilled if seq.finished])
                 started = [seq for seq in prefilled if not seq.finished]
-                self._decoding += started
-                touched += started
-        decoding = [seq for seq in self._decoding if not seq.finished]
+                if started:
+                    self._decoding += started
+                    self._decoding.sort(key=_slot_of)
+                    touched += started
+        decoding = list(self._decoding)  # sampling below removes the ones that end from self._decoding
         if decoding:
             logits = self.runner.decode(
                 [seq.slot for seq in decoding],
                 [seq.output_ids[-1] for seq in decoding],
-                [len(seq.prompt) + len(seq.output_ids) - 1 for seq in decoding],
+                [seq.num_cached + len(seq.output_ids) - 1 for seq in decoding],
             )
             self._sample_and_append(decoding, logits)
             touched += decoding
@@ -318,7 +329,7 @@ class LLMEngine:
 
     def _sample_and_append(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
         """Sample each sequence's next token, append it, and end the sequences that are done."""
-        if all(seq.params.temperature == 0 and len(seq.output_ids) >= seq.params.min_tokens for seq in seqs):
+        if all(len(seq.output_ids) >= seq.argmax_from for seq in seqs):
             # Plain greedy rows (nothing banned): the argmax, without building per-row sampling state.
             tokens = logits.argmax(dim=-1).tolist()
         else:
@@ -332,31 +343,37 @@ class LLMEngine:
                 for seq in seqs
             ]
             tokens = sample_tokens(logits, rows).tolist()
+        appended = 0
         for seq, token in zip(seqs, tokens):
-            num_generated = len(seq.output_ids) + 1
-            reason = finish_reason(token, num_generated, len(seq.prompt) + num_generated, seq.params,
-                                   self._eos_token_ids, self.model_info.max_model_len)
+            output_ids = seq.output_ids
+            reason = seq.stop.reason(token, len(output_ids) + 1)
             # The token that stops a sequence (EOS or a stop token) is not part of its output text.
             if reason != "stop":
-                seq.output_ids.append(token)
+                output_ids.append(token)
+                appended += 1
             if reason is not None:
                 self._release_slot(seq, reason)
-        with self._wakeup:
-            self._generation_tokens_total += len(seqs)
+        self._cache_tokens += appended
+        self._generated_since_emit += len(seqs)
 
     def _emit(self, seqs: list[_Sequence]) -> None:
         """Send each sequence's new tokens: one delivery per sink (one call_soon_threadsafe per event loop)."""
         batches: dict[OutputSink, list[tuple[object, object]]] = {}
         for seq in seqs:
-            new_tokens = tuple(seq.output_ids[seq.num_emitted :])
             reason = seq.finish_reason if seq.finished and not seq.final_emitted else None
-            if not new_tokens and reason is None:
+            if seq.num_emitted == len(seq.output_ids) and reason is None:
                 continue
+            new_tokens = tuple(seq.output_ids[seq.num_emitted :])
             seq.num_emitted = len(seq.output_ids)
             seq.final_emitted = reason is not None
-            batches.setdefault(seq.sink, []).append((seq.handle, TokenOutput(new_tokens, reason)))
+            items = batches.get(seq.sink)
+            if items is None:
+                items = batches[seq.sink] = []
+            items.append((seq.handle, TokenOutput(new_tokens, reason)))
         with self._wakeup:
-            self._live_tokens = sum(seq.num_cached + len(seq.output_ids) for seq in self._running.values())
+            self._live_tokens = self._cache_tokens
+            self._generation_tokens_total += self._generated_since_emit
+        self._generated_since_emit = 0
         for sink, items in batches.items():
             if not sink.deliver(items):  # nobody can read them any more: free their slots
                 for seq in seqs:
@@ -377,6 +394,7 @@ class LLMEngine:
         seq.finished = True
         seq.finish_reason = reason
         if seq.slot >= 0:
+            self._cache_tokens -= seq.num_cached + len(seq.output_ids)
             del self._running[seq.slot]
             heapq.heappush(self._free_slots, seq.slot)
             if seq in self._prefilling:
@@ -396,6 +414,9 @@ class LLMEngine:
         self._running.clear()
         self._prefilling.clear()
         self._decoding.clear()
+        self._cache_tokens = 0
+        with self._wakeup:
+            self._live_tokens = 0
         batches: dict[OutputSink, list[tuple[object, object]]] = {}
         for seq in live:
             seq.finished = True
@@ -408,10 +429,35 @@ class LLMEngine:
             sink.deliver(items)
 
 
-def capture_decode_graphs(runner: ModelRunner, *, may_change_attention: bool = False) -> bool:
+def _slot_of(seq: _Sequence) -> int:
+    return seq.slot
+
+
+def capture_decode_graphs(runner: ModelRunner, attention_choice: AttentionChoice = "auto") -> bool:
     """Capture the runner's decode steps as CUDA graphs and route decoding through them. If capture fails with
-    an attention other than SDPA and `may_change_attention`, switch to SDPA and capture again; on any other
-    failure log why and keep decoding eagerly (slower, same results). Returns whether graphs are in use."""
+    flash attention that `auto` chose (`attention_choice`), capture with SDPA instead (prefill follows: the runner
+    has one attention); if that fails too, or flash was asked for by name, keep flash. On failure the reason is
+    logged and decoding stays eager (slower, same results). Returns whether graphs are in use."""
+    failure = _capture(runner)
+    if failure is None:
+        return True
+    first = runner.attention
+    if attention_choice == "auto" and first.name != SdpaAttention.name:
+        logger.warning("CUDA graph capture with %s attention failed (%s); capturing with sdpa attention, which "
+                       "prefill will use too", first.name, failure)
+        runner.use_attention(SdpaAttention(runner.attention_shape))
+        failure = _capture(runner)
+        if failure is None:
+            return True
+        runner.use_attention(first)
+    logger.warning("CUDA graph capture failed, decoding eagerly with %s attention (slower at small batches): %s",
+                   runner.attention.name, failure)
+    runner.use_graphs(None)
+    return False
+
+
+def _capture(runner: ModelRunner) -> str | None:
+    """Capture and install decode graphs; the reason they could not be captured, or None."""
     graphs = DecodeGraphs.for_runner(runner)
     try:
         graphs.capture()
@@ -419,13 +465,9 @@ def capture_decode_graphs(runner: ModelRunner, *, may_change_attention: bool = F
         failure = f"{type(exc).__name__}: {exc}"
     else:
         runner.use_graphs(graphs)
-        return True
-    graphs = None  # what the failed capture holds goes back to the allocator before another attempt
-    if may_change_attention and runner.attention.name != SdpaAttention.name:
-        logger.warning("CUDA graph capture with %s attention failed (%s); capturing with sdpa attention",
-                       runner.attention.name, failure)
-        runner.use_attention(SdpaAttention(runner.attention_shape))
-        return capture_decode_graphs(runner)
-    logger.warning("CUDA graph capture failed, decoding eagerly (slower at small batches): %s", failure)
-    runner.use_graphs(None)
-    return False
+        return None
+    # Outside the except block, where the traceback no longer holds the graphs: their memory goes back to the
+    # device before anything else is tried.
+    del graphs
+    torch.cuda.empty_cache()
+    return failure

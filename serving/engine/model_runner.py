@@ -245,16 +245,19 @@ class ModelRunner:
         final token of a full-length sequence is sampled, never fed back).
         """
         batch = next(size for size in self.batch_buckets if size > max(slots))
-        row_tokens = [0] * batch
-        row_positions = [self.scratch_position] * batch
-        for slot, token, position in zip(slots, token_ids, positions):
-            row_tokens[slot] = token
-            row_positions[slot] = position
         kv_len = kv_len_bucket(max(positions) + 1, self.max_model_len)
-        inputs = torch.tensor([row_tokens, row_positions], dtype=torch.long)
+        full = len(slots) == batch and slots == list(range(batch))  # the engine passes slots in order
+        if full:
+            rows = [token_ids, positions]
+        else:
+            rows = [[0] * batch, [self.scratch_position] * batch]
+            for slot, token, position in zip(slots, token_ids, positions):
+                rows[0][slot] = token
+                rows[1][slot] = position
+        inputs = torch.tensor(rows, dtype=torch.long)
         step = self.graphs if self.graphs is not None else self._decode_eager
         logits = step(inputs.to(self.device, non_blocking=True), kv_len)
-        if slots == list(range(batch)):
+        if full:
             return logits
         return logits[torch.tensor(slots, device=self.device)]
 

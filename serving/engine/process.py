@@ -318,7 +318,8 @@ class _PipeSink:
         self._engine = engine
 
     def deliver(self, items: list[tuple[object, object]]) -> bool:
-        # Plain tuples: pickling 256 TokenOutput dataclasses takes 9x as long, on the engine's critical path.
+        # Plain tuples: pickling 256 TokenOutput named tuples takes 13x as long (204 against 15 us on the development
+        # VM), on the engine's critical path.
         outputs = [(handle, item.token_ids, item.finish_reason) if isinstance(item, TokenOutput)
                    else (handle, None, item) for handle, item in items]
         return _send(self._conn, self._lock, ("out", outputs, self._engine.stats()))

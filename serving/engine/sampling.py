@@ -49,21 +49,28 @@ def sample_tokens(logits: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Te
     return torch.where(greedy, greedy_tokens, sampled_tokens)
 
 
-def finish_reason(
-    token_id: int,
-    num_generated: int,
-    total_len: int,
-    params: SamplingParams,
-    eos_token_ids: tuple[int, ...],
-    max_model_len: int,
-) -> FinishReason | None:
-    """Why a sequence ends after sampling `token_id` (its `num_generated`-th token, making it `total_len`
-    tokens long with the prompt), or None if it goes on."""
-    if token_id in params.stop_token_ids or (token_id in eos_token_ids and not params.ignore_eos):
-        return "stop"
-    if num_generated >= params.max_tokens or total_len >= max_model_len:
-        return "length"
-    return None
+@dataclass(frozen=True, slots=True)
+class StopRule:
+    """When one request's sequence ends, worked out once when it is submitted (checked for every token)."""
+
+    stop_token_ids: frozenset[int]
+    """Tokens that end it with `stop`: its stop_token_ids, and the model's EOS ids unless ignore_eos."""
+    max_generated: int
+    """It ends with `length` at this many generated tokens: max_tokens, or what the context has left."""
+
+    @classmethod
+    def of(cls, params: SamplingParams, prompt_len: int, eos_token_ids: tuple[int, ...],
+           max_model_len: int) -> "StopRule":
+        stops = frozenset(params.stop_token_ids) | frozenset(() if params.ignore_eos else eos_token_ids)
+        return cls(stops, min(params.max_tokens, max_model_len - prompt_len))
+
+    def reason(self, token_id: int, num_generated: int) -> FinishReason | None:
+        """Why the sequence ends after sampling `token_id`, its `num_generated`-th token, or None if it goes on."""
+        if token_id in self.stop_token_ids:
+            return "stop"
+        if num_generated >= self.max_generated:
+            return "length"
+        return None
 
 
 def banned_token_ids(params: SamplingParams, num_generated: int, eos_token_ids: tuple[int, ...]) -> tuple[int, ...]:

@@ -37,7 +37,8 @@ from tests.serving.test_engine import (  # noqa: F401 - make_engine and hf_model
     random_prompt,
 )
 
-SHAPE = AttentionShape(num_heads=8, num_kv_heads=2, head_dim=16, scale=0.25, num_slots=6, max_model_len=64,
+# A scale other than the kernel's default (head_dim ** -0.5 = 0.25), so a call that drops it is caught.
+SHAPE = AttentionShape(num_heads=8, num_kv_heads=2, head_dim=16, scale=0.2, num_slots=6, max_model_len=64,
                        device=torch.device("cpu"))
 
 
@@ -55,14 +56,14 @@ def test_flash_decode_matches_sdpa_for_rows_of_different_lengths():
     flash, sdpa = both()
     k_layer, v_layer = random_cache(SHAPE)
     query = torch.randn(5, SHAPE.num_heads, SHAPE.head_dim, generator=torch.Generator().manual_seed(1))
-    lengths = torch.tensor([1, 64, 17, 40, 2], dtype=torch.int32)
-    got = flash.decode(query, k_layer, v_layer, flash.decode_plan(lengths, 64))
-    expected = sdpa.decode(query, k_layer, v_layer, sdpa.decode_plan(lengths, 64))
+    lengths = torch.tensor([1, 48, 17, 40, 2], dtype=torch.int32)  # under a KV bucket (48) shorter than a slot
+    got = flash.decode(query, k_layer, v_layer, flash.decode_plan(lengths, 48))
+    expected = sdpa.decode(query, k_layer, v_layer, sdpa.decode_plan(lengths, 48))
     assert got.shape == (5, SHAPE.num_heads * SHAPE.head_dim)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     # Each row is its own slot's sequence: a row computed alone gives the same result.
     alone = sdpa.decode(query[3:4].clone(), k_layer[3:].clone(), v_layer[3:].clone(),
-                        sdpa.decode_plan(lengths[3:4], 64))
+                        sdpa.decode_plan(lengths[3:4], 48))
     torch.testing.assert_close(got[3:4], alone, atol=1e-5, rtol=1e-5)
 
 
@@ -111,8 +112,9 @@ def test_the_load_check_catches_a_kernel_that_disagrees_and_auto_falls_back_to_s
         chosen = select_attention("auto", SHAPE, torch.float32, flash_forward=ignores_lengths)
     assert chosen.name == "sdpa"
     assert "attention: sdpa (flash is not used: its decode differs" in caplog.text
-    with pytest.raises(ModelLoadError, match="attention_backend is flash, but the flash kernel cannot be used: "
-                                             "its decode differs .*; set it to auto or sdpa"):
+    assert "WARNING" in caplog.text  # the kernel applies but disagrees: loudly
+    with pytest.raises(ModelLoadError, match=r"attention \(ATTENTION_BACKEND\) is flash, but the flash kernel "
+                                             "cannot be used: its decode differs .*; set it to auto or sdpa"):
         select_attention("flash", SHAPE, torch.float32, flash_forward=ignores_lengths)
     assert select_attention("auto", SHAPE, torch.float32, flash_forward=flash_varlen_reference).name == "flash"
     assert select_attention("sdpa", SHAPE, torch.float32, flash_forward=flash_varlen_reference).name == "sdpa"
@@ -126,6 +128,7 @@ def test_flash_is_refused_where_the_kernel_cannot_run(make_engine, caplog):
         engine = make_engine()
     assert engine.runner.attention.name == "sdpa"
     assert "flash is not used: it needs a CUDA device" in caplog.text
+    assert "WARNING" not in caplog.text  # where flash cannot apply, choosing sdpa is no news
 
 
 @pytest.fixture
@@ -184,7 +187,7 @@ def test_graph_capture_that_fails_with_flash_is_done_with_sdpa_under_auto(make_e
     engine = make_engine()
     assert engine.runner.attention.name == "flash"
     with caplog.at_level(logging.WARNING, logger="serving.engine"):
-        assert capture_decode_graphs(engine.runner, may_change_attention=True) is True
+        assert capture_decode_graphs(engine.runner, "auto") is True
     assert engine.runner.attention.name == "sdpa" and engine.runner.graphs is not None
     assert "CUDA graph capture with flash attention failed (RuntimeError: operation not permitted" in caplog.text
     assert "capturing with sdpa attention" in caplog.text
@@ -194,9 +197,21 @@ def test_graph_capture_that_fails_with_flash_is_done_with_sdpa_under_auto(make_e
     explicit = make_engine(attention="flash")
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="serving.engine"):
-        assert capture_decode_graphs(explicit.runner, may_change_attention=False) is False
+        assert capture_decode_graphs(explicit.runner, "flash") is False
     assert explicit.runner.attention.name == "flash" and explicit.runner.graphs is None
-    assert "CUDA graph capture failed, decoding eagerly" in caplog.text
+    assert "CUDA graph capture failed, decoding eagerly with flash attention" in caplog.text
+
+
+def test_when_sdpa_capture_fails_too_the_engine_keeps_flash_and_decodes_eagerly(make_engine, flash_on_cpu,
+                                                                               monkeypatch, caplog):
+    monkeypatch.setattr(engine_module, "DecodeGraphs", type("BothRefused", (RefusingDecodeGraphs,),
+                                                            {"refuse": ("flash", "sdpa")}))
+    engine = make_engine()
+    with caplog.at_level(logging.WARNING, logger="serving.engine"):
+        assert capture_decode_graphs(engine.runner, "auto") is False
+    assert engine.runner.attention.name == "flash" and engine.runner.graphs is None
+    assert "capturing with sdpa attention" in caplog.text
+    assert "decoding eagerly with flash attention" in caplog.text
 
 
 def test_engine_config_rejects_an_unknown_attention():

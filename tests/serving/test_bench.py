@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from serving.bench import engine_steps, loadtest
+from serving.bench import engine_loop, engine_steps, loadtest
 
 
 def test_engine_steps_times_every_variant_and_checks_the_attention_forms_agree(tmp_path, capsys):
@@ -44,6 +44,17 @@ def test_engine_steps_times_flash_beside_sdpa_where_it_applies(tmp_path, monkeyp
         ("prefill, packed in one pass", "flash")]
     assert [(row["attention"], row["same_result"]) for row in result["attention"]] == [("sdpa", True),
                                                                                       ("flash", True)]
+
+
+def test_engine_loop_runs_every_request_to_its_length_and_times_the_decode_steps(tmp_path, capsys):
+    out = tmp_path / "loop.json"
+    assert engine_loop.main(["--batches", "1,5", "--steps", "12", "--rounds", "2", "--json-out", str(out)]) == 0
+    levels = json.loads(out.read_text())["levels"]
+    assert [level["batch"] for level in levels] == [1, 5]
+    for level in levels:  # every request got all its tokens; one decode step per token after the first
+        assert level["tokens"] == level["batch"] * 12 and level["steps"] == 11
+        assert level["ms_per_step"] > 0 and len(level["ms_per_step_all"]) == 2
+    assert "loop ms/step" in capsys.readouterr().out
 
 
 def test_loadtest_drives_a_real_server_and_gets_exact_lengths(tmp_path, capsys):

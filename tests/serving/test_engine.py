@@ -481,6 +481,42 @@ def test_stopping_a_stream_early_frees_its_slot(make_engine, how):
     assert asyncio.run(main()) == (EOS_PROMPT_GREEDY[:3], "length")
 
 
+def test_kv_cache_accounting_follows_every_token_through_joins_stops_aborts_and_chunks(make_engine):
+    """The engine keeps its count of cached tokens as they change (not recounted each step): at every emission it
+    equals the running sequences' prompt tokens cached plus tokens generated, through chunked prefill, EOS stops,
+    length stops, aborts mid-prefill and mid-decode, and requests joining; and it is 0 when all is done."""
+    engine = make_engine(max_num_seqs=3, max_prefill_tokens_per_step=16)
+    checked = []  # (kept count, recounted) at every emission; compared after the run, not in the loop thread
+    original_emit = engine._emit
+
+    def emit(seqs):
+        checked.append((engine._cache_tokens,
+                        sum(seq.num_cached + len(seq.output_ids) for seq in engine._running.values())))
+        return original_emit(seqs)
+
+    engine._emit = emit
+
+    async def main():
+        await engine.start()
+        streams = [engine.generate(request("eos", EOS_PROMPT, greedy(30))),
+                   engine.generate(request("long", random_prompt(70, seed=90), greedy(12, ignore_eos=True))),
+                   engine.generate(request("aborted-in-prefill", random_prompt(90, seed=91), greedy(5))),
+                   engine.generate(request("aborted-decoding", random_prompt(5, seed=92), greedy(200, ignore_eos=True))),
+                   engine.generate(request("joins", random_prompt(20, seed=93), greedy(9, ignore_eos=True)))]
+        engine.abort("aborted-in-prefill")
+        decoding = asyncio.create_task(collect(streams[3]))
+        await wait_until(lambda: len(engine._live.get("aborted-decoding").output_ids) >= 3)
+        engine.abort("aborted-decoding")
+        results = await asyncio.gather(*(collect(stream) for i, stream in enumerate(streams) if i != 3))
+        return results + [await decoding]
+
+    results = asyncio.run(main())
+    assert [reason for _, reason in results] == ["stop", "length", "abort", "length", "abort"]
+    assert [kept for kept, _ in checked] == [recounted for _, recounted in checked]
+    assert max(kept for kept, _ in checked) > 0 and engine._cache_tokens == 0
+    assert engine.stats().kv_cache_usage == 0.0
+
+
 def test_loop_crash_fails_pending_and_new_requests(make_engine, caplog):
     engine = make_engine()
 

@@ -1,0 +1,127 @@
+"""The engine loop's own Python per step, with the model replaced by a stub that returns precomputed logits.
+
+On a GPU the engine thread's Python (scheduling, the K/V bookkeeping, sampling's host side, finish checks, building
+and delivering outputs) runs between device steps, so at large batches it adds to every decode step: at batch 256
+the predicted flash decode step is 2.5-3.5 ms (`docs/ENGINE_NOTES.md`). This measures that Python alone, on any
+machine, so changes to the loop are measured before and after in one run:
+
+    python -m serving.bench.engine_loop --batches 1,64,256 --steps 200
+
+Each level submits `batch` greedy requests with `ignore_eos` and `--steps` output tokens through
+`LLMEngine.submit` into a sink that counts what it is given (as the pipe to the HTTP process would take it), and
+reports the loop's wall time per decode step (first decode step to last) and per token. The model is a tiny random one whose decode step is
+replaced by fixed logits (`stub_runner`), with a small vocabulary (`--vocab`), so the argmax the device would do
+costs next to nothing here.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from serving.bench.loadtest import SHAPES, markdown_table
+from serving.engine.config import EngineConfig
+from serving.engine.engine import LLMEngine
+from serving.engine.interface import GenerationRequest, ModelInfo, SamplingParams
+from serving.engine.model_runner import KVCachePlan, ModelRunner
+
+
+def stub_runner(num_slots: int, max_model_len: int, vocab: int) -> ModelRunner:
+    """A real `ModelRunner` (a tiny random model) whose decode step returns fixed logits: everything the engine
+    thread does around a decode step runs as in serving (the runner's host-side layout of the batch included),
+    only the device step is gone. Records when each decode step started in `decode_times`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{**SHAPES["tiny"], "vocab_size": vocab, "max_position_embeddings": max_model_len})
+    torch.manual_seed(0)
+    runner = ModelRunner(LlamaForCausalLM(config).eval(), KVCachePlan(num_slots, max_model_len))
+    logits = torch.randn(runner.batch_buckets[-1], vocab, generator=torch.Generator().manual_seed(0))
+    runner.decode_times = []
+
+    def step(inputs: torch.Tensor, kv_len: int) -> torch.Tensor:
+        runner.decode_times.append(time.perf_counter())
+        return logits[: inputs.shape[1]]
+
+    runner.use_graphs(step)
+    return runner
+
+
+class CountingSink:
+    """Counts tokens and finished requests; sets `done` when every request has finished."""
+
+    def __init__(self, expected: int) -> None:
+        self.tokens = 0
+        self.finished = 0
+        self.expected = expected
+        self.done = threading.Event()
+
+    def deliver(self, items) -> bool:
+        for _, output in items:
+            self.tokens += len(output.token_ids)
+            if output.finish_reason is not None:
+                self.finished += 1
+        if self.finished >= self.expected:
+            self.done.set()
+        return True
+
+
+def run_level(batch: int, steps: int, prompt_len: int, vocab: int) -> dict:
+    runner = stub_runner(batch, prompt_len + steps + 1, vocab)
+    info = ModelInfo(max_model_len=runner.max_model_len, vocab_size=vocab, eos_token_ids=(vocab - 1,),
+                     dtype="float32", device="cpu")
+    engine = LLMEngine(runner, None, info, EngineConfig(device="cpu", max_num_seqs=batch, warmup_tokens=0,
+                                                         max_prefill_tokens_per_step=batch * prompt_len))
+    sink = CountingSink(batch)
+    params = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True)
+    prompt = tuple(range(1, prompt_len + 1))
+    for index in range(batch):
+        engine.submit(GenerationRequest(f"r{index}", prompt, params), sink, index)
+    asyncio.run(engine.start())  # no warm-up: starts the loop thread on the queued requests
+    if not sink.done.wait(600):
+        raise RuntimeError(f"batch {batch}: the loop did not finish")
+    asyncio.run(engine.shutdown())
+    assert sink.tokens == batch * steps, (sink.tokens, batch * steps)
+    # From the first decode step to the last: the prefill step (a real forward pass of the tiny model) is not timed.
+    times = runner.decode_times
+    per_step = (times[-1] - times[0]) / (len(times) - 1)
+    return {"batch": batch, "steps": len(times), "tokens": sink.tokens, "ms_per_step": per_step * 1e3,
+            "us_per_token": per_step / batch * 1e6}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batches", default="1,64,256")
+    parser.add_argument("--steps", type=int, default=200, help="output tokens per request")
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--vocab", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=3, help="runs per level; the table shows their median")
+    parser.add_argument("--json-out", type=Path)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    levels = []
+    for batch in sorted({int(b) for b in args.batches.split(",")}):
+        runs = [run_level(batch, args.steps, args.prompt_len, args.vocab) for _ in range(args.rounds)]
+        level = dict(runs[0])
+        for key in ("ms_per_step", "us_per_token"):
+            level[key] = statistics.median(run[key] for run in runs)
+            level[f"{key}_all"] = [round(run[key], 4) for run in runs]
+        levels.append(level)
+    rows = [["batch", "decode steps", "tokens", "loop ms/step", "loop us/token", "ms/step, every run"]]
+    for level in levels:
+        rows.append([str(level["batch"]), str(level["steps"]), str(level["tokens"]), f"{level['ms_per_step']:.3f}",
+                     f"{level['us_per_token']:.2f}", ", ".join(f"{v:.3f}" for v in level["ms_per_step_all"])])
+    print(markdown_table(rows))
+    if args.json_out:
+        args.json_out.write_text(json.dumps({"torch": torch.__version__, "levels": levels}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
