@@ -4,7 +4,7 @@
 #
 #   here:  bash serving/bench/prepare_gpu_session.sh          (wheels + baseline script into .gpu-session/)
 #   there: bash serving/bench/gpu_session.sh                  (device tool: carry [".gpu-session"], timeout_s 590)
-#   here:  python -m serving.bench.report $FILES_AT           (the Markdown for docs/BENCHMARKS.md)
+#   here:  python -m serving.bench.report $FILES_AT --write docs/BENCHMARKS.md   (the results into the docs)
 #
 # SMOKE=1 rehearses every stage on this machine's CPU with the tiny model (no wheels, no baselines).
 set -uo pipefail
@@ -96,4 +96,6 @@ for name in gputests steps load baselines load-sdpa load-prefill8k http-on load-
   [ -f "$OUT/$name.log" ] || continue
   echo "== $name (tail)"; tail -n 12 "$OUT/$name.log"; echo
 done
+# The Markdown for docs/BENCHMARKS.md, made in the same call (here: report.py OUT --write docs/BENCHMARKS.md).
+"$PY" -m serving.bench.report "$OUT" > "$OUT/report.md" 2>&1 || echo "report failed: see $OUT/report.md"
 echo "== summary"; cat "$OUT/summary.txt"

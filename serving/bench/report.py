@@ -1,12 +1,14 @@
 """Turn one GPU session's results (`serving/bench/gpu_session.sh`'s $OUT) into Markdown for docs/BENCHMARKS.md.
 
     python -m serving.bench.report /path/to/out > /tmp/section.md
+    python -m serving.bench.report /path/to/out --write docs/BENCHMARKS.md   # in place, between the markers
 
 End-to-end levels are set beside the issue's targets and the decode roofline of the same shape (weights plus the
 live K/V read once per step, from the engine-steps run); the baselines measured in the same call follow.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -101,12 +103,33 @@ def report(out: Path) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+BEGIN, END = "<!-- gpu-session:begin -->", "<!-- gpu-session:end -->"
+
+
+def write_into(document: Path, section: str) -> None:
+    """Replace what lies between the BEGIN and END markers of `document` with `section`."""
+    text = document.read_text()
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise SystemExit(f"{document} needs one {BEGIN} line followed by one {END} line")
+    head, rest = text.split(BEGIN)
+    _, tail = rest.split(END)
+    document.write_text(f"{head}{BEGIN}\n{section.strip()}\n{END}{tail}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1 or not Path(argv[0]).is_dir():
-        print("usage: python -m serving.bench.report OUT_DIR (gpu_session.sh's $OUT)", file=sys.stderr)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path, help="gpu_session.sh's $OUT (the device call's files)")
+    parser.add_argument("--write", type=Path, metavar="DOC",
+                        help="put the report between the gpu-session markers of DOC instead of printing it")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if not args.out.is_dir():
+        print(f"{args.out} is not a directory (gpu_session.sh's $OUT)", file=sys.stderr)
         return 2
-    sys.stdout.write(report(Path(argv[0])))
+    section = report(args.out)
+    if args.write:
+        write_into(args.write, section)
+    else:
+        sys.stdout.write(section)
     return 0
 
 

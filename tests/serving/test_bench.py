@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from serving.bench import engine_loop, engine_steps, loadtest
 
 
@@ -99,6 +101,15 @@ def test_report_sets_each_level_beside_its_target_and_the_roofline(tmp_path):
     assert "|     flash |    64 |   1024 |      640 |    10.00 |     2.50 |     1.10 |            1.40 |" in text
     assert "sdpa was not timed: not asked for." in text
     assert report.main([str(tmp_path / "missing")]) == 2
+    # --write puts the same report between the markers of a document, leaving the rest as it was.
+    document = tmp_path / "BENCHMARKS.md"
+    document.write_text(f"# Before\n\n{report.BEGIN}\nold results\n{report.END}\n\n## After\n")
+    assert report.main([str(tmp_path), "--write", str(document)]) == 0
+    written = document.read_text()
+    assert written == f"# Before\n\n{report.BEGIN}\n{text.strip()}\n{report.END}\n\n## After\n"
+    document.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="needs one <!-- gpu-session:begin --> line"):
+        report.main([str(tmp_path), "--write", str(document)])
 
 
 def test_http_layer_streams_every_token_from_the_synthetic_engine_and_reads_the_server_cpu(tmp_path, capsys):
