@@ -286,11 +286,11 @@ class EngineClient:
 
     def _deliver(self, items: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, object]]) -> None:
         other_loops: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
-        for loop, queue, item in items:
+        for loop, stream_queue, item in items:
             if loop is self._loop:
-                queue.put_nowait(item)
+                stream_queue.put_nowait(item)
             else:  # a stream read on another event loop
-                other_loops.setdefault(loop, []).append((queue, item))
+                other_loops.setdefault(loop, []).append((stream_queue, item))
         for loop, batch in other_loops.items():
             LoopSink.of(loop).deliver(batch)
 
