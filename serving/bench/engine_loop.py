@@ -6,6 +6,7 @@ the predicted flash decode step is 2.5-3.5 ms (`docs/ENGINE_NOTES.md`). This mea
 machine, so changes to the loop are measured before and after in one run:
 
     python -m serving.bench.engine_loop --batches 1,64,256 --steps 200
+    python -m serving.bench.engine_loop --batches 1,64,256 --device-ms 3   # with a simulated 3 ms device step
 
 Each level submits `batch` greedy requests with `ignore_eos` and `--steps` output tokens through
 `LLMEngine.submit` into a sink that counts what it is given (as the pipe to the HTTP process would take it), and
@@ -33,10 +34,33 @@ from serving.engine.interface import GenerationRequest, ModelInfo, SamplingParam
 from serving.engine.model_runner import KVCachePlan, ModelRunner
 
 
-def stub_runner(num_slots: int, max_model_len: int, vocab: int) -> ModelRunner:
+class DeviceLogits:
+    """Logits computed by a simulated device: reading them back (`argmax(...).tolist()`) waits until the device has
+    finished them, as `.tolist()` of a CUDA tensor waits for the stream; slicing and argmax themselves do not."""
+
+    def __init__(self, logits: torch.Tensor, ready: float) -> None:
+        self._logits = logits
+        self._ready = ready
+
+    def __getitem__(self, index) -> "DeviceLogits":
+        return DeviceLogits(self._logits[index], self._ready)
+
+    def argmax(self, dim: int = -1) -> "DeviceLogits":
+        return DeviceLogits(self._logits.argmax(dim=dim), self._ready)
+
+    def tolist(self) -> list:
+        wait = self._ready - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+        return self._logits.tolist()
+
+
+def stub_runner(num_slots: int, max_model_len: int, vocab: int, device_ms: float = 0.0) -> ModelRunner:
     """A real `ModelRunner` (a tiny random model) whose decode step returns fixed logits: everything the engine
     thread does around a decode step runs as in serving (the runner's host-side layout of the batch included),
-    only the device step is gone. Records when each decode step started in `decode_times`."""
+    only the device step is gone. With `device_ms`, the step is a simulated device that works that long per step,
+    one step after another, while the engine thread goes on until it reads the logits back. Records when each
+    decode step started in `decode_times`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(**{**SHAPES["tiny"], "vocab_size": vocab, "max_position_embeddings": max_model_len})
@@ -44,10 +68,16 @@ def stub_runner(num_slots: int, max_model_len: int, vocab: int) -> ModelRunner:
     runner = ModelRunner(LlamaForCausalLM(config).eval(), KVCachePlan(num_slots, max_model_len))
     logits = torch.randn(runner.batch_buckets[-1], vocab, generator=torch.Generator().manual_seed(0))
     runner.decode_times = []
+    device_free = 0.0
 
-    def step(inputs: torch.Tensor, kv_len: int) -> torch.Tensor:
-        runner.decode_times.append(time.perf_counter())
-        return logits[: inputs.shape[1]]
+    def step(inputs: torch.Tensor, kv_len: int):
+        nonlocal device_free
+        launched = time.perf_counter()
+        runner.decode_times.append(launched)
+        if not device_ms:
+            return logits[: inputs.shape[1]]
+        device_free = max(launched, device_free) + device_ms / 1e3
+        return DeviceLogits(logits[: inputs.shape[1]], device_free)
 
     runner.use_graphs(step)
     return runner
@@ -72,8 +102,8 @@ class CountingSink:
         return True
 
 
-def run_level(batch: int, steps: int, prompt_len: int, vocab: int) -> dict:
-    runner = stub_runner(batch, prompt_len + steps + 1, vocab)
+def run_level(batch: int, steps: int, prompt_len: int, vocab: int, device_ms: float = 0.0) -> dict:
+    runner = stub_runner(batch, prompt_len + steps + 1, vocab, device_ms)
     info = ModelInfo(max_model_len=runner.max_model_len, vocab_size=vocab, eos_token_ids=(vocab - 1,),
                      dtype="float32", device="cpu")
     engine = LLMEngine(runner, None, info, EngineConfig(device="cpu", max_num_seqs=batch, warmup_tokens=0,
@@ -101,13 +131,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=200, help="output tokens per request")
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--vocab", type=int, default=512)
+    parser.add_argument("--device-ms", type=float, default=0.0,
+                        help="simulate a device that takes this long per decode step (0: no device time); the loop's "
+                             "Python that does not overlap it shows as ms/step above this")
     parser.add_argument("--rounds", type=int, default=3, help="runs per level; the table shows their median")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     levels = []
     for batch in sorted({int(b) for b in args.batches.split(",")}):
-        runs = [run_level(batch, args.steps, args.prompt_len, args.vocab) for _ in range(args.rounds)]
+        runs = [run_level(batch, args.steps, args.prompt_len, args.vocab, args.device_ms) for _ in range(args.rounds)]
         level = dict(runs[0])
         for key in ("ms_per_step", "us_per_token"):
             level[key] = statistics.median(run[key] for run in runs)
@@ -119,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"{level['us_per_token']:.2f}", ", ".join(f"{v:.3f}" for v in level["ms_per_step_all"])])
     print(markdown_table(rows))
     if args.json_out:
-        args.json_out.write_text(json.dumps({"torch": torch.__version__, "levels": levels}, indent=2))
+        args.json_out.write_text(json.dumps({"torch": torch.__version__, "device_ms": args.device_ms,
+                                             "levels": levels}, indent=2))
     return 0
 
 

@@ -99,6 +99,8 @@ class LLMEngine:
         self._cache_tokens = 0
         """Tokens of the running sequences (prompt tokens cached plus tokens generated), kept as they change."""
         self._generated_since_emit = 0
+        self._pending: list[_Sequence] = []
+        """Sequences the last step gave tokens or ended, emitted during the next step (`_step`)."""
         self._free_slots = list(range(runner.num_slots))
         self._running: dict[int, _Sequence] = {}
         self._prefilling: list[_Sequence] = []
@@ -272,12 +274,16 @@ class LLMEngine:
                 self._emit(aborted)
                 if self._running:
                     self._step()
+            self._flush_pending()
             self._finish_all_live(None)
         except BaseException as exc:
             logger.exception("engine loop died; failing every pending request")
             with self._wakeup:
                 self._dead = True
-            self._finish_all_live(EngineDeadError(f"the engine loop died: {exc!r}"))
+            try:  # what earlier steps produced still reaches its requests, the last outputs of ended ones included
+                self._flush_pending()
+            finally:
+                self._finish_all_live(EngineDeadError(f"the engine loop died: {exc!r}"))
 
     def _admit(self, seq: _Sequence) -> None:
         seq.slot = heapq.heappop(self._free_slots)
@@ -285,7 +291,11 @@ class LLMEngine:
         self._prefilling.append(seq)
 
     def _step(self) -> None:
-        """Chunked prefill within the token budget, then one batched decode step; then emit tokens."""
+        """Chunked prefill within the token budget, then one batched decode step.
+
+        The tokens a step produces are emitted during the next step, once that step's first forward pass is
+        launched: building and sending them (a fifth of the loop's Python at batch 256) then runs while the device
+        works instead of between device steps. A step after which nothing runs emits its own at once."""
         budget = self.config.max_prefill_tokens_per_step
         chunks: list[PrefillChunk] = []
         prefilled: list[_Sequence] = []
@@ -304,6 +314,7 @@ class LLMEngine:
         touched: list[_Sequence] = []
         if chunks:
             logits = self.runner.prefill(chunks)
+            self._flush_pending()  # while the device runs the prefill pass
             for seq in prefilled:
                 self._prefilling.remove(seq)
             if prefilled:
@@ -323,9 +334,18 @@ class LLMEngine:
                 [seq.output_ids[-1] for seq in decoding],
                 [seq.num_cached + len(seq.output_ids) - 1 for seq in decoding],
             )
+            self._flush_pending()  # while the device runs the decode step
             self._sample_and_append(decoding, logits)
             touched += decoding
-        self._emit(touched)
+        self._pending = touched
+        if not (self._decoding or self._prefilling):  # no next step to overlap with
+            self._flush_pending()
+
+    def _flush_pending(self) -> None:
+        """Emit what the previous step produced (see `_step`)."""
+        if self._pending:
+            pending, self._pending = self._pending, []
+            self._emit(pending)
 
     def _sample_and_append(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
         """Sample each sequence's next token, append it, and end the sequences that are done."""

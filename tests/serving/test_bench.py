@@ -49,13 +49,16 @@ def test_engine_steps_times_flash_beside_sdpa_where_it_applies(tmp_path, monkeyp
 
 
 def test_engine_loop_runs_every_request_to_its_length_and_times_the_decode_steps(tmp_path, capsys):
-    out = tmp_path / "loop.json"
-    assert engine_loop.main(["--batches", "1,5", "--steps", "12", "--rounds", "2", "--json-out", str(out)]) == 0
-    levels = json.loads(out.read_text())["levels"]
-    assert [level["batch"] for level in levels] == [1, 5]
-    for level in levels:  # every request got all its tokens; one decode step per token after the first
-        assert level["tokens"] == level["batch"] * 12 and level["steps"] == 11
-        assert level["ms_per_step"] > 0 and len(level["ms_per_step_all"]) == 2
+    for device_ms in ("0", "0.5"):  # without device time, and with a simulated device step
+        out = tmp_path / f"loop-{device_ms}.json"
+        assert engine_loop.main(["--batches", "1,5", "--steps", "12", "--rounds", "2", "--device-ms", device_ms,
+                                 "--json-out", str(out)]) == 0
+        result = json.loads(out.read_text())
+        assert result["device_ms"] == float(device_ms)
+        assert [level["batch"] for level in result["levels"]] == [1, 5]
+        for level in result["levels"]:  # every request got all its tokens; one decode step per token after the first
+            assert level["tokens"] == level["batch"] * 12 and level["steps"] == 11
+            assert level["ms_per_step"] > 0 and len(level["ms_per_step_all"]) == 2
     assert "loop ms/step" in capsys.readouterr().out
 
 

@@ -790,6 +790,40 @@ def test_submit_delivers_to_any_sink_one_call_per_step_the_same_tokens_as_genera
     assert sink.calls < len(sink.items)
 
 
+def test_a_steps_tokens_are_sent_while_the_next_step_runs_and_the_last_ones_at_once(make_engine):
+    """Each step's outputs are delivered after the next step's forward pass is launched (the host's work overlaps the
+    device's), never later than that, and a step after which nothing runs delivers its own before the loop waits."""
+    engine = make_engine()
+    events: list[tuple] = []
+    decode = engine.runner.decode
+
+    def launch(slots, token_ids, positions):
+        events.append(("decode", tuple(token_ids)))
+        return decode(slots, token_ids, positions)
+
+    engine.runner.decode = launch
+
+    class EventSink(RecordingSink):
+        def deliver(self, items):
+            events.append(("deliver", tuple(token for _, output in items for token in output.token_ids),
+                           items[-1][1].finish_reason))
+            return super().deliver(items)
+
+    sink = EventSink()
+    asyncio.run(engine.start())
+    events.clear()  # the warm-up's
+    engine.submit(request("r", random_prompt(6, seed=5), greedy(4, ignore_eos=True)), sink, "r")
+    assert sink.done.wait(10)
+    tokens = [token for _, output in sink.items for token in output.token_ids]
+    assert len(tokens) == 4
+    # Prefill samples the 1st token; decode steps feed tokens 1-3 and sample 2-4. The 1st and 2nd tokens go out
+    # once the step feeding the 2nd is launched, the 3rd once the step feeding the 3rd is, and the 4th, the last,
+    # at once: no step follows it.
+    assert events == [("decode", (tokens[0],)), ("decode", (tokens[1],)), ("deliver", tuple(tokens[:2]), None),
+                      ("decode", (tokens[2],)), ("deliver", (tokens[2],), None),
+                      ("deliver", (tokens[3],), "length")]
+
+
 def test_a_sink_that_refuses_delivery_gets_its_requests_aborted_and_slots_freed(make_engine):
     engine = make_engine(max_num_seqs=1)
     asyncio.run(engine.start())
@@ -825,13 +859,19 @@ def test_a_request_that_ends_in_prefill_gets_its_output_even_if_that_steps_decod
         await engine.start()
         long = engine.generate(request("long", random_prompt(3, seed=70), greedy(200, ignore_eos=True)))
         await long.__anext__()  # decoding
+        decode, submitted = engine.runner.decode, threading.Event()
 
         def crash(*args, **kwargs):
+            # Only in the step whose prefill half ended the short request (it is no longer live), whenever the loop
+            # thread gets there: earlier steps decode as usual.
+            if not submitted.is_set() or "short" in engine._live:
+                return decode(*args, **kwargs)
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
         engine.runner.decode = crash
         # One token: done in the prefill half of the step whose decode half then fails.
         short = engine.generate(request("short", random_prompt(3, seed=71), greedy(1, ignore_eos=True)))
+        submitted.set()
         tokens, reason = await asyncio.wait_for(collect(short), 10)
         assert len(tokens) == 1 and reason == "length"
         with pytest.raises(EngineDeadError, match="illegal memory access"):
