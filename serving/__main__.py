@@ -73,7 +73,8 @@ def engine_config(settings: Settings) -> EngineConfig:
     options = {"device": settings.device, "dtype": settings.dtype, "max_num_seqs": settings.max_num_seqs,
                "max_model_len": settings.max_model_len, "max_waiting": settings.max_queue,
                "gpu_memory_utilization": settings.gpu_memory_utilization, "cuda_graphs": settings.cuda_graphs,
-               "max_prefill_tokens_per_step": settings.max_prefill_tokens, "attention": settings.attention_backend}
+               "max_prefill_tokens_per_step": settings.max_prefill_tokens, "attention": settings.attention_backend,
+               "overlap": settings.overlap}
     try:
         return EngineConfig(**{name: value for name, value in options.items() if value is not None})
     except ValueError as exc:

@@ -53,6 +53,8 @@ class Settings:
     """Chunked-prefill budget per engine step; None keeps the engine's default."""
     attention_backend: str | None = None
     """`auto`, `flash` or `sdpa`: how attention reads the KV cache; None lets the engine choose (auto)."""
+    overlap: bool | None = None
+    """Overlap the engine's host work with the device (run-ahead decode steps); None: on CUDA only."""
     engine_process: bool = True
     """Run the engine in a child process, so HTTP streaming and the engine's Python do not share one GIL
     (`serving.engine.process`); off runs it on a thread of the server's process."""
@@ -117,6 +119,16 @@ def _switch(text: str) -> bool:
     raise ValueError("must be on or off (true/false, 1/0)")
 
 
+def _auto_switch(text: str) -> bool | None:
+    """`auto` (None: the engine decides), or a switch."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return _switch(text)
+    except ValueError:
+        raise ValueError("must be auto, on or off") from None
+
+
 def _choice(*allowed: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = text.strip().lower()
@@ -149,6 +161,9 @@ _OPTIONS: tuple[tuple[str, str, str, Callable[[str], object], str], ...] = (
      "prompt tokens prefilled per engine step (default 2048)"),
     ("attention_backend", "--attention-backend", "ATTENTION_BACKEND", _choice("auto", "flash", "sdpa"),
      "auto, flash or sdpa: how attention reads the KV cache (default auto: flash where it applies)"),
+    ("overlap", "--overlap", "OVERLAP", _auto_switch,
+     "auto, on or off: launch each greedy decode step before the last one's tokens are read back (default auto: on "
+     "CUDA)"),
     ("engine_process", "--engine-process", "ENGINE_PROCESS", _switch,
      "on or off: run the engine in a process of its own, apart from HTTP streaming (default on)"),
     ("max_body_bytes", "--max-body-bytes", "MAX_BODY_BYTES", _positive_int,

@@ -7,6 +7,8 @@ machine, so changes to the loop are measured before and after in one run:
 
     python -m serving.bench.engine_loop --batches 1,64,256 --steps 200
     python -m serving.bench.engine_loop --batches 1,64,256 --device-ms 3   # with a simulated 3 ms device step
+    python -m serving.bench.engine_loop --batches 200 --slots 256 --device-ms 3   # a partly empty batch bucket
+    python -m serving.bench.engine_loop --batches 1,64,256 --device-ms 3 --overlap off   # one step at a time
 
 Each level submits `batch` greedy requests with `ignore_eos` and `--steps` output tokens through
 `LLMEngine.submit` into a sink that counts what it is given (as the pipe to the HTTP process would take it), and
@@ -38,9 +40,16 @@ class DeviceLogits:
     """Logits computed by a simulated device: reading them back (`argmax(...).tolist()`) waits until the device has
     finished them, as `.tolist()` of a CUDA tensor waits for the stream; slicing and argmax themselves do not."""
 
+    is_cuda = False  # read back with tolist(), which waits (serving.engine.engine._InFlight)
+
     def __init__(self, logits: torch.Tensor, ready: float) -> None:
         self._logits = logits
         self._ready = ready
+
+    @property
+    def value(self) -> torch.Tensor:
+        """The values, for the next simulated step to be fed with (on a device, stream order makes it wait)."""
+        return self._logits
 
     def __getitem__(self, index) -> "DeviceLogits":
         return DeviceLogits(self._logits[index], self._ready)
@@ -80,6 +89,12 @@ def stub_runner(num_slots: int, max_model_len: int, vocab: int, device_ms: float
         return DeviceLogits(logits[: inputs.shape[1]], device_free)
 
     runner.use_graphs(step)
+    decode_ahead = runner.decode_ahead
+
+    def ahead(tokens, kv_len: int):
+        return decode_ahead(tokens.value if isinstance(tokens, DeviceLogits) else tokens, kv_len)
+
+    runner.decode_ahead = ahead
     return runner
 
 
@@ -102,12 +117,17 @@ class CountingSink:
         return True
 
 
-def run_level(batch: int, steps: int, prompt_len: int, vocab: int, device_ms: float = 0.0) -> dict:
-    runner = stub_runner(batch, prompt_len + steps + 1, vocab, device_ms)
+def run_level(batch: int, steps: int, prompt_len: int, vocab: int, device_ms: float = 0.0,
+              slots: int | None = None, overlap: bool | None = None) -> dict:
+    """`batch` requests on `slots` slots (default: as many as requests; more leave a batch bucket partly empty).
+    `overlap` as `EngineConfig.overlap`; by default on with a simulated device, as on CUDA, and off without."""
+    runner = stub_runner(max(slots or batch, batch), prompt_len + steps + 1, vocab, device_ms)
     info = ModelInfo(max_model_len=runner.max_model_len, vocab_size=vocab, eos_token_ids=(vocab - 1,),
                      dtype="float32", device="cpu")
-    engine = LLMEngine(runner, None, info, EngineConfig(device="cpu", max_num_seqs=batch, warmup_tokens=0,
-                                                         max_prefill_tokens_per_step=batch * prompt_len))
+    overlap = device_ms > 0 if overlap is None else overlap
+    config = EngineConfig(device="cpu", max_num_seqs=runner.num_slots, warmup_tokens=0, overlap=overlap,
+                          max_prefill_tokens_per_step=batch * prompt_len)
+    engine = LLMEngine(runner, None, info, config)
     sink = CountingSink(batch)
     params = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True)
     prompt = tuple(range(1, prompt_len + 1))
@@ -134,13 +154,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device-ms", type=float, default=0.0,
                         help="simulate a device that takes this long per decode step (0: no device time); the loop's "
                              "Python that does not overlap it shows as ms/step above this")
+    parser.add_argument("--slots", type=int, default=None,
+                        help="engine slots (default: each level's batch); more than a level's batch leaves its batch "
+                             "bucket partly empty, the general path of laying out a decode step")
+    parser.add_argument("--overlap", choices=["on", "off"], default=None,
+                        help="the engine's overlap of host and device work (default: on with --device-ms, as on "
+                             "CUDA; off without, as on CPU)")
     parser.add_argument("--rounds", type=int, default=3, help="runs per level; the table shows their median")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     levels = []
     for batch in sorted({int(b) for b in args.batches.split(",")}):
-        runs = [run_level(batch, args.steps, args.prompt_len, args.vocab, args.device_ms) for _ in range(args.rounds)]
+        overlap = None if args.overlap is None else args.overlap == "on"
+        runs = [run_level(batch, args.steps, args.prompt_len, args.vocab, args.device_ms, args.slots, overlap)
+                for _ in range(args.rounds)]
         level = dict(runs[0])
         for key in ("ms_per_step", "us_per_token"):
             level[key] = statistics.median(run[key] for run in runs)
@@ -153,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(rows))
     if args.json_out:
         args.json_out.write_text(json.dumps({"torch": torch.__version__, "device_ms": args.device_ms,
-                                             "levels": levels}, indent=2))
+                                             "slots": args.slots, "overlap": args.overlap, "levels": levels}, indent=2))
     return 0
 
 

@@ -79,8 +79,10 @@ if [ "$SMOKE" != 1 ]; then
     --modes static,cb --static-requests 64 --cb-requests 256 --json "$OUT/baselines.json"
 fi
 # 5. The 256 level again with one server setting changed, most telling first: attention over the KV bucket (sdpa)
-#    instead of each sequence's own K/V (flash); four times the prefill budget per step; the engine on a thread.
+#    instead of each sequence's own K/V (flash); one step at a time instead of run-ahead decode steps (overlap off);
+#    four times the prefill budget per step; the engine on a thread.
 load_stage load-sdpa 70 "$sdpa_levels" --attention-backend sdpa
+load_stage load-stepwise 70 "$variant_levels" --overlap off
 load_stage load-prefill8k 70 "$variant_levels" --max-prefill-tokens 8192
 # 6. The HTTP layer alone on this machine's CPU: the real server streaming from a synthetic engine whose steps take
 #    what the graph step at 256 is predicted to take, with the engine in its own process (the default) and on a
@@ -92,7 +94,7 @@ stage http-off 40 "$PY" -m serving.bench.http_layer --concurrency "$http_levels"
   --device-ms 4.5 --python-ms 0.6 --engine-process off --max-level-seconds 10 --json-out "$OUT/http-off.json"
 
 echo; cat "$OUT/env.txt"; echo
-for name in gputests steps load baselines load-sdpa load-prefill8k http-on load-thread http-off; do
+for name in gputests steps load baselines load-sdpa load-stepwise load-prefill8k http-on load-thread http-off; do
   [ -f "$OUT/$name.log" ] || continue
   echo "== $name (tail)"; tail -n 12 "$OUT/$name.log"; echo
 done

@@ -238,7 +238,7 @@ def start_server(args: argparse.Namespace, log_path: Path) -> tuple[subprocess.P
     command = [sys.executable, "-m", "serving", "--model-path", str(args.model_path), "--model-name", args.model,
                "--host", "127.0.0.1", "--port", str(port)]
     for flag in ("device", "dtype", "max_num_seqs", "max_model_len", "max_queue", "max_prefill_tokens", "cuda_graphs",
-                 "engine_process", "attention_backend"):
+                 "engine_process", "attention_backend", "overlap"):
         if getattr(args, flag) is not None:
             command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     log = open(log_path, "wb")
@@ -285,6 +285,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the engine in its own process or on a thread of the server's (server default: on)")
     server.add_argument("--attention-backend", choices=["auto", "flash", "sdpa"],
                         help="how attention reads the KV cache (server default: auto)")
+    server.add_argument("--overlap", choices=["auto", "on", "off"],
+                        help="run-ahead decode steps, host work overlapping the device (server default: auto)")
     server.add_argument("--startup-timeout", type=float, default=600)
     load = parser.add_argument_group("load")
     load.add_argument("--model", default="bench", help="served model name (default: bench)")

@@ -87,6 +87,7 @@ def report(out: Path) -> str:
     if steps:
         parts.append("Engine steps (`serving.bench.engine_steps`):\n\n" + engine_steps(steps))
     for name, what in (("load-sdpa", "attention over each step's KV bucket (`--attention-backend sdpa`)"),
+                       ("load-stepwise", "one step at a time, no run-ahead decode steps (`--overlap off`)"),
                        ("load-prefill8k", "a prefill budget of 8192 tokens per step (`--max-prefill-tokens 8192`)"),
                        ("load-thread", "the engine on a thread of the server's process (`--engine-process off`)")):
         if variant := _load(out / f"{name}.json"):

@@ -51,6 +51,11 @@ class EngineConfig:
     engine loads, and replay them: small batches stop paying Python and launch overhead per step. Capture
     takes seconds and some memory (the largest step's activations, counted in the KV-cache budget); if it
     fails, decoding stays eager and the reason is logged. Ignored on CPU."""
+    overlap: bool | None = None
+    """Overlap the engine thread's work with the device: a greedy decode step is launched before the previous one's
+    tokens are read back (fed with them on the device), and a step's outputs are sent while the next step runs.
+    None: on CUDA, where the device runs asynchronously; on CPU every step runs to completion when launched, so
+    overlapping would only hold each output back by a step. Off is the way back to one step at a time."""
     attention: Attention = "auto"
     """How attention reads the KV cache (`serving.engine.attention`). `flash`: the flash kernel's variable-length
     form, reading only each sequence's own K/V (CUDA, float16/bfloat16, compute capability 8.0+); `sdpa`: PyTorch's
@@ -74,6 +79,8 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization: {self.gpu_memory_utilization} must be in (0, 1]")
         if self.attention not in ("auto", "flash", "sdpa"):
             raise ValueError(f"attention: {self.attention!r} is not one of 'auto', 'flash', 'sdpa'")
+        if self.overlap not in (None, True, False):
+            raise ValueError(f"overlap: {self.overlap!r} must be true, false or unset (auto)")
         if not isinstance(self.cuda_graphs, bool):
             raise ValueError(f"cuda_graphs: {self.cuda_graphs!r} must be true or false")
         if self.warmup_tokens < 0:

@@ -7,6 +7,10 @@ decode step for every decoding request. Outputs go to each request's `OutputSink
 step: for `generate()`, the caller's event loop (`loop.call_soon_threadsafe`); for `submit()`, whatever the
 caller gives, such as the pipe to the HTTP process (`serving.engine.process`). The thread sleeps on a
 condition variable when there is no work.
+
+On CUDA the loop's own work overlaps the device's (`EngineConfig.overlap`, see `LLMEngine._step`): a greedy
+decode step is launched from the previous step's tokens while they are still on the device, and the host reads,
+appends and sends them while the new step runs.
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ from serving.engine.model_runner import (
     PrefillChunk,
     kv_bytes_per_token,
     kv_cache_budget_bytes,
+    kv_len_bucket,
     model_context_len,
     plan_kv_cache,
 )
@@ -76,6 +81,29 @@ class _Sequence:
     final_emitted: bool = False
 
 
+class _InFlight:
+    """A greedy decode step launched and not yet read back: its sequences (in slot order) and its chosen tokens, on
+    their way to the host. Reading waits for this step only, not for steps launched after it."""
+
+    __slots__ = ("seqs", "tokens", "_host", "_ready")
+
+    def __init__(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
+        self.seqs = seqs
+        self.tokens = logits.argmax(dim=-1)
+        if self.tokens.is_cuda:
+            self._host = torch.empty(self.tokens.shape, dtype=self.tokens.dtype, pin_memory=True)
+            self._host.copy_(self.tokens, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host, self._ready = self.tokens, None
+
+    def read(self) -> list[int]:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._host.tolist()
+
+
 class LLMEngine:
     """Implements `serving.engine.interface.Engine` over `ModelRunner`."""
 
@@ -101,6 +129,9 @@ class LLMEngine:
         self._generated_since_emit = 0
         self._pending: list[_Sequence] = []
         """Sequences the last step gave tokens or ended, emitted during the next step (`_step`)."""
+        self._in_flight: _InFlight | None = None
+        """The last greedy decode step, launched and not read back yet (`_step`)."""
+        self._overlap = config.overlap if config.overlap is not None else runner.device.type == "cuda"
         self._free_slots = list(range(runner.num_slots))
         self._running: dict[int, _Sequence] = {}
         self._prefilling: list[_Sequence] = []
@@ -274,6 +305,10 @@ class LLMEngine:
                 self._emit(aborted)
                 if self._running:
                     self._step()
+                else:  # everything ended (aborts included): what the last step produced goes out before the wait
+                    self._in_flight = None
+                    self._flush_pending()
+            self._finish_in_flight()
             self._flush_pending()
             self._finish_all_live(None)
         except BaseException as exc:
@@ -293,9 +328,35 @@ class LLMEngine:
     def _step(self) -> None:
         """Chunked prefill within the token budget, then one batched decode step.
 
-        The tokens a step produces are emitted during the next step, once that step's first forward pass is
-        launched: building and sending them (a fifth of the loop's Python at batch 256) then runs while the device
-        works instead of between device steps. A step after which nothing runs emits its own at once."""
+        With `overlap` (on CUDA by default) host work runs while the device works. A greedy decode step is launched
+        and read back during the next iteration: if nothing changed (no prompt to prefill, no sequence aborted, every
+        next token an argmax), the next step is launched first, fed with this one's tokens still on the device
+        (`ModelRunner.decode_ahead`), and this one's tokens are read and handled while it runs; a sequence that turns
+        out to have ended with this step costs that next step one wasted row. And the outputs a step produces are
+        sent during the next step, once its first forward pass is launched; a step after which nothing runs sends
+        its own at once. Without `overlap` every step is read back and sent as soon as it is launched."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None:
+            if self._can_run_ahead(in_flight):
+                self._run_ahead(in_flight)
+                return
+            self._finish(in_flight)
+        self._prefill_and_decode()
+        if not self._overlap or not (self._decoding or self._prefilling):  # nothing to overlap with
+            self._finish_in_flight()
+            self._flush_pending()
+
+    def _run_ahead(self, in_flight: _InFlight) -> None:
+        """Launch the next decode step from `in_flight`'s tokens on the device, then read and handle them."""
+        logits = self.runner.decode_ahead(in_flight.tokens, self._ahead_kv_len(in_flight))
+        self._in_flight = _InFlight(in_flight.seqs, logits)
+        self._flush_pending()  # while the device runs both steps
+        self._finish(in_flight)
+        if not self._decoding:  # every sequence ended with the step just read: the one launched is wasted
+            self._in_flight = None
+            self._flush_pending()
+
+    def _prefill_and_decode(self) -> None:
         budget = self.config.max_prefill_tokens_per_step
         chunks: list[PrefillChunk] = []
         prefilled: list[_Sequence] = []
@@ -311,7 +372,6 @@ class LLMEngine:
             budget -= count
             if done:
                 prefilled.append(seq)
-        touched: list[_Sequence] = []
         if chunks:
             logits = self.runner.prefill(chunks)
             self._flush_pending()  # while the device runs the prefill pass
@@ -326,7 +386,7 @@ class LLMEngine:
                 if started:
                     self._decoding += started
                     self._decoding.sort(key=_slot_of)
-                    touched += started
+                    self._pending += started
         decoding = list(self._decoding)  # sampling below removes the ones that end from self._decoding
         if decoding:
             logits = self.runner.decode(
@@ -335,11 +395,36 @@ class LLMEngine:
                 [seq.num_cached + len(seq.output_ids) - 1 for seq in decoding],
             )
             self._flush_pending()  # while the device runs the decode step
-            self._sample_and_append(decoding, logits)
-            touched += decoding
-        self._pending = touched
-        if not (self._decoding or self._prefilling):  # no next step to overlap with
-            self._flush_pending()
+            if all(len(seq.output_ids) >= seq.argmax_from for seq in decoding):
+                self._in_flight = _InFlight(decoding, logits)  # read back during the next iteration
+            else:
+                self._sample_and_append(decoding, logits)
+                self._pending += decoding
+
+    def _can_run_ahead(self, in_flight: _InFlight) -> bool:
+        """Whether the next decode step can be launched before `in_flight` is read: the same sequences (none aborted,
+        no prompt waiting to be prefilled) and, for each, an argmax for the token after the one in flight."""
+        return (not self._prefilling and self._decoding == in_flight.seqs
+                and all(len(seq.output_ids) + 1 >= seq.argmax_from for seq in in_flight.seqs))
+
+    def _ahead_kv_len(self, in_flight: _InFlight) -> int:
+        """The KV bucket of the step after `in_flight`: it feeds each sequence's in-flight token one position on."""
+        longest = max(seq.num_cached + len(seq.output_ids) for seq in in_flight.seqs)
+        return kv_len_bucket(longest + 1, self.runner.max_model_len)
+
+    def _finish(self, in_flight: _InFlight) -> None:
+        """Read a launched step's tokens back and append them (to the sequences still running); they are emitted
+        during the next step."""
+        seqs = in_flight.seqs
+        tokens = in_flight.read()
+        live = [(seq, token) for seq, token in zip(seqs, tokens) if not seq.finished]
+        self._append([seq for seq, _ in live], [token for _, token in live])
+        self._pending += seqs
+
+    def _finish_in_flight(self) -> None:
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None:
+            self._finish(in_flight)
 
     def _flush_pending(self) -> None:
         """Emit what the previous step produced (see `_step`)."""
@@ -363,6 +448,10 @@ class LLMEngine:
                 for seq in seqs
             ]
             tokens = sample_tokens(logits, rows).tolist()
+        self._append(seqs, tokens)
+
+    def _append(self, seqs: list[_Sequence], tokens: list[int]) -> None:
+        """Append each sequence's new token and end the sequences that are done."""
         appended = 0
         for seq, token in zip(seqs, tokens):
             output_ids = seq.output_ids

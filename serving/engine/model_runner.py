@@ -12,6 +12,8 @@ go into the cache without a transpose.
 - `decode_step` is one batched step for slots 0..B-1 over fixed-shape tensors: a batch-size bucket
   and `kv_len`, a bucketed bound on the longest live sequence (`kv_len_bucket`), so few shapes occur
   and each can be captured once as a CUDA graph (`serving.engine.cuda_graphs`).
+- `decode_ahead` launches the step after the last one from that step's chosen tokens on the device, with no
+  host-to-device copy, so the engine can launch it before reading those tokens back.
 - Attention itself is `serving.engine.attention`'s: SDPA over the KV bucket, or the flash kernel's
   variable-length form reading only each sequence's own K/V; both fold grouped-query heads so K/V
   are read once per KV head.
@@ -200,6 +202,8 @@ class ModelRunner:
         self.kv_len_buckets = kv_len_buckets(self.max_model_len)
         self.scratch_position = self.max_model_len - 1
         self.graphs = None
+        self._last_decode: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        """The last decode step's inputs (on the device) and row selection, for `decode_ahead`."""
 
     @property
     def capacity_tokens(self) -> int:
@@ -216,8 +220,11 @@ class ModelRunner:
         token_ids = [token for chunk in chunks for token in chunk.token_ids]
         positions = [position for chunk in chunks for position in range(chunk.start, chunk.end)]
         slots = [chunk.slot for chunk in chunks for _ in chunk.token_ids]
-        inputs = torch.tensor([token_ids, positions, slots], dtype=torch.long).to(self.device, non_blocking=True)
         offsets = list(itertools.accumulate((len(chunk.token_ids) for chunk in chunks), initial=0))
+        wanted = [last - 1 for chunk, last in zip(chunks, offsets[1:]) if chunk.want_logits]
+        # Every host-to-device copy before the pass is launched: one after it would wait for the pass.
+        inputs = torch.tensor([token_ids, positions, slots], dtype=torch.long).to(self.device, non_blocking=True)
+        wanted_rows = torch.tensor(wanted, dtype=torch.long).to(self.device, non_blocking=True) if wanted else None
         plan = self.attention.prefill_plan([
             ChunkSpan(chunk.slot, first, last, chunk.start, chunk.end)
             for chunk, first, last in zip(chunks, offsets, offsets[1:])
@@ -232,10 +239,9 @@ class ModelRunner:
             attention = self.attention.prefill(query[0], self.k_cache[index], self.v_cache[index], plan)
             hidden = residual + layer.self_attn.o_proj(attention.unsqueeze(0))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        wanted = [last - 1 for chunk, last in zip(chunks, offsets[1:]) if chunk.want_logits]
-        if not wanted:
+        if wanted_rows is None:
             return None
-        return self.lm_head(self.norm(hidden[0, wanted])).float()
+        return self.lm_head(self.norm(hidden[0].index_select(0, wanted_rows))).float()
 
     def decode(self, slots: list[int], token_ids: list[int], positions: list[int]) -> torch.Tensor:
         """One decode step for the given slots; returns float32 logits [len(slots), vocab] in that order.
@@ -254,12 +260,28 @@ class ModelRunner:
             for slot, token, position in zip(slots, token_ids, positions):
                 rows[0][slot] = token
                 rows[1][slot] = position
-        inputs = torch.tensor(rows, dtype=torch.long)
+        # Every host-to-device copy before the step is launched: one after it would wait for the step.
+        inputs = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
+        index = None if full else torch.tensor(slots).to(self.device, non_blocking=True)
+        return self._run_decode(inputs, index, kv_len)
+
+    def decode_ahead(self, tokens: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """The decode step after the last one, for the same slots, fed with `tokens` (the last step's chosen tokens,
+        on the device, in its slots' order) one position further on; returns logits as `decode` does. Nothing is
+        copied from the host, so it can be launched while the last step still runs on the device."""
+        inputs, index = self._last_decode
+        positions = inputs[1] + (inputs[1] != self.scratch_position)  # the scratch rows stay where they are
+        if index is None:
+            next_tokens = tokens
+        else:
+            next_tokens = inputs[0].index_put((index,), tokens)
+        return self._run_decode(torch.stack([next_tokens, positions]), index, kv_len)
+
+    def _run_decode(self, inputs: torch.Tensor, index: torch.Tensor | None, kv_len: int) -> torch.Tensor:
+        self._last_decode = (inputs, index)
         step = self.graphs if self.graphs is not None else self._decode_eager
-        logits = step(inputs.to(self.device, non_blocking=True), kv_len)
-        if full:
-            return logits
-        return logits[torch.tensor(slots, device=self.device)]
+        logits = step(inputs, kv_len)
+        return logits if index is None else logits[index]
 
     def use_graphs(self, graphs) -> None:
         """Route decode steps through `graphs` (a `serving.engine.cuda_graphs.DecodeGraphs`), or eager (None)."""

@@ -97,11 +97,14 @@ def hf_model(tiny_model_dir):
     return load_hf(tiny_model_dir)
 
 
-@pytest.fixture
-def make_engine(tiny_model_dir):
+@pytest.fixture(params=[False, True], ids=["one-step-at-a-time", "overlap"])
+def make_engine(tiny_model_dir, request):
+    """Engines on CPU, float32. Every test runs twice: stepping one step at a time (CPU's default) and with the
+    overlap of host and device work that CUDA gets by default (run-ahead decode steps, outputs sent a step later)."""
     engines: list[LLMEngine] = []
 
     def make(model_dir=None, **overrides) -> LLMEngine:
+        overrides.setdefault("overlap", request.param)
         config = EngineConfig(device="cpu", dtype="float32", **overrides)
         engine = LLMEngine.from_model_dir(model_dir or tiny_model_dir, config)
         engines.append(engine)
@@ -495,6 +498,18 @@ def test_kv_cache_accounting_follows_every_token_through_joins_stops_aborts_and_
         return original_emit(seqs)
 
     engine._emit = emit
+    prefill = engine.runner.prefill
+    cached_when_aborted = []
+
+    def prefill_then_abort(chunks):
+        # From the loop thread, once part of this prompt is in the cache: an abort in the middle of its prefill.
+        seq = engine._live.get("aborted-in-prefill")
+        if seq is not None and 0 < seq.num_cached < len(seq.prompt) and not cached_when_aborted:
+            cached_when_aborted.append(seq.num_cached)
+            engine.abort("aborted-in-prefill")
+        return prefill(chunks)
+
+    engine.runner.prefill = prefill_then_abort
 
     async def main():
         await engine.start()
@@ -503,7 +518,6 @@ def test_kv_cache_accounting_follows_every_token_through_joins_stops_aborts_and_
                    engine.generate(request("aborted-in-prefill", random_prompt(90, seed=91), greedy(5))),
                    engine.generate(request("aborted-decoding", random_prompt(5, seed=92), greedy(200, ignore_eos=True))),
                    engine.generate(request("joins", random_prompt(20, seed=93), greedy(9, ignore_eos=True)))]
-        engine.abort("aborted-in-prefill")
         decoding = asyncio.create_task(collect(streams[3]))
         await wait_until(lambda: len(engine._live.get("aborted-decoding").output_ids) >= 3)
         engine.abort("aborted-decoding")
@@ -512,9 +526,34 @@ def test_kv_cache_accounting_follows_every_token_through_joins_stops_aborts_and_
 
     results = asyncio.run(main())
     assert [reason for _, reason in results] == ["stop", "length", "abort", "length", "abort"]
+    assert cached_when_aborted and 0 < cached_when_aborted[0] < 90
     assert [kept for kept, _ in checked] == [recounted for _, recounted in checked]
     assert max(kept for kept, _ in checked) > 0 and engine._cache_tokens == 0
     assert engine.stats().kv_cache_usage == 0.0
+
+
+def test_a_finished_requests_last_output_arrives_when_every_other_request_is_aborted_before_the_next_step(
+        make_engine):
+    """A request ends in a step after which another keeps decoding, so its last output waits to go out during the
+    next step; that other request is aborted before there is one. The last output must not wait for new work."""
+    engine = make_engine(max_num_seqs=2)
+    append = engine._append
+
+    def append_then_abort_b(seqs, tokens):  # in the loop thread, within the step in which "a" ends
+        append(seqs, tokens)
+        if any(seq.request.request_id == "a" and seq.finished for seq in seqs):
+            engine.abort("b")
+
+    engine._append = append_then_abort_b
+
+    async def main():
+        await engine.start()
+        a = engine.generate(request("a", random_prompt(4, seed=1), greedy(3, ignore_eos=True)))
+        b = engine.generate(request("b", random_prompt(4, seed=2), greedy(200, ignore_eos=True)))
+        return await asyncio.wait_for(asyncio.gather(collect(a), collect(b)), 10)
+
+    (a_tokens, a_reason), (_, b_reason) = asyncio.run(main())
+    assert len(a_tokens) == 3 and a_reason == "length" and b_reason == "abort"
 
 
 def test_loop_crash_fails_pending_and_new_requests(make_engine, caplog):
@@ -790,18 +829,24 @@ def test_submit_delivers_to_any_sink_one_call_per_step_the_same_tokens_as_genera
     assert sink.calls < len(sink.items)
 
 
-def test_a_steps_tokens_are_sent_while_the_next_step_runs_and_the_last_ones_at_once(make_engine):
-    """Each step's outputs are delivered after the next step's forward pass is launched (the host's work overlaps the
-    device's), never later than that, and a step after which nothing runs delivers its own before the loop waits."""
-    engine = make_engine()
+def test_greedy_decode_steps_are_launched_before_the_last_ones_tokens_are_read_and_sent(make_engine, hf_model):
+    """Host work overlaps the device: each greedy decode step after the first is launched from the previous step's
+    tokens still on the device, before the host reads them back; each step's tokens are sent after the next step is
+    launched, and the last ones at once. The step launched past the end is the one wasted row. (On CUDA by default;
+    on CPU each step runs to completion when launched, so it is asked for here.)"""
+    engine = make_engine(overlap=True)
     events: list[tuple] = []
-    decode = engine.runner.decode
+    decode, decode_ahead = engine.runner.decode, engine.runner.decode_ahead
 
     def launch(slots, token_ids, positions):
         events.append(("decode", tuple(token_ids)))
         return decode(slots, token_ids, positions)
 
-    engine.runner.decode = launch
+    def launch_ahead(tokens, kv_len):
+        events.append(("ahead",))
+        return decode_ahead(tokens, kv_len)
+
+    engine.runner.decode, engine.runner.decode_ahead = launch, launch_ahead
 
     class EventSink(RecordingSink):
         def deliver(self, items):
@@ -812,15 +857,17 @@ def test_a_steps_tokens_are_sent_while_the_next_step_runs_and_the_last_ones_at_o
     sink = EventSink()
     asyncio.run(engine.start())
     events.clear()  # the warm-up's
-    engine.submit(request("r", random_prompt(6, seed=5), greedy(4, ignore_eos=True)), sink, "r")
+    prompt = random_prompt(6, seed=5)
+    engine.submit(request("r", prompt, greedy(4, ignore_eos=True)), sink, "r")
     assert sink.done.wait(10)
     tokens = [token for _, output in sink.items for token in output.token_ids]
-    assert len(tokens) == 4
-    # Prefill samples the 1st token; decode steps feed tokens 1-3 and sample 2-4. The 1st and 2nd tokens go out
-    # once the step feeding the 2nd is launched, the 3rd once the step feeding the 3rd is, and the 4th, the last,
-    # at once: no step follows it.
-    assert events == [("decode", (tokens[0],)), ("decode", (tokens[1],)), ("deliver", tuple(tokens[:2]), None),
-                      ("decode", (tokens[2],)), ("deliver", (tokens[2],), None),
+    assert tokens == hf_greedy(hf_model, prompt, 4)
+    # Prefill samples the 1st token, which the first decode step is fed from the host; the three steps after it are
+    # fed on the device. Each token goes out once the step after the one that chose it is launched; the 4th, the
+    # last, at once.
+    assert events == [("decode", (tokens[0],)), ("deliver", (tokens[0],), None),
+                      ("ahead",), ("ahead",), ("deliver", (tokens[1],), None),
+                      ("ahead",), ("deliver", (tokens[2],), None),
                       ("deliver", (tokens[3],), "length")]
 
 
@@ -859,19 +906,23 @@ def test_a_request_that_ends_in_prefill_gets_its_output_even_if_that_steps_decod
         await engine.start()
         long = engine.generate(request("long", random_prompt(3, seed=70), greedy(200, ignore_eos=True)))
         await long.__anext__()  # decoding
-        decode, submitted = engine.runner.decode, threading.Event()
+        prefill, decode = engine.runner.prefill, engine.runner.decode
+        ends_short = [False]  # set by this step's prefill, in the loop thread: whether it holds short's last chunk
+
+        def watch_prefill(chunks):
+            short = engine._live.get("short")
+            ends_short[0] = short is not None and any(c.slot == short.slot and c.want_logits for c in chunks)
+            return prefill(chunks)
 
         def crash(*args, **kwargs):
-            # Only in the step whose prefill half ended the short request (it is no longer live), whenever the loop
-            # thread gets there: earlier steps decode as usual.
-            if not submitted.is_set() or "short" in engine._live:
+            # Only in the step whose prefill half ends the short request; earlier steps decode as usual.
+            if not ends_short[0]:
                 return decode(*args, **kwargs)
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-        engine.runner.decode = crash
+        engine.runner.prefill, engine.runner.decode = watch_prefill, crash
         # One token: done in the prefill half of the step whose decode half then fails.
         short = engine.generate(request("short", random_prompt(3, seed=71), greedy(1, ignore_eos=True)))
-        submitted.set()
         tokens, reason = await asyncio.wait_for(collect(short), 10)
         assert len(tokens) == 1 and reason == "length"
         with pytest.raises(EngineDeadError, match="illegal memory access"):

@@ -45,6 +45,7 @@ def test_bad_setting_exits_2_with_one_line(tiny_model_dir):
     ([], {"ENGINE_PROCESS": "sometimes"}, "ENGINE_PROCESS='sometimes': must be on or off (true/false, 1/0)"),
     ([], {"MAX_PREFILL_TOKENS": "0"}, "MAX_PREFILL_TOKENS='0': must be a positive integer"),
     ([], {"ATTENTION_BACKEND": "xformers"}, "ATTENTION_BACKEND='xformers': must be one of auto, flash, sdpa"),
+    ([], {"OVERLAP": "sometimes"}, "OVERLAP='sometimes': must be auto, on or off"),
     (["--max-body-bytes", "-5"], {}, "--max-body-bytes='-5': must be a positive integer"),
     (["--no-such-flag"], {}, "unrecognized arguments: --no-such-flag"),
 ])
@@ -68,12 +69,15 @@ def test_settings_from_flags_env_and_key_sources(tiny_model_dir, tmp_path):
     assert settings.engine_process is True and settings.max_prefill_tokens is None
     tuned = load_settings(["--max-prefill-tokens", "8192"], {"MODEL_PATH": str(tiny_model_dir), "MAX_QUEUE": "3",
                                                              "ENGINE_PROCESS": "off", "CUDA_GRAPHS": "off",
-                                                             "ATTENTION_BACKEND": "SDPA"})
+                                                             "ATTENTION_BACKEND": "SDPA", "OVERLAP": "off"})
     config = engine_config(tuned)
     assert (config.max_prefill_tokens_per_step, config.max_waiting, config.cuda_graphs) == (8192, 3, False)
-    assert tuned.engine_process is False and config.attention == "sdpa"
+    assert tuned.engine_process is False and config.attention == "sdpa" and config.overlap is False
+    assert engine_config(load_settings([], {"MODEL_PATH": str(tiny_model_dir), "OVERLAP": "Auto"})).overlap is None
+    assert engine_config(load_settings(["--overlap", "on"], {"MODEL_PATH": str(tiny_model_dir)})).overlap is True
     assert engine_config(settings).max_prefill_tokens_per_step == EngineConfig().max_prefill_tokens_per_step
     assert engine_config(settings).attention == EngineConfig().attention == "auto"
+    assert engine_config(settings).overlap is EngineConfig().overlap is None
     assert (settings.host, settings.max_body_bytes, settings.max_num_seqs) == ("0.0.0.0", 1024 * 1024, None)
     assert "alpha" not in repr(settings)
     empty = tmp_path / "empty"
