@@ -9,6 +9,7 @@ machine, so changes to the loop are measured before and after in one run:
     python -m serving.bench.engine_loop --batches 1,64,256 --device-ms 3   # with a simulated 3 ms device step
     python -m serving.bench.engine_loop --batches 200 --slots 256 --device-ms 3   # a partly empty batch bucket
     python -m serving.bench.engine_loop --batches 1,64,256 --device-ms 3 --overlap off   # one step at a time
+    python -m serving.bench.engine_loop --batches 256 --steps-min 50 --device-ms 3   # requests ending at different steps
 
 Each level submits `batch` greedy requests with `ignore_eos` and `--steps` output tokens through
 `LLMEngine.submit` into a sink that counts what it is given (as the pipe to the HTTP process would take it), and
@@ -118,8 +119,9 @@ class CountingSink:
 
 
 def run_level(batch: int, steps: int, prompt_len: int, vocab: int, device_ms: float = 0.0,
-              slots: int | None = None, overlap: bool | None = None) -> dict:
-    """`batch` requests on `slots` slots (default: as many as requests; more leave a batch bucket partly empty).
+              slots: int | None = None, overlap: bool | None = None, steps_min: int | None = None) -> dict:
+    """`batch` requests on `slots` slots (default: as many as requests; more leave a batch bucket partly empty), each
+    `steps` tokens long, or a seeded random length from `steps_min` to `steps` (requests ending at different steps).
     `overlap` as `EngineConfig.overlap`; by default on with a simulated device, as on CUDA, and off without."""
     runner = stub_runner(max(slots or batch, batch), prompt_len + steps + 1, vocab, device_ms)
     info = ModelInfo(max_model_len=runner.max_model_len, vocab_size=vocab, eos_token_ids=(vocab - 1,),
@@ -129,20 +131,25 @@ def run_level(batch: int, steps: int, prompt_len: int, vocab: int, device_ms: fl
                           max_prefill_tokens_per_step=batch * prompt_len)
     engine = LLMEngine(runner, None, info, config)
     sink = CountingSink(batch)
-    params = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True)
+    generator = torch.Generator().manual_seed(batch)
+    lengths = (torch.randint(steps_min, steps + 1, (batch,), generator=generator).tolist() if steps_min
+               else [steps] * batch)
     prompt = tuple(range(1, prompt_len + 1))
-    for index in range(batch):
+    for index, length in enumerate(lengths):
+        params = SamplingParams(max_tokens=length, temperature=0.0, ignore_eos=True)
         engine.submit(GenerationRequest(f"r{index}", prompt, params), sink, index)
     asyncio.run(engine.start())  # no warm-up: starts the loop thread on the queued requests
     if not sink.done.wait(600):
         raise RuntimeError(f"batch {batch}: the loop did not finish")
     asyncio.run(engine.shutdown())
-    assert sink.tokens == batch * steps, (sink.tokens, batch * steps)
+    assert sink.tokens == sum(lengths), (sink.tokens, sum(lengths))
     # From the first decode step to the last: the prefill step (a real forward pass of the tiny model) is not timed.
     times = runner.decode_times
     per_step = (times[-1] - times[0]) / (len(times) - 1)
+    # Per decoded token: every token after each request's first (which prefill gives) came from one of the steps.
+    decoded = max(sink.tokens - batch, 1)
     return {"batch": batch, "steps": len(times), "tokens": sink.tokens, "ms_per_step": per_step * 1e3,
-            "us_per_token": per_step / batch * 1e6}
+            "us_per_token": per_step * len(times) / decoded * 1e6}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default="1,64,256")
     parser.add_argument("--steps", type=int, default=200, help="output tokens per request")
     parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--steps-min", type=int, default=None,
+                        help="give each request a seeded random length from this to --steps (default: all --steps)")
     parser.add_argument("--vocab", type=int, default=512)
     parser.add_argument("--device-ms", type=float, default=0.0,
                         help="simulate a device that takes this long per decode step (0: no device time); the loop's "
@@ -167,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     levels = []
     for batch in sorted({int(b) for b in args.batches.split(",")}):
         overlap = None if args.overlap is None else args.overlap == "on"
-        runs = [run_level(batch, args.steps, args.prompt_len, args.vocab, args.device_ms, args.slots, overlap)
-                for _ in range(args.rounds)]
+        runs = [run_level(batch, args.steps, args.prompt_len, args.vocab, args.device_ms, args.slots, overlap,
+                          args.steps_min) for _ in range(args.rounds)]
         level = dict(runs[0])
         for key in ("ms_per_step", "us_per_token"):
             level[key] = statistics.median(run[key] for run in runs)

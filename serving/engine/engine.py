@@ -94,7 +94,7 @@ class _InFlight:
             self._host = torch.empty(self.tokens.shape, dtype=self.tokens.dtype, pin_memory=True)
             self._host.copy_(self.tokens, non_blocking=True)
             self._ready = torch.cuda.Event()
-            self._ready.record()
+            self._ready.record(torch.cuda.current_stream(self.tokens.device))
         else:
             self._host, self._ready = self.tokens, None
 
@@ -340,6 +340,7 @@ class LLMEngine:
             if self._can_run_ahead(in_flight):
                 self._run_ahead(in_flight)
                 return
+            self._flush_pending()  # before waiting for the device: the host has nothing else to do meanwhile
             self._finish(in_flight)
         self._prefill_and_decode()
         if not self._overlap or not (self._decoding or self._prefilling):  # nothing to overlap with
@@ -403,9 +404,11 @@ class LLMEngine:
 
     def _can_run_ahead(self, in_flight: _InFlight) -> bool:
         """Whether the next decode step can be launched before `in_flight` is read: the same sequences (none aborted,
-        no prompt waiting to be prefilled) and, for each, an argmax for the token after the one in flight."""
+        no prompt waiting to be prefilled), an argmax for each one's token after the one in flight, and at least one
+        that does not end by length with the token in flight (else the step would be wasted whole)."""
         return (not self._prefilling and self._decoding == in_flight.seqs
-                and all(len(seq.output_ids) + 1 >= seq.argmax_from for seq in in_flight.seqs))
+                and all(len(seq.output_ids) + 1 >= seq.argmax_from for seq in in_flight.seqs)
+                and any(len(seq.output_ids) + 1 < seq.stop.max_generated for seq in in_flight.seqs))
 
     def _ahead_kv_len(self, in_flight: _InFlight) -> int:
         """The KV bucket of the step after `in_flight`: it feeds each sequence's in-flight token one position on."""

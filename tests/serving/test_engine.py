@@ -107,12 +107,27 @@ def make_engine(tiny_model_dir, request):
         overrides.setdefault("overlap", request.param)
         config = EngineConfig(device="cpu", dtype="float32", **overrides)
         engine = LLMEngine.from_model_dir(model_dir or tiny_model_dir, config)
+        guard_kv_len(engine.runner)
         engines.append(engine)
         return engine
 
     yield make
     for engine in engines:
         asyncio.run(engine.shutdown())
+
+
+def guard_kv_len(runner) -> None:
+    """Every decode step must attend over a KV bucket holding each row's whole sequence (a step one token short would
+    still give the tiny model's argmax most of the time, and the flash kernel would be handed lengths beyond its
+    bound): checked in every step, eager or recorded as a graph, failing the loop if not."""
+    decode_step = runner.decode_step
+
+    def checked(input_ids, positions, kv_len):
+        live = positions[positions != runner.scratch_position]
+        assert live.numel() == 0 or int(live.max()) < kv_len, f"position {int(live.max())} outside kv_len {kv_len}"
+        return decode_step(input_ids, positions, kv_len)
+
+    runner.decode_step = checked
 
 
 def record_decode_batches(engine: LLMEngine, delay_s: float = 0.0) -> list[list[int]]:
@@ -832,8 +847,8 @@ def test_submit_delivers_to_any_sink_one_call_per_step_the_same_tokens_as_genera
 def test_greedy_decode_steps_are_launched_before_the_last_ones_tokens_are_read_and_sent(make_engine, hf_model):
     """Host work overlaps the device: each greedy decode step after the first is launched from the previous step's
     tokens still on the device, before the host reads them back; each step's tokens are sent after the next step is
-    launched, and the last ones at once. The step launched past the end is the one wasted row. (On CUDA by default;
-    on CPU each step runs to completion when launched, so it is asked for here.)"""
+    launched, and the last ones at once; no step is launched past the end. (On CUDA by default; on CPU each step runs
+    to completion when launched, so it is asked for here.)"""
     engine = make_engine(overlap=True)
     events: list[tuple] = []
     decode, decode_ahead = engine.runner.decode, engine.runner.decode_ahead
@@ -862,13 +877,59 @@ def test_greedy_decode_steps_are_launched_before_the_last_ones_tokens_are_read_a
     assert sink.done.wait(10)
     tokens = [token for _, output in sink.items for token in output.token_ids]
     assert tokens == hf_greedy(hf_model, prompt, 4)
-    # Prefill samples the 1st token, which the first decode step is fed from the host; the three steps after it are
-    # fed on the device. Each token goes out once the step after the one that chose it is launched; the 4th, the
-    # last, at once.
+    # Prefill samples the 1st token, which the first decode step is fed from the host; the two steps after it are
+    # fed on the device, and none after the step choosing the 4th (the last, by length). Each token goes out once
+    # the step after the one that chose it is launched, or before the host waits on the device; the last at once.
     assert events == [("decode", (tokens[0],)), ("deliver", (tokens[0],), None),
                       ("ahead",), ("ahead",), ("deliver", (tokens[1],), None),
-                      ("ahead",), ("deliver", (tokens[2],), None),
-                      ("deliver", (tokens[3],), "length")]
+                      ("deliver", (tokens[2],), None), ("deliver", (tokens[3],), "length")]
+
+
+def test_a_sequence_reaching_the_context_end_while_others_go_on_matches_hf_greedy(make_engine, hf_model):
+    """A sequence that fills the context exactly, in a batch that goes on: under run-ahead its row in the step
+    launched after its last token sits at the scratch position (the context's last); every sequence still gets HF's
+    tokens."""
+    engine = make_engine(max_num_seqs=3, max_model_len=64)
+    cases = [(random_prompt(40, seed=30), 64 - 40), (random_prompt(5, seed=31), 40), (random_prompt(10, seed=32), 45)]
+    results = asyncio.run(greedy_tokens(engine, cases))
+    assert [len(tokens) for tokens in results] == [24, 40, 45]
+    for (prompt, _), tokens in zip(cases, results):
+        assert tokens == hf_greedy(hf_model, prompt, len(tokens))
+
+
+def test_a_finished_requests_last_output_goes_out_before_the_host_waits_on_the_device(make_engine):
+    """When run-ahead stops because a sequence ended, what the last step produced (that sequence's last output
+    among it) is sent before the loop blocks reading the step in flight, not after."""
+    engine = make_engine(max_num_seqs=2, overlap=True)
+    events: list[str] = []
+    finish = engine._finish
+
+    def read(in_flight):
+        events.append("read")
+        finish(in_flight)
+        if any(seq.request.request_id == "a" and seq.finished for seq in in_flight.seqs):
+            events.append("a ended")
+
+    engine._finish = read
+
+    class EventSink(RecordingSink):
+        def deliver(self, items):
+            events.extend("a final" for handle, output in items if handle == "a" and output.finish_reason)
+            return super().deliver(items)
+
+    sink = EventSink()
+    asyncio.run(engine.start())
+    events.clear()
+    engine.submit(request("a", random_prompt(5, seed=3), greedy(3, ignore_eos=True)), sink, "a")
+    engine.submit(request("b", random_prompt(5, seed=4), greedy(8, ignore_eos=True)), sink, "b")
+    deadline = time.monotonic() + 10
+    while len([1 for _, output in sink.items if output.finish_reason]) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    ended = events.index("a ended")
+    assert "a final" in events[ended:]
+    reads_after = [index for index in range(ended + 1, len(events)) if events[index] == "read"]
+    assert not reads_after or events.index("a final", ended) < reads_after[0]
 
 
 def test_a_sink_that_refuses_delivery_gets_its_requests_aborted_and_slots_freed(make_engine):
