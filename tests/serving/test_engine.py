@@ -948,6 +948,42 @@ def test_a_sink_that_refuses_delivery_gets_its_requests_aborted_and_slots_freed(
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_run_ahead_on_the_gpu_gives_the_stepwise_tokens_and_launches_without_waiting(tmp_path):
+    """On CUDA with graphs (bf16, flash where it applies): run-ahead decode steps give exactly the tokens of one step
+    at a time across joins, lengths and KV buckets, and launching a step ahead never synchronises with the device
+    (CUDA's sync debug mode turns any synchronising call there into an error, which would fail the loop)."""
+    from tests.serving.tiny_model import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / "model", max_position_embeddings=1024)
+    cases = [(random_prompt(length, seed=90 + length), max_tokens)
+             for length, max_tokens in [(3, 90), (9, 7), (17, 60), (40, 12), (300, 260), (1, 33), (64, 120)]]
+    launched_ahead = []
+
+    def run(overlap: bool):
+        engine = LLMEngine.from_model_dir(model_dir, EngineConfig(device="cuda", dtype="bfloat16", max_num_seqs=4,
+                                                                  overlap=overlap))
+        assert engine.runner.graphs is not None, "graph capture failed (see the warning log)"
+        decode_ahead = engine.runner.decode_ahead
+
+        def without_sync(tokens, kv_len):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                launched_ahead.append(kv_len)
+                return decode_ahead(tokens, kv_len)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+        engine.runner.decode_ahead = without_sync
+        return asyncio.run(greedy_tokens(engine, cases, shutdown=True))
+
+    stepwise = run(False)
+    assert not launched_ahead
+    assert run(True) == stepwise
+    assert len(launched_ahead) > 100
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_engine_process_on_the_gpu_gives_the_in_process_engines_tokens(tiny_model_dir):
     """The server's default: CUDA, graphs and all, in a spawned engine process, the same greedy tokens as in-process."""
     from serving.engine.process import EngineClient
