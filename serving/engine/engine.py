@@ -396,7 +396,7 @@ class LLMEngine:
                 [seq.num_cached + len(seq.output_ids) - 1 for seq in decoding],
             )
             self._flush_pending()  # while the device runs the decode step
-            if all(len(seq.output_ids) >= seq.argmax_from for seq in decoding):
+            if _argmax_only(decoding):
                 self._in_flight = _InFlight(decoding, logits)  # read back during the next iteration
             else:
                 self._sample_and_append(decoding, logits)
@@ -404,10 +404,10 @@ class LLMEngine:
 
     def _can_run_ahead(self, in_flight: _InFlight) -> bool:
         """Whether the next decode step can be launched before `in_flight` is read: the same sequences (none aborted,
-        no prompt waiting to be prefilled), an argmax for each one's token after the one in flight, and at least one
-        that does not end by length with the token in flight (else the step would be wasted whole)."""
+        no prompt waiting to be prefilled) and at least one that does not end by length with the token in flight
+        (else the step would be wasted whole). Each next token is an argmax too: `in_flight` was one for all its
+        sequences, and their outputs only grow."""
         return (not self._prefilling and self._decoding == in_flight.seqs
-                and all(len(seq.output_ids) + 1 >= seq.argmax_from for seq in in_flight.seqs)
                 and any(len(seq.output_ids) + 1 < seq.stop.max_generated for seq in in_flight.seqs))
 
     def _ahead_kv_len(self, in_flight: _InFlight) -> int:
@@ -416,13 +416,10 @@ class LLMEngine:
         return kv_len_bucket(longest + 1, self.runner.max_model_len)
 
     def _finish(self, in_flight: _InFlight) -> None:
-        """Read a launched step's tokens back and append them (to the sequences still running); they are emitted
-        during the next step."""
-        seqs = in_flight.seqs
-        tokens = in_flight.read()
-        live = [(seq, token) for seq, token in zip(seqs, tokens) if not seq.finished]
-        self._append([seq for seq, _ in live], [token for _, token in live])
-        self._pending += seqs
+        """Read a launched step's tokens back and append them (`_append` passes over the sequences that ended
+        meanwhile); they are emitted during the next step."""
+        self._append(in_flight.seqs, in_flight.read())
+        self._pending += in_flight.seqs
 
     def _finish_in_flight(self) -> None:
         in_flight, self._in_flight = self._in_flight, None
@@ -437,7 +434,7 @@ class LLMEngine:
 
     def _sample_and_append(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
         """Sample each sequence's next token, append it, and end the sequences that are done."""
-        if all(len(seq.output_ids) >= seq.argmax_from for seq in seqs):
+        if _argmax_only(seqs):
             # Plain greedy rows (nothing banned): the argmax, without building per-row sampling state.
             tokens = logits.argmax(dim=-1).tolist()
         else:
@@ -454,9 +451,13 @@ class LLMEngine:
         self._append(seqs, tokens)
 
     def _append(self, seqs: list[_Sequence], tokens: list[int]) -> None:
-        """Append each sequence's new token and end the sequences that are done."""
-        appended = 0
+        """Append each sequence's new token and end the sequences that are done. A sequence that has already ended
+        (its row was in a step launched before the end was known) takes no token."""
+        appended = sampled = 0
         for seq, token in zip(seqs, tokens):
+            if seq.finished:
+                continue
+            sampled += 1
             output_ids = seq.output_ids
             reason = seq.stop.reason(token, len(output_ids) + 1)
             # The token that stops a sequence (EOS or a stop token) is not part of its output text.
@@ -466,7 +467,7 @@ class LLMEngine:
             if reason is not None:
                 self._release_slot(seq, reason)
         self._cache_tokens += appended
-        self._generated_since_emit += len(seqs)
+        self._generated_since_emit += sampled
 
     def _emit(self, seqs: list[_Sequence]) -> None:
         """Send each sequence's new tokens: one delivery per sink (one call_soon_threadsafe per event loop)."""
@@ -543,6 +544,11 @@ class LLMEngine:
 
 def _slot_of(seq: _Sequence) -> int:
     return seq.slot
+
+
+def _argmax_only(seqs: list[_Sequence]) -> bool:
+    """Whether every sequence's next token is a plain argmax (greedy, nothing banned)."""
+    return all(len(seq.output_ids) >= seq.argmax_from for seq in seqs)
 
 
 def capture_decode_graphs(runner: ModelRunner, attention_choice: AttentionChoice = "auto") -> bool:
