@@ -64,6 +64,20 @@ def test_engine_loop_runs_every_request_to_its_length_and_times_the_decode_steps
     assert "loop ms/step" in capsys.readouterr().out
 
 
+def test_engine_loop_closed_loop_replaces_each_finished_request_and_reports_the_devices_busy_time(tmp_path):
+    out = tmp_path / "closed.json"
+    assert engine_loop.main(["--batches", "4", "--arrivals", "14", "--steps", "9", "--steps-min", "3",
+                             "--prompt-len", "40", "--prompt-min", "5", "--max-prefill-tokens", "32",
+                             "--device-ms", "0.5", "--prefill-us", "20", "--rounds", "1",
+                             "--json-out", str(out)]) == 0
+    level = json.loads(out.read_text())["levels"][0]
+    # 14 requests, 4 at a time: more decode steps than the longest request alone would take, every token delivered
+    # (run_level checks the total against the requests' lengths).
+    assert level["requests"] == 14 and 3 * 14 <= level["tokens"] <= 9 * 14
+    assert level["steps"] > 9
+    assert 0.0 < level["device_busy"] <= 1.0
+
+
 def test_loadtest_drives_a_real_server_and_gets_exact_lengths(tmp_path, capsys):
     out = tmp_path / "load.json"
     loadtest.main(["--model-path", str(tmp_path / "model"), "--random-model", "tiny", "--device", "cpu",
