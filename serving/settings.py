@@ -54,7 +54,7 @@ class Settings:
     attention_backend: str | None = None
     """`auto`, `flash` or `sdpa`: how attention reads the KV cache; None lets the engine choose (auto)."""
     overlap: bool | None = None
-    """Overlap the engine's host work with the device (run-ahead decode steps); None: on CUDA only."""
+    """Overlap the engine's host work with the device (steps launched from tokens still on it); None: on CUDA only."""
     engine_process: bool = True
     """Run the engine in a child process, so HTTP streaming and the engine's Python do not share one GIL
     (`serving.engine.process`); off runs it on a thread of the server's process."""

@@ -56,6 +56,10 @@ class DeviceLogits:
         self._ready = ready
 
     @property
+    def shape(self) -> torch.Size:
+        return self._logits.shape
+
+    @property
     def value(self) -> torch.Tensor:
         """The values, for the next simulated step to be fed with (on a device, stream order makes it wait)."""
         return self._logits
@@ -116,12 +120,15 @@ def stub_runner(num_slots: int, max_model_len: int, vocab: int, device_ms: float
             return run_on_device(logits[:wanted], len(packed[0]) * prefill_us / 1e6) if wanted else None
 
         runner.prefill = prefill
-    decode_ahead = runner.decode_ahead
+    decode = runner.decode
 
-    def ahead(tokens, kv_len: int):
-        return decode_ahead(tokens.value if isinstance(tokens, DeviceLogits) else tokens, kv_len)
+    def decode_carried(slots, token_ids, positions, carried=None):
+        if carried is not None:  # tokens the simulated device chose feed the step (it runs after theirs)
+            sources, rows = carried
+            carried = [source.value if isinstance(source, DeviceLogits) else source for source in sources], rows
+        return decode(slots, token_ids, positions, carried)
 
-    runner.decode_ahead = ahead
+    runner.decode = decode_carried
     return runner
 
 

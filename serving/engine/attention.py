@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from serving.engine.interface import ModelLoadError
+from serving.engine.transfer import to_device
 
 logger = logging.getLogger("serving.engine")
 
@@ -183,12 +184,12 @@ class FlashAttention:
 
     def prefill_plan(self, spans: Sequence[ChunkSpan]) -> object:
         s = self.shape
-        table = torch.tensor(
+        table = to_device(torch.tensor(
             [[span.first for span in spans] + [spans[-1].last],
              [span.slot * s.max_model_len for span in spans] + [s.num_slots * s.max_model_len],
              [span.end for span in spans] + [0]],
             dtype=torch.int32,
-        ).to(s.device, non_blocking=True)
+        ), s.device)
         max_q = max(span.last - span.first for span in spans)
         return table[0], table[1], table[2, :-1], max_q, max(span.end for span in spans)
 

@@ -52,8 +52,9 @@ class EngineConfig:
     takes seconds and some memory (the largest step's activations, counted in the KV-cache budget); if it
     fails, decoding stays eager and the reason is logged. Ignored on CPU."""
     overlap: bool | None = None
-    """Overlap the engine thread's work with the device: a greedy decode step is launched before the previous one's
-    tokens are read back (fed with them on the device), and a step's outputs are sent while the next step runs.
+    """Overlap the engine thread's work with the device: a step is launched before the previous one's greedy tokens
+    are read back (fed with them on the device, as new prompts' first tokens are), and a step's outputs are sent
+    while the next step runs.
     None: on CUDA, where the device runs asynchronously; on CPU every step runs to completion when launched, so
     overlapping would only hold each output back by a step. Off is the way back to one step at a time."""
     attention: Attention = "auto"

@@ -8,9 +8,9 @@ step: for `generate()`, the caller's event loop (`loop.call_soon_threadsafe`); f
 caller gives, such as the pipe to the HTTP process (`serving.engine.process`). The thread sleeps on a
 condition variable when there is no work.
 
-On CUDA the loop's own work overlaps the device's (`EngineConfig.overlap`, see `LLMEngine._step`): a greedy
-decode step is launched from the previous step's tokens while they are still on the device, and the host reads,
-appends and sends them while the new step runs.
+On CUDA the loop's own work overlaps the device's (`EngineConfig.overlap`, see `LLMEngine._step`): each step (new
+prompts' prefill, then a decode step for every decoding request) is launched with the greedy tokens of the step
+before still on the device, and the host reads, appends and sends those while the new step runs.
 """
 from __future__ import annotations
 
@@ -74,6 +74,8 @@ class _Sequence:
     slot: int = -1
     num_cached: int = 0
     """Prompt tokens whose K/V are in the cache (prefill progress)."""
+    launched: int = 0
+    """Tokens the passes launched so far choose for it: `len(output_ids)`, plus one while a token is in flight."""
     output_ids: list[int] = field(default_factory=list)
     num_emitted: int = 0
     finished: bool = False
@@ -82,26 +84,45 @@ class _Sequence:
 
 
 class _InFlight:
-    """A greedy decode step launched and not yet read back: its sequences (in slot order) and its chosen tokens, on
-    their way to the host. Reading waits for this step only, not for steps launched after it."""
+    """Launched passes' greedy tokens not yet read back: parts of (sequences, their tokens on the device), in launch
+    order (a prefill pass's first tokens, then a decode step's). The next step is fed from `sources` (`rows`), and
+    reading waits for these passes only, not for steps launched after them."""
 
-    __slots__ = ("seqs", "tokens", "_host", "_ready")
+    __slots__ = ("parts", "sources", "_host", "_ready")
 
-    def __init__(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
-        self.seqs = seqs
-        self.tokens = logits.argmax(dim=-1)
-        if self.tokens.is_cuda:
-            self._host = torch.empty(self.tokens.shape, dtype=self.tokens.dtype, pin_memory=True)
-            self._host.copy_(self.tokens, non_blocking=True)
+    def __init__(self, parts: list[tuple[list[_Sequence], torch.Tensor]]) -> None:
+        self.parts = parts
+        tensors = [tokens for _, tokens in parts]
+        if tensors[0].is_cuda:
+            self.sources = [torch.cat(tensors)] if len(tensors) > 1 else tensors
+            self._host = torch.empty(self.sources[0].shape, dtype=torch.long, pin_memory=True)
+            self._host.copy_(self.sources[0], non_blocking=True)
             self._ready = torch.cuda.Event()
-            self._ready.record(torch.cuda.current_stream(self.tokens.device))
+            self._ready.record(torch.cuda.current_stream(self.sources[0].device))
         else:
-            self._host, self._ready = self.tokens, None
+            self.sources, self._host, self._ready = tensors, None, None
 
-    def read(self) -> list[int]:
-        if self._ready is not None:
-            self._ready.synchronize()
-        return self._host.tolist()
+    def rows(self) -> dict[_Sequence, int]:
+        """Each sequence's latest token: its row in `sources` taken end to end."""
+        rows: dict[_Sequence, int] = {}
+        offset = 0
+        for seqs, _ in self.parts:
+            for index, seq in enumerate(seqs):
+                rows[seq] = offset + index
+            offset += len(seqs)
+        return rows
+
+    def read(self) -> list[tuple[list[_Sequence], list[int]]]:
+        """Each part's sequences and tokens, on the host."""
+        if self._ready is None:
+            return [(seqs, tokens.tolist()) for seqs, tokens in self.parts]
+        self._ready.synchronize()
+        tokens = self._host.tolist()
+        parts, offset = [], 0
+        for seqs, _ in self.parts:
+            parts.append((seqs, tokens[offset : offset + len(seqs)]))
+            offset += len(seqs)
+        return parts
 
 
 class LLMEngine:
@@ -130,7 +151,9 @@ class LLMEngine:
         self._pending: list[_Sequence] = []
         """Sequences the last step gave tokens or ended, emitted during the next step (`_step`)."""
         self._in_flight: _InFlight | None = None
-        """The last greedy decode step, launched and not read back yet (`_step`)."""
+        """The last step's greedy tokens, launched and not read back yet (`_step`)."""
+        self._launching: list[tuple[list[_Sequence], torch.Tensor]] = []
+        """This step's passes launched so far, their tokens on the device (`_launch`)."""
         self._overlap = config.overlap if config.overlap is not None else runner.device.type == "cuda"
         self._free_slots = list(range(runner.num_slots))
         self._running: dict[int, _Sequence] = {}
@@ -316,6 +339,7 @@ class LLMEngine:
             with self._wakeup:
                 self._dead = True
             try:  # what earlier steps produced still reaches its requests, the last outputs of ended ones included
+                self._read_back_launched()
                 self._flush_pending()
             finally:
                 self._finish_all_live(EngineDeadError(f"the engine loop died: {exc!r}"))
@@ -328,36 +352,33 @@ class LLMEngine:
     def _step(self) -> None:
         """Chunked prefill within the token budget, then one batched decode step.
 
-        With `overlap` (on CUDA by default) host work runs while the device works. A greedy decode step is launched
-        and read back during the next iteration: if nothing changed (no prompt to prefill, no sequence aborted, every
-        next token an argmax), the next step is launched first, fed with this one's tokens still on the device
-        (`ModelRunner.decode_ahead`), and this one's tokens are read and handled while it runs; a sequence that turns
-        out to have ended with this step costs that next step one wasted row. And the outputs a step produces are
-        sent during the next step, once its first forward pass is launched; a step after which nothing runs sends
-        its own at once. Without `overlap` every step is read back and sent as soon as it is launched."""
-        in_flight, self._in_flight = self._in_flight, None
-        if in_flight is not None:
-            if self._can_run_ahead(in_flight):
-                self._run_ahead(in_flight)
-                return
+        With `overlap` (on CUDA by default) host work runs while the device works. When every token the step chooses
+        is a plain argmax, the step is launched without reading the last one back first: its rows take the last
+        step's tokens on the device (`ModelRunner.decode`'s `carried`), new prompts' first tokens stay there too, and
+        the last step is read back and its tokens appended while this one runs (a sequence found to have ended then
+        costs this step one wasted row; one known to end by length with its token in flight gets no row). The
+        outputs a step produces are sent during the next one, once its first pass is launched; a step after which
+        nothing runs sends its own at once. A row that needs the sampler makes the loop read back first. Without
+        `overlap` every step is read back and sent as soon as it is launched."""
+        chunks, prefilled = self._plan_prefill()
+        # Each sequence's next token has index `launched`; a prompt's first, 0.
+        on_device = (self._overlap and all(seq.launched >= seq.argmax_from for seq in self._decoding)
+                     and all(seq.argmax_from <= 0 for seq in prefilled))
+        if self._in_flight is not None and not on_device:
             self._flush_pending()  # before waiting for the device: the host has nothing else to do meanwhile
-            self._finish(in_flight)
-        self._prefill_and_decode()
-        if not self._overlap or not (self._decoding or self._prefilling):  # nothing to overlap with
             self._finish_in_flight()
+        self._launch(chunks, prefilled, self._in_flight, on_device)
+        self._flush_pending()  # if nothing was launched, before waiting for the device
+        self._finish_in_flight()
+        launched, self._launching = self._launching, []
+        if launched and self._running:
+            self._in_flight = _InFlight(launched)
+        else:  # nothing in flight, or only rows of sequences that have ended since: send what was produced now
             self._flush_pending()
 
-    def _run_ahead(self, in_flight: _InFlight) -> None:
-        """Launch the next decode step from `in_flight`'s tokens on the device, then read and handle them."""
-        logits = self.runner.decode_ahead(in_flight.tokens, self._ahead_kv_len(in_flight))
-        self._in_flight = _InFlight(in_flight.seqs, logits)
-        self._flush_pending()  # while the device runs both steps
-        self._finish(in_flight)
-        if not self._decoding:  # every sequence ended with the step just read: the one launched is wasted
-            self._in_flight = None
-            self._flush_pending()
-
-    def _prefill_and_decode(self) -> None:
+    def _plan_prefill(self) -> tuple[list[PrefillChunk], list[_Sequence]]:
+        """This step's prompt chunks within the token budget (counted as cached from here on), and the sequences
+        whose prompts they complete."""
         budget = self.config.max_prefill_tokens_per_step
         chunks: list[PrefillChunk] = []
         prefilled: list[_Sequence] = []
@@ -373,53 +394,84 @@ class LLMEngine:
             budget -= count
             if done:
                 prefilled.append(seq)
+        return chunks, prefilled
+
+    def _launch(self, chunks: list[PrefillChunk], prefilled: list[_Sequence], carried: _InFlight | None,
+                on_device: bool) -> None:
+        """Launch the prefill pass and the decode step. With `on_device`, the greedy tokens they choose stay on the
+        device (added to `self._launching` as each pass is launched), and tokens of `carried` feed the decode step
+        there; otherwise they are sampled and appended at once."""
+        sources: list[torch.Tensor] = carried.sources if carried is not None else []
+        rows = carried.rows() if carried is not None else {}
+        parts = self._launching
         if chunks:
             logits = self.runner.prefill(chunks)
             self._flush_pending()  # while the device runs the prefill pass
             for seq in prefilled:
                 self._prefilling.remove(seq)
             if prefilled:
-                self._sample_and_append(prefilled, logits)
-                # Those already done (one token, or a stop token first) get their last output now: it must not
-                # wait on a decode below that could fail, since a finished sequence is no longer live.
-                self._emit([seq for seq in prefilled if seq.finished])
-                started = [seq for seq in prefilled if not seq.finished]
+                for seq in prefilled:
+                    seq.launched = 1
+                if on_device:
+                    first = logits.argmax(dim=-1)
+                    offset = sum(source.shape[0] for source in sources)
+                    for index, seq in enumerate(prefilled):
+                        rows[seq] = offset + index
+                    sources = [*sources, first]
+                    parts.append((prefilled, first))
+                    started = prefilled
+                else:
+                    self._sample_and_append(prefilled, logits)
+                    # Those already done (one token, or a stop token first) get their last output now: it must not
+                    # wait on a decode below that could fail, since a finished sequence is no longer live.
+                    self._emit([seq for seq in prefilled if seq.finished])
+                    started = [seq for seq in prefilled if not seq.finished]
+                    self._pending += started
                 if started:
                     self._decoding += started
                     self._decoding.sort(key=_slot_of)
-                    self._pending += started
-        decoding = list(self._decoding)  # sampling below removes the ones that end from self._decoding
+        # Not those whose token in flight ends them by length: they leave when it is read back.
+        decoding = [seq for seq in self._decoding if seq.launched < seq.stop.max_generated]
         if decoding:
+            token_ids, source_rows = [], []
+            for seq in decoding:
+                if seq.launched > len(seq.output_ids):  # its last token is still on the device
+                    token_ids.append(0)
+                    source_rows.append(rows[seq])
+                else:
+                    token_ids.append(seq.output_ids[-1])
+                    source_rows.append(-1)
             logits = self.runner.decode(
-                [seq.slot for seq in decoding],
-                [seq.output_ids[-1] for seq in decoding],
-                [seq.num_cached + len(seq.output_ids) - 1 for seq in decoding],
+                [seq.slot for seq in decoding], token_ids,
+                [seq.num_cached + seq.launched - 1 for seq in decoding],
+                (sources, source_rows) if len(source_rows) != source_rows.count(-1) else None,
             )
+            for seq in decoding:
+                seq.launched += 1
             self._flush_pending()  # while the device runs the decode step
-            if _argmax_only(decoding):
-                self._in_flight = _InFlight(decoding, logits)  # read back during the next iteration
+            if on_device:
+                parts.append((decoding, logits.argmax(dim=-1)))
             else:
                 self._sample_and_append(decoding, logits)
                 self._pending += decoding
 
-    def _can_run_ahead(self, in_flight: _InFlight) -> bool:
-        """Whether the next decode step can be launched before `in_flight` is read: the same sequences (none aborted,
-        no prompt waiting to be prefilled) and at least one that does not end by length with the token in flight
-        (else the step would be wasted whole). Each next token is an argmax too: `in_flight` was one for all its
-        sequences, and their outputs only grow."""
-        return (not self._prefilling and self._decoding == in_flight.seqs
-                and any(len(seq.output_ids) + 1 < seq.stop.max_generated for seq in in_flight.seqs))
-
-    def _ahead_kv_len(self, in_flight: _InFlight) -> int:
-        """The KV bucket of the step after `in_flight`: it feeds each sequence's in-flight token one position on."""
-        longest = max(seq.num_cached + len(seq.output_ids) for seq in in_flight.seqs)
-        return kv_len_bucket(longest + 1, self.runner.max_model_len)
-
     def _finish(self, in_flight: _InFlight) -> None:
-        """Read a launched step's tokens back and append them (`_append` passes over the sequences that ended
-        meanwhile); they are emitted during the next step."""
-        self._append(in_flight.seqs, in_flight.read())
-        self._pending += in_flight.seqs
+        """Read launched passes' tokens back and append them, part by part (`_append` passes over the sequences that
+        ended meanwhile); they are emitted during the next step."""
+        for seqs, tokens in in_flight.read():
+            self._append(seqs, tokens)
+            self._pending += seqs
+
+    def _read_back_launched(self) -> None:
+        """After the loop failed: read back what passes launched before the failure chose, if the device still answers
+        (a request that a prefill pass finished then gets its output, not the failure)."""
+        launching, self._launching = self._launching, []
+        try:
+            self._finish_in_flight()
+            if launching:
+                self._finish(_InFlight(launching))
+        except Exception:  # noqa: BLE001 - the device failed too: those requests fail with the loop
+            logger.warning("could not read back the tokens of the steps in flight", exc_info=True)
 
     def _finish_in_flight(self) -> None:
         in_flight, self._in_flight = self._in_flight, None

@@ -12,8 +12,9 @@ go into the cache without a transpose.
 - `decode_step` is one batched step for slots 0..B-1 over fixed-shape tensors: a batch-size bucket
   and `kv_len`, a bucketed bound on the longest live sequence (`kv_len_bucket`), so few shapes occur
   and each can be captured once as a CUDA graph (`serving.engine.cuda_graphs`).
-- `decode_ahead` launches the step after the last one from that step's chosen tokens on the device, with no
-  host-to-device copy, so the engine can launch it before reading those tokens back.
+- `decode` can take some rows' tokens from tensors still on the device (the tokens a step in flight, or a prefill
+  pass, chose), so the engine can launch a step before reading the last one back. Every host-to-device copy is from
+  pinned memory and launched before the pass: neither waits for the device.
 - Attention itself is `serving.engine.attention`'s: SDPA over the KV bucket, or the flash kernel's
   variable-length form reading only each sequence's own K/V; both fold grouped-query heads so K/V
   are read once per KV head.
@@ -31,6 +32,7 @@ import torch
 
 from serving.engine.attention import Attention, AttentionShape, ChunkSpan, SdpaAttention
 from serving.engine.interface import ModelLoadError
+from serving.engine.transfer import to_device
 
 logger = logging.getLogger("serving.engine")
 
@@ -202,8 +204,6 @@ class ModelRunner:
         self.kv_len_buckets = kv_len_buckets(self.max_model_len)
         self.scratch_position = self.max_model_len - 1
         self.graphs = None
-        self._last_decode: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        """The last decode step's inputs (on the device) and row selection, for `decode_ahead`."""
 
     @property
     def capacity_tokens(self) -> int:
@@ -223,8 +223,8 @@ class ModelRunner:
         offsets = list(itertools.accumulate((len(chunk.token_ids) for chunk in chunks), initial=0))
         wanted = [last - 1 for chunk, last in zip(chunks, offsets[1:]) if chunk.want_logits]
         # Every host-to-device copy before the pass is launched: one after it would wait for the pass.
-        inputs = torch.tensor([token_ids, positions, slots], dtype=torch.long).to(self.device, non_blocking=True)
-        wanted_rows = torch.tensor(wanted, dtype=torch.long).to(self.device, non_blocking=True) if wanted else None
+        inputs = to_device(torch.tensor([token_ids, positions, slots], dtype=torch.long), self.device)
+        wanted_rows = to_device(torch.tensor(wanted, dtype=torch.long), self.device) if wanted else None
         plan = self.attention.prefill_plan([
             ChunkSpan(chunk.slot, first, last, chunk.start, chunk.end)
             for chunk, first, last in zip(chunks, offsets, offsets[1:])
@@ -243,12 +243,17 @@ class ModelRunner:
             return None
         return self.lm_head(self.norm(hidden[0].index_select(0, wanted_rows))).float()
 
-    def decode(self, slots: list[int], token_ids: list[int], positions: list[int]) -> torch.Tensor:
+    def decode(self, slots: list[int], token_ids: list[int], positions: list[int],
+               carried: tuple[Sequence[torch.Tensor], list[int]] | None = None) -> torch.Tensor:
         """One decode step for the given slots; returns float32 logits [len(slots), vocab] in that order.
 
         Inputs are laid out by slot over the smallest bucket covering the highest slot; rows of slots
         not decoding write their K/V to the last cache position, which no sequence ever reads (the
         final token of a full-length sequence is sampled, never fed back).
+
+        With `carried` = (sources, rows), the i-th slot's token is row `rows[i]` of the device tensors `sources`
+        taken end to end, where `rows[i]` >= 0 (`token_ids[i]` is then ignored): tokens a step still in flight
+        chose, gathered on the device, so the step can be launched before they are read back.
         """
         batch = next(size for size in self.batch_buckets if size > max(slots))
         kv_len = kv_len_bucket(max(positions) + 1, self.max_model_len)
@@ -260,28 +265,26 @@ class ModelRunner:
             for slot, token, position in zip(slots, token_ids, positions):
                 rows[0][slot] = token
                 rows[1][slot] = position
-        # Every host-to-device copy before the step is launched: one after it would wait for the step.
-        inputs = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
-        index = None if full else torch.tensor(slots).to(self.device, non_blocking=True)
-        return self._run_decode(inputs, index, kv_len)
-
-    def decode_ahead(self, tokens: torch.Tensor, kv_len: int) -> torch.Tensor:
-        """The decode step after the last one, for the same slots, fed with `tokens` (the last step's chosen tokens,
-        on the device, in its slots' order) one position further on; returns logits as `decode` does. Nothing is
-        copied from the host, so it can be launched while the last step still runs on the device."""
-        inputs, index = self._last_decode
-        positions = inputs[1] + (inputs[1] != self.scratch_position)  # the scratch rows stay where they are
-        if index is None:
-            next_tokens = tokens
-        else:
-            next_tokens = inputs[0].index_put((index,), tokens)
-        return self._run_decode(torch.stack([next_tokens, positions]), index, kv_len)
-
-    def _run_decode(self, inputs: torch.Tensor, index: torch.Tensor | None, kv_len: int) -> torch.Tensor:
-        self._last_decode = (inputs, index)
-        step = self.graphs if self.graphs is not None else self._decode_eager
-        logits = step(inputs, kv_len)
-        return logits if index is None else logits[index]
+        if carried is not None:
+            # Row r's token is entry r of (sources..., this step's host tokens): a carried row points into the
+            # sources, every other row at its own host token.
+            sources, source_rows = carried
+            offset = sum(source.shape[0] for source in sources)
+            gather = list(range(offset, offset + batch))
+            for slot, row in zip(slots, source_rows):
+                if row >= 0:
+                    gather[slot] = row
+            rows.append(gather)
+        if not full:
+            rows.append(slots + [0] * (batch - len(slots)))
+        # One copy, before the step is launched (see `to_device`).
+        host = to_device(torch.tensor(rows, dtype=torch.long), self.device)
+        inputs = host[:2]
+        if carried is not None:
+            tokens = torch.cat([*sources, host[0]]).index_select(0, host[2])
+            inputs = torch.stack([tokens, host[1]])
+        logits = (self.graphs if self.graphs is not None else self._decode_eager)(inputs, kv_len)
+        return logits if full else logits[host[-1, : len(slots)]]
 
     def use_graphs(self, graphs) -> None:
         """Route decode steps through `graphs` (a `serving.engine.cuda_graphs.DecodeGraphs`), or eager (None)."""

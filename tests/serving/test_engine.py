@@ -135,11 +135,11 @@ def record_decode_batches(engine: LLMEngine, delay_s: float = 0.0) -> list[list[
     batches: list[list[int]] = []
     original = engine.runner.decode
 
-    def decode(slots, token_ids, positions):
+    def decode(slots, token_ids, positions, carried=None):
         batches.append(list(slots))
         if delay_s:
             time.sleep(delay_s)
-        return original(slots, token_ids, positions)
+        return original(slots, token_ids, positions, carried)
 
     engine.runner.decode = decode
     return batches
@@ -574,7 +574,7 @@ def test_a_finished_requests_last_output_arrives_when_every_other_request_is_abo
 def test_loop_crash_fails_pending_and_new_requests(make_engine, caplog):
     engine = make_engine()
 
-    def broken_decode(slots, token_ids, positions):
+    def broken_decode(slots, token_ids, positions, carried=None):
         raise RuntimeError("injected decode failure")
 
     async def main():
@@ -844,24 +844,21 @@ def test_submit_delivers_to_any_sink_one_call_per_step_the_same_tokens_as_genera
     assert sink.calls < len(sink.items)
 
 
-def test_greedy_decode_steps_are_launched_before_the_last_ones_tokens_are_read_and_sent(make_engine, hf_model):
-    """Host work overlaps the device: each greedy decode step after the first is launched from the previous step's
-    tokens still on the device, before the host reads them back; each step's tokens are sent after the next step is
-    launched, and the last ones at once; no step is launched past the end. (On CUDA by default; on CPU each step runs
-    to completion when launched, so it is asked for here.)"""
+def test_greedy_steps_are_launched_before_the_last_ones_tokens_are_read_and_sent(make_engine, hf_model):
+    """Host work overlaps the device: the prompt's first token stays on the device and feeds the first decode step
+    there, each decode step after it is fed with the previous step's tokens still on the device, before the host
+    reads them back; each step's tokens are sent after the next step is launched, and the last ones at once; no step
+    is launched past the end. (On CUDA by default; on CPU each step runs to completion when launched, so it is asked
+    for here.)"""
     engine = make_engine(overlap=True)
     events: list[tuple] = []
-    decode, decode_ahead = engine.runner.decode, engine.runner.decode_ahead
+    decode = engine.runner.decode
 
-    def launch(slots, token_ids, positions):
-        events.append(("decode", tuple(token_ids)))
-        return decode(slots, token_ids, positions)
+    def launch(slots, token_ids, positions, carried=None):
+        events.append(("decode", tuple(positions), None if carried is None else tuple(carried[1])))
+        return decode(slots, token_ids, positions, carried)
 
-    def launch_ahead(tokens, kv_len):
-        events.append(("ahead",))
-        return decode_ahead(tokens, kv_len)
-
-    engine.runner.decode, engine.runner.decode_ahead = launch, launch_ahead
+    engine.runner.decode = launch
 
     class EventSink(RecordingSink):
         def deliver(self, items):
@@ -877,12 +874,48 @@ def test_greedy_decode_steps_are_launched_before_the_last_ones_tokens_are_read_a
     assert sink.done.wait(10)
     tokens = [token for _, output in sink.items for token in output.token_ids]
     assert tokens == hf_greedy(hf_model, prompt, 4)
-    # Prefill samples the 1st token, which the first decode step is fed from the host; the two steps after it are
-    # fed on the device, and none after the step choosing the 4th (the last, by length). Each token goes out once
-    # the step after the one that chose it is launched, or before the host waits on the device; the last at once.
-    assert events == [("decode", (tokens[0],)), ("deliver", (tokens[0],), None),
-                      ("ahead",), ("ahead",), ("deliver", (tokens[1],), None),
-                      ("deliver", (tokens[2],), None), ("deliver", (tokens[3],), "length")]
+    # The first decode step takes the prefill's token (row 0 of what is in flight); the next two take the last decode
+    # step's (row 1 after the prefill's, then row 0); none is launched after the one choosing the 4th token (the
+    # last, by length). The first two tokens go out once the third step is launched; the third before the host
+    # waits for the last step, which goes out at once.
+    assert events == [("decode", (6,), (0,)), ("decode", (7,), (1,)), ("decode", (8,), (0,)),
+                      ("deliver", tuple(tokens[:2]), None), ("deliver", (tokens[2],), None),
+                      ("deliver", (tokens[3],), "length")]
+
+
+def test_steps_are_launched_ahead_across_arrivals_and_endings_and_every_request_gets_hf_greedy(make_engine,
+                                                                                              hf_model):
+    """Under churn (requests ending by length at different steps, new prompts arriving while others decode, one
+    aborted mid-stream) no step waits for the last one to be read back: every decode step after the first is fed on
+    the device, and every request still gets exactly HF's greedy tokens."""
+    engine = make_engine(max_num_seqs=4, overlap=True, max_prefill_tokens_per_step=16)
+    fed = []
+    decode = engine.runner.decode
+
+    def launch(slots, token_ids, positions, carried=None):
+        fed.append(carried is not None and all(row >= 0 for row in carried[1]))
+        return decode(slots, token_ids, positions, carried)
+
+    engine.runner.decode = launch
+    cases = [(random_prompt(length, seed=200 + index), max_tokens)
+             for index, (length, max_tokens) in enumerate([(5, 9), (23, 3), (9, 14), (40, 6), (3, 1), (12, 11),
+                                                           (7, 5), (30, 8)])]
+
+    async def main():
+        await engine.start()
+        fed.clear()
+        streams = [engine.generate(request(f"c{index}", prompt, greedy(max_tokens, ignore_eos=True)))
+                   for index, (prompt, max_tokens) in enumerate(cases)]
+        doomed = engine.generate(request("doomed", random_prompt(6, seed=299), greedy(50, ignore_eos=True)))
+        await doomed.__anext__()
+        await doomed.aclose()
+        return await asyncio.gather(*(collect(stream) for stream in streams))
+
+    results = asyncio.run(main())
+    for (prompt, max_tokens), (tokens, reason) in zip(cases, results):
+        assert reason == "length" and tokens == hf_greedy(hf_model, prompt, max_tokens)
+    # 9 requests on 4 slots: prompts keep arriving while others decode, and no decode step took a token from the host.
+    assert len(fed) > 10 and all(fed)
 
 
 def test_a_sequence_reaching_the_context_end_while_others_go_on_matches_hf_greedy(make_engine, hf_model):
@@ -907,7 +940,7 @@ def test_a_finished_requests_last_output_goes_out_before_the_host_waits_on_the_d
     def read(in_flight):
         events.append("read")
         finish(in_flight)
-        if any(seq.request.request_id == "a" and seq.finished for seq in in_flight.seqs):
+        if any(seq.request.request_id == "a" and seq.finished for seqs, _ in in_flight.parts for seq in seqs):
             events.append("a ended")
 
     engine._finish = read
@@ -949,9 +982,10 @@ def test_a_sink_that_refuses_delivery_gets_its_requests_aborted_and_slots_freed(
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_run_ahead_on_the_gpu_gives_the_stepwise_tokens_and_launches_without_waiting(tmp_path):
-    """On CUDA with graphs (bf16, flash where it applies): run-ahead decode steps give exactly the tokens of one step
-    at a time across joins, lengths and KV buckets, and launching a step ahead never synchronises with the device
-    (CUDA's sync debug mode turns any synchronising call there into an error, which would fail the loop)."""
+    """On CUDA with graphs (bf16, flash where it applies): steps fed with the last step's tokens on the device give
+    exactly the tokens of one step at a time across joins, lengths and KV buckets, and launching a prefill pass or a
+    decode step never synchronises with the device (CUDA's sync debug mode turns any synchronising call there into
+    an error, which would fail the loop)."""
     from tests.serving.tiny_model import build_tiny_model
 
     model_dir = build_tiny_model(tmp_path / "model", max_position_embeddings=1024)
@@ -963,17 +997,20 @@ def test_run_ahead_on_the_gpu_gives_the_stepwise_tokens_and_launches_without_wai
         engine = LLMEngine.from_model_dir(model_dir, EngineConfig(device="cuda", dtype="bfloat16", max_num_seqs=4,
                                                                   overlap=overlap))
         assert engine.runner.graphs is not None, "graph capture failed (see the warning log)"
-        decode_ahead = engine.runner.decode_ahead
+        prefill, decode = engine.runner.prefill, engine.runner.decode
 
-        def without_sync(tokens, kv_len):
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                launched_ahead.append(kv_len)
-                return decode_ahead(tokens, kv_len)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
+        def without_sync(launch):
+            def launch_without_sync(*args):
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    if len(args) == 4 and args[3] is not None:
+                        launched_ahead.append(len(args[0]))
+                    return launch(*args)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            return launch_without_sync
 
-        engine.runner.decode_ahead = without_sync
+        engine.runner.prefill, engine.runner.decode = without_sync(prefill), without_sync(decode)
         return asyncio.run(greedy_tokens(engine, cases, shutdown=True))
 
     stepwise = run(False)
