@@ -45,36 +45,49 @@ from serving.engine.interface import GenerationRequest, ModelInfo, SamplingParam
 from serving.engine.model_runner import KVCachePlan, ModelRunner
 
 
-class DeviceLogits:
-    """Logits computed by a simulated device: reading them back (`argmax(...).tolist()`) waits until the device has
-    finished them, as `.tolist()` of a CUDA tensor waits for the stream; slicing and argmax themselves do not."""
+class DeviceLogits(torch.Tensor):
+    """A tensor a simulated device is still computing, ready at `ready` (`time.perf_counter()`). What is computed from
+    it is ready no sooner (stream order), and reading it back (`tolist()`, `item()`) waits until then, as reading a
+    CUDA tensor back waits for its stream; everything else (slicing, argmax, sampling, gathering) does not wait."""
 
-    is_cuda = False  # read back with tolist(), which waits (serving.engine.engine._InFlight)
+    ready: float
 
-    def __init__(self, logits: torch.Tensor, ready: float) -> None:
-        self._logits = logits
-        self._ready = ready
+    @staticmethod
+    def of(tensor: torch.Tensor, ready: float) -> "DeviceLogits":
+        result = tensor.as_subclass(DeviceLogits)
+        result.ready = ready
+        return result
 
-    @property
-    def shape(self) -> torch.Size:
-        return self._logits.shape
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        ready = max((value.ready for value in _flatten((args, kwargs)) if isinstance(value, DeviceLogits)),
+                    default=0.0)
+        if func in (torch.Tensor.tolist, torch.Tensor.item):
+            wait = ready - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+        with torch._C.DisableTorchFunctionSubclass():
+            result = func(*args, **kwargs)
+        return _wrap(result, ready)
 
-    @property
-    def value(self) -> torch.Tensor:
-        """The values, for the next simulated step to be fed with (on a device, stream order makes it wait)."""
-        return self._logits
 
-    def __getitem__(self, index) -> "DeviceLogits":
-        return DeviceLogits(self._logits[index], self._ready)
+def _flatten(value):
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _flatten(item)
+    elif isinstance(value, dict):
+        yield from _flatten(list(value.values()))
+    else:
+        yield value
 
-    def argmax(self, dim: int = -1) -> "DeviceLogits":
-        return DeviceLogits(self._logits.argmax(dim=dim), self._ready)
 
-    def tolist(self) -> list:
-        wait = self._ready - time.perf_counter()
-        if wait > 0:
-            time.sleep(wait)
-        return self._logits.tolist()
+def _wrap(value, ready: float):
+    if isinstance(value, torch.Tensor):
+        return DeviceLogits.of(value, ready)
+    if isinstance(value, tuple):  # torch's named results (sort: values, indices) take a sequence
+        return type(value)([_wrap(item, ready) for item in value])
+    return value
 
 
 def stub_runner(num_slots: int, max_model_len: int, vocab: int, device_ms: float = 0.0,
@@ -100,7 +113,7 @@ def stub_runner(num_slots: int, max_model_len: int, vocab: int, device_ms: float
         start = max(time.perf_counter(), device_free)
         device_free = start + seconds
         runner.device_busy.append((start, device_free))
-        return DeviceLogits(result, device_free)
+        return DeviceLogits.of(result, device_free)
 
     def step(inputs: torch.Tensor, kv_len: int):
         runner.decode_times.append(time.perf_counter())
@@ -120,15 +133,6 @@ def stub_runner(num_slots: int, max_model_len: int, vocab: int, device_ms: float
             return run_on_device(logits[:wanted], len(packed[0]) * prefill_us / 1e6) if wanted else None
 
         runner.prefill = prefill
-    decode = runner.decode
-
-    def decode_carried(slots, token_ids, positions, carried=None):
-        if carried is not None:  # tokens the simulated device chose feed the step (it runs after theirs)
-            sources, rows = carried
-            carried = [source.value if isinstance(source, DeviceLogits) else source for source in sources], rows
-        return decode(slots, token_ids, positions, carried)
-
-    runner.decode = decode_carried
     return runner
 
 
@@ -158,13 +162,13 @@ class CountingSink:
 def run_level(batch: int, steps: int, prompt_len: int, vocab: int, device_ms: float = 0.0,
               slots: int | None = None, overlap: bool | None = None, steps_min: int | None = None,
               arrivals: int = 0, prompt_min: int | None = None, prefill_us: float = 0.0,
-              max_prefill_tokens: int | None = None) -> dict:
+              max_prefill_tokens: int | None = None, temperature: float = 0.0) -> dict:
     """`batch` requests on `slots` slots (default: as many as requests; more leave a batch bucket partly empty), each
     `steps` tokens long, or a seeded random length from `steps_min` to `steps` (requests ending at different steps),
     with prompts of `prompt_len` tokens, or a seeded random length from `prompt_min`. With `arrivals` > `batch`, a
     closed loop of that many requests, `batch` at a time. `overlap` as `EngineConfig.overlap`; by default on with a
     simulated device, as on CUDA, and off without. `max_prefill_tokens` as the engine's (default: every prompt of
-    the first batch in one pass)."""
+    the first batch in one pass). `temperature` > 0 samples (top_p 0.95, a seed per request) instead of greedy."""
     total = max(arrivals, batch)
     runner = stub_runner(max(slots or batch, batch), prompt_len + steps + 1, vocab, device_ms, prefill_us)
     info = ModelInfo(max_model_len=runner.max_model_len, vocab_size=vocab, eos_token_ids=(vocab - 1,),
@@ -184,7 +188,8 @@ def run_level(batch: int, steps: int, prompt_len: int, vocab: int, device_ms: fl
         nonlocal submitted
         if submitted < total:
             index, submitted = submitted, submitted + 1
-            params = SamplingParams(max_tokens=lengths[index], temperature=0.0, ignore_eos=True)
+            params = SamplingParams(max_tokens=lengths[index], temperature=temperature, ignore_eos=True,
+                                    top_p=0.95 if temperature else 1.0, seed=index if temperature else None)
             prompt = tuple(1 + position % (vocab - 2) for position in range(prompt_lens[index]))
             engine.submit(GenerationRequest(f"r{index}", prompt, params), sink, index)
 
@@ -221,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a closed loop of this many requests in all, --batches at a time (default: one batch)")
     parser.add_argument("--prefill-us", type=float, default=0.0,
                         help="with --device-ms, simulate prefill passes taking this long per prompt token")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="sample at this temperature (top_p 0.95, seeded) instead of greedy")
     parser.add_argument("--max-prefill-tokens", type=int, default=None,
                         help="the engine's prefill budget per step (default: the first batch's prompts in one pass)")
     parser.add_argument("--steps-min", type=int, default=None,
@@ -243,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     for batch in sorted({int(b) for b in args.batches.split(",")}):
         overlap = None if args.overlap is None else args.overlap == "on"
         runs = [run_level(batch, args.steps, args.prompt_len, args.vocab, args.device_ms, args.slots, overlap,
-                          args.steps_min, args.arrivals, args.prompt_min, args.prefill_us, args.max_prefill_tokens)
+                          args.steps_min, args.arrivals, args.prompt_min, args.prefill_us, args.max_prefill_tokens,
+                          args.temperature)
                 for _ in range(args.rounds)]
         level = dict(runs[0])
         keys = ["ms_per_step", "us_per_token", "tokens_per_s"] + (["device_busy"] if args.device_ms else [])

@@ -19,6 +19,7 @@ import heapq
 import logging
 import math
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +47,6 @@ from serving.engine.model_runner import (
     PrefillChunk,
     kv_bytes_per_token,
     kv_cache_budget_bytes,
-    kv_len_bucket,
     model_context_len,
     plan_kv_cache,
 )
@@ -54,6 +54,9 @@ from serving.engine.sampling import RowSampling, StopRule, banned_token_ids, sam
 from serving.engine.stream import LoopSink, OutputSink, TokenStream
 
 logger = logging.getLogger("serving.engine")
+
+_READ_BACK_AFTER_FAILURE_S = 5.0
+"""How long a dying loop waits for the device to finish the steps in flight before failing their requests."""
 
 
 @dataclass(eq=False, slots=True)
@@ -112,10 +115,16 @@ class _InFlight:
             offset += len(seqs)
         return rows
 
-    def read(self) -> list[tuple[list[_Sequence], list[int]]]:
-        """Each part's sequences and tokens, on the host."""
+    def read(self, timeout_s: float | None = None) -> list[tuple[list[_Sequence], list[int]]]:
+        """Each part's sequences and tokens, on the host; with `timeout_s`, TimeoutError if the device takes longer."""
         if self._ready is None:
             return [(seqs, tokens.tolist()) for seqs, tokens in self.parts]
+        if timeout_s is not None:
+            deadline = time.monotonic() + timeout_s
+            while not self._ready.query():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the device did not finish the steps in flight within {timeout_s:.0f} s")
+                time.sleep(0.001)
         self._ready.synchronize()
         tokens = self._host.tolist()
         parts, offset = [], 0
@@ -154,6 +163,8 @@ class LLMEngine:
         """The last step's greedy tokens, launched and not read back yet (`_step`)."""
         self._launching: list[tuple[list[_Sequence], torch.Tensor]] = []
         """This step's passes launched so far, their tokens on the device (`_launch`)."""
+        self._read_failed = False
+        """A read back failed: the loop is dying, and no later tokens may be read back after the missing ones."""
         self._overlap = config.overlap if config.overlap is not None else runner.device.type == "cuda"
         self._free_slots = list(range(runner.num_slots))
         self._running: dict[int, _Sequence] = {}
@@ -352,28 +363,22 @@ class LLMEngine:
     def _step(self) -> None:
         """Chunked prefill within the token budget, then one batched decode step.
 
-        With `overlap` (on CUDA by default) host work runs while the device works. When every token the step chooses
-        is a plain argmax, the step is launched without reading the last one back first: its rows take the last
-        step's tokens on the device (`ModelRunner.decode`'s `carried`), new prompts' first tokens stay there too, and
+        With `overlap` (on CUDA by default) host work runs while the device works: the tokens each pass chooses
+        (argmax or sampled) stay on the device, and a step is launched without reading the last one back first. Its
+        rows take the last step's tokens there (`ModelRunner.decode`'s `carried`), new prompts' first tokens too, and
         the last step is read back and its tokens appended while this one runs (a sequence found to have ended then
         costs this step one wasted row; one known to end by length with its token in flight gets no row). The
         outputs a step produces are sent during the next one, once its first pass is launched; a step after which
-        nothing runs sends its own at once. A row that needs the sampler makes the loop read back first. Without
-        `overlap` every step is read back and sent as soon as it is launched."""
+        nothing runs sends its own at once. Without `overlap` every step is read back and sent as soon as it is
+        launched."""
         chunks, prefilled = self._plan_prefill()
-        # Each sequence's next token has index `launched`; a prompt's first, 0.
-        on_device = (self._overlap and all(seq.launched >= seq.argmax_from for seq in self._decoding)
-                     and all(seq.argmax_from <= 0 for seq in prefilled))
-        if self._in_flight is not None and not on_device:
-            self._flush_pending()  # before waiting for the device: the host has nothing else to do meanwhile
-            self._finish_in_flight()
-        self._launch(chunks, prefilled, self._in_flight, on_device)
+        self._launch(chunks, prefilled, self._in_flight, self._overlap)
         self._flush_pending()  # if nothing was launched, before waiting for the device
         self._finish_in_flight()
-        launched, self._launching = self._launching, []
-        if launched and self._running:
-            self._in_flight = _InFlight(launched)
-        else:  # nothing in flight, or only rows of sequences that have ended since: send what was produced now
+        if self._launching and self._running:
+            self._in_flight = _InFlight(self._launching)
+        self._launching = []
+        if self._in_flight is None:  # nothing in flight, or only rows of ended sequences: send what was produced now
             self._flush_pending()
 
     def _plan_prefill(self) -> tuple[list[PrefillChunk], list[_Sequence]]:
@@ -398,9 +403,9 @@ class LLMEngine:
 
     def _launch(self, chunks: list[PrefillChunk], prefilled: list[_Sequence], carried: _InFlight | None,
                 on_device: bool) -> None:
-        """Launch the prefill pass and the decode step. With `on_device`, the greedy tokens they choose stay on the
-        device (added to `self._launching` as each pass is launched), and tokens of `carried` feed the decode step
-        there; otherwise they are sampled and appended at once."""
+        """Launch the prefill pass and the decode step. With `on_device`, the tokens they choose stay on the device
+        (added to `self._launching` as each pass is launched), and tokens of `carried` feed the decode step there;
+        otherwise they are read back and appended at once."""
         sources: list[torch.Tensor] = carried.sources if carried is not None else []
         rows = carried.rows() if carried is not None else {}
         parts = self._launching
@@ -410,10 +415,10 @@ class LLMEngine:
             for seq in prefilled:
                 self._prefilling.remove(seq)
             if prefilled:
+                first = self._choose(prefilled, logits, [0] * len(prefilled))
                 for seq in prefilled:
                     seq.launched = 1
                 if on_device:
-                    first = logits.argmax(dim=-1)
                     offset = sum(source.shape[0] for source in sources)
                     for index, seq in enumerate(prefilled):
                         rows[seq] = offset + index
@@ -421,7 +426,7 @@ class LLMEngine:
                     parts.append((prefilled, first))
                     started = prefilled
                 else:
-                    self._sample_and_append(prefilled, logits)
+                    self._append(prefilled, first.tolist())
                     # Those already done (one token, or a stop token first) get their last output now: it must not
                     # wait on a decode below that could fail, since a finished sequence is no longer live.
                     self._emit([seq for seq in prefilled if seq.finished])
@@ -446,37 +451,46 @@ class LLMEngine:
                 [seq.num_cached + seq.launched - 1 for seq in decoding],
                 (sources, source_rows) if len(source_rows) != source_rows.count(-1) else None,
             )
+            self._flush_pending()  # while the device runs the decode step
+            tokens = self._choose(decoding, logits, [seq.launched for seq in decoding])
             for seq in decoding:
                 seq.launched += 1
-            self._flush_pending()  # while the device runs the decode step
             if on_device:
-                parts.append((decoding, logits.argmax(dim=-1)))
+                parts.append((decoding, tokens))
             else:
-                self._sample_and_append(decoding, logits)
+                self._append(decoding, tokens.tolist())
                 self._pending += decoding
 
-    def _finish(self, in_flight: _InFlight) -> None:
+    def _finish(self, in_flight: _InFlight, timeout_s: float | None = None) -> None:
         """Read launched passes' tokens back and append them, part by part (`_append` passes over the sequences that
         ended meanwhile); they are emitted during the next step."""
-        for seqs, tokens in in_flight.read():
+        try:
+            parts = in_flight.read(timeout_s)
+        except BaseException:
+            self._read_failed = True
+            raise
+        for seqs, tokens in parts:
             self._append(seqs, tokens)
             self._pending += seqs
 
     def _read_back_launched(self) -> None:
         """After the loop failed: read back what passes launched before the failure chose, if the device still answers
-        (a request that a prefill pass finished then gets its output, not the failure)."""
+        within a few seconds (a request that a prefill pass finished then gets its output, not the failure). Not
+        after a read that failed: the tokens it held would be missing from before the later ones."""
         launching, self._launching = self._launching, []
+        if self._read_failed:
+            return
         try:
-            self._finish_in_flight()
+            self._finish_in_flight(_READ_BACK_AFTER_FAILURE_S)
             if launching:
-                self._finish(_InFlight(launching))
+                self._finish(_InFlight(launching), _READ_BACK_AFTER_FAILURE_S)
         except Exception:  # noqa: BLE001 - the device failed too: those requests fail with the loop
             logger.warning("could not read back the tokens of the steps in flight", exc_info=True)
 
-    def _finish_in_flight(self) -> None:
+    def _finish_in_flight(self, timeout_s: float | None = None) -> None:
         in_flight, self._in_flight = self._in_flight, None
         if in_flight is not None:
-            self._finish(in_flight)
+            self._finish(in_flight, timeout_s)
 
     def _flush_pending(self) -> None:
         """Emit what the previous step produced (see `_step`)."""
@@ -484,23 +498,22 @@ class LLMEngine:
             pending, self._pending = self._pending, []
             self._emit(pending)
 
-    def _sample_and_append(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
-        """Sample each sequence's next token, append it, and end the sequences that are done."""
-        if _argmax_only(seqs):
+    def _choose(self, seqs: list[_Sequence], logits: torch.Tensor, generated: list[int]) -> torch.Tensor:
+        """Each sequence's next token, on the device (nothing here waits for it): the argmax where that is all it takes,
+        else sampled. `generated[i]` is how many tokens sequence i has before this one (which tokens are banned)."""
+        if all(count >= seq.argmax_from for seq, count in zip(seqs, generated)):
             # Plain greedy rows (nothing banned): the argmax, without building per-row sampling state.
-            tokens = logits.argmax(dim=-1).tolist()
-        else:
-            rows = [
-                RowSampling(
-                    temperature=seq.params.temperature,
-                    top_p=seq.params.top_p,
-                    generator=seq.generator,
-                    banned_token_ids=banned_token_ids(seq.params, len(seq.output_ids), self._eos_token_ids),
-                )
-                for seq in seqs
-            ]
-            tokens = sample_tokens(logits, rows).tolist()
-        self._append(seqs, tokens)
+            return logits.argmax(dim=-1)
+        rows = [
+            RowSampling(
+                temperature=seq.params.temperature,
+                top_p=seq.params.top_p,
+                generator=seq.generator,
+                banned_token_ids=banned_token_ids(seq.params, count, self._eos_token_ids),
+            )
+            for seq, count in zip(seqs, generated)
+        ]
+        return sample_tokens(logits, rows)
 
     def _append(self, seqs: list[_Sequence], tokens: list[int]) -> None:
         """Append each sequence's new token and end the sequences that are done. A sequence that has already ended
@@ -596,11 +609,6 @@ class LLMEngine:
 
 def _slot_of(seq: _Sequence) -> int:
     return seq.slot
-
-
-def _argmax_only(seqs: list[_Sequence]) -> bool:
-    """Whether every sequence's next token is a plain argmax (greedy, nothing banned)."""
-    return all(len(seq.output_ids) >= seq.argmax_from for seq in seqs)
 
 
 def capture_decode_graphs(runner: ModelRunner, attention_choice: AttentionChoice = "auto") -> bool:

@@ -1,5 +1,8 @@
 """Batched next-token sampling on the device, and the rules that end a sequence.
 
+Sampling never waits for the device (its few host-to-device copies are from pinned memory), so the engine can keep
+the tokens on the device and launch the next step before reading them back.
+
 One call samples a token for every row of a logits batch: greedy rows (temperature 0) take the argmax;
 the others sample from temperature-scaled, top-p-filtered probabilities. Sampling uses the
 exponential-race form (argmax of p / E with E ~ Exp(1)), which needs no normalisation and lets each
@@ -14,6 +17,7 @@ from typing import Sequence
 import torch
 
 from serving.engine.interface import FinishReason, SamplingParams
+from serving.engine.transfer import to_device
 
 
 @dataclass(frozen=True)
@@ -35,11 +39,11 @@ def sample_tokens(logits: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Te
     if all(row.temperature == 0 for row in rows):
         return greedy_tokens
     device = logits.device
-    temperatures = torch.tensor([row.temperature for row in rows], dtype=torch.float32, device=device)
+    temperatures = to_device(torch.tensor([row.temperature for row in rows], dtype=torch.float32), device)
     greedy = temperatures == 0
     probs = torch.softmax(logits / torch.where(greedy, 1.0, temperatures).unsqueeze(1), dim=-1)
     if any(row.top_p < 1.0 for row in rows):
-        top_p = torch.tensor([row.top_p for row in rows], dtype=torch.float32, device=device)
+        top_p = to_device(torch.tensor([row.top_p for row in rows], dtype=torch.float32), device)
         probs = _top_p_filter(probs, top_p)
     noise = torch.empty_like(probs).exponential_()
     for index, row in enumerate(rows):
@@ -85,8 +89,8 @@ def _ban_tokens(logits: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Tens
     if not row_index:
         return logits
     token_index = [token for row in rows for token in row.banned_token_ids]
-    banned = (torch.tensor(row_index, device=logits.device), torch.tensor(token_index, device=logits.device))
-    return logits.index_put(banned, torch.tensor(float("-inf"), device=logits.device))
+    banned = to_device(torch.tensor([row_index, token_index]), logits.device)
+    return logits.index_put((banned[0], banned[1]), torch.full((), float("-inf"), device=logits.device))
 
 
 def _top_p_filter(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

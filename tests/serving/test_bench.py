@@ -64,15 +64,17 @@ def test_engine_loop_runs_every_request_to_its_length_and_times_the_decode_steps
     assert "loop ms/step" in capsys.readouterr().out
 
 
-def test_engine_loop_closed_loop_replaces_each_finished_request_and_reports_the_devices_busy_time(tmp_path):
+@pytest.mark.parametrize("temperature", ["0", "0.7"])
+def test_engine_loop_closed_loop_replaces_each_finished_request_and_reports_the_devices_busy_time(tmp_path,
+                                                                                                   temperature):
     out = tmp_path / "closed.json"
     assert engine_loop.main(["--batches", "4", "--arrivals", "14", "--steps", "9", "--steps-min", "3",
                              "--prompt-len", "40", "--prompt-min", "5", "--max-prefill-tokens", "32",
                              "--device-ms", "0.5", "--prefill-us", "20", "--rounds", "1",
-                             "--json-out", str(out)]) == 0
+                             "--temperature", temperature, "--json-out", str(out)]) == 0
     level = json.loads(out.read_text())["levels"][0]
-    # 14 requests, 4 at a time: more decode steps than the longest request alone would take, every token delivered
-    # (run_level checks the total against the requests' lengths).
+    # 14 requests, 4 at a time, greedy or sampled on the simulated device: more decode steps than the longest
+    # request alone would take, every token delivered (run_level checks the total against the requests' lengths).
     assert level["requests"] == 14 and 3 * 14 <= level["tokens"] <= 9 * 14
     assert level["steps"] > 9
     assert 0.0 < level["device_busy"] <= 1.0

@@ -918,6 +918,44 @@ def test_steps_are_launched_ahead_across_arrivals_and_endings_and_every_request_
     assert len(fed) > 10 and all(fed)
 
 
+def test_sampled_and_min_tokens_rows_run_ahead_too_and_give_the_stepwise_tokens(make_engine):
+    """Sampling (temperature, top_p, a seed) and min_tokens bans run on the device like the argmax: with overlap no
+    step waits for the last one to be read back, whatever the rows ask for, and each request gets the tokens it gets
+    one step at a time (seeded sampling does not depend on what shares the batch)."""
+    cases = [
+        ("seeded", random_prompt(7, seed=41), SamplingParams(max_tokens=15, temperature=0.8, top_p=0.9, seed=5,
+                                                             ignore_eos=True)),
+        ("greedy", random_prompt(11, seed=42), greedy(12, ignore_eos=True)),
+        ("held", EOS_PROMPT, greedy(30, min_tokens=10)),
+        ("hot", random_prompt(4, seed=43), SamplingParams(max_tokens=9, temperature=1.3, seed=6, ignore_eos=True)),
+        ("late", random_prompt(20, seed=44), SamplingParams(max_tokens=8, temperature=0.5, seed=7, min_tokens=3)),
+    ]
+
+    def run(overlap: bool):
+        engine = make_engine(max_num_seqs=3, overlap=overlap)
+        fed = []
+        decode = engine.runner.decode
+
+        def launch(slots, token_ids, positions, carried=None):
+            fed.append(carried is not None and all(row >= 0 for row in carried[1]))
+            return decode(slots, token_ids, positions, carried)
+
+        async def main():
+            await engine.start()
+            engine.runner.decode = launch
+            streams = [engine.generate(request(name, prompt, params)) for name, prompt, params in cases]
+            return await asyncio.gather(*(collect(stream) for stream in streams))
+
+        return asyncio.run(main()), fed
+
+    stepwise, fed_stepwise = run(False)
+    ahead, fed_ahead = run(True)
+    assert ahead == stepwise
+    assert len(stepwise[2][0]) >= 10 and EOS not in stepwise[2][0]
+    assert not any(fed_stepwise)
+    assert len(fed_ahead) > 10 and all(fed_ahead)
+
+
 def test_a_sequence_reaching_the_context_end_while_others_go_on_matches_hf_greedy(make_engine, hf_model):
     """A sequence that fills the context exactly, in a batch that goes on: under run-ahead its row in the step
     launched after its last token sits at the scratch position (the context's last); every sequence still gets HF's
@@ -937,9 +975,9 @@ def test_a_finished_requests_last_output_goes_out_before_the_host_waits_on_the_d
     events: list[str] = []
     finish = engine._finish
 
-    def read(in_flight):
+    def read(in_flight, timeout_s=None):
         events.append("read")
-        finish(in_flight)
+        finish(in_flight, timeout_s)
         if any(seq.request.request_id == "a" and seq.finished for seqs, _ in in_flight.parts for seq in seqs):
             events.append("a ended")
 
@@ -981,40 +1019,64 @@ def test_a_sink_that_refuses_delivery_gets_its_requests_aborted_and_slots_freed(
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_run_ahead_on_the_gpu_gives_the_stepwise_tokens_and_launches_without_waiting(tmp_path):
+def test_run_ahead_on_the_gpu_gives_the_stepwise_tokens_and_launches_without_waiting(tmp_path, monkeypatch):
     """On CUDA with graphs (bf16, flash where it applies): steps fed with the last step's tokens on the device give
-    exactly the tokens of one step at a time across joins, lengths and KV buckets, and launching a prefill pass or a
-    decode step never synchronises with the device (CUDA's sync debug mode turns any synchronising call there into
-    an error, which would fail the loop)."""
+    exactly the tokens of one step at a time across staggered joins, endings, KV buckets, seeded sampling and
+    min_tokens, and launching a step (prefill, decode, choosing the tokens, the copy back to the host) never
+    synchronises with the device: CUDA's sync debug mode turns any synchronising call there into an error, which
+    would fail the loop. Every request starts at once (8 slots), so both runs lay out the same batches."""
+    from serving.engine import engine as engine_module
     from tests.serving.tiny_model import build_tiny_model
 
     model_dir = build_tiny_model(tmp_path / "model", max_position_embeddings=1024)
-    cases = [(random_prompt(length, seed=90 + length), max_tokens)
-             for length, max_tokens in [(3, 90), (9, 7), (17, 60), (40, 12), (300, 260), (1, 33), (64, 120)]]
+    lengths = [(3, 90), (9, 7), (17, 60), (40, 12), (300, 260), (1, 33), (64, 120)]
+    cases = [(random_prompt(length, seed=90 + length), greedy(max_tokens, ignore_eos=True))
+             for length, max_tokens in lengths]
+    cases[1] = (cases[1][0], SamplingParams(max_tokens=40, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True))
+    cases[5] = (cases[5][0], greedy(33, min_tokens=20))
     launched_ahead = []
 
+    def without_sync(launch):
+        def launch_without_sync(*args, **kwargs):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return launch(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return launch_without_sync
+
+    class InFlightWithoutSync(engine_module._InFlight):
+        __slots__ = ()
+        __init__ = without_sync(engine_module._InFlight.__init__)
+
     def run(overlap: bool):
-        engine = LLMEngine.from_model_dir(model_dir, EngineConfig(device="cuda", dtype="bfloat16", max_num_seqs=4,
-                                                                  overlap=overlap))
+        engine = LLMEngine.from_model_dir(model_dir, EngineConfig(
+            device="cuda", dtype="bfloat16", max_num_seqs=8, max_prefill_tokens_per_step=64, overlap=overlap))
         assert engine.runner.graphs is not None, "graph capture failed (see the warning log)"
         prefill, decode = engine.runner.prefill, engine.runner.decode
 
-        def without_sync(launch):
-            def launch_without_sync(*args):
-                torch.cuda.set_sync_debug_mode("error")
-                try:
-                    if len(args) == 4 and args[3] is not None:
-                        launched_ahead.append(len(args[0]))
-                    return launch(*args)
-                finally:
-                    torch.cuda.set_sync_debug_mode("default")
-            return launch_without_sync
+        def watched_decode(slots, token_ids, positions, carried=None):
+            if carried is not None:
+                launched_ahead.append(len(slots))
+            return decode(slots, token_ids, positions, carried)
 
-        engine.runner.prefill, engine.runner.decode = without_sync(prefill), without_sync(decode)
-        return asyncio.run(greedy_tokens(engine, cases, shutdown=True))
+        engine.runner.prefill, engine.runner.decode = without_sync(prefill), without_sync(watched_decode)
+        if overlap:  # the whole launch, sampling included (stepwise, sampling reads its tokens back at once)
+            engine._launch = without_sync(engine._launch)
+
+        async def main():
+            await engine.start()
+            try:
+                streams = [engine.generate(request(f"r{i}", prompt, params)) for i, (prompt, params) in enumerate(cases)]
+                return await asyncio.gather(*(collect(stream) for stream in streams))
+            finally:
+                await engine.shutdown()
+
+        return asyncio.run(main())
 
     stepwise = run(False)
     assert not launched_ahead
+    monkeypatch.setattr(engine_module, "_InFlight", InFlightWithoutSync)
     assert run(True) == stepwise
     assert len(launched_ahead) > 100
 
@@ -1031,6 +1093,39 @@ def test_engine_process_on_the_gpu_gives_the_in_process_engines_tokens(tiny_mode
     client = EngineClient.spawn(tiny_model_dir, config, log_level="warning")
     assert client.stats().device.startswith("cuda")
     assert asyncio.run(greedy_tokens(client, cases, shutdown=True)) == in_process
+
+
+def test_when_reading_a_step_back_fails_no_later_token_is_sent_in_place_of_its_own(make_engine, hf_model,
+                                                                                     monkeypatch):
+    """A read back that fails kills the loop; the passes launched after the step it was reading are not read back
+    then, or a stream would get a later token with the step's own missing: it gets HF's tokens up to the failure,
+    then the failure."""
+    from serving.engine import engine as engine_module
+
+    engine = make_engine(max_num_seqs=2, overlap=True)
+    asyncio.run(engine.start())
+    reads = []
+    read = engine_module._InFlight.read
+
+    def failing_read(self, timeout_s=None):
+        reads.append(timeout_s)
+        if len(reads) == 5:
+            raise RuntimeError("injected read failure")
+        return read(self, timeout_s)
+
+    monkeypatch.setattr(engine_module._InFlight, "read", failing_read)
+    prompt = random_prompt(6, seed=3)
+
+    async def main():
+        tokens = []
+        with pytest.raises(EngineDeadError, match="injected read failure"):
+            async for output in engine.generate(request("a", prompt, greedy(30, ignore_eos=True))):
+                tokens += output.token_ids
+        return tokens
+
+    tokens = asyncio.run(main())
+    assert tokens == hf_greedy(hf_model, prompt, 30)[: len(tokens)]
+    assert len(reads) == 5  # the dying loop read nothing more
 
 
 def test_a_request_that_ends_in_prefill_gets_its_output_even_if_that_steps_decode_kills_the_loop(make_engine):
