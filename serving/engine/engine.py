@@ -87,26 +87,32 @@ class _Sequence:
 
 
 class _InFlight:
-    """Launched passes' greedy tokens not yet read back: parts of (sequences, their tokens on the device), in launch
-    order (a prefill pass's first tokens, then a decode step's). The next step is fed from `sources` (`rows`), and
-    reading waits for these passes only, not for steps launched after them."""
+    """Launched passes' tokens not yet read back: parts of (sequences, their tokens on the device), in launch order (a
+    prefill pass's first tokens, then a decode step's). The next step is fed from `sources` (`rows`), and reading
+    waits for these passes only, not for steps launched after them."""
 
-    __slots__ = ("parts", "sources", "_host", "_ready")
+    __slots__ = ("parts", "sources", "_copy")
 
     def __init__(self, parts: list[tuple[list[_Sequence], torch.Tensor]]) -> None:
         self.parts = parts
         tensors = [tokens for _, tokens in parts]
-        if tensors[0].is_cuda:
-            self.sources = [torch.cat(tensors)] if len(tensors) > 1 else tensors
-            self._host = torch.empty(self.sources[0].shape, dtype=torch.long, pin_memory=True)
-            self._host.copy_(self.sources[0], non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record(torch.cuda.current_stream(self.sources[0].device))
-        else:
-            self.sources, self._host, self._ready = tensors, None, None
+        self.sources = [torch.cat(tensors) if len(tensors) > 1 else tensors[0]]
+        self._copy = self._copy_back(self.sources[0])
+
+    @staticmethod
+    def _copy_back(tokens: torch.Tensor) -> tuple[torch.Tensor, object] | None:
+        """Start copying `tokens` to the host, without waiting: (pinned host tensor, event recorded after the copy). On
+        CPU, None: the tokens are read as they are."""
+        if not tokens.is_cuda:
+            return None
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(tokens.device))
+        return host, ready
 
     def rows(self) -> dict[_Sequence, int]:
-        """Each sequence's latest token: its row in `sources` taken end to end."""
+        """Each sequence's latest token: its row in `sources`."""
         rows: dict[_Sequence, int] = {}
         offset = 0
         for seqs, _ in self.parts:
@@ -117,16 +123,18 @@ class _InFlight:
 
     def read(self, timeout_s: float | None = None) -> list[tuple[list[_Sequence], list[int]]]:
         """Each part's sequences and tokens, on the host; with `timeout_s`, TimeoutError if the device takes longer."""
-        if self._ready is None:
-            return [(seqs, tokens.tolist()) for seqs, tokens in self.parts]
-        if timeout_s is not None:
-            deadline = time.monotonic() + timeout_s
-            while not self._ready.query():
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the device did not finish the steps in flight within {timeout_s:.0f} s")
-                time.sleep(0.001)
-        self._ready.synchronize()
-        tokens = self._host.tolist()
+        if self._copy is None:
+            tokens = self.sources[0].tolist()
+        else:
+            host, ready = self._copy
+            if timeout_s is not None:
+                deadline = time.monotonic() + timeout_s
+                while not ready.query():
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"the device did not finish the steps in flight within {timeout_s:.0f} s")
+                    time.sleep(0.001)
+            ready.synchronize()
+            tokens = host.tolist()
         parts, offset = [], 0
         for seqs, _ in self.parts:
             parts.append((seqs, tokens[offset : offset + len(seqs)]))

@@ -956,6 +956,117 @@ def test_sampled_and_min_tokens_rows_run_ahead_too_and_give_the_stepwise_tokens(
     assert len(fed_ahead) > 10 and all(fed_ahead)
 
 
+def _random_mix(seed: int, count: int, max_model_len: int) -> list[GenerationRequest]:
+    """Requests of every kind the loop treats differently: greedy to a length, greedy to EOS, min_tokens, seeded
+    sampling, a stop token, one token; prompts from 1 to 50 tokens."""
+    import random
+
+    rng = random.Random(seed)
+    mix = []
+    for index in range(count):
+        kind = rng.choice(["greedy", "eos", "min", "sampled", "stop", "one"])
+        prompt = (EOS_PROMPT if kind in ("eos", "min") and rng.random() < 0.5
+                  else random_prompt(rng.choice([1, 3, 5, 9, 17, 33, 50]), seed=1000 * seed + index))
+        max_tokens = rng.randint(1, 30)
+        params = {
+            "greedy": greedy(max_tokens, ignore_eos=True),
+            "eos": greedy(max_tokens),
+            "min": greedy(max_tokens, min_tokens=rng.randint(1, 8)),
+            "sampled": SamplingParams(max_tokens=max_tokens, temperature=0.9, top_p=0.9, seed=index),
+            "stop": greedy(max_tokens, stop_token_ids=(rng.randint(5, 383),)),
+            "one": greedy(1),
+        }[kind]
+        if len(prompt) + params.max_tokens <= max_model_len:
+            mix.append(request(f"q{index}", prompt, params))
+    return mix
+
+
+def _run_mix(engine: LLMEngine, requests: list[GenerationRequest], rng=None, aborts: set | None = None) -> dict:
+    """Submit every request (with `rng`: at random moments, aborting some into `aborts`); each one's tokens and
+    finish reason. Fails on anything delivered after a request's final output."""
+    sink = RecordingSink()
+    for item in requests:
+        engine.submit(item, sink, item.request_id)
+        if rng is not None:
+            if rng.random() < 0.3:
+                time.sleep(rng.random() * 0.01)
+            if rng.random() < 0.1:
+                victim = rng.choice(requests).request_id
+                aborts.add(victim)
+                engine.abort(victim)
+    deadline = time.monotonic() + 60
+    while sum(1 for _, output in sink.items if output.finish_reason) < len(requests):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    results: dict[str, tuple[list[int], str | None]] = {}
+    for handle, output in sink.items:
+        tokens, reason = results.get(handle, ([], None))
+        assert reason is None, f"{handle} got output after its final one"
+        results[handle] = (tokens + list(output.token_ids), output.finish_reason)
+    return results
+
+
+class _ReadyNow:
+    """A CUDA event of a copy that has finished."""
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("cuda_layout", [False, True], ids=["cpu-layout", "cuda-layout"])
+@pytest.mark.parametrize("seed,slots", [(0, 2), (1, 5), (2, 3), (3, 1)])
+def test_a_random_mix_under_overlap_gives_each_request_its_tokens_one_step_at_a_time(tiny_model_dir, seed, slots,
+                                                                                   cuda_layout, monkeypatch):
+    """Differential: requests of every kind arriving at random moments, some aborted, decode steps of random
+    duration, a small prefill budget; with overlap each request gets exactly what it gets alone, one step at a time
+    (an aborted one a prefix of it), and nothing after its final output. With `cuda_layout` the in-flight tokens are
+    read back as on CUDA, from a copy once its event says it is done."""
+    import random
+
+    from serving.engine import engine as engine_module
+
+    def make(**overrides):
+        engine = LLMEngine.from_model_dir(tiny_model_dir, EngineConfig(device="cpu", dtype="float32", max_model_len=96,
+                                                                       **overrides))
+        guard_kv_len(engine.runner)
+        asyncio.run(engine.start())
+        return engine
+
+    requests = _random_mix(seed, 24, max_model_len=96)
+    reference = make(overlap=False, max_num_seqs=1)
+    try:
+        alone = _run_mix(reference, requests)
+    finally:
+        asyncio.run(reference.shutdown())
+    if cuda_layout:
+        monkeypatch.setattr(engine_module._InFlight, "_copy_back", staticmethod(lambda tokens: (tokens.clone(),
+                                                                                             _ReadyNow())))
+    engine = make(overlap=True, max_num_seqs=slots, max_prefill_tokens_per_step=16)
+    rng = random.Random(seed)
+    decode = engine.runner.decode
+
+    def uneven_decode(*args):
+        if rng.random() < 0.2:
+            time.sleep(0.002)
+        return decode(*args)
+
+    engine.runner.decode = uneven_decode
+    aborts: set[str] = set()
+    try:
+        results = _run_mix(engine, requests, rng, aborts)
+    finally:
+        asyncio.run(engine.shutdown())
+    for item in requests:
+        tokens, reason = results[item.request_id]
+        if reason == "abort":
+            assert item.request_id in aborts and tokens == alone[item.request_id][0][: len(tokens)]
+        else:
+            assert (tokens, reason) == alone[item.request_id], item.request_id
+
+
 def test_a_sequence_reaching_the_context_end_while_others_go_on_matches_hf_greedy(make_engine, hf_model):
     """A sequence that fills the context exactly, in a batch that goes on: under run-ahead its row in the step
     launched after its last token sits at the scratch position (the context's last); every sequence still gets HF's
