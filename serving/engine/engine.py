@@ -131,7 +131,7 @@ class _InFlight:
                 deadline = time.monotonic() + timeout_s
                 while not ready.query():
                     if time.monotonic() > deadline:
-                        raise TimeoutError(f"the device did not finish the steps in flight within {timeout_s:.0f} s")
+                        raise TimeoutError(f"the device did not finish the steps in flight within {timeout_s:g} s")
                     time.sleep(0.001)
             ready.synchronize()
             tokens = host.tolist()
@@ -172,7 +172,8 @@ class LLMEngine:
         self._launching: list[tuple[list[_Sequence], torch.Tensor]] = []
         """This step's passes launched so far, their tokens on the device (`_launch`)."""
         self._read_failed = False
-        """A read back failed: the loop is dying, and no later tokens may be read back after the missing ones."""
+        """A read back failed before all its tokens were appended: the loop is dying, and no later tokens may be read
+        back after the missing ones."""
         self._overlap = config.overlap if config.overlap is not None else runner.device.type == "cuda"
         self._free_slots = list(range(runner.num_slots))
         self._running: dict[int, _Sequence] = {}
@@ -472,14 +473,11 @@ class LLMEngine:
     def _finish(self, in_flight: _InFlight, timeout_s: float | None = None) -> None:
         """Read launched passes' tokens back and append them, part by part (`_append` passes over the sequences that
         ended meanwhile); they are emitted during the next step."""
-        try:
-            parts = in_flight.read(timeout_s)
-        except BaseException:
-            self._read_failed = True
-            raise
-        for seqs, tokens in parts:
+        self._read_failed = True  # until every part is appended: a failure between leaves tokens missing
+        for seqs, tokens in in_flight.read(timeout_s):
             self._append(seqs, tokens)
             self._pending += seqs
+        self._read_failed = False
 
     def _read_back_launched(self) -> None:
         """After the loop failed: read back what passes launched before the failure chose, if the device still answers
@@ -488,10 +486,11 @@ class LLMEngine:
         launching, self._launching = self._launching, []
         if self._read_failed:
             return
+        deadline = time.monotonic() + _READ_BACK_AFTER_FAILURE_S
         try:
             self._finish_in_flight(_READ_BACK_AFTER_FAILURE_S)
             if launching:
-                self._finish(_InFlight(launching), _READ_BACK_AFTER_FAILURE_S)
+                self._finish(_InFlight(launching), max(deadline - time.monotonic(), 0.0))
         except Exception:  # noqa: BLE001 - the device failed too: those requests fail with the loop
             logger.warning("could not read back the tokens of the steps in flight", exc_info=True)
 

@@ -121,10 +121,18 @@ def kv_cache_budget_bytes(device: torch.device, hf_config, dtype: torch.dtype, *
     return int(available * memory_utilization)
 
 
+SAMPLING_BYTES_PER_LOGIT = 36
+"""Bytes per float32 logit of a full decode batch: the step's logits (4) and, at the peak of sampling them
+(`serving.engine.sampling.sample_tokens` with bans, temperature, top_p and seeds), the copy a selection of rows
+makes (4), the banned copy (4), the probabilities (4), top-p's sorted values and int64 order (12), the mass before
+each (4) and the mask (1): 33, with 3 to spare. A GPU test measures it."""
+
+
 def activation_reserve_bytes(hf_config, dtype: torch.dtype, *, num_slots: int, max_prefill_tokens: int,
                              decode_graphs: bool) -> int:
-    """Memory kept out of the KV cache for activations: one prefill chunk's and the decode logits; with
-    decode graphs also their private pool (the largest step's activations and logits) and static logits.
+    """Memory kept out of the KV cache for activations: one prefill chunk's, and the decode logits with what
+    sampling them takes at its peak; with decode graphs also their private pool (the largest step's activations and
+    logits) and static logits.
 
     Prefill attention runs in the flash kernel (no score matrix), so its activations scale with chunk
     tokens, not tokens^2.
@@ -132,7 +140,7 @@ def activation_reserve_bytes(hf_config, dtype: torch.dtype, *, num_slots: int, m
     element = torch.empty((), dtype=dtype).element_size()
     slots = max(num_slots, 1)
     per_token = (8 * hf_config.hidden_size + 4 * hf_config.intermediate_size) * element
-    reserve = max_prefill_tokens * per_token + 2 * slots * hf_config.vocab_size * 4
+    reserve = max_prefill_tokens * per_token + slots * hf_config.vocab_size * SAMPLING_BYTES_PER_LOGIT
     if decode_graphs:
         reserve += slots * (per_token + hf_config.vocab_size * (element + 4 + 4)) + (64 << 20)
     return reserve

@@ -406,6 +406,27 @@ def test_min_tokens_suppresses_eos_like_hf(make_engine, tiny_model_dir):
     assert held_reason == ("stop" if hf_tokens[-1] == EOS else "length")
 
 
+@pytest.mark.parametrize("prompt", [[288], [99, 72, 134, 337, 57], [273], list(EOS_PROMPT)],
+                         ids=["eos-first", "eos-second", "eos-third", "eos-sixth"])
+def test_min_tokens_bans_eos_up_to_exactly_its_index_like_hf_in_a_shared_batch(make_engine, hf_model, prompt):
+    """Prompts whose greedy EOS comes at index 0, 1, 2 and 5, each with min_tokens 1, 2, 3 and 6 in one batch beside
+    another stream: the ban lifts at exactly HF's index, for the prefill's first token and for decoded ones, on the
+    host and (overlap) on the device."""
+    engine = make_engine(max_num_seqs=4)
+    floors = [1, 2, 3, 6]
+
+    async def main():
+        await engine.start()
+        streams = [engine.generate(request(f"m{floor}", prompt, greedy(12, min_tokens=floor))) for floor in floors]
+        streams.append(engine.generate(request("other", random_prompt(9, seed=1), greedy(20, ignore_eos=True))))
+        return await asyncio.gather(*(collect(stream) for stream in streams))
+
+    results = asyncio.run(main())
+    for floor, (tokens, _) in zip(floors, results):
+        expected = hf_greedy(hf_model, prompt, 12, min_new_tokens=floor, eos_token_id=EOS)
+        assert tokens == [token for token in expected if token != EOS], floor
+
+
 def test_ignore_eos_generates_exactly_max_tokens_through_eos(make_engine):
     engine = make_engine()
 
@@ -679,6 +700,30 @@ def test_decode_graphs_reserve_memory_outside_the_kv_cache():
                                       decode_graphs=True)
     # At least the static float32 logits plus the pool's bf16 and float32 logits of the largest step.
     assert graphs - eager >= 256 * 128256 * (4 + 2 + 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_sampling_a_full_batch_stays_within_the_memory_reserved_for_it():
+    """The KV cache leaves `SAMPLING_BYTES_PER_LOGIT` per logit of a full batch for sampling: sampling 256 rows of a
+    128k vocabulary with every feature on (bans, temperature, top_p, seeds), from a selection of rows, peaks within
+    it."""
+    from serving.engine.model_runner import SAMPLING_BYTES_PER_LOGIT
+
+    slots, vocab = 256, 128256
+    device = torch.device("cuda")
+    step_logits = torch.randn(slots, vocab, device=device)  # the decode step's output, already counted elsewhere
+    rows = [RowSampling(temperature=0.8, top_p=0.9, banned_token_ids=(1, 2),
+                        generator=torch.Generator(device=device).manual_seed(index)) for index in range(slots)]
+    index = torch.arange(slots, device=device)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    sample_tokens(step_logits[index], rows)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    # The selection's copy is part of the budget; the step's own logits are not (hence one 4-byte logit less).
+    assert peak <= (SAMPLING_BYTES_PER_LOGIT - 4) * slots * vocab, peak / (slots * vocab)
 
 
 class RecordedDecodeGraphs(DecodeGraphs):
@@ -1135,7 +1180,8 @@ def test_run_ahead_on_the_gpu_gives_the_stepwise_tokens_and_launches_without_wai
     exactly the tokens of one step at a time across staggered joins, endings, KV buckets, seeded sampling and
     min_tokens, and launching a step (prefill, decode, choosing the tokens, the copy back to the host) never
     synchronises with the device: CUDA's sync debug mode turns any synchronising call there into an error, which
-    would fail the loop. Every request starts at once (8 slots), so both runs lay out the same batches."""
+    would fail the loop. Every request is submitted before the loop can take any, all fit (8 slots), and none ends
+    but by length, so both runs lay out the same batches (bf16 results depend on the batch)."""
     from serving.engine import engine as engine_module
     from tests.serving.tiny_model import build_tiny_model
 
@@ -1144,7 +1190,7 @@ def test_run_ahead_on_the_gpu_gives_the_stepwise_tokens_and_launches_without_wai
     cases = [(random_prompt(length, seed=90 + length), greedy(max_tokens, ignore_eos=True))
              for length, max_tokens in lengths]
     cases[1] = (cases[1][0], SamplingParams(max_tokens=40, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True))
-    cases[5] = (cases[5][0], greedy(33, min_tokens=20))
+    cases[5] = (cases[5][0], greedy(33, min_tokens=20, ignore_eos=True))  # EOS banned to 20, never an end
     launched_ahead = []
 
     def without_sync(launch):
@@ -1178,7 +1224,9 @@ def test_run_ahead_on_the_gpu_gives_the_stepwise_tokens_and_launches_without_wai
         async def main():
             await engine.start()
             try:
-                streams = [engine.generate(request(f"r{i}", prompt, params)) for i, (prompt, params) in enumerate(cases)]
+                with engine._wakeup:  # the loop waits for this lock to take new requests
+                    streams = [engine.generate(request(f"r{i}", prompt, params))
+                               for i, (prompt, params) in enumerate(cases)]
                 return await asyncio.gather(*(collect(stream) for stream in streams))
             finally:
                 await engine.shutdown()
@@ -1206,37 +1254,81 @@ def test_engine_process_on_the_gpu_gives_the_in_process_engines_tokens(tiny_mode
     assert asyncio.run(greedy_tokens(client, cases, shutdown=True)) == in_process
 
 
-def test_when_reading_a_step_back_fails_no_later_token_is_sent_in_place_of_its_own(make_engine, hf_model,
-                                                                                     monkeypatch):
-    """A read back that fails kills the loop; the passes launched after the step it was reading are not read back
-    then, or a stream would get a later token with the step's own missing: it gets HF's tokens up to the failure,
-    then the failure."""
+class _Hung:
+    """The event of a copy on a device that hangs (for 10 s at most, so that a test that fails does not hang)."""
+
+    def query(self) -> bool:
+        return False
+
+    def synchronize(self) -> None:
+        time.sleep(10)
+
+
+def test_a_dying_loop_gives_up_on_a_hung_device_within_its_bound(make_engine, monkeypatch):
+    """When the loop dies with steps in flight on a device that no longer answers, it waits for them no longer than
+    its bound, then fails every stream."""
     from serving.engine import engine as engine_module
 
     engine = make_engine(max_num_seqs=2, overlap=True)
     asyncio.run(engine.start())
-    reads = []
-    read = engine_module._InFlight.read
+    monkeypatch.setattr(engine_module, "_READ_BACK_AFTER_FAILURE_S", 0.3)
+    decode = engine.runner.decode
+    calls = []
 
-    def failing_read(self, timeout_s=None):
-        reads.append(timeout_s)
-        if len(reads) == 5:
-            raise RuntimeError("injected read failure")
-        return read(self, timeout_s)
+    def hang_then_crash(*args):
+        calls.append(1)
+        if len(calls) == 5:  # the device hangs in this step: its tokens never come back
+            monkeypatch.setattr(engine_module._InFlight, "_copy_back",
+                                staticmethod(lambda tokens: (tokens.clone(), _Hung())))
+        if len(calls) == 6:
+            raise RuntimeError("injected decode failure")
+        return decode(*args)
 
-    monkeypatch.setattr(engine_module._InFlight, "read", failing_read)
+    engine.runner.decode = hang_then_crash
+
+    async def main():
+        started = time.monotonic()
+        with pytest.raises(EngineDeadError, match="injected decode failure"):
+            await asyncio.wait_for(collect(engine.generate(request("a", random_prompt(4, seed=2),
+                                                                   greedy(30, ignore_eos=True)))), 15)
+        return time.monotonic() - started
+
+    assert asyncio.run(main()) < 3
+
+
+@pytest.mark.parametrize("where", ["read", "_copy_back"], ids=["reading-a-step-back", "building-its-record"])
+def test_a_failure_with_steps_in_flight_sends_no_token_in_place_of_a_lost_one(make_engine, hf_model, monkeypatch,
+                                                                            where):
+    """The loop dies reading a step back, or building the record of the steps just launched: a stream gets HF's
+    tokens up to the failure, then the failure, never a later token in place of one that was lost (after a failed
+    read the dying loop reads nothing more)."""
+    from serving.engine import engine as engine_module
+
+    engine = make_engine(max_num_seqs=2, overlap=True)
+    asyncio.run(engine.start())
+    calls = []
+    original = getattr(engine_module._InFlight, where)
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("injected failure")
+        return original(*args)
+
+    monkeypatch.setattr(engine_module._InFlight, where, failing if where == "read" else staticmethod(failing))
     prompt = random_prompt(6, seed=3)
 
     async def main():
         tokens = []
-        with pytest.raises(EngineDeadError, match="injected read failure"):
+        with pytest.raises(EngineDeadError, match="injected failure"):
             async for output in engine.generate(request("a", prompt, greedy(30, ignore_eos=True))):
                 tokens += output.token_ids
         return tokens
 
     tokens = asyncio.run(main())
     assert tokens == hf_greedy(hf_model, prompt, 30)[: len(tokens)]
-    assert len(reads) == 5  # the dying loop read nothing more
+    if where == "read":
+        assert len(calls) == 5
 
 
 def test_a_request_that_ends_in_prefill_gets_its_output_even_if_that_steps_decode_kills_the_loop(make_engine):
