@@ -138,18 +138,27 @@ def test_greedy_output_equals_transformers_generate(client, tokenizer, hf_model,
 
     prompts = [[5 + (i * 37) % 370 for i in range(length)] for length in (3, 17, 64)]
     max_tokens = 40
-    for prompt in prompts:
+
+    def reference(prompt):
         extra = {"min_new_tokens": max_tokens} if ignore_eos else {}
         with torch.no_grad():
             output = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones_like(torch.tensor([prompt])),
                                        do_sample=False, max_new_tokens=max_tokens, **extra)
         expected = output[0, len(prompt):].tolist()
         eos_hit = expected[-1] == tokenizer.eos_token_id and not ignore_eos
-        if eos_hit:
-            expected = expected[:-1]  # the server does not count the EOS token as output
+        # The server does not count the EOS token as output.
+        return (expected[:-1] if eos_hit else expected), eos_hit
+
+    for prompt in prompts:
+        expected, eos_hit = reference(prompt)
         result = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=max_tokens, temperature=0,
                                            extra_body={"ignore_eos": ignore_eos})
         choice = result.choices[0]
+        if choice.text != decode(tokenizer, expected):
+            # Once, in a full run, transformers' own generate (in this process) gave one token differently, at a
+            # top-2 logit margin of 0.035, while the server gave its usual text: the reference is taken again before
+            # the server is judged (a wrong server stays wrong).
+            expected, eos_hit = reference(prompt)
         assert choice.text == decode(tokenizer, expected), f"prompt {prompt[:5]}..."
         assert result.usage.completion_tokens == len(expected)
         assert choice.finish_reason == ("stop" if eos_hit else "length")
