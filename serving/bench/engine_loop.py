@@ -21,8 +21,8 @@ the device would do costs next to nothing here.
 
 With `--arrivals N` the level is a closed loop, as the load test's clients are: `batch` requests at a time, each
 finished request replaced at once by a new one, N requests in all, so prompts arrive while others decode. Their
-prefill is simulated too (`--prefill-us` of device time per prompt token; its host side, the packing of the chunks'
-tokens, is done for real). The table then also shows how busy the simulated device was: the time the host kept it
+prefill is simulated too (`--prefill-us` of device time per prompt token; its host side, packing the chunks and
+planning their attention, is done for real). The table then also shows how busy the simulated device was: the time the host kept it
 waiting is what the loop's own Python costs.
 """
 from __future__ import annotations
@@ -133,13 +133,10 @@ def stub_runner(num_slots: int, max_model_len: int, vocab: int, device_ms: float
     runner.use_graphs(step)
     if device_ms and prefill_us:
         def prefill(chunks):
-            # The host side of packing the chunks into one pass, as `ModelRunner.prefill` does it.
-            packed = [[token for chunk in chunks for token in chunk.token_ids],
-                      [position for chunk in chunks for position in range(chunk.start, chunk.end)],
-                      [chunk.slot for chunk in chunks for _ in chunk.token_ids]]
-            torch.tensor(packed, dtype=torch.long)
-            wanted = sum(1 for chunk in chunks if chunk.want_logits)
-            return run_on_device(logits[:wanted], len(packed[0]) * prefill_us / 1e6) if wanted else None
+            inputs, wanted_rows, _ = runner.prefill_inputs(chunks)  # the pass's host side, as in serving
+            if wanted_rows is None:
+                return None
+            return run_on_device(logits[: wanted_rows.shape[0]], inputs.shape[1] * prefill_us / 1e6)
 
         runner.prefill = prefill
     return runner

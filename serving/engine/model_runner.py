@@ -225,18 +225,7 @@ class ModelRunner:
         Tokens of all chunks are packed into one row, so projections, norms, MLP and the K/V writes run once
         for the step whatever the number of prompts; attention reads each chunk's own slot.
         """
-        token_ids = [token for chunk in chunks for token in chunk.token_ids]
-        positions = [position for chunk in chunks for position in range(chunk.start, chunk.end)]
-        slots = [chunk.slot for chunk in chunks for _ in chunk.token_ids]
-        offsets = list(itertools.accumulate((len(chunk.token_ids) for chunk in chunks), initial=0))
-        wanted = [last - 1 for chunk, last in zip(chunks, offsets[1:]) if chunk.want_logits]
-        # Every host-to-device copy before the pass is launched: one after it would wait for the pass.
-        inputs = to_device(torch.tensor([token_ids, positions, slots], dtype=torch.long), self.device)
-        wanted_rows = to_device(torch.tensor(wanted, dtype=torch.long), self.device) if wanted else None
-        plan = self.attention.prefill_plan([
-            ChunkSpan(chunk.slot, first, last, chunk.start, chunk.end)
-            for chunk, first, last in zip(chunks, offsets, offsets[1:])
-        ])
+        inputs, wanted_rows, plan = self.prefill_inputs(chunks)
         hidden = self.embed_tokens(inputs[0:1])
         cos, sin = self.rotary_emb(hidden, inputs[1:2])
         for index, layer in enumerate(self.layers):
@@ -250,6 +239,23 @@ class ModelRunner:
         if wanted_rows is None:
             return None
         return self.lm_head(self.norm(hidden[0].index_select(0, wanted_rows))).float()
+
+    def prefill_inputs(self, chunks: Sequence[PrefillChunk]) -> tuple[torch.Tensor, torch.Tensor | None, object]:
+        """The host side of a prefill pass: the chunks' tokens, positions and slots packed into one [3, T] row on the
+        device, the rows whose logits are wanted (or None), and attention's plan for the chunks."""
+        token_ids = [token for chunk in chunks for token in chunk.token_ids]
+        positions = [position for chunk in chunks for position in range(chunk.start, chunk.end)]
+        slots = [chunk.slot for chunk in chunks for _ in chunk.token_ids]
+        offsets = list(itertools.accumulate((len(chunk.token_ids) for chunk in chunks), initial=0))
+        wanted = [last - 1 for chunk, last in zip(chunks, offsets[1:]) if chunk.want_logits]
+        # Every host-to-device copy before the pass is launched: one after it would wait for the pass.
+        inputs = to_device(torch.tensor([token_ids, positions, slots], dtype=torch.long), self.device)
+        wanted_rows = to_device(torch.tensor(wanted, dtype=torch.long), self.device) if wanted else None
+        plan = self.attention.prefill_plan([
+            ChunkSpan(chunk.slot, first, last, chunk.start, chunk.end)
+            for chunk, first, last in zip(chunks, offsets, offsets[1:])
+        ])
+        return inputs, wanted_rows, plan
 
     def decode(self, slots: list[int], token_ids: list[int], positions: list[int],
                carried: tuple[Sequence[torch.Tensor], list[int]] | None = None) -> torch.Tensor:
