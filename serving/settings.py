@@ -162,8 +162,7 @@ _OPTIONS: tuple[tuple[str, str, str, Callable[[str], object], str], ...] = (
     ("attention_backend", "--attention-backend", "ATTENTION_BACKEND", _choice("auto", "flash", "sdpa"),
      "auto, flash or sdpa: how attention reads the KV cache (default auto: flash where it applies)"),
     ("overlap", "--overlap", "OVERLAP", _auto_switch,
-     "auto, on or off: launch each greedy decode step before the last one's tokens are read back (default auto: on "
-     "CUDA)"),
+     "auto, on or off: launch each engine step before the last one's tokens are read back (default auto: on CUDA)"),
     ("engine_process", "--engine-process", "ENGINE_PROCESS", _switch,
      "on or off: run the engine in a process of its own, apart from HTTP streaming (default on)"),
     ("max_body_bytes", "--max-body-bytes", "MAX_BODY_BYTES", _positive_int,

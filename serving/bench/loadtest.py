@@ -286,7 +286,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     server.add_argument("--attention-backend", choices=["auto", "flash", "sdpa"],
                         help="how attention reads the KV cache (server default: auto)")
     server.add_argument("--overlap", choices=["auto", "on", "off"],
-                        help="steps launched from tokens still on the device, host work overlapping the device (server default: auto)")
+                        help="steps launched from tokens still on the device, host work overlapping the device "
+                             "(server default: auto)")
     server.add_argument("--startup-timeout", type=float, default=600)
     load = parser.add_argument_group("load")
     load.add_argument("--model", default="bench", help="served model name (default: bench)")

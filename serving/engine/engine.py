@@ -9,13 +9,14 @@ caller gives, such as the pipe to the HTTP process (`serving.engine.process`). T
 condition variable when there is no work.
 
 On CUDA the loop's own work overlaps the device's (`EngineConfig.overlap`, see `LLMEngine._step`): each step (new
-prompts' prefill, then a decode step for every decoding request) is launched with the greedy tokens of the step
-before still on the device, and the host reads, appends and sends those while the new step runs.
+prompts' prefill, then a decode step for every decoding request) is launched with the tokens the step before
+chose still on the device, and the host reads, appends and sends those while the new step runs.
 """
 from __future__ import annotations
 
 import asyncio
 import heapq
+import itertools
 import logging
 import math
 import threading
@@ -91,10 +92,12 @@ class _InFlight:
     prefill pass's first tokens, then a decode step's). The next step is fed from `sources` (`rows`), and reading
     waits for these passes only, not for steps launched after them."""
 
-    __slots__ = ("parts", "sources", "_copy")
+    __slots__ = ("parts", "sources", "_starts", "_copy")
 
     def __init__(self, parts: list[tuple[list[_Sequence], torch.Tensor]]) -> None:
         self.parts = parts
+        self._starts = list(itertools.accumulate((len(seqs) for seqs, _ in parts), initial=0))
+        """Where each part's rows start in `sources`."""
         tensors = [tokens for _, tokens in parts]
         self.sources = [torch.cat(tensors) if len(tensors) > 1 else tensors[0]]
         self._copy = self._copy_back(self.sources[0])
@@ -114,11 +117,9 @@ class _InFlight:
     def rows(self) -> dict[_Sequence, int]:
         """Each sequence's latest token: its row in `sources`."""
         rows: dict[_Sequence, int] = {}
-        offset = 0
-        for seqs, _ in self.parts:
-            for index, seq in enumerate(seqs):
-                rows[seq] = offset + index
-            offset += len(seqs)
+        for (seqs, _), start in zip(self.parts, self._starts):
+            for index, seq in enumerate(seqs, start):
+                rows[seq] = index
         return rows
 
     def read(self, timeout_s: float | None = None) -> list[tuple[list[_Sequence], list[int]]]:
@@ -135,11 +136,8 @@ class _InFlight:
                     time.sleep(0.001)
             ready.synchronize()
             tokens = host.tolist()
-        parts, offset = [], 0
-        for seqs, _ in self.parts:
-            parts.append((seqs, tokens[offset : offset + len(seqs)]))
-            offset += len(seqs)
-        return parts
+        starts = self._starts
+        return [(seqs, tokens[start:end]) for (seqs, _), start, end in zip(self.parts, starts, starts[1:])]
 
 
 class LLMEngine:
@@ -168,7 +166,7 @@ class LLMEngine:
         self._pending: list[_Sequence] = []
         """Sequences the last step gave tokens or ended, emitted during the next step (`_step`)."""
         self._in_flight: _InFlight | None = None
-        """The last step's greedy tokens, launched and not read back yet (`_step`)."""
+        """The last step's tokens, launched and not read back yet (`_step`)."""
         self._launching: list[tuple[list[_Sequence], torch.Tensor]] = []
         """This step's passes launched so far, their tokens on the device (`_launch`)."""
         self._read_failed = False
@@ -381,7 +379,7 @@ class LLMEngine:
         nothing runs sends its own at once. Without `overlap` every step is read back and sent as soon as it is
         launched."""
         chunks, prefilled = self._plan_prefill()
-        self._launch(chunks, prefilled, self._in_flight, self._overlap)
+        self._launch(chunks, prefilled)
         self._flush_pending()  # if nothing was launched, before waiting for the device
         self._finish_in_flight()
         if self._launching and self._running:
@@ -410,11 +408,11 @@ class LLMEngine:
                 prefilled.append(seq)
         return chunks, prefilled
 
-    def _launch(self, chunks: list[PrefillChunk], prefilled: list[_Sequence], carried: _InFlight | None,
-                on_device: bool) -> None:
-        """Launch the prefill pass and the decode step. With `on_device`, the tokens they choose stay on the device
-        (added to `self._launching` as each pass is launched), and tokens of `carried` feed the decode step there;
+    def _launch(self, chunks: list[PrefillChunk], prefilled: list[_Sequence]) -> None:
+        """Launch the prefill pass and the decode step. With overlap, the tokens they choose stay on the device
+        (added to `self._launching` as each pass is launched), and the tokens in flight feed the decode step there;
         otherwise they are read back and appended at once."""
+        carried, on_device = self._in_flight, self._overlap
         sources: list[torch.Tensor] = carried.sources if carried is not None else []
         rows = carried.rows() if carried is not None else {}
         parts = self._launching

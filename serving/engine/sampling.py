@@ -95,7 +95,8 @@ def _ban_tokens(logits: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Tens
 
 def _top_p_filter(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Zero every token outside the smallest set whose mass reaches top_p (the top token always stays). Works in
-    `probs` and its sorted copy, in place, so a full batch's sampling peaks low (`serving.engine.model_runner.SAMPLING_BYTES_PER_LOGIT`)."""
+    `probs` and its sorted copy, in place, so a full batch's sampling peaks low
+    (`serving.engine.model_runner.SAMPLING_BYTES_PER_LOGIT`)."""
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     mass_before = sorted_probs.cumsum(dim=-1).sub_(sorted_probs)
     sorted_probs.masked_fill_(mass_before > top_p.unsqueeze(1), 0.0)
