@@ -196,9 +196,9 @@ def format_table(levels: list[dict]) -> str:
     columns = [("concurrency", "conc"), ("requests", "reqs"), ("errors", "errors"), ("short_outputs", "short"),
                ("engine_tok_s", "engine tok/s"), ("output_tok_s", "served tok/s"),
                ("server_cpu_us_per_token", "HTTP process CPU us/token"), ("ttft_p99_ms", "TTFT p99 ms"),
-               ("itl_p50_ms", "ITL p50 ms"), ("itl_p99_ms", "ITL p99 ms")]
+               ("itl_p50_ms", "ITL p50 ms"), ("itl_p99_ms", "ITL p99 ms"), ("client_busy_max", "client busy")]
     return loadtest.markdown_table([[title for _, title in columns]]
-                                   + [[str(level[key]) for key, _ in columns] for level in levels])
+                                   + [[str(level.get(key, "-")) for key, _ in columns] for level in levels])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -222,6 +222,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=120)
     parser.add_argument("--max-level-seconds", type=float, default=0)
     parser.add_argument("--startup-timeout", type=float, default=120)
+    loadtest.add_client_processes_argument(parser)
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                 else Path(tempfile.gettempdir()) / "http_layer.server.log")
     process, url = start_server(args, log_path)
     try:
-        levels = asyncio.run(run_levels(args, url, process.pid))
+        levels = loadtest.run_async(run_levels(args, url, process.pid))
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(60)

@@ -7,8 +7,10 @@ whatever the weights. Per request: TTFT (first text chunk), inter-token latency 
 output tokens (from `usage`). Per level: output tokens / wall time, p50/p99 latencies, errors.
 
 Start a server here (`--model-path`, optionally building random weights of a real shape first with
-`--random-model`) or target a running one (`--url`). The HTTP client is stdlib asyncio, so the numbers
-include no client library overhead beyond parsing SSE.
+`--random-model`) or target a running one (`--url`). The HTTP client is a raw asyncio connection (on uvloop where
+it is installed) that parses SSE itself, so the numbers include no client library's overhead. A level's clients are
+split over `--client-processes` processes (a quarter of the cores by default, at most 4): one process reading 25,000
+events a second would need most of a core itself, and `client_busy_max` says how busy the busiest one was.
 
     python -m serving.bench.loadtest --model-path /tmp/llama-1b-random --random-model llama-3.2-1b \\
         --device cuda --max-num-seqs 256 --max-model-len 2048 --json-out bench.json
@@ -19,7 +21,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
+import queue as queue_module
 import random
 import signal
 import socket
@@ -31,9 +35,13 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Coroutine, TypeVar
 from urllib.parse import urlparse
 
+T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# A client process busier than this share of a core may be what limits a level, not the server.
+CLIENT_BUSY_WARNING = 0.85
 
 # Random-weight model shapes (`--random-model`): real architectures, so GPU numbers mean something.
 SHAPES = {
@@ -51,7 +59,7 @@ SHAPES = {
 @dataclass
 class RequestResult:
     requested_tokens: int
-    started: float
+    started: float  # time.monotonic(): one clock for every client process of a level
     chunk_times: list[float] = field(default_factory=list)
     output_tokens: int = 0
     ended: float = 0.0
@@ -59,8 +67,12 @@ class RequestResult:
 
 
 async def stream_completion(url: str, body: dict, api_key: str | None, timeout: float) -> RequestResult:
-    """POST one streaming completion over a raw connection and time every text chunk."""
-    result = RequestResult(requested_tokens=body["max_tokens"], started=time.perf_counter())
+    """POST one streaming completion over a raw connection and time every text chunk.
+
+    The response is read in large blocks and parsed here (chunked framing, then SSE events), with one timeout
+    that moves on whenever bytes arrive: a client costs the server's side of the measurement, not its own, so
+    it must stay cheaper per token than the server it measures (see `--client-processes`)."""
+    result = RequestResult(requested_tokens=body["max_tokens"], started=time.monotonic())
     target = urlparse(url)
     payload = json.dumps(body).encode()
     auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
@@ -68,31 +80,70 @@ async def stream_completion(url: str, body: dict, api_key: str | None, timeout: 
             f"Content-Type: application/json\r\nAccept: text/event-stream\r\n{auth}"
             f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode()
     writer = None
+    loop = asyncio.get_running_loop()
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(target.hostname, target.port), timeout)
-        writer.write(head + payload)
-        await writer.drain()
-        status = int((await asyncio.wait_for(reader.readline(), timeout)).split()[1])
-        headers = {}
-        while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
-            name, _, value = line.decode("latin-1").partition(":")
-            headers[name.strip().lower()] = value.strip()
-        if status != 200:
-            result.error = f"HTTP {status}: {(await reader.read(300)).decode(errors='replace')}"
-            return result
-        buffer = b""
-        async for data in _body_chunks(reader, headers, timeout):
-            buffer += data
-            while b"\n\n" in buffer:
-                event, buffer = buffer.split(b"\n\n", 1)
-                _handle_event(event, result)
-    except (OSError, asyncio.TimeoutError, ValueError, IndexError) as exc:
+        async with asyncio.timeout(timeout) as deadline:
+            reader, writer = await asyncio.open_connection(target.hostname, target.port)
+            writer.write(head + payload)
+            await writer.drain()
+            status = int((await reader.readline()).split()[1])
+            headers = {}
+            while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+                name, _, value = line.decode("latin-1").partition(":")
+                headers[name.strip().lower()] = value.strip()
+            if status != 200:
+                result.error = f"HTTP {status}: {(await reader.read(300)).decode(errors='replace')}"
+                return result
+            events = _SseEvents(chunked=headers.get("transfer-encoding", "").lower() == "chunked")
+            while not events.done and (data := await reader.read(1 << 16)):
+                deadline.reschedule(loop.time() + timeout)
+                for event in events.feed(data):
+                    _handle_event(event, result)
+    except (OSError, TimeoutError, ValueError, IndexError) as exc:
         result.error = repr(exc)
     finally:
-        result.ended = time.perf_counter()
+        result.ended = time.monotonic()
         if writer is not None:
             writer.close()
     return result
+
+
+class _SseEvents:
+    """Server-sent events out of a response body read in arbitrary blocks, with or without chunked framing."""
+
+    def __init__(self, chunked: bool) -> None:
+        self.chunked = chunked
+        self.done = False
+        self._framed = b""  # chunked bytes not yet unframed
+        self._text = b""  # body bytes not yet split into events
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if self.chunked:
+            data = self._unframe(data)
+        self._text += data
+        *events, self._text = self._text.split(b"\n\n")
+        return events
+
+    def _unframe(self, data: bytes) -> bytes:
+        buffer = self._framed + data
+        body = []
+        position = 0
+        while True:
+            line_end = buffer.find(b"\r\n", position)
+            if line_end < 0:
+                break
+            size = int(buffer[position:line_end].split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                self.done = True
+                position = len(buffer)
+                break
+            chunk_end = line_end + 2 + size
+            if len(buffer) < chunk_end + 2:
+                break
+            body.append(buffer[line_end + 2:chunk_end])
+            position = chunk_end + 2  # past the chunk's CRLF
+        self._framed = buffer[position:]
+        return b"".join(body)
 
 
 def _handle_event(event: bytes, result: RequestResult) -> None:
@@ -105,19 +156,7 @@ def _handle_event(event: bytes, result: RequestResult) -> None:
         if message.get("usage"):
             result.output_tokens = message["usage"]["completion_tokens"]
         if any(choice.get("text") for choice in message.get("choices", [])):
-            result.chunk_times.append(time.perf_counter())
-
-
-async def _body_chunks(reader: asyncio.StreamReader, headers: dict, timeout: float):
-    if headers.get("transfer-encoding", "").lower() != "chunked":
-        while data := await asyncio.wait_for(reader.read(65536), timeout):
-            yield data
-        return
-    while True:
-        size = int((await asyncio.wait_for(reader.readline(), timeout)).split(b";")[0].strip() or b"0", 16)
-        if size == 0:
-            return
-        yield (await asyncio.wait_for(reader.readexactly(size + 2), timeout))[:-2]  # drop the chunk's CRLF
+            result.chunk_times.append(time.monotonic())
 
 
 # ---- one concurrency level ----------------------------------------------------------------------------------
@@ -147,49 +186,144 @@ async def run_level(args: argparse.Namespace, url: str, concurrency: int, level_
     count = max(args.requests_per_level, concurrency * args.rounds)
     work = make_work(count, args.seed + level_index, args)
     endpoint = url.rstrip("/") + "/v1/completions"
-
-    def body(prompt: list[int], max_tokens: int) -> dict:
-        return {"model": args.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
-                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-
     if args.warmup:
-        await asyncio.gather(*(stream_completion(endpoint, body(p, 8), args.api_key, args.timeout)
+        await asyncio.gather(*(stream_completion(endpoint, _body(args, p, 8), args.api_key, args.timeout)
                                for p, _ in work[:min(concurrency, 8)]))
-    queue = list(reversed(work))
-    results: list[RequestResult] = []
-    started = time.perf_counter()
-
-    async def client() -> None:
-        while queue:
-            if args.max_level_seconds and time.perf_counter() - started > args.max_level_seconds:
-                return  # time cap: stop issuing, in-flight requests finish
-            prompt, max_tokens = queue.pop()
-            results.append(await stream_completion(endpoint, body(prompt, max_tokens), args.api_key, args.timeout))
-
-    await asyncio.gather(*(client() for _ in range(concurrency)))
-    wall = time.perf_counter() - started
+    processes = max(1, min(args.client_processes, concurrency))
+    if processes == 1:
+        started, cpu_before = time.monotonic(), time.process_time()
+        results = await _closed_loop(args, endpoint, work, concurrency, started)
+        client_cpu = [time.process_time() - cpu_before]
+    else:
+        results, client_cpu, started = await asyncio.to_thread(_run_in_processes, args, endpoint, work, concurrency,
+                                                               processes)
+    wall = max((r.ended for r in results), default=started) - started
     ok = [r for r in results if r.error is None and r.chunk_times]
     ttft = [r.chunk_times[0] - r.started for r in ok]
     itl = [b - a for r in ok for a, b in zip(r.chunk_times, r.chunk_times[1:])]
     e2e = [r.ended - r.started for r in ok]
     tokens = sum(r.output_tokens for r in ok)
     ms = lambda value: None if value is None else round(value * 1e3, 2)  # noqa: E731
+    busiest = max(client_cpu) / wall if wall > 0 else 0.0
+    if busiest > CLIENT_BUSY_WARNING:
+        print(f"warning: at concurrency {concurrency} a client process was {busiest:.0%} busy, so the client may be "
+              f"what limits this level; run it again with more --client-processes (now {processes})",
+              file=sys.stderr, flush=True)
     return {
         "concurrency": concurrency, "requests": len(results), "ok": len(ok), "errors": len(results) - len(ok),
         "first_error": next((r.error for r in results if r.error), None),
         "short_outputs": sum(r.output_tokens < r.requested_tokens for r in ok),
-        "wall_s": round(wall, 2), "output_tokens": tokens, "output_tok_s": round(tokens / wall, 1),
-        "requests_per_s": round(len(ok) / wall, 2),
+        "wall_s": round(wall, 2), "output_tokens": tokens, "output_tok_s": round(tokens / wall, 1) if wall else 0.0,
+        "requests_per_s": round(len(ok) / wall, 2) if wall else 0.0,
         "ttft_p50_ms": ms(percentile(ttft, 50)), "ttft_p99_ms": ms(percentile(ttft, 99)),
         "itl_p50_ms": ms(percentile(itl, 50)), "itl_p99_ms": ms(percentile(itl, 99)),
         "e2e_p50_ms": ms(percentile(e2e, 50)), "e2e_p99_ms": ms(percentile(e2e, 99)),
+        "client_processes": processes,
+        "client_cpu_us_per_token": round(sum(client_cpu) / tokens * 1e6, 1) if tokens else None,
+        "client_busy_max": round(busiest, 3),
     }
+
+
+def run_async(main: Coroutine[object, object, T]) -> T:
+    """asyncio.run on uvloop where it is installed (the server's own loop; a third of the client's cost per event
+    here), else on the standard loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
+
+
+def _body(args: argparse.Namespace, prompt: list[int], max_tokens: int) -> dict:
+    return {"model": args.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+
+
+async def _closed_loop(args: argparse.Namespace, endpoint: str, work: list[tuple[list[int], int]], concurrency: int,
+                       started: float) -> list[RequestResult]:
+    """`concurrency` clients, each sending the next request of `work` as soon as its last one ended."""
+    queue = list(reversed(work))
+    results: list[RequestResult] = []
+
+    async def client() -> None:
+        while queue:
+            if args.max_level_seconds and time.monotonic() - started > args.max_level_seconds:
+                return  # time cap: stop issuing, in-flight requests finish
+            prompt, max_tokens = queue.pop()
+            results.append(await stream_completion(endpoint, _body(args, prompt, max_tokens), args.api_key,
+                                                   args.timeout))
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return results
+
+
+def _run_in_processes(args: argparse.Namespace, endpoint: str, work: list[tuple[list[int], int]], concurrency: int,
+                      processes: int) -> tuple[list[RequestResult], list[float], float]:
+    """One level's closed loop split over `processes` client processes: each gets every n-th request and its share
+    of the clients, and all start together. Returns the results, each process's CPU seconds, and the start time."""
+    context = multiprocessing.get_context("spawn")  # the caller runs an event loop, which a fork would copy
+    go, out = context.Event(), context.Queue()
+    children = [context.Process(target=_client_process, daemon=True, name=f"loadtest-client-{index}",
+                                args=(args, endpoint, work[index::processes],
+                                      concurrency // processes + (index < concurrency % processes), go, out))
+                for index in range(processes)]
+    for child in children:
+        child.start()
+    try:
+        for _ in children:
+            _receive(out, children, "ready", 60)
+        started = time.monotonic()
+        go.set()
+        results: list[RequestResult] = []
+        client_cpu: list[float] = []
+        for _ in children:
+            share, cpu = _receive(out, children, "done", None)
+            results.extend(share)
+            client_cpu.append(cpu)
+    finally:
+        for child in children:
+            child.join(5)
+            if child.is_alive():
+                child.kill()
+    return results, client_cpu, started
+
+
+def _receive(out: "multiprocessing.Queue", children: list, kind: str, timeout: float | None) -> object:
+    """The next message of `kind` from a client process; exits with a clear message if one died instead."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while deadline is None or time.monotonic() < deadline:
+        try:
+            got, payload = out.get(timeout=1)
+        except queue_module.Empty:
+            dead = [child for child in children if child.exitcode not in (None, 0)]
+            if dead:
+                sys.exit(f"client process {dead[0].name} exited with {dead[0].exitcode}")
+            continue
+        if got == "error":
+            sys.exit(f"a client process failed: {payload}")
+        assert got == kind, (got, kind)
+        return payload
+    sys.exit(f"client processes did not get {kind} within {timeout}s")
+
+
+def _client_process(args: argparse.Namespace, endpoint: str, work: list[tuple[list[int], int]], concurrency: int,
+                    go: "multiprocessing.synchronize.Event", out: "multiprocessing.Queue") -> None:
+    out.put(("ready", None))
+    go.wait()
+    started, cpu_before = time.monotonic(), time.process_time()
+    try:
+        results = run_async(_closed_loop(args, endpoint, work, concurrency, started))
+    except BaseException as exc:  # said in the parent, which is waiting for this process's results
+        out.put(("error", repr(exc)))
+        raise
+    out.put(("done", (results, time.process_time() - cpu_before)))
 
 
 def format_table(levels: list[dict]) -> str:
     columns = [("concurrency", "conc"), ("requests", "reqs"), ("errors", "errors"), ("output_tok_s", "out tok/s"),
                ("ttft_p50_ms", "TTFT p50 ms"), ("ttft_p99_ms", "TTFT p99 ms"), ("itl_p50_ms", "ITL p50 ms"),
-               ("itl_p99_ms", "ITL p99 ms"), ("e2e_p50_ms", "E2E p50 ms")]
+               ("itl_p99_ms", "ITL p99 ms"), ("e2e_p50_ms", "E2E p50 ms"), ("client_busy_max", "client busy")]
     return markdown_table([[title for _, title in columns]]
                           + [[str(level[key]) for key, _ in columns] for level in levels])
 
@@ -266,6 +400,21 @@ def wait_started(process: subprocess.Popen, url: str, timeout: float, log_path: 
     sys.exit(f"server did not start within {timeout}s; see {log_path}")
 
 
+def add_client_processes_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    default = max(1, min(4, (os.cpu_count() or 1) // 4))
+    parser.add_argument("--client-processes", type=_positive_int, default=default,
+                        help="processes the clients of a level are split over, so that the client is never what "
+                             f"limits the server's number (default here: {default}, a quarter of the cores, "
+                             "at most 4; each level's client_busy_max says how busy the busiest one was)")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     target = parser.add_argument_group("target (one of)")
@@ -305,6 +454,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     load.add_argument("--timeout", type=float, default=300, help="seconds without progress before a request fails")
     load.add_argument("--warmup", action="store_true", help="a few short requests before each level")
     load.add_argument("--max-level-seconds", type=float, default=0, help="stop issuing requests after this long")
+    add_client_processes_argument(load)
     load.add_argument("--json-out", type=Path)
     args = parser.parse_args(argv)
     if (args.url is None) == (args.model_path is None):
@@ -341,7 +491,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"server log: {log_path}", file=sys.stderr)
         process, url = start_server(args, log_path)
     try:
-        levels = asyncio.run(run_levels(args, url))
+        levels = run_async(run_levels(args, url))
     finally:
         if process is not None:
             process.send_signal(signal.SIGTERM)

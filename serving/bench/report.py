@@ -33,7 +33,7 @@ def _number(value, digits: int = 1) -> str:
 def end_to_end(load: dict, steps: dict | None) -> str:
     roofline = {row["batch"]: row["roofline_tokens_per_s"] for row in (steps or {}).get("decode", [])}
     rows = [["conc", "out tok/s", "target", "of roofline", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms",
-             "errors", "short outputs"]]
+             "errors", "short outputs", "client busy"]]
     for level in load["levels"]:
         conc = level["concurrency"]
         ceiling = roofline.get(conc)
@@ -41,8 +41,14 @@ def end_to_end(load: dict, steps: dict | None) -> str:
                      f"{level['output_tok_s'] / ceiling:.1%}" if ceiling else "-",
                      _number(level["ttft_p50_ms"], 2), _number(level["ttft_p99_ms"], 2),
                      _number(level["itl_p50_ms"], 2), _number(level["itl_p99_ms"], 2),
-                     str(level["errors"]), str(level["short_outputs"])])
+                     str(level["errors"]), str(level["short_outputs"]), _busy(level)])
     return markdown_table(rows)
+
+
+def _busy(level: dict) -> str:
+    """How busy the busiest load-generator process was: near 100%, the client may have limited the level."""
+    busy = level.get("client_busy_max")
+    return "-" if busy is None else f"{busy:.0%}"
 
 
 def engine_steps(steps: dict) -> str:

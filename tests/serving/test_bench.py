@@ -2,7 +2,10 @@
 spend device time on a broken script. They check that numbers come out and work was exact, never a speed."""
 from __future__ import annotations
 
+import argparse
+import asyncio
 import json
+import random
 
 import pytest
 
@@ -100,7 +103,8 @@ def test_report_sets_each_level_beside_its_target_and_the_roofline(tmp_path):
     level = {"ttft_p50_ms": 20.0, "ttft_p99_ms": 90.0, "itl_p50_ms": 1.5, "itl_p99_ms": 4.0, "errors": 0,
              "short_outputs": 0}
     (tmp_path / "load.json").write_text(json.dumps({"levels": [
-        {"concurrency": 1, "output_tok_s": 672.5, **level}, {"concurrency": 64, "output_tok_s": 29_000.0, **level}]}))
+        {"concurrency": 1, "output_tok_s": 672.5, **level},
+        {"concurrency": 64, "output_tok_s": 29_000.0, "client_busy_max": 0.915, **level}]}))
     (tmp_path / "steps.json").write_text(json.dumps({
         "decode": [{"attention": "flash", "batch": 1, "kv_len": 1024, "mean_len": 700, "eager_ms": 9.0,
                     "graph_ms": 1.9, "floor_ms": 0.75, "bucket_floor_ms": 0.76, "tokens_per_s": 526.3,
@@ -118,6 +122,10 @@ def test_report_sets_each_level_beside_its_target_and_the_roofline(tmp_path):
     assert "synthetic engine in its own process" in text and "on a thread of the server" not in text
     assert "|    1 |     672.5 |    600 |       50.0% |" in text
     assert "|   64 |  29,000.0 | 12,000 |       50.0% |" in text
+    # How busy the busiest client process was, where the level recorded it (older results did not).
+    rows = {line.split("|")[1].strip(): line.split("|")[-2].strip() for line in text.splitlines()
+            if line.startswith("|") and line.split("|")[1].strip() in ("1", "64")}
+    assert rows == {"1": "-", "64": "92%"}
     assert "Baselines" not in text  # none were measured
     assert "|     flash |    64 |   1024 |      640 |    10.00 |     2.50 |     1.10 |            1.40 |" in text
     assert "sdpa was not timed: not asked for." in text
@@ -137,15 +145,91 @@ def test_http_layer_streams_every_token_from_the_synthetic_engine_and_reads_the_
     from serving.bench import http_layer
 
     out = tmp_path / "http.json"
+    # Three client processes: the levels' clients (2 and 6) and requests are split over them and merged back.
     assert http_layer.main(["--model-path", str(tmp_path / "tokenizer"), "--device-ms", "1", "--python-ms", "0.5",
                             "--max-running", "4", "--concurrency", "2,6", "--requests-per-level", "6",
                             "--rounds", "1", "--in-min", "8", "--in-max", "24", "--out-min", "5", "--out-max", "12",
-                            "--json-out", str(out)]) == 0
+                            "--client-processes", "3", "--json-out", str(out)]) == 0
     levels = json.loads(out.read_text())["levels"]
     assert [level["concurrency"] for level in levels] == [2, 6]
-    for level in levels:
+    assert [level["client_processes"] for level in levels] == [2, 3]  # never more processes than clients
+    work = [loadtest.make_work(6, index, argparse.Namespace(in_min=8, in_max=24, out_min=5, out_max=12,
+                                                            token_id_min=10, token_id_max=510))
+            for index in range(2)]
+    for level, requests in zip(levels, work):
         assert level["errors"] == 0 and level["short_outputs"] == 0 and level["ok"] == level["requests"] == 6
+        assert level["output_tokens"] == sum(max_tokens for _, max_tokens in requests)  # each request once
         assert level["server_cpu_s"] > 0 and level["server_cpu_us_per_token"] > 0
+        assert level["client_cpu_us_per_token"] > 0 and 0 < level["client_busy_max"] <= 1
     # The engine alone would stream min(concurrency, slots) tokens per 1.5 ms step.
     assert [level["engine_tok_s"] for level in levels] == [round(2 / 1.5e-3, 1), round(4 / 1.5e-3, 1)]
     assert "HTTP process CPU us/token" in capsys.readouterr().out
+
+
+def _chunked(events: list[bytes]) -> bytes:
+    """A chunked HTTP body carrying `events` in chunks of odd sizes, one with a chunk extension, and the last chunk."""
+    payload = b"".join(events)
+    sizes, position, framed = [7, 1, 40, 3], 0, []
+    for index, size in enumerate(sizes * len(payload)):
+        if position >= len(payload):
+            break
+        part = payload[position:position + size]
+        position += size
+        extension = b";name=value" if index == 2 else b""
+        framed.append(b"%x%s\r\n%s\r\n" % (len(part), extension, part))
+    return b"".join(framed) + b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_loadtest_client_parses_events_whatever_blocks_the_body_arrives_in(chunked):
+    events = [b'data: {"choices": [{"text": "t%d"}]}\n\n' % i for i in range(12)] + [b"data: [DONE]\n\n"]
+    body = _chunked(events) if chunked else b"".join(events)
+    expected = [event[:-2] for event in events]
+    rng = random.Random(0)
+    for trial in range(200):  # every split point once, then random splits into many blocks
+        cuts = [trial] if trial < len(body) else sorted(rng.sample(range(1, len(body)), rng.randint(2, 30)))
+        parser = loadtest._SseEvents(chunked=chunked)
+        got = []
+        for start, end in zip([0, *cuts], [*cuts, len(body)]):
+            got += parser.feed(body[start:end])
+        assert got == expected, (trial, cuts)
+        assert parser.done is chunked  # the last chunk ends a chunked body; a plain one ends when the server closes
+
+
+def _serve_slowly(gaps_s: list[float]):
+    """An HTTP server that sends an event stream's head, then one event after each gap in `gaps_s`."""
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n")
+        for gap in gaps_s:
+            await asyncio.sleep(gap)
+            writer.write(b'data: {"choices": [{"text": "t"}]}\n\n')
+            await writer.drain()
+        writer.write(b'data: {"choices": [], "usage": {"completion_tokens": %d}}\n\n' % len(gaps_s))
+        writer.close()
+    return handle
+
+
+@pytest.mark.parametrize("gaps_s, fails", [([0.15] * 6, False), ([0.05, 0.6], True)])
+def test_loadtest_client_fails_a_request_only_after_its_timeout_passes_without_progress(gaps_s, fails):
+    async def run() -> loadtest.RequestResult:
+        server = await asyncio.start_server(_serve_slowly(gaps_s), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            return await loadtest.stream_completion(f"http://127.0.0.1:{port}/v1/completions",
+                                                    {"max_tokens": len(gaps_s)}, None, timeout=0.4)
+
+    result = asyncio.run(run())
+    # Six events 0.15 s apart take 0.9 s in all, more than the 0.4 s timeout, and must not fail: the timeout
+    # counts from the last bytes received. A 0.6 s silence must.
+    if fails:
+        assert result.error is not None and "TimeoutError" in result.error
+        assert len(result.chunk_times) == 1
+    else:
+        assert result.error is None and result.output_tokens == 6 and len(result.chunk_times) == 6
+        assert result.ended - result.started > 0.4
+
+
+def test_loadtest_refuses_no_client_processes():
+    with pytest.raises(SystemExit):
+        loadtest.parse_args(["--url", "http://127.0.0.1:1", "--client-processes", "0"])
