@@ -125,7 +125,8 @@ async def create_completion(request: Request,
         prompt_ids = list(body.prompt)
     generation = _Generation.submit(state, engine, f"cmpl-{uuid.uuid4().hex}", prompt_ids, body, "prompt", arrived)
     if body.stream:
-        return _sse(generation, _completion_chunks(generation, body, state.settings.model_name))
+        return _sse(generation, _Chunks(generation, body, state.settings.model_name, "text_completion",
+                                        lambda text: {"text": text}, last={"text": ""}))
     text = await _collect_unless_disconnected(request, generation)
     return JSONResponse(CompletionResponse(
         id=generation.request_id, model=state.settings.model_name,
@@ -144,7 +145,9 @@ async def create_chat_completion(request: Request,
     generation = _Generation.submit(state, engine, f"chatcmpl-{uuid.uuid4().hex}", prompt_ids, body, "messages",
                                     arrived)
     if body.stream:
-        return _sse(generation, _chat_chunks(generation, body, state.settings.model_name))
+        return _sse(generation, _Chunks(generation, body, state.settings.model_name, "chat.completion.chunk",
+                                        lambda text: {"delta": {"content": text}}, last={"delta": {}},
+                                        first={"delta": {"role": "assistant", "content": ""}}))
     text = await _collect_unless_disconnected(request, generation)
     return JSONResponse(ChatCompletionResponse(
         id=generation.request_id, model=state.settings.model_name,
@@ -313,11 +316,15 @@ async def _join(deltas: AsyncIterator[str]) -> str:
     return "".join([delta async for delta in deltas])
 
 
-def _sse(generation: _Generation, chunks: AsyncIterator[str]) -> StreamingResponse:
-    """Stream JSON chunks as server-sent events, ending with `data: [DONE]`."""
+def _sse(generation: _Generation, chunks: "_Chunks") -> StreamingResponse:
+    """Stream the generation's JSON chunks as server-sent events, ending with `data: [DONE]`."""
     async def events() -> AsyncIterator[str]:
         try:
-            async for chunk in chunks:
+            for chunk in chunks.first():
+                yield f"data: {chunk}\n\n"
+            async for delta in generation.deltas():
+                yield chunks.event(delta)
+            for chunk in chunks.last():
                 yield f"data: {chunk}\n\n"
         except APIError as exc:
             # The 200 and earlier chunks are already sent: the error goes in the stream, as OpenAI does.
@@ -336,7 +343,8 @@ def _sse(generation: _Generation, chunks: AsyncIterator[str]) -> StreamingRespon
 
 
 class _Chunks:
-    """The JSON chunks of one streamed response, which share an envelope (id, object, created, model, usage).
+    """The JSON chunks of one streamed response, which share an envelope (id, object, created, model, usage): `first`
+    (chat's role chunk), one per text delta, then `last`.
 
     A text delta is the only part of most chunks that changes, so its chunk is rendered once with a placeholder and
     each delta is spliced in, JSON-escaped: the same bytes as encoding the whole chunk, at a fraction of the cost
@@ -345,26 +353,39 @@ class _Chunks:
     _PLACEHOLDER = "\u0000delta\u0000"
 
     def __init__(self, generation: _Generation, body: BaseGenerationRequest, model: str, object_name: str,
-                 delta_fields: Callable[[str], dict]) -> None:
+                 delta_fields: Callable[[str], dict], last: dict, first: dict | None = None) -> None:
         self._generation = generation
         self._include_usage = body.include_usage
         self._fixed = {"id": generation.request_id, "object": object_name, "created": int(time.time()),
                        "model": model}
         self._delta_fields = delta_fields
+        self._first_fields = first
+        self._last_fields = last
         template = _json(self.choice(delta_fields(self._PLACEHOLDER), None))
         parts = template.split(_json(self._PLACEHOLDER))
         self._around_delta = (parts[0], parts[1]) if len(parts) == 2 else None
+        self._around_event = ("data: " + parts[0], parts[1] + "\n\n") if len(parts) == 2 else None
+
+    def first(self) -> list[str]:
+        return [] if self._first_fields is None else [_json(self.choice(self._first_fields, None))]
 
     def delta(self, text: str) -> str:
         """The chunk carrying one text delta."""
         if self._around_delta is None:  # the placeholder also occurs elsewhere (say, in the model name)
             return _json(self.choice(self._delta_fields(text), None))
         before, after = self._around_delta
-        return before + _json(text) + after
+        return before + _json_string(text) + after
 
-    def last(self, fields: dict) -> list[str]:
+    def event(self, text: str) -> str:
+        """The server-sent event of `delta(text)`."""
+        if self._around_event is None:
+            return f"data: {self.delta(text)}\n\n"
+        before, after = self._around_event
+        return before + _json_string(text) + after
+
+    def last(self) -> list[str]:
         """The chunk with the finish reason, then the usage chunk when the client asked for one."""
-        chunks = [_json(self.choice(fields, self._generation.finish_reason))]
+        chunks = [_json(self.choice(self._last_fields, self._generation.finish_reason))]
         if self._include_usage:
             # With include_usage, OpenAI sends "usage": null on every chunk and the totals on one last chunk.
             chunks.append(_json({**self._fixed, "choices": [], "usage": self._generation.usage().model_dump()}))
@@ -375,22 +396,7 @@ class _Chunks:
         return {**self._fixed, "choices": [choice], **({"usage": None} if self._include_usage else {})}
 
 
-def _json(value: object) -> str:
-    return json.dumps(value, ensure_ascii=False)
-
-
-async def _completion_chunks(generation: _Generation, body: CompletionRequest, model: str) -> AsyncIterator[str]:
-    chunks = _Chunks(generation, body, model, "text_completion", lambda text: {"text": text})
-    async for delta in generation.deltas():
-        yield chunks.delta(delta)
-    for chunk in chunks.last({"text": ""}):
-        yield chunk
-
-
-async def _chat_chunks(generation: _Generation, body: ChatCompletionRequest, model: str) -> AsyncIterator[str]:
-    chunks = _Chunks(generation, body, model, "chat.completion.chunk", lambda text: {"delta": {"content": text}})
-    yield _json(chunks.choice({"delta": {"role": "assistant", "content": ""}}, None))
-    async for delta in generation.deltas():
-        yield chunks.delta(delta)
-    for chunk in chunks.last({"delta": {}}):
-        yield chunk
+# json.dumps(value, ensure_ascii=False) builds a new encoder on every call; these are made once. `_json_string` is
+# the encoder's own C escaping of one string, quotes included.
+_json = json.JSONEncoder(ensure_ascii=False).encode
+_json_string = json.encoder.encode_basestring

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from serving.bench import loadtest
 from serving.engine.interface import EngineStats, GenerationRequest, ModelInfo, QueueFullError, TokenOutput
-from serving.engine.stream import LoopSink, OutputSink, TokenStream
+from serving.engine.stream import LoopSink, Mailbox, OutputSink, TokenStream
 
 MODEL_NAME = "bench"
 
@@ -61,7 +61,7 @@ class SyntheticEngine:
         self._thread.start()
 
     def generate(self, request: GenerationRequest) -> TokenStream:
-        queue: asyncio.Queue = asyncio.Queue()
+        queue = Mailbox()
         self.submit(request, LoopSink.of(asyncio.get_running_loop()), queue)
         return TokenStream(queue, lambda: self.abort(request.request_id))
 

@@ -52,7 +52,7 @@ from serving.engine.model_runner import (
     plan_kv_cache,
 )
 from serving.engine.sampling import RowSampling, StopRule, banned_token_ids, sample_tokens
-from serving.engine.stream import LoopSink, OutputSink, TokenStream
+from serving.engine.stream import LoopSink, Mailbox, OutputSink, TokenStream
 
 logger = logging.getLogger("serving.engine")
 
@@ -248,7 +248,7 @@ class LLMEngine:
     def generate(self, request: GenerationRequest) -> TokenStream:
         """Validate and enqueue now (raising QueueFullError / EngineDeadError / ValueError at once) and
         return the request's token stream. Must be called from the event loop that will consume it."""
-        queue: asyncio.Queue = asyncio.Queue()
+        queue = Mailbox()
         seq = self.submit(request, LoopSink.of(asyncio.get_running_loop()), queue)
         return TokenStream(queue, lambda: self._abort_sequence(seq))
 

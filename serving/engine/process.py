@@ -42,7 +42,7 @@ from serving.engine.interface import (
     TokenOutput,
     check_request,
 )
-from serving.engine.stream import LoopSink, TokenStream
+from serving.engine.stream import LoopSink, Mailbox, TokenStream
 
 logger = logging.getLogger("serving.engine")
 
@@ -68,7 +68,7 @@ class EngineClient:
         self._writer = threading.Thread(target=self._write, name="engine-client-writer", daemon=True)
         self._writer.start()
         self._lock = threading.Lock()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, Mailbox]] = {}
         self._stats = stats
         self._max_waiting = max_waiting
         self._dead: str | None = None
@@ -135,7 +135,7 @@ class EngineClient:
 
     def generate(self, request: GenerationRequest) -> TokenStream:
         check_request(request, self.model_info)
-        queue: asyncio.Queue = asyncio.Queue()
+        queue = Mailbox()
         request_id = request.request_id
         with self._lock:
             if self._dead is not None:
@@ -284,8 +284,8 @@ class EngineClient:
                     items.append((entry[0], entry[1], item))
         self._deliver(items)
 
-    def _deliver(self, items: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, object]]) -> None:
-        other_loops: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+    def _deliver(self, items: list[tuple[asyncio.AbstractEventLoop, Mailbox, object]]) -> None:
+        other_loops: dict[asyncio.AbstractEventLoop, list[tuple[Mailbox, object]]] = {}
         for loop, stream_queue, item in items:
             if loop is self._loop:
                 stream_queue.put_nowait(item)

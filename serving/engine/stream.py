@@ -1,13 +1,14 @@
 """The async stream a caller reads one request's tokens from, and how an engine thread feeds it.
 
-The engine-loop thread puts `TokenOutput`s (or an `EngineError`) into an asyncio.Queue on the caller's
-event loop. Reading merges everything already queued into one output, so a slow consumer gets several
-tokens at once instead of falling further behind. A stream abandoned before its final output (closed,
-its task cancelled, or garbage-collected) aborts its request so the slot is freed.
+The engine-loop thread puts `TokenOutput`s (or an `EngineError`) into a `Mailbox` on the caller's event
+loop. Reading merges everything already there into one output, so a slow consumer gets several tokens at
+once instead of falling further behind. A stream abandoned before its final output (closed, its task
+cancelled, or garbage-collected) aborts its request so the slot is freed.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
 import weakref
 from typing import Callable, Protocol
@@ -15,10 +16,44 @@ from typing import Callable, Protocol
 from serving.engine.interface import TokenOutput
 
 
+class Mailbox:
+    """One stream's outputs on its event loop: any number of `put_nowait` calls from that loop's thread, one reader.
+
+    What asyncio.Queue does for this case, at a fraction of its cost per streamed token: a reader that finds
+    outputs waiting takes them without awaiting, and no size limit or list of waiting writers is kept."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: collections.deque = collections.deque()
+        self._waiter: asyncio.Future | None = None
+
+    def put_nowait(self, item: object) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    async def wait(self) -> None:
+        """Return once there is an output to take."""
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def take(self) -> object:
+        return self._items.popleft()
+
+
 class TokenStream:
     """AsyncIterator[TokenOutput] over one request; the last output carries the finish reason."""
 
-    def __init__(self, queue: asyncio.Queue, on_abandon: Callable[[], None]) -> None:
+    def __init__(self, queue: Mailbox, on_abandon: Callable[[], None]) -> None:
         self._queue = queue
         self._on_abandon = on_abandon
         self._done = False
@@ -34,11 +69,14 @@ class TokenStream:
             raise error
         if self._done:
             raise StopAsyncIteration
-        try:
-            item = await self._queue.get()
-        except BaseException:  # cancelled while waiting: the consumer is gone
-            self._abandon()
-            raise
+        queue = self._queue
+        if not queue:
+            try:
+                await queue.wait()
+            except BaseException:  # cancelled while waiting: the consumer is gone
+                self._abandon()
+                raise
+        item = queue.take()
         token_ids: list[int] = []
         while True:
             if isinstance(item, BaseException):
@@ -51,10 +89,9 @@ class TokenStream:
             if item.finish_reason is not None:
                 self._done = True
                 return TokenOutput(tuple(token_ids), item.finish_reason)
-            try:
-                item = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
+            if not queue:
                 return TokenOutput(tuple(token_ids))
+            item = queue.take()
 
     async def aclose(self) -> None:
         """Stop reading: aborts the request if it has not finished."""
@@ -82,7 +119,7 @@ class OutputSink(Protocol):
 
 
 class LoopSink:
-    """Delivers to asyncio queues (the handles) on one event loop, in one thread-safe callback per step."""
+    """Delivers to mailboxes (the handles) on one event loop, in one thread-safe callback per step."""
 
     _by_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopSink]" = weakref.WeakKeyDictionary()
     _by_loop_lock = threading.Lock()
@@ -100,7 +137,7 @@ class LoopSink:
                 sink = cls._by_loop[loop] = cls(loop)
             return sink
 
-    def deliver(self, items: list[tuple[asyncio.Queue, object]]) -> bool:
+    def deliver(self, items: list[tuple[Mailbox, object]]) -> bool:
         try:
             self.loop.call_soon_threadsafe(_put_all, items)
         except RuntimeError:  # the loop is closed
@@ -108,6 +145,6 @@ class LoopSink:
         return True
 
 
-def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+def _put_all(items: list[tuple[Mailbox, object]]) -> None:
     for queue, item in items:
         queue.put_nowait(item)

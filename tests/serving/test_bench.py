@@ -233,3 +233,15 @@ def test_loadtest_client_fails_a_request_only_after_its_timeout_passes_without_p
 def test_loadtest_refuses_no_client_processes():
     with pytest.raises(SystemExit):
         loadtest.parse_args(["--url", "http://127.0.0.1:1", "--client-processes", "0"])
+
+
+def test_stream_path_times_each_part_of_a_streamed_token(tmp_path, capsys):
+    from serving.bench import stream_path
+
+    out = tmp_path / "parts.json"
+    assert stream_path.main(["--repeat", "1", "--json-out", str(out)]) == 0
+    parts = json.loads(out.read_text())["us_per_token"]
+    assert set(parts) == {"detokenizer", "detokenizer, two stop strings", "engine stream (one output per loop turn)",
+                          "SSE event of a text delta"}
+    assert all(us > 0 for us in parts.values())
+    assert "| part of the streaming path |" in " ".join(capsys.readouterr().out.split())

@@ -468,10 +468,12 @@ def test_streamed_delta_chunks_are_the_bytes_of_encoding_the_whole_chunk(model, 
 
     generation = SimpleNamespace(request_id="cmpl-1", finish_reason="length", usage=lambda: None)
     body = SimpleNamespace(include_usage=include_usage)
-    chunks = _Chunks(generation, body, model, "chat.completion.chunk", lambda text: {"delta": {"content": text}})
+    chunks = _Chunks(generation, body, model, "chat.completion.chunk", lambda text: {"delta": {"content": text}},
+                     last={"delta": {}})
     # The second model name is the splice placeholder itself: those chunks are then encoded whole.
     assert (chunks._around_delta is None) == (model != MODEL_NAME)
     for text in ["plain", ' "quoted" \\ back', "line\nbreak\ttab", "caf\u00e9 \u2603 \U0001f600", "\u0000", ""]:
         expected = json.dumps(chunks.choice({"delta": {"content": text}}, None), ensure_ascii=False)
         assert chunks.delta(text) == expected
+        assert chunks.event(text) == f"data: {expected}\n\n"
         assert json.loads(chunks.delta(text))["choices"][0]["delta"]["content"] == text

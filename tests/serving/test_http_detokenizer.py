@@ -112,3 +112,69 @@ def test_a_tokenizer_that_changes_decoding_keeps_its_own_decode(tokenizer):
     shouting = Shouting(tokenizer_object=tokenizer.backend_tokenizer)
     ids = tokenizer.encode("Hello world", add_special_tokens=False)
     assert _decoder(shouting)(ids) == "HELLO WORLD"
+
+
+def _python_only(tokenizer):
+    """The same tokenizer with a `_decode` of its own, so the detokenizer decodes its window in Python."""
+    class Plain(type(tokenizer)):
+        def _decode(self, token_ids, **kwargs):
+            return super()._decode(token_ids, **kwargs)
+
+    return Plain(tokenizer_object=tokenizer.backend_tokenizer)
+
+
+TRIALS = 400
+
+
+def test_rust_stream_and_python_window_send_the_same_text_for_random_tokens(tokenizer):
+    import random
+
+    plain = _python_only(tokenizer)
+    assert IncrementalDetokenizer(tokenizer, [1])._stream is not None
+    assert IncrementalDetokenizer(plain, [1])._stream is None
+    rng = random.Random(0)
+    byte_tokens = [tokenizer.convert_tokens_to_ids(symbol) for symbol in ("Ã", "¤", "â", "ł")]  # UTF-8 fragments
+    words = tokenizer.encode(TEXT + " Hello world, the quick brown fox.", add_special_tokens=False)
+    for trial in range(TRIALS):
+        pool = [lambda: rng.randrange(len(tokenizer)), lambda: rng.choice(byte_tokens), lambda: rng.choice(words)]
+        ids = [rng.choice(pool)() for _ in range(rng.randint(1, 40))]
+        prompt = [rng.randrange(len(tokenizer)) for _ in range(rng.randint(1, 8))]
+        step = rng.randint(1, 4)
+        fast, _ = stream(tokenizer, ids, prompt=prompt, step=step)
+        slow, _ = stream(plain, ids, prompt=prompt, step=step)
+        assert "".join(fast) == "".join(slow), (trial, prompt, ids, step)
+        # Nothing is sent early: a delta ends in U+FFFD only where the whole text has one there too.
+        whole = "".join(slow)
+        assert all(whole.count("\ufffd") >= delta.count("\ufffd") for delta in fast)
+        # One stop string, from the text or not: the text ends right before its first occurrence.
+        start = rng.randrange(len(whole) + 1)
+        stop = whole[start:start + rng.randint(1, 6)] if rng.random() < 0.8 else "zq"
+        if not stop:
+            continue
+        cut, detokenizer = stream(tokenizer, ids, prompt=prompt, step=step, stop=[stop])
+        assert "".join(cut) == (whole[:whole.find(stop)] if stop in whole else whole), (trial, stop)
+        assert detokenizer.stopped == (stop in whole)
+
+
+def test_a_refused_rust_step_hands_the_request_to_the_python_window(tokenizer, monkeypatch):
+    import serving.detokenizer as module
+
+    real = module.DecodeStream
+
+    class Refusing:
+        """A Rust stream that refuses its third step, as tokenizers does on a decoder's non-monotonic output."""
+
+        def __init__(self, **kwargs):
+            self.inner, self.steps = real(**kwargs), 0
+
+        def step(self, backend, ids):
+            self.steps += 1
+            if self.steps == 3:
+                raise Exception("Invalid prefix encountered")
+            return self.inner.step(backend, ids)
+
+    monkeypatch.setattr(module, "DecodeStream", Refusing)
+    ids = tokenizer.encode(TEXT, add_special_tokens=False)
+    deltas, detokenizer = stream(tokenizer, ids, prompt=tokenizer.encode("Say", add_special_tokens=False))
+    assert "".join(deltas) == TEXT  # taken over after the refusal: nothing lost or repeated
+    assert detokenizer._stream is None
