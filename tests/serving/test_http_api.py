@@ -317,6 +317,9 @@ def test_unknown_model_is_404(client):
     ("/v1/completions", {"prompt": ["one", "two"]}, ("list of 2 prompts",), "prompt"),
     ("/v1/completions", {"min_tokens": 9}, ("min_tokens (9)", "max_tokens (4)"), "min_tokens"),
     ("/v1/completions", {"prompt": [1, 2, 99999]}, ("99999", "vocabulary"), "prompt"),
+    ("/v1/completions", {"prompt": [3, -1, 4]}, ("-1", "vocabulary"), "prompt"),
+    ("/v1/completions", {"prompt": [1, True, 2]}, ("list of token ids",), "prompt"),
+    ("/v1/completions", {"prompt": [1, 2.5]}, ("list of token ids",), "prompt"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
      ("image_url",), "messages"),
 ])
