@@ -27,6 +27,9 @@ PRESTOP_SLEEP_SECONDS = 5
 SHUTDOWN_AFTER_DRAIN_SECONDS = 15
 """After its drain the image may take this long more: aborted streams finish (5 s) and uvicorn stops (5 s),
 plus margin. The pod's grace period must cover preStop + drain + this."""
+MIN_SERVING_CPU = 2
+"""CPUs a serving container needs at least: its HTTP process and its engine process each keep a core busy while
+they stream (the serving image's ENGINE_PROCESS; vLLM's API server and engine core)."""
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _HOSTNAME = re.compile(r"^(\*\.)?([a-z0-9]([-a-z0-9]*[a-z0-9])?\.)+[a-z]{2,63}$")
@@ -840,6 +843,11 @@ def _validate_model_rest(cfg: StackConfig, m: ModelConfig, p: str, r: _Reader) -
         if parse_quantity(getattr(req, res)) > parse_quantity(getattr(lim, res)):
             r.fail(f"{p}.resources.requests.{camel(res)}",
                    f"{getattr(req, res)} is above the limit {getattr(lim, res)}; requests must not exceed limits")
+    if parse_quantity(lim.cpu) < MIN_SERVING_CPU:
+        r.fail(f"{p}.resources.limits.cpu",
+               f"{lim.cpu} is below {MIN_SERVING_CPU}: the container runs its HTTP server and its engine in two "
+               "processes (both runtimes), each busy on a core of its own while it streams, and under a smaller "
+               f"limit they throttle each other and streams stall; set at least {MIN_SERVING_CPU}")
     a = m.autoscaling
     if a.enabled and a.min_replicas == 0 and a.mode != "keda":
         r.fail(f"{p}.autoscaling.minReplicas", "0 needs mode: keda (an HPA cannot scale to zero); use 1 or more, "

@@ -45,6 +45,10 @@ BAD = [
      "models[0].autoscaling.targetCpuUtilization: 150 is above the maximum 100"),
     ("prod", ["models", 0, "resources", "requests", "cpu"], "16",
      "models[0].resources.requests.cpu: 16 is above the limit 8; requests must not exceed limits"),
+    ("prod", ["models", 0, "resources"], {"requests": {"cpu": "500m"}, "limits": {"cpu": "1500m"}},
+     "models[0].resources.limits.cpu: 1500m is below 2: the container runs its HTTP server and its engine in two "
+     "processes (both runtimes), each busy on a core of its own while it streams, and under a smaller limit they "
+     "throttle each other and streams stall; set at least 2"),
     ("prod", ["models", 0, "resources", "limits", "memory"], "16 GB",
      "models[0].resources.limits.memory: '16 GB' is not a Kubernetes quantity"),
     ("prod", ["models", 0, "env"], {"NVIDIA_VISIBLE_DEVICES": "all"},
