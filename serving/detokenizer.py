@@ -97,8 +97,10 @@ class IncrementalDetokenizer:
         if full_text.endswith(_REPLACEMENT) and not final and held_tokens < _MAX_HELD_TOKENS:
             return ""
         if len(full_text) <= len(prefix_text) and not final:
-            # Tokens that decode to nothing (skipped special tokens): nothing to send, keep the window short.
-            self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+            # Tokens that decode to nothing (skipped special tokens): nothing to send. The window keeps its start:
+            # a decoder that strips the first token's leading space (SentencePiece's Metaspace, Llama 2's Strip)
+            # would otherwise drop the space of the next word.
+            self._read_offset = len(self._ids)
             return ""
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
         return full_text[len(prefix_text):]

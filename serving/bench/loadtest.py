@@ -265,9 +265,8 @@ def _run_in_processes(args: argparse.Namespace, endpoint: str, work: list[tuple[
     context = multiprocessing.get_context("spawn")  # the caller runs an event loop, which a fork would copy
     go, out = context.Event(), context.Queue()
     children = [context.Process(target=_client_process, daemon=True, name=f"loadtest-client-{index}",
-                                args=(args, endpoint, work[index::processes],
-                                      concurrency // processes + (index < concurrency % processes), go, out))
-                for index in range(processes)]
+                                args=(args, endpoint, share, clients, go, out))
+                for index, (share, clients) in enumerate(split_level(work, concurrency, processes))]
     for child in children:
         child.start()
     try:
@@ -287,6 +286,15 @@ def _run_in_processes(args: argparse.Namespace, endpoint: str, work: list[tuple[
             if child.is_alive():
                 child.kill()
     return results, client_cpu, started
+
+
+def split_level(work: list, concurrency: int, processes: int) -> list[tuple[list, int]]:
+    """Each process's requests and clients: request j goes to client j mod concurrency, as one closed loop would
+    hand them out, and client c to process c mod processes, so every process has the same work per client (a
+    process with fewer clients and as many requests would run an extra round alone and stretch the level)."""
+    return [([item for j, item in enumerate(work) if j % concurrency % processes == index],
+             len(range(index, concurrency, processes)))
+            for index in range(processes)]
 
 
 def _receive(out: "multiprocessing.Queue", children: list, kind: str, timeout: float | None) -> object:

@@ -245,3 +245,15 @@ def test_stream_path_times_each_part_of_a_streamed_token(tmp_path, capsys):
                           "SSE event of a text delta"}
     assert all(us > 0 for us in parts.values())
     assert "| part of the streaming path |" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("requests, concurrency, processes", [(24, 6, 4), (128, 64, 3), (512, 256, 4), (7, 3, 2)])
+def test_a_level_split_over_client_processes_gives_each_the_same_work_per_client(requests, concurrency, processes):
+    work = list(range(requests))
+    shares = loadtest.split_level(work, concurrency, processes)
+    assert sorted(item for share, _ in shares for item in share) == work  # every request once
+    assert sum(clients for _, clients in shares) == concurrency
+    rounds = [len(share) / clients for share, clients in shares]
+    # The same number of rounds per client everywhere (to within the one partial round a closed loop has anyway).
+    assert max(rounds) - min(rounds) <= 1, rounds
+    assert max(rounds) <= -(-requests // concurrency)

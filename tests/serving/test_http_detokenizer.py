@@ -123,20 +123,60 @@ def _python_only(tokenizer):
     return Plain(tokenizer_object=tokenizer.backend_tokenizer)
 
 
+def _sentencepiece():
+    """A Llama-2-style tokenizer: SentencePiece's "▁" for spaces, byte-fallback tokens, and a decoder that strips
+    the first token's leading space."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"<0x{byte:02X}>": 3 + byte for byte in range(256)}
+    for word in ["▁", "▁Hello", "▁world", "Hello", "world", "▁the", "▁a", "a", "b", "!",
+                 "▁▁", "é", "▁é", "▁世界", "x", "▁x"]:
+        vocab[word] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    backend.add_special_tokens([AddedToken("<s>", special=True), AddedToken("</s>", special=True)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="module", params=["byte-level BPE", "SentencePiece"])
+def any_tokenizer(request, tokenizer):
+    if request.param == "SentencePiece":
+        fragments = [f"<0x{byte:02X}>" for byte in (0xE4, 0xB8, 0xAD, 0xC3, 0xA9, 0xF0, 0x9F, 0x99, 0x82)]
+        return _sentencepiece(), fragments, "Hello world the a! é 世界 x"
+    return tokenizer, ["Ã", "¤", "â", "ł"], TEXT + " Hello world, the quick brown fox."
+
+
+def test_a_word_after_a_skipped_special_token_keeps_its_leading_space(any_tokenizer):
+    tokenizer, _, _ = any_tokenizer
+    prompt = tokenizer.encode("Hello", add_special_tokens=False)
+    vocab = tokenizer.get_vocab()
+    word = [vocab["\u2581world"]] if "\u2581world" in vocab else tokenizer.encode(" world", add_special_tokens=False)
+    ids = [tokenizer.eos_token_id, *word]
+    for candidate in (tokenizer, _python_only(tokenizer)):  # the Rust stream and the Python window alike
+        deltas, _ = stream(candidate, ids, prompt=prompt)
+        assert "".join(deltas) == " world"
+
+
 TRIALS = 400
 
 
-def test_rust_stream_and_python_window_send_the_same_text_for_random_tokens(tokenizer):
+def test_rust_stream_and_python_window_send_the_same_text_for_random_tokens(any_tokenizer):
     import random
 
+    tokenizer, fragments, sample = any_tokenizer
     plain = _python_only(tokenizer)
-    assert IncrementalDetokenizer(tokenizer, [1])._stream is not None
-    assert IncrementalDetokenizer(plain, [1])._stream is None
+    assert IncrementalDetokenizer(tokenizer, [5])._stream is not None
+    assert IncrementalDetokenizer(plain, [5])._stream is None
     rng = random.Random(0)
-    byte_tokens = [tokenizer.convert_tokens_to_ids(symbol) for symbol in ("Ã", "¤", "â", "ł")]  # UTF-8 fragments
-    words = tokenizer.encode(TEXT + " Hello world, the quick brown fox.", add_special_tokens=False)
+    byte_tokens = [tokenizer.convert_tokens_to_ids(symbol) for symbol in fragments]  # UTF-8 fragments
+    words = tokenizer.encode(sample, add_special_tokens=False)
+    specials = [tokenizer.eos_token_id, tokenizer.bos_token_id]
     for trial in range(TRIALS):
-        pool = [lambda: rng.randrange(len(tokenizer)), lambda: rng.choice(byte_tokens), lambda: rng.choice(words)]
+        pool = [lambda: rng.randrange(len(tokenizer)), lambda: rng.choice(byte_tokens), lambda: rng.choice(words),
+                lambda: rng.choice(words), lambda: rng.choice(specials)]
         ids = [rng.choice(pool)() for _ in range(rng.randint(1, 40))]
         prompt = [rng.randrange(len(tokenizer)) for _ in range(rng.randint(1, 8))]
         step = rng.randint(1, 4)
