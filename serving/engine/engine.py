@@ -558,7 +558,12 @@ class LLMEngine:
             self._generation_tokens_total += self._generated_since_emit
         self._generated_since_emit = 0
         for sink, items in batches.items():
-            if not sink.deliver(items):  # nobody can read them any more: free their slots
+            try:
+                delivered = sink.deliver(items)
+            except Exception:  # noqa: BLE001 - a broken sink loses its own requests, not the loop or other sinks'
+                logger.exception("an output sink failed; aborting its %d requests", len(items))
+                delivered = False
+            if not delivered:  # nobody can read them any more: free their slots
                 for seq in seqs:
                     if seq.sink is sink and not seq.finished:
                         self._abort_sequence(seq)
@@ -609,7 +614,10 @@ class LLMEngine:
                 item = TokenOutput(tuple(seq.output_ids[seq.num_emitted :]), "abort")
             batches.setdefault(seq.sink, []).append((seq.handle, item))
         for sink, items in batches.items():
-            sink.deliver(items)
+            try:
+                sink.deliver(items)
+            except Exception:  # noqa: BLE001 - every other sink still gets its requests' last outputs
+                logger.exception("an output sink failed to take the last outputs of %d requests", len(items))
 
 
 def _slot_of(seq: _Sequence) -> int:

@@ -889,6 +889,30 @@ def test_submit_delivers_to_any_sink_one_call_per_step_the_same_tokens_as_genera
     assert sink.calls < len(sink.items)
 
 
+def test_a_sink_that_raises_loses_its_own_requests_and_no_one_elses(make_engine, hf_model, caplog):
+    engine = make_engine()
+    asyncio.run(engine.start())
+
+    class BrokenSink(RecordingSink):
+        def deliver(self, items):
+            super().deliver(items)
+            raise RuntimeError("this reader's queue is broken")
+
+    good, broken = RecordingSink(), BrokenSink()
+    prompt = random_prompt(9, seed=71)
+    engine.submit(request("broken", random_prompt(7, seed=72), greedy(12, ignore_eos=True)), broken, "broken")
+    engine.submit(request("good", prompt, greedy(12, ignore_eos=True)), good, "good")
+    assert good.done.wait(30)
+    assert [t for _, output in good.items for t in output.token_ids] == hf_greedy(hf_model, prompt, 12)
+    deadline = time.monotonic() + 10
+    while engine.stats().running:  # the broken sink's request was aborted, its slot freed
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert engine.stats().loop_alive and broken.calls >= 1
+    assert "an output sink failed; aborting its 1 requests" in caplog.text
+    asyncio.run(engine.shutdown())
+
+
 def test_greedy_steps_are_launched_before_the_last_ones_tokens_are_read_and_sent(make_engine, hf_model):
     """Host work overlaps the device: the prompt's first token stays on the device and feeds the first decode step
     there, each decode step after it is fed with the previous step's tokens still on the device, before the host
