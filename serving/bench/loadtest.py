@@ -132,7 +132,7 @@ class _SseEvents:
             line_end = buffer.find(b"\r\n", position)
             if line_end < 0:
                 break
-            size = int(buffer[position:line_end].split(b";")[0].strip() or b"0", 16)
+            size = int(buffer[position:line_end].split(b";")[0].strip(), 16)  # ValueError on a malformed size line
             if size == 0:
                 self.done = True
                 position = len(buffer)

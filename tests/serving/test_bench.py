@@ -194,6 +194,9 @@ def test_loadtest_client_parses_events_whatever_blocks_the_body_arrives_in(chunk
             got += parser.feed(body[start:end])
         assert got == expected, (trial, cuts)
         assert parser.done is chunked  # the last chunk ends a chunked body; a plain one ends when the server closes
+    if chunked:  # a size line that is not one is the server's error, not the end of its body
+        with pytest.raises(ValueError):
+            loadtest._SseEvents(chunked=True).feed(b"\r\n" + body)
 
 
 def _serve_slowly(gaps_s: list[float]):
