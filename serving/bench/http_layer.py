@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -164,10 +163,7 @@ def start_server(args: argparse.Namespace, log_path: Path) -> tuple[subprocess.P
     command = [sys.executable, "-m", "serving.bench.http_layer", "--serve", "--model-path", str(args.model_path),
                "--port", str(port), "--device-ms", str(args.device_ms), "--python-ms", str(args.python_ms),
                "--max-running", str(args.max_running), "--engine-process", args.engine_process]
-    process = subprocess.Popen(command, cwd=loadtest.REPO_ROOT, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    loadtest.wait_started(process, url, args.startup_timeout, log_path)
-    return process, url
+    return loadtest.launch_server(command, port, args.startup_timeout, log_path)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -236,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.serve:
         return serve(args)
+    with loadtest.sigterm_unwinds():
+        return _measure(args)
+
+
+def _measure(args: argparse.Namespace) -> int:
     if not (args.model_path / "tokenizer.json").is_file():
         print(f"building a tokenizer (and tiny random weights) in {args.model_path}", file=sys.stderr)
         loadtest.build_random_model(args.model_path, "tiny")
@@ -246,8 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         levels = loadtest.run_async(run_levels(args, url, process.pid))
     finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(60)
+        loadtest.stop_server(process, 60)
     print(format_table(levels))
     if args.json_out:
         args.json_out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
@@ -30,12 +31,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Coroutine, TypeVar
+from typing import Coroutine, Iterator, TypeVar
 from urllib.parse import urlparse
 
 T = TypeVar("T")
@@ -195,8 +197,12 @@ async def run_level(args: argparse.Namespace, url: str, concurrency: int, level_
         results = await _closed_loop(args, endpoint, work, concurrency, started)
         client_cpu = [time.process_time() - cpu_before]
     else:
-        results, client_cpu, started = await asyncio.to_thread(_run_in_processes, args, endpoint, work, concurrency,
-                                                               processes)
+        abandoned = threading.Event()
+        try:
+            results, client_cpu, started = await asyncio.to_thread(_run_in_processes, args, endpoint, work,
+                                                                   concurrency, processes, abandoned)
+        finally:  # cancelled (SIGINT, SIGTERM): the thread stops waiting and kills the client processes at once
+            abandoned.set()
     wall = max((r.ended for r in results), default=started) - started
     ok = [r for r in results if r.error is None and r.chunk_times]
     ttft = [r.chunk_times[0] - r.started for r in ok]
@@ -259,9 +265,10 @@ async def _closed_loop(args: argparse.Namespace, endpoint: str, work: list[tuple
 
 
 def _run_in_processes(args: argparse.Namespace, endpoint: str, work: list[tuple[list[int], int]], concurrency: int,
-                      processes: int) -> tuple[list[RequestResult], list[float], float]:
+                      processes: int, abandoned: threading.Event) -> tuple[list[RequestResult], list[float], float]:
     """One level's closed loop split over `processes` client processes: each gets every n-th request and its share
-    of the clients, and all start together. Returns the results, each process's CPU seconds, and the start time."""
+    of the clients, and all start together. Returns the results, each process's CPU seconds, and the start time.
+    Once `abandoned` is set (the caller was cancelled) it stops within a second and kills the client processes."""
     context = multiprocessing.get_context("spawn")  # the caller runs an event loop, which a fork would copy
     go, out = context.Event(), context.Queue()
     children = [context.Process(target=_client_process, daemon=True, name=f"loadtest-client-{index}",
@@ -271,18 +278,18 @@ def _run_in_processes(args: argparse.Namespace, endpoint: str, work: list[tuple[
         child.start()
     try:
         for _ in children:
-            _receive(out, children, "ready", 60)
+            _receive(out, children, "ready", 60, abandoned)
         started = time.monotonic()
         go.set()
         results: list[RequestResult] = []
         client_cpu: list[float] = []
         for _ in children:
-            share, cpu = _receive(out, children, "done", None)
+            share, cpu = _receive(out, children, "done", None, abandoned)
             results.extend(share)
             client_cpu.append(cpu)
     finally:
         for child in children:
-            child.join(5)
+            child.join(0 if abandoned.is_set() else 5)
             if child.is_alive():
                 child.kill()
     return results, client_cpu, started
@@ -297,13 +304,16 @@ def split_level(work: list, concurrency: int, processes: int) -> list[tuple[list
             for index in range(processes)]
 
 
-def _receive(out: "multiprocessing.Queue", children: list, kind: str, timeout: float | None) -> object:
+def _receive(out: "multiprocessing.Queue", children: list, kind: str, timeout: float | None,
+             abandoned: threading.Event) -> object:
     """The next message of `kind` from a client process; exits with a clear message if one died instead."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while deadline is None or time.monotonic() < deadline:
         try:
             got, payload = out.get(timeout=1)
         except queue_module.Empty:
+            if abandoned.is_set():
+                sys.exit("load test stopped")
             dead = [child for child in children if child.exitcode not in (None, 0)]
             if dead:
                 sys.exit(f"client process {dead[0].name} exited with {dead[0].exitcode}")
@@ -383,12 +393,31 @@ def start_server(args: argparse.Namespace, log_path: Path) -> tuple[subprocess.P
                  "engine_process", "attention_backend", "overlap"):
         if getattr(args, flag) is not None:
             command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    log = open(log_path, "wb")
-    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                               env={**os.environ, "API_KEY": "", "API_KEYS_FILE": ""})
+    return launch_server(command, port, args.startup_timeout, log_path,
+                         env={**os.environ, "API_KEY": "", "API_KEYS_FILE": ""})
+
+
+def launch_server(command: list[str], port: int, timeout: float, log_path: Path,
+                  env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """Start a server process logging to `log_path` and wait until it serves; stopped again if that fails."""
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
-    wait_started(process, url, args.startup_timeout, log_path)
+    try:
+        wait_started(process, url, timeout, log_path)
+    except BaseException:  # including SIGTERM while the model loads: the server must not outlive this run
+        stop_server(process)
+        raise
     return process, url
+
+
+def stop_server(process: subprocess.Popen, timeout: float = 120) -> None:
+    """SIGTERM (the server drains), then SIGKILL if it has not exited within `timeout` seconds."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def wait_started(process: subprocess.Popen, url: str, timeout: float, log_path: Path) -> None:
@@ -486,8 +515,30 @@ async def run_levels(args: argparse.Namespace, url: str) -> list[dict]:
     return levels
 
 
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, through `finally`: a level's client processes are killed and a server the run
+    started is stopped, where the default action would leave both running (on the main thread; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _exit_on_signal)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    with sigterm_unwinds():
+        _main(parse_args(argv))
+
+
+def _main(args: argparse.Namespace) -> None:
     process = None
     url = args.url
     if args.model_path is not None:
@@ -502,8 +553,7 @@ def main(argv: list[str] | None = None) -> None:
         levels = run_async(run_levels(args, url))
     finally:
         if process is not None:
-            process.send_signal(signal.SIGTERM)
-            process.wait(120)
+            stop_server(process)
     print(format_table(levels))
     if args.json_out:
         args.json_out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items() if k != "api_key"},

@@ -5,11 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from serving.bench import engine_loop, engine_steps, loadtest
+from tests.serving.server import REPO_ROOT
 
 
 def test_engine_steps_times_every_variant_and_checks_the_attention_forms_agree(tmp_path, capsys):
@@ -95,6 +102,79 @@ def test_loadtest_drives_a_real_server_and_gets_exact_lengths(tmp_path, capsys):
         assert level["errors"] == 0 and level["short_outputs"] == 0 and level["ok"] == level["requests"] >= 3
         assert level["output_tok_s"] > 0
     assert "out tok/s" in capsys.readouterr().out
+
+
+def _children() -> dict[int, list[tuple[int, str]]]:
+    """Every process's children (pid, command line), from /proc."""
+    children: dict[int, list[tuple[int, str]]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (FileNotFoundError, ProcessLookupError):  # it ended meanwhile
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(parent, []).append((int(entry.name), command))
+    return children
+
+
+def _descendants(pid: int) -> list[tuple[int, str]]:
+    children, found, todo = _children(), [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child[0])
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("script, when", [("loadtest", "while the server starts"),
+                                          ("loadtest", "while the client processes run"),
+                                          ("http_layer", "while the client processes run")])
+def test_sigterm_stops_a_benchmark_with_its_server_and_client_processes(tiny_model_dir, tmp_path, script, when):
+    command = [sys.executable, "-m", f"serving.bench.{script}", "--model-path", str(tiny_model_dir),
+               "--concurrency", "4", "--client-processes", "2", "--requests-per-level", "100000", "--in-min", "8",
+               "--in-max", "16", "--out-min", "8", "--out-max", "16", "--json-out", str(tmp_path / "load.json")]
+    if script == "loadtest":
+        command += ["--device", "cpu", "--dtype", "float32", "--cuda-graphs", "off"]
+        server_command = " -m serving --model-path"
+    else:
+        server_command = " -m serving.bench.http_layer --serve"
+    load = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    tree: list[tuple[int, str]] = []
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            tree = _descendants(load.pid)
+            server = [pid for pid, cmd in tree if server_command in cmd]
+            clients = [pid for pid, cmd in _children().get(load.pid, []) if "spawn_main" in cmd]
+            if server and (when == "while the server starts" or len(clients) == 2):
+                break
+            assert load.poll() is None and time.monotonic() < deadline, load.communicate()[0].decode()
+            time.sleep(0.05)
+        if when == "while the server starts":
+            assert '"event": "ready"' not in (tmp_path / "load.server.log").read_text()
+        load.send_signal(signal.SIGTERM)
+        assert load.wait(60) == 128 + signal.SIGTERM
+        # Its server (and the server's engine process) and its client processes went with it.
+        deadline = time.monotonic() + 10
+        while left := [(pid, cmd) for pid, cmd in tree if _alive(pid)]:
+            assert time.monotonic() < deadline, f"still running after the load test stopped: {left}"
+            time.sleep(0.1)
+    finally:  # whatever the outcome, leave nothing running
+        load.kill()
+        for pid, _ in tree + [p for pid, _ in tree for p in _descendants(pid)]:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_report_sets_each_level_beside_its_target_and_the_roofline(tmp_path):
