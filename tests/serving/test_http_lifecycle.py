@@ -20,8 +20,8 @@ from tests.serving.tiny_model import build_tiny_model
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    # A 2048-token window, so a long generation reliably outlasts a short drain period on CPU.
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-2k"), max_position_embeddings=2048)
+    # An 8192-token window, so a long generation reliably outlasts a short drain period on CPU.
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-8k"), max_position_embeddings=8192)
 
 
 # ---- settings and startup failures ---------------------------------------------------------------------------
@@ -183,8 +183,9 @@ class StreamInBackground:
 def test_sigterm_drains_then_aborts_at_the_deadline_and_exits_0(model_dir, tmp_path):
     proc = ServerProcess(model_dir, tmp_path / "server.log", env={"DRAIN_SECONDS": "1"})
     proc.wait_started()
-    # ~1900 decode steps: several seconds even on a fast CPU, far beyond the 1 s grace period.
-    long = StreamInBackground(proc.url, 1900)
+    # 8000 decode steps: 2000 took 1.5-3.5 s on the 2-vCPU development VM, so this outlasts the 1 s grace period
+    # several times over even on a CPU several times as fast.
+    long = StreamInBackground(proc.url, 8000)
     assert long.first_token.wait(30)
 
     proc.process.send_signal(signal.SIGTERM)
