@@ -16,7 +16,6 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, TypeVar
 
-import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
@@ -287,9 +286,11 @@ class _Generation:
         if close is None:
             self.engine.abort(self.request_id)
             return
-        # Runs while the request task may be cancelled (client gone): the abort must still happen.
-        with anyio.CancelScope(shield=True):
+        try:
             await close()
+        except asyncio.CancelledError:  # cancelled again while closing (client gone, server stopping)
+            self.engine.abort(self.request_id)  # the abort must still happen
+            raise
 
 
 async def _collect_unless_disconnected(request: Request, generation: _Generation) -> str:
@@ -373,11 +374,12 @@ class _EventStream(StreamingResponse):
         try:
             await self.stream_response(send)
         except asyncio.CancelledError:
-            if not left:
-                raise  # cancelled by the server itself, not by the client leaving
-            task.uncancel()
+            if not left or task.uncancel() > 0:
+                raise  # cancelled by the server itself (too), not only by the client leaving
         finally:
             streaming = False
+            if watcher.done() and not watcher.cancelled():
+                watcher.result()  # receive() failed: the server's error, raised as Starlette's task group would
             watcher.cancel()
         if self.background is not None:
             await self.background()
