@@ -39,10 +39,10 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run with a time limit, log to $OUT/N
 if [ "$SMOKE" = 1 ]; then
   shape=tiny; device=cpu; dtype=float32; batches=1,4; levels=1,4; slots=8; level_s=5; kv=256; prompts=4
   load_extra=(--requests-per-level 4 --rounds 1 --in-min 16 --in-max 48 --out-min 8 --out-max 16)
-  http_levels=4; http_requests=8; variant_levels=4
+  http_levels=4; http_requests=8; variant_levels=4; http_request_count=16
 else
   shape=llama-3.2-1b; device=cuda; dtype=bfloat16; batches=1,16,64,256; levels=1,16,64,256; slots=256; level_s=15
-  kv=1024; prompts=8; load_extra=(); http_levels=256; http_requests=512
+  kv=1024; prompts=8; load_extra=(); http_levels=256; http_requests=512; http_request_count=4000
   variant_levels=256
   # The serving packages the machine lacks, on their own path: its torch and numpy stay as they are.
   stage deps 90 "$PY" -m pip install --no-index --no-deps --quiet --target .gpu-session/deps .gpu-session/wheels/*.whl
@@ -92,9 +92,14 @@ stage http-on 40 "$PY" -m serving.bench.http_layer --concurrency "$http_levels" 
 load_stage load-thread 70 "$variant_levels" --engine-process off
 stage http-off 40 "$PY" -m serving.bench.http_layer --concurrency "$http_levels" --requests-per-level "$http_requests" \
   --device-ms 4.5 --python-ms 0.6 --engine-process off --max-level-seconds 10 --json-out "$OUT/http-off.json"
+# 7. The HTTP process's work per request on this machine's CPU: one-token outputs, so its CPU per token is its CPU per
+#    request (routing, validation, submission, opening and closing the stream; ENGINE_NOTES v7 predicts 0.6-1.0 ms).
+stage http-requests 30 "$PY" -m serving.bench.http_layer --concurrency 64 --requests-per-level "$http_request_count" \
+  --out-min 1 --out-max 1 --device-ms 0.5 --python-ms 0.05 --max-level-seconds 8 --json-out "$OUT/http-requests.json"
 
 echo; cat "$OUT/env.txt"; echo
-for name in gputests steps load baselines load-sdpa load-stepwise load-prefill8k http-on load-thread http-off; do
+for name in gputests steps load baselines load-sdpa load-stepwise load-prefill8k http-on load-thread http-off \
+            http-requests; do
   [ -f "$OUT/$name.log" ] || continue
   echo "== $name (tail)"; tail -n 12 "$OUT/$name.log"; echo
 done

@@ -103,6 +103,10 @@ def report(out: Path) -> str:
             parts.append(f"The HTTP layer on this machine's CPU, synthetic engine {where} "
                          f"(`serving.bench.http_layer --engine-process {mode}`):\n\n"
                          + http_layer.format_table(http["levels"]))
+    if requests := _load(out / "http-requests.json"):
+        parts.append("The HTTP process's work per request on this machine's CPU: one-token outputs, so its CPU per "
+                     "token is its CPU per request (`serving.bench.http_layer --out-min 1 --out-max 1`):\n\n"
+                     + http_layer.format_table(requests["levels"]))
     if base:
         parts.append("Baselines in the same call (`h100_baselines.py`):\n\n" + baselines(base))
     if (summary := out / "summary.txt").is_file():

@@ -197,13 +197,20 @@ def test_report_sets_each_level_beside_its_target_and_the_roofline(tmp_path):
         {"concurrency": 256, "requests": 512, "errors": 0, "short_outputs": 0, "engine_tok_s": 42666.7,
          "output_tok_s": 19105.8, "server_cpu_us_per_token": 44.1, "ttft_p99_ms": 369.7, "itl_p50_ms": 9.6,
          "itl_p99_ms": 22.8}]}))
+    (tmp_path / "http-requests.json").write_text(json.dumps({"levels": [
+        {"concurrency": 64, "requests": 4000, "errors": 0, "short_outputs": 0, "engine_tok_s": 116363.6,
+         "output_tok_s": 848.0, "server_cpu_us_per_token": 1237.5, "ttft_p99_ms": 140.2, "itl_p50_ms": None,
+         "itl_p99_ms": None}]}))
     text = report.report(tmp_path)
     assert "|  256 |  512 |      0 |     0 |      42666.7 |      19105.8 |                      44.1 |" in text
+    per_request = text.split("The HTTP process's work per request")[1]
+    assert "|   64 | 4000 |      0 |     0 |     116363.6 |        848.0 |                    1237.5 |" in per_request
     assert "synthetic engine in its own process" in text and "on a thread of the server" not in text
     assert "|    1 |     672.5 |    600 |       50.0% |" in text
     assert "|   64 |  29,000.0 | 12,000 |       50.0% |" in text
     # How busy the busiest client process was, where the level recorded it (older results did not).
-    rows = {line.split("|")[1].strip(): line.split("|")[-2].strip() for line in text.splitlines()
+    end_to_end = text.split("Engine steps")[0]
+    rows = {line.split("|")[1].strip(): line.split("|")[-2].strip() for line in end_to_end.splitlines()
             if line.startswith("|") and line.split("|")[1].strip() in ("1", "64")}
     assert rows == {"1": "-", "64": "92%"}
     assert "Baselines" not in text  # none were measured
