@@ -349,7 +349,7 @@ class _EventStream(StreamingResponse):
 
     Under an ASGI server older than spec 2.4 (uvicorn declares 2.3), Starlette streams from a child task of an anyio
     task group and listens for the disconnect in the parent: a task group, a cancel scope and a task per request,
-    about a sixth of the HTTP process's work per request (docs/BENCHMARKS.md). Here the response streams in the
+    14% of the HTTP process's CPU per request as measured (docs/BENCHMARKS.md). Here the response streams in the
     request's own task and a watcher task cancels it when the client leaves, which ends the stream the same way:
     the generation's `finally` aborts its engine request, and the background task still runs."""
 
