@@ -58,6 +58,9 @@ logger = logging.getLogger("serving.engine")
 
 _READ_BACK_AFTER_FAILURE_S = 5.0
 """How long a dying loop waits for the device to finish the steps in flight before failing their requests."""
+_STOP_LOOP_S = 10.0
+"""How long shutdown() waits for the loop thread to stop (it finishes its step first): a device call that never
+returns would otherwise hold the server's exit until the kubelet kills the pod, its streams never ended."""
 
 
 @dataclass(eq=False, slots=True)
@@ -310,9 +313,12 @@ class LLMEngine:
             self._stopping = True
             self._wakeup.notify()
         if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
-        else:
-            self._finish_all_live(None)
+            await asyncio.to_thread(self._thread.join, _STOP_LOOP_S)
+            if not self._thread.is_alive():
+                return
+            logger.error("the engine loop did not stop within %g s (a device call does not return); its requests "
+                         "end here without it", _STOP_LOOP_S)
+        self._finish_all_live(None)
 
     def _abort_sequence(self, seq: _Sequence) -> None:
         # Runs from any thread, including a garbage-collector pass on the loop thread itself (the lock

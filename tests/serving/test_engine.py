@@ -1320,6 +1320,32 @@ def test_a_dying_loop_gives_up_on_a_hung_device_within_its_bound(make_engine, mo
     assert asyncio.run(main()) < 3
 
 
+def test_shutdown_on_a_hung_device_ends_the_streams_within_its_bound(make_engine, monkeypatch):
+    """A clean stop waits for the loop to finish its step; on a device that no longer answers it stops waiting after
+    its bound and ends the streams itself (with `abort`, as any shutdown does)."""
+    from serving.engine import engine as engine_module
+
+    engine = make_engine(max_num_seqs=2, overlap=True)
+    asyncio.run(engine.start())
+    monkeypatch.setattr(engine_module, "_STOP_LOOP_S", 0.3)
+
+    async def main():
+        stream = engine.generate(request("a", random_prompt(4, seed=3), greedy(200, ignore_eos=True)))
+        await stream.__anext__()
+        # From now on the device hangs: the steps launched never come back.
+        monkeypatch.setattr(engine_module._InFlight, "_copy_back",
+                            staticmethod(lambda tokens: (tokens.clone(), _Hung())))
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        await asyncio.wait_for(engine.shutdown(), 15)
+        stopped = time.monotonic() - started
+        _, reason = await asyncio.wait_for(collect(stream), 5)
+        return stopped, reason
+
+    stopped, reason = asyncio.run(main())
+    assert stopped < 3 and reason == "abort"
+
+
 @pytest.mark.parametrize("where", ["read", "_copy_back"], ids=["reading-a-step-back", "building-its-record"])
 def test_a_failure_with_steps_in_flight_sends_no_token_in_place_of_a_lost_one(make_engine, hf_model, monkeypatch,
                                                                             where):
