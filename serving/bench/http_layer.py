@@ -243,11 +243,13 @@ def _measure(args: argparse.Namespace) -> int:
     args.token_id_max = loadtest.SHAPES["tiny"]["vocab_size"] - 2
     log_path = (args.json_out.with_suffix(".server.log") if args.json_out
                 else Path(tempfile.gettempdir()) / "http_layer.server.log")
-    process, url = start_server(args, log_path)
+    process = None
     try:
+        process, url = start_server(args, log_path)
         levels = loadtest.run_async(run_levels(args, url, process.pid))
     finally:
-        loadtest.stop_server(process, 60)
+        if process is not None:
+            loadtest.stop_server(process, 60)
     print(format_table(levels))
     if args.json_out:
         args.json_out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},

@@ -271,12 +271,19 @@ def _run_in_processes(args: argparse.Namespace, endpoint: str, work: list[tuple[
     Once `abandoned` is set (the caller was cancelled) it stops within a second and kills the client processes."""
     context = multiprocessing.get_context("spawn")  # the caller runs an event loop, which a fork would copy
     go, out = context.Event(), context.Queue()
-    children = [context.Process(target=_client_process, daemon=True, name=f"loadtest-client-{index}",
-                                args=(args, endpoint, share, clients, go, out))
-                for index, (share, clients) in enumerate(split_level(work, concurrency, processes))]
-    for child in children:
-        child.start()
+    children, inboxes = [], []  # the queues stay referenced: a collected one unlinks what a child still has to open
     try:
+        for index, (share, clients) in enumerate(split_level(work, concurrency, processes)):
+            # The requests go through a queue, not the start arguments: start() writes those to a pipe it holds both
+            # ends of, and blocks for ever if they are larger than the pipe and the child dies before reading them.
+            inbox = context.Queue()
+            inboxes.append(inbox)
+            child = context.Process(target=_client_process, daemon=True, name=f"loadtest-client-{index}",
+                                    args=(args, endpoint, inbox, clients, go, out))
+            child.start()
+            children.append(child)
+            inbox.put(share)
+            inbox.cancel_join_thread()  # a child that died unread must not hold this process's exit
         for _ in children:
             _receive(out, children, "ready", 60, abandoned)
         started = time.monotonic()
@@ -325,8 +332,9 @@ def _receive(out: "multiprocessing.Queue", children: list, kind: str, timeout: f
     sys.exit(f"client processes did not get {kind} within {timeout}s")
 
 
-def _client_process(args: argparse.Namespace, endpoint: str, work: list[tuple[list[int], int]], concurrency: int,
+def _client_process(args: argparse.Namespace, endpoint: str, inbox: "multiprocessing.Queue", concurrency: int,
                     go: "multiprocessing.synchronize.Event", out: "multiprocessing.Queue") -> None:
+    work: list[tuple[list[int], int]] = inbox.get()
     out.put(("ready", None))
     go.wait()
     started, cpu_before = time.monotonic(), time.process_time()
@@ -400,8 +408,8 @@ def start_server(args: argparse.Namespace, log_path: Path) -> tuple[subprocess.P
 def launch_server(command: list[str], port: int, timeout: float, log_path: Path,
                   env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     """Start a server process logging to `log_path` and wait until it serves; stopped again if that fails."""
-    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, env=env)
     try:
         wait_started(process, url, timeout, log_path)
     except BaseException:  # including SIGTERM while the model loads: the server must not outlive this run
@@ -421,7 +429,8 @@ def stop_server(process: subprocess.Popen, timeout: float = 120) -> None:
 
 
 def wait_started(process: subprocess.Popen, url: str, timeout: float, log_path: Path) -> None:
-    """Poll /health/startup until 200; exit with where the log is if the server dies or takes too long."""
+    """Poll /health/startup until 200; exit with where the log is if the server dies or takes too long (the caller
+    stops it: a SIGKILL here would leave its engine process behind)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -433,7 +442,6 @@ def wait_started(process: subprocess.Popen, url: str, timeout: float, log_path: 
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.5)
-    process.kill()
     sys.exit(f"server did not start within {timeout}s; see {log_path}")
 
 
@@ -516,6 +524,8 @@ async def run_levels(args: argparse.Namespace, url: str) -> list[dict]:
 
 
 def _exit_on_signal(signum: int, frame: object) -> None:
+    # Once: `timeout` signals the process and then its group, and a second SystemExit would cut the cleanup short.
+    signal.signal(signum, signal.SIG_IGN)
     raise SystemExit(128 + signum)
 
 
@@ -541,15 +551,15 @@ def main(argv: list[str] | None = None) -> None:
 def _main(args: argparse.Namespace) -> None:
     process = None
     url = args.url
-    if args.model_path is not None:
-        if args.random_model and not (args.model_path / "config.json").is_file():
-            print(f"building random {args.random_model} weights in {args.model_path}", file=sys.stderr)
-            build_random_model(args.model_path, args.random_model)
-        log_path = (args.json_out.with_suffix(".server.log") if args.json_out
-                    else Path(tempfile.gettempdir()) / "loadtest.server.log")
-        print(f"server log: {log_path}", file=sys.stderr)
-        process, url = start_server(args, log_path)
     try:
+        if args.model_path is not None:
+            if args.random_model and not (args.model_path / "config.json").is_file():
+                print(f"building random {args.random_model} weights in {args.model_path}", file=sys.stderr)
+                build_random_model(args.model_path, args.random_model)
+            log_path = (args.json_out.with_suffix(".server.log") if args.json_out
+                        else Path(tempfile.gettempdir()) / "loadtest.server.log")
+            print(f"server log: {log_path}", file=sys.stderr)
+            process, url = start_server(args, log_path)
         levels = run_async(run_levels(args, url))
     finally:
         if process is not None:

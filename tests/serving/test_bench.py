@@ -136,10 +136,16 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.parametrize("script, when", [("loadtest", "while the server starts"),
-                                          ("loadtest", "while the client processes run"),
-                                          ("http_layer", "while the client processes run")])
-def test_sigterm_stops_a_benchmark_with_its_server_and_client_processes(tiny_model_dir, tmp_path, script, when):
+@pytest.mark.parametrize("script, when, to_group", [
+    ("loadtest", "while the server loads its model", True),
+    ("loadtest", "while the client processes run", False),
+    ("loadtest", "while the client processes run", True),
+    ("http_layer", "while the client processes run", False),
+])
+def test_sigterm_stops_a_benchmark_with_its_server_and_client_processes(tiny_model_dir, tmp_path, script, when,
+                                                                        to_group):
+    """SIGTERM to the benchmark alone (`kill`), or to it and then its whole process group (as `timeout` sends it,
+    which gpu_session.sh runs each stage under): nothing it started is left running."""
     command = [sys.executable, "-m", f"serving.bench.{script}", "--model-path", str(tiny_model_dir),
                "--concurrency", "4", "--client-processes", "2", "--requests-per-level", "100000", "--in-min", "8",
                "--in-max", "16", "--out-min", "8", "--out-max", "16", "--json-out", str(tmp_path / "load.json")]
@@ -149,23 +155,31 @@ def test_sigterm_stops_a_benchmark_with_its_server_and_client_processes(tiny_mod
     else:
         server_command = " -m serving.bench.http_layer --serve"
     load = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
     tree: list[tuple[int, str]] = []
     try:
         deadline = time.monotonic() + 120
         while True:
             tree = _descendants(load.pid)
             server = [pid for pid, cmd in tree if server_command in cmd]
-            clients = [pid for pid, cmd in _children().get(load.pid, []) if "spawn_main" in cmd]
-            if server and (when == "while the server starts" or len(clients) == 2):
+            if when == "while the server loads its model":  # its engine process is up, the model not loaded yet
+                ready = server and any("spawn_main" in cmd for _, cmd in _descendants(server[0]))
+            else:
+                ready = len([pid for pid, cmd in _children().get(load.pid, []) if "spawn_main" in cmd]) == 2
+            if server and ready:
                 break
             assert load.poll() is None and time.monotonic() < deadline, load.communicate()[0].decode()
-            time.sleep(0.05)
-        if when == "while the server starts":
+            time.sleep(0.02)
+        if when == "while the server loads its model":
             assert '"event": "ready"' not in (tmp_path / "load.server.log").read_text()
         load.send_signal(signal.SIGTERM)
-        assert load.wait(60) == 128 + signal.SIGTERM
-        # Its server (and the server's engine process) and its client processes went with it.
+        if to_group:
+            os.killpg(load.pid, signal.SIGTERM)
+        assert load.wait(60) == 128 + signal.SIGTERM, load.communicate()[0].decode()[-2000:]
+        # Its server had stopped before it exited (under `timeout`, the next stage must find the GPU free)...
+        time.sleep(0.2)  # (reaped by then)
+        assert not _alive(server[0]), "the server outlived the load test"
+        # ... and its client processes and every helper process went with it.
         deadline = time.monotonic() + 10
         while left := [(pid, cmd) for pid, cmd in tree if _alive(pid)]:
             assert time.monotonic() < deadline, f"still running after the load test stopped: {left}"

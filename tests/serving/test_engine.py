@@ -1281,11 +1281,14 @@ def test_engine_process_on_the_gpu_gives_the_in_process_engines_tokens(tiny_mode
 class _Hung:
     """The event of a copy on a device that hangs (for 10 s at most, so that a test that fails does not hang)."""
 
+    def __init__(self, seconds: float = 10) -> None:
+        self.seconds = seconds
+
     def query(self) -> bool:
         return False
 
     def synchronize(self) -> None:
-        time.sleep(10)
+        time.sleep(self.seconds)
 
 
 def test_a_dying_loop_gives_up_on_a_hung_device_within_its_bound(make_engine, monkeypatch):
@@ -1332,17 +1335,19 @@ def test_shutdown_on_a_hung_device_ends_the_streams_within_its_bound(make_engine
     async def main():
         stream = engine.generate(request("a", random_prompt(4, seed=3), greedy(200, ignore_eos=True)))
         await stream.__anext__()
-        # From now on the device hangs: the steps launched never come back.
+        # From now on the device hangs (for 2 s each step, far beyond the bound, so the loop is still stuck when
+        # shutdown gives up, and the test's teardown does not wait long for it).
         monkeypatch.setattr(engine_module._InFlight, "_copy_back",
-                            staticmethod(lambda tokens: (tokens.clone(), _Hung())))
+                            staticmethod(lambda tokens: (tokens.clone(), _Hung(2))))
         await asyncio.sleep(0.05)
         started = time.monotonic()
         await asyncio.wait_for(engine.shutdown(), 15)
-        stopped = time.monotonic() - started
+        stopped, stuck = time.monotonic() - started, engine._thread.is_alive()
         _, reason = await asyncio.wait_for(collect(stream), 5)
-        return stopped, reason
+        return stopped, stuck, reason
 
-    stopped, reason = asyncio.run(main())
+    stopped, stuck, reason = asyncio.run(main())
+    assert stuck  # the hang took effect: shutdown gave up on the loop, which had not stopped
     assert stopped < 3 and reason == "abort"
 
 
