@@ -584,8 +584,10 @@ def test_a_finished_requests_last_output_arrives_when_every_other_request_is_abo
 
     async def main():
         await engine.start()
-        a = engine.generate(request("a", random_prompt(4, seed=1), greedy(3, ignore_eos=True)))
+        # "b" first: were "a" first, the loop could run its three steps before "b" is submitted (a busy machine
+        # can take the GIL from this thread that long), and aborting a "b" not yet known would do nothing.
         b = engine.generate(request("b", random_prompt(4, seed=2), greedy(200, ignore_eos=True)))
+        a = engine.generate(request("a", random_prompt(4, seed=1), greedy(3, ignore_eos=True)))
         return await asyncio.wait_for(asyncio.gather(collect(a), collect(b)), 10)
 
     (a_tokens, a_reason), (_, b_reason) = asyncio.run(main())
