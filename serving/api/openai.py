@@ -293,24 +293,45 @@ class _Generation:
             raise
 
 
+class _DisconnectWatch:
+    """Cancels the current task when the client leaves (`http.disconnect`), until `stop()`: one asyncio task that
+    waits on `receive`. In the task's `except CancelledError`, `client_left()` says whether that cancellation was
+    the client leaving alone (and then takes it back), or the server's own (which must propagate)."""
+
+    def __init__(self, receive: Receive) -> None:
+        self._task = asyncio.current_task()
+        self._watching = True
+        self._left = False
+        self._watcher = asyncio.ensure_future(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if self._watching:  # never after stop(): a cancellation would hit whatever the task does next
+            self._left = True
+            self._task.cancel()
+
+    def client_left(self) -> bool:
+        return self._left and self._task.uncancel() == 0
+
+    def stop(self) -> None:
+        self._watching = False
+        if self._watcher.done() and not self._watcher.cancelled():
+            self._watcher.result()  # receive() failed: the server's error, raised as Starlette's task group would
+        self._watcher.cancel()
+
+
 async def _collect_unless_disconnected(request: Request, generation: _Generation) -> str:
     """Run a non-streaming generation, aborting it if the client disconnects before it is done."""
-    collecting = asyncio.ensure_future(_join(generation.deltas()))
-
-    async def watch_disconnect() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-        collecting.cancel()
-
-    watcher = asyncio.ensure_future(watch_disconnect())
+    watch = _DisconnectWatch(request.receive)
     try:
-        return await collecting
+        return await _join(generation.deltas())
     except asyncio.CancelledError:
-        if not watcher.done() or watcher.cancelled():
-            raise  # we are cancelled ourselves, not the client leaving
+        if not watch.client_left():
+            raise  # cancelled by the server itself (too), not only by the client leaving
         raise APIError(CLIENT_CLOSED_REQUEST, "Client closed the request", code="client_closed_request") from None
     finally:
-        watcher.cancel()
+        watch.stop()
         await generation.release()
 
 
@@ -358,29 +379,14 @@ class _EventStream(StreamingResponse):
         if tuple(map(int, spec_version.split("."))) >= (2, 4):  # the server reports the disconnect through send
             await super().__call__(scope, receive, send)
             return
-        task = asyncio.current_task()
-        streaming = True
-        left = False
-
-        async def watch() -> None:
-            nonlocal left
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            if streaming:  # never once the stream has ended: a cancellation would hit the background task instead
-                left = True
-                task.cancel()
-
-        watcher = asyncio.ensure_future(watch())
+        watch = _DisconnectWatch(receive)
         try:
             await self.stream_response(send)
         except asyncio.CancelledError:
-            if not left or task.uncancel() > 0:
+            if not watch.client_left():
                 raise  # cancelled by the server itself (too), not only by the client leaving
         finally:
-            streaming = False
-            if watcher.done() and not watcher.cancelled():
-                watcher.result()  # receive() failed: the server's error, raised as Starlette's task group would
-            watcher.cancel()
+            watch.stop()  # before the background task, which a late cancellation would otherwise hit
         if self.background is not None:
             await self.background()
 

@@ -1,6 +1,6 @@
-"""`_EventStream`, the SSE response that notices a client leaving through one watcher task, driven directly through
-ASGI with a connection that behaves as uvicorn's (spec 2.3): `receive()` waits until the client leaves or the response
-is complete, then says `http.disconnect`."""
+"""How the server notices a client leaving (one watcher task per request), for streaming responses (`_EventStream`)
+and non-streaming ones (`_collect_unless_disconnected`), driven directly with a connection that behaves as uvicorn's
+(ASGI spec 2.3): `receive()` waits until the client leaves or the response is complete, then says `http.disconnect`."""
 from __future__ import annotations
 
 import asyncio
@@ -160,3 +160,51 @@ def test_a_generation_cancelled_while_its_stream_closes_still_aborts_its_engine_
     recorder = Recorder()
     asyncio.run(run(recorder))
     assert recorder.calls == ["untrack req-1", "abort req-1"]
+
+
+class Collected:
+    """What `_collect_unless_disconnected` uses of a generation: deltas that wait for ever after the first, and
+    release()."""
+
+    def __init__(self) -> None:
+        self.first_sent = asyncio.Event()
+        self.released = 0
+
+    async def deltas(self):
+        yield "hello"
+        self.first_sent.set()
+        await asyncio.Future()
+
+    async def release(self) -> None:
+        self.released += 1
+
+
+@pytest.mark.parametrize("server_cancels_too", [False, True])
+def test_a_non_streaming_request_whose_client_leaves_is_499_unless_the_server_cancelled_it_too(server_cancels_too):
+    from types import SimpleNamespace
+
+    from serving.errors import APIError
+    from serving.api.openai import _collect_unless_disconnected
+
+    async def run():
+        connection, generation = Connection(), Collected()
+        task = asyncio.ensure_future(_collect_unless_disconnected(SimpleNamespace(receive=connection.receive),
+                                                                  generation))
+        await generation.first_sent.wait()
+        await asyncio.sleep(0)  # the generation now waits for its next token
+        connection.leave()
+        await asyncio.sleep(0)  # the watcher runs and cancels the task, which has not resumed yet
+        if server_cancels_too:
+            task.cancel()
+        try:
+            await task
+        except BaseException as exc:  # noqa: BLE001 - the outcome is what is checked
+            return exc, generation.released
+        return None, generation.released
+
+    outcome, released = asyncio.run(run())
+    if server_cancels_too:
+        assert isinstance(outcome, asyncio.CancelledError)
+    else:
+        assert isinstance(outcome, APIError) and outcome.status_code == 499
+    assert released == 1
