@@ -11,12 +11,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from serving.bench import engine_loop, engine_steps, loadtest
-from tests.serving.server import REPO_ROOT
+from tests.serving.server import REPO_ROOT, alive, children, command_line, descendants
 
 
 def test_engine_steps_times_every_variant_and_checks_the_attention_forms_agree(tmp_path, capsys):
@@ -104,38 +103,6 @@ def test_loadtest_drives_a_real_server_and_gets_exact_lengths(tmp_path, capsys):
     assert "out tok/s" in capsys.readouterr().out
 
 
-def _children() -> dict[int, list[tuple[int, str]]]:
-    """Every process's children (pid, command line), from /proc."""
-    children: dict[int, list[tuple[int, str]]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except (FileNotFoundError, ProcessLookupError):  # it ended meanwhile
-            continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(parent, []).append((int(entry.name), command))
-    return children
-
-
-def _descendants(pid: int) -> list[tuple[int, str]]:
-    children, found, todo = _children(), [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child[0])
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 @pytest.mark.parametrize("script, when, to_group", [
     ("loadtest", "while the server loads its model", True),
     ("loadtest", "while the client processes run", False),
@@ -156,16 +123,16 @@ def test_sigterm_stops_a_benchmark_with_its_server_and_client_processes(tiny_mod
         server_command = " -m serving.bench.http_layer --serve"
     load = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
-    tree: list[tuple[int, str]] = []
+    tree: list[int] = []
     try:
         deadline = time.monotonic() + 120
         while True:
-            tree = _descendants(load.pid)
-            server = [pid for pid, cmd in tree if server_command in cmd]
+            tree = descendants(load.pid)
+            server = [pid for pid in tree if server_command in command_line(pid)]
             if when == "while the server loads its model":  # its engine process is up, the model not loaded yet
-                ready = server and any("spawn_main" in cmd for _, cmd in _descendants(server[0]))
+                ready = server and any("spawn_main" in command_line(pid) for pid in descendants(server[0]))
             else:
-                ready = len([pid for pid, cmd in _children().get(load.pid, []) if "spawn_main" in cmd]) == 2
+                ready = len([pid for pid in children(load.pid) if "spawn_main" in command_line(pid)]) == 2
             if server and ready:
                 break
             assert load.poll() is None and time.monotonic() < deadline, load.communicate()[0].decode()
@@ -178,16 +145,16 @@ def test_sigterm_stops_a_benchmark_with_its_server_and_client_processes(tiny_mod
         assert load.wait(60) == 128 + signal.SIGTERM, load.communicate()[0].decode()[-2000:]
         # Its server had stopped before it exited (under `timeout`, the next stage must find the GPU free)...
         time.sleep(0.2)  # (reaped by then)
-        assert not _alive(server[0]), "the server outlived the load test"
+        assert not alive(server[0]), "the server outlived the load test"
         # ... and its client processes and every helper process went with it.
         deadline = time.monotonic() + 10
-        while left := [(pid, cmd) for pid, cmd in tree if _alive(pid)]:
+        while left := [(pid, command_line(pid)) for pid in tree if alive(pid)]:
             assert time.monotonic() < deadline, f"still running after the load test stopped: {left}"
             time.sleep(0.1)
     finally:  # whatever the outcome, leave nothing running
         load.kill()
-        for pid, _ in tree + [p for pid, _ in tree for p in _descendants(pid)]:
-            if _alive(pid):
+        for pid in tree + [p for pid in tree for p in descendants(pid)]:
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
 

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 from functools import partial
-from pathlib import Path
 
 import pytest
 import uvloop
@@ -17,7 +16,7 @@ import uvloop
 from serving.engine.interface import EngineDeadError, GenerationRequest, QueueFullError, SamplingParams
 from serving.engine.process import EngineClient
 from tests.serving import scripted_engine
-from tests.serving.server import REPO_ROOT
+from tests.serving.server import REPO_ROOT, alive
 from tests.serving.test_engine import collect
 
 
@@ -141,7 +140,7 @@ def test_a_process_that_exits_without_shutting_its_engine_down_reaps_the_engine_
     assert result.returncode == 0, result.stderr
     pid = int(result.stdout.split()[0])
     deadline = time.monotonic() + 15
-    while Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]:
+    while alive(pid):
         assert time.monotonic() < deadline, "the engine process outlived its parent"
         time.sleep(0.1)
 

@@ -7,12 +7,11 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.serving.server import MODEL_NAME, ServerProcess, sse_events
+from tests.serving.server import MODEL_NAME, ServerProcess, alive, children, command_line, sse_events
 from tests.serving.tiny_model import build_tiny_model
 
 WINDOW = 2048
@@ -23,25 +22,9 @@ def model_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("tiny-2k"), max_position_embeddings=WINDOW)
 
 
-def children(pid: int) -> list[int]:
-    """Live child processes of `pid` (from /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(entry.name))
-    return found
-
-
 def engine_pid(server: ServerProcess) -> int:
     """The engine process (multiprocessing's resource tracker is a child of the server too), as the log names it."""
-    pids = [pid for pid in children(server.process.pid) if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    pids = [pid for pid in children(server.process.pid) if "spawn_main" in command_line(pid)]
     logged = [line["pid"] for line in server.log_lines() if line.get("event") == "engine_process_started"]
     assert len(pids) == 1 and logged == pids, f"engine processes under the server: {pids}, logged: {logged}"
     return pids[0]
@@ -103,7 +86,7 @@ def test_engine_process_ignores_group_signals_the_server_owns_shutdown(server):
     assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 4
     assert engine_pid(server) == pid
     assert server.terminate() == 0
-    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]
+    assert not alive(pid)
 
 
 def test_engine_on_a_thread_when_engine_process_is_off(model_dir, tmp_path):
@@ -141,6 +124,6 @@ def test_a_second_signal_exits_at_once_mid_generation_and_takes_the_engine_proce
         server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(30) is not None
     deadline = time.monotonic() + 15
-    while Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]:
+    while alive(pid):
         assert time.monotonic() < deadline, "the engine process outlived the server"
         time.sleep(0.1)
