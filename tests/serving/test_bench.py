@@ -103,16 +103,18 @@ def test_loadtest_drives_a_real_server_and_gets_exact_lengths(tmp_path, capsys):
     assert "out tok/s" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("script, when, to_group", [
-    ("loadtest", "while the server loads its model", True),
-    ("loadtest", "while the client processes run", False),
-    ("loadtest", "while the client processes run", True),
-    ("http_layer", "while the client processes run", False),
+@pytest.mark.parametrize("script, when, signals", [
+    ("loadtest", "while the server loads its model", "twice"),
+    ("loadtest", "while the server loads its model", "then to the group"),
+    ("loadtest", "while the client processes run", "once"),
+    ("loadtest", "while the client processes run", "then to the group"),
+    ("http_layer", "while the client processes run", "once"),
 ])
 def test_sigterm_stops_a_benchmark_with_its_server_and_client_processes(tiny_model_dir, tmp_path, script, when,
-                                                                        to_group):
-    """SIGTERM to the benchmark alone (`kill`), or to it and then its whole process group (as `timeout` sends it,
-    which gpu_session.sh runs each stage under): nothing it started is left running."""
+                                                                        signals):
+    """SIGTERM to the benchmark (`kill`), a second one while the first one's cleanup runs, or one to it and then its
+    whole process group (as `timeout` sends it, which gpu_session.sh runs each stage under): nothing it started is
+    left running."""
     command = [sys.executable, "-m", f"serving.bench.{script}", "--model-path", str(tiny_model_dir),
                "--concurrency", "4", "--client-processes", "2", "--requests-per-level", "100000", "--in-min", "8",
                "--in-max", "16", "--out-min", "8", "--out-max", "16", "--json-out", str(tmp_path / "load.json")]
@@ -140,7 +142,10 @@ def test_sigterm_stops_a_benchmark_with_its_server_and_client_processes(tiny_mod
         if when == "while the server loads its model":
             assert '"event": "ready"' not in (tmp_path / "load.server.log").read_text()
         load.send_signal(signal.SIGTERM)
-        if to_group:
+        if signals == "twice":
+            time.sleep(0.2)  # the first one's cleanup now waits for the server to stop
+            load.send_signal(signal.SIGTERM)
+        elif signals == "then to the group":
             os.killpg(load.pid, signal.SIGTERM)
         assert load.wait(60) == 128 + signal.SIGTERM, load.communicate()[0].decode()[-2000:]
         # Its server had stopped before it exited (under `timeout`, the next stage must find the GPU free)...
