@@ -1,7 +1,7 @@
 """The llm-platform Pulumi program: reads the stack config once and composes the components.
 
 ClusterAddons (optional Helm releases) -> GpuPool -> Guardrails -> ModelStorage and LLMServing (one each per model)
--> Observability.
+-> InferenceGateway (when on: the stack's one endpoint) -> Observability.
 Bad config stops here, at preview, with one message naming the stack, the key and what is allowed; the capacity
 plan is logged and exported.
 """
@@ -9,9 +9,11 @@ import pulumi
 
 import stack_config
 from components import (
-    ClusterAddons, ClusterAddonsArgs, GpuPool, GpuPoolArgs, Guardrails, GuardrailsArgs, LLMServing, LLMServingArgs,
-    ModelStorage, ModelStorageArgs, Observability, ObservabilityArgs,
+    ClusterAddons, ClusterAddonsArgs, GpuPool, GpuPoolArgs, Guardrails, GuardrailsArgs, InferenceGateway,
+    InferenceGatewayArgs, LLMServing, LLMServingArgs, ModelStorage, ModelStorageArgs, Observability,
+    ObservabilityArgs,
 )
+from components.inference_gateway import GatewayRoute, endpoints_service_name, gateway_pods_selector
 from components.observability import ObservedModel, adapter_rules, scrape_annotations
 
 cfg = stack_config.load()
@@ -25,17 +27,17 @@ after_addons = pulumi.ResourceOptions(depends_on=list(addons.releases.values()))
 
 gpu_pool = GpuPool("gpu-pool", GpuPoolArgs(pool=cfg.gpu_pool), opts=after_addons)
 
-extra_callers = []
-if cfg.ingress.enabled:
-    extra_callers.append(cfg.ingress.controller_namespace)
-if cfg.observability.prometheus_operator or cfg.addons.kube_prometheus_stack.enabled:
-    extra_callers.append(cfg.observability.prometheus_namespace)
+gateway_on = cfg.gateway.enabled
+scraped = cfg.observability.prometheus_operator or cfg.addons.kube_prometheus_stack.enabled
+prometheus_namespace = cfg.observability.prometheus_namespace if scraped else None
 
 guardrails = Guardrails("guardrails", GuardrailsArgs(
     namespace=cfg.namespace,
     guardrails=cfg.guardrails,
     model_names=[m.name for m in cfg.models],
-    extra_ingress_namespaces=extra_callers,
+    ingress_controller_namespace=cfg.ingress.controller_namespace if cfg.ingress.enabled and not gateway_on else None,
+    prometheus_namespace=prometheus_namespace,
+    gateway_pods=gateway_pods_selector() if gateway_on else None,
 ), opts=after_addons)
 
 servings = {}
@@ -51,7 +53,8 @@ for model, plan in zip(cfg.models, cfg.plans):
         namespace=guardrails.namespace_name,
         model=model,
         ingress=cfg.ingress,
-        host=stack_config.model_host(cfg, model) if cfg.ingress.enabled else None,
+        # Behind the gateway a model has no Ingress of its own: the gateway's is the stack's one endpoint.
+        host=stack_config.model_host(cfg, model) if cfg.ingress.enabled and not gateway_on else None,
         tls_secret_name=stack_config.tls_secret_name(cfg, model) or cfg.ingress.tls_secret_name,
         service_account=guardrails.service_account_name,
         api_key_secret=guardrails.api_key_secret_name,
@@ -62,16 +65,41 @@ for model, plan in zip(cfg.models, cfg.plans):
         load_query=plan.queries.load_total,
         prometheus_url=cfg.observability.prometheus_url,
         storage_ready=storage.ready,
+        gateway_endpoints=gateway_on,
     ), opts=pulumi.ResourceOptions(depends_on=[guardrails, *addons.releases.values()]))
+
+gateway = None
+if gateway_on:
+    gateway = InferenceGateway("gateway", InferenceGatewayArgs(
+        namespace=guardrails.namespace_name,
+        namespace_name=cfg.namespace,
+        gateway=cfg.gateway,
+        image=stack_config.gateway_image(cfg),
+        routes=[GatewayRoute(served_model_name=model.served_model_name, service=endpoints_service_name(model.name),
+                             cold_start_timeout_seconds=plan.cold_start_timeout_seconds,
+                             max_inflight_per_pod=plan.gateway_max_inflight_per_pod,
+                             max_queue=cfg.gateway.max_queue_per_model)
+                for model, plan in zip(cfg.models, cfg.plans)],
+        ingress=cfg.ingress,
+        allow_from=cfg.guardrails.allow_from,
+        service_account=guardrails.service_account_name,
+        api_key_secret=guardrails.api_key_secret_name,
+        network_policies=cfg.guardrails.network_policies,
+        prometheus_namespace=prometheus_namespace,
+        tls_secret_name=cfg.ingress.tls_secret_name if cfg.ingress.tls else None,
+        pod_annotations=scrape_annotations(cfg.observability),
+        priority_class_name=cfg.gpu_pool.priority_class.name if cfg.gpu_pool.priority_class else None,
+    ), opts=pulumi.ResourceOptions(depends_on=[guardrails, *servings.values()]))
 
 Observability("observability", ObservabilityArgs(
     namespace=guardrails.namespace_name,
     observability=cfg.observability,
     models=observed,
-), opts=pulumi.ResourceOptions(depends_on=list(servings.values())))
+    gateway=gateway_on,
+), opts=pulumi.ResourceOptions(depends_on=[*servings.values(), *([gateway] if gateway else [])]))
 
 pulumi.export("namespace", guardrails.namespace_name)
-pulumi.export("endpoints", {name: s.endpoint for name, s in servings.items()})
+pulumi.export("endpoints", {name: gateway.endpoint if gateway else s.endpoint for name, s in servings.items()})
 pulumi.export("gpusAtMaxReplicas", cfg.total_gpus_at_max)
 pulumi.export("apiKey", guardrails.api_key)
 pulumi.export("capacityPlan", {plan.name: {**plan.as_output(), "summary": plan.lines()} for plan in cfg.plans})

@@ -18,8 +18,8 @@ from quantities import format_bytes_gib, parse_quantity
 from components.metric_contract import RUNTIMES, ContractError, ModelQueries, model_queries
 from model_source import parse_source
 from stack_config import (
-    MODELS_MOUNT, ModelConfig, RolloutConfig, SizingConfig, StackConfig, dns_name, fill_job_name, hpa_name,
-    model_max_replicas, model_min_replicas, tls_secret_name,
+    MODELS_MOUNT, ModelConfig, ResourcesConfig, RolloutConfig, SizingConfig, StackConfig, dns_name, fill_job_name,
+    hpa_name, model_max_replicas, model_min_replicas, parse_image, require_digests, tls_secret_name,
 )
 
 Fail = Callable[[str, str], NoReturn]
@@ -47,6 +47,10 @@ class ModelPlan:
     target_load_per_replica: int
     model_storage: tuple[str, ...] = ()
     """Where the weights come from, how the volume is filled, backed up or restored."""
+    cold_start_timeout_seconds: int | None = None
+    """With the gateway: how long it holds a request while the model has no ready pod."""
+    gateway_max_inflight_per_pod: int | None = None
+    """With the gateway: requests it sends one pod at once before holding more in its queue."""
     queries: ModelQueries | None = None
     """Every PromQL query rendered for this model (not part of the stack output)."""
 
@@ -70,6 +74,10 @@ class ModelPlan:
         else:
             out.append("  GPU memory not checked: add models[].sizing (a preset or the architecture numbers)")
         out.append(f"  autoscaling: {self.autoscaling}")
+        if self.cold_start_timeout_seconds is not None:
+            out.append(f"  gateway: at most {self.gateway_max_inflight_per_pod} request(s) in flight per pod, the rest "
+                       f"queued; with no ready pod a request is held up to {self.cold_start_timeout_seconds} s, "
+                       "then 503 with Retry-After")
         out.append(f"  rollout: {self.rollout}")
         estimate = f", estimated load {self.load_estimate_seconds:.0f} s" if self.load_estimate_seconds else ""
         out.append(f"  startup budget: {self.startup_budget_seconds} s{estimate}")
@@ -190,12 +198,7 @@ def check_shm(m: ModelConfig, p: str, fail: Fail) -> str | None:
 
 
 def check_limits(cfg: StackConfig, m: ModelConfig, p: str, fail: Fail) -> None:
-    lr = cfg.guardrails.limit_range
-    for key, value, cap, cap_key in (("cpu", m.resources.limits.cpu, lr.max_cpu, "maxCpu"),
-                                     ("memory", m.resources.limits.memory, lr.max_memory, "maxMemory")):
-        if lr.enabled and cap is not None and parse_quantity(value) > parse_quantity(cap):
-            fail(f"{p}.resources.limits.{key}", f"{value} is above guardrails.limitRange.{cap_key} {cap}; the "
-                                                "LimitRange would reject every pod; lower the limit or raise the maximum")
+    check_limit_range(cfg, m.resources, p, fail)
     shape = cfg.gpu_pool.node_shape
     if shape is not None and m.gpus_per_replica:
         for key, value, node in (("cpu", m.resources.requests.cpu, shape.cpu),
@@ -203,6 +206,15 @@ def check_limits(cfg: StackConfig, m: ModelConfig, p: str, fail: Fail) -> None:
             if parse_quantity(value) > parse_quantity(node):
                 fail(f"{p}.resources.requests.{key}", f"{value} is more than one GPU node has "
                                                       f"(gpuPool.nodeShape.{key} {node}); the pod can never schedule")
+
+
+def check_limit_range(cfg: StackConfig, resources: ResourcesConfig, p: str, fail: Fail) -> None:
+    lr = cfg.guardrails.limit_range
+    for key, value, cap, cap_key in (("cpu", resources.limits.cpu, lr.max_cpu, "maxCpu"),
+                                     ("memory", resources.limits.memory, lr.max_memory, "maxMemory")):
+        if lr.enabled and cap is not None and parse_quantity(value) > parse_quantity(cap):
+            fail(f"{p}.resources.limits.{key}", f"{value} is above guardrails.limitRange.{cap_key} {cap}; the "
+                                                "LimitRange would reject every pod; lower the limit or raise the maximum")
 
 
 @dataclass
@@ -224,9 +236,20 @@ class _Budget:
 
 
 def _pod_amounts(m: ModelConfig) -> dict[str, Decimal]:
-    r = m.resources
+    return _amounts(m.resources)
+
+
+def _amounts(r: ResourcesConfig) -> dict[str, Decimal]:
     return {"requests.cpu": parse_quantity(r.requests.cpu), "requests.memory": parse_quantity(r.requests.memory),
             "limits.cpu": parse_quantity(r.limits.cpu), "limits.memory": parse_quantity(r.limits.memory)}
+
+
+def _gateway_amounts(cfg: StackConfig) -> dict[str, Decimal]:
+    """The gateway's pods at its maxReplicas, plus the one its rolling update surges (they share the quota)."""
+    gw = cfg.gateway
+    if not gw.enabled:
+        return {}
+    return {k: v * (gw.autoscaling.max_replicas + 1) for k, v in _amounts(gw.resources).items()}
 
 
 def check_quota(cfg: StackConfig, fail: Fail) -> _Budget | None:
@@ -242,13 +265,15 @@ def check_quota(cfg: StackConfig, fail: Fail) -> _Budget | None:
     quotas = {"requests.cpu": q.requests_cpu, "requests.memory": q.requests_memory,
               "limits.cpu": q.limits_cpu, "limits.memory": q.limits_memory}
     left = {}
+    gateway = _gateway_amounts(cfg)
     for kind, quota in quotas.items():
-        total = sum(_pod_amounts(m)[kind] * model_max_replicas(m) for m in cfg.models)
+        total = sum(_pod_amounts(m)[kind] * model_max_replicas(m) for m in cfg.models) + gateway.get(kind, 0)
         if total > parse_quantity(quota):
             key = "".join(w.capitalize() if i else w for i, w in enumerate(kind.split(".")))
             shown = format_bytes_gib(total) if "memory" in kind else f"{total.normalize():f}"
+            with_gateway = " and the gateway at its maxReplicas (plus one surge pod)" if gateway else ""
             fail(f"guardrails.resourceQuota.{key}",
-                 f"{quota} is below what the models need at maxReplicas ({kind} {shown}); "
+                 f"{quota} is below what the models need at maxReplicas{with_gateway} ({kind} {shown}); "
                  "raise the quota or lower maxReplicas or the per-replica resources")
         left[kind] = parse_quantity(quota) - total
     claims = sum(_claims_per_model(m) for m in cfg.models)
@@ -334,11 +359,14 @@ def choose_rollout(m: ModelConfig, p: str, budget: _Budget | None, fail: Fail) -
                                  "maxReplicas, so each update takes one replica down first (capacity dips by one)")
 
 
-def describe_autoscaling(m: ModelConfig, target: int, estimate: float | None, weights: str | None) -> str:
+def describe_autoscaling(m: ModelConfig, target: int, estimate: float | None, weights: str | None,
+                         cold_start_timeout: int | None) -> str:
     a = m.autoscaling
     if not a.enabled:
         return f"off: {m.replicas} replica(s)"
     signal = f"running + waiting requests per replica, target {target}"
+    if a.mode == "keda" and cold_start_timeout is not None:
+        signal = f"running + waiting requests per replica plus those the gateway holds, target {target}"
     if a.mode == "hpa":
         return (f"HPA {a.min_replicas}..{a.max_replicas} on {signal} (Pods metric from prometheus-adapter), "
                 f"CPU {a.target_cpu_utilization}% and memory {a.target_memory_utilization}% as secondary metrics")
@@ -346,13 +374,34 @@ def describe_autoscaling(m: ModelConfig, target: int, estimate: float | None, we
     if a.min_replicas == 0:
         load = (f"load {weights} of weights (about {estimate:.0f} s estimated) and warm up" if estimate
                 else "load its weights and warm up")
+        # Only reachable with the gateway (validation refuses minReplicas 0 without it).
         text += (f"; scales to zero after {a.cooldown_seconds} s without load and wakes above "
-                 f"{a.activation_load}: the first request after that waits for a pod to be scheduled, {load}")
+                 f"{a.activation_load}: the gateway holds the first request after that up to {cold_start_timeout} s "
+                 f"while a pod is scheduled, {load}, then 503 with Retry-After")
     return text
+
+
+def gateway_limits(cfg: StackConfig, m: ModelConfig, p: str, budget_seconds: int, estimate: float | None,
+                   num_seqs: int | None, fail: Fail) -> tuple[int | None, int | None]:
+    """The gateway's cold-start hold and per-pod in-flight bound for one model (None, None without a gateway)."""
+    gw = cfg.gateway
+    if not gw.enabled:
+        return None, None
+    timeout = gw.cold_start_timeout_seconds or budget_seconds
+    if gw.cold_start_timeout_seconds and estimate and m.autoscaling.enabled and m.autoscaling.min_replicas == 0 \
+            and gw.cold_start_timeout_seconds < estimate:
+        fail("gateway.coldStartTimeoutSeconds",
+             f"{gw.cold_start_timeout_seconds} is shorter than the estimated {estimate:.0f} s {p} ({m.name}) needs "
+             "to load its weights and warm up, so every request that wakes it from zero would get 503; raise it to "
+             f"at least {math.ceil(estimate)} or leave it unset (the startup budget, {budget_seconds} s)")
+    inflight = gw.max_inflight_per_pod or 2 * (num_seqs or RUNTIMES[m.runtime].default_max_num_seqs)
+    return timeout, inflight
 
 
 def plan_stack(cfg: StackConfig, fail: Fail) -> StackConfig:
     """Run every capacity check; return the config with computed values filled in and `plans` set."""
+    if cfg.gateway.enabled:
+        check_limit_range(cfg, cfg.gateway.resources, "gateway", fail)
     budget = check_quota(cfg, fail)
     models, plans = [], []
     for i, m in enumerate(cfg.models):
@@ -371,9 +420,13 @@ def plan_stack(cfg: StackConfig, fail: Fail) -> StackConfig:
             queries = model_queries(
                 rt, namespace=cfg.namespace, workload=m.name, served_model_name=m.served_model_name,
                 hpa_name=hpa_name(m), min_replicas=model_min_replicas(m), certificate=tls_secret_name(cfg, m),
-                dcgm=cfg.addons.dcgm_exporter.enabled)
+                dcgm=cfg.addons.dcgm_exporter.enabled, gateway=cfg.gateway.enabled)
         except ContractError as exc:
             fail(f"{p}.runtime", f"{m.runtime!r}: {exc}; the alerts, dashboard and autoscaler need it")
+        if m.image is None and rt.default_image and require_digests(cfg) and parse_image(rt.default_image)[2] is None:
+            fail(f"{p}.image", f"is unset, so the {m.runtime} runtime's default {rt.default_image} would run, pinned by "
+                               "tag only, and this stack requires digests (stacks named prod*, or requireDigests); set "
+                               f"image to {rt.default_image}@sha256:<the digest your registry reports>")
         storage_fields, storage_lines = plan_storage(cfg, m)
         resolved = dataclasses.replace(
             m, **storage_fields, rollout=rollout, shm_size=shm, image=m.image or rt.default_image,
@@ -384,9 +437,11 @@ def plan_stack(cfg: StackConfig, fail: Fail) -> StackConfig:
         models.append(resolved)
         price = cfg.gpu_pool.hourly_cost_per_gpu
         lo, hi = model_min_replicas(m), model_max_replicas(m)
+        budget_seconds = threshold * m.probes.startup.period_seconds + m.probes.startup.initial_delay_seconds
+        cold_start, inflight = gateway_limits(cfg, m, p, budget_seconds, estimate, num_seqs, fail)
         plans.append(ModelPlan(
             name=m.name, gpus_per_replica=m.gpus_per_replica, min_replicas=lo, max_replicas=hi, rollout=why,
-            startup_budget_seconds=threshold * m.probes.startup.period_seconds + m.probes.startup.initial_delay_seconds,
+            startup_budget_seconds=budget_seconds,
             load_estimate_seconds=estimate, memory=memory,
             max_sequences_at_full_context=(capacity.max_sequences_that_fit(
                 s, m.gpus_per_replica, capacity.usable_bytes(cfg.gpu_pool.gpu_memory_gib, m.gpu_memory_utilization))
@@ -394,6 +449,8 @@ def plan_stack(cfg: StackConfig, fail: Fail) -> StackConfig:
             shm=shm,
             cost_per_hour_min=None if price is None else lo * m.gpus_per_replica * price,
             cost_per_hour_max=None if price is None else hi * m.gpus_per_replica * price,
-            autoscaling=describe_autoscaling(m, target, estimate, gib(capacity.weight_bytes(s)) if s else None),
-            target_load_per_replica=target, model_storage=storage_lines, queries=queries))
+            autoscaling=describe_autoscaling(m, target, estimate, gib(capacity.weight_bytes(s)) if s else None,
+                                             cold_start),
+            target_load_per_replica=target, model_storage=storage_lines, queries=queries,
+            cold_start_timeout_seconds=cold_start, gateway_max_inflight_per_pod=inflight))
     return dataclasses.replace(cfg, models=models, plans=tuple(plans))

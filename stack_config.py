@@ -35,6 +35,7 @@ _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _HOSTNAME = re.compile(r"^(\*\.)?([a-z0-9]([-a-z0-9]*[a-z0-9])?\.)+[a-z]{2,63}$")
 _LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_CIDR = re.compile(r"[0-9a-fA-F:.]+/\d{1,3}")
 
 
 class ConfigError(pulumi.RunError):
@@ -167,6 +168,9 @@ class EgressToConfig:
 class GuardrailsConfig:
     pod_security: Literal["restricted", "baseline"] = "restricted"
     """Pod Security Admission level enforced on the namespace."""
+    pod_security_version: str = "v1.33"
+    """The Pod Security Standards version the level is enforced at (the cluster's minor version, or older); pinned,
+    so a cluster upgrade cannot tighten the rules under running pods. `latest` is refused."""
     resource_quota: ResourceQuotaConfig = field(default_factory=ResourceQuotaConfig)
     limit_range: LimitRangeConfig = field(default_factory=LimitRangeConfig)
     pdb: PdbConfig = field(default_factory=PdbConfig)
@@ -409,7 +413,14 @@ class ModelConfig:
     """/dev/shm size for pods with gpusPerReplica > 1 (memory-backed, counted against the memory limit);
     unset: 2Gi per GPU, at most 16Gi."""
     service_type: Literal["ClusterIP", "LoadBalancer", "NodePort"] = "ClusterIP"
-    """Service type; a LoadBalancer's outside callers also need `guardrails.allowFrom.ipBlocks`."""
+    """Service type. ClusterIP behind the TLS Ingress (or the gateway) is the safe default: a LoadBalancer is plain
+    HTTP from outside the cluster, so it needs `loadBalancerSourceRanges`, and its callers need
+    `guardrails.allowFrom.ipBlocks`."""
+    load_balancer_source_ranges: list[str] = field(default_factory=list)
+    """CIDRs the cloud load balancer admits (required for serviceType LoadBalancer)."""
+    external_traffic_policy: Literal["Cluster", "Local"] = "Cluster"
+    """For a LoadBalancer: `Local` keeps the client's address (no SNAT), which `allowFrom.ipBlocks` needs to
+    match real callers."""
     service_port: int = field(default=80, metadata={"min": 1, "max": 65535})
     """Service port, forwarded to the container's port 8000 (`http`)."""
     host: str | None = None
@@ -423,6 +434,44 @@ class ModelConfig:
     termination_grace_period_seconds: int = field(default=60, metadata={"min": 5, "max": 3600})
     drain_seconds: int = field(default=30, metadata={"min": 0, "max": 3600})
     """In-flight requests get this long to finish after SIGTERM; below the grace period."""
+
+
+@dataclass(frozen=True)
+class GatewayAutoscalingConfig:
+    min_replicas: int = field(default=2, metadata={"min": 1})
+    """Gateway replicas at least; two, so one survives a node drain (the PDB allows one down)."""
+    max_replicas: int = field(default=6, metadata={"min": 1})
+    target_cpu_utilization: int = field(default=70, metadata={"min": 1, "max": 100})
+    """The gateway is CPU-bound (it relays every streamed token), so its HPA scales on CPU."""
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """The stack's one OpenAI endpoint (`python -m serving.gateway` from the serving image, no GPU): routes by
+    `model`, balances by load and prompt prefix, holds requests while a model starts from zero."""
+
+    enabled: bool = False
+    """Put the gateway in front of every model: one Ingress host for the stack, models reachable only through it
+    (and by Prometheus). Needed for autoscaling.mode keda with minReplicas 0."""
+    image: str | None = None
+    """The serving image that runs the gateway, pinned; unset: the first builtin model's image."""
+    replicas: int = field(default=2, metadata={"min": 1})
+    """Starting replica count (the HPA owns it afterwards)."""
+    autoscaling: GatewayAutoscalingConfig = field(default_factory=GatewayAutoscalingConfig)
+    resources: ResourcesConfig = field(default_factory=lambda: ResourcesConfig(
+        requests=ResourceAmounts(cpu="1", memory="512Mi", ephemeral_storage="256Mi"),
+        limits=ResourceAmounts(cpu="2", memory="1Gi", ephemeral_storage="512Mi")))
+    cold_start_timeout_seconds: int | None = field(default=None, metadata={"min": 1, "max": 86400})
+    """How long a request waits for a model with no ready pod before a 503; unset: each model's startup budget
+    from the plan (its startup probe's failureThreshold x periodSeconds), plus the time to schedule a pod."""
+    max_queue_per_model: int = field(default=256, metadata={"min": 1})
+    """Requests the gateway holds per model (starting from zero, or every pod at maxInflightPerPod); more get 429."""
+    max_inflight_per_pod: int | None = field(default=None, metadata={"min": 1})
+    """Requests the gateway sends one model pod at once; unset: twice the model's maxNumSeqs (its slots, and as
+    many again queued in the pod, so that a freed slot is filled at once)."""
+    termination_grace_period_seconds: int = field(default=60, metadata={"min": 5, "max": 3600})
+    drain_seconds: int = field(default=30, metadata={"min": 0, "max": 3600})
+    """In-flight streams get this long to finish after SIGTERM; below the grace period."""
 
 
 @dataclass(frozen=True)
@@ -499,6 +548,11 @@ class StackConfig:
     """One LLMServing per entry."""
     backups: BackupsConfig = field(default_factory=BackupsConfig)
     """Scheduled CSI snapshots of the model volumes, with retention."""
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    """InferenceGateway: the stack's one OpenAI endpoint in front of every model."""
+    require_digests: bool | None = None
+    """Require every image by digest (`image:tag@sha256:...`), so what runs is exactly what was reviewed; unset:
+    on for stacks named prod*."""
     require_pinned_sources: bool | None = None
     """Refuse `models[].source` revisions that can move (branches, tags); unset: on for stacks named prod*."""
 
@@ -750,6 +804,7 @@ def validate(cfg: StackConfig, r: _Reader) -> None:
     if cfg.ingress.host is not None and not _HOSTNAME.match(cfg.ingress.host):
         r.fail("ingress.host", f"{cfg.ingress.host!r} is not a valid host name such as llm-api.example.com")
     names: dict[str, int] = {}
+    served: dict[str, int] = {}
     hosts: dict[str, int] = {}
     for i, model in enumerate(cfg.models):
         p = f"models[{i}]"
@@ -757,9 +812,18 @@ def validate(cfg: StackConfig, r: _Reader) -> None:
             r.fail(f"{p}.name", f"{model.name!r} is already used by models[{names[model.name]}]; "
                                 "each model needs its own name")
         names[model.name] = i
+        if cfg.gateway.enabled and model.served_model_name in served:
+            r.fail(f"{p}.servedModelName", f"{model.served_model_name!r} is already served by "
+                                           f"models[{served[model.served_model_name]}]; the gateway routes by this "
+                                           "name, so each model needs its own")
+        served[model.served_model_name] = i
         _validate_model(cfg, model, p, r)
         host = model_host(cfg, model)
-        if cfg.ingress.enabled:
+        if cfg.gateway.enabled:
+            if model.host is not None:
+                r.fail(f"{p}.host", f"{model.host!r}: with gateway.enabled every model is served at the gateway's "
+                                    "one host (ingress.host); remove models[].host")
+        elif cfg.ingress.enabled:
             if host is None:
                 r.fail(f"{p}.host", "no Ingress host: set ingress.host (one model) or models[].host, "
                                     "or set ingress.enabled: false")
@@ -767,6 +831,52 @@ def validate(cfg: StackConfig, r: _Reader) -> None:
                 r.fail(f"{p}.host", f"{host!r} is already the host of models[{hosts[host]}]; the OpenAI API "
                                     "paths are the same for every model, so each model needs its own host")
             hosts[host] = i
+    _validate_shared_claims(cfg, r)
+    _validate_gateway(cfg, r)
+
+
+def gateway_image(cfg: StackConfig) -> str | None:
+    """gateway.image, else the serving image the stack already names: the first builtin model's image, or a
+    model's fill image (the gateway and the downloader ship in the same image)."""
+    return cfg.gateway.image or next((m.image for m in cfg.models if m.runtime == "builtin" and m.image), None) \
+        or next((m.fill.image for m in cfg.models if m.fill.image), None)
+
+
+def _validate_gateway(cfg: StackConfig, r: _Reader) -> None:
+    gw = cfg.gateway
+    if not gw.enabled:
+        return
+    image = gateway_image(cfg)
+    if image is None:
+        r.fail("gateway.image", "is required when no model names the llm-platform serving image (as its image or "
+                                "fill.image): that image, which holds python -m serving.gateway, pinned to a version")
+    _check_pinned_image(image, "gateway.image", r, require_digests(cfg))
+    if cfg.ingress.enabled and cfg.ingress.host is None:
+        r.fail("ingress.host", "is required with gateway.enabled: the gateway is the stack's one endpoint, served "
+                               "at this host (e.g. llm-api.example.com)")
+    a = gw.autoscaling
+    if a.max_replicas < a.min_replicas:
+        r.fail("gateway.autoscaling.maxReplicas", f"{a.max_replicas} is below minReplicas {a.min_replicas}")
+    if not a.min_replicas <= gw.replicas <= a.max_replicas:
+        r.fail("gateway.replicas", f"{gw.replicas} is outside gateway.autoscaling minReplicas..maxReplicas "
+                                   f"({a.min_replicas}..{a.max_replicas})")
+    req, lim = gw.resources.requests, gw.resources.limits
+    for res in ("cpu", "memory", "ephemeral_storage"):
+        if parse_quantity(getattr(req, res)) > parse_quantity(getattr(lim, res)):
+            r.fail(f"gateway.resources.requests.{camel(res)}",
+                   f"{getattr(req, res)} is above the limit {getattr(lim, res)}; requests must not exceed limits")
+    _check_drain_fits("gateway", gw.drain_seconds, gw.termination_grace_period_seconds, r)
+
+
+def _check_drain_fits(p: str, drain: int, grace: int, r: _Reader) -> None:
+    needed = PRESTOP_SLEEP_SECONDS + drain + SHUTDOWN_AFTER_DRAIN_SECONDS
+    if needed > grace:
+        r.fail(f"{p}.drainSeconds", f"{drain} does not fit terminationGracePeriodSeconds {grace}: the pod needs "
+                                    f"{PRESTOP_SLEEP_SECONDS} s preStop + {drain} s drain + "
+                                    f"{SHUTDOWN_AFTER_DRAIN_SECONDS} s shutdown = {needed} s, or the kubelet kills it "
+                                    f"mid-drain; lower drainSeconds to "
+                                    f"{grace - PRESTOP_SLEEP_SECONDS - SHUTDOWN_AFTER_DRAIN_SECONDS} "
+                                    f"or raise the grace period to {needed}")
 
 
 def _validate_gpu_pool(cfg: StackConfig, r: _Reader) -> None:
@@ -782,6 +892,10 @@ def _validate_gpu_pool(cfg: StackConfig, r: _Reader) -> None:
 
 def _validate_guardrails(cfg: StackConfig, r: _Reader) -> None:
     g = cfg.guardrails
+    if not re.fullmatch(r"v1\.\d{1,2}", g.pod_security_version):
+        r.fail("guardrails.podSecurityVersion", f"{g.pod_security_version!r} is not a pinned Kubernetes version such "
+                                                "as v1.33 (`latest` would change the rules under running pods at the "
+                                                "next cluster upgrade)")
     if g.pdb.max_unavailable is not None and g.pdb.min_available is not None:
         r.fail("guardrails.pdb", "set maxUnavailable or minAvailable, not both")
     if g.pdb.max_unavailable is None and g.pdb.min_available is None:
@@ -797,7 +911,7 @@ def _validate_guardrails(cfg: StackConfig, r: _Reader) -> None:
         if not 1 <= port <= 65535:
             r.fail(f"guardrails.egressTo.ports[{i}]", f"{port} is not a port (1-65535)")
     for i, cidr in enumerate(g.allow_from.ip_blocks):
-        if not re.fullmatch(r"[0-9a-fA-F:.]+/\d{1,3}", cidr):
+        if not _CIDR.fullmatch(cidr):
             r.fail(f"guardrails.allowFrom.ipBlocks[{i}]", f"{cidr!r} is not a CIDR such as 10.0.0.0/8")
     for cls, size in g.resource_quota.storage_by_class.items():
         try:
@@ -812,17 +926,45 @@ def _validate_model(cfg: StackConfig, m: ModelConfig, p: str, r: _Reader) -> Non
             r.fail(f"{p}.image", "is required for runtime builtin: the serving image built from serving/, pinned "
                                  "to a version (e.g. registry.example.com/llm-serving:1.0.0)")
         return _validate_model_rest(cfg, m, p, r)
-    _check_pinned_image(m.image, f"{p}.image", r)
+    _check_pinned_image(m.image, f"{p}.image", r, require_digests(cfg))
     _validate_model_rest(cfg, m, p, r)
 
 
-def _check_pinned_image(image: str, path: str, r: _Reader) -> None:
-    image_name, _, tag = image.rpartition(":") if "@" not in image else (image, "", "digest")
-    if "/" in tag or not image_name:
-        tag = ""
-    if tag in ("", "latest"):
+# Tags that name a branch or a channel: they move to new builds, so they pin nothing.
+MOVING_TAGS = frozenset({"latest", "main", "master", "trunk", "head", "dev", "devel", "develop", "development",
+                         "edge", "nightly", "canary", "next", "unstable", "stable", "beta", "alpha", "release",
+                         "staging", "prod", "production", "test"})
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def require_digests(cfg: StackConfig) -> bool:
+    return cfg.require_digests if cfg.require_digests is not None else cfg.stack.startswith("prod")
+
+
+def parse_image(image: str) -> tuple[str, str | None, str | None]:
+    """`registry/name:tag@sha256:...` -> (name, tag or None, digest or None)."""
+    rest, _, digest = image.partition("@")
+    name, _, tag = rest.rpartition(":")
+    if "/" in tag or not name:  # a registry port (`host:5000/name`), not a tag
+        name, tag = rest, ""
+    return name, tag or None, digest or None
+
+
+def _check_pinned_image(image: str, path: str, r: _Reader, digests: bool = False) -> None:
+    name, tag, digest = parse_image(image)
+    if digest is not None and not _DIGEST.fullmatch(digest):
+        r.fail(path, f"{image!r}: {digest!r} is not a digest; write @sha256: and the 64 hex digits the registry "
+                     "reports for the image")
+    if tag is not None and tag.lower() in MOVING_TAGS:
+        r.fail(path, f"{image!r} is not pinned: {tag!r} names a branch or channel that moves to new builds; use a "
+                     "version tag such as registry.example.com/llm-serving:1.0.0, or a digest")
+    if tag is None and digest is None:
         r.fail(path, f"{image!r} is not pinned; use a version tag or digest such as "
                      "registry.example.com/llm-serving:1.0.0 (never `latest` or no tag)")
+    if digests and digest is None:
+        r.fail(path, f"{image!r} has no digest, and this stack requires digests (stacks named prod*, or "
+                     f"requireDigests): append the digest the registry reports, as {name}:{tag}@sha256:<64 hex>, "
+                     "so that what runs is exactly the image that was reviewed")
 
 
 def _validate_model_rest(cfg: StackConfig, m: ModelConfig, p: str, r: _Reader) -> None:
@@ -852,6 +994,11 @@ def _validate_model_rest(cfg: StackConfig, m: ModelConfig, p: str, r: _Reader) -
     if a.enabled and a.min_replicas == 0 and a.mode != "keda":
         r.fail(f"{p}.autoscaling.minReplicas", "0 needs mode: keda (an HPA cannot scale to zero); use 1 or more, "
                                                "or set autoscaling.mode: keda")
+    if a.enabled and a.mode == "keda" and a.min_replicas == 0 and not cfg.gateway.enabled:
+        r.fail(f"{p}.autoscaling.minReplicas",
+               "0 needs gateway.enabled: true; at zero replicas no pod exports the load KEDA reads, so nothing "
+               "would ever wake the model, and requests would fail at once instead of being held; turn the "
+               "gateway on (it holds the first request and its pending count wakes the model) or use minReplicas 1")
     if a.enabled and a.mode == "keda" and cfg.guardrails.pdb.min_available is not None and a.min_replicas == 0:
         r.fail("guardrails.pdb.minAvailable", "a model that scales to zero needs maxUnavailable, not minAvailable")
     if a.enabled:
@@ -875,19 +1022,53 @@ def _validate_model_rest(cfg: StackConfig, m: ModelConfig, p: str, r: _Reader) -
     if m.rollout is not None and m.rollout.max_surge == 0 and m.rollout.max_unavailable == 0:
         r.fail(f"{p}.rollout", "maxSurge 0 and maxUnavailable 0 can never make progress; "
                                "use maxSurge 1 (needs spare GPU quota) or maxUnavailable 1")
-    needed = PRESTOP_SLEEP_SECONDS + m.drain_seconds + SHUTDOWN_AFTER_DRAIN_SECONDS
-    if needed > m.termination_grace_period_seconds:
-        r.fail(f"{p}.drainSeconds", f"{m.drain_seconds} does not fit terminationGracePeriodSeconds "
-                                    f"{m.termination_grace_period_seconds}: the pod needs {PRESTOP_SLEEP_SECONDS} s "
-                                    f"preStop + {m.drain_seconds} s drain + {SHUTDOWN_AFTER_DRAIN_SECONDS} s shutdown "
-                                    f"= {needed} s, or the kubelet kills it mid-drain; lower drainSeconds to "
-                                    f"{m.termination_grace_period_seconds - PRESTOP_SLEEP_SECONDS - SHUTDOWN_AFTER_DRAIN_SECONDS} "
-                                    f"or raise the grace period to {needed}")
+    _check_drain_fits(p, m.drain_seconds, m.termination_grace_period_seconds, r)
+    _validate_exposure(cfg, m, p, r)
     if m.host is not None and not _HOSTNAME.match(m.host):
         r.fail(f"{p}.host", f"{m.host!r} is not a valid host name such as llm-api.example.com")
     if m.workload == "statefulset" and m.storage.access_mode != "ReadWriteOnce":
         r.fail(f"{p}.storage.accessMode", f"{m.storage.access_mode!r}: a StatefulSet gets one volume per "
                                           "replica from volumeClaimTemplates; use ReadWriteOnce")
+
+
+def _validate_exposure(cfg: StackConfig, m: ModelConfig, p: str, r: _Reader) -> None:
+    """A model reachable from outside the cluster only over TLS, or through an explicit, narrowed load balancer."""
+    for i, cidr in enumerate(m.load_balancer_source_ranges):
+        if not _CIDR.fullmatch(cidr):
+            r.fail(f"{p}.loadBalancerSourceRanges[{i}]", f"{cidr!r} is not a CIDR such as 203.0.113.0/24")
+    if m.service_type != "LoadBalancer":
+        if m.load_balancer_source_ranges:
+            r.fail(f"{p}.loadBalancerSourceRanges", f"is only for serviceType LoadBalancer (this model's Service is "
+                                                    f"{m.service_type})")
+        return
+    if cfg.gateway.enabled:
+        r.fail(f"{p}.serviceType", "LoadBalancer: with gateway.enabled the model pods accept only the gateway and "
+                                   "Prometheus, so a load balancer would lead nowhere; clients use the gateway's "
+                                   "endpoint; use ClusterIP")
+    if not m.load_balancer_source_ranges:
+        r.fail(f"{p}.serviceType", "LoadBalancer without loadBalancerSourceRanges publishes plain HTTP (API keys, "
+                                   "prompts, /metrics) to the whole internet beside the TLS Ingress; use ClusterIP "
+                                   "behind the Ingress, or list the callers' CIDRs in loadBalancerSourceRanges")
+    if cfg.guardrails.allow_from.ip_blocks and m.external_traffic_policy != "Local":
+        r.fail(f"{p}.externalTrafficPolicy", f"{m.external_traffic_policy}: with guardrails.allowFrom.ipBlocks the "
+                                             "load balancer must keep the client's address, or the NetworkPolicy sees "
+                                             "a node's address instead and drops every caller; use Local")
+
+
+def _validate_shared_claims(cfg: StackConfig, r: _Reader) -> None:
+    """Each Deployment model the platform fills owns its claim: two would create the same PVC, and one's fill
+    would prune the other's revision directories."""
+    owners: dict[str, int] = {}
+    for i, m in enumerate(cfg.models):
+        if m.workload != "deployment" or (m.source and parse_source(m.source).kind == "pvc"):
+            continue
+        claim = m.storage.claim_name
+        if claim in owners:
+            r.fail(f"models[{i}].storage.claimName",
+                   f"{claim!r} is already the model claim of models[{owners[claim]}] ({cfg.models[owners[claim]].name}); "
+                   "each model's volume is its own claim (one model's fill would prune the other's revisions); "
+                   "give it its own claimName, or serve a shared volume through a pvc:// source")
+        owners[claim] = i
 
 
 def _model_dir_problem(path: str) -> str | None:
@@ -942,13 +1123,16 @@ def _validate_source(cfg: StackConfig, m: ModelConfig, p: str, r: _Reader) -> No
         r.fail(f"{p}.fill.image", f"is required for runtime {m.runtime}: the llm-platform serving image (it holds "
                                   "the downloader, python -m serving.fetch), pinned to a version")
     if m.fill.image is not None:
-        _check_pinned_image(m.fill.image, f"{p}.fill.image", r)
+        _check_pinned_image(m.fill.image, f"{p}.fill.image", r, require_digests(cfg))
     for key in ("hf_endpoint", "s3_endpoint"):
         url = getattr(m.fill, key)
         if url is not None and not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:\d+)?(/\S*)?", url):
             r.fail(f"{p}.fill.{camel(key)}", f"{url!r} is not a URL such as https://minio.model-storage.svc:9000")
+        if url is not None and url.startswith("http://") and cfg.stack.startswith("prod"):
+            r.fail(f"{p}.fill.{camel(key)}", f"{url!r} is plain HTTP, which would send the source's token or keys "
+                                             f"in clear; stack {cfg.stack!r} requires https://")
     for i, cidr in enumerate(m.fill.egress_cidrs):
-        if not re.fullmatch(r"[0-9a-fA-F:.]+/\d{1,3}", cidr):
+        if not _CIDR.fullmatch(cidr):
             r.fail(f"{p}.fill.egressCidrs[{i}]", f"{cidr!r} is not a CIDR such as 0.0.0.0/0 or 52.0.0.0/8")
     for i, ns in enumerate(m.fill.egress_namespaces):
         if not _DNS1123_LABEL.match(ns):

@@ -12,6 +12,7 @@ from stack_config import (
     GPU_RESOURCE,
     MODELS_MOUNT,
     PRESTOP_SLEEP_SECONDS,
+    AllowFromConfig,
     AutoscalingConfig,
     GpuPoolConfig,
     ModelConfig,
@@ -404,6 +405,20 @@ def keda_scaled_object_spec(model: ModelConfig, kind: str, *, query: str, promet
 
 def namespace_selector(name: str) -> dict[str, Any]:
     return {"matchLabels": {"kubernetes.io/metadata.name": name}}
+
+
+def caller_peers(allow_from: AllowFromConfig, namespaces: list[str]) -> list[dict[str, Any]]:
+    """NetworkPolicy peers for the stack's callers: `allowFrom` (namespaces, narrowed to pod labels, and CIDRs)
+    and whole namespaces such as the ingress controller's and Prometheus's."""
+    peers: list[dict[str, Any]] = []
+    for ns in allow_from.namespaces:
+        peer: dict[str, Any] = {"namespaceSelector": namespace_selector(ns)}
+        if allow_from.pod_labels:
+            peer["podSelector"] = {"matchLabels": dict(allow_from.pod_labels)}
+        peers.append(peer)
+    peers.extend({"namespaceSelector": namespace_selector(ns)} for ns in namespaces)
+    peers.extend({"ipBlock": {"cidr": cidr}} for cidr in allow_from.ip_blocks)
+    return peers
 
 
 def dns_egress_rule() -> dict[str, Any]:

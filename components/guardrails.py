@@ -16,6 +16,7 @@ import pulumi_random as random
 from components.builders import (
     API_KEYS_FILE_KEY,
     SERVING_PORT,
+    caller_peers,
     dns_egress_rule,
     namespace_selector,
     selector_labels,
@@ -32,8 +33,13 @@ class GuardrailsArgs:
     guardrails: GuardrailsConfig
     model_names: list[str]
     """One PodDisruptionBudget per model, selecting its pods."""
-    extra_ingress_namespaces: list[str] = field(default_factory=list)
-    """Namespaces that must reach the serving port besides `allowFrom` (ingress controller, Prometheus)."""
+    ingress_controller_namespace: str | None = None
+    """The ingress controller's namespace, when the models have their own Ingress: it must reach the pods."""
+    prometheus_namespace: str | None = None
+    """Prometheus's namespace, when something scrapes the pods."""
+    gateway_pods: dict[str, str] | None = None
+    """With the InferenceGateway: the labels of its pods, the only callers (besides Prometheus) the model pods
+    then accept."""
 
 
 class Guardrails(pulumi.ComponentResource):
@@ -51,7 +57,7 @@ class Guardrails(pulumi.ComponentResource):
 
         self.namespace = k8s.core.v1.Namespace(
             f"{name}-namespace",
-            metadata={"name": args.namespace, "labels": {**MANAGED_LABELS, **_pod_security_labels(g.pod_security)}},
+            metadata={"name": args.namespace, "labels": {**MANAGED_LABELS, **pod_security_labels(g)}},
             opts=child,
         )
         # Every namespaced child depends on the Namespace through this output.
@@ -93,7 +99,9 @@ class Guardrails(pulumi.ComponentResource):
 
         self.network_policies = []
         if g.network_policies:
-            for policy_name, spec in network_policy_specs(g, args.extra_ingress_namespaces).items():
+            for policy_name, spec in network_policy_specs(
+                    g, ingress_controller_namespace=args.ingress_controller_namespace,
+                    prometheus_namespace=args.prometheus_namespace, gateway_pods=args.gateway_pods).items():
                 self.network_policies.append(k8s.networking.v1.NetworkPolicy(
                     f"{name}-{policy_name}", metadata=meta(policy_name), spec=spec, opts=child))
 
@@ -105,11 +113,12 @@ class Guardrails(pulumi.ComponentResource):
         })
 
 
-def _pod_security_labels(level: str) -> dict[str, str]:
+def pod_security_labels(g: GuardrailsConfig) -> dict[str, str]:
+    """The level at a pinned version: with `latest`, a cluster upgrade could start refusing running pods' specs."""
     labels = {}
     for mode in ("enforce", "audit", "warn"):
-        labels[f"pod-security.kubernetes.io/{mode}"] = level
-        labels[f"pod-security.kubernetes.io/{mode}-version"] = "latest"
+        labels[f"pod-security.kubernetes.io/{mode}"] = g.pod_security
+        labels[f"pod-security.kubernetes.io/{mode}-version"] = g.pod_security_version
     return labels
 
 
@@ -153,17 +162,18 @@ def pdb_spec(g: GuardrailsConfig, model_name: str) -> dict[str, Any]:
     return spec
 
 
-def network_policy_specs(g: GuardrailsConfig, extra_ingress_namespaces: list[str]) -> dict[str, dict[str, Any]]:
-    """Default deny for the namespace, DNS for everyone, and the serving pods' explicit allows."""
-    callers: list[dict[str, Any]] = []
-    for ns in g.allow_from.namespaces:
-        peer: dict[str, Any] = {"namespaceSelector": namespace_selector(ns)}
-        if g.allow_from.pod_labels:
-            peer["podSelector"] = {"matchLabels": dict(g.allow_from.pod_labels)}
-        callers.append(peer)
-    for ns in extra_ingress_namespaces:
-        callers.append({"namespaceSelector": namespace_selector(ns)})
-    callers.extend({"ipBlock": {"cidr": cidr}} for cidr in g.allow_from.ip_blocks)
+def network_policy_specs(g: GuardrailsConfig, *, ingress_controller_namespace: str | None = None,
+                         prometheus_namespace: str | None = None,
+                         gateway_pods: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """Default deny for the namespace, DNS for everyone, and the serving pods' explicit allows: the stack's callers
+    (allowFrom, the ingress controller, Prometheus), or with the gateway only the gateway's pods and Prometheus."""
+    scrapers = [prometheus_namespace] if prometheus_namespace else []
+    if gateway_pods is not None:
+        callers = [{"podSelector": {"matchLabels": dict(gateway_pods)}}] + \
+            [{"namespaceSelector": namespace_selector(ns)} for ns in scrapers]
+    else:
+        callers = caller_peers(g.allow_from, ([ingress_controller_namespace] if ingress_controller_namespace
+                                              else []) + scrapers)
     serving = {"matchLabels": serving_pods_selector()}
     specs: dict[str, dict[str, Any]] = {
         "default-deny-all": {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]},

@@ -43,6 +43,8 @@ class LLMServingArgs:
     prometheus_url: str = ""
     storage_ready: list[pulumi.Resource] | None = None
     """ModelStorage's claim and fill Job: the workload rolls only once the configured revision is on the volume."""
+    gateway_endpoints: bool = False
+    """Behind the InferenceGateway: a headless Service publishing the ready pods, through which it finds them."""
 
 
 class LLMServing(pulumi.ComponentResource):
@@ -119,14 +121,17 @@ class LLMServing(pulumi.ComponentResource):
                 opts=pulumi.ResourceOptions.merge(replica_opts, pulumi.ResourceOptions(depends_on=storage_ready)))
 
         self.service = k8s.core.v1.Service(
-            f"{name}-service", metadata=meta(model.name),
-            spec={
-                "type": model.service_type,
-                "selector": selector_labels(model.name),
-                "ports": [{"name": PORT_NAME, "port": model.service_port, "targetPort": PORT_NAME,
-                           "protocol": "TCP"}],
-            },
-            opts=child)
+            f"{name}-service", metadata=meta(model.name), spec=service_spec(model), opts=child)
+
+        self.endpoints_service = None
+        if args.gateway_endpoints:
+            # Ready pods only (publishNotReadyAddresses false): a starting or draining pod gets no new request.
+            self.endpoints_service = k8s.core.v1.Service(
+                f"{name}-endpoints", metadata=meta(f"{model.name}-endpoints"),
+                spec={"clusterIP": "None", "selector": selector_labels(model.name), "publishNotReadyAddresses": False,
+                      "ports": [{"name": PORT_NAME, "port": SERVING_PORT, "targetPort": PORT_NAME,
+                                 "protocol": "TCP"}]},
+                opts=child)
 
         self.hpa = None
         self.scaled_object = None
@@ -160,6 +165,19 @@ class LLMServing(pulumi.ComponentResource):
         self.register_outputs({"endpoint": self.endpoint, "workload": model.name, "service": model.name})
 
 
+def service_spec(model: ModelConfig) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "type": model.service_type,
+        "selector": selector_labels(model.name),
+        "ports": [{"name": PORT_NAME, "port": model.service_port, "targetPort": PORT_NAME, "protocol": "TCP"}],
+    }
+    if model.service_type == "LoadBalancer":
+        # Validation requires the ranges: a load balancer without them is plain HTTP open to the internet.
+        spec["loadBalancerSourceRanges"] = list(model.load_balancer_source_ranges)
+        spec["externalTrafficPolicy"] = model.external_traffic_policy
+    return spec
+
+
 def ingress_annotations(ingress: IngressConfig) -> dict[str, str]:
     annotations = dict(ingress.annotations)
     if ingress.tls:
@@ -168,11 +186,12 @@ def ingress_annotations(ingress: IngressConfig) -> dict[str, str]:
 
 
 def ingress_spec(ingress: IngressConfig, host: str, model: ModelConfig, tls_secret_name: str) -> dict[str, Any]:
-    """`spec.ingressClassName`, not the deprecated `kubernetes.io/ingress.class` annotation."""
+    """`spec.ingressClassName`, not the deprecated `kubernetes.io/ingress.class` annotation. Only the OpenAI API
+    (`/v1`) is routed: `/metrics` and `/health/*` stay inside the cluster, for Prometheus and the kubelet."""
     spec: dict[str, Any] = {
         "ingressClassName": ingress.class_name,
         "rules": [{"host": host, "http": {"paths": [{
-            "path": "/", "pathType": "Prefix",
+            "path": "/v1", "pathType": "Prefix",
             "backend": {"service": {"name": model.name, "port": {"number": model.service_port}}},
         }]}}],
     }

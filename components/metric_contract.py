@@ -63,7 +63,8 @@ BUILTIN = Runtime(
     name="builtin",
     model_label="model",
     metrics=_metrics(
-        ("llm_requests_total", "counter", "Requests by model and HTTP status code"),
+        ("llm_requests_total", "counter", "Requests by model, status (success or error, the article's values) and "
+                                          "HTTP code"),
         ("llm_request_duration_seconds", "histogram", "End-to-end request latency"),
         ("llm_active_requests", "gauge", "Requests being served right now"),
         ("llm_gpu_utilization", "gauge", "GPU utilization percent by gpu_id (NVML)"),
@@ -83,7 +84,7 @@ BUILTIN = Runtime(
              "kv_cache": "llm_kv_cache_usage_ratio", "ttft": "llm_time_to_first_token_seconds",
              "latency": "llm_request_duration_seconds", "requests": "llm_requests_total",
              "generation_tokens": "llm_generation_tokens_total", "gpu_utilization": "llm_gpu_utilization"},
-    error_matcher='status=~"5.."',
+    error_matcher='code=~"5.."',
     health={"startup": "/health/startup", "liveness": "/health/live", "readiness": "/health/ready"},
     default_max_num_seqs=64,
 )
@@ -128,6 +129,24 @@ PLATFORM_METRICS = _metrics(
 )
 
 
+# The gateway's own series (`python -m serving.gateway`), on the gateway pods; `model` is the served model name.
+GATEWAY_METRICS = _metrics(
+    ("llm_gateway_pending_requests", "gauge", "Requests the gateway holds for a model: no ready pod yet "
+                                             "(starting from zero) or every pod at its in-flight bound"),
+    ("llm_gateway_requests_total", "counter", "Requests by model and HTTP code, as answered by the gateway"),
+    ("llm_gateway_upstream_latency_seconds", "histogram", "Time from sending to a model pod to its first byte"),
+    ("llm_gateway_retries_total", "counter", "Requests retried on another pod before their first byte"),
+    ("llm_gateway_inflight_requests", "gauge", "Requests in flight per model and pod"),
+    ("llm_gateway_tokens_total", "counter", "Tokens by API key name, model and kind (prompt, completion)"),
+)
+
+
+def gateway_metric(name: str) -> str:
+    if name not in GATEWAY_METRICS:
+        raise ContractError(f"metric {name!r} is not exported by the gateway ({', '.join(sorted(GATEWAY_METRICS))})")
+    return name
+
+
 def platform_metric(name: str) -> str:
     if name not in PLATFORM_METRICS:
         raise ContractError(f"metric {name!r} is not a known cluster metric ({', '.join(sorted(PLATFORM_METRICS))})")
@@ -150,7 +169,8 @@ class ModelQueries:
     """Every PromQL query the platform renders for one model, built only from its runtime's contract."""
 
     load_total: str
-    """Running plus waiting requests across the model's pods (KEDA's trigger)."""
+    """Running plus waiting requests across the model's pods, plus those the gateway holds for it when the stack
+    has one (KEDA's trigger; it reads 0, not nothing, when the model has no pods)."""
     adapter_rule: dict
     """prometheus-adapter rule serving load per pod as the HPA's Pods metric."""
     error_ratio: str
@@ -168,6 +188,8 @@ class ModelQueries:
     above_min_replicas: str | None
     """True while the autoscaler runs more replicas than the minimum."""
     certificate_expiry_seconds: str | None
+    gateway_pending: str | None = None
+    """Requests the gateway holds for this model (starting from zero or saturated); None without a gateway."""
 
 
 LOAD_METRIC = "llm_load_per_replica"
@@ -175,7 +197,7 @@ LOAD_METRIC = "llm_load_per_replica"
 
 
 def model_queries(rt: Runtime, *, namespace: str, workload: str, served_model_name: str, hpa_name: str | None,
-                  min_replicas: int, certificate: str | None, dcgm: bool) -> ModelQueries:
+                  min_replicas: int, certificate: str | None, dcgm: bool, gateway: bool = False) -> ModelQueries:
     """Raises ContractError if any query would need a metric the runtime does not export."""
     own = {"namespace": namespace, rt.model_label: served_model_name}
     sel = _sel(own)
@@ -187,8 +209,9 @@ def model_queries(rt: Runtime, *, namespace: str, workload: str, served_model_na
         gpu = f"avg({rt.signal('gpu_utilization')}{{{pods}}})"
     elif dcgm:
         gpu = f"avg({platform_metric('DCGM_FI_DEV_GPU_UTIL')}{{{pods}}})"
+    pending = gateway_pending(namespace, served_model_name) if gateway else None
     return ModelQueries(
-        load_total=load_total(rt, own),
+        load_total=load_total(rt, own, pending),
         adapter_rule=adapter_rule(rt, LOAD_METRIC),
         error_ratio=error_ratio(rt, pods),
         ttft_p95=quantile(rt, "ttft", 0.95, by, sel),
@@ -209,6 +232,7 @@ def model_queries(rt: Runtime, *, namespace: str, workload: str, served_model_na
         certificate_expiry_seconds=None if certificate is None else (
             f"min({platform_metric('certmanager_certificate_expiration_timestamp_seconds')}"
             f'{{namespace="{namespace}",name="{certificate}"}}) - time()'),
+        gateway_pending=pending,
     )
 
 
@@ -218,9 +242,17 @@ def load_per_pod(rt: Runtime, matchers: dict[str, str]) -> str:
     return f"sum by (namespace, pod) ({rt.signal('running')}{s} + {rt.signal('waiting')}{s})"
 
 
-def load_total(rt: Runtime, matchers: dict[str, str]) -> str:
+def gateway_pending(namespace: str, served_model_name: str) -> str:
+    return f"sum({gateway_metric('llm_gateway_pending_requests')}" \
+           f"{_sel({'namespace': namespace, 'model': served_model_name})})"
+
+
+def load_total(rt: Runtime, matchers: dict[str, str], pending: str | None = None) -> str:
+    """Each term defaults to 0: a sum over no series is no value, and `x + nothing` is nothing, so at zero pods the
+    total would vanish instead of counting the requests the gateway holds."""
     s = _sel(matchers)
-    return f"sum({rt.signal('running')}{s}) + sum({rt.signal('waiting')}{s})"
+    terms = [f"sum({rt.signal('running')}{s})", f"sum({rt.signal('waiting')}{s})"] + ([pending] if pending else [])
+    return " + ".join(f"({term} or vector(0))" for term in terms)
 
 
 def adapter_rule(rt: Runtime, metric_name: str) -> dict:

@@ -17,7 +17,8 @@ import pulumi_kubernetes as k8s
 import yaml
 
 from components.builders import PORT_NAME, SERVING_PORT, labels
-from components.metric_contract import ModelQueries
+from components.inference_gateway import GATEWAY_NAME, gateway_labels
+from components.metric_contract import ModelQueries, gateway_metric
 from stack_config import ModelConfig, ObservabilityConfig
 
 ADAPTER_RULES_CONFIGMAP = "llm-prometheus-adapter-rules"
@@ -34,6 +35,8 @@ class ObservabilityArgs:
     namespace: pulumi.Input[str]
     observability: ObservabilityConfig
     models: list[ObservedModel]
+    gateway: bool = False
+    """The stack runs the InferenceGateway: scrape it and alert on what it holds and answers."""
 
 
 def scrape_annotations(cfg: ObservabilityConfig) -> dict[str, str]:
@@ -52,6 +55,7 @@ class Observability(pulumi.ComponentResource):
 
         self.service_monitors = []
         self.rule = None
+        groups: list[dict[str, Any]] = []
         if cfg.prometheus_operator:
             for observed in args.models:
                 model = observed.model
@@ -61,11 +65,21 @@ class Observability(pulumi.ComponentResource):
                     metadata={"name": model.name, "namespace": args.namespace, "labels": labels(model.name)},
                     spec=service_monitor_spec(model.name, cfg),
                     opts=child))
+            if args.gateway:
+                self.service_monitors.append(k8s.apiextensions.CustomResource(
+                    f"{name}-gateway-servicemonitor",
+                    api_version="monitoring.coreos.com/v1", kind="ServiceMonitor",
+                    metadata={"name": GATEWAY_NAME, "namespace": args.namespace, "labels": gateway_labels()},
+                    spec=service_monitor_spec(GATEWAY_NAME, cfg),
+                    opts=child))
+            groups = [alert_group(o, cfg) for o in args.models]
+            if args.gateway:
+                groups.append(gateway_alert_group(args.models, cfg))
             self.rule = k8s.apiextensions.CustomResource(
                 f"{name}-rules",
                 api_version="monitoring.coreos.com/v1", kind="PrometheusRule",
                 metadata={"name": "llm-serving-alerts", "namespace": args.namespace, "labels": common},
-                spec={"groups": [alert_group(o, cfg) for o in args.models]},
+                spec={"groups": groups},
                 opts=child)
 
         self.dashboards = []
@@ -87,10 +101,10 @@ class Observability(pulumi.ComponentResource):
                 data={"config.yaml": yaml.safe_dump({"rules": rules}, sort_keys=False)},
                 opts=child)
 
+        monitored = [o.model.name for o in args.models] + ([GATEWAY_NAME] if args.gateway else [])
         self.register_outputs({
-            "serviceMonitors": [o.model.name for o in args.models] if cfg.prometheus_operator else [],
-            "alerts": [r["alert"] for o in args.models for r in alert_group(o, cfg)["rules"]]
-            if cfg.prometheus_operator else [],
+            "serviceMonitors": monitored if cfg.prometheus_operator else [],
+            "alerts": [r["alert"] for group in groups for r in group["rules"]],
         })
 
 
@@ -166,6 +180,33 @@ def alert_group(o: ObservedModel, cfg: ObservabilityConfig) -> dict[str, Any]:
     return {"name": f"llm-serving-{name}", "rules": rules}
 
 
+def gateway_alert_group(models: list[ObservedModel], cfg: ObservabilityConfig) -> dict[str, Any]:
+    """The gateway's alerts: requests it holds too long (a model that cannot start or keep up) and the share of
+    requests it answers with a server error (cold-start timeouts, pods failing before their first byte)."""
+    requests = gateway_metric("llm_gateway_requests_total")
+    rules = []
+    for o in models:
+        m, q = o.model, o.queries
+        if q.gateway_pending is None:
+            continue
+        rules.append(_rule(
+            "LLMGatewayRequestsHeld", f"({q.gateway_pending}) > 0", "15m", "warning",
+            f"The gateway has held {m.served_model_name} requests for 15 minutes",
+            "No pod of the model becomes ready (scaled to zero and cannot start: look at the pods' events, the "
+            "GPU quota and the fill Job), or every pod is at its in-flight bound (look at the autoscaler, "
+            "LLMReplicasAtMaximum).", m.name))
+    rules.append({"alert": "LLMGatewayServerErrors",
+                  "expr": (f"(sum by (model) (rate({requests}{{code=~\"5..\"}}[5m])) / "
+                           f"sum by (model) (rate({requests}[5m]))) > {cfg.error_ratio_slo}"),
+                  "for": "5m", "labels": {"severity": "critical"},
+                  "annotations": {
+                      "summary": f"More than {cfg.error_ratio_slo:.0%} of a model's requests fail at the gateway",
+                      "runbook": "503 with code model_starting: the model did not become ready within the "
+                                 "cold-start timeout; 502: its pods refuse or reset connections (read the gateway's "
+                                 "JSON logs by request_id and the pods' restarts)."}})
+    return {"name": "llm-gateway", "rules": rules}
+
+
 def dashboard(o: ObservedModel) -> dict[str, Any]:
     """Request rate, errors, latency and TTFT, tokens/s, queue, KV cache, GPU utilization, replicas."""
     q = o.queries
@@ -181,6 +222,8 @@ def dashboard(o: ObservedModel) -> dict[str, Any]:
     ]
     if q.gpu_utilization:
         queries.append(("GPU utilization", q.gpu_utilization, "percent"))
+    if q.gateway_pending:
+        queries.append(("Requests held in the gateway", q.gateway_pending, "short"))
     panels = [{"id": i + 1, "type": "timeseries", "title": title, "datasource": {"type": "prometheus"},
                "gridPos": {"h": 8, "w": 12, "x": 12 * (i % 2), "y": 8 * (i // 2)},
                "fieldConfig": {"defaults": {"unit": unit}}, "targets": [{"expr": expr, "refId": "A"}]}

@@ -14,6 +14,7 @@ from components.metric_contract import BUILTIN, PLATFORM_METRICS, VLLM, Contract
 from components.observability import ObservedModel, alert_group, dashboard, scrape_annotations
 from quantities import QuantityError, parse_quantity
 from stack_config import (
+    AllowFromConfig,
     GpuPoolConfig, GuardrailsConfig, ModelConfig, ObservabilityConfig, PdbConfig, ProbesConfig, RolloutConfig,
     StartupProbeConfig, Toleration, parse_stack_config,
 )
@@ -91,10 +92,28 @@ def test_quota_pdb_and_network_policies():
     g = GuardrailsConfig()
     assert resource_quota_hard(g)["fast-ssd.storageclass.storage.k8s.io/requests.storage"] == "5Ti"
     assert pdb_spec(dataclasses.replace(g, pdb=PdbConfig(max_unavailable=None, min_available=1)), "m")["minAvailable"] == 1
-    specs = network_policy_specs(g, ["ingress-nginx"])
+    specs = network_policy_specs(g, ingress_controller_namespace="ingress-nginx", prometheus_namespace="monitoring")
     assert set(specs) == {"default-deny-all", "allow-dns-egress", "llm-serving-ingress", "llm-serving-egress"}
-    no_egress = network_policy_specs(dataclasses.replace(g, egress_to=dataclasses.replace(g.egress_to, namespaces=[])), [])
+    (rule,) = specs["llm-serving-ingress"]["ingress"]
+    assert rule["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "api-gateway"}},
+         "podSelector": {"matchLabels": {"app": "api-gateway"}}},
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}},
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}},
+    ]
+    no_egress = network_policy_specs(dataclasses.replace(g, egress_to=dataclasses.replace(g.egress_to, namespaces=[])))
     assert "llm-serving-egress" not in no_egress
+
+
+def test_behind_the_gateway_model_pods_accept_only_the_gateway_and_prometheus():
+    g = GuardrailsConfig(allow_from=AllowFromConfig(ip_blocks=["203.0.113.0/24"]))
+    specs = network_policy_specs(g, prometheus_namespace="monitoring", gateway_pods={"app.kubernetes.io/component": "llm-gateway"})
+    (rule,) = specs["llm-serving-ingress"]["ingress"]
+    assert rule["from"] == [
+        {"podSelector": {"matchLabels": {"app.kubernetes.io/component": "llm-gateway"}}},
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}},
+    ]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 8000}]
 
 
 def queries_for(rt, **changes):

@@ -157,7 +157,7 @@ BAD = {
                                     "forever; use maxSurge 0 / maxUnavailable 1, or raise guardrails.resourceQuota"),
     "cpu requests quota": (guardrails(prod(), "resourceQuota", requestsCpu="30"),
                            "guardrails.resourceQuota.requestsCpu: 30 is below what the models need at maxReplicas "
-                           "(requests.cpu 40)"),
+                           "and the gateway at its maxReplicas (plus one surge pod) (requests.cpu 47)"),
     "pvc count quota": (guardrails(prod(workload="statefulset", replicas=3, storage={"accessMode": "ReadWriteOnce"}),
                                    "resourceQuota", persistentVolumeClaims=5),
                         "guardrails.resourceQuota.persistentVolumeClaims: 5 is below the 10 model volumes the models "
@@ -217,7 +217,7 @@ def test_sizing_sets_the_engine_limits_and_the_plan_is_an_output():
     values["gpuPool"]["hourlyCostPerGpu"] = 2.5
     result = render_values("prod", values)
     env = {e["name"]: e["value"] for e in
-           result.one("Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]}
+           result.one("Deployment", "llm-service")["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert (env["MAX_MODEL_LEN"], env["MAX_NUM_SEQS"]) == ("8192", "32")
     plan = result.outputs["capacityPlan"]["llm-service"]
     assert (plan["gpusAtMin"], plan["gpusAtMax"]) == (2, 10)
@@ -232,7 +232,7 @@ def test_multi_gpu_pod_mounts_memory_backed_shm():
                                                                 "requests": {"memory": "32Gi"}}),
                         "resourceQuota", gpus=40, requestsMemory="400Gi", limitsMemory="800Gi")
     result = render_values("prod", values)
-    pod = result.one("Deployment")["spec"]["template"]["spec"]
+    pod = result.one("Deployment", "llm-service")["spec"]["template"]["spec"]
     shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
     assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
     assert {"name": "dshm", "mountPath": "/dev/shm"} in pod["containers"][0]["volumeMounts"]

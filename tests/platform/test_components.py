@@ -45,7 +45,7 @@ def test_gpu_pool_without_priority_class_creates_nothing(in_mocks):
 def test_guardrails_resources(in_mocks):
     result = in_mocks(lambda: Guardrails("g", GuardrailsArgs(
         namespace="llm-x", guardrails=GuardrailsConfig(), model_names=["a", "b"],
-        extra_ingress_namespaces=["ingress-nginx"])))
+        ingress_controller_namespace="ingress-nginx")))
     kinds = sorted(to_manifest(r.inputs)["kind"] for r in result.resources if r.is_kubernetes)
     assert kinds == sorted(["Namespace", "ResourceQuota", "LimitRange", "PodDisruptionBudget", "PodDisruptionBudget",
                             "ServiceAccount", "Secret", "NetworkPolicy", "NetworkPolicy", "NetworkPolicy",
@@ -137,7 +137,8 @@ def test_whole_program_parents_every_resource_under_a_component(rendered):
     """Components parent every child; only the components themselves sit at the stack root."""
     result = rendered("prod")
     components = {"llm-platform:index:ClusterAddons", "llm-platform:index:GpuPool", "llm-platform:index:Guardrails", "llm-platform:index:LLMServing",
-                  "llm-platform:index:ModelStorage", "llm-platform:index:Observability"}
+                  "llm-platform:index:ModelStorage", "llm-platform:index:Observability",
+                  "llm-platform:index:InferenceGateway"}
     for r in result.resources:
         if r.type in components:
             assert r.parent.endswith("pulumi:pulumi:Stack::llm-platform-prod"), r.parent

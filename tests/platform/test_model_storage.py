@@ -122,7 +122,7 @@ def test_prod_fill_job_downloads_the_pinned_revision_into_its_own_directory(rend
     template = spec["template"]
     assert template["spec"]["restartPolicy"] == "Never"
     (container,) = template["spec"]["containers"]
-    assert container["image"] == "registry.example.com/llm-serving:1.0.0"
+    assert container["image"] == "registry.example.com/llm-serving:1.0.0@sha256:076327a98784eff460e9a7a39cbc131d25a4e3ff9550357cdfcf65112ca56ed9"
     assert container["command"] == ["python", "-m", "serving.fetch", "--keep-revisions", "2", src.uri,
                                     f"/models/llama-3.1-8b/{SHA[:12]}"]
     mounts = {m["name"]: m for m in container["volumeMounts"]}
@@ -147,7 +147,7 @@ def test_prod_waits_for_the_fill_before_rolling_the_deployment(rendered):
     job = captured(prod, ":Job")
     assert job.custom_timeouts == {"create": "14700s", "update": "14700s"}   # the deadline plus 5 minutes
     assert any(urn.endswith("PersistentVolumeClaim::llm-service-model-pvc") for urn in job.depends_on)
-    deployment = captured(prod, ":Deployment")
+    deployment = captured(prod, ":Deployment", "llm-service-deployment")
     assert any(urn.endswith("batch/v1:Job::llm-service-fill") for urn in deployment.depends_on)
 
 
@@ -174,7 +174,7 @@ def test_a_new_revision_is_a_new_fill_and_a_new_pod_template(rendered):
     after = render_values("prod", prod_with(source=f"hf://meta-llama/Llama-3.1-8B-Instruct@{OTHER_SHA}"))
     (job_before,), (job_after,) = before.of_kind("Job"), after.of_kind("Job")
     assert job_before["metadata"]["name"] != job_after["metadata"]["name"]
-    t_before, t_after = pod(before.one("Deployment")), pod(after.one("Deployment"))
+    t_before, t_after = pod(before.one("Deployment", "llm-service")), pod(after.one("Deployment", "llm-service"))
     assert t_after["metadata"]["annotations"]["llm-platform/model-revision"] == OTHER_SHA
     assert t_before["spec"]["containers"][0]["env"] != t_after["spec"]["containers"][0]["env"]   # MODEL_PATH
 
@@ -299,7 +299,7 @@ def test_pvc_source_mounts_the_existing_claim_and_creates_none():
     assert not result.of_kind("PersistentVolumeClaim") and not result.of_kind("Job")
     assert not [m for m in result.of_kind("NetworkPolicy") if m["metadata"]["name"].endswith("fill-egress")]
     assert not result.of_kind("SnapshotSchedule")            # not our claim to snapshot
-    d = result.one("Deployment")
+    d = result.one("Deployment", "llm-service")
     volume = next(v for v in pod(d)["spec"]["volumes"] if v["name"] == "model-storage")
     assert volume["persistentVolumeClaim"]["claimName"] == "shared-models"
     env = {e["name"]: e.get("value") for e in pod(d)["spec"]["containers"][0]["env"]}
@@ -316,7 +316,7 @@ def test_restore_creates_a_new_claim_from_the_snapshot_and_rolls_onto_it():
     assert pvc["metadata"]["name"] == "model-pvc-from-llm-service-model-volume-20261101"
     assert pvc["spec"]["dataSource"] == {"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot",
                                          "name": "llm-service-model-volume-20261101"}
-    d = result.one("Deployment")
+    d = result.one("Deployment", "llm-service")
     volume = next(v for v in pod(d)["spec"]["volumes"] if v["name"] == "model-storage")
     assert volume["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
     (job,) = result.of_kind("Job")             # the fill finds the restored manifest and has nothing to do

@@ -56,16 +56,19 @@ def test_model_storage_volume_from_model_pvc(prod):
     assert pvc["spec"]["resources"]["requests"]["storage"] == "500Gi"
 
 
-def test_service_load_balancer_80_to_8000(prod):
+def test_service_80_to_8000_cluster_ip_behind_the_ingress(prod):
+    """The article's LoadBalancer was a plain-HTTP public path beside the TLS Ingress (README corrections)."""
     svc = prod.one("Service", "llm-service")
-    assert svc["spec"]["type"] == "LoadBalancer"
+    assert svc["spec"]["type"] == "ClusterIP"
     (port,) = svc["spec"]["ports"]
     assert (port["port"], port["targetPort"], port["protocol"]) == (80, "http", "TCP")
     assert svc["spec"]["selector"] == {"app": "llm-service"}
 
 
 def test_ingress_class_host_tls_and_cert_manager(prod):
-    ing = prod.one("Ingress", "llm-service")
+    """The article's host, class, issuer and TLS secret, on the stack's one Ingress: the gateway's. Only the
+    OpenAI API is routed (the article's `/` also published /metrics and /health)."""
+    ing = prod.one("Ingress", "llm-gateway")
     assert ing["spec"]["ingressClassName"] == "nginx"
     assert "kubernetes.io/ingress.class" not in ing["metadata"].get("annotations", {})
     assert ing["metadata"]["annotations"]["cert-manager.io/cluster-issuer"] == "letsencrypt-prod"
@@ -73,12 +76,13 @@ def test_ingress_class_host_tls_and_cert_manager(prod):
     (rule,) = ing["spec"]["rules"]
     assert rule["host"] == "llm-api.example.com"
     (path,) = rule["http"]["paths"]
-    assert (path["path"], path["pathType"]) == ("/", "Prefix")
-    assert path["backend"]["service"] == {"name": "llm-service", "port": {"number": 80}}
+    assert (path["path"], path["pathType"]) == ("/v1", "Prefix")
+    assert path["backend"]["service"] == {"name": "llm-gateway", "port": {"number": 80}}
+    assert not prod.of_kind("Ingress")[1:], "one Ingress for the stack"
 
 
 def test_hpa_v2_targets_and_behavior(prod):
-    hpa = prod.one("HorizontalPodAutoscaler")
+    hpa = prod.one("HorizontalPodAutoscaler", "llm-service-hpa")
     assert hpa["apiVersion"] == "autoscaling/v2"
     spec = hpa["spec"]
     assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "llm-service"}
@@ -113,16 +117,24 @@ def test_limit_range_llm_limits(prod):
 
 
 def test_pdb_selects_serving_pods(prod):
-    pdb = prod.one("PodDisruptionBudget")
+    pdb = prod.one("PodDisruptionBudget", "llm-service-pdb")
     assert pdb["spec"]["selector"] == {"matchLabels": {"app": "llm-service"}}
 
 
 def test_network_policy_ingress_from_api_gateway_on_8000(prod):
-    policy = prod.one("NetworkPolicy", "llm-serving-ingress")
-    (rule,) = policy["spec"]["ingress"]
+    """The article's caller (api-gateway pods) now reaches the stack's gateway; the model pods accept only the
+    gateway's pods and Prometheus."""
+    api_gateway = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "api-gateway"}},
+                   "podSelector": {"matchLabels": {"app": "api-gateway"}}}
+    (rule,) = prod.one("NetworkPolicy", "llm-gateway-ingress")["spec"]["ingress"]
     assert rule["ports"] == [{"protocol": "TCP", "port": 8000}]
-    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "api-gateway"}},
-            "podSelector": {"matchLabels": {"app": "api-gateway"}}} in rule["from"]
+    assert api_gateway in rule["from"]
+    (rule,) = prod.one("NetworkPolicy", "llm-serving-ingress")["spec"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 8000}]
+    assert rule["from"] == [
+        {"podSelector": {"matchLabels": {"app.kubernetes.io/component": "llm-gateway",
+                                         "app.kubernetes.io/part-of": "llm-platform"}}},
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
 
 
 def test_network_policy_egress_to_model_storage_on_443(prod):
@@ -151,7 +163,7 @@ def test_rolling_update_that_can_progress_and_pinned_image(prod):
     assert d["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
     assert "no room for an extra replica" in prod.outputs["capacityPlan"]["llm-service"]["rollout"]
     image = container(d)["image"]
-    assert image == "registry.example.com/llm-serving:1.0.0"
+    assert image == "registry.example.com/llm-serving:1.0.0@sha256:076327a98784eff460e9a7a39cbc131d25a4e3ff9550357cdfcf65112ca56ed9"
 
 
 def test_api_key_from_pulumi_random_into_a_secret_the_container_reads(prod):
@@ -190,5 +202,5 @@ def test_statefulset_alternative(rendered):
     assert mount["mountPath"] == "/models"
     headless = sts_stack.one("Service", sts["spec"]["serviceName"])
     assert headless["spec"]["clusterIP"] == "None"
-    assert sts_stack.one("HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]["kind"] == "StatefulSet"
+    assert sts_stack.one("HorizontalPodAutoscaler", "llm-service-hpa")["spec"]["scaleTargetRef"]["kind"] == "StatefulSet"
     assert not sts_stack.of_kind("PersistentVolumeClaim")

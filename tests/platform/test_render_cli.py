@@ -19,7 +19,7 @@ def test_render_prod_writes_one_document_per_resource(tmp_path):
     proc = run_render("prod", "--out", str(tmp_path / "prod"))
     assert proc.returncode == 0, proc.stderr
     files = sorted((tmp_path / "prod").glob("*.yaml"))
-    assert len(files) == 23
+    assert len(files) == 32
     docs = [list(yaml.safe_load_all(f.read_text())) for f in files]
     assert all(len(d) == 1 for d in docs)
     kinds = [d[0]["kind"] for d in docs]
@@ -27,7 +27,7 @@ def test_render_prod_writes_one_document_per_resource(tmp_path):
     text = "\n".join(f.read_text() for f in files)
     assert "mock-" not in text                      # the generated API key never lands in a file
     assert "replicas: 2\n" in text and "replicas: 2.0" not in text   # whole numbers are integers
-    assert "stack prod: 23 manifests" in proc.stdout
+    assert "stack prod: 32 manifests" in proc.stdout
     assert "output apiKey: [secret]" in proc.stdout
 
 

@@ -18,17 +18,18 @@ def prod_with(**model_changes):
 
 
 # vLLM's image has no serving.fetch: the fill and the pods' model check use the platform's serving image.
-VLLM_FILL = {"secretName": "hf-token", "image": "registry.example.com/llm-serving:1.0.0"}
+VLLM_FILL = {"secretName": "hf-token", "image": "registry.example.com/llm-serving:1.0.0@sha256:076327a98784eff460e9a7a39cbc131d25a4e3ff9550357cdfcf65112ca56ed9"}
 
 
 def container(result):
-    workload = (result.of_kind("Deployment") + result.of_kind("StatefulSet"))[0]
+    workload = next(w for w in result.of_kind("Deployment") + result.of_kind("StatefulSet")
+                    if w["metadata"]["name"] == "llm-service")
     return workload["spec"]["template"]["spec"]["containers"][0]
 
 
 def test_hpa_scales_on_load_per_replica_from_the_adapter(rendered):
     prod = rendered("prod")
-    pods_metric = next(m for m in prod.one("HorizontalPodAutoscaler")["spec"]["metrics"] if m["type"] == "Pods")
+    pods_metric = next(m for m in prod.one("HorizontalPodAutoscaler", "llm-service-hpa")["spec"]["metrics"] if m["type"] == "Pods")
     assert pods_metric["pods"]["metric"]["name"] == "llm_load_per_replica"
     # Unset target: the replica's slot count, maxConcurrentSequences 32 from the sizing block.
     assert pods_metric["pods"]["target"] == {"type": "AverageValue", "averageValue": "32"}
@@ -42,12 +43,13 @@ def test_hpa_scales_on_load_per_replica_from_the_adapter(rendered):
 def test_explicit_load_target():
     values = prod_with(autoscaling={"targetLoadPerReplica": 12})
     result = render_values("prod", values)
-    pods_metric = next(m for m in result.one("HorizontalPodAutoscaler")["spec"]["metrics"] if m["type"] == "Pods")
+    pods_metric = next(m for m in result.one("HorizontalPodAutoscaler", "llm-service-hpa")["spec"]["metrics"] if m["type"] == "Pods")
     assert pods_metric["pods"]["target"]["averageValue"] == "12"
 
 
 def test_vllm_runtime_follows_its_contract():
     values = prod_with(runtime="vllm", fill=VLLM_FILL)
+    values["requireDigests"] = False  # the default image is pinned by tag
     del values["models"][0]["image"]
     result = render_values("prod", values)
     c = container(result)
@@ -85,7 +87,7 @@ def test_keda_scale_to_zero():
     values = prod_with(replicas=1, autoscaling={"mode": "keda", "minReplicas": 0, "maxReplicas": 10,
                                                 "activationLoad": 2, "cooldownSeconds": 600})
     result = render_values("prod", values)
-    assert not result.of_kind("HorizontalPodAutoscaler")
+    assert [h["metadata"]["name"] for h in result.of_kind("HorizontalPodAutoscaler")] == ["llm-gateway-hpa"]
     so = result.one("ScaledObject", "llm-service")
     assert so["apiVersion"] == "keda.sh/v1alpha1"
     spec = so["spec"]
@@ -94,14 +96,18 @@ def test_keda_scale_to_zero():
     (trigger,) = spec["triggers"]
     assert trigger["type"] == "prometheus"
     meta = trigger["metadata"]
-    assert meta["query"] == ('sum(llm_requests_running{model="llama-3.1-8b",namespace="ai-production"}) + '
-                             'sum(llm_requests_waiting{model="llama-3.1-8b",namespace="ai-production"})')
+    # The gateway's held requests wake the model; each term reads 0 when it has no series (no pods yet).
+    assert meta["query"] == (
+        '(sum(llm_requests_running{model="llama-3.1-8b",namespace="ai-production"}) or vector(0)) + '
+        '(sum(llm_requests_waiting{model="llama-3.1-8b",namespace="ai-production"}) or vector(0)) + '
+        '(sum(llm_gateway_pending_requests{model="llama-3.1-8b",namespace="ai-production"}) or vector(0))')
     assert (meta["threshold"], meta["activationThreshold"]) == ("32", "2")
     assert meta["serverAddress"] == "http://prometheus-operated.monitoring.svc:9090"
     assert spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 300
     plan = result.outputs["capacityPlan"]["llm-service"]["autoscaling"]
     assert "scales to zero after 600 s without load and wakes above 2" in plan
-    assert "the first request after that waits for a pod to be scheduled, load 14.96 GiB of weights" in plan
+    assert ("the gateway holds the first request after that up to 300 s while a pod is scheduled, load 14.96 GiB "
+            "of weights (about 124 s estimated) and warm up, then 503 with Retry-After") in plan
     at_max = next(r["expr"] for r in result.one("PrometheusRule")["spec"]["groups"][0]["rules"]
                   if r["alert"] == "LLMReplicasAtMaximum")
     assert 'horizontalpodautoscaler="keda-hpa-llm-service"' in at_max

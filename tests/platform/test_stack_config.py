@@ -87,7 +87,7 @@ BAD = [
      "raise the quota to 10 or lower maxReplicas"),
     ("prod", ["guardrails", "resourceQuota", "limitsMemory"], "100Gi",
      "guardrails.resourceQuota.limitsMemory: 100Gi is below what the models need at maxReplicas "
-     "(limits.memory 160 GiB)"),
+     "and the gateway at its maxReplicas (plus one surge pod) (limits.memory 167 GiB)"),
     ("prod", ["guardrails", "egressTo", "ports"], [70000],
      "guardrails.egressTo.ports[0]: 70000 is not a port (1-65535)"),
     ("prod", ["guardrails", "allowFrom", "ipBlocks"], ["10.0.0.0"],
@@ -95,6 +95,8 @@ BAD = [
     ("prod", ["guardrails", "apiKeyLength"], 8, "guardrails.apiKeyLength: 8 is below the minimum 32"),
     ("prod", ["ingress", "host"], "not a host", "ingress.host: 'not a host' is not a valid host name"),
     ("prod", ["ingress", "host"], None,
+     "ingress.host: is required with gateway.enabled: the gateway is the stack's one endpoint, served at this host"),
+    ("staging", ["ingress", "host"], None,
      "models[0].host: no Ingress host: set ingress.host (one model) or models[].host, or set ingress.enabled: false"),
     ("prod", ["gpuPool", "tolerations", 0, "value"], "present",
      "gpuPool.tolerations[0].value: 'present' must be unset with operator Exists"),
@@ -127,6 +129,7 @@ def test_missing_required_model_field():
 
 def test_duplicate_model_names_and_hosts():
     values = stack_values("prod")
+    values["gateway"] = {"enabled": False}  # without the gateway, each model needs its own Ingress host
     values["models"].append(dict(model0(values), host="other.example.com"))
     with pytest.raises(ConfigError, match=r"models\[1\]\.name: 'llm-service' is already used by models\[0\]"):
         parse_stack_config("prod", values)

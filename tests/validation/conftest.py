@@ -36,7 +36,7 @@ def prod_manifests() -> list[dict[str, Any]]:
 def keda_manifests() -> list[dict[str, Any]]:
     """prod with its HPA replaced by the equivalent KEDA ScaledObject (autoscaling on the Prometheus load query)."""
     manifests = prod_manifests()
-    hpa = next(m for m in manifests if m["kind"] == "HorizontalPodAutoscaler")
+    hpa = pick(manifests, "HorizontalPodAutoscaler")
     manifests.remove(hpa)
     manifests.append({
         "apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject",
@@ -64,7 +64,12 @@ def statefulset_manifests() -> list[dict[str, Any]]:
 
 
 def pick(manifests: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    """The one object of `kind` (named `name`); unnamed, where prod has the model's and the gateway's (Deployment,
+    Service, HPA, PDB, ServiceMonitor), the model's."""
     found = [m for m in manifests if m["kind"] == kind and (name is None or m["metadata"]["name"] == name)]
+    if name is None and len(found) > 1:
+        found = [m for m in found if m["metadata"].get("labels", {}).get("app.kubernetes.io/component")
+                 != "llm-gateway"]
     assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
     return found[0]
 

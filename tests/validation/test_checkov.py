@@ -10,11 +10,13 @@ import copy
 
 import pytest
 
-from tests.validation.conftest import PROD, manifests_of, pick, prod_manifests, stacks
+from tests.validation.conftest import PROD, ROOT, manifests_of, pick, prod_manifests, stacks
 from validation.checkov_runner import (
     CheckovReport, check_skip_file, parse_report, read_skips, run_checkov,
 )
 from validation.manifests import write_dir
+
+STAGING = ROOT / "Pulumi.staging.yaml"
 
 
 @stacks()
@@ -41,9 +43,11 @@ def test_skip_file_rules_catch_bad_skips(tmp_path):
 
 
 def test_every_skip_is_still_needed(rendered_dir, checkov_bin):
-    """Without the skip file, prod fails exactly the skipped checks: no stale skips, nothing else hidden."""
-    report = run_checkov(rendered_dir(PROD), config_file=None, checkov=checkov_bin)
+    """Without the skip file, staging (images pinned by version tag) fails exactly the skipped checks: no stale
+    skips, nothing else hidden. prod pins every image by digest, which passes both image checks."""
+    report = run_checkov(rendered_dir(STAGING), config_file=None, checkov=checkov_bin)
     assert {f.check for f in report.findings()} == {s.check_id for s in read_skips()}
+    assert run_checkov(rendered_dir(PROD), config_file=None, checkov=checkov_bin).findings() == []
 
 
 def _broken(name, breaker):

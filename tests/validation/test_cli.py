@@ -17,7 +17,7 @@ def test_clean_stack_exits_zero(capsys, checkov_bin, monkeypatch):
 def test_broken_folder_exits_one_and_names_the_finding(tmp_path, capsys, checkov_bin, monkeypatch):
     monkeypatch.setenv("CHECKOV_BIN", checkov_bin)
     manifests = prod_manifests()
-    pick(manifests, "Service")["spec"]["ports"][0]["targetPort"] = "metrics"
+    pick(manifests, "Service", "llm-service")["spec"]["ports"][0]["targetPort"] = "metrics"
     write_dir(manifests, tmp_path)
     assert main([str(tmp_path)]) == 1
     out = capsys.readouterr().out

@@ -74,12 +74,12 @@ def _sts_service_name(ms):
 
 # (check id, case name, breaker, manifests factory)
 CASES = [
-    ("service-selects-pods", "selector-typo", lambda ms: pick(ms, "Service")["spec"].update(selector={"app": "llm"}),
+    ("service-selects-pods", "selector-typo", lambda ms: pick(ms, "Service", "llm-service")["spec"].update(selector={"app": "llm"}),
      prod_manifests),
     ("service-target-port", "unknown-name",
-     lambda ms: pick(ms, "Service")["spec"]["ports"][0].update(targetPort="metrics"), prod_manifests),
+     lambda ms: pick(ms, "Service", "llm-service")["spec"]["ports"][0].update(targetPort="metrics"), prod_manifests),
     ("service-target-port", "unknown-number",
-     lambda ms: pick(ms, "Service")["spec"]["ports"][0].update(targetPort=9000), prod_manifests),
+     lambda ms: pick(ms, "Service", "llm-service")["spec"]["ports"][0].update(targetPort=9000), prod_manifests),
     ("ingress-backend", "missing-service", lambda ms: pick(ms, "Ingress")["spec"]["rules"][0]["http"]["paths"][0]
      ["backend"]["service"].update(name="llm-svc"), prod_manifests),
     ("ingress-backend", "missing-port", lambda ms: pick(ms, "Ingress")["spec"]["rules"][0]["http"]["paths"][0]

@@ -27,7 +27,7 @@ def _break_container_field(ms):
 
 
 def _break_port_type(ms):
-    pick(ms, "Service")["spec"]["ports"][0]["port"] = "eighty"
+    pick(ms, "Service", "llm-service")["spec"]["ports"][0]["port"] = "eighty"
     return "Service/ai-production/llm-service", "spec.ports.0.port", {"k8s-1.30", "k8s-1.33"}
 
 
