@@ -172,3 +172,15 @@ def test_autoscaling_queries_and_an_alert_on_live_data(server, prometheus):
     assert firing[0]["metric"]["model"] == MODEL_NAME and float(firing[0]["value"][1]) > 1e-6
     # A healthy queue (at most 4 waiting) stays under the backlog threshold of 10: that alert selects nothing.
     assert query(prometheus, backlog_alert) == []
+
+
+def test_the_keda_trigger_reads_zero_not_nothing_for_a_model_without_pods(server, prometheus):
+    """At zero replicas no series exist; a sum over none is no value, and KEDA must read 0 plus the gateway's held
+    requests, not nothing. A real Prometheus evaluates the rendered trigger for a model that has no pods."""
+    queries = model_queries(BUILTIN, namespace=NAMESPACE, workload="asleep", served_model_name="asleep-model",
+                            hpa_name=None, min_replicas=0, certificate=None, dcgm=False, gateway=True)
+    wait_for(prometheus, queries.waiting.replace("asleep-model", MODEL_NAME), lambda r: bool(r))  # scraped
+    (sample,) = query(prometheus, queries.load_total)
+    assert sample["metric"] == {} and float(sample["value"][1]) == 0
+    # The bare sums, as the trigger was written before, give nothing at all.
+    assert query(prometheus, queries.load_total.replace(" or vector(0)", "")) == []

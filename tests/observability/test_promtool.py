@@ -35,7 +35,7 @@ def prod_rules(tmp_path_factory):
     rule = result.one("PrometheusRule")
     path = tmp_path_factory.mktemp("rules") / "rules.yaml"
     path.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}, sort_keys=False))
-    return path, {r["alert"]: r for r in rule["spec"]["groups"][0]["rules"]}
+    return path, {r["alert"]: r for group in rule["spec"]["groups"] for r in group["rules"]}
 
 
 def run(promtool, *args, cwd=None):
@@ -59,7 +59,7 @@ def test_promtool_check_catches_a_broken_expression(promtool, tmp_path):
 @pytest.mark.parametrize("runtime", sorted(RUNTIMES))
 def test_every_contract_query_parses(promtool, tmp_path, runtime):
     q = model_queries(RUNTIMES[runtime], namespace="ns", workload="m", served_model_name="m", hpa_name="m-hpa",
-                      min_replicas=1, certificate="m-tls", dcgm=True)
+                      min_replicas=1, certificate="m-tls", dcgm=True, gateway=True)
     exprs = {f.name: getattr(q, f.name) for f in dataclasses.fields(q) if isinstance(getattr(q, f.name), str)}
     # prometheus-adapter fills its template before querying; any concrete matcher and grouping will do here.
     exprs["adapter_rule"] = q.adapter_rule["metricsQuery"].replace("<<.LabelMatchers>>", 'namespace="ns"') \
@@ -69,7 +69,7 @@ def test_every_contract_query_parses(promtool, tmp_path, runtime):
     path.write_text(yaml.safe_dump({"groups": [{"name": "contract", "rules": rules}]}))
     proc = run(promtool, "check", "rules", str(path))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert len(rules) >= 14
+    assert len(rules) >= 15 and "gateway_pending" in exprs
 
 
 # ------------------------------------------------------------------------------------ promtool test rules
@@ -84,15 +84,20 @@ def expected(rule, **extra_labels):
     return [{"exp_labels": {**rule["labels"], **extra_labels}, "exp_annotations": dict(rule["annotations"])}]
 
 
-# Alerts whose expression keeps a label of the series (the quantile is taken per model).
-EXTRA_LABELS = {"LLMTimeToFirstTokenSlow": {"model": MODEL}}
+GATEWAY = f'namespace="{NS}",model="{MODEL}",pod="llm-gateway-5c7b-xyz12"'
+
+# Alerts whose expression keeps a label of the series (the quantile and the gateway's ratio are per model).
+EXTRA_LABELS = {"LLMTimeToFirstTokenSlow": {"model": MODEL}, "LLMGatewayServerErrors": {"model": MODEL}}
 
 
 CASES = {
     # alert: (series that make it fire, series that must not, eval time)
     "LLMHighErrorRatio": (
-        [(f'llm_requests_total{{{OWN},status="500"}}', "0+30x30"), (f'llm_requests_total{{{OWN},status="200"}}', "0+30x30")],
-        [(f'llm_requests_total{{{OWN},status="500"}}', "0+1x30"), (f'llm_requests_total{{{OWN},status="200"}}', "0+99x30")],
+        [(f'llm_requests_total{{{OWN},status="error",code="500"}}', "0+30x30"),
+         (f'llm_requests_total{{{OWN},status="success",code="200"}}', "0+30x30")],
+        [(f'llm_requests_total{{{OWN},status="error",code="500"}}', "0+1x30"),
+         (f'llm_requests_total{{{OWN},status="error",code="400"}}', "0+50x30"),
+         (f'llm_requests_total{{{OWN},status="success",code="200"}}', "0+99x30")],
         "20m"),
     "LLMTimeToFirstTokenSlow": (
         [(f'llm_time_to_first_token_seconds_bucket{{{OWN},le="1"}}', "0x40"),
@@ -126,6 +131,18 @@ CASES = {
         [(f'llm_gpu_utilization{{{POD_LABELS},gpu_id="0"}}', "2x60"),
          (f"kube_horizontalpodautoscaler_status_current_replicas{{{HPA}}}", "2x60")],
         "50m"),
+    "LLMGatewayRequestsHeld": (
+        # Held for a cold start that never completes (or every pod saturated), against a brief hold.
+        [(f"llm_gateway_pending_requests{{{GATEWAY}}}", "3x30")],
+        [(f"llm_gateway_pending_requests{{{GATEWAY}}}", "3x5 0x25")],
+        "25m"),
+    "LLMGatewayServerErrors": (
+        [(f'llm_gateway_requests_total{{{GATEWAY},code="503"}}', "0+30x30"),
+         (f'llm_gateway_requests_total{{{GATEWAY},code="200"}}', "0+30x30")],
+        [(f'llm_gateway_requests_total{{{GATEWAY},code="503"}}', "0+1x30"),
+         (f'llm_gateway_requests_total{{{GATEWAY},code="429"}}', "0+50x30"),
+         (f'llm_gateway_requests_total{{{GATEWAY},code="200"}}', "0+99x30")],
+        "20m"),
     "LLMCertificateExpiringSoon": (
         # Expiry 5 days after the start of the test clock (t=0), evaluated 2 hours in.
         [(f'certmanager_certificate_expiration_timestamp_seconds{{namespace="{NS}",name="llm-tls"}}', "432000x180")],
