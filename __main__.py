@@ -48,6 +48,7 @@ for model, plan in zip(cfg.models, cfg.plans):
         service_account=guardrails.service_account_name,
         network_policies=cfg.guardrails.network_policies,
         backups=cfg.backups,
+        scheduling=gpu_pool.scheduling,
     ), opts=pulumi.ResourceOptions(depends_on=[guardrails, *addons.releases.values()]))
     servings[model.name] = LLMServing(model.name, LLMServingArgs(
         namespace=guardrails.namespace_name,

@@ -319,7 +319,8 @@ def plan_storage(cfg: StackConfig, m: ModelConfig) -> tuple[dict, tuple[str, ...
             model_path = f"{m.model_path or f'{MODELS_MOUNT}/{m.name}'}/{src.directory}"
             how = (f"Job {fill_job_name(m, src.short_id)} fills the volume before the pods roll"
                    if m.workload == "deployment" else
-                   "each replica's init container fills its own volume (so these pods may reach the source)")
+                   f"the {model_max_replicas(m)} replica volumes are created ahead of the pods, each filled by its "
+                   f"own Job ({fill_job_name(m, src.short_id)}-<ordinal>, beside its replica) before the pods roll")
             lines.append(f"model: {m.source} ({pin}) -> {model_path}; {how}; pods serve offline after checking "
                          f"the fill's manifest; {m.fill.keep_revisions} revision(s) kept on the volume")
     if storage.restore_from_snapshot:

@@ -29,7 +29,7 @@ RUN_AS_ID = 10001
 API_KEYS_DIR = "/var/run/secrets/llm-platform"
 API_KEYS_FILE_KEY = "api-keys"
 FILL_LABEL = "llm-platform/fills-model"
-"""On every pod that downloads a model (fill Jobs, StatefulSet pods): the fill egress policy selects it."""
+"""On every pod that downloads a model (the fill Jobs' pods only): the fill egress policy selects it."""
 SOURCE_ANNOTATION = "llm-platform/model-source"
 REVISION_ANNOTATION = "llm-platform/model-revision"
 SOURCE_CREDENTIALS_DIR = "/var/run/secrets/model-source"
@@ -59,11 +59,6 @@ def source_annotations(model: ModelConfig) -> dict[str, str]:
     if model.source is None:
         return {}
     return {SOURCE_ANNOTATION: model.source, REVISION_ANNOTATION: parse_source(model.source).revision_label}
-
-
-def fills_in_pod(model: ModelConfig) -> bool:
-    """StatefulSet replicas fill their own volumes (an init container); Deployments share one filled by a Job."""
-    return model.workload == "statefulset" and model.source is not None
 
 
 def serving_pods_selector() -> dict[str, str]:
@@ -329,10 +324,9 @@ def pod_spec(model: ModelConfig, *, service_account: str, api_key_secret: str,
         }],
     }
     if model.source is not None:
-        # The server starts only on a complete model of the configured revision.
-        spec["initContainers"] = [fetch_container(model, fill=fills_in_pod(model))]
-        if fills_in_pod(model) and (credentials := source_credentials_volume(model)):
-            volumes.append(credentials)
+        # The server starts only on a complete model of the configured revision; serving pods never download
+        # (ModelStorage's fill Jobs do), so they never need the source's network or credentials.
+        spec["initContainers"] = [fetch_container(model, fill=False)]
     if model.gpus_per_replica:
         spec.update(scheduling)
     return spec

@@ -13,7 +13,7 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 from components.builders import (
-    FILL_LABEL, PORT_NAME, SERVING_PORT, fills_in_pod, hpa_spec, keda_scaled_object_spec, labels, pod_spec,
+    PORT_NAME, SERVING_PORT, hpa_spec, keda_scaled_object_spec, labels, pod_spec,
     selector_labels, source_annotations,
 )
 from components.model_storage import model_claim_spec, volume_labels
@@ -65,9 +65,8 @@ class LLMServing(pulumi.ComponentResource):
         def meta(object_name: str) -> dict[str, Any]:
             return {"name": object_name, "namespace": args.namespace, "labels": common}
 
-        pod_labels = {**common, FILL_LABEL: model.name} if fills_in_pod(model) else common
         template = {
-            "metadata": {"labels": pod_labels,
+            "metadata": {"labels": common,
                          "annotations": {**(args.pod_annotations or {}), **source_annotations(model)}},
             "spec": pod_spec(model, service_account=args.service_account, api_key_secret=args.api_key_secret,
                              scheduling=args.scheduling, gpu_resource=args.gpu_resource),

@@ -5,8 +5,10 @@
   from a VolumeSnapshot when `storage.restoreFromSnapshot` is set.
 - A fill Job per model and source revision (`python -m serving.fetch` from the serving image): downloads into a
   temporary directory, verifies, writes a manifest and renames into place; `pulumi up` waits for it, then the
-  workload rolls (its pod template carries the revision). StatefulSet replicas fill their own volumes in an init
-  container instead (see `builders.pod_spec`).
+  workload rolls (its pod template carries the revision). A StatefulSet's per-replica volumes are created here
+  ahead of its pods (one per ordinal up to maxReplicas, under the names its volumeClaimTemplates give, so it adopts
+  them), each with its own fill Job, placed beside that replica's pod (a ReadWriteOnce volume mounts on one node).
+  Serving pods never download: only fill pods may reach the source.
 - The fill's egress NetworkPolicy: its source on one port, nothing else (DNS comes from the namespace policy).
 - A snapscheduler SnapshotSchedule for the model volumes, with retention.
 """
@@ -19,11 +21,11 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 from components.builders import (
-    FILL_LABEL, PART_OF, fetch_container, labels, namespace_selector, pod_security_context, source_annotations,
-    source_credentials_volume,
+    FILL_LABEL, PART_OF, fetch_container, labels, model_volume_name, namespace_selector, pod_security_context,
+    source_annotations, source_credentials_volume,
 )
 from model_source import parse_source
-from stack_config import BackupsConfig, ModelConfig, fill_job_name
+from stack_config import BackupsConfig, ModelConfig, dns_name, fill_job_name, model_max_replicas
 
 VOLUME_LABEL = "llm-platform/model-volume"
 """On every model volume: the snapshot schedule selects the claims by it."""
@@ -60,7 +62,27 @@ def fill_labels(model: ModelConfig) -> dict[str, str]:
             "app.kubernetes.io/part-of": PART_OF, "app.kubernetes.io/managed-by": "pulumi", FILL_LABEL: model.name}
 
 
-def fill_job_spec(model: ModelConfig, *, service_account: str) -> dict[str, Any]:
+def statefulset_claim_names(model: ModelConfig) -> list[str]:
+    """The claims a StatefulSet's volumeClaimTemplates name (`<template>-<statefulset>-<ordinal>`), for every ordinal
+    up to maxReplicas."""
+    return [f"{model.storage.template_name}-{model.name}-{ordinal}" for ordinal in range(model_max_replicas(model))]
+
+
+def replica_fill_placement(model: ModelConfig, ordinal: int, scheduling: dict[str, Any]) -> dict[str, Any]:
+    """Beside replica `ordinal`'s pod while it runs (its ReadWriteOnce volume is attached to that node, and only
+    pods on the same node can mount it), on the GPU nodes (their taints tolerated) so a new volume is provisioned
+    where the replica can use it."""
+    placement: dict[str, Any] = {k: v for k, v in scheduling.items() if k in ("nodeSelector", "tolerations")}
+    placement["affinity"] = {"podAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{
+        "weight": 100,
+        "podAffinityTerm": {"labelSelector": {"matchLabels": {
+            "statefulset.kubernetes.io/pod-name": f"{model.name}-{ordinal}"}},
+            "topologyKey": "kubernetes.io/hostname"}}]}}
+    return placement
+
+
+def fill_job_spec(model: ModelConfig, *, service_account: str, claim_name: str | None = None,
+                  placement: dict[str, Any] | None = None) -> dict[str, Any]:
     """Runs once per revision; a failed pod is retried and resumes the partial download left on the volume. The retry
     starts only once the failed pod is gone (`podReplacementPolicy: Failed`): two fill pods never write at once."""
     return {
@@ -75,9 +97,11 @@ def fill_job_spec(model: ModelConfig, *, service_account: str) -> dict[str, Any]
                 "automountServiceAccountToken": False,
                 "enableServiceLinks": False,
                 "securityContext": pod_security_context(),
+                **(placement or {}),
                 "containers": [fetch_container(model, fill=True)],
                 "volumes": [
-                    {"name": "model-storage", "persistentVolumeClaim": {"claimName": model.storage.claim_name}},
+                    {"name": model_volume_name(model),
+                     "persistentVolumeClaim": {"claimName": claim_name or model.storage.claim_name}},
                     {"name": "tmp", "emptyDir": {"sizeLimit": model.fill.resources.limits.ephemeral_storage}},
                     *filter(None, [source_credentials_volume(model)]),
                 ],
@@ -87,7 +111,7 @@ def fill_job_spec(model: ModelConfig, *, service_account: str) -> dict[str, Any]
 
 
 def fill_egress_policy_spec(model: ModelConfig) -> dict[str, Any]:
-    """The pods that download (the fill Job's, or a StatefulSet's) reach the source's port and nothing else."""
+    """The pods that download (the fill Jobs') reach the source's port and nothing else."""
     peers: list[dict[str, Any]] = []
     for cidr in model.fill.egress_cidrs:
         block: dict[str, Any] = {"cidr": cidr}
@@ -117,10 +141,6 @@ def snapshot_schedule_spec(model: ModelConfig, backups: BackupsConfig) -> dict[s
     }
 
 
-def fills_with_job(model: ModelConfig) -> bool:
-    return model.workload == "deployment" and model.source is not None and parse_source(model.source).kind != "pvc"
-
-
 def fetches_from_network(model: ModelConfig) -> bool:
     return model.source is not None and parse_source(model.source).kind != "pvc"
 
@@ -140,11 +160,15 @@ class ModelStorageArgs:
     service_account: str
     network_policies: bool
     backups: BackupsConfig
+    scheduling: dict[str, Any] | None = None
+    """GpuPool's scheduling fragment: a StatefulSet replica's fill runs on the GPU nodes, beside the replica."""
 
 
 class ModelStorage(pulumi.ComponentResource):
     claim: k8s.core.v1.PersistentVolumeClaim | None
     fill_job: k8s.batch.v1.Job | None
+    replica_claims: list[k8s.core.v1.PersistentVolumeClaim]
+    replica_fill_jobs: list[k8s.batch.v1.Job]
     ready: list[pulumi.Resource]
     """What the workload must wait for: the claim, and the fill of the configured revision."""
 
@@ -169,20 +193,36 @@ class ModelStorage(pulumi.ComponentResource):
                 opts=pulumi.ResourceOptions(parent=self, aliases=[pulumi.Alias(
                     parent=pulumi.create_urn(model.name, "llm-platform:index:LLMServing"))]))
 
-        if fills_with_job(model):
-            src = parse_source(model.source)
+        def fill_job(resource_name: str, job_name: str, claim: k8s.core.v1.PersistentVolumeClaim | None,
+                     **spec: Any) -> k8s.batch.v1.Job:
             timeout = f"{model.fill.deadline_seconds + 300}s"
-            self.fill_job = k8s.batch.v1.Job(
-                f"{model.name}-fill",
-                metadata=meta(fill_job_name(model, src.short_id), fill_labels(model), {
+            return k8s.batch.v1.Job(
+                resource_name,
+                metadata=meta(job_name, fill_labels(model), {
                     **source_annotations(model),
                     # A failed fill (bad token, source down) is replaced, so the next `pulumi up` retries it.
                     "pulumi.com/replaceUnready": "true",
                 }),
-                spec=fill_job_spec(model, service_account=args.service_account),
+                spec=fill_job_spec(model, service_account=args.service_account, **spec),
                 opts=pulumi.ResourceOptions(
-                    parent=self, depends_on=[self.claim] if self.claim else None,
+                    parent=self, depends_on=[claim] if claim else None,
                     custom_timeouts=pulumi.CustomTimeouts(create=timeout, update=timeout)))
+
+        self.replica_claims, self.replica_fill_jobs = [], []
+        if fetches_from_network(model):
+            src = parse_source(model.source)
+            if model.workload == "deployment":
+                self.fill_job = fill_job(f"{model.name}-fill", fill_job_name(model, src.short_id), self.claim)
+            else:
+                for ordinal, claim_name in enumerate(statefulset_claim_names(model)):
+                    claim = k8s.core.v1.PersistentVolumeClaim(
+                        f"{model.name}-model-data-{ordinal}", metadata=meta(claim_name, volume_labels(model)),
+                        spec=model_claim_spec(model), opts=child)
+                    self.replica_claims.append(claim)
+                    self.replica_fill_jobs.append(fill_job(
+                        f"{model.name}-fill-{ordinal}", dns_name(fill_job_name(model, src.short_id)[:58], str(ordinal)),
+                        claim, claim_name=claim_name,
+                        placement=replica_fill_placement(model, ordinal, args.scheduling or {})))
 
         self.fill_policy = None
         if args.network_policies and fetches_from_network(model):
@@ -197,7 +237,7 @@ class ModelStorage(pulumi.ComponentResource):
                 metadata=meta(f"{model.name}-model-volume", labels(model.name)),
                 spec=snapshot_schedule_spec(model, args.backups), opts=child)
 
-        self.ready = [r for r in (self.claim, self.fill_job) if r is not None]
+        self.ready = [r for r in (self.claim, self.fill_job) if r is not None] + self.replica_fill_jobs
         self.register_outputs({
             "claim": model.storage.claim_name if model.workload == "deployment" else None,
             "modelPath": model.model_path,

@@ -260,21 +260,42 @@ def test_unpinned_source_is_refused_for_prod():
 # ------------------------------------------------------------------------------ statefulset: init container
 
 
-def test_statefulset_replicas_fill_their_own_volumes(rendered):
+def test_statefulset_volumes_are_filled_by_jobs_and_its_pods_never_reach_the_source(rendered):
+    """The replicas' volumes are created ahead of the pods under the names the volumeClaimTemplates give (so the
+    StatefulSet adopts them), each filled by its own Job; the serving pods only check the manifest, carry no fill
+    label, and so get no egress to the source for their whole life."""
     example = rendered("examples/Pulumi.prod-statefulset.yaml")
-    assert not example.of_kind("Job")                         # no shared claim to fill once
     sts = example.one("StatefulSet")
-    fill = init_container(sts)
-    assert fill["name"] == "model-fill" and "--verify" not in fill["command"]
-    assert fill["volumeMounts"][0] == {"name": "model-data", "mountPath": "/models", "readOnly": False}
-    serving = pod(sts)["spec"]["containers"][0]
-    assert next(m for m in serving["volumeMounts"] if m["name"] == "model-data")["readOnly"] is True
-    # These pods download, so the fill egress policy selects them.
-    assert pod(sts)["metadata"]["labels"][FILL_LABEL] == "llm-service"
-    policy = example.one("NetworkPolicy", "llm-service-fill-egress")
-    assert policy["spec"]["podSelector"]["matchLabels"] == {FILL_LABEL: "llm-service"}
     (template,) = sts["spec"]["volumeClaimTemplates"]
     assert template["metadata"]["labels"][VOLUME_LABEL] == "llm-service"
+    claims = {c["metadata"]["name"]: c for c in example.of_kind("PersistentVolumeClaim")}
+    assert sorted(claims) == sorted(f"model-data-llm-service-{i}" for i in range(10))    # maxReplicas 10
+    assert all(c["spec"]["accessModes"] == ["ReadWriteOnce"] and c["metadata"]["labels"][VOLUME_LABEL] == "llm-service"
+               for c in claims.values())
+    jobs = {j["metadata"]["name"]: j for j in example.of_kind("Job")}
+    assert len(jobs) == 10
+    job = jobs["llm-service-fill-92c8bda1-3"]["spec"]["template"]
+    assert job["metadata"]["labels"][FILL_LABEL] == "llm-service"
+    assert next(v for v in job["spec"]["volumes"] if v["name"] == "model-data") == \
+        {"name": "model-data", "persistentVolumeClaim": {"claimName": "model-data-llm-service-3"}}
+    # Beside replica 3 (its ReadWriteOnce volume is attached there), on the GPU nodes.
+    term = job["spec"]["affinity"]["podAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]
+    assert term["podAffinityTerm"] == {"labelSelector": {"matchLabels": {
+        "statefulset.kubernetes.io/pod-name": "llm-service-3"}}, "topologyKey": "kubernetes.io/hostname"}
+    assert job["spec"]["nodeSelector"] == pod(sts)["spec"]["nodeSelector"]
+    assert job["spec"]["tolerations"] == pod(sts)["spec"]["tolerations"]
+    assert "nvidia.com/gpu" not in job["spec"]["containers"][0]["resources"]["limits"]
+    check = init_container(sts)
+    assert check["name"] == "model-check" and "--verify" in check["command"]
+    assert check["volumeMounts"][0] == {"name": "model-data", "mountPath": "/models", "readOnly": True}
+    assert FILL_LABEL not in pod(sts)["metadata"]["labels"]
+    assert not any(v["name"] == "source-credentials" for v in pod(sts)["spec"]["volumes"])
+    policy = example.one("NetworkPolicy", "llm-service-fill-egress")
+    assert policy["spec"]["podSelector"]["matchLabels"] == {FILL_LABEL: "llm-service"}
+    # The StatefulSet rolls only once every replica volume holds the revision.
+    fills = {r.name for r in example.resources if r.type.endswith(":Job")}
+    statefulset = next(r for r in example.resources if r.type.endswith(":StatefulSet"))
+    assert {urn.rsplit("::", 1)[1] for urn in statefulset.depends_on if ":Job::" in urn} == fills
 
 
 def test_example_creates_its_snapshot_class_and_operator(rendered):

@@ -203,4 +203,8 @@ def test_statefulset_alternative(rendered):
     headless = sts_stack.one("Service", sts["spec"]["serviceName"])
     assert headless["spec"]["clusterIP"] == "None"
     assert sts_stack.one("HorizontalPodAutoscaler", "llm-service-hpa")["spec"]["scaleTargetRef"]["kind"] == "StatefulSet"
-    assert not sts_stack.of_kind("PersistentVolumeClaim")
+    # The article's per-replica volumes, created ahead of the pods under the template's names so that each is filled
+    # by a Job of its own (tests/platform/test_model_storage.py), with the template's spec.
+    claims = sts_stack.of_kind("PersistentVolumeClaim")
+    assert {c["metadata"]["name"] for c in claims} == {f"model-data-llm-service-{i}" for i in range(10)}
+    assert all(c["spec"] == template["spec"] for c in claims)
