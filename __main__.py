@@ -36,6 +36,7 @@ guardrails = Guardrails("guardrails", GuardrailsArgs(
     guardrails=cfg.guardrails,
     model_names=[m.name for m in cfg.models],
     extra_ingress_namespaces=extra_callers,
+    group_sizes={m.name: m.nodes_per_replica for m in cfg.models if m.workload == "leaderworkerset"},
 ), opts=after_addons)
 
 servings = {}

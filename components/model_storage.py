@@ -75,7 +75,9 @@ def fill_job_spec(model: ModelConfig, *, service_account: str) -> dict[str, Any]
                 "automountServiceAccountToken": False,
                 "enableServiceLinks": False,
                 "securityContext": pod_security_context(),
-                "containers": [fetch_container(model, fill=True)],
+                # The base model and each LoRA adapter fill their own directories, side by side.
+                "containers": [fetch_container(model, fill=True)] + [
+                    fetch_container(model, fill=True, adapter=name) for name in sorted(model.vllm.lora_adapters)],
                 "volumes": [
                     {"name": "model-storage", "persistentVolumeClaim": {"claimName": model.storage.claim_name}},
                     {"name": "tmp", "emptyDir": {"sizeLimit": model.fill.resources.limits.ephemeral_storage}},
@@ -118,7 +120,8 @@ def snapshot_schedule_spec(model: ModelConfig, backups: BackupsConfig) -> dict[s
 
 
 def fills_with_job(model: ModelConfig) -> bool:
-    return model.workload == "deployment" and model.source is not None and parse_source(model.source).kind != "pvc"
+    """Deployments and LeaderWorkerSets share one claim, filled once by a Job; StatefulSet pods fill their own."""
+    return model.workload != "statefulset" and model.source is not None and parse_source(model.source).kind != "pvc"
 
 
 def fetches_from_network(model: ModelConfig) -> bool:
@@ -126,7 +129,7 @@ def fetches_from_network(model: ModelConfig) -> bool:
 
 
 def owns_claim(model: ModelConfig) -> bool:
-    return model.workload == "deployment" and not (model.source and parse_source(model.source).kind == "pvc")
+    return model.workload != "statefulset" and not (model.source and parse_source(model.source).kind == "pvc")
 
 
 # ----------------------------------------------------------------------------------------- component
@@ -199,7 +202,7 @@ class ModelStorage(pulumi.ComponentResource):
 
         self.ready = [r for r in (self.claim, self.fill_job) if r is not None]
         self.register_outputs({
-            "claim": model.storage.claim_name if model.workload == "deployment" else None,
+            "claim": model.storage.claim_name if model.workload != "statefulset" else None,
             "modelPath": model.model_path,
             "source": model.source,
         })
