@@ -63,6 +63,14 @@ def statefulset_manifests() -> list[dict[str, Any]]:
     pytest.fail("no stack renders a StatefulSet; keep one in examples/ so the StatefulSet checks run")
 
 
+def leaderworkerset_manifests() -> list[dict[str, Any]]:
+    """A deep copy of the first stack that renders a LeaderWorkerSet (the multi-node example today)."""
+    for stack_file in STACK_FILES:
+        if any(m["kind"] == "LeaderWorkerSet" for m in manifests_of(stack_file)):
+            return copy.deepcopy(manifests_of(stack_file))
+    pytest.fail("no stack renders a LeaderWorkerSet; keep one in examples/ so the LeaderWorkerSet checks run")
+
+
 def pick(manifests: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
     found = [m for m in manifests if m["kind"] == kind and (name is None or m["metadata"]["name"] == name)]
     assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
