@@ -1010,6 +1010,7 @@ _VLLM_OWNED_FLAGS = {
 }
 """`vllm serve` flags the platform sets from typed config; `vllm.extraArgs` may not set them."""
 _PARSER_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+_ADAPTER_NAME = re.compile(r"^[a-z0-9]([-a-z0-9._]*[a-z0-9])?$")
 
 
 def owned_vllm_flag(arg: str) -> str | None:
@@ -1083,9 +1084,9 @@ def _validate_vllm(m: ModelConfig, dtype: str, p: str, r: _Reader) -> None:
                                                 "refuses to start (each step must fit one token per sequence)")
     for name, source in v.lora_adapters.items():
         key = f"{p}.vllm.loraAdapters.{name}"
-        if not _DNS1123_LABEL.match(name) or len(name) > 63:
-            r.fail(key, f"{name!r} is not a valid adapter name (lowercase letters, digits and '-'); clients send it "
-                        "as the model")
+        if not _ADAPTER_NAME.match(name) or len(name) > 63:
+            r.fail(key, f"{name!r} is not a valid adapter name (lowercase letters, digits, '-', '.' and '_'); "
+                        "clients send it as the model")
         if name == m.served_model_name:
             r.fail(key, f"{name!r} is the base model's servedModelName; give the adapter its own name")
         try:

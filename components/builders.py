@@ -312,7 +312,8 @@ def fetch_container(model: ModelConfig, *, fill: bool, adapter: str | None = Non
         resources = {"requests": {"cpu": "100m", "memory": "256Mi", "ephemeral-storage": "64Mi"},
                      "limits": {"cpu": "1", "memory": "512Mi", "ephemeral-storage": "256Mi"}}
     return {
-        "name": ("model-fill" if fill else "model-check") + (f"-{adapter}"[:40] if adapter else ""),
+        "name": (("model-fill" if fill else "model-check")
+                 + (f"-{adapter}".replace(".", "-").replace("_", "-")[:40].rstrip("-") if adapter else "")),
         "image": fetch_image(model),
         "imagePullPolicy": model.image_pull_policy,
         "command": command + [source, destination],
