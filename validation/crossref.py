@@ -336,6 +336,10 @@ def leaderworkerset_groups(ms: Manifests) -> list[Finding]:
         if size > 1 and group.get("restartPolicy", "RecreateGroupOnPodRestart") != "RecreateGroupOnPodRestart":
             out.append(_finding("leaderworkerset-groups", lws, f"restartPolicy {group.get('restartPolicy')!r}: a "
                                                                "group must be recreated when one of its pods restarts"))
+        leader_container = ((leader.get("spec") or {}).get("containers") or [{}])[0]
+        if size > 1 and not {"livenessProbe", "readinessProbe"} <= set(leader_container):
+            out.append(_finding("leaderworkerset-groups", lws, "the leader has no liveness and readiness probes: "
+                                                               "they are the group's health (workers are headless)"))
         if size > 1 and spec.get("startupPolicy") == "LeaderReady":
             out.append(_finding("leaderworkerset-groups", lws, "startupPolicy LeaderReady: the leader becomes ready "
                                                                "only once its workers joined, which start after it"))

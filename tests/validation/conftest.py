@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from validation.checkov_runner import CheckovError, CheckovReport, find_checkov, run_checkov
+from validation.checkov_runner import CheckovError, CheckovReport, find_checkov, lws_pod_templates, run_checkov
 from validation.manifests import ROOT, discover_stack_files, render, stack_label, write_dir
 
 STACK_FILES = discover_stack_files()
@@ -98,7 +98,8 @@ def rendered_dir(tmp_path_factory):
     def get(stack_file: Path) -> Path:
         if stack_file not in written:
             directory = tmp_path_factory.mktemp(stack_label(stack_file).replace("/", "-"))
-            write_dir(manifests_of(stack_file), directory)
+            # As `python -m validation` writes it: LeaderWorkerSet pod templates beside it, for checkov.
+            write_dir(manifests_of(stack_file) + lws_pod_templates(manifests_of(stack_file)), directory)
             written[stack_file] = directory
         return written[stack_file]
     return get

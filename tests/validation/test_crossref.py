@@ -177,6 +177,8 @@ CASES += [
      lambda ms: pick(ms, "PodDisruptionBudget")["spec"].update(maxUnavailable=1), leaderworkerset_manifests),
     ("leaderworkerset-groups", "no-group-restart",
      lambda ms: _lws(ms)["spec"]["leaderWorkerTemplate"].update(restartPolicy="None"), leaderworkerset_manifests),
+    ("leaderworkerset-groups", "leader-without-probes",
+     lambda ms: _lws_template("leader")(ms)["spec"]["containers"][0].pop("livenessProbe"), leaderworkerset_manifests),
     ("leaderworkerset-groups", "leader-ready-startup",
      lambda ms: _lws(ms)["spec"].update(startupPolicy="LeaderReady"), leaderworkerset_manifests),
     ("hpa-target", "lws-wrong-api-version",
