@@ -442,5 +442,7 @@ def plan_stack(cfg: StackConfig, fail: Fail) -> StackConfig:
             cost_per_hour_max=None if price is None else hi * m.gpus_per_replica * price,
             autoscaling=describe_autoscaling(m, target, estimate, gib(capacity.weight_bytes(s)) if s else None),
             target_load_per_replica=target, model_storage=storage_lines, queries=queries,
-            nodes_per_replica=m.nodes_per_replica, layout=describe_layout(m)))
+            nodes_per_replica=m.nodes_per_replica, layout=describe_layout(m) + (
+                "; needs the LeaderWorkerSet controller in the cluster (addons.leaderWorkerSet.enabled installs it)"
+                if m.workload == "leaderworkerset" and not cfg.addons.leader_worker_set.enabled else "")))
     return dataclasses.replace(cfg, models=models, plans=tuple(plans))

@@ -88,7 +88,8 @@ class GpuPoolConfig:
     gpu_memory_gib: int = field(default=80, metadata={"min": 1, "key": "gpuMemoryGiB"})
     """Memory of one GPU, used by capacity checks."""
     gpus_per_node: int | None = field(default=None, metadata={"min": 1})
-    """GPUs on one node of the pool; when set, a replica asking for more can never schedule."""
+    """GPUs on one node of the pool; a replica asking for more runs as a LeaderWorkerSet group across nodes (vLLM),
+    and the capacity plan suggests multi-node layouts from it."""
     node_selector: dict[str, str] = field(default_factory=dict)
     """Node labels that pick the GPU nodes (e.g. `nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3`)."""
     tolerations: list[Toleration] = field(
@@ -324,7 +325,8 @@ class SizingConfig:
     attention_heads: int | None = field(default=None, metadata={"min": 1})
     """Optional; tensor parallelism (gpusPerReplica) must divide it."""
     dtype: Literal["bfloat16", "float16", "float8", "int4"] = "bfloat16"
-    """Weight dtype; int4 keeps a 16-bit KV cache."""
+    """Weight dtype; the builtin runtime loads bfloat16/float16 only, vLLM needs the matching `vllm.quantization` for
+    float8 and int4. The KV cache is 16-bit unless `vllm.kvCacheDtype` is fp8 (required with float8)."""
     max_context_tokens: int | None = field(default=None, metadata={"min": 16})
     """Context window each sequence may use (prompt plus output); required. Sets MAX_MODEL_LEN."""
     max_concurrent_sequences: int | None = field(default=None, metadata={"min": 1})
@@ -455,8 +457,8 @@ class ModelConfig:
     storage_read_mbps: float = field(default=250.0, metadata={"min": 1, "key": "storageReadMBps"})
     """Model volume read throughput (MB/s), for the load-time estimate behind the startup probe budget."""
     shm_size: str | None = field(default=None, metadata=_quantity())
-    """/dev/shm size for pods with gpusPerReplica > 1 (memory-backed, counted against the memory limit);
-    unset: 2Gi per GPU, at most 16Gi."""
+    """/dev/shm size for multi-GPU and multi-node pods (NCCL; memory-backed, counted against the memory limit);
+    unset: 2Gi per GPU of the pod, at most 16Gi."""
     service_type: Literal["ClusterIP", "LoadBalancer", "NodePort"] = "ClusterIP"
     """Service type; a LoadBalancer's outside callers also need `guardrails.allowFrom.ipBlocks`."""
     service_port: int = field(default=80, metadata={"min": 1, "max": 65535})
