@@ -1202,4 +1202,8 @@ def _validate_backups(cfg: StackConfig, r: _Reader) -> None:
 
 _MANAGED_ENV = {"MODEL_NAME": "servedModelName", "MODEL_PATH": "modelPath", "PORT": "the platform (8000)",
                 "API_KEYS_FILE": "the generated API-key Secret", "MAX_NUM_SEQS": "maxNumSeqs",
-                "MAX_MODEL_LEN": "maxModelLen", "DRAIN_SECONDS": "drainSeconds"}
+                "MAX_MODEL_LEN": "maxModelLen", "DRAIN_SECONDS": "drainSeconds",
+                "VLLM_API_KEY": "the generated API-key Secret (read from its mounted file)",
+                "VLLM_HOST_IP": "the platform (each pod's IP, on a leaderworkerset)",
+                "LWS_LEADER_ADDRESS": "the LeaderWorkerSet controller", "LWS_GROUP_SIZE": "the LeaderWorkerSet controller",
+                "LWS_WORKER_INDEX": "the LeaderWorkerSet controller"}

@@ -239,6 +239,9 @@ def vllm_env(model: ModelConfig) -> list[dict[str, Any]]:
         {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
         {"name": "DO_NOT_TRACK", "value": "1"},
     ]
+    if model.nodes_per_replica > 1:
+        # The address this node announces to the group (NCCL, the cross-node message queues): the pod's own IP.
+        env.append({"name": "VLLM_HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
     env.extend({"name": k, "value": v} for k, v in sorted(model.env.items()))
     return env
 

@@ -91,6 +91,8 @@ BAD = {
     "lora rank without adapters": (tp4(maxLoraRank=16), "models[0].vllm.maxLoraRank: is set without loraAdapters"),
     "bad parser name": (tp4(toolCallParser="Llama 3 JSON"),
                         "models[0].vllm.toolCallParser: 'Llama 3 JSON' is not a parser name"),
+    "api key as an env literal": (tp4() | {"models": [{**stack_values(TP4)["models"][0], "env": {"VLLM_API_KEY": "k"}}]},
+                                  "models[0].env.VLLM_API_KEY: is set by the platform from the generated API-key Secret"),
     # Multi-node layouts that cannot work.
     "explicit deployment across nodes": (multinode(workload="deployment"),
                                          "models[0].gpusPerReplica: 16 is more than gpuPool.gpusPerNode 8; a deployment "
@@ -200,6 +202,7 @@ def test_leaderworkerset_group(multinode_result):
         assert (flag("--node-rank"), flag("--master-addr")) == ("$(LWS_WORKER_INDEX)", "$(LWS_LEADER_ADDRESS)")
         assert (flag("--quantization"), flag("--kv-cache-dtype")) == ("fbgemm_fp8", "fp8")
         assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+        assert {"name": "VLLM_HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}} in c["env"]
     assert "--headless" in wc["args"] and "--headless" not in lc["args"]
     # Probes and the API key on the leader only: a worker serves no HTTP; its death recreates the group.
     assert {"startupProbe", "livenessProbe", "readinessProbe"} <= set(lc) and not {"livenessProbe"} & set(wc)
