@@ -368,7 +368,7 @@ class FillConfig:
 
 VLLM_QUANTIZATION = {
     "float8": ("fp8", "fbgemm_fp8", "compressed-tensors", "modelopt"),
-    "int4": ("awq", "awq_marlin", "gptq", "gptq_marlin", "compressed-tensors", "bitsandbytes"),
+    "int4": ("awq", "awq_marlin", "gptq", "gptq_marlin", "compressed-tensors"),
 }
 """vLLM `--quantization` methods by the weight dtype the capacity plan sizes (`sizing.dtype`)."""
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -380,13 +380,14 @@ class VllmConfig:
     """Settings of the vLLM runtime (`runtime: vllm`); each becomes the vLLM flag named beside it."""
 
     quantization: Literal["fp8", "fbgemm_fp8", "compressed-tensors", "modelopt", "awq", "awq_marlin", "gptq",
-                          "gptq_marlin", "bitsandbytes"] | None = None
+                          "gptq_marlin"] | None = None
     """`--quantization`: the checkpoint's (or online) quantization method; it must match `sizing.dtype` (float8:
-    fp8, fbgemm_fp8, compressed-tensors, modelopt; int4: awq, awq_marlin, gptq, gptq_marlin, compressed-tensors,
-    bitsandbytes). Unset: the weights load in bfloat16/float16."""
+    fp8, fbgemm_fp8, compressed-tensors, modelopt; int4: awq, awq_marlin, gptq, gptq_marlin, compressed-tensors).
+    Unset: the weights load in bfloat16/float16."""
     kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] | None = None
     """`--kv-cache-dtype`; the plan sizes the KV cache at 1 byte per value for fp8*, 2 for auto. Required with
-    `sizing.dtype: float8` (say which the plan should size); unset otherwise means auto."""
+    `sizing.dtype: float8` (say which the plan should size); unset otherwise means auto. vLLM's other cache dtypes
+    (fp4, int4, ...) are not offered: the plan cannot size them yet."""
     enable_prefix_caching: bool | None = None
     """`--enable-prefix-caching` / `--no-enable-prefix-caching`; unset: vLLM's default (on)."""
     max_num_batched_tokens: int | None = field(default=None, metadata={"min": 1})
