@@ -82,8 +82,14 @@ class LLMServing(pulumi.ComponentResource):
         storage_ready = list(args.storage_ready or [])
         if model.workload == "leaderworkerset":
             def group_template(role: str) -> dict[str, Any]:
-                return {**template, "metadata": {**template["metadata"],
-                                                 "labels": {**template["metadata"]["labels"], ROLE_LABEL: role}},
+                metadata = {**template["metadata"], "labels": {**template["metadata"]["labels"], ROLE_LABEL: role}}
+                if role == "worker" and "annotations" in metadata:
+                    # Workers serve no /metrics: Prometheus scrape hints belong on the leaders only.
+                    metadata["annotations"] = {k: v for k, v in metadata["annotations"].items()
+                                               if not k.startswith("prometheus.io/")}
+                    if not metadata["annotations"]:
+                        del metadata["annotations"]
+                return {**template, "metadata": metadata,
                         "spec": pod_spec(model, service_account=args.service_account,
                                          api_key_secret=args.api_key_secret, scheduling=args.scheduling,
                                          gpu_resource=args.gpu_resource, role="server" if role == "leader" else role)}

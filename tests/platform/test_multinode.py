@@ -275,3 +275,12 @@ def test_worker_args_match_the_leader_but_headless():
     leader, worker = vllm_args(model), vllm_args(model, "worker")
     at = leader.index("--master-port") + 2
     assert worker == leader[:at] + ["--headless"] + leader[at:]
+
+
+def test_without_the_operator_only_leaders_carry_scrape_hints():
+    values = multinode()
+    values["observability"] = {"prometheusOperator": False}
+    group = render_values("prod", values).one("LeaderWorkerSet")["spec"]["leaderWorkerTemplate"]
+    assert group["leaderTemplate"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    assert not any(k.startswith("prometheus.io/") for k in group["workerTemplate"]["metadata"].get("annotations", {}))
+    assert group["workerTemplate"]["metadata"]["annotations"]["llm-platform/model-source"].startswith("s3://")
