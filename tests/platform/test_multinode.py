@@ -106,6 +106,13 @@ BAD = {
         {**multinode(workload="leaderworkerset"),
          "gpuPool": {k: v for k, v in stack_values(MULTINODE)["gpuPool"].items() if k != "gpusPerNode"}},
         "gpuPool.gpusPerNode: is required for models[0].workload leaderworkerset"),
+    "group name too long": (multinode(name="a" * 51),
+                            "is too long for a LeaderWorkerSet (51 characters): its pods are named "
+                            "<name>-lws-<group>-<index> and must stay a DNS label; use at most 50"),
+    "lora on a statefulset": (tp4(loraAdapters={"sql": "s3://adapters/sql/v1"}) | {"models": [{
+        **stack_values(TP4)["models"][0], "workload": "statefulset", "storage": {"accessMode": "ReadWriteOnce"},
+        "vllm": {"loraAdapters": {"sql": "s3://adapters/sql/v1"}}}]},
+        "models[0].vllm.loraAdapters: are filled by the fill Job onto a shared claim; use workload deployment"),
     "group on a ReadWriteOnce claim": (multinode(storage={"accessMode": "ReadWriteOnce"}),
                                        "models[0].storage.accessMode: ReadWriteOnce cannot be mounted by the 2 nodes of a "
                                        "LeaderWorkerSet group"),
