@@ -38,6 +38,7 @@ guardrails = Guardrails("guardrails", GuardrailsArgs(
     ingress_controller_namespace=cfg.ingress.controller_namespace if cfg.ingress.enabled and not gateway_on else None,
     prometheus_namespace=prometheus_namespace,
     gateway_pods=gateway_pods_selector() if gateway_on else None,
+    group_sizes={m.name: m.nodes_per_replica for m in cfg.models if m.workload == "leaderworkerset"},
 ), opts=after_addons)
 
 servings = {}

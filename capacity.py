@@ -45,6 +45,7 @@ class Architecture:
 PRESETS: dict[str, Architecture] = {
     "llama-3.1-8b": Architecture(8.03, 32, 8, 128, 32, 131072),
     "llama-3.1-70b": Architecture(70.6, 80, 8, 128, 64, 131072),
+    "llama-3.1-405b": Architecture(405.9, 126, 8, 128, 128, 131072),
     "llama-3.2-1b": Architecture(1.24, 16, 8, 64, 32, 131072),
     "llama-3.2-3b": Architecture(3.21, 28, 8, 128, 24, 131072),
     "qwen2.5-7b": Architecture(7.62, 28, 4, 128, 28, 32768),
@@ -59,6 +60,9 @@ class Sizing:
     dtype: str
     max_context_tokens: int
     max_concurrent_sequences: int
+    kv_cache_dtype: str | None = None
+    """The engine's KV-cache dtype (vLLM `--kv-cache-dtype`): fp8* is 1 byte, auto 2 (16-bit activations);
+    unset: as the weight dtype implies (KV_BYTES)."""
 
 
 def weight_bytes(s: Sizing) -> float:
@@ -67,7 +71,13 @@ def weight_bytes(s: Sizing) -> float:
 
 def kv_bytes_per_token(s: Sizing) -> float:
     """K and V for one token across all layers."""
-    return 2 * s.arch.layers * s.arch.kv_heads * s.arch.head_dim * KV_BYTES[s.dtype]
+    return 2 * s.arch.layers * s.arch.kv_heads * s.arch.head_dim * kv_value_bytes(s)
+
+
+def kv_value_bytes(s: Sizing) -> float:
+    if s.kv_cache_dtype is None:
+        return KV_BYTES[s.dtype]
+    return 1.0 if s.kv_cache_dtype.startswith("fp8") else 2.0
 
 
 def kv_cache_bytes(s: Sizing) -> float:
@@ -117,6 +127,25 @@ def smallest_tp_that_fits(s: Sizing, usable: float, limit: int) -> int | None:
     for tp in valid_tp_sizes(s.arch, limit):
         if per_gpu_bytes(s, tp) <= usable:
             return tp
+    return None
+
+
+MAX_NODES_PER_REPLICA = 8
+"""Largest multi-node group the plan suggests (pipeline parallel across nodes)."""
+
+
+def smallest_layout_that_fits(s: Sizing, usable: float, gpus_per_node: int | None) -> tuple[int, int] | None:
+    """(GPUs per pod, nodes) of the smallest layout whose per-GPU memory fits: tensor parallel inside one node
+    first, then whole nodes (tensor parallel = the node's GPUs, pipeline parallel across nodes)."""
+    per_node = gpus_per_node or 8
+    tp = smallest_tp_that_fits(s, usable, per_node)
+    if tp is not None:
+        return tp, 1
+    if gpus_per_node is None or (s.arch.attention_heads and s.arch.attention_heads % per_node):
+        return None
+    for nodes in range(2, MAX_NODES_PER_REPLICA + 1):
+        if nodes <= s.arch.layers and per_gpu_bytes(s, per_node * nodes) <= usable:
+            return per_node, nodes
     return None
 
 

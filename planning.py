@@ -19,7 +19,8 @@ from components.metric_contract import RUNTIMES, ContractError, ModelQueries, mo
 from model_source import parse_source
 from stack_config import (
     MODELS_MOUNT, ModelConfig, ResourcesConfig, RolloutConfig, SizingConfig, StackConfig, dns_name, fill_job_name,
-    hpa_name, model_max_replicas, model_min_replicas, parse_image, require_digests, tls_secret_name,
+    hpa_name, lora_adapter_paths, model_max_replicas, model_min_replicas, parse_image, require_digests,
+    tls_secret_name,
 )
 
 Fail = Callable[[str, str], NoReturn]
@@ -53,6 +54,10 @@ class ModelPlan:
     """With the gateway: requests it sends one pod at once before holding more in its queue."""
     queries: ModelQueries | None = None
     """Every PromQL query rendered for this model (not part of the stack output)."""
+    nodes_per_replica: int = 1
+    """Pods (one per node) in a replica's group: more than 1 on a LeaderWorkerSet."""
+    layout: str = ""
+    """Runtime, workload and parallelism, in words."""
 
     @property
     def gpus_at_min(self) -> int:
@@ -65,6 +70,11 @@ class ModelPlan:
     def lines(self) -> list[str]:
         out = [f"{self.name}: {self.gpus_per_replica} GPU(s) per replica, {self.min_replicas}..{self.max_replicas} "
                f"replicas = {self.gpus_at_min} GPUs at min, {self.gpus_at_max} at max"]
+        if self.nodes_per_replica > 1:
+            out[0] += (f" ({self.nodes_per_replica} nodes per replica: {self.min_replicas * self.nodes_per_replica} "
+                       f"nodes at min, {self.max_replicas * self.nodes_per_replica} at max)")
+        if self.layout:
+            out.append(f"  layout: {self.layout}")
         if self.memory:
             m = self.memory
             out.append(f"  per GPU: weights {m['weightsGiB']:.2f} + KV cache {m['kvCacheGiB']:.2f} + overhead "
@@ -127,11 +137,42 @@ def _sizing(m: ModelConfig, p: str, fail: Fail) -> Sizing | None:
         if value is not None and value > sized:
             fail(f"{p}.{key}", f"{value} is above what the capacity check sized ({sized}); leave it unset to "
                                "use the sizing value, or raise the sizing")
-    return Sizing(arch, m.sizing.dtype, m.sizing.max_context_tokens, m.sizing.max_concurrent_sequences)
+    kv = (m.vllm.kv_cache_dtype or "auto") if m.runtime == "vllm" else "auto"
+    return Sizing(arch, m.sizing.dtype, m.sizing.max_context_tokens, m.sizing.max_concurrent_sequences, kv)
+
+
+def describe_layout(m: ModelConfig) -> str:
+    if m.gpus_per_replica == 0:
+        return f"{m.runtime} runtime on CPU, one pod per replica ({m.workload})"
+    if m.runtime == "builtin":
+        return f"builtin engine on one GPU per replica ({m.workload})"
+    if m.workload == "leaderworkerset":
+        return (f"vLLM across {m.nodes_per_replica} nodes per replica (LeaderWorkerSet group of "
+                f"{m.nodes_per_replica} pods: tensor parallel {m.gpus_per_pod} inside each node x pipeline parallel "
+                f"{m.nodes_per_replica} across nodes); the leader serves the API, workers join it")
+    return f"vLLM, tensor parallel {m.gpus_per_replica} inside one node ({m.workload})"
+
+
+def _layout_fix(cfg: StackConfig, m: ModelConfig, s: Sizing, usable: float) -> str:
+    """The smallest layout that fits, as config to set (the builtin engine is bound to one GPU)."""
+    per_node = cfg.gpu_pool.gpus_per_node
+    found = capacity.smallest_layout_that_fits(s, usable, per_node)
+    if found is None:
+        limit = f"{capacity.MAX_NODES_PER_REPLICA} nodes of {per_node}" if per_node else f"{8} GPUs in one node"
+        return f"no layout up to {limit} GPUs fits: use a larger GPU or a smaller dtype"
+    tp, nodes = found
+    if nodes == 1:
+        if m.runtime == "builtin":
+            return (f"runtime: vllm with gpusPerReplica {tp} (tensor parallel; the builtin engine uses one GPU)"
+                    if tp > 1 else "gpusPerReplica 1")
+        return f"gpusPerReplica {tp}"
+    return (f"gpusPerReplica {tp * nodes} on {nodes} nodes of {tp} GPUs (runtime: vllm, workload: leaderworkerset: "
+            f"tensor parallel {tp} x pipeline parallel {nodes})")
 
 
 def check_gpu_memory(cfg: StackConfig, m: ModelConfig, s: Sizing, p: str, fail: Fail) -> dict:
-    tp = m.gpus_per_replica
+    total = m.gpus_per_replica
+    tp = m.gpus_per_pod
     if tp == 0:
         fail(f"{p}.gpusPerReplica", "0 with a sizing block: GPU memory is checked per GPU; set gpusPerReplica "
                                     "to 1 or more, or remove sizing for a CPU-only model")
@@ -141,22 +182,21 @@ def check_gpu_memory(cfg: StackConfig, m: ModelConfig, s: Sizing, p: str, fail: 
                                     f"so tensor parallelism cannot split it; use one of {options}")
     pool = cfg.gpu_pool
     usable = capacity.usable_bytes(pool.gpu_memory_gib, m.gpu_memory_utilization)
-    need = capacity.per_gpu_bytes(s, tp)
-    weights, kv, overhead = capacity.weight_bytes(s) / tp, capacity.kv_cache_bytes(s) / tp, \
-        capacity.overhead_bytes(s, tp)
+    # Tensor parallel splits weights and KV cache over a node's GPUs, pipeline parallel splits the layers over the
+    # nodes: each of the replica's GPUs holds 1/total of both.
+    need = capacity.per_gpu_bytes(s, total)
+    weights, kv, overhead = capacity.weight_bytes(s) / total, capacity.kv_cache_bytes(s) / total, \
+        capacity.overhead_bytes(s, total)
     if need > usable:
-        limit = pool.gpus_per_node or 8
-        smallest = capacity.smallest_tp_that_fits(s, usable, limit)
         fixes = []
-        seqs, ctx = capacity.max_sequences_that_fit(s, tp, usable), capacity.max_context_that_fits(s, tp, usable)
+        seqs, ctx = capacity.max_sequences_that_fit(s, total, usable), capacity.max_context_that_fits(s, total, usable)
         if seqs:
             fixes.append(f"maxConcurrentSequences <= {seqs} (at maxContextTokens {s.max_context_tokens})")
         if ctx:
             fixes.append(f"maxContextTokens <= {ctx} (at maxConcurrentSequences {s.max_concurrent_sequences})")
-        fixes.append(f"gpusPerReplica {smallest}" if smallest else
-                     f"no gpusPerReplica up to {limit} fits: use a larger GPU or a smaller dtype")
+        fixes.append(_layout_fix(cfg, m, s, usable))
         fail(f"{p}.sizing",
-             f"needs {gib(need)} per GPU at gpusPerReplica {tp} (weights {gib(weights)} + KV cache {gib(kv)} + "
+             f"needs {gib(need)} per GPU at gpusPerReplica {total} (weights {gib(weights)} + KV cache {gib(kv)} + "
              f"overhead {gib(overhead)}) but {gib(usable)} is usable ({pool.gpu_memory_gib} GiB x "
              f"{m.gpu_memory_utilization}); fits with " + ", or ".join(fixes))
     return {"weightsGiB": weights / GIB, "kvCacheGiB": kv / GIB, "overheadGiB": overhead / GIB,
@@ -184,14 +224,14 @@ def startup_threshold(m: ModelConfig, s: Sizing | None, p: str, fail: Fail) -> t
 
 
 def check_shm(m: ModelConfig, p: str, fail: Fail) -> str | None:
-    if m.gpus_per_replica <= 1:
+    if m.gpus_per_pod <= 1 and m.nodes_per_replica == 1:
         return None
-    shm = m.shm_size or f"{capacity.shm_bytes(m.gpus_per_replica) // GIB}Gi"
+    shm = m.shm_size or f"{max(1, capacity.shm_bytes(m.gpus_per_pod) // GIB)}Gi"
     shm_bytes, limit, request = parse_quantity(shm), parse_quantity(m.resources.limits.memory), \
         parse_quantity(m.resources.requests.memory)
     if shm_bytes + request > limit:
         fail(f"{p}.resources.limits.memory",
-             f"{m.resources.limits.memory} cannot hold the {shm} /dev/shm of a {m.gpus_per_replica}-GPU replica "
+             f"{m.resources.limits.memory} cannot hold the {shm} /dev/shm of a {m.gpus_per_pod}-GPU pod "
              f"(memory-backed, it counts against the limit) plus the {m.resources.requests.memory} memory request; "
              f"raise it to at least {format_bytes_gib(shm_bytes + request)} or lower shmSize")
     return shm
@@ -236,10 +276,12 @@ class _Budget:
 
 
 def _pod_amounts(m: ModelConfig) -> dict[str, Decimal]:
-    return _amounts(m.resources)
+    """What one replica requests: one pod, or every pod of a LeaderWorkerSet group."""
+    return {k: m.nodes_per_replica * v for k, v in _amounts(m.resources).items()}
 
 
 def _amounts(r: ResourcesConfig) -> dict[str, Decimal]:
+    """What one pod requests."""
     return {"requests.cpu": parse_quantity(r.requests.cpu), "requests.memory": parse_quantity(r.requests.memory),
             "limits.cpu": parse_quantity(r.limits.cpu), "limits.memory": parse_quantity(r.limits.memory)}
 
@@ -318,16 +360,21 @@ def plan_storage(cfg: StackConfig, m: ModelConfig) -> tuple[dict, tuple[str, ...
         else:
             model_path = f"{m.model_path or f'{MODELS_MOUNT}/{m.name}'}/{src.directory}"
             how = (f"Job {fill_job_name(m, src.short_id)} fills the volume before the pods roll"
-                   if m.workload == "deployment" else
+                   + ("; every pod of a group checks the same revision before it starts"
+                      if m.workload == "leaderworkerset" else "")
+                   if m.workload != "statefulset" else
                    f"the {model_max_replicas(m)} replica volumes are created ahead of the pods, each filled by its "
                    f"own Job ({fill_job_name(m, src.short_id)}-<ordinal>, beside its replica) before the pods roll")
             lines.append(f"model: {m.source} ({pin}) -> {model_path}; {how}; pods serve offline after checking "
                          f"the fill's manifest; {m.fill.keep_revisions} revision(s) kept on the volume")
+            for adapter, path in lora_adapter_paths(m, model_path).items():
+                lines.append(f"LoRA adapter {adapter}: {m.vllm.lora_adapters[adapter]} -> {path}, filled by the "
+                             "same Job")
     if storage.restore_from_snapshot:
         snap = storage.restore_from_snapshot
         storage = dataclasses.replace(storage, claim_name=dns_name(storage.claim_name, "from", snap),
                                       template_name=dns_name(storage.template_name, "from", snap))
-        name = storage.claim_name if m.workload == "deployment" else f"{storage.template_name}-<pod>"
+        name = storage.claim_name if m.workload != "statefulset" else f"{storage.template_name}-<pod>"
         lines.append(f"restore: volume {name} is created from VolumeSnapshot {snap!r}; the pods roll onto it and "
                      "the previous volume is deleted after them")
     if cfg.backups.enabled and not (m.source and parse_source(m.source).kind == "pvc"):
@@ -453,5 +500,8 @@ def plan_stack(cfg: StackConfig, fail: Fail) -> StackConfig:
             autoscaling=describe_autoscaling(m, target, estimate, gib(capacity.weight_bytes(s)) if s else None,
                                              cold_start),
             target_load_per_replica=target, model_storage=storage_lines, queries=queries,
-            cold_start_timeout_seconds=cold_start, gateway_max_inflight_per_pod=inflight))
+            cold_start_timeout_seconds=cold_start, gateway_max_inflight_per_pod=inflight,
+            nodes_per_replica=m.nodes_per_replica, layout=describe_layout(m) + (
+                "; needs the LeaderWorkerSet controller in the cluster (addons.leaderWorkerSet.enabled installs it)"
+                if m.workload == "leaderworkerset" and not cfg.addons.leader_worker_set.enabled else "")))
     return dataclasses.replace(cfg, models=models, plans=tuple(plans))

@@ -282,7 +282,8 @@ def print_summary(result: RenderResult, written: list[Path], out: Path, stream=s
     for row in [("KIND", "NAMESPACE", "NAME")] + rows:
         print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)), file=stream)
     for release in result.helm_releases():
-        print(f"  helm release {release['name']} {release['version']} from {release['repositoryOpts']['repo']} "
+        source = (release.get("repositoryOpts") or {}).get("repo") or release["chart"]
+        print(f"  helm release {release['name']} {release['version']} from {source} "
               f"into {release['namespace']} (values in {out / 'helm'})", file=stream)
     plan = result.outputs.get("capacityPlan") or {}
     if plan:

@@ -89,7 +89,8 @@ class GpuPoolConfig:
     gpu_memory_gib: int = field(default=80, metadata={"min": 1, "key": "gpuMemoryGiB"})
     """Memory of one GPU, used by capacity checks."""
     gpus_per_node: int | None = field(default=None, metadata={"min": 1})
-    """GPUs on one node of the pool; when set, a replica asking for more can never schedule."""
+    """GPUs on one node of the pool; a replica asking for more runs as a LeaderWorkerSet group across nodes (vLLM),
+    and the capacity plan suggests multi-node layouts from it."""
     node_selector: dict[str, str] = field(default_factory=dict)
     """Node labels that pick the GPU nodes (e.g. `nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3`)."""
     tolerations: list[Toleration] = field(
@@ -313,7 +314,7 @@ class RolloutConfig:
     """Pods that may be down during a rolling update; use 1 with maxSurge 0 when no GPU is spare."""
 
 
-Preset = Literal["llama-3.1-8b", "llama-3.1-70b", "llama-3.2-1b", "llama-3.2-3b", "qwen2.5-7b", "qwen2.5-72b",
+Preset = Literal["llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b", "llama-3.2-1b", "llama-3.2-3b", "qwen2.5-7b", "qwen2.5-72b",
                  "mistral-7b"]
 
 
@@ -328,7 +329,8 @@ class SizingConfig:
     attention_heads: int | None = field(default=None, metadata={"min": 1})
     """Optional; tensor parallelism (gpusPerReplica) must divide it."""
     dtype: Literal["bfloat16", "float16", "float8", "int4"] = "bfloat16"
-    """Weight dtype; int4 keeps a 16-bit KV cache."""
+    """Weight dtype; the builtin runtime loads bfloat16/float16 only, vLLM needs the matching `vllm.quantization` for
+    float8 and int4. The KV cache is 16-bit unless `vllm.kvCacheDtype` is fp8 (required with float8)."""
     max_context_tokens: int | None = field(default=None, metadata={"min": 16})
     """Context window each sequence may use (prompt plus output); required. Sets MAX_MODEL_LEN."""
     max_concurrent_sequences: int | None = field(default=None, metadata={"min": 1})
@@ -368,6 +370,50 @@ class FillConfig:
     """The downloader streams to the volume; it needs little memory and no GPU."""
 
 
+VLLM_QUANTIZATION = {
+    "float8": ("fp8", "fbgemm_fp8", "compressed-tensors", "modelopt"),
+    "int4": ("awq", "awq_marlin", "gptq", "gptq_marlin", "compressed-tensors"),
+}
+"""vLLM `--quantization` methods by the weight dtype the capacity plan sizes (`sizing.dtype`)."""
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""`--max-lora-rank` choices of the pinned vLLM release."""
+
+
+@dataclass(frozen=True)
+class VllmConfig:
+    """Settings of the vLLM runtime (`runtime: vllm`); each becomes the vLLM flag named beside it."""
+
+    quantization: Literal["fp8", "fbgemm_fp8", "compressed-tensors", "modelopt", "awq", "awq_marlin", "gptq",
+                          "gptq_marlin"] | None = None
+    """`--quantization`: the checkpoint's (or online) quantization method; it must match `sizing.dtype` (float8:
+    fp8, fbgemm_fp8, compressed-tensors, modelopt; int4: awq, awq_marlin, gptq, gptq_marlin, compressed-tensors).
+    Unset: the weights load in bfloat16/float16."""
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] | None = None
+    """`--kv-cache-dtype`; the plan sizes the KV cache at 1 byte per value for fp8*, 2 for auto. Required with
+    `sizing.dtype: float8` (say which the plan should size); unset otherwise means auto. vLLM's other cache dtypes
+    (fp4, int4, ...) are not offered: the plan cannot size them yet."""
+    enable_prefix_caching: bool | None = None
+    """`--enable-prefix-caching` / `--no-enable-prefix-caching`; unset: vLLM's default (on)."""
+    max_num_batched_tokens: int | None = field(default=None, metadata={"min": 1})
+    """`--max-num-batched-tokens`: tokens per engine step (chunked prefill); at least maxNumSeqs."""
+    lora_adapters: dict[str, str] = field(default_factory=dict)
+    """LoRA adapters served beside the base model: name -> pinned source (`hf://ORG/NAME@<sha>` or
+    `s3://BUCKET/PREFIX`), filled onto the model volume like the base model; `--enable-lora --lora-modules`."""
+    max_lora_rank: int | None = field(default=None, metadata={"min": 1})
+    """`--max-lora-rank`, the largest adapter rank (one of 1, 8, 16, 32, 64, 128, 256, 320, 512)."""
+    tool_call_parser: str | None = None
+    """`--enable-auto-tool-choice --tool-call-parser NAME` (e.g. llama3_json, hermes, mistral)."""
+    reasoning_parser: str | None = None
+    """`--reasoning-parser NAME` (e.g. deepseek_r1, qwen3)."""
+    extra_args: list[str] = field(default_factory=list)
+    """Any other `vllm serve` flags (e.g. `--speculative-config {...}`); flags the settings above or the
+    platform own are refused here."""
+
+    @property
+    def is_set(self) -> bool:
+        return self != VllmConfig()
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = field(metadata={"dns": True})
@@ -387,15 +433,21 @@ class ModelConfig:
     """Serving image, pinned to a version tag or digest (never `latest`); required for the builtin runtime,
     defaults to the pinned official image for vllm."""
     runtime: Literal["builtin", "vllm"] = "builtin"
-    """`builtin`: this project's serving image. `vllm`: the official vLLM OpenAI server image. Probes,
-    autoscaling metrics and alerts follow the runtime's metric contract."""
+    """`builtin`: this project's serving image (one GPU per replica, bfloat16/float16 weights). `vllm`: the
+    official vLLM OpenAI server image (tensor parallel, quantization, multi-node). Probes, autoscaling metrics and
+    alerts follow the runtime's metric contract."""
+    vllm: VllmConfig = field(default_factory=VllmConfig)
+    """Settings for `runtime: vllm`."""
     image_pull_policy: Literal["IfNotPresent", "Always", "Never"] = "IfNotPresent"
-    workload: Literal["deployment", "statefulset"] = "deployment"
-    """Deployment with one shared model claim, or StatefulSet with one volume per replica."""
+    workload: Literal["deployment", "statefulset", "leaderworkerset"] = "deployment"
+    """Deployment with one shared model claim, StatefulSet with one volume per replica, or LeaderWorkerSet (vLLM
+    only): one group of pods per replica across gpusPerReplica / gpuPool.gpusPerNode nodes. Chosen automatically
+    when gpusPerReplica is more than gpuPool.gpusPerNode and workload is not set."""
     replicas: int = field(default=2, metadata={"min": 1})
     """Starting replica count (the HPA owns it afterwards)."""
-    gpus_per_replica: int = field(default=1, metadata={"min": 0, "max": 16})
-    """GPUs per pod (tensor-parallel size); 0 runs on CPU (dev clusters)."""
+    gpus_per_replica: int = field(default=1, metadata={"min": 0, "max": 128})
+    """GPUs per replica: 1 for the builtin runtime; vLLM splits a model across them (tensor parallel in a node,
+    pipeline parallel across the nodes of a leaderworkerset); 0 runs on CPU (dev clusters)."""
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -410,8 +462,8 @@ class ModelConfig:
     storage_read_mbps: float = field(default=250.0, metadata={"min": 1, "key": "storageReadMBps"})
     """Model volume read throughput (MB/s), for the load-time estimate behind the startup probe budget."""
     shm_size: str | None = field(default=None, metadata=_quantity())
-    """/dev/shm size for pods with gpusPerReplica > 1 (memory-backed, counted against the memory limit);
-    unset: 2Gi per GPU, at most 16Gi."""
+    """/dev/shm size for multi-GPU and multi-node pods (NCCL; memory-backed, counted against the memory limit);
+    unset: 2Gi per GPU of the pod, at most 16Gi."""
     service_type: Literal["ClusterIP", "LoadBalancer", "NodePort"] = "ClusterIP"
     """Service type. ClusterIP behind the TLS Ingress (or the gateway) is the safe default: a LoadBalancer is plain
     HTTP from outside the cluster, so it needs `loadBalancerSourceRanges`, and its callers need
@@ -434,6 +486,13 @@ class ModelConfig:
     termination_grace_period_seconds: int = field(default=60, metadata={"min": 5, "max": 3600})
     drain_seconds: int = field(default=30, metadata={"min": 0, "max": 3600})
     """In-flight requests get this long to finish after SIGTERM; below the grace period."""
+
+    nodes_per_replica: int = field(default=1, metadata={"internal": True})
+    """Pods (nodes) in one replica's group: gpusPerReplica / gpuPool.gpusPerNode for a leaderworkerset, else 1."""
+
+    @property
+    def gpus_per_pod(self) -> int:
+        return self.gpus_per_replica // self.nodes_per_replica
 
 
 @dataclass(frozen=True)
@@ -499,6 +558,8 @@ class AddonsConfig:
     """GPU metrics (DCGM) for nodes and pods."""
     snapscheduler: HelmAddon = field(default_factory=HelmAddon)
     """backube/snapscheduler: takes the scheduled model-volume snapshots of `backups`."""
+    leader_worker_set: HelmAddon = field(default_factory=HelmAddon)
+    """kubernetes-sigs/lws: the LeaderWorkerSet controller and CRD, for `workload: leaderworkerset`."""
 
 
 @dataclass(frozen=True)
@@ -582,8 +643,33 @@ def dns_name(*parts: str) -> str:
 
 
 def fill_job_name(model: ModelConfig, source_id: str) -> str:
-    """One fill Job per model and source revision: a new revision is a new Job."""
+    """One fill Job per model and source revision (and set of LoRA adapters): a new revision is a new Job."""
+    if model.vllm.lora_adapters:
+        import hashlib
+
+        digest = hashlib.sha256(json.dumps(model.vllm.lora_adapters, sort_keys=True).encode()).hexdigest()[:6]
+        source_id = f"{source_id}-{digest}"
     return dns_name(model.name[:45], "fill", source_id)
+
+
+def lora_adapter_paths(model: ModelConfig, model_path: str | None = None) -> dict[str, str]:
+    """Where each LoRA adapter's revision lives on the volume: beside the base model's revision directories
+    (`<model folder>/lora-<name>/<revision>`)."""
+    path = model_path or model.model_path
+    if not model.vllm.lora_adapters or path is None:
+        return {}
+    folder = path.rsplit("/", 1)[0]
+    return {name: f"{folder}/lora-{name}/{parse_source(source).directory}"
+            for name, source in sorted(model.vllm.lora_adapters.items())}
+
+
+LWS_API = "leaderworkerset.x-k8s.io/v1"
+
+
+def workload_name(model: ModelConfig) -> str:
+    """The workload object's name. A LeaderWorkerSet gets its own: its controller creates a headless Service
+    named after it, which must not collide with the model's Service."""
+    return f"{model.name}-lws" if model.workload == "leaderworkerset" else model.name
 
 
 def fetch_image(model: ModelConfig) -> str | None:
@@ -750,11 +836,28 @@ def _field_default(f: dataclasses.Field) -> Any:
     return dataclasses.MISSING
 
 
+def _resolve_layout(cfg: StackConfig, values: Mapping[str, Any]) -> StackConfig:
+    """A replica that needs more GPUs than one node has runs as a LeaderWorkerSet unless the stack names a
+    workload; a LeaderWorkerSet's group has one pod per node."""
+    per_node = cfg.gpu_pool.gpus_per_node
+    raw_models = values.get("models") or []
+    models = []
+    for i, m in enumerate(cfg.models):
+        named = isinstance(raw_models[i], dict) and "workload" in raw_models[i]
+        if not named and per_node and m.gpus_per_replica > per_node:
+            m = dataclasses.replace(m, workload="leaderworkerset")
+        if m.workload == "leaderworkerset" and per_node and m.gpus_per_replica % per_node == 0:
+            m = dataclasses.replace(m, nodes_per_replica=max(1, m.gpus_per_replica // per_node))
+        models.append(m)
+    return dataclasses.replace(cfg, models=models)
+
+
 def parse_stack_config(stack: str, values: Mapping[str, Any]) -> StackConfig:
     """Build and validate a StackConfig from `{key: value}` with the `llm-platform:` prefix removed."""
     reader = _Reader(stack)
     cfg = reader.read_object(StackConfig, dict(values), "")
     cfg = dataclasses.replace(cfg, stack=stack)
+    cfg = _resolve_layout(cfg, values)
     validate(cfg, reader)
     from planning import plan_stack  # the capacity checks build on the validated config
 
@@ -977,9 +1080,7 @@ def _validate_model_rest(cfg: StackConfig, m: ModelConfig, p: str, r: _Reader) -
                                      "the NVIDIA device plugin assigns GPUs through gpusPerReplica")
         if key in _MANAGED_ENV:
             r.fail(f"{p}.env.{key}", f"is set by the platform from {_MANAGED_ENV[key]}; set that instead")
-    if m.gpus_per_replica and cfg.gpu_pool.gpus_per_node and m.gpus_per_replica > cfg.gpu_pool.gpus_per_node:
-        r.fail(f"{p}.gpusPerReplica", f"{m.gpus_per_replica} is more than gpuPool.gpusPerNode "
-                                      f"{cfg.gpu_pool.gpus_per_node}; a pod cannot span nodes")
+    _validate_runtime(cfg, m, p, r)
     req, lim = m.resources.requests, m.resources.limits
     for res in ("cpu", "memory", "ephemeral_storage"):
         if parse_quantity(getattr(req, res)) > parse_quantity(getattr(lim, res)):
@@ -1019,6 +1120,10 @@ def _validate_model_rest(cfg: StackConfig, m: ModelConfig, p: str, r: _Reader) -
                f"{m.storage.access_mode} cannot be shared by up to {model_max_replicas(m)} Deployment replicas "
                "on different nodes (they hang in ContainerCreating); use ReadOnlyMany or ReadWriteMany, "
                "or workload: statefulset for one volume per replica")
+    if m.workload == "leaderworkerset" and m.storage.access_mode in ("ReadWriteOnce", "ReadWriteOncePod"):
+        r.fail(f"{p}.storage.accessMode",
+               f"{m.storage.access_mode} cannot be mounted by the {m.nodes_per_replica} nodes of a LeaderWorkerSet "
+               "group (every node reads the same model revision from one shared claim); use ReadWriteMany")
     if m.rollout is not None and m.rollout.max_surge == 0 and m.rollout.max_unavailable == 0:
         r.fail(f"{p}.rollout", "maxSurge 0 and maxUnavailable 0 can never make progress; "
                                "use maxSurge 1 (needs spare GPU quota) or maxUnavailable 1")
@@ -1056,11 +1161,11 @@ def _validate_exposure(cfg: StackConfig, m: ModelConfig, p: str, r: _Reader) -> 
 
 
 def _validate_shared_claims(cfg: StackConfig, r: _Reader) -> None:
-    """Each Deployment model the platform fills owns its claim: two would create the same PVC, and one's fill
-    would prune the other's revision directories."""
+    """Each model on a shared claim (Deployment, LeaderWorkerSet) that the platform fills owns its claim: two would
+    create the same PVC, and one's fill would prune the other's revision directories."""
     owners: dict[str, int] = {}
     for i, m in enumerate(cfg.models):
-        if m.workload != "deployment" or (m.source and parse_source(m.source).kind == "pvc"):
+        if m.workload == "statefulset" or (m.source and parse_source(m.source).kind == "pvc"):
             continue
         claim = m.storage.claim_name
         if claim in owners:
@@ -1069,6 +1174,130 @@ def _validate_shared_claims(cfg: StackConfig, r: _Reader) -> None:
                    "each model's volume is its own claim (one model's fill would prune the other's revisions); "
                    "give it its own claimName, or serve a shared volume through a pvc:// source")
         owners[claim] = i
+_VLLM_OWNED_FLAGS = {
+    "model": "modelPath / source", "served-model-name": "servedModelName", "host": "the platform (0.0.0.0)",
+    "port": "the platform (8000)", "api-key": "the generated API-key Secret (a mounted file)",
+    "tensor-parallel-size": "gpusPerReplica", "pipeline-parallel-size": "gpusPerReplica / gpuPool.gpusPerNode",
+    "distributed-executor-backend": "the workload (mp; across nodes on a leaderworkerset)",
+    "nnodes": "the leaderworkerset group", "node-rank": "the leaderworkerset group",
+    "master-addr": "the leaderworkerset group", "master-port": "the leaderworkerset group",
+    "headless": "the leaderworkerset group", "data-parallel-size": "replicas (one engine per replica)",
+    "gpu-memory-utilization": "gpuMemoryUtilization", "max-model-len": "sizing.maxContextTokens / maxModelLen",
+    "max-num-seqs": "sizing.maxConcurrentSequences / maxNumSeqs", "dtype": "sizing.dtype",
+    "quantization": "vllm.quantization", "kv-cache-dtype": "vllm.kvCacheDtype",
+    "enable-prefix-caching": "vllm.enablePrefixCaching", "max-num-batched-tokens": "vllm.maxNumBatchedTokens",
+    "enable-lora": "vllm.loraAdapters", "lora-modules": "vllm.loraAdapters", "max-lora-rank": "vllm.maxLoraRank",
+    "tool-call-parser": "vllm.toolCallParser", "enable-auto-tool-choice": "vllm.toolCallParser",
+    "reasoning-parser": "vllm.reasoningParser", "download-dir": "the model volume (the pods serve offline)",
+}
+"""`vllm serve` flags the platform sets from typed config; `vllm.extraArgs` may not set them."""
+_PARSER_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+_ADAPTER_NAME = re.compile(r"^[a-z0-9]([-a-z0-9._]*[a-z0-9])?$")
+
+
+def owned_vllm_flag(arg: str) -> str | None:
+    """The owned flag an extra argument sets (`--max-model-len=4096`, `--max_model_len`, `--no-enable-...`)."""
+    if not arg.startswith("-"):
+        return None
+    name = arg.lstrip("-").split("=", 1)[0].replace("_", "-")
+    for candidate in (name, name[3:] if name.startswith("no-") else name):
+        if candidate in _VLLM_OWNED_FLAGS:
+            return candidate
+    return None
+
+
+def _validate_runtime(cfg: StackConfig, m: ModelConfig, p: str, r: _Reader) -> None:
+    """What the chosen runtime and workload can actually run: refused here rather than failing at load."""
+    per_node = cfg.gpu_pool.gpus_per_node
+    dtype = m.sizing.dtype if m.sizing else "bfloat16"
+    if m.runtime == "builtin":
+        if m.gpus_per_replica > 1:
+            r.fail(f"{p}.gpusPerReplica", f"{m.gpus_per_replica}: the builtin engine loads a model onto one GPU "
+                                          "(the others would sit idle while it runs out of memory); use 1, or "
+                                          "runtime: vllm, which splits a model across GPUs (tensor parallel)")
+        if dtype in ("float8", "int4"):
+            r.fail(f"{p}.sizing.dtype", f"{dtype!r}: the builtin engine loads bfloat16 or float16 weights only; "
+                                        "use runtime: vllm with vllm.quantization for quantized weights")
+        if m.vllm.is_set:
+            r.fail(f"{p}.vllm", "is for runtime: vllm; the builtin engine takes none of these settings")
+        if m.workload == "leaderworkerset":
+            r.fail(f"{p}.workload", "'leaderworkerset' runs vLLM across nodes; use runtime: vllm")
+    else:
+        _validate_vllm(m, dtype, p, r)
+    if m.workload != "leaderworkerset":
+        if m.gpus_per_replica and per_node and m.gpus_per_replica > per_node:
+            r.fail(f"{p}.gpusPerReplica", f"{m.gpus_per_replica} is more than gpuPool.gpusPerNode {per_node}; a "
+                                          f"{m.workload} pod cannot span nodes; use workload: leaderworkerset "
+                                          "(runtime vllm, one group of pods per replica across nodes)")
+        return
+    if not per_node:
+        r.fail("gpuPool.gpusPerNode", f"is required for {p}.workload leaderworkerset: the group has one pod per "
+                                      "node, so the platform must know how many GPUs a node has")
+    if m.gpus_per_replica <= per_node or m.gpus_per_replica % per_node:
+        r.fail(f"{p}.gpusPerReplica", f"{m.gpus_per_replica} with workload leaderworkerset must be a multiple of "
+                                      f"gpuPool.gpusPerNode {per_node} above it (2 nodes or more: "
+                                      f"{per_node * 2}, {per_node * 3}, ...); a model that fits one node runs "
+                                      "as workload: deployment with tensor parallel inside the node")
+    if len(m.name) > 50:
+        r.fail(f"{p}.name", f"{m.name!r} is too long for a LeaderWorkerSet ({len(m.name)} characters): its pods are "
+                            "named <name>-lws-<group>-<index> and must stay a DNS label; use at most 50")
+
+
+def _validate_vllm(m: ModelConfig, dtype: str, p: str, r: _Reader) -> None:
+    v = m.vllm
+    q = f"{p}.vllm.quantization"
+    if dtype in VLLM_QUANTIZATION:
+        allowed = VLLM_QUANTIZATION[dtype]
+        if v.quantization is None:
+            r.fail(q, f"is required with sizing.dtype {dtype!r}: without it vLLM loads 16-bit weights and the plan's "
+                      f"memory is wrong; use the checkpoint's method, one of {', '.join(allowed)}")
+        if v.quantization not in allowed:
+            r.fail(q, f"{v.quantization!r} does not give {dtype} weights as sizing.dtype says; use one of "
+                      f"{', '.join(allowed)}, or change sizing.dtype")
+    elif v.quantization is not None:
+        r.fail(q, f"{v.quantization!r} quantizes the weights, but sizing.dtype is {dtype!r} (the plan sizes 16-bit "
+                  "weights); set sizing.dtype to float8 or int4 to match, or remove quantization")
+    if dtype == "float8" and v.kv_cache_dtype is None:
+        r.fail(f"{p}.vllm.kvCacheDtype", "is required with sizing.dtype 'float8': fp8 weights do not make an fp8 KV "
+                                         "cache; set fp8 (the plan sizes 1 byte per KV value) or auto (2 bytes)")
+    seqs = m.max_num_seqs or (m.sizing.max_concurrent_sequences if m.sizing else None)
+    if v.max_num_batched_tokens is not None and seqs and v.max_num_batched_tokens < seqs:
+        r.fail(f"{p}.vllm.maxNumBatchedTokens", f"{v.max_num_batched_tokens} is below maxNumSeqs {seqs}; vLLM "
+                                                "refuses to start (each step must fit one token per sequence)")
+    for name, source in v.lora_adapters.items():
+        key = f"{p}.vllm.loraAdapters.{name}"
+        if not _ADAPTER_NAME.match(name) or len(name) > 63:
+            r.fail(key, f"{name!r} is not a valid adapter name (lowercase letters, digits, '-', '.' and '_'); "
+                        "clients send it as the model")
+        if name == m.served_model_name:
+            r.fail(key, f"{name!r} is the base model's servedModelName; give the adapter its own name")
+        try:
+            src = parse_source(source)
+        except SourceError as exc:
+            r.fail(key, str(exc))
+        if src.kind == "pvc":
+            r.fail(key, f"{source!r}: adapters are filled onto the model volume, so use hf:// or s3://")
+        if not src.pinned:
+            r.fail(key, src.unpinned_problem())
+        if m.source is None or parse_source(m.source).kind == "pvc":
+            r.fail(key, "needs the base model's source (hf:// or s3://): adapters are filled onto the volume "
+                        "next to the filled base model")
+    if v.lora_adapters and m.workload == "statefulset":
+        r.fail(f"{p}.vllm.loraAdapters", "are filled by the fill Job onto a shared claim; use workload deployment "
+                                         "or leaderworkerset")
+    if v.max_lora_rank is not None:
+        if not v.lora_adapters:
+            r.fail(f"{p}.vllm.maxLoraRank", "is set without loraAdapters")
+        if v.max_lora_rank not in VLLM_LORA_RANKS:
+            r.fail(f"{p}.vllm.maxLoraRank", f"{v.max_lora_rank} is not a rank vLLM accepts; use one of "
+                                            f"{', '.join(map(str, VLLM_LORA_RANKS))}")
+    for key, value in (("toolCallParser", v.tool_call_parser), ("reasoningParser", v.reasoning_parser)):
+        if value is not None and not _PARSER_NAME.match(value):
+            r.fail(f"{p}.vllm.{key}", f"{value!r} is not a parser name such as llama3_json or deepseek_r1")
+    for i, arg in enumerate(v.extra_args):
+        if (flag := owned_vllm_flag(arg)) is not None:
+            r.fail(f"{p}.vllm.extraArgs[{i}]", f"{arg!r}: --{flag} is set by the platform from {_VLLM_OWNED_FLAGS[flag]}; "
+                                               "set that instead")
 
 
 def _model_dir_problem(path: str) -> str | None:
@@ -1112,7 +1341,7 @@ def _validate_source(cfg: StackConfig, m: ModelConfig, p: str, r: _Reader) -> No
     else:
         if m.model_path is not None and (problem := _model_dir_problem(m.model_path)):
             r.fail(f"{p}.modelPath", problem)
-        if m.workload == "deployment" and m.storage.access_mode == "ReadOnlyMany":
+        if m.workload != "statefulset" and m.storage.access_mode == "ReadOnlyMany":
             r.fail(f"{p}.storage.accessMode", "ReadOnlyMany cannot be written by the fill Job; use ReadWriteMany "
                                               "(the serving pods still mount it read-only)")
         if src.kind == "s3" and m.fill.hf_endpoint:
@@ -1156,4 +1385,8 @@ def _validate_backups(cfg: StackConfig, r: _Reader) -> None:
 
 _MANAGED_ENV = {"MODEL_NAME": "servedModelName", "MODEL_PATH": "modelPath", "PORT": "the platform (8000)",
                 "API_KEYS_FILE": "the generated API-key Secret", "MAX_NUM_SEQS": "maxNumSeqs",
-                "MAX_MODEL_LEN": "maxModelLen", "DRAIN_SECONDS": "drainSeconds"}
+                "MAX_MODEL_LEN": "maxModelLen", "DRAIN_SECONDS": "drainSeconds",
+                "VLLM_API_KEY": "the generated API-key Secret (read from its mounted file)",
+                "VLLM_HOST_IP": "the platform (each pod's IP, on a leaderworkerset)",
+                "LWS_LEADER_ADDRESS": "the LeaderWorkerSet controller", "LWS_GROUP_SIZE": "the LeaderWorkerSet controller",
+                "LWS_WORKER_INDEX": "the LeaderWorkerSet controller"}

@@ -18,6 +18,7 @@ from stack_config import (
     ModelConfig,
     ProbeConfig,
     fetch_image,
+    lora_adapter_paths,
 )
 
 SERVING_PORT = 8000
@@ -32,6 +33,13 @@ FILL_LABEL = "llm-platform/fills-model"
 """On every pod that downloads a model (the fill Jobs' pods only): the fill egress policy selects it."""
 SOURCE_ANNOTATION = "llm-platform/model-source"
 REVISION_ANNOTATION = "llm-platform/model-revision"
+ROLE_LABEL = "llm-platform/role"
+"""On LeaderWorkerSet pods: `leader` (serves the API, probed, behind the Service) or `worker` (joins the leader)."""
+VLLM_MASTER_PORT = 29501
+"""torch.distributed rendezvous on the leader of a multi-node vLLM group (`--master-port`)."""
+EPHEMERAL_PORTS = (32768, 60999)
+"""Linux's default `net.ipv4.ip_local_port_range`: NCCL's bootstrap and socket transport and vLLM's cross-node
+message queues listen on kernel-chosen ports in it, so a group's pods must reach each other there."""
 SOURCE_CREDENTIALS_DIR = "/var/run/secrets/model-source"
 """fill.secretName is mounted here as files (HF_TOKEN, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), never as env."""
 
@@ -59,6 +67,14 @@ def source_annotations(model: ModelConfig) -> dict[str, str]:
     if model.source is None:
         return {}
     return {SOURCE_ANNOTATION: model.source, REVISION_ANNOTATION: parse_source(model.source).revision_label}
+
+
+def service_selector(model: ModelConfig) -> dict[str, str]:
+    """What the model's Service selects: every pod, or only the leaders of a LeaderWorkerSet's groups (the
+    workers serve no HTTP)."""
+    if model.workload == "leaderworkerset":
+        return {**selector_labels(model.name), ROLE_LABEL: "leader"}
+    return selector_labels(model.name)
 
 
 def serving_pods_selector() -> dict[str, str]:
@@ -127,7 +143,7 @@ def container_resources(model: ModelConfig, gpu_resource: str = GPU_RESOURCE) ->
     def amounts(a) -> dict[str, str]:
         out = {"cpu": a.cpu, "memory": a.memory, "ephemeral-storage": a.ephemeral_storage}
         if model.gpus_per_replica:
-            out[gpu_resource] = str(model.gpus_per_replica)
+            out[gpu_resource] = str(model.gpus_per_pod)
         return out
 
     return {"requests": amounts(model.resources.requests), "limits": amounts(model.resources.limits)}
@@ -137,7 +153,7 @@ def container_resources(model: ModelConfig, gpu_resource: str = GPU_RESOURCE) ->
 
 
 def model_volume_name(model: ModelConfig) -> str:
-    return "model-storage" if model.workload == "deployment" else model.storage.template_name
+    return "model-storage" if model.workload != "statefulset" else model.storage.template_name
 
 
 def serving_env(model: ModelConfig) -> list[dict[str, Any]]:
@@ -161,23 +177,56 @@ def serving_env(model: ModelConfig) -> list[dict[str, Any]]:
     return env
 
 
-def vllm_args(model: ModelConfig) -> list[str]:
-    """The official vLLM OpenAI server's flags, from the same config the capacity plan checked."""
-    args = ["--model", model.model_path, "--served-model-name", model.served_model_name,
+def vllm_args(model: ModelConfig, role: str = "server") -> list[str]:
+    """`vllm serve` flags, from the same config the capacity plan checked. `role`: `server` (one pod per replica,
+    or a LeaderWorkerSet group's leader) or `worker` (a group's other nodes, headless)."""
+    args = [model.model_path, "--served-model-name", model.served_model_name,
             "--host", "0.0.0.0", "--port", str(SERVING_PORT),
-            "--tensor-parallel-size", str(max(1, model.gpus_per_replica)),
+            "--tensor-parallel-size", str(max(1, model.gpus_per_pod)),
             "--gpu-memory-utilization", str(model.gpu_memory_utilization)]
+    if model.nodes_per_replica > 1:
+        # vLLM's own multi-node launcher (mp backend): tensor parallel inside a node, pipeline parallel across the
+        # group's nodes; LWS injects the leader's address and this pod's index in the group.
+        args += ["--pipeline-parallel-size", str(model.nodes_per_replica),
+                 "--distributed-executor-backend", "mp", "--nnodes", str(model.nodes_per_replica),
+                 "--node-rank", "$(LWS_WORKER_INDEX)", "--master-addr", "$(LWS_LEADER_ADDRESS)",
+                 "--master-port", str(VLLM_MASTER_PORT)]
+        if role == "worker":
+            args.append("--headless")
+    if model.sizing is not None and model.sizing.dtype in ("bfloat16", "float16"):
+        args += ["--dtype", model.sizing.dtype]
     if model.max_model_len is not None:
         args += ["--max-model-len", str(model.max_model_len)]
     if model.max_num_seqs is not None:
         args += ["--max-num-seqs", str(model.max_num_seqs)]
-    return args
+    v = model.vllm
+    if v.quantization is not None:
+        args += ["--quantization", v.quantization]
+    if v.kv_cache_dtype is not None:
+        args += ["--kv-cache-dtype", v.kv_cache_dtype]
+    if v.enable_prefix_caching is not None:
+        args.append("--enable-prefix-caching" if v.enable_prefix_caching else "--no-enable-prefix-caching")
+    if v.max_num_batched_tokens is not None:
+        args += ["--max-num-batched-tokens", str(v.max_num_batched_tokens)]
+    if v.lora_adapters:
+        args += ["--enable-lora", "--lora-modules",
+                 *(f"{name}={path}" for name, path in lora_adapter_paths(model).items())]
+        if v.max_lora_rank is not None:
+            args += ["--max-lora-rank", str(v.max_lora_rank)]
+    if v.tool_call_parser is not None:
+        args += ["--enable-auto-tool-choice", "--tool-call-parser", v.tool_call_parser]
+    if v.reasoning_parser is not None:
+        args += ["--reasoning-parser", v.reasoning_parser]
+    return args + list(v.extra_args)
 
 
-def vllm_env(model: ModelConfig, api_key_secret: str) -> list[dict[str, Any]]:
+VLLM_SERVER_SCRIPT = 'VLLM_API_KEY="$(cat "$API_KEYS_FILE")" && export VLLM_API_KEY && exec vllm serve "$@"'
+"""vLLM takes its key from VLLM_API_KEY or --api-key only: read it from the mounted Secret file at start, so it is
+never a literal in the manifest, never in an env reference the API shows, and never on the command line."""
+
+
+def vllm_env(model: ModelConfig) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
-        # vLLM reads its API key only from the environment or the command line.
-        {"name": "VLLM_API_KEY", "valueFrom": {"secretKeyRef": {"name": api_key_secret, "key": API_KEYS_FILE_KEY}}},
         # Read-only root filesystem: every cache (HF, torch compile, Triton) under the /tmp emptyDir.
         {"name": "HOME", "value": "/tmp"},
         {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"},
@@ -186,20 +235,29 @@ def vllm_env(model: ModelConfig, api_key_secret: str) -> list[dict[str, Any]]:
         {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
         {"name": "DO_NOT_TRACK", "value": "1"},
     ]
+    if model.nodes_per_replica > 1:
+        # The address this node announces to the group (NCCL, the cross-node message queues): the pod's own IP.
+        env.append({"name": "VLLM_HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
     env.extend({"name": k, "value": v} for k, v in sorted(model.env.items()))
     return env
 
 
 def serving_container(model: ModelConfig, gpu_resource: str = GPU_RESOURCE,
-                      api_key_secret: str = "llm-api-keys") -> dict[str, Any]:
+                      api_key_secret: str = "llm-api-keys", role: str = "server") -> dict[str, Any]:
+    """The serving container. `role`: `server` (serves the API, probed) or `worker` (a LeaderWorkerSet group's
+    non-leader node: no API, no key, no probes; a dead worker restarts its whole group)."""
     mounts = [{"name": model_volume_name(model), "mountPath": MODELS_MOUNT, "readOnly": True},
               {"name": "tmp", "mountPath": "/tmp"}]
-    if model.runtime == "builtin":
+    if role == "server":
         mounts.append({"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": True})
+    if model.runtime == "builtin":
         runtime_fields: dict[str, Any] = {"env": serving_env(model)}
+    elif role == "server":
+        runtime_fields = {"command": ["/bin/sh", "-c", VLLM_SERVER_SCRIPT, "vllm"], "args": vllm_args(model),
+                          "env": [{"name": "API_KEYS_FILE", "value": f"{API_KEYS_DIR}/{API_KEYS_FILE_KEY}"},
+                                  *vllm_env(model)]}
     else:
-        runtime_fields = {"command": ["python3", "-m", "vllm.entrypoints.openai.api_server"],
-                          "args": vllm_args(model), "env": vllm_env(model, api_key_secret)}
+        runtime_fields = {"command": ["vllm", "serve"], "args": vllm_args(model, "worker"), "env": vllm_env(model)}
     if model.shm_size:
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     return {
@@ -210,18 +268,21 @@ def serving_container(model: ModelConfig, gpu_resource: str = GPU_RESOURCE,
         **runtime_fields,
         "resources": container_resources(model, gpu_resource),
         "volumeMounts": mounts,
-        **probes(model),
+        **(probes(model) if role == "server" else {}),
         "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_SECONDS}}},
         "securityContext": container_security_context(),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
 
 
-def fetch_container(model: ModelConfig, *, fill: bool) -> dict[str, Any]:
+def fetch_container(model: ModelConfig, *, fill: bool, adapter: str | None = None) -> dict[str, Any]:
     """`python -m serving.fetch` from the serving image: fill the model's revision directory (resumable,
     verified, atomic; nothing to do when its manifest matches) or, with `fill=False`, only check that the
-    directory holds the complete model before the server starts (read-only, offline)."""
-    src = parse_source(model.source)
+    directory holds the complete model before the server starts (read-only, offline). With `adapter`, the same for
+    that LoRA adapter's source and directory."""
+    source = model.vllm.lora_adapters[adapter] if adapter else model.source
+    destination = lora_adapter_paths(model)[adapter] if adapter else model.model_path
+    src = parse_source(source)
     f = model.fill
     env: list[dict[str, Any]] = [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HOME", "value": "/tmp/hf-home"},
                                  {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"}]
@@ -250,10 +311,11 @@ def fetch_container(model: ModelConfig, *, fill: bool) -> dict[str, Any]:
         resources = {"requests": {"cpu": "100m", "memory": "256Mi", "ephemeral-storage": "64Mi"},
                      "limits": {"cpu": "1", "memory": "512Mi", "ephemeral-storage": "256Mi"}}
     return {
-        "name": "model-fill" if fill else "model-check",
+        "name": (("model-fill" if fill else "model-check")
+                 + (f"-{adapter}".replace(".", "-").replace("_", "-")[:40].rstrip("-") if adapter else "")),
         "image": fetch_image(model),
         "imagePullPolicy": model.image_pull_policy,
-        "command": command + [model.source, model.model_path],
+        "command": command + [source, destination],
         "env": env,
         "resources": resources,
         "volumeMounts": [{"name": model_volume_name(model), "mountPath": MODELS_MOUNT, "readOnly": not fill},
@@ -294,18 +356,18 @@ def gpu_scheduling(pool: GpuPoolConfig, priority_class_name: str | None) -> dict
 
 
 def pod_spec(model: ModelConfig, *, service_account: str, api_key_secret: str,
-             scheduling: dict[str, Any], gpu_resource: str = GPU_RESOURCE) -> dict[str, Any]:
+             scheduling: dict[str, Any], gpu_resource: str = GPU_RESOURCE, role: str = "server") -> dict[str, Any]:
     volumes: list[dict[str, Any]] = [
         {"name": "tmp", "emptyDir": {"sizeLimit": model.resources.limits.ephemeral_storage}},
     ]
-    if model.runtime == "builtin":
+    if role == "server":
         volumes.append({"name": "api-keys", "secret": {
             "secretName": api_key_secret, "defaultMode": 0o440,
             "items": [{"key": API_KEYS_FILE_KEY, "path": API_KEYS_FILE_KEY}]}})
     if model.shm_size:
         # Tensor-parallel workers exchange through /dev/shm; the container runtime's 64 MB default crashes them.
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": model.shm_size}})
-    if model.workload == "deployment":
+    if model.workload != "statefulset":
         volumes.insert(0, {"name": "model-storage",
                            "persistentVolumeClaim": {"claimName": model.storage.claim_name, "readOnly": True}})
     spec: dict[str, Any] = {
@@ -314,7 +376,7 @@ def pod_spec(model: ModelConfig, *, service_account: str, api_key_secret: str,
         "enableServiceLinks": False,
         "securityContext": pod_security_context(),
         "terminationGracePeriodSeconds": model.termination_grace_period_seconds,
-        "containers": [serving_container(model, gpu_resource, api_key_secret)],
+        "containers": [serving_container(model, gpu_resource, api_key_secret, role)],
         "volumes": volumes,
         "topologySpreadConstraints": [{
             "maxSkew": 1,
@@ -324,9 +386,10 @@ def pod_spec(model: ModelConfig, *, service_account: str, api_key_secret: str,
         }],
     }
     if model.source is not None:
-        # The server starts only on a complete model of the configured revision; serving pods never download
-        # (ModelStorage's fill Jobs do), so they never need the source's network or credentials.
-        spec["initContainers"] = [fetch_container(model, fill=False)]
+        # The server starts only on a complete model (and LoRA adapters) of the configured revision; serving pods
+        # never download (ModelStorage's fill Jobs do), so they never need the source's network or credentials.
+        spec["initContainers"] = [fetch_container(model, fill=False)] + [
+            fetch_container(model, fill=False, adapter=name) for name in sorted(model.vllm.lora_adapters)]
     if model.gpus_per_replica:
         spec.update(scheduling)
     return spec
@@ -354,7 +417,31 @@ def hpa_behavior(a: AutoscalingConfig) -> dict[str, Any]:
     }
 
 
-def hpa_spec(model: ModelConfig, kind: str, target_load: int) -> dict[str, Any]:
+def leader_worker_set_spec(model: ModelConfig, leader: dict[str, Any], worker: dict[str, Any]) -> dict[str, Any]:
+    """One group of `nodes_per_replica` pods per replica. The group starts and restarts as a whole: workers are
+    created with the leader (the leader's vLLM waits for them, so `LeaderReady` would never become ready) and a
+    lost pod, a restarted container or a drained node recreates the group, since a pipeline missing a stage cannot
+    serve. Updates roll group by group."""
+    return {
+        "replicas": model.replicas,
+        "startupPolicy": "LeaderCreated",
+        "rolloutStrategy": {"type": "RollingUpdate", "rollingUpdateConfiguration": {
+            "maxSurge": model.rollout.max_surge, "maxUnavailable": model.rollout.max_unavailable}},
+        "leaderWorkerTemplate": {
+            "size": model.nodes_per_replica,
+            "restartPolicy": "RecreateGroupOnPodRestart",
+            "leaderTemplate": leader,
+            "workerTemplate": worker,
+        },
+    }
+
+
+def scale_target(model: ModelConfig, kind: str, name: str | None = None) -> dict[str, str]:
+    api_version = "leaderworkerset.x-k8s.io/v1" if kind == "LeaderWorkerSet" else "apps/v1"
+    return {"apiVersion": api_version, "kind": kind, "name": name or model.name}
+
+
+def hpa_spec(model: ModelConfig, kind: str, target_load: int, name: str | None = None) -> dict[str, Any]:
     """Scale on requests per replica (a GPU pod saturates long before its CPU); the article's CPU and memory
     targets stay as secondary metrics (the HPA takes the largest proposal)."""
     a = model.autoscaling
@@ -366,7 +453,7 @@ def hpa_spec(model: ModelConfig, kind: str, target_load: int) -> dict[str, Any]:
     load = {"type": "Pods", "pods": {"metric": {"name": LOAD_METRIC},
                                      "target": {"type": "AverageValue", "averageValue": str(target_load)}}}
     return {
-        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": kind, "name": model.name},
+        "scaleTargetRef": scale_target(model, kind, name),
         "minReplicas": a.min_replicas,
         "maxReplicas": a.max_replicas,
         "metrics": [load, utilization("cpu", a.target_cpu_utilization),
@@ -376,11 +463,11 @@ def hpa_spec(model: ModelConfig, kind: str, target_load: int) -> dict[str, Any]:
 
 
 def keda_scaled_object_spec(model: ModelConfig, kind: str, *, query: str, prometheus_url: str,
-                            target_load: int) -> dict[str, Any]:
+                            target_load: int, name: str | None = None) -> dict[str, Any]:
     """KEDA on the same signal as the HPA; it can scale to zero (minReplicaCount 0) and wake on load."""
     a = model.autoscaling
     return {
-        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": kind, "name": model.name},
+        "scaleTargetRef": scale_target(model, kind, name),
         "minReplicaCount": a.min_replicas,
         "maxReplicaCount": a.max_replicas,
         "pollingInterval": 15,
@@ -421,4 +508,19 @@ def dns_egress_rule() -> dict[str, Any]:
         "to": [{"namespaceSelector": namespace_selector("kube-system"),
                 "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
         "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
+    }
+
+
+def group_network_policy_spec(model_name: str) -> dict[str, Any]:
+    """The pods of one model's LeaderWorkerSet groups reach each other, and only each other, on the ports a
+    multi-node vLLM uses: the leader's rendezvous port and the ephemeral range (NCCL, vLLM's message queues)."""
+    group = {"matchLabels": selector_labels(model_name),
+             "matchExpressions": [{"key": ROLE_LABEL, "operator": "In", "values": ["leader", "worker"]}]}
+    ports = [{"protocol": "TCP", "port": VLLM_MASTER_PORT},
+             {"protocol": "TCP", "port": EPHEMERAL_PORTS[0], "endPort": EPHEMERAL_PORTS[1]}]
+    return {
+        "podSelector": group,
+        "policyTypes": ["Ingress", "Egress"],
+        "ingress": [{"from": [{"podSelector": group}], "ports": ports}],
+        "egress": [{"to": [{"podSelector": group}], "ports": ports}],
     }

@@ -3,7 +3,7 @@ VolumeSnapshotClass the model-volume backups use.
 
 kube-prometheus-stack (Prometheus operator, Grafana with the dashboard sidecar, kube-state-metrics),
 prometheus-adapter (with the load-per-replica rules rendered from the metric contract), KEDA, the NVIDIA device
-plugin, the DCGM exporter and snapscheduler. Created first, so the CRDs and metrics APIs exist before the workloads use them.
+plugin, the DCGM exporter, snapscheduler and the LeaderWorkerSet controller. Created first, so the CRDs and metrics APIs exist before the workloads use them.
 """
 from __future__ import annotations
 
@@ -38,6 +38,8 @@ CHARTS = {
     "dcgm_exporter": Chart("dcgm-exporter", "https://nvidia.github.io/dcgm-exporter/helm-charts", "3.5.0",
                            "nvidia-device-plugin"),
     "snapscheduler": Chart("snapscheduler", "https://backube.github.io/helm-charts", "3.4.0", "backube-snapscheduler"),
+    # kubernetes-sigs/lws, published as an OCI chart (no index.yaml); chart version = LWS release.
+    "leader_worker_set": Chart("lws", "oci://registry.k8s.io/lws/charts", "0.10.0", "lws-system"),
 }
 
 
@@ -62,12 +64,14 @@ class ClusterAddons(pulumi.ComponentResource):
             addon: HelmAddon = getattr(args.addons, key)
             if not addon.enabled:
                 continue
+            # An OCI chart is named by its full reference; a classic repository by name plus repository_opts.
+            oci = chart.repo.startswith("oci://")
             self.releases[key] = k8s.helm.v3.Release(
                 f"{name}-{chart.chart}",
                 name=chart.chart,
-                chart=chart.chart,
+                chart=f"{chart.repo}/{chart.chart}" if oci else chart.chart,
                 version=addon.version or chart.version,
-                repository_opts=k8s.helm.v3.RepositoryOptsArgs(repo=chart.repo),
+                repository_opts=None if oci else k8s.helm.v3.RepositoryOptsArgs(repo=chart.repo),
                 namespace=addon.namespace or chart.namespace,
                 create_namespace=True,
                 atomic=True,

@@ -18,6 +18,7 @@ from components.builders import (
     SERVING_PORT,
     caller_peers,
     dns_egress_rule,
+    group_network_policy_spec,
     namespace_selector,
     selector_labels,
     serving_pods_selector,
@@ -40,6 +41,9 @@ class GuardrailsArgs:
     gateway_pods: dict[str, str] | None = None
     """With the InferenceGateway: the labels of its pods, the only callers (besides Prometheus) the model pods
     then accept."""
+    group_sizes: dict[str, int] = field(default_factory=dict)
+    """Pods per replica of the models that run as LeaderWorkerSet groups: their PDBs count whole groups, and their
+    pods may reach each other."""
 
 
 class Guardrails(pulumi.ComponentResource):
@@ -82,7 +86,7 @@ class Guardrails(pulumi.ComponentResource):
         self.pdbs = [
             k8s.policy.v1.PodDisruptionBudget(
                 f"{name}-{model}-pdb", metadata=meta(f"{model}-pdb", selector_labels(model)),
-                spec=pdb_spec(g, model), opts=child)
+                spec=pdb_spec(g, model, args.group_sizes.get(model, 1)), opts=child)
             for model in args.model_names
         ]
 
@@ -101,7 +105,8 @@ class Guardrails(pulumi.ComponentResource):
         if g.network_policies:
             for policy_name, spec in network_policy_specs(
                     g, ingress_controller_namespace=args.ingress_controller_namespace,
-                    prometheus_namespace=args.prometheus_namespace, gateway_pods=args.gateway_pods).items():
+                    prometheus_namespace=args.prometheus_namespace, gateway_pods=args.gateway_pods,
+                    group_sizes=args.group_sizes).items():
                 self.network_policies.append(k8s.networking.v1.NetworkPolicy(
                     f"{name}-{policy_name}", metadata=meta(policy_name), spec=spec, opts=child))
 
@@ -150,23 +155,27 @@ def limit_range_item(g: GuardrailsConfig) -> dict[str, Any]:
     }
 
 
-def pdb_spec(g: GuardrailsConfig, model_name: str) -> dict[str, Any]:
-    """maxUnavailable by default: the article's minAvailable 2 over 2 replicas blocked every node drain."""
+def pdb_spec(g: GuardrailsConfig, model_name: str, group_size: int = 1) -> dict[str, Any]:
+    """maxUnavailable by default: the article's minAvailable 2 over 2 replicas blocked every node drain.
+
+    For a LeaderWorkerSet the budget covers whole groups: it selects leaders and workers, and counts in pods of
+    `group_size`, since evicting any one pod recreates (takes down) its whole group."""
     spec: dict[str, Any] = {"selector": {"matchLabels": selector_labels(model_name)},
                             # Pods that never became ready must not block drains either.
                             "unhealthyPodEvictionPolicy": "AlwaysAllow"}
     if g.pdb.max_unavailable is not None:
-        spec["maxUnavailable"] = g.pdb.max_unavailable
+        spec["maxUnavailable"] = g.pdb.max_unavailable * group_size
     else:
-        spec["minAvailable"] = g.pdb.min_available
+        spec["minAvailable"] = g.pdb.min_available * group_size
     return spec
 
 
 def network_policy_specs(g: GuardrailsConfig, *, ingress_controller_namespace: str | None = None,
-                         prometheus_namespace: str | None = None,
-                         gateway_pods: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+                         prometheus_namespace: str | None = None, gateway_pods: dict[str, str] | None = None,
+                         group_sizes: dict[str, int] | None = None) -> dict[str, dict[str, Any]]:
     """Default deny for the namespace, DNS for everyone, and the serving pods' explicit allows: the stack's callers
-    (allowFrom, the ingress controller, Prometheus), or with the gateway only the gateway's pods and Prometheus."""
+    (allowFrom, the ingress controller, Prometheus), or with the gateway only the gateway's pods and Prometheus;
+    the pods of a LeaderWorkerSet group reach each other."""
     scrapers = [prometheus_namespace] if prometheus_namespace else []
     if gateway_pods is not None:
         callers = [{"podSelector": {"matchLabels": dict(gateway_pods)}}] + \
@@ -193,4 +202,7 @@ def network_policy_specs(g: GuardrailsConfig, *, ingress_controller_namespace: s
                 "ports": [{"protocol": "TCP", "port": port} for port in g.egress_to.ports],
             }],
         }
+    for model_name, size in sorted((group_sizes or {}).items()):
+        if size > 1:
+            specs[f"{model_name}-group"] = group_network_policy_spec(model_name)
     return specs

@@ -1,6 +1,7 @@
 """LLMServing: one model's serving stack.
 
-Deployment (shared model PVC) or StatefulSet (one volume per replica), Service, Ingress with cert-manager
+Deployment (shared model PVC), StatefulSet (one volume per replica) or LeaderWorkerSet (vLLM across nodes: one
+group of pods per replica on the shared model PVC, the Service on the leaders), Service, Ingress with cert-manager
 TLS, autoscaling/v2 HPA with the article's behavior, probes against the image's health contract, a rolling
 update that can always make progress, and the restricted security context. One instance per model.
 """
@@ -13,11 +14,11 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 from components.builders import (
-    PORT_NAME, SERVING_PORT, hpa_spec, keda_scaled_object_spec, labels, pod_spec,
-    selector_labels, source_annotations,
+    PORT_NAME, ROLE_LABEL, SERVING_PORT, hpa_spec, keda_scaled_object_spec, labels, leader_worker_set_spec, pod_spec,
+    selector_labels, service_selector, source_annotations,
 )
 from components.model_storage import model_claim_spec, volume_labels
-from stack_config import GPU_RESOURCE, IngressConfig, ModelConfig
+from stack_config import GPU_RESOURCE, LWS_API, IngressConfig, ModelConfig, workload_name
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class LLMServingArgs:
 
 
 class LLMServing(pulumi.ComponentResource):
-    workload: k8s.apps.v1.Deployment | k8s.apps.v1.StatefulSet
+    workload: k8s.apps.v1.Deployment | k8s.apps.v1.StatefulSet | k8s.apiextensions.CustomResource
     service: k8s.core.v1.Service
     endpoint: pulumi.Output[str]
     """Where clients reach the OpenAI API: https://host when an Ingress exists, else the in-cluster URL."""
@@ -80,7 +81,26 @@ class LLMServing(pulumi.ComponentResource):
 
         self.headless_service = None
         storage_ready = list(args.storage_ready or [])
-        if model.workload == "deployment":
+        if model.workload == "leaderworkerset":
+            def group_template(role: str) -> dict[str, Any]:
+                metadata = {**template["metadata"], "labels": {**template["metadata"]["labels"], ROLE_LABEL: role}}
+                if role == "worker" and "annotations" in metadata:
+                    # Workers serve no /metrics: Prometheus scrape hints belong on the leaders only.
+                    metadata["annotations"] = {k: v for k, v in metadata["annotations"].items()
+                                               if not k.startswith("prometheus.io/")}
+                    if not metadata["annotations"]:
+                        del metadata["annotations"]
+                return {**template, "metadata": metadata,
+                        "spec": pod_spec(model, service_account=args.service_account,
+                                         api_key_secret=args.api_key_secret, scheduling=args.scheduling,
+                                         gpu_resource=args.gpu_resource, role="server" if role == "leader" else role)}
+
+            self.workload = k8s.apiextensions.CustomResource(
+                f"{name}-leaderworkerset", api_version=LWS_API, kind="LeaderWorkerSet",
+                metadata=meta(workload_name(model)),
+                spec=leader_worker_set_spec(model, group_template("leader"), group_template("worker")),
+                opts=pulumi.ResourceOptions.merge(replica_opts, pulumi.ResourceOptions(depends_on=storage_ready)))
+        elif model.workload == "deployment":
             self.workload = k8s.apps.v1.Deployment(
                 f"{name}-deployment", metadata=meta(model.name),
                 spec={
@@ -125,27 +145,30 @@ class LLMServing(pulumi.ComponentResource):
         self.endpoints_service = None
         if args.gateway_endpoints:
             # Ready pods only (publishNotReadyAddresses false): a starting or draining pod gets no new request.
+            # On a LeaderWorkerSet, the leaders only: workers serve no HTTP.
             self.endpoints_service = k8s.core.v1.Service(
                 f"{name}-endpoints", metadata=meta(f"{model.name}-endpoints"),
-                spec={"clusterIP": "None", "selector": selector_labels(model.name), "publishNotReadyAddresses": False,
+                spec={"clusterIP": "None", "selector": service_selector(model), "publishNotReadyAddresses": False,
                       "ports": [{"name": PORT_NAME, "port": SERVING_PORT, "targetPort": PORT_NAME,
                                  "protocol": "TCP"}]},
                 opts=child)
 
         self.hpa = None
         self.scaled_object = None
-        kind = "Deployment" if model.workload == "deployment" else "StatefulSet"
+        kind = {"deployment": "Deployment", "statefulset": "StatefulSet",
+                "leaderworkerset": "LeaderWorkerSet"}[model.workload]
+        target = workload_name(model)
         after_workload = pulumi.ResourceOptions(parent=self, depends_on=[self.workload])
         if model.autoscaling.enabled and model.autoscaling.mode == "hpa":
             self.hpa = k8s.autoscaling.v2.HorizontalPodAutoscaler(
                 f"{name}-hpa", metadata=meta(f"{model.name}-hpa"),
-                spec=hpa_spec(model, kind, args.target_load_per_replica), opts=after_workload)
+                spec=hpa_spec(model, kind, args.target_load_per_replica, target), opts=after_workload)
         elif model.autoscaling.enabled:
             self.scaled_object = k8s.apiextensions.CustomResource(
                 f"{name}-scaledobject", api_version="keda.sh/v1alpha1", kind="ScaledObject",
                 metadata=meta(model.name),
                 spec=keda_scaled_object_spec(model, kind, query=args.load_query, prometheus_url=args.prometheus_url,
-                                             target_load=args.target_load_per_replica),
+                                             target_load=args.target_load_per_replica, name=target),
                 opts=after_workload)
 
         self.ingress = None
@@ -161,13 +184,13 @@ class LLMServing(pulumi.ComponentResource):
             self.endpoint = pulumi.Output.concat(
                 "http://", model.name, ".", args.namespace, f".svc.cluster.local:{model.service_port}/v1")
 
-        self.register_outputs({"endpoint": self.endpoint, "workload": model.name, "service": model.name})
+        self.register_outputs({"endpoint": self.endpoint, "workload": workload_name(model), "service": model.name})
 
 
 def service_spec(model: ModelConfig) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "type": model.service_type,
-        "selector": selector_labels(model.name),
+        "selector": service_selector(model),
         "ports": [{"name": PORT_NAME, "port": model.service_port, "targetPort": PORT_NAME, "protocol": "TCP"}],
     }
     if model.service_type == "LoadBalancer":

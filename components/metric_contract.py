@@ -112,7 +112,7 @@ VLLM = Runtime(
     error_matcher='status="5xx"',
     health={"startup": "/health", "liveness": "/health", "readiness": "/health"},
     default_max_num_seqs=256,
-    default_image="vllm/vllm-openai:v0.11.0",
+    default_image="vllm/vllm-openai:v0.30.0",
 )
 
 RUNTIMES = {r.name: r for r in (BUILTIN, VLLM)}

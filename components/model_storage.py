@@ -98,7 +98,9 @@ def fill_job_spec(model: ModelConfig, *, service_account: str, claim_name: str |
                 "enableServiceLinks": False,
                 "securityContext": pod_security_context(),
                 **(placement or {}),
-                "containers": [fetch_container(model, fill=True)],
+                # The base model and each LoRA adapter fill their own directories, side by side.
+                "containers": [fetch_container(model, fill=True)] + [
+                    fetch_container(model, fill=True, adapter=name) for name in sorted(model.vllm.lora_adapters)],
                 "volumes": [
                     {"name": model_volume_name(model),
                      "persistentVolumeClaim": {"claimName": claim_name or model.storage.claim_name}},
@@ -146,7 +148,7 @@ def fetches_from_network(model: ModelConfig) -> bool:
 
 
 def owns_claim(model: ModelConfig) -> bool:
-    return model.workload == "deployment" and not (model.source and parse_source(model.source).kind == "pvc")
+    return model.workload != "statefulset" and not (model.source and parse_source(model.source).kind == "pvc")
 
 
 # ----------------------------------------------------------------------------------------- component
@@ -211,7 +213,7 @@ class ModelStorage(pulumi.ComponentResource):
         self.replica_claims, self.replica_fill_jobs = [], []
         if fetches_from_network(model):
             src = parse_source(model.source)
-            if model.workload == "deployment":
+            if model.workload != "statefulset":  # one shared claim: Deployment, LeaderWorkerSet
                 self.fill_job = fill_job(f"{model.name}-fill", fill_job_name(model, src.short_id), self.claim)
             else:
                 for ordinal, claim_name in enumerate(statefulset_claim_names(model)):
@@ -239,7 +241,7 @@ class ModelStorage(pulumi.ComponentResource):
 
         self.ready = [r for r in (self.claim, self.fill_job) if r is not None] + self.replica_fill_jobs
         self.register_outputs({
-            "claim": model.storage.claim_name if model.workload == "deployment" else None,
+            "claim": model.storage.claim_name if model.workload != "statefulset" else None,
             "modelPath": model.model_path,
             "source": model.source,
         })

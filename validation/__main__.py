@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from validation.checkov_runner import CheckovError, check_skip_file, run_checkov
+from validation.checkov_runner import CheckovError, check_skip_file, lws_pod_templates, run_checkov
 from validation.crds import check_crds
 from validation.crossref import check_crossref
 from validation.findings import Finding
@@ -29,11 +29,10 @@ def validate_target(target: str, versions: tuple[str, ...]) -> tuple[int, list[F
     """(manifest count, findings) for a stack name, a stack file or a folder of YAML."""
     path = Path(target)
     with tempfile.TemporaryDirectory(prefix="validation-") as scratch:
-        if path.is_dir():
-            manifests, directory = read_dir(path), path
-        else:
-            manifests, directory = render(target), Path(scratch)
-            write_dir(manifests, directory)
+        manifests = read_dir(path) if path.is_dir() else render(target)
+        # checkov scans a scratch copy, with each LeaderWorkerSet's pod templates beside it as PodTemplates.
+        directory = Path(scratch)
+        write_dir(manifests + lws_pod_templates(manifests), directory)
         findings = check_schemas(manifests, versions) + check_crds(manifests) + check_crossref(manifests)
         findings += run_checkov(directory).findings()
     return len(manifests), findings

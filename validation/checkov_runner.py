@@ -42,6 +42,33 @@ NEVER_SKIP = {
 """Pod-security and hygiene findings on our own pods: these are fixed in components/, never skipped."""
 
 
+HEADLESS_WORKER_CHECKS = {"CKV_K8S_8", "CKV_K8S_9"}
+"""The one exception, in code because it is not a skip for any pod of ours that serves: a LeaderWorkerSet worker
+runs vLLM headless (no HTTP server, no port to probe). Its liveness is its process (an exit restarts it, and
+`RecreateGroupOnPodRestart` recreates the group) and the leader's probes (the leader's engine fails its health check
+when a worker's pipeline stage dies). crossref `leaderworkerset-groups` fails the stack unless the leader of the
+same LeaderWorkerSet has both probes and the group restarts as a whole, so the exception holds only where that is
+true. Every other check, pod security included, applies to the worker templates."""
+
+
+def lws_pod_templates(manifests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A LeaderWorkerSet's leader and worker pod templates as core/v1 PodTemplates, so that checkov's pod policies
+    (it has none for custom kinds) check them: `<name>-leader`, `<name>-worker`."""
+    out = []
+    for m in manifests:
+        if m.get("kind") != "LeaderWorkerSet":
+            continue
+        group = (m.get("spec") or {}).get("leaderWorkerTemplate") or {}
+        for role in ("leader", "worker"):
+            template = group.get(f"{role}Template")
+            if template:
+                out.append({"apiVersion": "v1", "kind": "PodTemplate",
+                            "metadata": {"name": f"{m['metadata']['name']}-{role}",
+                                         "namespace": m["metadata"].get("namespace", "default")},
+                            "template": template})
+    return out
+
+
 class CheckovError(RuntimeError):
     """checkov is missing, crashed, or printed something that is not its JSON report."""
 
@@ -55,10 +82,13 @@ class CheckovReport:
     resource_count: int = 0
     expected_workloads: set[str] = field(default_factory=set)
     """checkov resource ids (`Kind.namespace.name`) of the workloads in the scanned folder."""
+    headless_workers: set[str] = field(default_factory=set)
+    """checkov resource ids of LeaderWorkerSet worker templates (see `HEADLESS_WORKER_CHECKS`)."""
 
     def findings(self) -> list[Finding]:
         found = [Finding(LAYER, c["check_id"], c.get("resource", "?"), c.get("check_name", ""))
-                 for c in self.failed]
+                 for c in self.failed
+                 if not (c["check_id"] in HEADLESS_WORKER_CHECKS and c.get("resource") in self.headless_workers)]
         found += [Finding(LAYER, "parse", Path(p).name, "checkov could not parse this file")
                   for p in self.parsing_errors]
         if self.resource_count == 0:
@@ -104,9 +134,14 @@ def run_checkov(directory: Path, config_file: Path | None = SKIP_FILE, checkov: 
     except json.JSONDecodeError as exc:
         raise CheckovError(f"checkov did not print a JSON report ({exc}): {proc.stdout[:500]}{proc.stderr[-500:]}")
     report = parse_report(data)
+    scanned = read_dir(directory)
     report.expected_workloads = {
         f"{m['kind']}.{(m.get('metadata') or {}).get('namespace', 'default')}.{m['metadata']['name']}"
-        for m in read_dir(directory) if m.get("kind") in WORKLOAD_KINDS}
+        # checkov has no policies for custom kinds: a LeaderWorkerSet is checked through its PodTemplates.
+        for m in scanned if (m.get("kind") in WORKLOAD_KINDS and m.get("kind") != "LeaderWorkerSet")
+        or m.get("kind") == "PodTemplate"}
+    report.headless_workers = {f"PodTemplate.{t['metadata']['namespace']}.{t['metadata']['name']}"
+                               for t in lws_pod_templates(scanned) if t["metadata"]["name"].endswith("-worker")}
     return report
 
 

@@ -80,7 +80,7 @@ def ingress_backend(ms: Manifests) -> list[Finding]:
 def _hpa_target(ms: Manifests, hpa: dict[str, Any]) -> dict[str, Any] | None:
     ref = (hpa.get("spec") or {}).get("scaleTargetRef") or {}
     target = kube.find(ms, ref.get("kind", ""), kube.namespace(hpa), ref.get("name", ""))
-    if target is None or ref.get("kind") not in kube.SCALABLE_KINDS or ref.get("apiVersion") != "apps/v1":
+    if target is None or ref.get("kind") not in kube.SCALABLE_KINDS or ref.get("apiVersion") != kube.scale_api(ref["kind"]):
         return None
     return target
 
@@ -91,7 +91,7 @@ def hpa_target(ms: Manifests) -> list[Finding]:
         if _hpa_target(ms, hpa) is None:
             ref = (hpa.get("spec") or {}).get("scaleTargetRef")
             out.append(_finding("hpa-target", hpa, f"scaleTargetRef {ref} names no Deployment/StatefulSet "
-                                                   "(apps/v1) in this namespace"))
+                                                   f"(apps/v1) or LeaderWorkerSet ({kube.LWS_API}) in this namespace"))
     return out
 
 
@@ -130,7 +130,7 @@ def _scaled_object_target(ms: Manifests, scaled: dict[str, Any]) -> dict[str, An
     ref = (scaled.get("spec") or {}).get("scaleTargetRef") or {}
     kind = ref.get("kind", "Deployment")
     target = kube.find(ms, kind, kube.namespace(scaled), ref.get("name", ""))
-    if target is None or kind not in kube.SCALABLE_KINDS or ref.get("apiVersion", "apps/v1") != "apps/v1":
+    if target is None or kind not in kube.SCALABLE_KINDS or ref.get("apiVersion", "apps/v1") != kube.scale_api(kind):
         return None
     return target
 
@@ -178,7 +178,7 @@ def pdb_allows_disruption(ms: Manifests) -> list[Finding]:
                    if w["kind"] in kube.SCALABLE_KINDS]
         if not matched:
             continue
-        pods = sum(_min_replicas(ms, w) for w in matched)
+        pods = sum(_min_replicas(ms, w) * kube.group_size(w) for w in matched)
         if "maxUnavailable" in spec:
             allowed = min(_scaled(spec["maxUnavailable"], pods), pods)
         else:
@@ -202,15 +202,17 @@ def networkpolicy_covers_pods(ms: Manifests) -> list[Finding]:
     """Every pod is selected by policies that restrict both its ingress and its egress (kube-score)."""
     out = []
     for w in kube.workloads(ms):
-        covered: set[str] = set()
-        for policy in kube.of_kind(ms, "NetworkPolicy"):
-            if kube.namespace(policy) == kube.namespace(w) and \
-                    kube.selector_matches((policy.get("spec") or {}).get("podSelector"), kube.pod_labels(w)):
-                covered |= _policy_types(policy)
-        missing = {"Ingress", "Egress"} - covered
-        if missing:
-            out.append(_finding("networkpolicy-covers-pods", w,
-                                f"no NetworkPolicy restricts {' or '.join(sorted(missing))} for its pods"))
+        for template in kube.pod_templates(w):
+            covered: set[str] = set()
+            for policy in kube.of_kind(ms, "NetworkPolicy"):
+                if kube.namespace(policy) == kube.namespace(w) and kube.selector_matches(
+                        (policy.get("spec") or {}).get("podSelector"), kube.template_labels(template)):
+                    covered |= _policy_types(policy)
+            missing = {"Ingress", "Egress"} - covered
+            if missing:
+                out.append(_finding("networkpolicy-covers-pods", w,
+                                    f"no NetworkPolicy restricts {' or '.join(sorted(missing))} for its pods "
+                                    f"{kube.template_labels(template)}"))
     return out
 
 
@@ -240,7 +242,7 @@ def probe_ports(ms: Manifests) -> list[Finding]:
 def workload_selector(ms: Manifests) -> list[Finding]:
     out = []
     for w in kube.workloads(ms):
-        if w["kind"] in ("Pod", "CronJob", "Job"):
+        if w["kind"] in ("Pod", "CronJob", "Job", "LeaderWorkerSet"):
             continue
         selector = (w.get("spec") or {}).get("selector")
         if not selector or not kube.selector_matches(selector, kube.pod_labels(w)):
@@ -269,8 +271,8 @@ _BUILTIN = {("ServiceAccount", "default"), ("PriorityClass", "system-cluster-cri
 def pod_references(ms: Manifests) -> list[Finding]:
     """ServiceAccount, PriorityClass, PVCs, Secrets and ConfigMaps a pod uses exist; mounts name volumes."""
     out = []
-    for w in kube.workloads(ms):
-        ns, spec = kube.namespace(w), kube.pod_template(w).get("spec") or {}
+    for w, template in ((w, t) for w in kube.workloads(ms) for t in kube.pod_templates(w)):
+        ns, spec = kube.namespace(w), template.get("spec") or {}
         wanted: list[tuple[str, str, str]] = []
         if spec.get("serviceAccountName"):
             wanted.append(("ServiceAccount", ns, spec["serviceAccountName"]))
@@ -319,6 +321,50 @@ def servicemonitor_target(ms: Manifests) -> list[Finding]:
     return out
 
 
+def leaderworkerset_groups(ms: Manifests) -> list[Finding]:
+    """A LeaderWorkerSet group serves through its leader only and lives or dies as a whole: a Service that selects
+    workers sends clients to pods with no API; a group that does not recreate on a pod restart keeps serving with
+    a pipeline stage missing (hangs); `LeaderReady` never starts workers whose leader waits for them; a PDB must
+    select the whole group, so that a drain counts the group it takes down."""
+    out = []
+    for lws in kube.of_kind(ms, "LeaderWorkerSet"):
+        spec = lws.get("spec") or {}
+        group = spec.get("leaderWorkerTemplate") or {}
+        templates = kube.pod_templates(lws)
+        leader, workers = templates[0], templates[-1]
+        size = kube.group_size(lws)
+        if size > 1 and group.get("restartPolicy", "RecreateGroupOnPodRestart") != "RecreateGroupOnPodRestart":
+            out.append(_finding("leaderworkerset-groups", lws, f"restartPolicy {group.get('restartPolicy')!r}: a "
+                                                               "group must be recreated when one of its pods restarts"))
+        leader_container = ((leader.get("spec") or {}).get("containers") or [{}])[0]
+        if size > 1 and not {"livenessProbe", "readinessProbe"} <= set(leader_container):
+            out.append(_finding("leaderworkerset-groups", lws, "the leader has no liveness and readiness probes: "
+                                                               "they are the group's health (workers are headless)"))
+        if size > 1 and spec.get("startupPolicy") == "LeaderReady":
+            out.append(_finding("leaderworkerset-groups", lws, "startupPolicy LeaderReady: the leader becomes ready "
+                                                               "only once its workers joined, which start after it"))
+        for svc in kube.of_kind(ms, "Service"):
+            selector = (svc.get("spec") or {}).get("selector")
+            if kube.namespace(svc) != kube.namespace(lws) or not selector:
+                continue
+            if size > 1 and kube.map_selector_matches(selector, kube.template_labels(workers)):
+                out.append(_finding("leaderworkerset-groups", svc, f"selector {selector} selects the worker pods of "
+                                                                   f"{resource_id(lws)}; select the leaders only"))
+        for pdb in kube.of_kind(ms, "PodDisruptionBudget"):
+            selector = (pdb.get("spec") or {}).get("selector")
+            if kube.namespace(pdb) != kube.namespace(lws):
+                continue
+            matches = [kube.selector_matches(selector, kube.template_labels(t)) for t in (leader, workers)]
+            if any(matches) and not all(matches):
+                out.append(_finding("leaderworkerset-groups", pdb, f"selects only part of the groups of "
+                                                                   f"{resource_id(lws)}; select leaders and workers"))
+            budget = (pdb.get("spec") or {}).get("maxUnavailable")
+            if all(matches) and isinstance(budget, int) and budget % size:
+                out.append(_finding("leaderworkerset-groups", pdb, f"maxUnavailable {budget} is not whole groups of "
+                                                                   f"{size} pods of {resource_id(lws)}"))
+    return out
+
+
 CHECKS: dict[str, Callable[[Manifests], list[Finding]]] = {
     "service-selects-pods": service_selects_pods,
     "service-target-port": service_target_port,
@@ -335,6 +381,7 @@ CHECKS: dict[str, Callable[[Manifests], list[Finding]]] = {
     "statefulset-service": statefulset_service,
     "pod-references": pod_references,
     "servicemonitor-target": servicemonitor_target,
+    "leaderworkerset-groups": leaderworkerset_groups,
     **sanity.CHECKS,
 }
 

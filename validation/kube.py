@@ -10,8 +10,14 @@ from typing import Any
 
 Manifest = dict[str, Any]
 
-WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "CronJob", "Pod")
-SCALABLE_KINDS = ("Deployment", "StatefulSet", "ReplicaSet")
+WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "CronJob", "Pod", "LeaderWorkerSet")
+SCALABLE_KINDS = ("Deployment", "StatefulSet", "ReplicaSet", "LeaderWorkerSet")
+LWS_API = "leaderworkerset.x-k8s.io/v1"
+
+
+def scale_api(kind: str) -> str:
+    """The apiVersion an autoscaler's scaleTargetRef must name for a scalable kind."""
+    return LWS_API if kind == "LeaderWorkerSet" else "apps/v1"
 
 
 def name(m: Manifest) -> str:
@@ -40,11 +46,34 @@ def pod_template(workload: Manifest) -> dict[str, Any]:
         return {"metadata": workload.get("metadata") or {}, "spec": spec}
     if kind == "CronJob":
         return ((spec.get("jobTemplate") or {}).get("spec") or {}).get("template") or {}
+    if kind == "LeaderWorkerSet":
+        # The leader's template (the worker template when no leader template is given): what a Service targets.
+        group = spec.get("leaderWorkerTemplate") or {}
+        return group.get("leaderTemplate") or group.get("workerTemplate") or {}
     return spec.get("template") or {}
+
+
+def pod_templates(workload: Manifest) -> list[dict[str, Any]]:
+    """Every pod template of a workload: a LeaderWorkerSet's leader and worker templates, else the one."""
+    if workload["kind"] == "LeaderWorkerSet":
+        group = (workload.get("spec") or {}).get("leaderWorkerTemplate") or {}
+        return [t for t in (group.get("leaderTemplate"), group.get("workerTemplate")) if t]
+    return [pod_template(workload)]
+
+
+def group_size(workload: Manifest) -> int:
+    """Pods per replica: a LeaderWorkerSet's group size, else 1."""
+    if workload["kind"] != "LeaderWorkerSet":
+        return 1
+    return int(((workload.get("spec") or {}).get("leaderWorkerTemplate") or {}).get("size", 1))
 
 
 def pod_labels(workload: Manifest) -> dict[str, str]:
     return (pod_template(workload).get("metadata") or {}).get("labels") or {}
+
+
+def template_labels(template: dict[str, Any]) -> dict[str, str]:
+    return (template.get("metadata") or {}).get("labels") or {}
 
 
 def workloads(manifests: list[Manifest]) -> list[Manifest]:
@@ -59,8 +88,9 @@ def containers(pod_spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 def workload_containers(manifests: list[Manifest]) -> Iterator[tuple[Manifest, dict[str, Any]]]:
     for w in workloads(manifests):
-        for c in containers(pod_template(w).get("spec") or {}):
-            yield w, c
+        for template in pod_templates(w):
+            for c in containers(template.get("spec") or {}):
+                yield w, c
 
 
 def selector_matches(selector: dict[str, Any] | None, labels: dict[str, str]) -> bool:
@@ -91,7 +121,8 @@ def map_selector_matches(selector: dict[str, str] | None, labels: dict[str, str]
 def selected_workloads(manifests: list[Manifest], ns: str, selector: dict[str, Any] | None, *,
                        plain_map: bool = False) -> list[Manifest]:
     match = map_selector_matches if plain_map else selector_matches
-    return [w for w in workloads(manifests) if namespace(w) == ns and match(selector, pod_labels(w))]
+    return [w for w in workloads(manifests) if namespace(w) == ns
+            and any(match(selector, template_labels(t)) for t in pod_templates(w))]
 
 
 def container_port_names(container: dict[str, Any]) -> set[str]:

@@ -58,8 +58,8 @@ def dns1123_names(ms: Manifests) -> list[Finding]:
             for port in (m.get("spec") or {}).get("ports") or []:
                 if "name" in port and _name_problem(port["name"], DNS1123_LABEL, 63):
                     out.append(_finding("dns1123-names", m, f"port name {port['name']!r} is not a DNS-1123 label"))
-    for w in kube.workloads(ms):
-        spec = kube.pod_template(w).get("spec") or {}
+    for w, template in ((w, t) for w in kube.workloads(ms) for t in kube.pod_templates(w)):
+        spec = template.get("spec") or {}
         for volume in spec.get("volumes") or []:
             if _name_problem(volume.get("name"), DNS1123_LABEL, 63):
                 out.append(_finding("dns1123-names", w, f"volume name {volume.get('name')!r} is not a DNS-1123 label"))
@@ -94,13 +94,15 @@ def _quantity_fields(m: dict[str, Any]) -> list[tuple[str, Any]]:
         for i, template in enumerate(spec.get("volumeClaimTemplates") or []):
             amounts(f"spec.volumeClaimTemplates[{i}].spec.resources.requests",
                     ((template.get("spec") or {}).get("resources") or {}).get("requests"))
-        pod = kube.pod_template(m).get("spec") or {}
-        for c in kube.containers(pod):
-            for section in ("requests", "limits"):
-                amounts(f"container {c.get('name')!r} {section}", (c.get("resources") or {}).get(section))
-        for volume in pod.get("volumes") or []:
-            if "sizeLimit" in (volume.get("emptyDir") or {}):
-                found.append((f"volume {volume.get('name')!r} emptyDir.sizeLimit", volume["emptyDir"]["sizeLimit"]))
+        for template in kube.pod_templates(m):
+            pod = template.get("spec") or {}
+            for c in kube.containers(pod):
+                for section in ("requests", "limits"):
+                    amounts(f"container {c.get('name')!r} {section}", (c.get("resources") or {}).get(section))
+            for volume in pod.get("volumes") or []:
+                if "sizeLimit" in (volume.get("emptyDir") or {}):
+                    found.append((f"volume {volume.get('name')!r} emptyDir.sizeLimit",
+                                  volume["emptyDir"]["sizeLimit"]))
     return found
 
 

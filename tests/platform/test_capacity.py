@@ -84,6 +84,11 @@ def seventy_b(**extra):
     return prod(sizing={"preset": "llama-3.1-70b", "maxContextTokens": 8192, "maxConcurrentSequences": 32}, **extra)
 
 
+VLLM = {"runtime": "vllm", "image": "vllm/vllm-openai:v0.30.0@sha256:5e4c9e21916e060cad31033c82914c1bee10e6fdba3250a7e680495a0619a47d",
+        "fill": {"secretName": "hf-token", "image": "registry.example.com/llm-serving:1.0.0@sha256:076327a98784eff460e9a7a39cbc131d25a4e3ff9550357cdfcf65112ca56ed9"}}
+"""The vLLM runtime, which splits a model across GPUs (prod's hf source needs the fill image for it)."""
+
+
 def guardrails(values, section, **changes):
     values["guardrails"].setdefault(section, {}).update(changes)
     return values
@@ -92,12 +97,14 @@ def guardrails(values, section, **changes):
 BAD = {
     "70b on one GPU": (seventy_b(), "models[0].sizing: needs 220.08 GiB per GPU at gpusPerReplica 1 (weights 131.50 GiB "
                        "+ KV cache 80.00 GiB + overhead 8.58 GiB) but 72.00 GiB is usable (80 GiB x 0.9); fits with "
-                       "gpusPerReplica 4"),
+                       "runtime: vllm with gpusPerReplica 4 (tensor parallel; the builtin engine uses one GPU)"),
+    "70b on one GPU, vllm": (seventy_b(**VLLM), "is usable (80 GiB x 0.9); fits with gpusPerReplica 4"),
     "8b full 128k context": (with_sizing(maxContextTokens=131072),
                              "models[0].sizing: needs 529.70 GiB per GPU at gpusPerReplica 1 (weights 14.96 GiB + KV "
                              "cache 512.00 GiB + overhead 2.75 GiB) but 72.00 GiB is usable (80 GiB x 0.9); fits with "
                              "maxConcurrentSequences <= 3 (at maxContextTokens 131072), or maxContextTokens <= 13899 "
-                             "(at maxConcurrentSequences 32), or gpusPerReplica 8"),
+                             "(at maxConcurrentSequences 32), or runtime: vllm with gpusPerReplica 8 (tensor parallel; the "
+                             "builtin engine uses one GPU)"),
     "too little utilization": (prod(gpuMemoryUtilization=0.5),
                                "models[0].sizing: needs 49.70 GiB per GPU at gpusPerReplica 1 (weights 14.96 GiB + KV "
                                "cache 32.00 GiB + overhead 2.75 GiB) but 40.00 GiB is usable (80 GiB x 0.5); fits with "
@@ -105,7 +112,13 @@ BAD = {
     "nothing fits": (guardrails(seventy_b(), "resourceQuota", gpus=10) | {"gpuPool": {**stack_values("prod")["gpuPool"],
                                                                                       "gpuMemoryGiB": 24,
                                                                                       "gpusPerNode": 2}},
-                     "fits with no gpusPerReplica up to 2 fits: use a larger GPU or a smaller dtype"),
+                     "fits with gpusPerReplica 12 on 6 nodes of 2 GPUs (runtime: vllm, workload: leaderworkerset: "
+                     "tensor parallel 2 x pipeline parallel 6)"),
+    "nothing fits on 8 nodes": (
+        guardrails(prod(sizing={"preset": "llama-3.1-405b", "maxContextTokens": 8192, "maxConcurrentSequences": 32}),
+                   "resourceQuota", gpus=10) | {"gpuPool": {**stack_values("prod")["gpuPool"], "gpuMemoryGiB": 24,
+                                                            "gpusPerNode": 2}},
+        "fits with no layout up to 8 nodes of 2 GPUs fits: use a larger GPU or a smaller dtype"),
     "preset and numbers": (with_sizing(layers=32),
                            "models[0].sizing.layers: is set together with preset 'llama-3.1-8b'; use the preset or "
                            "the architecture numbers, not both"),
@@ -120,7 +133,7 @@ BAD = {
     "context over the model's": (prod(sizing={"preset": "qwen2.5-7b", "maxContextTokens": 65536,
                                               "maxConcurrentSequences": 1}),
                                  "models[0].sizing.maxContextTokens: 65536 is above the model's own context window 32768"),
-    "tp does not divide heads": (guardrails(prod(gpusPerReplica=3), "resourceQuota", gpus=30),
+    "tp does not divide heads": (guardrails(prod(gpusPerReplica=3, **VLLM), "resourceQuota", gpus=30),
                                  "models[0].gpusPerReplica: 3 does not divide the model's 32 attention heads, so tensor "
                                  "parallelism cannot split it; use one of [1, 2, 4, 8, 16]"),
     "sized cpu model": (guardrails(prod(gpusPerReplica=0), "resourceQuota", gpus=0),
@@ -132,10 +145,10 @@ BAD = {
     "slow storage": (prod(storageReadMBps=20, probes={"startup": {"failureThreshold": 30}}),
                      "models[0].probes.startup.failureThreshold: 30 x 10 s = 300 s is shorter than the estimated 863 s "
                      "to load 14.96 GiB at 20 MB/s"),
-    "shm over the memory limit": (guardrails(prod(gpusPerReplica=2, resources={"limits": {"memory": "10Gi"}}),
+    "shm over the memory limit": (guardrails(prod(gpusPerReplica=2, resources={"limits": {"memory": "10Gi"}}, **VLLM),
                                              "resourceQuota", gpus=20),
                                   "models[0].resources.limits.memory: 10Gi cannot hold the 4Gi /dev/shm of a 2-GPU "
-                                  "replica (memory-backed, it counts against the limit) plus the 8Gi memory request; "
+                                  "pod (memory-backed, it counts against the limit) plus the 8Gi memory request; "
                                   "raise it to at least 12 GiB or lower shmSize"),
     "limit above LimitRange max cpu": (guardrails(prod(), "limitRange", maxCpu="4"),
                                        "models[0].resources.limits.cpu: 8 is above guardrails.limitRange.maxCpu 4; the "
@@ -186,8 +199,8 @@ def test_capacity_mistake_is_one_clear_error(case):
 # ----------------------------------------------------------------------------------- good configs at the edge
 
 
-def test_seventy_b_fits_at_four_gpus():
-    values = guardrails(seventy_b(gpusPerReplica=4), "resourceQuota", gpus=40)
+def test_seventy_b_fits_at_four_gpus_on_vllm():
+    values = guardrails(seventy_b(gpusPerReplica=4, **VLLM), "resourceQuota", gpus=40)
     plan = parse_stack_config("prod", values).plans[0]
     assert plan.memory["totalGiB"] == pytest.approx(60_687_320_128 / GIB)
     assert plan.shm == "8Gi"   # 2Gi per GPU
@@ -229,7 +242,7 @@ def test_sizing_sets_the_engine_limits_and_the_plan_is_an_output():
 
 def test_multi_gpu_pod_mounts_memory_backed_shm():
     values = guardrails(seventy_b(gpusPerReplica=4, resources={"limits": {"memory": "64Gi"},
-                                                                "requests": {"memory": "32Gi"}}),
+                                                                "requests": {"memory": "32Gi"}}, **VLLM),
                         "resourceQuota", gpus=40, requestsMemory="400Gi", limitsMemory="800Gi")
     result = render_values("prod", values)
     pod = result.one("Deployment", "llm-service")["spec"]["template"]["spec"]

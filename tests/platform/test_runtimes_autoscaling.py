@@ -53,16 +53,21 @@ def test_vllm_runtime_follows_its_contract():
     del values["models"][0]["image"]
     result = render_values("prod", values)
     c = container(result)
-    assert c["image"] == "vllm/vllm-openai:v0.11.0"
-    assert c["command"] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+    assert c["image"] == "vllm/vllm-openai:v0.30.0"
+    assert c["command"][:2] == ["/bin/sh", "-c"] and c["command"][3] == "vllm"
+    assert 'VLLM_API_KEY="$(cat "$API_KEYS_FILE")"' in c["command"][2] and 'exec vllm serve "$@"' in c["command"][2]
     args = c["args"]
-    pairs = dict(zip(args[::2], args[1::2]))
-    assert pairs["--model"] == "/models/llama-3.1-8b/0e9e39f249a1" and pairs["--served-model-name"] == "llama-3.1-8b"
+    assert args[0] == "/models/llama-3.1-8b/0e9e39f249a1"
+    pairs = dict(zip(args[1::2], args[2::2]))
+    assert pairs["--served-model-name"] == "llama-3.1-8b" and pairs["--dtype"] == "bfloat16"
     assert (pairs["--max-model-len"], pairs["--tensor-parallel-size"], pairs["--gpu-memory-utilization"]) == \
         ("8192", "1", "0.9")
     assert pairs["--max-num-seqs"] == "32" and pairs["--port"] == "8000"
     env = {e["name"]: e for e in c["env"]}
-    assert env["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "llm-api-keys", "key": "api-keys"}
+    # The key comes from the mounted Secret file at start: never an env literal or env reference in the manifest.
+    assert "VLLM_API_KEY" not in env and env["API_KEYS_FILE"]["value"] == "/var/run/secrets/llm-platform/api-keys"
+    assert {"name": "api-keys", "mountPath": "/var/run/secrets/llm-platform", "readOnly": True} in c["volumeMounts"]
+    assert not any("--api-key" in a for a in args)
     assert "MODEL_NAME" not in env
     assert {c[p]["httpGet"]["path"] for p in ("startupProbe", "livenessProbe", "readinessProbe")} == {"/health"}
     rule = yaml.safe_load(result.one("ConfigMap", "llm-prometheus-adapter-rules")["data"]["config.yaml"])["rules"][0]

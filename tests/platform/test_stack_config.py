@@ -56,7 +56,7 @@ BAD = [
     ("prod", ["models", 0, "env"], {"MODEL_PATH": "/models/x"},
      "models[0].env.MODEL_PATH: is set by the platform from modelPath; set that instead"),
     ("prod", ["models", 0, "gpusPerReplica"], 16,
-     "models[0].gpusPerReplica: 16 is more than gpuPool.gpusPerNode 8; a pod cannot span nodes"),
+     "models[0].gpusPerReplica: 16: the builtin engine loads a model onto one GPU"),
     ("prod", ["models", 0, "storage", "accessMode"], "ReadWriteOnce",
      "models[0].storage.accessMode: ReadWriteOnce cannot be shared by up to 10 Deployment replicas"),
     ("prod", ["models", 0, "rollout"], {"maxSurge": 0, "maxUnavailable": 0},

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from validation.checkov_runner import CheckovError, CheckovReport, find_checkov, run_checkov
+from validation.checkov_runner import CheckovError, CheckovReport, find_checkov, lws_pod_templates, run_checkov
 from validation.manifests import ROOT, discover_stack_files, render, stack_label, write_dir
 
 STACK_FILES = discover_stack_files()
@@ -63,6 +63,14 @@ def statefulset_manifests() -> list[dict[str, Any]]:
     pytest.fail("no stack renders a StatefulSet; keep one in examples/ so the StatefulSet checks run")
 
 
+def leaderworkerset_manifests() -> list[dict[str, Any]]:
+    """A deep copy of the first stack that renders a LeaderWorkerSet (the multi-node example today)."""
+    for stack_file in STACK_FILES:
+        if any(m["kind"] == "LeaderWorkerSet" for m in manifests_of(stack_file)):
+            return copy.deepcopy(manifests_of(stack_file))
+    pytest.fail("no stack renders a LeaderWorkerSet; keep one in examples/ so the LeaderWorkerSet checks run")
+
+
 def pick(manifests: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
     """The one object of `kind` (named `name`); unnamed, where prod has the model's and the gateway's (Deployment,
     Service, HPA, PDB, ServiceMonitor), the model's."""
@@ -95,7 +103,8 @@ def rendered_dir(tmp_path_factory):
     def get(stack_file: Path) -> Path:
         if stack_file not in written:
             directory = tmp_path_factory.mktemp(stack_label(stack_file).replace("/", "-"))
-            write_dir(manifests_of(stack_file), directory)
+            # As `python -m validation` writes it: LeaderWorkerSet pod templates beside it, for checkov.
+            write_dir(manifests_of(stack_file) + lws_pod_templates(manifests_of(stack_file)), directory)
             written[stack_file] = directory
         return written[stack_file]
     return get

@@ -10,9 +10,9 @@ import copy
 
 import pytest
 
-from tests.validation.conftest import PROD, ROOT, manifests_of, pick, prod_manifests, stacks
+from tests.validation.conftest import PROD, ROOT, leaderworkerset_manifests, manifests_of, pick, prod_manifests, stacks
 from validation.checkov_runner import (
-    CheckovReport, check_skip_file, parse_report, read_skips, run_checkov,
+    CheckovReport, check_skip_file, lws_pod_templates, parse_report, read_skips, run_checkov,
 )
 from validation.manifests import write_dir
 
@@ -25,6 +25,8 @@ def test_stack_passes_checkov(stack_file, checkov_report):
     assert report.findings() == []
     workloads = {f"{m['kind']}.{m['metadata']['namespace']}.{m['metadata']['name']}" for m in manifests_of(stack_file)
                  if m["kind"] in ("Deployment", "StatefulSet")}
+    workloads |= {f"PodTemplate.{m['metadata']['namespace']}.{m['metadata']['name']}-{role}"
+                  for m in manifests_of(stack_file) if m["kind"] == "LeaderWorkerSet" for role in ("leader", "worker")}
     assert workloads and workloads <= {c["resource"] for c in report.passed}, "checkov never checked the workload"
 
 
@@ -99,3 +101,18 @@ def test_empty_scan_is_a_finding():
     report = parse_report({"passed": 0, "failed": 0, "skipped": 0, "parsing_errors": 0, "resource_count": 0})
     assert [f.check for f in report.findings()] == ["scan"]
 
+
+
+def test_leaderworkerset_pods_get_checkov_and_only_headless_workers_skip_the_probe_checks(tmp_path, checkov_bin):
+    """The worker template is checked like any pod (here: made privileged, it fails); only the probe checks, which a
+    headless worker cannot satisfy, are left to the leader's probes (crossref leaderworkerset-groups)."""
+    manifests = leaderworkerset_manifests()
+    lws = pick(manifests, "LeaderWorkerSet")
+    worker = lws["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0]
+    worker["securityContext"]["privileged"] = True
+    write_dir(manifests + lws_pod_templates(manifests), tmp_path)
+    report = run_checkov(tmp_path, checkov=checkov_bin)
+    name = f"PodTemplate.{lws['metadata']['namespace']}.{lws['metadata']['name']}"
+    assert ("CKV_K8S_8", f"{name}-worker") in report.ids("failed")
+    assert {(f.check, f.resource) for f in report.findings()} == {("CKV_K8S_16", f"{name}-worker")}
+    assert ("CKV_K8S_8", f"{name}-leader") in report.ids("passed")

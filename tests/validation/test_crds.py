@@ -1,12 +1,14 @@
-"""Layer 1b: ServiceMonitor, PrometheusRule, ScaledObject, SnapshotSchedule and VolumeSnapshotClass match the shape
-their published CRDs accept, unknown fields refused."""
+"""Layer 1b: ServiceMonitor, PrometheusRule, ScaledObject, SnapshotSchedule, VolumeSnapshotClass and LeaderWorkerSet
+match the shape their published CRDs accept, unknown fields refused."""
 from __future__ import annotations
 
 import copy
 
 import pytest
 
-from tests.validation.conftest import keda_manifests, manifests_of, pick, prod_manifests, stacks
+from tests.validation.conftest import (
+    keda_manifests, leaderworkerset_manifests, manifests_of, pick, prod_manifests, stacks,
+)
 from validation.crds import SCHEMAS, check_crds
 from validation.manifests import ROOT
 
@@ -24,7 +26,7 @@ def test_stack_custom_resources_match_their_crds(stack_file):
 
 
 def test_every_schema_is_exercised_by_these_tests():
-    kinds = {m["kind"] for m in prod_manifests() + keda_manifests() + backup_manifests()}
+    kinds = {m["kind"] for m in prod_manifests() + keda_manifests() + backup_manifests() + leaderworkerset_manifests()}
     assert {kind for _, kind in SCHEMAS} <= kinds
 
 
@@ -109,6 +111,40 @@ BACKUP_BREAKS = {
     "snapshot-class-spec": (lambda ms: pick(ms, "VolumeSnapshotClass").update(spec={"driver": "x"}),
                             "VolumeSnapshotClass", "'spec'"),
 }
+
+
+def _lws_spec(ms):
+    return pick(ms, "LeaderWorkerSet")["spec"]
+
+
+LWS_BREAKS = {
+    "lws-unknown-spec-field": (lambda ms: _lws_spec(ms).update(groupSize=2), "LeaderWorkerSet", "'groupSize'"),
+    "lws-bad-restart-policy": (lambda ms: _lws_spec(ms)["leaderWorkerTemplate"].update(restartPolicy="Always"),
+                               "LeaderWorkerSet", "restartPolicy"),
+    "lws-no-worker-template": (lambda ms: _lws_spec(ms)["leaderWorkerTemplate"].pop("workerTemplate"),
+                               "LeaderWorkerSet", "'workerTemplate'"),
+    "lws-bad-startup-policy": (lambda ms: _lws_spec(ms).update(startupPolicy="WorkersFirst"),
+                               "LeaderWorkerSet", "startupPolicy"),
+    "lws-worker-pod-unknown-field": (
+        lambda ms: _lws_spec(ms)["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0].update(gpus=8),
+        "LeaderWorkerSet", "workerTemplate.spec.containers.0: Additional properties are not allowed ('gpus'"),
+    "lws-leader-pod-bad-type": (
+        lambda ms: _lws_spec(ms)["leaderWorkerTemplate"]["leaderTemplate"]["spec"].update(
+            terminationGracePeriodSeconds="120"),
+        "LeaderWorkerSet", "leaderTemplate.spec.terminationGracePeriodSeconds"),
+    "lws-rollout-stuck": (lambda ms: _lws_spec(ms)["rolloutStrategy"]["rollingUpdateConfiguration"].update(
+        maxSurge=0, maxUnavailable=0), "LeaderWorkerSet", "both 0"),
+}
+
+
+@pytest.mark.parametrize("case", list(LWS_BREAKS))
+def test_broken_leaderworkerset_fails(case):
+    breaker, kind, expected_text = LWS_BREAKS[case]
+    manifests = leaderworkerset_manifests()
+    breaker(manifests)
+    findings = check_crds(manifests)
+    assert findings and {f.check for f in findings} == {kind}
+    assert any(expected_text in f.message for f in findings), findings
 
 
 def test_keda_scaled_object_passes():

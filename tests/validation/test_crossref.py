@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from tests.validation.conftest import (
-    keda_manifests, manifests_of, pick, prod_manifests, stacks, statefulset_manifests,
+    keda_manifests, leaderworkerset_manifests, manifests_of, pick, prod_manifests, stacks, statefulset_manifests,
 )
 from validation.crossref import CHECKS, check_crossref
 from validation.sanity import _looks_secret, image_reference_problem
@@ -147,6 +147,71 @@ CASES = [
     ("image-pinned", "latest", _set(_container, "image", "registry.example.com/llm-serving:latest"), prod_manifests),
     ("image-pinned", "no-tag", _set(_container, "image", "registry.example.com:5000/llm-serving"), prod_manifests),
 ]
+
+
+def _lws(ms):
+    return pick(ms, "LeaderWorkerSet")
+
+
+def _lws_template(role):
+    def get(ms):
+        return _lws(ms)["spec"]["leaderWorkerTemplate"][f"{role}Template"]
+    return get
+
+
+def _uncover_lws_workers(ms):
+    """Only the worker template loses the labels the serving and group policies select, and no default deny is
+    left: the leaders stay covered, the workers do not."""
+    ms.remove(pick(ms, "NetworkPolicy", "default-deny-all"))
+    for key in ("app.kubernetes.io/component", "llm-platform/role"):
+        _lws_template("worker")(ms)["metadata"]["labels"].pop(key)
+
+
+CASES += [
+    ("leaderworkerset-groups", "service-selects-workers",
+     lambda ms: pick(ms, "Service")["spec"]["selector"].pop("llm-platform/role"), leaderworkerset_manifests),
+    ("leaderworkerset-groups", "pdb-selects-leaders-only",
+     lambda ms: pick(ms, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"].update(
+         {"llm-platform/role": "leader"}), leaderworkerset_manifests),
+    ("leaderworkerset-groups", "pdb-counts-half-a-group",
+     lambda ms: pick(ms, "PodDisruptionBudget")["spec"].update(maxUnavailable=1), leaderworkerset_manifests),
+    ("leaderworkerset-groups", "no-group-restart",
+     lambda ms: _lws(ms)["spec"]["leaderWorkerTemplate"].update(restartPolicy="None"), leaderworkerset_manifests),
+    ("leaderworkerset-groups", "leader-without-probes",
+     lambda ms: _lws_template("leader")(ms)["spec"]["containers"][0].pop("livenessProbe"), leaderworkerset_manifests),
+    ("leaderworkerset-groups", "leader-ready-startup",
+     lambda ms: _lws(ms)["spec"].update(startupPolicy="LeaderReady"), leaderworkerset_manifests),
+    ("hpa-target", "lws-wrong-api-version",
+     lambda ms: pick(ms, "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"].update(apiVersion="apps/v1"),
+     leaderworkerset_manifests),
+    ("hpa-target", "lws-missing",
+     lambda ms: pick(ms, "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"].update(name="llama-405b"),
+     leaderworkerset_manifests),
+    ("service-selects-pods", "lws-leader-label-typo",
+     lambda ms: pick(ms, "Service")["spec"]["selector"].update({"llm-platform/role": "head"}),
+     leaderworkerset_manifests),
+    ("pdb-selector", "lws-selector-typo",
+     lambda ms: pick(ms, "PodDisruptionBudget")["spec"].update(selector={"matchLabels": {"app": "llama"}}),
+     leaderworkerset_manifests),
+    ("networkpolicy-covers-pods", "lws-worker-uncovered", _uncover_lws_workers, leaderworkerset_manifests),
+    ("pod-references", "lws-worker-volume-mount",
+     lambda ms: _lws_template("worker")(ms)["spec"]["containers"][0]["volumeMounts"][0].update(name="weights"),
+     leaderworkerset_manifests),
+    ("image-pinned", "lws-worker-latest",
+     lambda ms: _lws_template("worker")(ms)["spec"]["containers"][0].update(image="vllm/vllm-openai:latest"),
+     leaderworkerset_manifests),
+]
+
+
+def test_leaderworkerset_stack_pdb_counts_whole_groups():
+    ms = leaderworkerset_manifests()
+    pdb, lws = pick(ms, "PodDisruptionBudget"), pick(ms, "LeaderWorkerSet")
+    assert pdb["spec"]["maxUnavailable"] == lws["spec"]["leaderWorkerTemplate"]["size"] == 2
+    # 2 groups at the HPA minimum = 4 pods; whole groups of 2 may go, so drains proceed group by group.
+    assert CHECKS["pdb-allows-disruption"](ms) == []
+    pick(ms, "PodDisruptionBudget")["spec"].update(maxUnavailable=None, minAvailable=4)
+    del pick(ms, "PodDisruptionBudget")["spec"]["maxUnavailable"]
+    assert CHECKS["pdb-allows-disruption"](ms)
 
 
 def test_every_check_has_a_breaking_case():
