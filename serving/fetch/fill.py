@@ -6,7 +6,7 @@ Lifecycle of `fill(source, dest)`:
 2. `dest` already holds a complete fill of this source (manifest + every file at its size): done, no request.
 3. Download every file into `dest.partial/` (same filesystem): each streams into `<path>.part`, resumes with a
    Range request after a dropped connection or an earlier interrupted run, and is renamed to `<path>` once its
-   size and checksums verify.
+   size and checksums verify. Nothing is opened or created through a symlink (`serving.fetch.nofollow`).
 4. Write the manifest last, then swap `dest.partial` into place with renames: readers of `dest` see nothing, the
    old complete directory or the new complete one, never a partial model.
 5. Optionally prune older revisions beside `dest`.
@@ -31,6 +31,7 @@ from serving.fetch.credentials import Credentials, load_credentials
 from serving.fetch.errors import EXIT_USAGE, FetchError, TransientError
 from serving.fetch.manifest import (MANIFEST_NAME, PARTIAL_SUFFIX, REPLACED_MARKER, ManifestFile, missing_files,
                                     prune_revisions, read_manifest, verify_directory, write_manifest)
+from serving.fetch.nofollow import open_under, refuse_symlink, symlink_refused
 from serving.fetch.sources import (HfSource, Listing, PvcSource, RemoteFile, S3Source, Source, Store,
                                    check_relative_path, parse_source, refuse_unpinned, same_source, select_files)
 
@@ -85,7 +86,13 @@ def _exclusive(dest: Path) -> Iterator[None]:
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     path = dest.with_name(f".{dest.name}.lock")
-    with open(path, "a+", encoding="utf-8") as handle:
+    try:  # a symlinked lock file would have the fill truncate whatever it points at
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if path.is_symlink():
+            raise symlink_refused(path) from None
+        raise exc
+    with open(fd, "a+", encoding="utf-8") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -148,6 +155,7 @@ def _download(store: Store, listing: Listing, source: str, tmp: Path, excludes: 
                          "check --exclude")
     for file in files:
         check_relative_path(file.path, source)
+    refuse_symlink(tmp)
     tmp.mkdir(parents=True, exist_ok=True)
     _remove_unlisted(tmp, {file.path for file in files})
     _check_free_space(tmp, files, source)
@@ -244,12 +252,21 @@ class _Hashes:
         return self.digests["sha256"].hexdigest()
 
 
-def _hash_file(path: Path, file: RemoteFile, hashes: _Hashes | None = None) -> _Hashes:
+def _hash_file(fd: int, file: RemoteFile, hashes: _Hashes | None = None) -> _Hashes:
+    """Hash the bytes of the open file `fd` (then closed) into `hashes`."""
     hashes = hashes or _Hashes(file)
-    with open(path, "rb") as existing:
+    with open(fd, "rb") as existing:
         while chunk := existing.read(_READ_BYTES):
             hashes.update(chunk)
     return hashes
+
+
+def _open_existing(tmp: Path, path: str) -> int | None:
+    """A read descriptor for `tmp/path` (never through a symlink), or None when there is no such file."""
+    try:
+        return open_under(tmp, path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
 
 
 def _fetch_file(store: Store, file: RemoteFile, tmp: Path, retries: int, delay: float,
@@ -257,27 +274,30 @@ def _fetch_file(store: Store, file: RemoteFile, tmp: Path, retries: int, delay: 
     """Download (or resume, or keep) one file into `tmp`; return its sha256 and the bytes downloaded."""
     final = tmp / file.path
     part = final.with_name(final.name + ".part")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists():
-        if final.stat().st_size == file.size:
-            hashes = _hash_file(final, file)
+    if (existing := _open_existing(tmp, file.path)) is not None:
+        if os.fstat(existing).st_size == file.size:
+            hashes = _hash_file(existing, file)
             if hashes.mismatch(file) is None:
                 logger.info("%s: already downloaded and verified", file.path)
                 return hashes.sha256, 0
+        else:
+            os.close(existing)
         logger.info("%s: the earlier download does not verify: downloading it again", file.path)
         final.unlink()
 
     hashes = _Hashes(file)
-    written = part.stat().st_size if part.exists() else 0
+    # Created (with its directories) through open_under: a symlinked .part or directory is refused, not followed.
+    out_fd = open_under(tmp, f"{file.path}.part", os.O_WRONLY | os.O_CREAT | os.O_APPEND, make_parents=True)
+    written = os.fstat(out_fd).st_size
     if written > file.size:
-        part.unlink()
+        os.ftruncate(out_fd, 0)
         written = 0
     if written:
-        _hash_file(part, file, hashes)
+        _hash_file(open_under(tmp, f"{file.path}.part", os.O_RDONLY), file, hashes)
         logger.info("%s: resuming at %s of %s", file.path, _human(written), _human(file.size))
     progress = _Progress(file.path, file.size, written)
     skip_checks: frozenset[str] = frozenset()
-    with open(part, "ab") as out:
+    with open(out_fd, "ab") as out:
         for attempt in range(retries + 1):
             if written >= file.size:
                 break  # complete (an empty file needs no request)
@@ -374,8 +394,13 @@ def _remove_unlisted(tmp: Path, listed: set[str]) -> None:
 def _check_free_space(tmp: Path, files: list[RemoteFile], source: str) -> None:
     needed = 0
     for file in files:
-        final, part = tmp / file.path, tmp / f"{file.path}.part"
-        have = final.stat().st_size if final.exists() else part.stat().st_size if part.exists() else 0
+        have = 0
+        for path in (tmp / file.path, tmp / f"{file.path}.part"):
+            try:
+                have = os.lstat(path).st_size
+                break
+            except FileNotFoundError:
+                continue
         needed += max(file.size - have, 0)
     free = shutil.disk_usage(tmp).free
     if needed > free:

@@ -9,12 +9,14 @@ import json
 import logging
 import os
 import shutil
+import stat
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from serving.fetch.errors import FetchError
+from serving.fetch.nofollow import open_under
 from serving.fetch.sources import PvcSource, Source, check_relative_path, same_source
 
 MANIFEST_NAME = "llm-platform-manifest.json"
@@ -43,8 +45,8 @@ def write_manifest(directory: Path, source: str, revision: str | None, files: li
         "completedAt": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
         "fetcher": FETCHER,
     }
-    path = directory / MANIFEST_NAME
-    with open(path, "w", encoding="utf-8") as out:
+    fd = open_under(directory, MANIFEST_NAME, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    with open(fd, "w", encoding="utf-8") as out:
         json.dump(manifest, out, indent=2)
         out.write("\n")
         out.flush()
@@ -71,10 +73,12 @@ def missing_files(manifest: dict[str, Any], directory: Path) -> str | None:
         except (KeyError, TypeError, ValueError):
             return f"the manifest has a malformed entry {entry!r}"
         try:
-            actual = (directory / path).stat().st_size
+            info = os.lstat(directory / path)
         except OSError:
             return f"{path} is missing"
-        if actual != size:
+        if stat.S_ISLNK(info.st_mode):
+            return f"{path} is a symlink, not a file the fill wrote"
+        if (actual := info.st_size) != size:
             return f"{path} is {actual} bytes, the manifest says {size}"
     return None
 

@@ -602,3 +602,49 @@ def test_fetcher_stays_light():
              "print(sorted(heavy & set(sys.modules)))")
     loaded = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert loaded.stdout.strip() == "[]", loaded.stderr
+
+
+# --- 12: symlinks on the volume (issue 22) ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("planted", ["partial", "part", "lock"])
+def test_symlinks_on_the_volume_are_refused_not_followed(store, dest, tmp_path, planted):
+    """A symlinked `DEST.partial`, `*.part` or lock file would have the fill write outside the model directory."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "victim"
+    victim.write_bytes(b"not the fill's")
+    partial = dest.with_name(dest.name + ".partial")
+    dest.parent.mkdir(parents=True)
+    if planted == "partial":
+        partial.symlink_to(outside, target_is_directory=True)
+        link = partial
+    elif planted == "part":
+        partial.mkdir()
+        link = partial / f"{WEIGHTS}.part"
+        link.symlink_to(victim)
+    else:
+        link = dest.with_name(f".{dest.name}.lock")
+        link.symlink_to(victim)
+
+    with pytest.raises(FetchError) as failure:
+        fast_fill(HF_PINNED, dest)
+
+    assert failure.value.exit_code == 1
+    assert failure.value.message == (f"{link}: is a symlink; the fill never makes symlinks, so something else put it "
+                                     "on the model volume: remove it (and find out what wrote it), then run the fill "
+                                     "again")
+    assert sorted(p.name for p in outside.iterdir()) == ["victim"] and victim.read_bytes() == b"not the fill's"
+    assert not dest.exists()
+
+
+def test_verify_refuses_a_symlink_in_place_of_a_filled_file(store, dest, tmp_path):
+    fast_fill(HF_PINNED, dest)
+    copy = tmp_path / "elsewhere.safetensors"
+    copy.write_bytes((dest / WEIGHTS).read_bytes())  # the same bytes, but not on the model's directory
+    (dest / WEIGHTS).unlink()
+    (dest / WEIGHTS).symlink_to(copy)
+
+    with pytest.raises(FetchError, match=f"{WEIGHTS} is a symlink, not a file the fill wrote; run the model's fill"):
+        verify(HF_PINNED, dest)
+    assert fast_fill(HF_PINNED, dest).status == "filled"  # a refill repairs it
+    assert not (dest / WEIGHTS).is_symlink()
