@@ -137,13 +137,14 @@ def _fill(source: HfSource | S3Source, dest: Path, keep_revisions: int, excludes
     _swap_into_place(tmp, dest)
     logger.info("%s: filled from %s (revision %s): %d files, %s downloaded", dest, source.uri, listing.revision,
                 len(recorded), _human(downloaded))
-    return FillResult(dest, "filled", listing.revision, len(recorded), downloaded, _prune(dest, keep_revisions))
+    return FillResult(dest, "filled", listing.revision, len(recorded), downloaded,
+                      _prune(dest, source, keep_revisions))
 
 
 def _already_filled(source: Source, dest: Path, manifest: dict, keep_revisions: int) -> FillResult:
     logger.info("%s: already filled from %s (revision %s)", dest, source.uri, manifest.get("revision"))
     return FillResult(dest, "already-filled", manifest.get("revision"), len(manifest["files"]), 0,
-                      _prune(dest, keep_revisions))
+                      _prune(dest, source, keep_revisions))
 
 
 def _download(store: Store, listing: Listing, source: str, tmp: Path, excludes: Iterable[str], retries: int,
@@ -203,10 +204,10 @@ def _open_store(source: HfSource | S3Source, credentials: Credentials) -> Store:
     return S3Store(source, credentials)
 
 
-def _prune(dest: Path, keep_revisions: int) -> tuple[Path, ...]:
+def _prune(dest: Path, source: Source, keep_revisions: int) -> tuple[Path, ...]:
     for leftover in dest.parent.glob(f"{dest.name}{REPLACED_MARKER}*"):
         shutil.rmtree(leftover, ignore_errors=True)  # from a swap interrupted before its cleanup
-    return tuple(prune_revisions(dest, keep_revisions))
+    return tuple(prune_revisions(dest, source, keep_revisions))
 
 
 def _with_retries(action: Callable[[], T], retries: int, delay: float, what: str) -> T:

@@ -17,7 +17,7 @@ from typing import Any
 
 from serving.fetch.errors import FetchError
 from serving.fetch.nofollow import open_under
-from serving.fetch.sources import PvcSource, Source, check_relative_path, same_source
+from serving.fetch.sources import PvcSource, Source, check_relative_path, same_model, same_source
 
 MANIFEST_NAME = "llm-platform-manifest.json"
 MANIFEST_FORMAT = 1
@@ -117,11 +117,12 @@ def _check_model_shape(source: PvcSource, dest: Path) -> None:
                          "has not finished; finish it (or remove the .part file)")
 
 
-def prune_revisions(dest: Path, keep: int) -> list[Path]:
-    """Keep `dest` and the `keep - 1` most recently completed sibling fills; delete the other fills.
+def prune_revisions(dest: Path, source: Source, keep: int) -> list[Path]:
+    """Keep `dest` and the `keep - 1` most recently completed sibling fills of the same model; delete the others.
 
-    Only directories with a manifest count as fills; other directories are never touched, except the leftovers of
-    an interrupted swap (`*.replaced-*`). The parent directory must therefore be per model (`/models/NAME/REV`).
+    Only directories whose manifest names a revision of the same model as `source` (`same_model`) count: another
+    model's fill beside it (two models given one claim and modelPath) is left alone and logged, and directories
+    without a manifest are never touched, except the leftovers of an interrupted swap (`*.replaced-*`).
     """
     if keep <= 0:
         return []
@@ -133,7 +134,11 @@ def prune_revisions(dest: Path, keep: int) -> list[Path]:
         if REPLACED_MARKER in sibling.name:
             removed.append(_remove(sibling))
         elif manifest := read_manifest(sibling):
-            fills.append((_completed_at(manifest), sibling))
+            if same_model(str(manifest.get("source")), source):
+                fills.append((_completed_at(manifest), sibling))
+            else:
+                logger.info("not pruning %s: it holds %s, not a revision of %s's model (give each model its own "
+                            "modelPath)", sibling, manifest.get("source"), source.uri)
     fills.sort(key=lambda fill: fill[0], reverse=True)
     for _, sibling in fills[keep - 1:]:
         logger.info("pruning %s (keeping %d revisions)", sibling, keep)

@@ -432,6 +432,25 @@ def test_keep_revisions_prunes_the_oldest_fills_and_keeps_dest(store, tmp_path, 
     assert sorted(p.name for p in model_dir.iterdir()) == [".v1.lock", ".v3.lock", "notes", "v1", "v3"]
 
 
+@pytest.mark.parametrize("other_source", ["hf", "s3"])
+def test_pruning_leaves_another_models_fills_alone(store, tmp_path, model_files, caplog, other_source):
+    """Two models given one claim and modelPath: one model's fill must not prune the other's live directory."""
+    model_dir = tmp_path / "models" / "shared"
+    store.add_objects(BUCKET, {f"other/v1/{path}": data for path, data in model_files.items()})
+    store.add_objects(BUCKET, {f"tiny/v2/{path}": data for path, data in model_files.items()})
+    other = model_dir / "other-model"
+    fast_fill(f"s3://{BUCKET}/other/v1" if other_source == "s3" else HF_PINNED, other)
+    fast_fill(f"s3://{BUCKET}/tiny/v1", model_dir / "v1")
+
+    with caplog.at_level(logging.INFO, logger="serving.fetch"):
+        result = fast_fill(f"s3://{BUCKET}/tiny/v2", model_dir / "v2", keep_revisions=1)
+
+    assert result.pruned == (model_dir / "v1",)  # the same model's older revision goes
+    assert other.is_dir() and verify(manifest_of(other)["source"], other).status == "verified"
+    assert f"not pruning {other}: it holds {manifest_of(other)['source']}, not a revision of s3://{BUCKET}/tiny/v2's " \
+           "model (give each model its own modelPath)" in caplog.text
+
+
 # --- 10: bad sources -------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("source", ["http://example.com/model", "hf://onlyorg", "hf://org/name@", "hf://org/a/b",
