@@ -1,5 +1,7 @@
-"""`python -m serving.fetch [--verify] [--require-pinned] [--keep-revisions N] [--retries N] [--exclude GLOB ...]
-SOURCE DEST`.
+"""`python -m serving.fetch [--verify] [--verify-mode full|size-only] [--require-pinned] [--keep-revisions N]
+[--retries N] [--exclude GLOB ...] SOURCE DEST`.
+
+`--verify-mode` may also come from the environment (FILL_VERIFY_MODE); the flag wins.
 
 Exit codes: 0 filled, already filled or verified; 1 failure (download, checksum, verification); 2 bad usage or a
 refused source. Every failure is one line on stderr that says what is wrong and what to do; progress lines go to
@@ -14,14 +16,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import NoReturn
 
 from serving.fetch.errors import EXIT_OK, EXIT_USAGE, FetchError
 from serving.fetch.fill import DEFAULT_RETRIES, fill, verify
+from serving.fetch.manifest import VERIFY_MODES
 from serving.fetch.sources import ACCEPTED_FORMS, DEFAULT_EXCLUDES
 
 PROG = "serving.fetch"
+VERIFY_MODE_ENV = "FILL_VERIFY_MODE"
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -47,7 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("dest", metavar="DEST", help="the revision-specific model directory, e.g. "
                                                      "/models/llama-3.1-8b/0e9e39f249a1")
     parser.add_argument("--verify", action="store_true",
-                        help="only check that DEST holds a complete model for SOURCE (no network, no hashing)")
+                        help="only check that DEST holds a complete, unchanged model for SOURCE (no network)")
+    parser.add_argument("--verify-mode", choices=VERIFY_MODES, default=None,
+                        help=f"how --verify, and a fill that finds DEST already filled, check DEST against its "
+                             f"manifest: full re-hashes every file (reads the whole model), size-only checks that "
+                             f"every file is there at its size (default: ${VERIFY_MODE_ENV}, else full)")
     parser.add_argument("--require-pinned", action="store_true",
                         help="refuse a source whose content can change (an hf:// branch or tag)")
     parser.add_argument("--keep-revisions", type=_count, default=0, metavar="N",
@@ -76,15 +85,27 @@ def main(argv: list[str] | None = None) -> int:
 def _run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     try:
         args = parser.parse_args(argv)
+        mode = args.verify_mode or _from_env(VERIFY_MODE_ENV, VERIFY_MODES, "full", "--verify-mode")
         if args.verify:
-            verify(args.source, args.dest, require_pinned=args.require_pinned)
+            verify(args.source, args.dest, require_pinned=args.require_pinned, mode=mode)
         else:
             fill(args.source, args.dest, require_pinned=args.require_pinned, keep_revisions=args.keep_revisions,
-                 retries=args.retries, excludes=args.exclude)
+                 retries=args.retries, excludes=args.exclude, verify_mode=mode)
     except FetchError as exc:
         print(f"{PROG}: {exc.message}", file=sys.stderr)
         return exc.exit_code
     return EXIT_OK
+
+
+def _from_env(name: str, allowed: tuple[str, ...], default: str, flag: str) -> str:
+    """The value of environment variable `name` (unset or empty: `default`); anything else is a usage error."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    if value not in allowed:
+        raise FetchError(f"{name}={value!r} is not one of {', '.join(allowed)}; fix the environment, or pass {flag}",
+                         EXIT_USAGE)
+    return value
 
 
 if __name__ == "__main__":

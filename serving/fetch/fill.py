@@ -3,7 +3,9 @@
 Lifecycle of `fill(source, dest)`:
 1. Refuse an unpinned source when asked to (before any request), then take `dest`'s lock: concurrent fills of
    one directory run one after the other.
-2. `dest` already holds a complete fill of this source (manifest + every file at its size): done, no request.
+2. `dest` already holds a complete fill of this source (manifest, every file at its size and, unless
+   `verify_mode="size-only"`, at its recorded sha256): done, no request. A directory that fails the check is
+   refilled.
 3. Download every file into `dest.partial/` (same filesystem): each streams into `<path>.part`, resumes with a
    Range request after a dropped connection or an earlier interrupted run, and is renamed to `<path>` once its
    size and checksums verify. Nothing is opened or created through a symlink (`serving.fetch.nofollow`).
@@ -29,8 +31,9 @@ from typing import Literal, TypeVar
 
 from serving.fetch.credentials import Credentials, load_credentials
 from serving.fetch.errors import EXIT_USAGE, FetchError, TransientError
-from serving.fetch.manifest import (MANIFEST_NAME, PARTIAL_SUFFIX, REPLACED_MARKER, ManifestFile, missing_files,
-                                    prune_revisions, read_manifest, verify_directory, write_manifest)
+from serving.fetch.manifest import (MANIFEST_NAME, PARTIAL_SUFFIX, REPLACED_MARKER, VERIFY_MODES, ManifestFile,
+                                    VerifyMode, check_against_manifest, missing_files, prune_revisions,
+                                    read_manifest, verify_directory, write_manifest)
 from serving.fetch.nofollow import open_under, refuse_symlink, symlink_refused
 from serving.fetch.sources import (HfSource, Listing, PvcSource, RemoteFile, S3Source, Source, Store,
                                    check_relative_path, parse_source, refuse_unpinned, same_source, select_files)
@@ -56,21 +59,23 @@ class FillResult:
 
 
 def fill(source: str, dest: Path | str, *, require_pinned: bool = False, keep_revisions: int = 0,
-         retries: int = DEFAULT_RETRIES, excludes: Iterable[str] = (),
+         retries: int = DEFAULT_RETRIES, excludes: Iterable[str] = (), verify_mode: VerifyMode = "full",
          retry_delay: float = DEFAULT_RETRY_DELAY_S) -> FillResult:
     """Make `dest` a complete copy of `source`; raise FetchError (with its exit code) when that fails.
 
+    `verify_mode` is how an existing fill of the same source is checked before it is kept (see `verify`).
     `retry_delay` is the first backoff after a dropped connection (doubling per retry, at most a minute).
     """
     if retries < 0 or keep_revisions < 0:
         raise FetchError("--retries and --keep-revisions must be 0 or more", EXIT_USAGE)
+    _check_mode(verify_mode)
     parsed = _parse(source, require_pinned)
     dest = Path(os.path.abspath(dest))
     if isinstance(parsed, PvcSource):
-        return verify(source, dest)  # already on a volume: nothing to download, only to check
+        return verify(source, dest, mode=verify_mode)  # already on a volume: nothing to download, only to check
     try:
         with _exclusive(dest):
-            return _fill(parsed, dest, keep_revisions, excludes, retries, retry_delay)
+            return _fill(parsed, dest, keep_revisions, excludes, retries, retry_delay, verify_mode)
     except OSError as exc:  # the volume: full, read-only, permissions
         raise FetchError(f"{exc}; check the model volume (free space, permissions, read-only mount)") from None
 
@@ -110,21 +115,24 @@ def _exclusive(dest: Path) -> Iterator[None]:
 
 
 def _fill(source: HfSource | S3Source, dest: Path, keep_revisions: int, excludes: Iterable[str], retries: int,
-          retry_delay: float) -> FillResult:
+          retry_delay: float, verify_mode: VerifyMode) -> FillResult:
     manifest = read_manifest(dest)
     current = manifest is not None and same_source(str(manifest.get("source")), source) and not missing_files(
         manifest, dest)
     if current and source.pinned:  # the same URI always means the same bytes: no request needed
-        return _already_filled(source, dest, manifest, keep_revisions)
+        if _still_intact(dest, manifest, verify_mode):
+            return _already_filled(source, dest, manifest, keep_revisions)
+        current = False
     store = _open_store(source, load_credentials())
     try:
         listing = _with_retries(store.list, retries, retry_delay, f"listing {source.uri}")
         if current:
             # A branch may have moved since: the fill is current only if it still points at the same commit.
-            if listing.revision == manifest.get("revision"):
+            if listing.revision != manifest.get("revision"):
+                logger.info("%s: %s moved from %s to %s: refilling", dest, source.uri, manifest.get("revision"),
+                            listing.revision)
+            elif _still_intact(dest, manifest, verify_mode):
                 return _already_filled(source, dest, manifest, keep_revisions)
-            logger.info("%s: %s moved from %s to %s: refilling", dest, source.uri, manifest.get("revision"),
-                        listing.revision)
         elif dest.exists():
             logger.info("%s: holds no complete fill of %s: it will be replaced", dest, source.uri)
         tmp = dest.with_name(dest.name + PARTIAL_SUFFIX)
@@ -139,6 +147,15 @@ def _fill(source: HfSource | S3Source, dest: Path, keep_revisions: int, excludes
                 len(recorded), _human(downloaded))
     return FillResult(dest, "filled", listing.revision, len(recorded), downloaded,
                       _prune(dest, source, keep_revisions))
+
+
+def _still_intact(dest: Path, manifest: dict, verify_mode: VerifyMode) -> bool:
+    """Whether a complete fill of this source may be kept: its files still match the manifest (hashes unless
+    size-only), so a same-size overwrite of the weights is refilled instead of trusted."""
+    if problem := check_against_manifest(manifest, dest, verify_mode):
+        logger.info("%s: %s: refilling", dest, problem)
+        return False
+    return True
 
 
 def _already_filled(source: Source, dest: Path, manifest: dict, keep_revisions: int) -> FillResult:
@@ -171,19 +188,31 @@ def _download(store: Store, listing: Listing, source: str, tmp: Path, excludes: 
     return recorded, downloaded
 
 
-def verify(source: str, dest: Path | str, *, require_pinned: bool = False) -> FillResult:
-    """Check, without network or hashing, that `dest` holds a complete model for `source`; raise FetchError if not."""
+def verify(source: str, dest: Path | str, *, require_pinned: bool = False,
+           mode: VerifyMode = "full") -> FillResult:
+    """Check, without network, that `dest` holds a complete model for `source`; raise FetchError if not.
+
+    `mode`: "full" re-hashes every file against the manifest's sha256 (it reads the whole model once); "size-only"
+    only checks that every file is there at its recorded size.
+    """
+    _check_mode(mode)
     parsed = _parse(source, require_pinned)
     dest = Path(os.path.abspath(dest))
     try:
-        manifest = verify_directory(parsed, dest)
+        manifest = verify_directory(parsed, dest, mode)
     except OSError as exc:
         raise FetchError(f"{exc}; check the model volume (mounted, readable)") from None
     if manifest is None:
         logger.info("%s: looks like a complete model (no manifest; checked config.json and safetensors)", dest)
         return FillResult(dest, "verified", None, sum(1 for p in dest.rglob("*") if p.is_file()), 0)
-    logger.info("%s: complete fill of %s (revision %s)", dest, manifest.get("source"), manifest.get("revision"))
+    logger.info("%s: complete fill of %s (revision %s; %s)", dest, manifest.get("source"), manifest.get("revision"),
+                "every file re-hashed" if mode == "full" else "sizes only, not re-hashed")
     return FillResult(dest, "verified", manifest.get("revision"), len(manifest["files"]), 0)
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in VERIFY_MODES:
+        raise FetchError(f"verify mode {mode!r} is not one of {', '.join(VERIFY_MODES)}", EXIT_USAGE)
 
 
 def _parse(source: str, require_pinned: bool) -> Source:

@@ -1,19 +1,23 @@
-"""The fill's completion record (`llm-platform-manifest.json`), the cheap completeness check and revision pruning.
+"""The fill's completion record (`llm-platform-manifest.json`), the checks of a directory against it, and pruning.
 
 The manifest is written last, into the temporary directory, before the rename that publishes the model: a model
-directory with a manifest is complete, one without is not ours or not finished.
+directory with a manifest is complete, one without is not ours or not finished. A directory is checked against its
+manifest in one of two modes: `full` re-hashes every file (a same-size overwrite of the weights passes a size check),
+`size-only` only checks that every file is there at its recorded size.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import shutil
 import stat
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from serving.fetch.errors import FetchError
 from serving.fetch.nofollow import open_under
@@ -24,6 +28,9 @@ MANIFEST_FORMAT = 1
 FETCHER = "llm-platform serving.fetch"
 PARTIAL_SUFFIX = ".partial"
 REPLACED_MARKER = ".replaced-"
+VERIFY_MODES = ("full", "size-only")
+VerifyMode = Literal["full", "size-only"]
+_READ_BYTES = 1 << 20
 
 logger = logging.getLogger("serving.fetch")
 
@@ -83,8 +90,35 @@ def missing_files(manifest: dict[str, Any], directory: Path) -> str | None:
     return None
 
 
-def verify_directory(source: Source, dest: Path) -> dict[str, Any] | None:
-    """Check that `dest` holds a complete model for `source` (no hashing); return its manifest or raise FetchError."""
+def changed_files(manifest: dict[str, Any], directory: Path) -> str | None:
+    """What no longer matches the sha256 the manifest recorded (None if every file does), read without symlinks.
+
+    Call after `missing_files`: the entries are then well-formed and every file is there at its size.
+    """
+    started, total = time.monotonic(), 0
+    for entry in manifest["files"]:
+        digest = hashlib.sha256()
+        with open(open_under(directory, entry["path"], os.O_RDONLY), "rb") as existing:
+            while chunk := existing.read(_READ_BYTES):
+                digest.update(chunk)
+                total += len(chunk)
+        if digest.hexdigest() != str(entry.get("sha256", "")).lower():
+            return (f"{entry['path']} has changed since the fill: sha256 {digest.hexdigest()}, the manifest says "
+                    f"{entry.get('sha256')}")
+    elapsed = time.monotonic() - started
+    logger.info("%s: re-hashed %d files, %.1f GB in %.1f s (%.0f MB/s)", directory, len(manifest["files"]),
+                total / 1e9, elapsed, total / 1e6 / max(elapsed, 1e-6))
+    return None
+
+
+def check_against_manifest(manifest: dict[str, Any], directory: Path, mode: VerifyMode) -> str | None:
+    """What is wrong with `directory` against its manifest in `mode`, or None when nothing is."""
+    return missing_files(manifest, directory) or (changed_files(manifest, directory) if mode == "full" else None)
+
+
+def verify_directory(source: Source, dest: Path, mode: VerifyMode = "full") -> dict[str, Any] | None:
+    """Check that `dest` holds a complete, unchanged model for `source` (hashing every file unless `mode` is
+    size-only); return its manifest (None for a pvc:// directory without one) or raise FetchError."""
     if not dest.is_dir():
         raise FetchError(f"{dest}: does not exist: the fill for {source.uri} has not run or has not completed; "
                          "check the model's fill Job logs")
@@ -99,7 +133,7 @@ def verify_directory(source: Source, dest: Path) -> dict[str, Any] | None:
     if not isinstance(source, PvcSource) and not same_source(str(manifest.get("source")), source):
         raise FetchError(f"{dest}: holds {manifest.get('source')}, not {source.uri}; point the deployment at the "
                          f"directory filled from {source.uri}, or run its fill Job")
-    if problem := missing_files(manifest, dest):
+    if problem := check_against_manifest(manifest, dest, mode):
         raise FetchError(f"{dest}: incomplete model for {source.uri}: {problem}; run the model's fill Job again "
                          "to repair it")
     return manifest

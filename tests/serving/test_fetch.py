@@ -384,6 +384,53 @@ def test_verify_names_what_is_wrong(store, dest, capsys, damage, problem):
     assert code == 1 and len(stderr) == 1 and problem in stderr[0]
 
 
+def overwrite_same_size(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_verify_rehashes_and_catches_a_same_size_overwrite(store, dest, capsys, monkeypatch):
+    fast_fill(HF_PINNED, dest)
+    overwrite_same_size(dest / WEIGHTS)
+    store.requests.clear()
+
+    code, stderr = run_main(capsys, "--verify", HF_PINNED, str(dest))
+    assert code == 1 and len(stderr) == 1
+    assert re.fullmatch(rf"serving.fetch: {dest}: incomplete model for {re.escape(HF_PINNED)}: {WEIGHTS} has changed "
+                        r"since the fill: sha256 [0-9a-f]{64}, the manifest says [0-9a-f]{64}; run the model's fill "
+                        r"Job again to repair it", stderr[0]), stderr[0]
+    # The fast mode checks sizes only, so it cannot see this; from the flag or from the environment.
+    code, stderr = run_main(capsys, "--verify", "--verify-mode", "size-only", HF_PINNED, str(dest))
+    assert code == 0 and "sizes only, not re-hashed" in stderr[-1]
+    monkeypatch.setenv("FILL_VERIFY_MODE", "size-only")
+    assert run_main(capsys, "--verify", HF_PINNED, str(dest))[0] == 0
+    assert run_main(capsys, "--verify", "--verify-mode", "full", HF_PINNED, str(dest))[0] == 1  # the flag wins
+    assert store.requests == []  # verification never reaches the source
+
+
+def test_refill_rehashes_a_matching_manifest_instead_of_trusting_it(store, dest, model_files, caplog):
+    fast_fill(HF_PINNED, dest)
+    overwrite_same_size(dest / WEIGHTS)
+
+    assert fast_fill(HF_PINNED, dest, verify_mode="size-only").status == "already-filled"  # what size-only trusts
+    with caplog.at_level(logging.INFO, logger="serving.fetch"):
+        result = fast_fill(HF_PINNED, dest)
+
+    assert result.status == "filled"
+    assert f"{WEIGHTS} has changed since the fill" in caplog.text and "refilling" in caplog.text
+    assert_holds(dest, served_files(model_files))
+    assert fast_fill(HF_PINNED, dest).status == "already-filled"  # intact again: kept, and re-hashed to know it
+    assert re.search(rf"{dest}: re-hashed {len(served_files(model_files))} files, [\d.]+ GB in [\d.]+ s", caplog.text)
+
+
+def test_bad_verify_mode_in_the_environment_is_a_usage_error(store, dest, capsys, monkeypatch):
+    monkeypatch.setenv("FILL_VERIFY_MODE", "quick")
+    code, stderr = run_main(capsys, "--verify", HF_PINNED, str(dest))
+    assert (code, stderr) == (2, ["serving.fetch: FILL_VERIFY_MODE='quick' is not one of full, size-only; fix the "
+                                  "environment, or pass --verify-mode"])
+
+
 def test_verify_refuses_a_fill_of_another_source(store, dest):
     fast_fill(f"s3://{BUCKET}/{PREFIX}", dest)
     with pytest.raises(FetchError, match=rf"holds s3://{BUCKET}/{PREFIX}, not {HF_PINNED}; point the deployment at"):
