@@ -1,7 +1,8 @@
-"""`python -m serving.fetch [--verify] [--verify-mode full|size-only] [--require-pinned] [--keep-revisions N]
-[--retries N] [--exclude GLOB ...] SOURCE DEST`.
+"""`python -m serving.fetch [--verify] [--verify-mode full|size-only] [--require-pinned] [--require-checksums]
+[--keep-revisions N] [--retries N] [--exclude GLOB ...] SOURCE DEST`.
 
-`--verify-mode` may also come from the environment (FILL_VERIFY_MODE); the flag wins.
+Two options may also come from the environment, for the platform to set per stack: FILL_VERIFY_MODE (full or
+size-only; the flag wins) and FILL_REQUIRE_CHECKSUMS (true/false, 1/0, yes/no; the flag turns it on).
 
 Exit codes: 0 filled, already filled or verified; 1 failure (download, checksum, verification); 2 bad usage or a
 refused source. Every failure is one line on stderr that says what is wrong and what to do; progress lines go to
@@ -27,6 +28,8 @@ from serving.fetch.sources import ACCEPTED_FORMS, DEFAULT_EXCLUDES
 
 PROG = "serving.fetch"
 VERIFY_MODE_ENV = "FILL_VERIFY_MODE"
+REQUIRE_CHECKSUMS_ENV = "FILL_REQUIRE_CHECKSUMS"
+_BOOLEANS = {"1": "true", "true": "true", "yes": "true", "0": "false", "false": "false", "no": "false"}
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -59,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                              f"every file is there at its size (default: ${VERIFY_MODE_ENV}, else full)")
     parser.add_argument("--require-pinned", action="store_true",
                         help="refuse a source whose content can change (an hf:// branch or tag)")
+    parser.add_argument("--require-checksums", action="store_true",
+                        help="refuse the fill, before downloading, when a file has no checksum it can check (an "
+                             "S3 multipart upload with neither an S3 checksum nor a SHA256SUMS line), instead of "
+                             f"filling it checked by size only (default: ${REQUIRE_CHECKSUMS_ENV}, else off)")
     parser.add_argument("--keep-revisions", type=_count, default=0, metavar="N",
                         help="after the fill, keep DEST and the N-1 most recent other fills beside it (0: keep all)")
     parser.add_argument("--retries", type=_count, default=DEFAULT_RETRIES, metavar="N",
@@ -86,11 +93,13 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     try:
         args = parser.parse_args(argv)
         mode = args.verify_mode or _from_env(VERIFY_MODE_ENV, VERIFY_MODES, "full", "--verify-mode")
+        require_checksums = args.require_checksums or _BOOLEANS.get(
+            _from_env(REQUIRE_CHECKSUMS_ENV, tuple(_BOOLEANS), "false", "--require-checksums")) == "true"
         if args.verify:
             verify(args.source, args.dest, require_pinned=args.require_pinned, mode=mode)
         else:
             fill(args.source, args.dest, require_pinned=args.require_pinned, keep_revisions=args.keep_revisions,
-                 retries=args.retries, excludes=args.exclude, verify_mode=mode)
+                 retries=args.retries, excludes=args.exclude, verify_mode=mode, require_checksums=require_checksums)
     except FetchError as exc:
         print(f"{PROG}: {exc.message}", file=sys.stderr)
         return exc.exit_code
@@ -102,10 +111,10 @@ def _from_env(name: str, allowed: tuple[str, ...], default: str, flag: str) -> s
     value = os.environ.get(name, "").strip()
     if not value:
         return default
-    if value not in allowed:
+    if value.lower() not in allowed:
         raise FetchError(f"{name}={value!r} is not one of {', '.join(allowed)}; fix the environment, or pass {flag}",
                          EXIT_USAGE)
-    return value
+    return value.lower()
 
 
 if __name__ == "__main__":

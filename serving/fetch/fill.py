@@ -29,11 +29,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal, TypeVar
 
+from serving.fetch.checksums import Digest, matches, new_digest
 from serving.fetch.credentials import Credentials, load_credentials
 from serving.fetch.errors import EXIT_USAGE, FetchError, TransientError
 from serving.fetch.manifest import (MANIFEST_NAME, PARTIAL_SUFFIX, REPLACED_MARKER, VERIFY_MODES, ManifestFile,
                                     VerifyMode, check_against_manifest, missing_files, prune_revisions,
-                                    read_manifest, verify_directory, write_manifest)
+                                    read_manifest, size_only_files, verify_directory, write_manifest)
 from serving.fetch.nofollow import open_under, refuse_symlink, symlink_refused
 from serving.fetch.sources import (HfSource, Listing, PvcSource, RemoteFile, S3Source, Source, Store,
                                    check_relative_path, parse_source, refuse_unpinned, same_source, select_files)
@@ -56,14 +57,27 @@ class FillResult:
     files: int
     bytes_downloaded: int  # over the network in this run
     pruned: tuple[Path, ...] = ()
+    size_only: tuple[str, ...] = ()  # files whose source published no checksum this fill could check
+
+
+@dataclass(frozen=True)
+class _Options:
+    keep_revisions: int
+    excludes: tuple[str, ...]
+    retries: int
+    retry_delay: float
+    verify_mode: VerifyMode
+    require_checksums: bool
 
 
 def fill(source: str, dest: Path | str, *, require_pinned: bool = False, keep_revisions: int = 0,
          retries: int = DEFAULT_RETRIES, excludes: Iterable[str] = (), verify_mode: VerifyMode = "full",
-         retry_delay: float = DEFAULT_RETRY_DELAY_S) -> FillResult:
+         require_checksums: bool = False, retry_delay: float = DEFAULT_RETRY_DELAY_S) -> FillResult:
     """Make `dest` a complete copy of `source`; raise FetchError (with its exit code) when that fails.
 
     `verify_mode` is how an existing fill of the same source is checked before it is kept (see `verify`).
+    `require_checksums` refuses a source with a file whose only check would be its size (an S3 multipart upload
+    without S3 checksums or a SHA256SUMS entry); without it such files are filled and recorded as size-only.
     `retry_delay` is the first backoff after a dropped connection (doubling per retry, at most a minute).
     """
     if retries < 0 or keep_revisions < 0:
@@ -75,7 +89,8 @@ def fill(source: str, dest: Path | str, *, require_pinned: bool = False, keep_re
         return verify(source, dest, mode=verify_mode)  # already on a volume: nothing to download, only to check
     try:
         with _exclusive(dest):
-            return _fill(parsed, dest, keep_revisions, excludes, retries, retry_delay, verify_mode)
+            return _fill(parsed, dest, _Options(keep_revisions, tuple(excludes), retries, retry_delay, verify_mode,
+                                                require_checksums))
     except OSError as exc:  # the volume: full, read-only, permissions
         raise FetchError(f"{exc}; check the model volume (free space, permissions, read-only mount)") from None
 
@@ -114,39 +129,45 @@ def _exclusive(dest: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _fill(source: HfSource | S3Source, dest: Path, keep_revisions: int, excludes: Iterable[str], retries: int,
-          retry_delay: float, verify_mode: VerifyMode) -> FillResult:
+def _fill(source: HfSource | S3Source, dest: Path, options: _Options) -> FillResult:
     manifest = read_manifest(dest)
     current = manifest is not None and same_source(str(manifest.get("source")), source) and not missing_files(
         manifest, dest)
+    if current and options.require_checksums and (unchecked := size_only_files(manifest)):
+        # Filled before checksums were required: look at the source again (it may have published them since).
+        logger.info("%s: %d files were filled with only their size checked (%s): checking the source again",
+                    dest, len(unchecked), _first(unchecked))
+        current = False
     if current and source.pinned:  # the same URI always means the same bytes: no request needed
-        if _still_intact(dest, manifest, verify_mode):
-            return _already_filled(source, dest, manifest, keep_revisions)
+        if _still_intact(dest, manifest, options.verify_mode):
+            return _already_filled(source, dest, manifest, options.keep_revisions)
         current = False
     store = _open_store(source, load_credentials())
     try:
-        listing = _with_retries(store.list, retries, retry_delay, f"listing {source.uri}")
+        listing = _with_retries(store.list, options.retries, options.retry_delay, f"listing {source.uri}")
         if current:
             # A branch may have moved since: the fill is current only if it still points at the same commit.
             if listing.revision != manifest.get("revision"):
                 logger.info("%s: %s moved from %s to %s: refilling", dest, source.uri, manifest.get("revision"),
                             listing.revision)
-            elif _still_intact(dest, manifest, verify_mode):
-                return _already_filled(source, dest, manifest, keep_revisions)
+            elif _still_intact(dest, manifest, options.verify_mode):
+                return _already_filled(source, dest, manifest, options.keep_revisions)
         elif dest.exists():
             logger.info("%s: holds no complete fill of %s: it will be replaced", dest, source.uri)
         tmp = dest.with_name(dest.name + PARTIAL_SUFFIX)
-        recorded, downloaded = _download(store, listing, source.uri, tmp, excludes, retries, retry_delay)
+        recorded, downloaded = _download(store, listing, source.uri, tmp, options)
     finally:
         store.close()
 
     _fsync_tree(tmp)
     write_manifest(tmp, source.uri, listing.revision, recorded)
     _swap_into_place(tmp, dest)
-    logger.info("%s: filled from %s (revision %s): %d files, %s downloaded", dest, source.uri, listing.revision,
-                len(recorded), _human(downloaded))
+    size_only = tuple(entry.path for entry in recorded if not entry.checked)
+    logger.info("%s: filled from %s (revision %s): %d files, %s downloaded%s", dest, source.uri, listing.revision,
+                len(recorded), _human(downloaded),
+                f"; {len(size_only)} checked by size only ({_first(size_only)})" if size_only else "")
     return FillResult(dest, "filled", listing.revision, len(recorded), downloaded,
-                      _prune(dest, source, keep_revisions))
+                      _prune(dest, source, options.keep_revisions), size_only)
 
 
 def _still_intact(dest: Path, manifest: dict, verify_mode: VerifyMode) -> bool:
@@ -161,18 +182,41 @@ def _still_intact(dest: Path, manifest: dict, verify_mode: VerifyMode) -> bool:
 def _already_filled(source: Source, dest: Path, manifest: dict, keep_revisions: int) -> FillResult:
     logger.info("%s: already filled from %s (revision %s)", dest, source.uri, manifest.get("revision"))
     return FillResult(dest, "already-filled", manifest.get("revision"), len(manifest["files"]), 0,
-                      _prune(dest, source, keep_revisions))
+                      _prune(dest, source, keep_revisions), size_only_files(manifest))
 
 
-def _download(store: Store, listing: Listing, source: str, tmp: Path, excludes: Iterable[str], retries: int,
-              retry_delay: float) -> tuple[list[ManifestFile], int]:
+def _first(paths: tuple[str, ...] | list[str], shown: int = 3) -> str:
+    more = f" and {len(paths) - shown} more" if len(paths) > shown else ""
+    return ", ".join(paths[:shown]) + more
+
+
+def _refuse_size_only(files: list[RemoteFile], source: str) -> None:
+    """--require-checksums: every file needs a checksum this fill can check, before anything is downloaded."""
+    unchecked = [file.path for file in files if not applicable_checks(file)]
+    if unchecked:
+        where = source.rstrip("/") + "/"
+        raise FetchError(f"{source}: {_first(unchecked)} {'has' if len(unchecked) == 1 else 'have'} no checksum "
+                         f"this fill can check, only a size (checksums are required: --require-checksums or "
+                         f"FILL_REQUIRE_CHECKSUMS); publish a SHA256SUMS file under {where} (`sha256sum` output "
+                         "for every file), or upload the files with an S3 checksum (--checksum-algorithm SHA256 "
+                         "or CRC32)", EXIT_USAGE)
+
+
+def _download(store: Store, listing: Listing, source: str, tmp: Path,
+              options: _Options) -> tuple[list[ManifestFile], int]:
     """Fetch every selected file of `listing` into `tmp`; return the manifest entries and the bytes downloaded."""
-    files, excluded = select_files(listing.files, (*excludes, MANIFEST_NAME))
+    files, excluded = select_files(listing.files, (*options.excludes, MANIFEST_NAME))
     if not files:
         raise FetchError(f"{source}: nothing to download: every file is excluded ({', '.join(excluded)}); "
                          "check --exclude")
     for file in files:
         check_relative_path(file.path, source)
+    if options.require_checksums:
+        _refuse_size_only(files, source)
+    elif unchecked := [file.path for file in files if not applicable_checks(file)]:
+        logger.warning("%s: %d files have no checksum this fill can check, only their size (%s): they are filled "
+                       "and recorded as size-only; publish SHA256SUMS in the source to check them", source,
+                       len(unchecked), _first(unchecked))
     refuse_symlink(tmp)
     tmp.mkdir(parents=True, exist_ok=True)
     _remove_unlisted(tmp, {file.path for file in files})
@@ -182,8 +226,8 @@ def _download(store: Store, listing: Listing, source: str, tmp: Path, excludes: 
                 f"; skipping {', '.join(excluded)}" if excluded else "")
     recorded, downloaded = [], 0
     for file in files:
-        sha256, fetched = _fetch_file(store, file, tmp, retries, retry_delay, source)
-        recorded.append(ManifestFile(file.path, file.size, sha256))
+        sha256, checked, fetched = _fetch_file(store, file, tmp, options.retries, options.retry_delay, source)
+        recorded.append(ManifestFile(file.path, file.size, sha256, checked))
         downloaded += fetched
     return recorded, downloaded
 
@@ -256,30 +300,41 @@ def _backoff(delay: float, attempt: int) -> float:
     return min(delay * 2 ** attempt, MAX_RETRY_DELAY_S)
 
 
+def applicable_checks(file: RemoteFile) -> tuple[str, ...]:
+    """The checksums published for `file` that this fetcher can compute; empty: its size is all that is checked."""
+    return tuple(sorted(algorithm for algorithm, expected in file.checks.items()
+                        if new_digest(algorithm, expected, file.size, file.parts) is not None))
+
+
 class _Hashes:
-    """sha256 of every file (for the manifest) plus the checksums its source publishes."""
+    """sha256 of every file (for the manifest) plus the applicable checksums its source publishes."""
 
     def __init__(self, file: RemoteFile) -> None:
-        self.digests = {"sha256": hashlib.sha256()}
-        if "git-sha1" in file.checks:
-            self.digests["git-sha1"] = hashlib.sha1(b"blob %d\0" % file.size, usedforsecurity=False)
-        if "md5" in file.checks:
-            self.digests["md5"] = hashlib.md5(usedforsecurity=False)
+        self._sha256 = hashlib.sha256()
+        self.digests: dict[str, Digest] = {}
+        for algorithm, expected in file.checks.items():
+            if (digest := new_digest(algorithm, expected, file.size, file.parts)) is not None:
+                self.digests[algorithm] = digest
 
     def update(self, chunk: bytes) -> None:
+        self._sha256.update(chunk)
         for digest in self.digests.values():
             digest.update(chunk)
 
     def mismatch(self, file: RemoteFile, skip: frozenset[str] = frozenset()) -> tuple[str, str, str] | None:
-        for algorithm, expected in file.checks.items():
-            actual = self.digests[algorithm].hexdigest()
-            if algorithm not in skip and actual != expected.lower():
+        for algorithm, digest in self.digests.items():
+            expected, actual = file.checks[algorithm], digest.value()
+            if algorithm not in skip and not matches(algorithm, expected, actual):
                 return algorithm, expected, actual
         return None
 
+    def checked(self, skip: frozenset[str] = frozenset()) -> tuple[str, ...]:
+        """The checksums that were compared (after `mismatch` found none wrong)."""
+        return tuple(sorted(set(self.digests) - skip))
+
     @property
     def sha256(self) -> str:
-        return self.digests["sha256"].hexdigest()
+        return self._sha256.hexdigest()
 
 
 def _hash_file(fd: int, file: RemoteFile, hashes: _Hashes | None = None) -> _Hashes:
@@ -300,8 +355,9 @@ def _open_existing(tmp: Path, path: str) -> int | None:
 
 
 def _fetch_file(store: Store, file: RemoteFile, tmp: Path, retries: int, delay: float,
-                source: str) -> tuple[str, int]:
-    """Download (or resume, or keep) one file into `tmp`; return its sha256 and the bytes downloaded."""
+                source: str) -> tuple[str, tuple[str, ...], int]:
+    """Download (or resume, or keep) one file into `tmp`; return its sha256, the source checksums it passed and
+    the bytes downloaded."""
     final = tmp / file.path
     part = final.with_name(final.name + ".part")
     if (existing := _open_existing(tmp, file.path)) is not None:
@@ -309,7 +365,7 @@ def _fetch_file(store: Store, file: RemoteFile, tmp: Path, retries: int, delay: 
             hashes = _hash_file(existing, file)
             if hashes.mismatch(file) is None:
                 logger.info("%s: already downloaded and verified", file.path)
-                return hashes.sha256, 0
+                return hashes.sha256, hashes.checked(), 0
         else:
             os.close(existing)
         logger.info("%s: the earlier download does not verify: downloading it again", file.path)
@@ -370,7 +426,7 @@ def _fetch_file(store: Store, file: RemoteFile, tmp: Path, retries: int, delay: 
                          "source changed or the transfer was corrupted; run the fill again")
     os.replace(part, final)
     progress.finish()
-    return hashes.sha256, progress.fetched
+    return hashes.sha256, hashes.checked(skip_checks), progress.fetched
 
 
 class _Progress:

@@ -40,6 +40,7 @@ class ManifestFile:
     path: str
     size: int
     sha256: str
+    checked: tuple[str, ...] = ()  # the source's checksums it matched when downloaded; empty: its size only
 
 
 def write_manifest(directory: Path, source: str, revision: str | None, files: list[ManifestFile]) -> dict[str, Any]:
@@ -48,7 +49,8 @@ def write_manifest(directory: Path, source: str, revision: str | None, files: li
         "format": MANIFEST_FORMAT,
         "source": source,
         "revision": revision,
-        "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in sorted(files, key=lambda f: f.path)],
+        "files": [{"path": f.path, "size": f.size, "sha256": f.sha256, "checkedAgainst": list(f.checked)}
+                  for f in sorted(files, key=lambda f: f.path)],
         "completedAt": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
         "fetcher": FETCHER,
     }
@@ -70,6 +72,15 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list):
         return None
     return manifest
+
+
+def size_only_files(manifest: dict[str, Any]) -> tuple[str, ...]:
+    """Files the manifest records as checked against nothing but their size when they were downloaded.
+
+    Manifests written before `checkedAgainst` existed say nothing either way, and count as checked.
+    """
+    return tuple(str(entry.get("path")) for entry in manifest["files"]
+                 if isinstance(entry, dict) and entry.get("checkedAgainst") == [])
 
 
 def missing_files(manifest: dict[str, Any], directory: Path) -> str | None:

@@ -147,8 +147,9 @@ class RemoteFile:
     path: str  # relative to the model directory, `/`-separated
     size: int
     location: str  # a URL (hub) or an object key (S3)
-    checks: Mapping[str, str] = field(default_factory=dict)  # "sha256" | "git-sha1" | "md5" -> expected hex digest
+    checks: Mapping[str, str] = field(default_factory=dict)  # check name -> expected value (serving.fetch.checksums)
     etag: str | None = None
+    parts: tuple[int, ...] = ()  # S3: the part sizes of a multipart upload, for its composite checksums
 
 
 @dataclass(frozen=True)
