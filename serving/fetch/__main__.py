@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "S3 multipart upload with neither an S3 checksum nor a SHA256SUMS line), instead of "
                              f"filling it checked by size only (default: ${REQUIRE_CHECKSUMS_ENV}, else off)")
     parser.add_argument("--keep-revisions", type=_count, default=0, metavar="N",
-                        help="after the fill, keep DEST and the N-1 most recent other fills beside it (0: keep all)")
+                        help="after the fill, keep DEST and the N-1 most recent other fills of the same model "
+                             "beside it (0: keep all); another model's fills are never pruned")
     parser.add_argument("--retries", type=_count, default=DEFAULT_RETRIES, metavar="N",
                         help=f"retries per file after a dropped connection (default {DEFAULT_RETRIES})")
     parser.add_argument("--exclude", action="append", default=[], metavar="GLOB",

@@ -193,13 +193,16 @@ def _first(paths: tuple[str, ...] | list[str], shown: int = 3) -> str:
 def _refuse_size_only(files: list[RemoteFile], source: str) -> None:
     """--require-checksums: every file needs a checksum this fill can check, before anything is downloaded."""
     unchecked = [file.path for file in files if not applicable_checks(file)]
-    if unchecked:
-        where = source.rstrip("/") + "/"
-        raise FetchError(f"{source}: {_first(unchecked)} {'has' if len(unchecked) == 1 else 'have'} no checksum "
-                         f"this fill can check, only a size (checksums are required: --require-checksums or "
-                         f"FILL_REQUIRE_CHECKSUMS); publish a SHA256SUMS file under {where} (`sha256sum` output "
-                         "for every file), or upload the files with an S3 checksum (--checksum-algorithm SHA256 "
-                         "or CRC32)", EXIT_USAGE)
+    if not unchecked:
+        return
+    if source.startswith("hf://"):
+        fix = "the hub listed no sha256 or git blob id for it; check that HF_ENDPOINT is a Hugging Face hub"
+    else:
+        fix = (f"publish a SHA256SUMS file under {source.rstrip('/')}/ (`sha256sum` output for every file), or "
+               "upload the files with an S3 checksum (--checksum-algorithm SHA256 or CRC32)")
+    raise FetchError(f"{source}: {_first(unchecked)} {'has' if len(unchecked) == 1 else 'have'} no checksum this "
+                     "fill can check, only a size (checksums are required: --require-checksums or "
+                     f"FILL_REQUIRE_CHECKSUMS); {fix}", EXIT_USAGE)
 
 
 def _download(store: Store, listing: Listing, source: str, tmp: Path,

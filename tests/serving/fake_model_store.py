@@ -77,8 +77,8 @@ class _Object:
 
 
 def _raw_checksum(algorithm: str, data: bytes) -> bytes:
-    """S3 checksum `algorithm` (sha256, sha1, crc32, crc32c, crc64nvme) of `data`, big-endian bytes."""
-    if algorithm in ("sha256", "sha1"):
+    """S3 checksum `algorithm` (sha256, sha1, sha512, md5, crc32, crc32c, crc64nvme) of `data`, big-endian bytes."""
+    if algorithm in ("sha256", "sha1", "sha512", "md5"):
         return hashlib.new(algorithm, data).digest()
     if algorithm == "crc32":
         return zlib.crc32(data).to_bytes(4, "big")
@@ -144,7 +144,7 @@ class FakeModelStore:
         """Add objects; `kms` imitates SSE-KMS, whose ETag is not the MD5 of the content.
 
         `part_size`: uploaded in parts of that size (objects larger than one part): a multipart ETag. `checksum`
-        (sha256, sha1, crc32, crc32c, crc64nvme): the S3 checksum it was uploaded with, composite for a multipart
+        (sha256, sha1, sha512, md5, crc32, crc32c, crc64nvme): the S3 checksum it was uploaded with, composite for a multipart
         upload unless `full_object`.
         """
         for key, data in objects.items():

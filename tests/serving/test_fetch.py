@@ -750,6 +750,8 @@ def publish_sums(store, model_files, prefix: str, lines: str | None = None) -> N
     ("crc32", False, "s3-crc32"),
     ("crc32", True, "s3-crc32"),
     ("sha1", True, "s3-sha1"),
+    ("sha512", False, "s3-sha512"),
+    ("md5", True, "s3-md5"),
     pytest.param("crc32c", False, "s3-crc32c", marks=needs_crt),
     pytest.param("crc64nvme", True, "s3-crc64nvme", marks=needs_crt),  # what S3 adds when the upload sent none
     (None, False, "SHA256SUMS"),
