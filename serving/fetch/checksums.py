@@ -9,6 +9,8 @@ Names (the keys of `RemoteFile.checks`) and the form of their expected value:
   checked only when the part sizes are known (`RemoteFile.parts`).
 CRC32C and CRC64NVME (S3's default for objects uploaded without a checksum) need `awscrt`, AWS's own C library that
 botocore uses for them; without it they do not apply, like any other checksum this module cannot compute.
+
+`Hashes` runs every applicable check of one file, plus the sha256 that the manifest records, over its bytes once.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ import hashlib
 import zlib
 from collections.abc import Callable
 from typing import Protocol
+
+from serving.fetch.sources import RemoteFile
 
 HEX_CHECKS = ("sha256", "git-sha1", "md5", "SHA256SUMS")
 S3_PREFIX = "s3-"
@@ -142,3 +146,40 @@ def new_digest(algorithm: str, expected: str, size: int, parts: tuple[int, ...] 
 
 def matches(algorithm: str, expected: str, actual: str) -> bool:
     return actual == (expected.lower() if algorithm in HEX_CHECKS else expected)
+
+
+def applicable_checks(file: RemoteFile) -> tuple[str, ...]:
+    """The checksums published for `file` that this fetcher can compute; empty: its size is all that is checked."""
+    return tuple(sorted(algorithm for algorithm, expected in file.checks.items()
+                        if new_digest(algorithm, expected, file.size, file.parts) is not None))
+
+
+class Hashes:
+    """sha256 of every file (for the manifest) plus the applicable checksums its source publishes."""
+
+    def __init__(self, file: RemoteFile) -> None:
+        self._sha256 = hashlib.sha256()
+        self.digests: dict[str, Digest] = {}
+        for algorithm, expected in file.checks.items():
+            if (digest := new_digest(algorithm, expected, file.size, file.parts)) is not None:
+                self.digests[algorithm] = digest
+
+    def update(self, chunk: bytes) -> None:
+        self._sha256.update(chunk)
+        for digest in self.digests.values():
+            digest.update(chunk)
+
+    def mismatch(self, file: RemoteFile, skip: frozenset[str] = frozenset()) -> tuple[str, str, str] | None:
+        for algorithm, digest in self.digests.items():
+            expected, actual = file.checks[algorithm], digest.value()
+            if algorithm not in skip and not matches(algorithm, expected, actual):
+                return algorithm, expected, actual
+        return None
+
+    def checked(self, skip: frozenset[str] = frozenset()) -> tuple[str, ...]:
+        """The checksums that were compared (after `mismatch` found none wrong)."""
+        return tuple(sorted(set(self.digests) - skip))
+
+    @property
+    def sha256(self) -> str:
+        return self._sha256.hexdigest()

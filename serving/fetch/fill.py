@@ -16,7 +16,6 @@ Lifecycle of `fill(source, dest)`:
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import logging
 import os
 import shutil
@@ -29,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from serving.fetch.checksums import Digest, matches, new_digest
+from serving.fetch.checksums import Hashes, applicable_checks
 from serving.fetch.credentials import Credentials, load_credentials
 from serving.fetch.errors import EXIT_USAGE, FetchError, TransientError
 from serving.fetch.manifest import (MANIFEST_NAME, PARTIAL_SUFFIX, REPLACED_MARKER, VERIFY_MODES, ManifestFile,
@@ -108,10 +107,10 @@ def _exclusive(dest: Path) -> Iterator[None]:
     path = dest.with_name(f".{dest.name}.lock")
     try:  # a symlinked lock file would have the fill truncate whatever it points at
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    except OSError as exc:
+    except OSError:
         if path.is_symlink():
             raise symlink_refused(path) from None
-        raise exc
+        raise
     with open(fd, "a+", encoding="utf-8") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -303,46 +302,9 @@ def _backoff(delay: float, attempt: int) -> float:
     return min(delay * 2 ** attempt, MAX_RETRY_DELAY_S)
 
 
-def applicable_checks(file: RemoteFile) -> tuple[str, ...]:
-    """The checksums published for `file` that this fetcher can compute; empty: its size is all that is checked."""
-    return tuple(sorted(algorithm for algorithm, expected in file.checks.items()
-                        if new_digest(algorithm, expected, file.size, file.parts) is not None))
-
-
-class _Hashes:
-    """sha256 of every file (for the manifest) plus the applicable checksums its source publishes."""
-
-    def __init__(self, file: RemoteFile) -> None:
-        self._sha256 = hashlib.sha256()
-        self.digests: dict[str, Digest] = {}
-        for algorithm, expected in file.checks.items():
-            if (digest := new_digest(algorithm, expected, file.size, file.parts)) is not None:
-                self.digests[algorithm] = digest
-
-    def update(self, chunk: bytes) -> None:
-        self._sha256.update(chunk)
-        for digest in self.digests.values():
-            digest.update(chunk)
-
-    def mismatch(self, file: RemoteFile, skip: frozenset[str] = frozenset()) -> tuple[str, str, str] | None:
-        for algorithm, digest in self.digests.items():
-            expected, actual = file.checks[algorithm], digest.value()
-            if algorithm not in skip and not matches(algorithm, expected, actual):
-                return algorithm, expected, actual
-        return None
-
-    def checked(self, skip: frozenset[str] = frozenset()) -> tuple[str, ...]:
-        """The checksums that were compared (after `mismatch` found none wrong)."""
-        return tuple(sorted(set(self.digests) - skip))
-
-    @property
-    def sha256(self) -> str:
-        return self._sha256.hexdigest()
-
-
-def _hash_file(fd: int, file: RemoteFile, hashes: _Hashes | None = None) -> _Hashes:
+def _hash_file(fd: int, file: RemoteFile, hashes: Hashes | None = None) -> Hashes:
     """Hash the bytes of the open file `fd` (then closed) into `hashes`."""
-    hashes = hashes or _Hashes(file)
+    hashes = hashes or Hashes(file)
     with open(fd, "rb") as existing:
         while chunk := existing.read(_READ_BYTES):
             hashes.update(chunk)
@@ -374,7 +336,7 @@ def _fetch_file(store: Store, file: RemoteFile, tmp: Path, retries: int, delay: 
         logger.info("%s: the earlier download does not verify: downloading it again", file.path)
         final.unlink()
 
-    hashes = _Hashes(file)
+    hashes = Hashes(file)
     # Created (with its directories) through open_under: a symlinked .part or directory is refused, not followed.
     out_fd = open_under(tmp, f"{file.path}.part", os.O_WRONLY | os.O_CREAT | os.O_APPEND, make_parents=True)
     written = os.fstat(out_fd).st_size
@@ -398,7 +360,7 @@ def _fetch_file(store: Store, file: RemoteFile, tmp: Path, retries: int, delay: 
                             raise TransientError(f"asked for bytes from {written}, the server sent from {body.start}")
                         logger.info("%s: the server ignored the Range request: restarting from zero", file.path)
                         out.truncate(0)
-                        hashes, written = _Hashes(file), 0
+                        hashes, written = Hashes(file), 0
                         progress.restart()
                     for chunk in body.chunks():
                         out.write(chunk)
