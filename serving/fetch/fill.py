@@ -431,11 +431,17 @@ def _human(size: float) -> str:
 
 
 def _remove_unlisted(tmp: Path, listed: set[str]) -> None:
-    """Drop what an earlier run left in `tmp` that this listing does not have (so it cannot end up in the model)."""
+    """Drop what an earlier run left in `tmp` that this listing does not have (so it cannot end up in the model).
+
+    A symlink in `tmp` is refused wherever it is, listed or not: the fill never makes one, so something else
+    wrote into the fill's own directory.
+    """
     keep = listed | {f"{path}.part" for path in listed}
     for path in sorted(tmp.rglob("*"), reverse=True):
         relative = path.relative_to(tmp).as_posix()
-        if path.is_dir() and not path.is_symlink():
+        if path.is_symlink():
+            raise symlink_refused(path)
+        if path.is_dir():
             if not any(name == relative or name.startswith(relative + "/") for name in listed):
                 shutil.rmtree(path)
         elif relative not in keep:

@@ -709,6 +709,20 @@ def test_symlinks_on_the_volume_are_refused_not_followed(store, dest, tmp_path, 
     assert not dest.exists()
 
 
+def test_symlinked_directory_inside_the_partial_fill_is_refused(store, dest, tmp_path, model_files):
+    store.add_objects(BUCKET, {f"tiny/nested/{path}": data for path, data in model_files.items()})
+    store.add_objects(BUCKET, {"tiny/nested/extra/notes.json": b"{}"})
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    partial = dest.with_name(dest.name + ".partial")
+    partial.mkdir(parents=True)
+    (partial / "extra").symlink_to(outside, target_is_directory=True)
+
+    with pytest.raises(FetchError, match=re.escape(f"{partial / 'extra'}: is a symlink; the fill never makes")):
+        fast_fill(f"s3://{BUCKET}/tiny/nested", dest)
+    assert list(outside.iterdir()) == []
+
+
 def test_verify_refuses_a_symlink_in_place_of_a_filled_file(store, dest, tmp_path):
     fast_fill(HF_PINNED, dest)
     copy = tmp_path / "elsewhere.safetensors"
