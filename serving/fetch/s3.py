@@ -144,9 +144,10 @@ class S3Store:
                 return ()
             parts = answer.get("ObjectParts", {})
             sizes += [part["Size"] for part in sorted(parts.get("Parts", ()), key=lambda part: part["PartNumber"])]
-            if not parts.get("IsTruncated"):
+            following = parts.get("NextPartNumberMarker") or 0
+            if not parts.get("IsTruncated") or following <= marker:  # the last page, or a store that loops
                 return tuple(sizes)
-            marker = parts["NextPartNumberMarker"]
+            marker = following
 
     def _read_sums(self, sums_file: RemoteFile, listed: set[str]) -> dict[str, str]:
         """The sha256 of every file named by the prefix's SHA256SUMS (`sha256sum` output, relative paths)."""
