@@ -81,13 +81,16 @@ def main(argv: list[str] | None = None) -> int:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
     logger = logging.getLogger(PROG)
+    saved = logger.level, logger.propagate
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
     try:
         return _run(build_parser(), argv)
-    finally:
+    finally:  # as it was: main() may run inside a process that logs on (tests, a caller's own logging)
         logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
 
 
 def _run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
