@@ -857,3 +857,15 @@ def test_unusable_sha256sums_fails_naming_the_line(store, dest, model_files, lin
     publish_sums(store, model_files, "tiny/mp", lines)
     with pytest.raises(FetchError, match=re.escape(problem)):
         fast_fill(source, dest)
+
+
+def test_rehash_benchmark_runs_the_fetchers_own_check(tmp_path, capsys):
+    """The README's re-hash rate comes from this script: it runs end to end (a speed is never asserted)."""
+    from serving.bench import rehash
+
+    out = tmp_path / "rehash.json"
+    assert rehash.main(["--size-gb", "0.001", "--repeat", "1", "--dir", str(tmp_path), "--json-out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["cache"], row["gb"]) for row in rows] == [("warm", 0.001), ("cold", 0.001)]
+    assert all(row["mb_per_s"] > 0 for row in rows)
+    assert list(tmp_path.iterdir()) == [out]  # the scratch model is removed
