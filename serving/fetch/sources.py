@@ -100,6 +100,29 @@ def same_source(uri: str, source: Source) -> bool:
         return False
 
 
+def same_model(uri: str, source: Source) -> bool:
+    """Whether `uri` names a revision of the same model as `source`, so that pruning may delete its directory.
+
+    hf: the same repository, any revision. s3: the same bucket and the same prefix above the version folder
+    (`s3://b/llama/v1` and `s3://b/llama/v2`; a one-folder prefix matches only itself, since its parent is the
+    whole bucket). pvc: never (nothing of ours to prune).
+    """
+    try:
+        other = parse_source(uri)
+    except FetchError:
+        return False
+    if isinstance(source, HfSource) and isinstance(other, HfSource):
+        return other.repo_id == source.repo_id
+    if isinstance(source, S3Source) and isinstance(other, S3Source):
+        return other.bucket == source.bucket and _model_prefix(other.prefix) == _model_prefix(source.prefix)
+    return False
+
+
+def _model_prefix(prefix: str) -> str:
+    parent, _, _ = prefix.rpartition("/")
+    return parent or prefix
+
+
 def refuse_unpinned(source: Source) -> None:
     """Raise a usage error for a source whose content can change under the same URI."""
     if source.pinned:
@@ -124,8 +147,9 @@ class RemoteFile:
     path: str  # relative to the model directory, `/`-separated
     size: int
     location: str  # a URL (hub) or an object key (S3)
-    checks: Mapping[str, str] = field(default_factory=dict)  # "sha256" | "git-sha1" | "md5" -> expected hex digest
+    checks: Mapping[str, str] = field(default_factory=dict)  # check name -> expected value (serving.fetch.checksums)
     etag: str | None = None
+    parts: tuple[int, ...] = ()  # S3: the part sizes of a multipart upload, for its composite checksums
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,11 @@ A repository added with `token=` is gated: without `Authorization: Bearer <token
 with `X-Error-Code: GatedRepo`, as the hub does.
 S3, path-style: `GET /{bucket}?list-type=2` (ListObjectsV2 XML, paginated by `list_page_size`) and `GET`/`HEAD
 /{bucket}/{key}` (ETag = MD5, `If-Match` honoured). Signatures are not checked; with `access_key_id` set, a request
-signed with another key id answers 403 `InvalidAccessKeyId`.
+signed with another key id answers 403 `InvalidAccessKeyId`. Objects may be multipart uploads (`part_size=`: the
+ETag is then the MD5 of the parts' MD5s with `-N`, as S3 makes it, not a digest of the content) and may carry an S3
+checksum (`checksum=`, full-object or composite), sent as `x-amz-checksum-*` headers on HEAD and whole-object GET
+when the request says `x-amz-checksum-mode: ENABLED`. `GET /{bucket}/{key}?attributes` is GetObjectAttributes with
+the parts (paginated by `parts_page_size`; like S3, parts are listed only for objects with a checksum).
 
 Every byte-serving answer supports `Range: bytes=N-` (206 + Content-Range; 416 past the end) unless
 `ignore_ranges` is set. Faults, per file
@@ -20,9 +24,11 @@ recorded in `requests`.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import threading
+import zlib
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, quote_plus, unquote, urlsplit
@@ -65,6 +71,30 @@ class _Object:
     data: bytes
     etag: str
     kms: bool
+    parts: tuple[int, ...] = ()  # a multipart upload's part sizes
+    checksums: dict[str, str] = field(default_factory=dict)  # header suffix ("sha256", "crc32") -> value
+    checksum_type: str | None = None  # FULL_OBJECT or COMPOSITE
+
+
+def _raw_checksum(algorithm: str, data: bytes) -> bytes:
+    """S3 checksum `algorithm` (sha256, sha1, sha512, md5, crc32, crc32c, crc64nvme) of `data`, big-endian bytes."""
+    if algorithm in ("sha256", "sha1", "sha512", "md5"):
+        return hashlib.new(algorithm, data).digest()
+    if algorithm == "crc32":
+        return zlib.crc32(data).to_bytes(4, "big")
+    from awscrt import checksums  # CRC32C and CRC64NVME: tests that use them skip without awscrt
+
+    return getattr(checksums, algorithm)(data).to_bytes(8 if algorithm == "crc64nvme" else 4, "big")
+
+
+def s3_checksum(algorithm: str, data: bytes, parts: tuple[int, ...] = ()) -> str:
+    """The value S3 reports: base64 of the checksum, or for a composite one of `parts`, of the parts' checksums
+    concatenated, with `-N`."""
+    if not parts:
+        return base64.b64encode(_raw_checksum(algorithm, data)).decode()
+    offsets = [sum(parts[:i]) for i in range(len(parts))]
+    joined = b"".join(_raw_checksum(algorithm, data[start:start + size]) for start, size in zip(offsets, parts))
+    return f"{base64.b64encode(_raw_checksum(algorithm, joined)).decode()}-{len(parts)}"
 
 
 class FakeModelStore:
@@ -76,6 +106,8 @@ class FakeModelStore:
         self.list_page_size = 1000
         self.access_key_id: str | None = None  # S3: the only key id accepted (None: any)
         self.ignore_ranges = False  # answer 200 with the whole body, as some servers and proxies do
+        self.parts_page_size = 1000  # GetObjectAttributes: parts per answer
+        self.deny_object_attributes = False  # GetObjectAttributes answers 403, as without s3:GetObjectAttributes
         self._lfs: dict[str, tuple[str, bytes]] = {}  # sha256 -> (location, bytes)
         self._faults: dict[str, _Fault] = {}
         self._lock = threading.Lock()
@@ -107,11 +139,30 @@ class FakeModelStore:
                 self._lfs[hashlib.sha256(data).hexdigest()] = (f"hf://{repo_id}/{path}", data)
         return commit
 
-    def add_objects(self, bucket: str, objects: dict[str, bytes], *, kms: bool = False) -> None:
-        """Add objects; `kms` imitates SSE-KMS, whose ETag is not the MD5 of the content."""
+    def add_objects(self, bucket: str, objects: dict[str, bytes], *, kms: bool = False, part_size: int | None = None,
+                    checksum: str | None = None, full_object: bool = False) -> None:
+        """Add objects; `kms` imitates SSE-KMS, whose ETag is not the MD5 of the content.
+
+        `part_size`: uploaded in parts of that size (objects larger than one part): a multipart ETag. `checksum`
+        (sha256, sha1, sha512, md5, crc32, crc32c, crc64nvme): the S3 checksum it was uploaded with, composite for a multipart
+        upload unless `full_object`.
+        """
         for key, data in objects.items():
-            etag = hashlib.md5(data + (b"kms" if kms else b"")).hexdigest()
-            self.buckets.setdefault(bucket, {})[key] = _Object(data, etag, kms)
+            parts: tuple[int, ...] = ()
+            if part_size and len(data) > part_size:
+                parts = tuple(min(part_size, len(data) - start) for start in range(0, len(data), part_size))
+            if parts:
+                offsets = range(0, len(data), part_size)
+                md5s = b"".join(hashlib.md5(data[start:start + part_size]).digest() for start in offsets)
+                etag = f"{hashlib.md5(md5s + (b'kms' if kms else b'')).hexdigest()}-{len(parts)}"
+            else:
+                etag = hashlib.md5(data + (b"kms" if kms else b"")).hexdigest()
+            obj = _Object(data, etag, kms, parts)
+            if checksum:
+                composite = bool(parts) and not full_object
+                obj.checksums[checksum] = s3_checksum(checksum, data, parts if composite else ())
+                obj.checksum_type = "COMPOSITE" if composite else "FULL_OBJECT"
+            self.buckets.setdefault(bucket, {})[key] = obj
 
     # --- faults and records --------------------------------------------------------------------------------------
     def drop_connection(self, location: str, *, after: int, times: int = 1) -> None:
@@ -265,9 +316,17 @@ def _handler_for(store: FakeModelStore) -> type[BaseHTTPRequestHandler]:
             if_match = self.headers.get("If-Match")
             if if_match and if_match.strip('"') != obj.etag:
                 return self._s3_error(412, "PreconditionFailed", "At least one of the preconditions failed", head)
+            if "attributes" in query:
+                return self._s3_attributes(obj)
             headers = {"Last-Modified": LAST_MODIFIED_HTTP, "Content-Type": "application/octet-stream"}
             if obj.kms:
                 headers["x-amz-server-side-encryption"] = "aws:kms"
+            if obj.parts:
+                headers["x-amz-mp-parts-count"] = str(len(obj.parts))
+            whole = head or not self.headers.get("Range")  # S3 sends no checksum with a range of the object
+            if self.headers.get("x-amz-checksum-mode", "").upper() == "ENABLED" and whole and obj.checksums:
+                headers.update({f"x-amz-checksum-{name}": value for name, value in obj.checksums.items()})
+                headers["x-amz-checksum-type"] = obj.checksum_type or "FULL_OBJECT"
             self._serve_bytes(f"s3://{segments[0]}/{key}", obj.data, f'"{obj.etag}"', headers, head, s3=True)
 
         def _s3_list(self, name: str, bucket: dict[str, _Object], query: dict[str, str]) -> None:
@@ -292,6 +351,24 @@ def _handler_for(store: FakeModelStore) -> type[BaseHTTPRequestHandler]:
                    + (f"<ContinuationToken>{start}</ContinuationToken>" if start else "")
                    + (f"<NextContinuationToken>{start + page_size}</NextContinuationToken>" if truncated else "")
                    + contents + "</ListBucketResult>")
+            self._send(200, xml.encode(), {"Content-Type": "application/xml"})
+
+        def _s3_attributes(self, obj: _Object) -> None:
+            if store.deny_object_attributes:
+                return self._s3_error(403, "AccessDenied", "Access Denied", False)
+            marker = int(self.headers.get("x-amz-part-number-marker") or 0)
+            page_size = min(int(self.headers.get("x-amz-max-parts") or 1000), store.parts_page_size)
+            numbered = list(enumerate(obj.parts, 1)) if obj.checksums else []
+            page = numbered[marker:marker + page_size]
+            truncated = marker + page_size < len(numbered)
+            parts = "".join(f"<Part><PartNumber>{number}</PartNumber><Size>{size}</Size></Part>"
+                            for number, size in page)
+            xml = ('<?xml version="1.0" encoding="UTF-8"?>\n'
+                   '<GetObjectAttributesResponse xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><ObjectParts>'
+                   f"<PartsCount>{len(obj.parts)}</PartsCount><PartNumberMarker>{marker}</PartNumberMarker>"
+                   f"<NextPartNumberMarker>{marker + len(page)}</NextPartNumberMarker><MaxParts>{page_size}</MaxParts>"
+                   f"<IsTruncated>{'true' if truncated else 'false'}</IsTruncated>{parts}</ObjectParts>"
+                   "</GetObjectAttributesResponse>")
             self._send(200, xml.encode(), {"Content-Type": "application/xml"})
 
         def _s3_error(self, status: int, code: str, message: str, head: bool) -> None:

@@ -110,7 +110,8 @@ def test_hf_fill_from_a_branch_records_the_commit_and_skips_duplicates(store, de
     assert manifest["revision"] == COMMIT == result.revision
     assert manifest["fetcher"] == "llm-platform serving.fetch"
     assert manifest["completedAt"].endswith("+00:00")
-    assert manifest["files"] == [{"path": path, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert manifest["files"] == [{"path": path, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                                  "checkedAgainst": ["sha256" if path.endswith(".safetensors") else "git-sha1"]}
                                  for path, data in sorted(expected.items())]
     assert not dest.with_name(dest.name + ".partial").exists()
     # Downloads use the resolved commit, never the branch that could move meanwhile.
@@ -384,6 +385,59 @@ def test_verify_names_what_is_wrong(store, dest, capsys, damage, problem):
     assert code == 1 and len(stderr) == 1 and problem in stderr[0]
 
 
+def overwrite_same_size(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_verify_rehashes_and_catches_a_same_size_overwrite(store, dest, capsys, monkeypatch):
+    fast_fill(HF_PINNED, dest)
+    overwrite_same_size(dest / WEIGHTS)
+    store.requests.clear()
+
+    code, stderr = run_main(capsys, "--verify", HF_PINNED, str(dest))
+    assert code == 1 and len(stderr) == 1
+    assert re.fullmatch(rf"serving.fetch: {dest}: incomplete model for {re.escape(HF_PINNED)}: {WEIGHTS} has changed "
+                        r"since the fill: sha256 [0-9a-f]{64}, the manifest says [0-9a-f]{64}; run the model's fill "
+                        r"Job again to repair it", stderr[0]), stderr[0]
+    # The fast mode checks sizes only, so it cannot see this; from the flag or from the environment.
+    code, stderr = run_main(capsys, "--verify", "--verify-mode", "size-only", HF_PINNED, str(dest))
+    assert code == 0 and "sizes only, not re-hashed" in stderr[-1]
+    monkeypatch.setenv("FILL_VERIFY_MODE", "size-only")
+    assert run_main(capsys, "--verify", HF_PINNED, str(dest))[0] == 0
+    assert run_main(capsys, "--verify", "--verify-mode", "full", HF_PINNED, str(dest))[0] == 1  # the flag wins
+    assert store.requests == []  # verification never reaches the source
+
+
+def test_refill_rehashes_a_matching_manifest_instead_of_trusting_it(store, dest, model_files, caplog):
+    fast_fill(HF_PINNED, dest)
+    overwrite_same_size(dest / WEIGHTS)
+
+    assert fast_fill(HF_PINNED, dest, verify_mode="size-only").status == "already-filled"  # what size-only trusts
+    with caplog.at_level(logging.INFO, logger="serving.fetch"):
+        result = fast_fill(HF_PINNED, dest)
+
+    assert result.status == "filled"
+    assert f"{WEIGHTS} has changed since the fill" in caplog.text and "refilling" in caplog.text
+    assert_holds(dest, served_files(model_files))
+    with caplog.at_level(logging.INFO, logger="serving.fetch"):
+        assert fast_fill(HF_PINNED, dest).status == "already-filled"  # intact again: kept, and re-hashed to know it
+    assert re.search(rf"{dest}: re-hashed {len(served_files(model_files))} files, [\d.]+ GB in [\d.]+ s", caplog.text)
+
+
+@pytest.mark.parametrize("name, value, problem", [
+    ("FILL_VERIFY_MODE", "quick", "FILL_VERIFY_MODE='quick' is not one of full, size-only; fix the environment, or "
+                                  "pass --verify-mode"),
+    ("FILL_REQUIRE_CHECKSUMS", "prod", "FILL_REQUIRE_CHECKSUMS='prod' is not one of 1, true, yes, 0, false, no; fix "
+                                       "the environment, or pass --require-checksums"),
+])
+def test_bad_option_in_the_environment_is_a_usage_error(store, dest, capsys, monkeypatch, name, value, problem):
+    monkeypatch.setenv(name, value)
+    assert run_main(capsys, HF_PINNED, str(dest)) == (2, [f"serving.fetch: {problem}"])
+    assert store.requests == []
+
+
 def test_verify_refuses_a_fill_of_another_source(store, dest):
     fast_fill(f"s3://{BUCKET}/{PREFIX}", dest)
     with pytest.raises(FetchError, match=rf"holds s3://{BUCKET}/{PREFIX}, not {HF_PINNED}; point the deployment at"):
@@ -430,6 +484,25 @@ def test_keep_revisions_prunes_the_oldest_fills_and_keeps_dest(store, tmp_path, 
     fast_fill(f"s3://{BUCKET}/tiny/v1", model_dir / "v1")
     assert fast_fill(f"s3://{BUCKET}/tiny/v1", model_dir / "v1", keep_revisions=2).status == "already-filled"
     assert sorted(p.name for p in model_dir.iterdir()) == [".v1.lock", ".v3.lock", "notes", "v1", "v3"]
+
+
+@pytest.mark.parametrize("other_source", ["hf", "s3"])
+def test_pruning_leaves_another_models_fills_alone(store, tmp_path, model_files, caplog, other_source):
+    """Two models given one claim and modelPath: one model's fill must not prune the other's live directory."""
+    model_dir = tmp_path / "models" / "shared"
+    store.add_objects(BUCKET, {f"other/v1/{path}": data for path, data in model_files.items()})
+    store.add_objects(BUCKET, {f"tiny/v2/{path}": data for path, data in model_files.items()})
+    other = model_dir / "other-model"
+    fast_fill(f"s3://{BUCKET}/other/v1" if other_source == "s3" else HF_PINNED, other)
+    fast_fill(f"s3://{BUCKET}/tiny/v1", model_dir / "v1")
+
+    with caplog.at_level(logging.INFO, logger="serving.fetch"):
+        result = fast_fill(f"s3://{BUCKET}/tiny/v2", model_dir / "v2", keep_revisions=1)
+
+    assert result.pruned == (model_dir / "v1",)  # the same model's older revision goes
+    assert other.is_dir() and verify(manifest_of(other)["source"], other).status == "verified"
+    assert f"not pruning {other}: it holds {manifest_of(other)['source']}, not a revision of s3://{BUCKET}/tiny/v2's " \
+           "model (give each model its own modelPath)" in caplog.text
 
 
 # --- 10: bad sources -------------------------------------------------------------------------------------------------
@@ -602,3 +675,197 @@ def test_fetcher_stays_light():
              "print(sorted(heavy & set(sys.modules)))")
     loaded = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert loaded.stdout.strip() == "[]", loaded.stderr
+
+
+# --- 12: symlinks on the volume (issue 22) ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("planted", ["partial", "part", "lock"])
+def test_symlinks_on_the_volume_are_refused_not_followed(store, dest, tmp_path, planted):
+    """A symlinked `DEST.partial`, `*.part` or lock file would have the fill write outside the model directory."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "victim"
+    victim.write_bytes(b"not the fill's")
+    partial = dest.with_name(dest.name + ".partial")
+    dest.parent.mkdir(parents=True)
+    if planted == "partial":
+        partial.symlink_to(outside, target_is_directory=True)
+        link = partial
+    elif planted == "part":
+        partial.mkdir()
+        link = partial / f"{WEIGHTS}.part"
+        link.symlink_to(victim)
+    else:
+        link = dest.with_name(f".{dest.name}.lock")
+        link.symlink_to(victim)
+
+    with pytest.raises(FetchError) as failure:
+        fast_fill(HF_PINNED, dest)
+
+    assert failure.value.exit_code == 1
+    assert failure.value.message == (f"{link}: is a symlink; the fill never makes symlinks, so something else put it "
+                                     "on the model volume: remove it (and find out what wrote it), then run the fill "
+                                     "again")
+    assert sorted(p.name for p in outside.iterdir()) == ["victim"] and victim.read_bytes() == b"not the fill's"
+    assert not dest.exists()
+
+
+def test_symlinked_directory_inside_the_partial_fill_is_refused(store, dest, tmp_path, model_files):
+    store.add_objects(BUCKET, {f"tiny/nested/{path}": data for path, data in model_files.items()})
+    store.add_objects(BUCKET, {"tiny/nested/extra/notes.json": b"{}"})
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    partial = dest.with_name(dest.name + ".partial")
+    partial.mkdir(parents=True)
+    (partial / "extra").symlink_to(outside, target_is_directory=True)
+
+    with pytest.raises(FetchError, match=re.escape(f"{partial / 'extra'}: is a symlink; the fill never makes")):
+        fast_fill(f"s3://{BUCKET}/tiny/nested", dest)
+    assert list(outside.iterdir()) == []
+
+
+def test_verify_refuses_a_symlink_in_place_of_a_filled_file(store, dest, tmp_path):
+    fast_fill(HF_PINNED, dest)
+    copy = tmp_path / "elsewhere.safetensors"
+    copy.write_bytes((dest / WEIGHTS).read_bytes())  # the same bytes, but not on the model's directory
+    (dest / WEIGHTS).unlink()
+    (dest / WEIGHTS).symlink_to(copy)
+
+    with pytest.raises(FetchError, match=f"{WEIGHTS} is a symlink, not a file the fill wrote; run the model's fill"):
+        verify(HF_PINNED, dest)
+    assert fast_fill(HF_PINNED, dest).status == "filled"  # a refill repairs it
+    assert not (dest / WEIGHTS).is_symlink()
+
+
+# --- 13: S3 multipart uploads and checksums (issue 22) ---------------------------------------------------------------
+
+PART_SIZE = 200_000  # the weights (~495 kB) upload in 3 parts, with a multipart ETag that is no MD5 of them
+try:
+    import awscrt  # noqa: F401  (CRC32C and CRC64NVME)
+    HAS_CRT = True
+except ImportError:
+    HAS_CRT = False
+needs_crt = pytest.mark.skipif(not HAS_CRT, reason="CRC32C and CRC64NVME need awscrt (serving/requirements.txt)")
+
+
+def multipart_model(store, model_files, prefix: str, **options) -> str:
+    store.add_objects(BUCKET, {f"{prefix}/{path}": data for path, data in model_files.items()},
+                      part_size=PART_SIZE, **options)
+    return f"s3://{BUCKET}/{prefix}"
+
+
+def publish_sums(store, model_files, prefix: str, lines: str | None = None) -> None:
+    lines = lines if lines is not None else "".join(f"{hashlib.sha256(data).hexdigest()}  {path}\n"
+                                                    for path, data in sorted(model_files.items()))
+    store.add_objects(BUCKET, {f"{prefix}/SHA256SUMS": lines.encode()})
+
+
+@pytest.mark.parametrize("checksum, full_object, check", [
+    ("sha256", False, "s3-sha256"),
+    ("crc32", False, "s3-crc32"),
+    ("crc32", True, "s3-crc32"),
+    ("sha1", True, "s3-sha1"),
+    ("sha512", False, "s3-sha512"),
+    ("md5", True, "s3-md5"),
+    pytest.param("crc32c", False, "s3-crc32c", marks=needs_crt),
+    pytest.param("crc64nvme", True, "s3-crc64nvme", marks=needs_crt),  # what S3 adds when the upload sent none
+    (None, False, "SHA256SUMS"),
+])
+def test_corrupted_multipart_object_fails_its_s3_checksum(store, dest, model_files, checksum, full_object, check):
+    """A multipart ETag is no digest of the content, so a corrupted multipart object used to be reported filled."""
+    source = multipart_model(store, model_files, "tiny/mp", checksum=checksum, full_object=full_object)
+    if checksum is None:
+        publish_sums(store, model_files, "tiny/mp")
+    store.corrupt(f"s3://{BUCKET}/tiny/mp/{WEIGHTS}")
+
+    with pytest.raises(FetchError) as failure:
+        fast_fill(source, dest, require_checksums=True)
+
+    assert failure.value.exit_code == 1
+    assert f"{WEIGHTS}: {check} mismatch: expected " in failure.value.message
+    assert not dest.exists()
+
+    store._faults.clear()
+    result = fast_fill(source, dest, require_checksums=True)
+    assert result.status == "filled" and result.size_only == ()
+    assert_holds(dest, model_files)  # SHA256SUMS is read, not copied into the model
+    assert {entry["path"]: entry["checkedAgainst"] for entry in manifest_of(dest)["files"]}[WEIGHTS] == [check]
+
+
+def test_multipart_checksum_survives_a_resumed_download(store, dest, model_files):
+    """S3 sends no checksum with a Range answer: the composite check runs over the resumed file as a whole."""
+    source = multipart_model(store, model_files, "tiny/mp", checksum="sha256")
+    store.parts_page_size = 2  # GetObjectAttributes pages through the parts
+    location = f"s3://{BUCKET}/tiny/mp/{WEIGHTS}"
+    store.drop_connection(location, after=PART_SIZE + 1234)
+
+    fast_fill(source, dest)
+
+    assert store.ranges(location) == [None, f"bytes={PART_SIZE + 1234}-"]
+    assert_holds(dest, model_files)
+    assert {e["path"]: e["checkedAgainst"] for e in manifest_of(dest)["files"]}[WEIGHTS] == ["s3-sha256"]
+
+
+def test_multipart_object_without_checksums_is_size_only_or_refused(store, dest, model_files, capsys, monkeypatch,
+                                                                      caplog):
+    source = multipart_model(store, model_files, "tiny/mp")
+    large = sorted(path for path, data in model_files.items() if len(data) > PART_SIZE)
+    assert large == [WEIGHTS]
+
+    # Required (as prod does): refused before any byte is downloaded, from the flag or from the environment.
+    message = (f"serving.fetch: {source}: {WEIGHTS} has no checksum this fill can check, only a size (checksums "
+               "are required: --require-checksums or FILL_REQUIRE_CHECKSUMS); publish a SHA256SUMS file under "
+               f"{source}/ (`sha256sum` output for every file), or upload the files with an S3 checksum "
+               "(--checksum-algorithm SHA256 or CRC32)")
+    assert run_main(capsys, "--require-checksums", source, str(dest)) == (2, [message])
+    monkeypatch.setenv("FILL_REQUIRE_CHECKSUMS", "true")
+    assert run_main(capsys, source, str(dest)) == (2, [message])
+    assert not store.downloads and not dest.exists()
+
+    # Not required: filled, and recorded and reported as checked by size only.
+    monkeypatch.delenv("FILL_REQUIRE_CHECKSUMS")
+    with caplog.at_level(logging.INFO, logger="serving.fetch"):
+        result = fast_fill(source, dest)
+    assert result.status == "filled" and result.size_only == (WEIGHTS,)
+    checked = {entry["path"]: entry["checkedAgainst"] for entry in manifest_of(dest)["files"]}
+    assert checked[WEIGHTS] == [] and checked["config.json"] == ["md5"]  # small files: single-part MD5 ETags
+    assert f"{source}: 1 files have no checksum this fill can check, only their size ({WEIGHTS})" in caplog.text
+    assert f"1 checked by size only ({WEIGHTS})" in caplog.text
+
+    # Checksums required later: the size-only fill is not trusted; the source is asked again, and still refused.
+    assert run_main(capsys, "--require-checksums", source, str(dest))[0] == 2
+    publish_sums(store, model_files, "tiny/mp")
+    result = fast_fill(source, dest, require_checksums=True)
+    assert result.status == "filled" and result.size_only == ()
+
+
+def test_composite_checksum_without_part_sizes_does_not_apply(store, dest, model_files, caplog):
+    source = multipart_model(store, model_files, "tiny/mp", checksum="crc32")
+    store.deny_object_attributes = True  # the fill's role lacks s3:GetObjectAttributes
+    with caplog.at_level(logging.INFO, logger="serving.fetch"):
+        assert fast_fill(source, dest).size_only == (WEIGHTS,)
+    assert f"{WEIGHTS}: cannot read its part sizes (" in caplog.text and "allow s3:GetObjectAttributes" in caplog.text
+
+
+@pytest.mark.parametrize("lines, problem", [
+    ("not a checksum line\n", "SHA256SUMS: line 1 is not `<sha256>  <path>`: 'not a checksum line'"),
+    (f"{'0' * 64}  model-00002.safetensors\n", "SHA256SUMS lists model-00002.safetensors, which is not under "
+                                               f"s3://{BUCKET}/tiny/mp/: the upload is incomplete"),
+])
+def test_unusable_sha256sums_fails_naming_the_line(store, dest, model_files, lines, problem):
+    source = multipart_model(store, model_files, "tiny/mp")
+    publish_sums(store, model_files, "tiny/mp", lines)
+    with pytest.raises(FetchError, match=re.escape(problem)):
+        fast_fill(source, dest)
+
+
+def test_rehash_benchmark_runs_the_fetchers_own_check(tmp_path, capsys):
+    """The README's re-hash rate comes from this script: it runs end to end (a speed is never asserted)."""
+    from serving.bench import rehash
+
+    out = tmp_path / "rehash.json"
+    assert rehash.main(["--size-gb", "0.001", "--repeat", "1", "--dir", str(tmp_path), "--json-out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["cache"], row["gb"]) for row in rows] == [("warm", 0.001), ("cold", 0.001)]
+    assert all(row["mb_per_s"] > 0 for row in rows)
+    assert list(tmp_path.iterdir()) == [out]  # the scratch model is removed
