@@ -68,6 +68,7 @@ for model, plan in zip(cfg.models, cfg.plans):
         prometheus_url=cfg.observability.prometheus_url,
         storage_ready=storage.ready,
         gateway_endpoints=gateway_on,
+        progress_deadline_seconds=plan.progress_deadline_seconds,
     ), opts=pulumi.ResourceOptions(depends_on=[guardrails, *addons.releases.values()]))
 
 gateway = None

@@ -50,6 +50,11 @@ class ModelPlan:
     """Where the weights come from, how the volume is filled, backed up or restored."""
     cold_start_timeout_seconds: int | None = None
     """With the gateway: how long it holds a request while the model has no ready pod."""
+    verify_estimate_seconds: float | None = None
+    """How long a pod's full re-hash of the revision takes before its server starts (sized models, fill.verify
+    full), at storageReadMBps."""
+    progress_deadline_seconds: int = 600
+    """A Deployment's progressDeadlineSeconds: an image pull, the check and the startup budget fit in it."""
     gateway_max_inflight_per_pod: int | None = None
     """With the gateway: requests it sends one pod at once before holding more in its queue."""
     queries: ModelQueries | None = None
@@ -90,7 +95,9 @@ class ModelPlan:
                        "then 503 with Retry-After")
         out.append(f"  rollout: {self.rollout}")
         estimate = f", estimated load {self.load_estimate_seconds:.0f} s" if self.load_estimate_seconds else ""
-        out.append(f"  startup budget: {self.startup_budget_seconds} s{estimate}")
+        check = (f"; before it, the pod re-hashes the revision (about {self.verify_estimate_seconds:.0f} s)"
+                 if self.verify_estimate_seconds else "")
+        out.append(f"  startup budget: {self.startup_budget_seconds} s{estimate}{check}")
         if self.shm:
             out.append(f"  /dev/shm: {self.shm} (memory-backed, counted in the memory limit)")
         out.extend(f"  {line}" for line in self.model_storage)
@@ -429,6 +436,18 @@ def describe_autoscaling(m: ModelConfig, target: int, estimate: float | None, we
     return text
 
 
+DEFAULT_PROGRESS_DEADLINE = 600
+IMAGE_PULL_SECONDS = 300
+"""Allowed for pulling a multi-GB serving image onto a new node, in the Deployment's progress deadline."""
+
+
+def verify_seconds(m: ModelConfig, s: Sizing | None) -> float | None:
+    """A full check reads every weight byte once before the server starts; size-only reads none."""
+    if m.source is None or m.fill.verify != "full" or s is None:
+        return None
+    return capacity.weight_bytes(s) / (m.storage_read_mbps * 1e6)
+
+
 def gateway_limits(cfg: StackConfig, m: ModelConfig, p: str, budget_seconds: int, estimate: float | None,
                    num_seqs: int | None, fail: Fail) -> tuple[int | None, int | None]:
     """The gateway's cold-start hold and per-pod in-flight bound for one model (None, None without a gateway)."""
@@ -481,12 +500,16 @@ def plan_stack(cfg: StackConfig, fail: Fail) -> StackConfig:
             probes=dataclasses.replace(m.probes, startup=dataclasses.replace(m.probes.startup,
                                                                               failure_threshold=threshold)),
             max_model_len=m.max_model_len or (s.max_context_tokens if s else None),
-            max_num_seqs=num_seqs)
+            max_num_seqs=num_seqs,
+            fill=dataclasses.replace(m.fill, require_checksums=m.fill.require_checksums if m.fill.require_checksums
+                                     is not None else cfg.stack.startswith("prod")))
         models.append(resolved)
         price = cfg.gpu_pool.hourly_cost_per_gpu
         lo, hi = model_min_replicas(m), model_max_replicas(m)
         budget_seconds = threshold * m.probes.startup.period_seconds + m.probes.startup.initial_delay_seconds
-        cold_start, inflight = gateway_limits(cfg, m, p, budget_seconds, estimate, num_seqs, fail)
+        check = verify_seconds(m, s)
+        cold_start, inflight = gateway_limits(cfg, m, p, budget_seconds + math.ceil(check or 0), estimate, num_seqs,
+                                              fail)
         plans.append(ModelPlan(
             name=m.name, gpus_per_replica=m.gpus_per_replica, min_replicas=lo, max_replicas=hi, rollout=why,
             startup_budget_seconds=budget_seconds,
@@ -501,6 +524,9 @@ def plan_stack(cfg: StackConfig, fail: Fail) -> StackConfig:
                                              cold_start),
             target_load_per_replica=target, model_storage=storage_lines, queries=queries,
             cold_start_timeout_seconds=cold_start, gateway_max_inflight_per_pod=inflight,
+            verify_estimate_seconds=check,
+            progress_deadline_seconds=max(DEFAULT_PROGRESS_DEADLINE, math.ceil(budget_seconds + (check or 0)
+                                                                               + IMAGE_PULL_SECONDS)),
             nodes_per_replica=m.nodes_per_replica, layout=describe_layout(m) + (
                 "; needs the LeaderWorkerSet controller in the cluster (addons.leaderWorkerSet.enabled installs it)"
                 if m.workload == "leaderworkerset" and not cfg.addons.leader_worker_set.enabled else "")))

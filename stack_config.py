@@ -364,6 +364,14 @@ class FillConfig:
     """Pod retries; each resumes the partial download on the volume."""
     keep_revisions: int = field(default=2, metadata={"min": 1, "max": 100})
     """Revision directories kept on the volume (the current one and the previous, for instant rollback)."""
+    verify: Literal["full", "size-only"] = "full"
+    """How a serving pod checks the revision before its server starts (and a refill checks a finished one): `full`
+    re-hashes every file against the manifest (a same-size overwrite is caught; reads the whole model at
+    storageReadMBps, which the plan adds to the pod's start), `size-only` checks sizes."""
+    require_checksums: bool | None = None
+    """Fail a fill when a file has no checksum to check it by (an S3 object uploaded without S3 checksums, and no
+    SHA256SUMS beside it); unset: on for stacks named prod*. Off, such files are checked by size and the manifest
+    says so."""
     resources: ResourcesConfig = field(default_factory=lambda: ResourcesConfig(
         requests=ResourceAmounts(cpu="1", memory="1Gi", ephemeral_storage="1Gi"),
         limits=ResourceAmounts(cpu="4", memory="4Gi", ephemeral_storage="2Gi")))

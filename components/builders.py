@@ -287,7 +287,10 @@ def fetch_container(model: ModelConfig, *, fill: bool, adapter: str | None = Non
     env: list[dict[str, Any]] = [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HOME", "value": "/tmp/hf-home"},
                                  {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"}]
     command = ["python", "-m", "serving.fetch"]
+    env.append({"name": "FILL_VERIFY_MODE", "value": f.verify})
     if fill:
+        # Planning resolves the stack default (on for prod*), so it is never None here.
+        env.append({"name": "FILL_REQUIRE_CHECKSUMS", "value": "true" if f.require_checksums else "false"})
         command += ["--keep-revisions", str(f.keep_revisions)]
         # The image is offline by default (serving never downloads); the fill is the one process that may.
         env.append({"name": "HF_HUB_OFFLINE", "value": "0"})

@@ -44,6 +44,8 @@ class LLMServingArgs:
     prometheus_url: str = ""
     storage_ready: list[pulumi.Resource] | None = None
     """ModelStorage's claim and fill Job: the workload rolls only once the configured revision is on the volume."""
+    progress_deadline_seconds: int = 600
+    """The Deployment's progressDeadlineSeconds (from the plan: image pull, model check and startup budget)."""
     gateway_endpoints: bool = False
     """Behind the InferenceGateway: a headless Service publishing the ready pods, through which it finds them."""
 
@@ -106,6 +108,8 @@ class LLMServing(pulumi.ComponentResource):
                 spec={
                     "replicas": model.replicas,
                     "revisionHistoryLimit": 5,
+                    # Past the default 600 s a large model's start (pull, check, load) reads as a failed rollout.
+                    "progressDeadlineSeconds": args.progress_deadline_seconds,
                     "selector": {"matchLabels": selector_labels(model.name)},
                     "strategy": {"type": "RollingUpdate", "rollingUpdate": {
                         "maxSurge": model.rollout.max_surge, "maxUnavailable": model.rollout.max_unavailable}},

@@ -48,7 +48,7 @@ def test_prod_runs_the_gateway_in_front_of_the_model(rendered):
     # The routes file: the model's headless Service (ready pods only), and the plan's numbers.
     routes = json.loads(prod.one("ConfigMap", "llm-gateway-routes")["data"]["routes.json"])
     assert routes == {"models": [{"model": "llama-3.1-8b", "service": "llm-service-endpoints.ai-production.svc",
-                                  "port": 8000, "coldStartTimeoutSeconds": 300, "maxQueue": 256,
+                                  "port": 8000, "coldStartTimeoutSeconds": 365, "maxQueue": 256,
                                   "maxInflightPerPod": 64}]}
     endpoints = prod.one("Service", "llm-service-endpoints")["spec"]
     assert endpoints["clusterIP"] == "None" and endpoints["publishNotReadyAddresses"] is False

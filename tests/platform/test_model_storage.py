@@ -433,3 +433,40 @@ def test_quota_counts_no_claim_for_a_pvc_source():
     values = prod_with()
     values["guardrails"]["resourceQuota"]["persistentVolumeClaims"] = 0
     assert "persistentVolumeClaims: 0 is below the 1 model volumes" in config_error("prod", values)
+
+
+def test_checksums_are_required_in_prod_and_the_check_mode_reaches_both_fetches(rendered):
+    """prod* fills fail on files they cannot check by a checksum; elsewhere such files are size-checked and recorded.
+    The serving pods' check re-hashes the revision unless fill.verify says size-only."""
+    prod, staging = rendered("prod"), rendered("staging")
+
+    def env(container):
+        return {e["name"]: e["value"] for e in container["env"]}
+
+    def fill_env(result):
+        (job,) = result.of_kind("Job")
+        return env(job["spec"]["template"]["spec"]["containers"][0])
+
+    assert fill_env(prod)["FILL_REQUIRE_CHECKSUMS"] == "true"
+    assert fill_env(staging)["FILL_REQUIRE_CHECKSUMS"] == "false"
+    assert fill_env(prod)["FILL_VERIFY_MODE"] == "full"
+    assert env(init_container(prod.one("Deployment", "llm-service")))["FILL_VERIFY_MODE"] == "full"
+    values = stack_values("staging")
+    values["models"][0]["fill"].update(requireChecksums=True, verify="size-only")
+    result = render_values("staging", values)
+    assert fill_env(result)["FILL_REQUIRE_CHECKSUMS"] == "true"
+    assert env(init_container(result.one("Deployment", "llm-service")))["FILL_VERIFY_MODE"] == "size-only"
+
+
+def test_the_full_check_is_planned_into_the_rollout_deadline(rendered):
+    """A full re-hash reads the whole model before the server starts: the Deployment's progress deadline covers the
+    image pull, the check and the startup budget, and the plan says how long the check takes."""
+    prod = rendered("prod")
+    plan = prod.outputs["capacityPlan"]["llm-service"]
+    assert round(plan["verify_estimate_seconds"]) == 64        # 16.06 GB of weights at 250 MB/s
+    assert prod.one("Deployment", "llm-service")["spec"]["progressDeadlineSeconds"] == 665   # 300 + 64 + 300 pull
+    values = stack_values("prod")
+    values["models"][0]["fill"]["verify"] = "size-only"
+    quick = render_values("prod", values)
+    assert "verify_estimate_seconds" not in quick.outputs["capacityPlan"]["llm-service"]
+    assert quick.one("Deployment", "llm-service")["spec"]["progressDeadlineSeconds"] == 600

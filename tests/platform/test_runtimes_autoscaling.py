@@ -111,7 +111,7 @@ def test_keda_scale_to_zero():
     assert spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 300
     plan = result.outputs["capacityPlan"]["llm-service"]["autoscaling"]
     assert "scales to zero after 600 s without load and wakes above 2" in plan
-    assert ("the gateway holds the first request after that up to 300 s while a pod is scheduled, load 14.96 GiB "
+    assert ("the gateway holds the first request after that up to 365 s while a pod is scheduled, load 14.96 GiB "
             "of weights (about 124 s estimated) and warm up, then 503 with Retry-After") in plan
     at_max = next(r["expr"] for r in result.one("PrometheusRule")["spec"]["groups"][0]["rules"]
                   if r["alert"] == "LLMReplicasAtMaximum")
