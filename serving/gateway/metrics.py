@@ -32,9 +32,12 @@ class GatewayMetrics:
                                ["model"], registry=self.registry)
         self.inflight = Gauge("llm_gateway_inflight_requests", "Requests this gateway has outstanding on a pod.",
                               ["model", "pod"], registry=self.registry)
+        self.ready_pods = Gauge("llm_gateway_ready_pods", "Pods of a model the gateway sees ready (0: scaled to zero "
+                                "or starting).", ["model"], registry=self.registry)
         self.tokens = Counter("llm_gateway_tokens_total", "Tokens used, by key name, model and kind "
                               "(prompt or completion).", ["key", "model", "kind"], registry=self.registry)
         for model in models:  # every model's series exists from the start, at 0 (a KEDA query then has a value)
             self.pending.labels(model).set(0)
+            self.ready_pods.labels(model).set(0)
             self.retries.labels(model)
             self.upstream_latency.labels(model)

@@ -80,6 +80,7 @@ class ModelPool:
             return
         self._pods = {url: self._pods.get(url) or Pod(url) for url in urls}
         self._ring = HashRing([pod.address for pod in self._pods.values()])
+        self._metrics.ready_pods.labels(self.model).set(len(self._pods))
         self._wake()
 
     def drop(self, url: str) -> None:
