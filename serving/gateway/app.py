@@ -29,7 +29,7 @@ from serving.gateway.errors import GatewayError
 from serving.gateway.limits import KeyLimiter, retry_after
 from serving.gateway.metrics import ANONYMOUS, NO_MODEL, UNKNOWN_MODEL, GatewayMetrics
 from serving.gateway.pool import ModelPool, NoPodReady, QueueFull, QueueTimeout
-from serving.gateway.proxy import Outcome, Proxy
+from serving.gateway.proxy import UPSTREAM_CLIENT_SHARDS, ClientShards, Outcome, Proxy
 from serving.logs import request_id_var
 
 logger = logging.getLogger("serving.gateway")
@@ -46,13 +46,15 @@ QUEUE_RETRY_AFTER_SECONDS = 1
 _FORWARDED_HEADERS = frozenset((b"authorization", b"accept"))
 
 
-def upstream_client() -> httpx.AsyncClient:
-    """One pooled client for every pod. No read timeout: a stream may pause for a long prefill or a full pod queue,
-    and a client that gives up cancels it. Connections are bounded by the pools' per-pod limits, not here."""
-    return httpx.AsyncClient(timeout=httpx.Timeout(connect=5.0, read=None, write=60.0, pool=None),
-                             limits=httpx.Limits(max_connections=None, max_keepalive_connections=1024,
-                                                 keepalive_expiry=60.0),
-                             trust_env=False)  # pods are reached directly, never through an environment proxy
+def upstream_clients() -> ClientShards:
+    """Pooled clients for pods. No read timeout: a stream may pause for a long prefill or a full pod queue, and a
+    client that gives up cancels it. Connections are bounded by the pools' per-pod limits, not here. One TLS context
+    serves every client (loading the CA bundle takes tens of milliseconds each)."""
+    tls = httpx.create_ssl_context()
+    return ClientShards(UPSTREAM_CLIENT_SHARDS, lambda: httpx.AsyncClient(
+        timeout=httpx.Timeout(connect=5.0, read=None, write=60.0, pool=None), verify=tls,
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=60.0),
+        trust_env=False))  # pods are reached directly, never through an environment proxy
 
 
 class Gateway:
@@ -66,7 +68,7 @@ class Gateway:
         self.limiter = KeyLimiter()
         self.draining = False
         self.started_at = int(time.time())
-        self._client: httpx.AsyncClient | None = None
+        self._clients: ClientShards | None = None
         self._proxy: Proxy | None = None
         self._discoveries: list[Discovery] = []
         self._active = 0
@@ -76,9 +78,9 @@ class Gateway:
     # ---- lifecycle -------------------------------------------------------------------------------------------
 
     async def startup(self) -> None:
-        self._client = upstream_client()
-        self._proxy = Proxy(self._client, self.metrics)
-        self._discoveries = [Discovery(pool, self._client, self.config.discovery_seconds)
+        self._clients = upstream_clients()
+        self._proxy = Proxy(self._clients, self.metrics)
+        self._discoveries = [Discovery(pool, self._clients.probe_client, self.config.discovery_seconds)
                              for pool in self.pools.values()]
         for discovery in self._discoveries:
             discovery.start()
@@ -86,8 +88,8 @@ class Gateway:
     async def shutdown(self) -> None:
         for discovery in self._discoveries:
             await discovery.stop()
-        if self._client is not None:
-            await self._client.aclose()
+        if self._clients is not None:
+            await self._clients.aclose()
 
     async def drain(self, grace_seconds: float) -> None:
         """Readiness goes false; requests in flight (streams, held requests) get up to `grace_seconds` to end."""

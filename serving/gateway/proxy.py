@@ -15,10 +15,12 @@ client, streamed), one retry before the first byte, and the response passed thro
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import httpx
 from starlette.types import Send
@@ -32,6 +34,10 @@ logger = logging.getLogger("serving.gateway.proxy")
 # Response headers a client needs from the pod; hop-by-hop and length headers are the gateway's own.
 _PASSED_HEADERS = frozenset((b"content-type", b"cache-control", b"retry-after", b"x-accel-buffering"))
 _USAGE_MARKS = (b'"usage": {', b'"usage":{')
+# httpcore's pool walks all its connections, several times, whenever a request starts or ends: at 64 streams on
+# one client that walk was over a quarter of the gateway's CPU (a profile, docs/BENCHMARKS.md). Requests are spread
+# over this many clients, each with its own pool, so each walk covers a few connections.
+UPSTREAM_CLIENT_SHARDS = 16
 
 
 @dataclass
@@ -55,9 +61,28 @@ class _PodFailed(Exception):
         self.drop = drop  # the pod refused or reset: out of the ready set until discovery finds it again
 
 
+class ClientShards:
+    """Upstream httpx clients taken in turn (see UPSTREAM_CLIENT_SHARDS); the first also runs readiness probes."""
+
+    def __init__(self, count: int, factory: Callable[[], httpx.AsyncClient]) -> None:
+        self.clients = [factory() for _ in range(count)]
+        self._turn = itertools.cycle(self.clients)
+
+    @property
+    def probe_client(self) -> httpx.AsyncClient:
+        return self.clients[0]
+
+    def next(self) -> httpx.AsyncClient:
+        return next(self._turn)
+
+    async def aclose(self) -> None:
+        for client in self.clients:
+            await client.aclose()
+
+
 class Proxy:
-    def __init__(self, client: httpx.AsyncClient, metrics: GatewayMetrics) -> None:
-        self._client = client
+    def __init__(self, clients: ClientShards, metrics: GatewayMetrics) -> None:
+        self._clients = clients
         self._metrics = metrics
 
     async def forward(self, pool: ModelPool, path: str, body: bytes, headers: list[tuple[bytes, bytes]],
@@ -91,9 +116,10 @@ class Proxy:
     async def _exchange(self, model: str, url: str, body: bytes, headers: list[tuple[bytes, bytes]],
                         strip_usage: bool, send: Send, outcome: Outcome, may_retry: bool) -> None:
         started = time.perf_counter()
-        request = self._client.build_request("POST", url, content=body, headers=headers)
+        client = self._clients.next()
+        request = client.build_request("POST", url, content=body, headers=headers)
         try:
-            response = await self._client.send(request, stream=True)
+            response = await client.send(request, stream=True)
         except httpx.TransportError as exc:
             raise _PodFailed(_describe(exc), drop=True) from None
         try:

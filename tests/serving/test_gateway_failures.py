@@ -68,7 +68,7 @@ def test_a_slow_pod_gets_few_requests_the_fast_one_most(gateway, pods):
     ready(gateway, "pair", 2)
     pods["p1"].requests.clear()
     pods["p2"].requests.clear()
-    pods["p1"].behaviour = Behaviour(tokens=5, token_delay=0.2)  # a second per request
+    pods["p1"].behaviour = Behaviour(tokens=5, token_delay=0.4)  # two seconds per request
     work = list(range(40))
 
     def worker(_: int) -> list[int]:  # 8 clients share 40 requests: whoever is free sends the next
