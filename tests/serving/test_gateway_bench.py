@@ -11,7 +11,7 @@ def test_gateway_benchmark_compares_direct_and_through_the_gateway(tiny_model_di
     out = tmp_path / "gateway.json"
     assert gateway_bench.main(["--model-path", str(tiny_model_dir), "--max-num-seqs", "4", "--concurrency", "1,2",
                                "--requests-per-level", "2", "--rounds", "1", "--in-min", "4", "--in-max", "8",
-                               "--out-min", "4", "--out-max", "8", "--client-processes", "1",
+                               "--out-min", "4", "--out-max", "8", "--client-processes", "1", "--repeat", "1",
                                "--json-out", str(out)]) == 0
     levels = json.loads(out.read_text())["levels"]
     assert [level["concurrency"] for level in levels] == [1, 2]
