@@ -53,7 +53,9 @@ def upstream_clients() -> ClientShards:
     tls = httpx.create_ssl_context()
     return ClientShards(UPSTREAM_CLIENT_SHARDS, lambda: httpx.AsyncClient(
         timeout=httpx.Timeout(connect=5.0, read=None, write=60.0, pool=None), verify=tls,
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=60.0),
+        # Idle connections are let go before the model server's own keep-alive timeout (uvicorn's 5 s): reusing one the
+        # server is closing at that moment would fail the request's first attempt.
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=4.0),
         trust_env=False))  # pods are reached directly, never through an environment proxy
 
 

@@ -58,7 +58,7 @@ class _PodFailed(Exception):
 
     def __init__(self, reason: str, drop: bool) -> None:
         super().__init__(reason)
-        self.drop = drop  # the pod refused or reset: out of the ready set until discovery finds it again
+        self.drop = drop  # the pod refused the connection: out of the ready set until discovery finds it again
 
 
 class ClientShards:
@@ -121,7 +121,8 @@ class Proxy:
         try:
             response = await client.send(request, stream=True)
         except httpx.TransportError as exc:
-            raise _PodFailed(_describe(exc), drop=True) from None
+            # Refused or unreachable: the pod is gone. A reset on a kept-alive connection may be that connection alone.
+            raise _PodFailed(_describe(exc), drop=isinstance(exc, httpx.ConnectError)) from None
         try:
             if response.status_code == 503 and may_retry:  # draining or loading: another pod can take it
                 raise _PodFailed("the pod answered 503", drop=False)
@@ -133,7 +134,7 @@ class Proxy:
                 else:  # a JSON answer's first byte is all of it
                     first = b"".join([chunk async for chunk in chunks])
             except httpx.TransportError as exc:
-                raise _PodFailed(_describe(exc), drop=True) from None
+                raise _PodFailed(_describe(exc), drop=False) from None
             self._metrics.upstream_latency.labels(model).observe(time.perf_counter() - started)
             passed = [(name.lower(), value) for name, value in response.headers.raw
                       if name.lower() in _PASSED_HEADERS]
@@ -194,7 +195,7 @@ class _UsageEvents:
         self._rest = b""
 
     def feed(self, block: bytes) -> bytes:
-        if not self._rest and block.endswith(b"\n\n") and not any(mark in block for mark in _USAGE_MARKS):
+        if not self._rest and block.endswith(b"\n\n") and _USAGE_MARKS[0] not in block and _USAGE_MARKS[1] not in block:
             return block
         events = (self._rest + block).split(b"\n\n")
         self._rest = events.pop()

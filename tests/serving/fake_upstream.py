@@ -40,6 +40,7 @@ class FakeUpstream:
         self.requests: list[Seen] = []
         self.abandoned = 0
         self.active = 0
+        self.events_sent = 0
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.base_events.Server | None = None
         self._port = port
@@ -133,6 +134,7 @@ class FakeUpstream:
                     chunk["usage"] = None
                 _chunk(writer, f"data: {json.dumps(chunk)}\n\n".encode())
                 await writer.drain()
+                self.events_sent += 1
                 await asyncio.sleep(behaviour.token_delay)
             if include_usage:
                 last = {"id": "cmpl-1", "object": "text_completion", "model": data.get("model"), "choices": [],

@@ -102,6 +102,19 @@ def test_shared_prefix_requests_stick_to_one_pod_and_others_spread(gateway, pods
     assert pods["p1"].served() > 0 and pods["p2"].served() > 0
 
 
+def test_each_event_reaches_the_client_before_the_pod_sends_the_next(gateway, pods):
+    """Unbuffered: the client holds the first token while the pod has sent only that one (it waits 10 s to send
+    the next), and every event in turn."""
+    ready(gateway, "solo", 1)
+    pod = pods["solo"]
+    pod.behaviour = Behaviour(tokens=3, token_delay=10.0)
+    body = {"model": "solo", "prompt": "one at a time", "stream": True}
+    with httpx.stream("POST", f"{gateway.url}/v1/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        assert "pod-solo" in first and pod.events_sent == 1
+
+
 # ---- failures -------------------------------------------------------------------------------------------------
 
 
