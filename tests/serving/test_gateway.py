@@ -22,7 +22,7 @@ ALICE = {"Authorization": f"Bearer {KEYS['alice']}"}
 
 
 class LateServer:
-    """The `tiny-b` server: its port is routed from the start; the process starts when a test says so."""
+    """The `tiny-b` server: its port is routed from the start; the process starts when the cold start says so."""
 
     def __init__(self, model_dir, log_path) -> None:
         self.model_dir = model_dir
@@ -35,11 +35,6 @@ class LateServer:
         self.proc = ServerProcess(self.model_dir, self.log_path, port=self.port,
                                   args=("--model-name", "tiny-b", "--max-num-seqs", "4"))
 
-    def ensure_started(self) -> None:
-        if self.proc is None:
-            self.start()
-        self.proc.wait_started()
-
     def stop(self) -> None:
         if self.proc is not None:
             assert self.proc.terminate() == 0, self.proc.log_text()
@@ -47,32 +42,26 @@ class LateServer:
 
 
 @pytest.fixture(scope="module")
-def server_a(tiny_model_dir, tmp_path_factory):
-    proc = ServerProcess(tiny_model_dir, tmp_path_factory.mktemp("gw-a") / "server.log",
-                         args=("--model-name", "tiny-a", "--max-num-seqs", "4"))
+def servers(tiny_model_dir, tmp_path_factory):
+    """`tiny-a` starting (not waited for: it loads while the gateway starts and the cold start runs), `tiny-b` down."""
+    a = ServerProcess(tiny_model_dir, tmp_path_factory.mktemp("gw-a") / "server.log",
+                      args=("--model-name", "tiny-a", "--max-num-seqs", "4"))
+    b = LateServer(tiny_model_dir, tmp_path_factory.mktemp("gw-b") / "server.log")
     try:
-        proc.wait_started()
-        yield proc
+        yield a, b
     finally:
-        assert proc.terminate() == 0, proc.log_text()
+        b.stop()
+        assert a.terminate() == 0, a.log_text()
 
 
 @pytest.fixture(scope="module")
-def server_b(tiny_model_dir, tmp_path_factory):
-    late = LateServer(tiny_model_dir, tmp_path_factory.mktemp("gw-b") / "server.log")
-    try:
-        yield late
-    finally:
-        late.stop()
-
-
-@pytest.fixture(scope="module")
-def gateway(server_a, server_b, tmp_path_factory):
+def gateway(servers, tmp_path_factory):
+    a, b = servers
     directory = tmp_path_factory.mktemp("gw")
     keys = directory / "keys.txt"
     keys.write_text(KEYS_FILE)
     proc = GatewayProcess(directory / "gateway.log",
-                          ["--route", f"tiny-a={server_a.url}", "--route", f"tiny-b={server_b.url}",
+                          ["--route", f"tiny-a={a.url}", "--route", f"tiny-b={b.url}",
                            "--api-keys-file", str(keys), "--cold-start-timeout-seconds", "180"])
     try:
         yield proc
@@ -82,37 +71,47 @@ def gateway(server_a, server_b, tmp_path_factory):
         assert lines and not any(secret in proc.log_text() for secret in KEYS.values())
 
 
+@pytest.fixture(scope="module")
+def cold_start(gateway, servers) -> dict:
+    """A streaming request for `tiny-b` while its server is down; once the gateway holds it (pending above zero),
+    the server is started. Returns what was seen; afterwards both servers serve."""
+    a, b = servers
+    seen: dict = {"ready_pods_before": sample(scrape(gateway.url), "llm_gateway_ready_pods", model="tiny-b")}
+
+    def request() -> None:
+        seen["response"] = post(gateway, {"model": "tiny-b", "prompt": "Hello", "max_tokens": 5, "stream": True},
+                                timeout=300)
+
+    waiting = threading.Thread(target=request)
+    waiting.start()
+    seen["pending_while_down"] = wait_for(
+        lambda: sample(scrape(gateway.url), "llm_gateway_pending_requests", model="tiny-b"), what="the request held")
+    seen["held_not_refused"] = waiting.is_alive()
+    b.start()
+    waiting.join(300)
+    seen["pending_after"] = sample(scrape(gateway.url), "llm_gateway_pending_requests", model="tiny-b")
+    a.wait_started()
+    b.proc.wait_started()
+    return seen
+
+
 def post(gateway, body: dict, key: str = "alice", path: str = "/v1/completions", **kwargs) -> httpx.Response:
     return httpx.post(f"{gateway.url}{path}", json=body, headers={"Authorization": f"Bearer {KEYS[key]}"},
                       timeout=kwargs.pop("timeout", 120), **kwargs)
 
 
-def test_a_request_waits_for_a_model_at_zero_and_goes_through_once_it_starts(gateway, server_b):
-    server_b.stop()  # at zero (it only runs already if this test was not the first to need it)
-    wait_for(lambda: sample(scrape(gateway.url), "llm_gateway_ready_pods", model="tiny-b") == 0, what="tiny-b down")
-    result: dict = {}
-
-    def request() -> None:
-        result["response"] = post(gateway, {"model": "tiny-b", "prompt": "Hello", "max_tokens": 5, "stream": True},
-                                  timeout=300)
-
-    waiting = threading.Thread(target=request)
-    waiting.start()
-    wait_for(lambda: sample(scrape(gateway.url), "llm_gateway_pending_requests", model="tiny-b") >= 1,
-             what="the request held")
-    assert waiting.is_alive()  # held, not refused
-    server_b.start()
-    waiting.join(300)
-    response = result["response"]
+def test_a_request_waits_for_a_model_at_zero_and_goes_through_once_it_starts(cold_start):
+    assert cold_start["ready_pods_before"] == 0
+    assert cold_start["pending_while_down"] >= 1 and cold_start["held_not_refused"]
+    response = cold_start["response"]
     assert response.status_code == 200, response.text
     events = sse_events(response)
     assert events[-1] == "[DONE]" and "".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"])
-    assert sample(scrape(gateway.url), "llm_gateway_pending_requests", model="tiny-b") == 0
-    server_b.ensure_started()
+    assert cold_start["pending_after"] == 0
 
 
-def test_the_openai_client_reaches_both_models_through_one_port(gateway, server_a, server_b):
-    server_b.ensure_started()
+def test_the_openai_client_reaches_both_models_through_one_port(gateway, servers, cold_start):
+    server_a, server_b = servers
     client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=KEYS["alice"], max_retries=0, timeout=120)
     assert sorted(model.id for model in client.models.list()) == ["tiny-a", "tiny-b"]
     for model, server in (("tiny-a", server_a), ("tiny-b", server_b.proc)):
@@ -132,7 +131,7 @@ def test_the_openai_client_reaches_both_models_through_one_port(gateway, server_
 
 @pytest.mark.parametrize("case", ["unknown model", "no model", "bad json", "not an object", "too large",
                                   "no key", "wrong key", "wrong method"])
-def test_client_mistakes_are_openai_shaped_4xx(gateway, case):
+def test_client_mistakes_are_openai_shaped_4xx(gateway, cold_start, case):
     url = f"{gateway.url}/v1/completions"
     if case == "unknown model":
         response = post(gateway, {"model": "gpt-9", "prompt": "x"})
@@ -163,7 +162,8 @@ def test_client_mistakes_are_openai_shaped_4xx(gateway, case):
     assert response.headers["x-request-id"]
 
 
-def test_a_client_that_disconnects_frees_the_slot_on_the_model_server(gateway, server_a):
+def test_a_client_that_disconnects_frees_the_slot_on_the_model_server(gateway, servers, cold_start):
+    server_a = servers[0]
     before = sample(scrape(server_a.url), "llm_generation_tokens_total", model="tiny-a")
     body = {"model": "tiny-a", "prompt": "Hello", "max_tokens": 240, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{gateway.url}/v1/completions", json=body, headers=ALICE, timeout=60) as response:
@@ -180,7 +180,7 @@ def test_a_client_that_disconnects_frees_the_slot_on_the_model_server(gateway, s
     assert generated < 240  # the generation was aborted, not run to its end
 
 
-def test_per_key_limits_give_429_with_retry_after(gateway):
+def test_per_key_limits_give_429_with_retry_after(gateway, cold_start):
     small = {"model": "tiny-a", "prompt": "Hi", "max_tokens": 2}
     assert [post(gateway, small, key="limited").status_code for _ in range(2)] == [200, 200]
     refused = post(gateway, small, key="limited")
@@ -193,7 +193,7 @@ def test_per_key_limits_give_429_with_retry_after(gateway):
     assert over.status_code == 429 and "20 tokens per minute" in over.json()["error"]["message"]
 
 
-def test_usage_is_counted_per_key_name_and_no_key_is_exposed(gateway):
+def test_usage_is_counted_per_key_name_and_no_key_is_exposed(gateway, cold_start):
     response = post(gateway, {"model": "tiny-a", "prompt": "Hi", "max_tokens": 4, "ignore_eos": True,
                               "stream": True})
     assert response.status_code == 200
