@@ -21,6 +21,9 @@ from serving.gateway.pool import ModelPool
 logger = logging.getLogger("serving.gateway.discovery")
 
 PROBE_TIMEOUT_SECONDS = 2.0
+# The answers that mean "no such name, or no address for it", as opposed to a resolver that failed to answer.
+_NO_SUCH_NAME = {code for code in (getattr(socket, "EAI_NONAME", None), getattr(socket, "EAI_NODATA", None),
+                                   getattr(socket, "EAI_ADDRFAMILY", None)) if code is not None}
 
 
 class Discovery:
@@ -54,8 +57,9 @@ class Discovery:
             before = set(self.pool.ready_urls)
             try:
                 urls = await self._ready_urls()
-            except Exception:  # discovery must outlive any one failure; the next pass tries again
-                logger.exception("pod discovery failed", extra={"model": self.pool.model})
+            except Exception as exc:  # discovery must outlive any one failure; the next pass tries again
+                logger.warning("pod discovery failed; the pods known stay in use",
+                               extra={"event": "discovery_failed", "model": self.pool.model, "error": repr(exc)})
                 return
             self.pool.set_ready(urls)
             if set(urls) != before:
@@ -92,8 +96,10 @@ async def resolve(service: str, port: int) -> list[str]:
     loop = asyncio.get_running_loop()
     try:
         infos = await loop.getaddrinfo(service, port, type=socket.SOCK_STREAM)
-    except socket.gaierror:
-        return []
+    except socket.gaierror as exc:
+        if exc.errno in _NO_SUCH_NAME:
+            return []  # a headless Service with no ready pod publishes no record
+        raise  # the resolver failed (timeout, server error): keep the pods known until the next pass
     urls = set()
     for _, _, _, _, sockaddr in infos:
         address = ipaddress.ip_address(sockaddr[0].split("%", 1)[0])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import socket
 from collections import Counter
 
 import pytest
@@ -14,6 +15,7 @@ from serving.gateway import __main__ as gateway_main
 from serving.gateway.app import prefix_of
 from serving.gateway.balancer import HashRing, choose, key_hash, load_bound
 from serving.gateway.config import ConfigError, Route, load_config
+from serving.gateway.discovery import resolve
 from serving.gateway.limits import KeyLimiter, retry_after
 from serving.gateway.metrics import GatewayMetrics
 from serving.gateway.pool import ModelPool, NoPodReady, QueueFull, QueueTimeout
@@ -262,6 +264,33 @@ def test_a_retry_avoids_the_pod_that_failed_when_there_is_another():
         assert pod.address == "a:1"
 
     asyncio.run(scenario())
+
+
+# ---- discovery ------------------------------------------------------------------------------------------------
+
+
+def test_a_service_name_resolves_to_its_pod_urls_and_no_record_to_none():
+    async def scenario(answer):
+        loop = asyncio.get_running_loop()
+
+        async def getaddrinfo(host, port, **kwargs):
+            if isinstance(answer, Exception):
+                raise answer
+            return [(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port))
+                    for ip in answer]
+
+        loop.getaddrinfo = getaddrinfo
+        return await resolve("llm.ai-production.svc.cluster.local", 8000)
+
+    assert asyncio.run(scenario(["10.0.0.2", "10.0.0.1", "10.0.0.2", "fd00::7"])) == [
+        "http://10.0.0.1:8000", "http://10.0.0.2:8000", "http://[fd00::7]:8000"]
+    assert asyncio.run(scenario(socket.gaierror(socket.EAI_NONAME, "Name or service not known"))) == []
+    with pytest.raises(socket.gaierror):  # the resolver failing is not "no pods": the caller keeps what it knows
+        asyncio.run(scenario(socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")))
+
+
+def test_a_literal_address_resolves_without_a_resolver():
+    assert asyncio.run(resolve("127.0.0.1", 8001)) == ["http://127.0.0.1:8001"]
 
 
 # ---- request parsing and streamed usage -----------------------------------------------------------------------
