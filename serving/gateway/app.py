@@ -28,7 +28,7 @@ from serving.gateway.discovery import Discovery
 from serving.gateway.errors import GatewayError
 from serving.gateway.limits import KeyLimiter, retry_after
 from serving.gateway.metrics import ANONYMOUS, NO_MODEL, UNKNOWN_MODEL, GatewayMetrics
-from serving.gateway.pool import ModelPool, NoPodReady, QueueFull, QueueTimeout
+from serving.gateway.pool import ModelPool, NoPodReady, QueueFull, QueueTimeout, ShuttingDown
 from serving.gateway.proxy import UPSTREAM_CLIENT_SHARDS, ClientShards, Outcome, Proxy
 from serving.logs import request_id_var
 
@@ -102,8 +102,10 @@ class Gateway:
             await asyncio.wait_for(self._idle.wait(), grace_seconds)
             logger.info("drained: no requests in flight", extra={"event": "drained"})
         except asyncio.TimeoutError:
-            logger.warning("drain period over with requests in flight; they are closed",
+            logger.warning("drain period over with requests in flight; waiting ones get 503, streams are closed",
                            extra={"event": "drain_deadline", "active_requests": self._active})
+            for pool in self.pools.values():  # uvicorn's own graceful shutdown then lets them send the answer
+                pool.close()
 
     # ---- ASGI ------------------------------------------------------------------------------------------------
 
@@ -255,6 +257,9 @@ class Gateway:
                                     f"{pool.route.cold_start_timeout_seconds:g}s); retry after "
                                     f"{COLD_START_RETRY_AFTER_SECONDS}s", code="model_starting",
                                headers={"Retry-After": str(COLD_START_RETRY_AFTER_SECONDS)}) from None
+        except ShuttingDown:
+            raise GatewayError(503, "The gateway is shutting down; retry the request (another replica takes it)",
+                               code="shutting_down", headers={"Retry-After": "1"}) from None
         except asyncio.CancelledError:
             if watch.client_left():
                 return  # counted as 499 by the caller; the upstream request was closed on the way out

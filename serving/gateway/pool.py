@@ -31,6 +31,10 @@ class NoPodReady(Exception):
     """Waited the whole timeout and the model never had a ready pod."""
 
 
+class ShuttingDown(Exception):
+    """The gateway's drain period ended while the request was still waiting."""
+
+
 class Pod:
     """A pod (or static upstream) address and this gateway's requests on it. A pod that leaves the ready set keeps
     its object until its last request is released."""
@@ -61,6 +65,7 @@ class ModelPool:
         self._pods: dict[str, Pod] = {}  # ready pods by URL
         self._ring = HashRing(())
         self._waiters: deque[_Waiter] = deque()
+        self._closed = False
         self.refresh: Callable[[], Awaitable[None]] | None = None
         """Set by discovery: re-resolve (or re-probe) now, after a pod failed a request."""
 
@@ -96,6 +101,8 @@ class ModelPool:
             pod = self._pick(prefix, avoid)
             if pod is not None:
                 return self._take(pod)
+        if self._closed:
+            raise ShuttingDown()
         if len(self._waiters) >= self.route.max_queue:
             raise QueueFull()
         waiter = _Waiter(asyncio.get_running_loop())
@@ -105,6 +112,8 @@ class ModelPool:
             async with asyncio.timeout(self.route.cold_start_timeout_seconds):
                 while True:
                     await waiter.wake
+                    if self._closed:
+                        raise ShuttingDown()
                     pod = self._pick(prefix, avoid)
                     if pod is not None:
                         return self._take(pod)
@@ -115,6 +124,13 @@ class ModelPool:
             self._waiters.remove(waiter)
             self._metrics.pending.labels(self.model).dec()
             self._wake()  # a wake-up this waiter got and did not use (it gave up, or left) goes to the next
+
+    def close(self) -> None:
+        """Send every waiting request away (ShuttingDown), and any that would wait from now on."""
+        self._closed = True
+        for waiter in self._waiters:
+            if not waiter.wake.done():
+                waiter.wake.set_result(None)
 
     def release(self, pod: Pod) -> None:
         pod.inflight -= 1

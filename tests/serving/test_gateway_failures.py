@@ -258,3 +258,23 @@ def test_sigterm_fails_readiness_and_lets_a_stream_finish(tmp_path):
     finally:
         gateway.terminate()
         pod.stop()
+
+
+def test_a_request_still_waiting_at_the_end_of_the_drain_gets_a_503(tmp_path):
+    down = f"http://127.0.0.1:{free_port()}"
+    gateway = GatewayProcess(tmp_path / "gateway.log", ["--route", f"m={down}", "--drain-seconds", "0.5",
+                                                        "--cold-start-timeout-seconds", "120"])
+    try:
+        result: dict = {}
+        held = threading.Thread(target=lambda: result.update(response=stream(gateway, "m", "held")))
+        held.start()
+        wait_for(lambda: sample(scrape(gateway.url), "llm_gateway_pending_requests", model="m") == 1,
+                 what="the request held")
+        gateway.process.send_signal(signal.SIGTERM)
+        held.join(60)
+        response = result["response"]
+        assert response.status_code == 503 and response.headers["retry-after"] == "1"
+        assert response.json()["error"]["code"] == "shutting_down"
+        assert gateway.process.wait(60) == 0
+    finally:
+        gateway.terminate()

@@ -18,7 +18,7 @@ from serving.gateway.config import ConfigError, Route, load_config
 from serving.gateway.discovery import resolve
 from serving.gateway.limits import KeyLimiter, retry_after
 from serving.gateway.metrics import GatewayMetrics
-from serving.gateway.pool import ModelPool, NoPodReady, QueueFull, QueueTimeout
+from serving.gateway.pool import ModelPool, NoPodReady, QueueFull, QueueTimeout, ShuttingDown
 from serving.gateway.proxy import Outcome, _UsageEvents
 
 # ---- config ---------------------------------------------------------------------------------------------------
@@ -246,6 +246,24 @@ def test_a_cancelled_waiter_passes_its_wake_up_on():
         await asyncio.sleep(0)
         await asyncio.sleep(0)
         assert (await staying).inflight == 1 and _pending(metrics) == 0
+
+    asyncio.run(scenario())
+
+
+def test_closing_sends_waiting_requests_away_and_lets_a_free_slot_be_taken():
+    async def scenario():
+        pool, metrics = _pool(max_inflight_per_pod=1, cold_start_timeout_seconds=60)
+        held = asyncio.ensure_future(pool.acquire(None))  # no pod yet: held
+        await asyncio.sleep(0)
+        pool.close()
+        with pytest.raises(ShuttingDown):
+            await held
+        assert _pending(metrics) == 0
+        pool.set_ready(["http://a:1"])
+        pod = await pool.acquire(None)  # a free slot needs no waiting: still served while draining
+        with pytest.raises(ShuttingDown):
+            await pool.acquire(None)
+        pool.release(pod)
 
     asyncio.run(scenario())
 
