@@ -79,8 +79,8 @@ def free_port() -> int:
 
 class ServerProcess:
     def __init__(self, model_dir: Path, log_path: Path, *, env: dict[str, str] | None = None,
-                 args: tuple[str, ...] = ()) -> None:
-        self.port = free_port()
+                 args: tuple[str, ...] = (), port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         command = [sys.executable, "-m", "serving", "--model-path", str(model_dir), "--model-name", MODEL_NAME,
