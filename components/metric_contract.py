@@ -137,6 +137,7 @@ GATEWAY_METRICS = _metrics(
     ("llm_gateway_upstream_latency_seconds", "histogram", "Time from sending to a model pod to its first byte"),
     ("llm_gateway_retries_total", "counter", "Requests retried on another pod before their first byte"),
     ("llm_gateway_inflight_requests", "gauge", "Requests in flight per model and pod"),
+    ("llm_gateway_ready_pods", "gauge", "Pods the gateway currently sends a model's requests to"),
     ("llm_gateway_tokens_total", "counter", "Tokens by API key name, model and kind (prompt, completion)"),
 )
 

@@ -207,3 +207,17 @@ def test_usage_is_counted_per_key_name_and_no_key_is_exposed(gateway, cold_start
     assert not any(secret in metrics_text for secret in KEYS.values())
     access = [line for line in gateway.log_lines() if line.get("logger") == "serving.gateway.access"]
     assert {"alice", "limited", "tokens"} <= {line["key"] for line in access}
+
+
+def test_every_gateway_contract_metric_is_on_metrics(gateway, cold_start):
+    """The platform's KEDA trigger, alerts and dashboards name these series (components/metric_contract.py)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from components.metric_contract import GATEWAY_METRICS
+
+    names = set()
+    for family in text_string_to_metric_families(httpx.get(f"{gateway.url}/metrics").text):
+        names.add(family.name)
+        names.update(s.name for s in family.samples)
+    missing = [m for m in GATEWAY_METRICS if not {m, m.removesuffix("_total")} & names]
+    assert not missing, f"contract names missing from the gateway's /metrics: {missing}"
