@@ -18,10 +18,11 @@ from types import FrameType
 
 import uvicorn
 
-from serving.app import EngineSource, Phase, ServerState, create_app
+from serving.app import create_app
 from serving.engine.config import GIL_SWITCH_INTERVAL_S, EngineConfig
 from serving.logs import configure_logging, route_transformers_logging
 from serving.settings import Settings, SettingsError, load_settings
+from serving.state import EngineSource, Phase, ServerState
 
 logger = logging.getLogger("serving")
 

@@ -14,7 +14,7 @@ import json
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -44,9 +44,7 @@ from serving.protocol import (
     ModelList,
     Usage,
 )
-
-if TYPE_CHECKING:
-    from serving.app import InflightGeneration, ServerState
+from serving.state import InflightGeneration, ServerState
 
 logger = logging.getLogger("serving.api")
 
@@ -55,7 +53,7 @@ RequestT = TypeVar("RequestT", bound=BaseGenerationRequest)
 RETRY_AFTER_SECONDS = "1"
 
 
-def _state(request: Request) -> "ServerState":
+def _state(request: Request) -> ServerState:
     return request.app.state.server
 
 
@@ -173,8 +171,8 @@ def _render_chat(tokenizer: Any, body: ChatCompletionRequest) -> list[int]:
 class _Generation:
     """One engine request from submission to release: text deltas, finish reason, token counts, metrics."""
 
-    def __init__(self, state: "ServerState", engine: Engine, request_id: str, prompt_ids: list[int],
-                 stream: AsyncIterator, stop: list[str], arrived: float, inflight: "InflightGeneration") -> None:
+    def __init__(self, state: ServerState, engine: Engine, request_id: str, prompt_ids: list[int],
+                 stream: AsyncIterator, stop: list[str], arrived: float, inflight: InflightGeneration) -> None:
         self.state = state
         self.engine = engine
         self.request_id = request_id
@@ -188,7 +186,7 @@ class _Generation:
         self._released = False
 
     @classmethod
-    def submit(cls, state: "ServerState", engine: Engine, request_id: str, prompt_ids: list[int],
+    def submit(cls, state: ServerState, engine: Engine, request_id: str, prompt_ids: list[int],
                body: BaseGenerationRequest, prompt_param: str, arrived: float) -> "_Generation":
         """Check the context window, submit to the engine, and map its refusals to HTTP errors."""
         window = engine.model_info.max_model_len
