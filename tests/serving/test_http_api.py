@@ -320,6 +320,8 @@ def test_unknown_model_is_404(client):
     ("/v1/completions", {"prompt": [3, -1, 4]}, ("-1", "vocabulary"), "prompt"),
     ("/v1/completions", {"prompt": [1, True, 2]}, ("list of token ids",), "prompt"),
     ("/v1/completions", {"prompt": [1, 2.5]}, ("list of token ids",), "prompt"),
+    ("/v1/completions", {"stop": ["a", "b", "c", "d", "e"]}, ("5 stop strings", "at most 4"), "stop"),
+    ("/v1/chat/completions", {"stop": ["ok", "x" * 257]}, ("stop string 1 is 257 characters", "at most 256"), "stop"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
      ("image_url",), "messages"),
 ])
