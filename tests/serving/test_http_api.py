@@ -332,6 +332,37 @@ def test_unsupported_or_invalid_requests_are_400(server, path, extra, fragments,
     assert_error(post(server, path, body), 400, *fragments, param=param)
 
 
+@pytest.mark.parametrize("path, raw, fragment, param", [
+    ("/v1/completions", b"[" * 100_000 + b"]" * 100_000, "nests arrays or objects too deeply", None),
+    ("/v1/completions", b'{"model": "tiny", "prompt": "hi", "max_tokens": 2, "ignored": ' + b"7" * 4301 + b"}",
+     "longer than 4300 digits", None),
+    ("/v1/completions", b'{"model": "tiny", "prompt": "hi \\ud800 there", "max_tokens": 2}', "lone UTF-16 surrogate",
+     "prompt"),
+    ("/v1/chat/completions", b'{"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "\\udc00"}]}',
+     "messages[0].content holds a lone UTF-16 surrogate", "messages"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": "caf\xed\xa0\x80", "max_tokens": 2}', "not valid UTF-8", None),
+])
+def test_hostile_bodies_are_400_not_500(server, path, raw, fragment, param):
+    error = assert_error(post(server, path, raw), 400, fragment, param=param)
+    assert error["code"] == "invalid_json"
+
+
+def test_an_escaped_surrogate_pair_is_text(server):
+    body = b'{"model": "tiny", "prompt": "smile \\ud83d\\ude00", "max_tokens": 2}'
+    assert post(server, "/v1/completions", body).status_code == 200
+
+
+def test_a_trailing_slash_is_not_redirected_to_the_host_header(server):
+    for path in ("/v1/completions/", "/v1/models/"):
+        response = httpx.request("POST" if "completions" in path else "GET", f"{server.url}{path}",
+                                 headers={**AUTH, "Host": "attacker.example"}, json={"model": MODEL_NAME})
+        assert "location" not in response.headers
+        assert_error(response, 404, "Unknown path")
+    # Before the key is checked, too: an unauthenticated caller gets 401, never a redirect.
+    response = httpx.post(f"{server.url}/v1/completions/", headers={"Host": "attacker.example"})
+    assert response.status_code in (401, 404) and "location" not in response.headers
+
+
 def test_unknown_fields_are_ignored(server):
     body = {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 2, "some_future_field": {"x": 1}, "n": 1}
     assert post(server, "/v1/completions", body).status_code == 200
