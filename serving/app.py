@@ -169,8 +169,9 @@ def create_app(settings: Settings, engine: EngineSource) -> FastAPI:
 
     # No OpenAPI page: request bodies are parsed by hand (see api.openai.json_body), so it would be incomplete;
     # the API is OpenAI's, documented there.
+    # No trailing-slash redirects: Starlette's would send `/v1/completions/` to a URL built from the Host header.
     app = FastAPI(title="llm-platform serving", version="1.0.0", lifespan=lifespan,
-                  openapi_url=None, docs_url=None, redoc_url=None)
+                  openapi_url=None, docs_url=None, redoc_url=None, redirect_slashes=False)
     app.state.server = state
     install_error_handlers(app)
     app.include_router(health.router)
