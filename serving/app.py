@@ -3,8 +3,9 @@
 The state the routers share, and the server's lifecycle, live in `serving.state`.
 
 Every HTTP request passes one pure-ASGI middleware (pure, so streaming responses are not buffered) that gives
-it a request id, caps its body size, and, for API requests, counts it in the metrics and writes one access
-log line. Nothing heavy happens at import: the engine (torch) is only touched through the factory.
+it a request id, checks its API key before reading its body (for API requests), caps its body's size and read
+time, and, for API requests, counts it in the metrics and writes one access log line. Nothing heavy happens at
+import: the engine (torch) is only touched through the factory.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import re
 import time
 import uuid
 from contextlib import asynccontextmanager
+from functools import partial
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
@@ -23,7 +25,7 @@ from serving.api import health, metrics as metrics_api, openai
 from serving.errors import CLIENT_CLOSED_REQUEST, error_response, install_error_handlers
 from serving.logs import request_id_var
 from serving.settings import Settings
-from serving.state import EngineSource, ServerState
+from serving.state import API_KEY_NAME, EngineSource, ServerState
 
 logger = logging.getLogger("serving")
 access_logger = logging.getLogger("serving.access")
@@ -34,7 +36,8 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 
 
 class RequestMiddleware:
-    """Request id, body-size cap, and (for /v1 requests) metrics, access log and the last-resort 500."""
+    """Request id, the API key (checked before any body byte is read), the body's size cap and read deadline, and (for
+    /v1 requests) metrics, access log and the last-resort 500."""
 
     def __init__(self, app: ASGIApp, state: ServerState) -> None:
         self.app = app
@@ -51,6 +54,7 @@ class RequestMiddleware:
         is_api = scope["path"].startswith("/v1/")
         started = time.perf_counter()
         status: int | None = None
+        key_name: str | None = None
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -62,9 +66,16 @@ class RequestMiddleware:
         if is_api:
             self.state.request_started()
         try:
-            receive = await self._bounded_body(scope, headers, receive, send_with_id)
-            if receive is not None:
-                await self.app(scope, receive, send_with_id)
+            refusal = None
+            if is_api and self.state.keys.enabled:
+                key_name, refusal = self._authenticate(headers)
+                scope.setdefault("state", {})[API_KEY_NAME] = key_name
+            if refusal is not None:
+                await refusal(scope, _no_body, send_with_id)
+            else:
+                receive = await self._bounded_body(scope, headers, receive, send_with_id)
+                if receive is not None:
+                    await self.app(scope, receive, send_with_id)
         except Exception:
             logger.exception("unhandled error", extra={"path": scope["path"]})
             if status is None:
@@ -81,41 +92,66 @@ class RequestMiddleware:
                 self.state.metrics.duration.observe(duration)
                 access_logger.info("%s %s %s", scope["method"], scope["path"], final_status,
                                    extra={"method": scope["method"], "path": scope["path"], "status": final_status,
-                                          "duration_ms": round(duration * 1e3, 2)})
+                                          "duration_ms": round(duration * 1e3, 2),
+                                          **({"key": key_name} if key_name else {})})
             request_id_var.reset(token)
+
+    def _authenticate(self, headers: dict[bytes, bytes]) -> tuple[str | None, JSONResponse | None]:
+        """(the key's name, None), or (None, a 401). Runs before the body is read: a caller without a key cannot make
+        the server read, hold or parse anything."""
+        # A body left unread makes the connection unusable for another request: tell the client it closes.
+        close = {"Connection": "close"} if _has_body(headers) else None
+        scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return None, error_response(401, "Missing API key: send it as 'Authorization: Bearer <key>'",
+                                        code="invalid_api_key", headers=close)
+        key = self.state.keys.authenticate(token.strip())
+        if key is None:
+            return None, error_response(401, "Incorrect API key provided", code="invalid_api_key", headers=close)
+        return key.name, None
 
     async def _bounded_body(self, scope: Scope, headers: dict[bytes, bytes], receive: Receive,
                             send: Send) -> Receive | None:
-        """Read the body up to the limit and replay it; answer 413 and return None when it is larger.
+        """Read the body up to the limit and replay it; answer 413 (larger) or 408 (too slow) and return None.
 
         Content-Length is checked before reading, then the bytes actually received, since a chunked body or
         a client that lies about its length has no trustworthy header. An oversized body is read and thrown
         away (up to a cap) before the 413 goes out, as nginx does: a client still uploading would otherwise
-        get a connection reset instead of the answer.
+        get a connection reset instead of the answer. The whole body, dropped bytes included, must arrive within
+        the body timeout: a client trickling a byte a second would otherwise hold its connection and task forever.
         """
-        limit = self.state.settings.max_body_bytes
+        limit = self.state.max_body_bytes
         declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            consumed = int(declared) <= _DISCARD_CAP_BYTES and await _discard_body(receive, _DISCARD_CAP_BYTES)
-            await _too_large(limit, consumed)(scope, _no_body, send)
-            return None
-        if scope["method"] in ("GET", "HEAD", "OPTIONS") and declared is None:
+        if scope["method"] in ("GET", "HEAD", "OPTIONS") and not _has_body(headers):
             return receive
-        chunks: list[bytes] = []
-        size = 0
-        more_body = True
-        while more_body:
-            message = await receive()
-            if message["type"] != "http.request":
-                return None  # the client went away before sending its body
-            chunk = message.get("body", b"")
-            more_body = message.get("more_body", False)
-            size += len(chunk)
-            if size > limit:
-                consumed = not more_body or await _discard_body(receive, _DISCARD_CAP_BYTES - size)
+        deadline = asyncio.get_running_loop().time() + self.state.settings.body_timeout_seconds
+        receive_in_time = partial(_receive_by, deadline, receive)
+        try:
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                consumed = int(declared) <= _DISCARD_CAP_BYTES and await _discard_body(receive_in_time,
+                                                                                      _DISCARD_CAP_BYTES)
                 await _too_large(limit, consumed)(scope, _no_body, send)
                 return None
-            chunks.append(chunk)
+            chunks: list[bytes] = []
+            size = 0
+            more_body = True
+            while more_body:
+                message = await receive_in_time()
+                if message["type"] != "http.request":
+                    return None  # the client went away before sending its body
+                chunk = message.get("body", b"")
+                more_body = message.get("more_body", False)
+                size += len(chunk)
+                if size > limit:
+                    consumed = not more_body or await _discard_body(receive_in_time, _DISCARD_CAP_BYTES - size)
+                    await _too_large(limit, consumed)(scope, _no_body, send)
+                    return None
+                chunks.append(chunk)
+        except _BodyTimeout:
+            seconds = self.state.settings.body_timeout_seconds
+            await error_response(408, f"The request body did not arrive within {seconds:g} seconds; send it at once",
+                                 code="request_timeout", headers={"Connection": "close"})(scope, _no_body, send)
+            return None
         body = b"".join(chunks)
         replayed = False
 
@@ -127,6 +163,24 @@ class RequestMiddleware:
             return await receive()  # after the body: disconnect notices for streaming responses
 
         return replay
+
+
+class _BodyTimeout(Exception):
+    """The request body's deadline passed."""
+
+
+async def _receive_by(deadline: float, receive: Receive) -> Message:
+    remaining = deadline - asyncio.get_running_loop().time()
+    if remaining <= 0:
+        raise _BodyTimeout
+    try:
+        return await asyncio.wait_for(receive(), remaining)
+    except asyncio.TimeoutError:
+        raise _BodyTimeout from None
+
+
+def _has_body(headers: dict[bytes, bytes]) -> bool:
+    return headers.get(b"content-length", b"0") not in (b"0", b"") or b"transfer-encoding" in headers
 
 
 def _too_large(limit: int, body_consumed: bool) -> JSONResponse:

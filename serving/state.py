@@ -6,7 +6,8 @@ way: app -> api -> state -> engine interface.
 Lifecycle (`ServerState.phase`): the app starts listening at once, `loading` the model in a background
 thread and then warming it up (`engine.start()`); `ready` serves; `draining` (after SIGTERM, see
 `serving.__main__`) refuses new work and lets in-flight requests finish up to the grace period, then aborts
-them; `stopped` after the engine shut down; `failed` when the model could not be loaded.
+them; `stopped` after the engine shut down; `failed` when the model could not be loaded; `engine dead` when the
+engine died while serving (readiness fails, and `serving.__main__` exits non-zero once open streams got their error).
 """
 from __future__ import annotations
 
@@ -15,14 +16,16 @@ import enum
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Any, Callable, Union
 
+from serving.api_keys import KeyRing
 from serving.engine.interface import Engine, EngineStats, ModelLoadError
 from serving.errors import APIError
 from serving.gpu_monitor import GpuUtilizationCollector
 from serving.metrics import ServerMetrics
-from serving.settings import Settings
+from serving.settings import BODY_BYTES_BEFORE_LOAD, Settings, default_max_body_bytes
 
 logger = logging.getLogger("serving")
 
@@ -30,6 +33,11 @@ EngineSource = Union[Engine, Callable[[], Engine]]
 
 # After the drain deadline aborts what is left, aborted streams need a moment to send their last event.
 _ABORT_SETTLE_SECONDS = 5.0
+# Tokenizing and chat templating run on these threads, never on the event loop (a 1 MiB prompt takes about a second
+# to tokenize); the Rust tokenizer releases the GIL meanwhile. Two bound the CPU that prompts can take from streaming.
+_TOKENIZER_THREADS = 2
+# Where the request middleware leaves the name of the API key a request authenticated with (`scope["state"]`).
+API_KEY_NAME = "api_key_name"
 
 
 class Phase(str, enum.Enum):
@@ -38,6 +46,7 @@ class Phase(str, enum.Enum):
     DRAINING = "draining"
     STOPPED = "stopped"
     FAILED = "failed"
+    ENGINE_DEAD = "engine dead"
 
 
 @dataclass
@@ -59,6 +68,12 @@ class ServerState:
         self.gpu_collector = GpuUtilizationCollector()
         self.metrics = ServerMetrics(settings.model_name, self.engine_stats, self.gpu_collector)
         self.inflight: dict[str, InflightGeneration] = {}
+        self.keys = KeyRing(settings.api_keys_file, settings.api_key)
+        self.max_body_bytes = settings.max_body_bytes or BODY_BYTES_BEFORE_LOAD
+        """The request body limit in force: MAX_BODY_BYTES, else derived from the context window once it is known."""
+        self.tokenizer_pool = ThreadPoolExecutor(_TOKENIZER_THREADS, thread_name_prefix="tokenize")
+        self.prompts: Any = None
+        """What the API layer keeps per engine to prepare prompts (`serving.api.prompts`), made on first use."""
         self._active_requests = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -70,7 +85,8 @@ class ServerState:
 
     @property
     def ready(self) -> bool:
-        return self.phase is Phase.READY
+        """Serving: started, not draining, and the engine alive."""
+        return self.phase is Phase.READY and not self.engine_died()
 
     @property
     def failed(self) -> bool:
@@ -86,15 +102,29 @@ class ServerState:
 
     def require_engine(self) -> Engine:
         """The engine, or a 503 that says why there is none to use."""
-        if self.phase is Phase.READY and self.engine is not None:
+        if self.ready and self.engine is not None:
             return self.engine
         reason = {
             Phase.LOADING: "the model is still loading; retry shortly",
             Phase.DRAINING: "the server is shutting down; retry on another replica",
             Phase.STOPPED: "the server is shutting down; retry on another replica",
             Phase.FAILED: "the model failed to load; see the server log",
+            Phase.ENGINE_DEAD: "the engine died and the server is restarting; retry on another replica",
         }[self.phase]
-        raise APIError(503, f"Service unavailable: {reason}", code="not_ready", headers={"Retry-After": "1"})
+        code = "engine_dead" if self.phase is Phase.ENGINE_DEAD else "not_ready"
+        raise APIError(503, f"Service unavailable: {reason}", code=code, headers={"Retry-After": "1"})
+
+    def engine_died(self) -> bool:
+        """True once the engine died after it started (its loop thread, or its process); the first call that sees it
+        moves the phase to `engine dead`: readiness fails and `serving.__main__` exits non-zero."""
+        if self.phase is Phase.ENGINE_DEAD:
+            return True
+        if self.phase not in (Phase.READY, Phase.DRAINING) or self.engine is None or self.engine.stats().loop_alive:
+            return False
+        self.phase = Phase.ENGINE_DEAD
+        logger.error("the engine died; the server exits once open requests got their error",
+                     extra={"event": "engine_dead", "active_requests": self._active_requests})
+        return True
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
 
@@ -116,11 +146,13 @@ class ServerState:
             logger.exception("engine failed to start", extra={"event": "model_load_failed"})
             return
         if self.phase is Phase.LOADING:
+            if self.settings.max_body_bytes is None:
+                self.max_body_bytes = default_max_body_bytes(engine.model_info.max_model_len)
             self.phase = Phase.READY
             info = engine.model_info
             logger.info("ready to serve", extra={"event": "ready", "model": self.settings.model_name,
                                                  "max_model_len": info.max_model_len, "device": info.device,
-                                                 "dtype": info.dtype})
+                                                 "dtype": info.dtype, "max_body_bytes": self.max_body_bytes})
 
     async def drain(self, grace_seconds: float) -> None:
         """Refuse new work, let in-flight requests finish for up to `grace_seconds`, then abort the rest."""
@@ -144,10 +176,11 @@ class ServerState:
 
     async def close(self) -> None:
         """Shut the engine down (aborting anything left) once the HTTP server stopped serving."""
-        if self.phase is not Phase.FAILED:
+        if self.phase not in (Phase.FAILED, Phase.ENGINE_DEAD):
             self.phase = Phase.STOPPED
         if self.engine is not None:
             await self.engine.shutdown()
+        self.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
         self.gpu_collector.close()
         logger.info("engine shut down", extra={"event": "stopped"})
 

@@ -1,15 +1,15 @@
 """The OpenAI-compatible API: `/v1/models`, `/v1/completions`, `/v1/chat/completions` (JSON or SSE stream).
 
-A request is validated (400 naming the field), checked against the served model name (404) and the context
-window (400 with the numbers), tokenized (the chat template for chat), and submitted to the engine, which
-answers 429 when its queue is full. Tokens stream back through the incremental detokenizer, which also cuts
-at stop strings. However a generation ends (finished, stop string, client gone, drain deadline, error), its
-engine stream is closed, which aborts the engine request and frees its slot.
+The API key was checked before the body was read (`serving.app`). A request is validated (400 naming the field),
+checked against the served model name (404), tokenized off the event loop (`serving.api.prompts`: the chat
+template for chat, control tokens in message text refused), checked against the context window (400 with the
+numbers), and submitted to the engine, which answers 429 when its queue is full. Tokens stream back through the
+incremental detokenizer, which also cuts at stop strings. However a generation ends (finished, stop string, client
+gone, drain deadline, error), its engine stream is closed, which aborts the engine request and frees its slot.
 """
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import re
@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from starlette.background import BackgroundTask
 from starlette.types import Receive, Scope, Send
 
+from serving.api.prompts import Prompts
 from serving.detokenizer import IncrementalDetokenizer
 from serving.engine.interface import (
     Engine,
@@ -46,7 +47,7 @@ from serving.protocol import (
     ModelList,
     Usage,
 )
-from serving.state import InflightGeneration, ServerState
+from serving.state import API_KEY_NAME, InflightGeneration, ServerState
 
 logger = logging.getLogger("serving.api")
 
@@ -60,20 +61,11 @@ def _state(request: Request) -> ServerState:
 
 
 async def require_api_key(request: Request) -> None:
-    """When keys are configured, every /v1 call needs `Authorization: Bearer <key>`."""
-    keys = _state(request).settings.api_keys
-    if not keys:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    """When keys are configured, every /v1 call needs `Authorization: Bearer <key>`. The request middleware checks it,
+    before reading the body; this refuses a request it did not pass, should the router ever be served without it."""
+    state = _state(request)
+    if state.keys.enabled and request.scope.get("state", {}).get(API_KEY_NAME) is None:
         raise APIError(401, "Missing API key: send it as 'Authorization: Bearer <key>'", code="invalid_api_key")
-    presented = token.strip().encode()
-    # Compare against every key, always, in constant time per key: timing says nothing about which was close.
-    matched = False
-    for key in keys:
-        matched |= hmac.compare_digest(presented, key.encode())
-    if not matched:
-        raise APIError(401, "Incorrect API key provided", code="invalid_api_key")
 
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
@@ -168,7 +160,7 @@ async def create_completion(request: Request,
     state = _state(request)
     engine = state.require_engine()
     if isinstance(body.prompt, str):
-        prompt_ids = engine.tokenizer.encode(body.prompt)
+        prompt_ids = await _prompts(state, engine).completion(body.prompt)
     else:
         prompt_ids = list(body.prompt)
     generation = _Generation.submit(state, engine, f"cmpl-{uuid.uuid4().hex}", prompt_ids, body, "prompt", arrived)
@@ -189,7 +181,8 @@ async def create_chat_completion(request: Request,
     arrived = time.perf_counter()
     state = _state(request)
     engine = state.require_engine()
-    prompt_ids = _render_chat(engine.tokenizer, body)
+    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in body.messages]
+    prompt_ids = await _prompts(state, engine).chat(messages)
     generation = _Generation.submit(state, engine, f"chatcmpl-{uuid.uuid4().hex}", prompt_ids, body, "messages",
                                     arrived)
     if body.stream:
@@ -204,18 +197,12 @@ async def create_chat_completion(request: Request,
     ).model_dump())
 
 
-def _render_chat(tokenizer: Any, body: ChatCompletionRequest) -> list[int]:
-    if not getattr(tokenizer, "chat_template", None):
-        raise bad_request("This model has no chat template; use /v1/completions with a formatted prompt",
-                          param="messages")
-    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                for m in body.messages]
-    try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    except Exception as exc:  # jinja's TemplateError / raise_exception(): the template rejects these messages
-        raise bad_request(f"The messages do not fit this model's chat template: {exc}", param="messages") from exc
-    # The template already holds any BOS token it wants; adding special tokens again would double it.
-    return tokenizer.encode(text, add_special_tokens=False)
+def _prompts(state: ServerState, engine: Engine) -> Prompts:
+    """The prompt preparer of this engine (made on first use: it scans the vocabulary, on a tokenizer thread)."""
+    prompts = state.prompts
+    if prompts is None or prompts.tokenizer is not engine.tokenizer:
+        prompts = state.prompts = Prompts(engine.tokenizer, engine.model_info.max_model_len, state.tokenizer_pool)
+    return prompts
 
 
 class _Generation:
