@@ -413,8 +413,9 @@ def test_metrics_move_with_requests_and_probes_are_not_counted(server):
         return sample(after, name, **labels) - sample(before, name, **labels)
 
     model = {"model": MODEL_NAME}
-    assert delta("llm_requests_total", model=MODEL_NAME, status="200") == 1
-    assert delta("llm_requests_total", model=MODEL_NAME, status="400") == 1
+    # The article's status values (success/error), with the HTTP code in its own label.
+    assert delta("llm_requests_total", model=MODEL_NAME, status="success", code="200") == 1
+    assert delta("llm_requests_total", model=MODEL_NAME, status="error", code="400") == 1
     total = lambda samples: sum(v for (n, _), v in samples.items() if n == "llm_requests_total")  # noqa: E731
     assert total(after) - total(before) == 2  # probes and scrapes are not requests
     assert delta("llm_request_duration_seconds_count", **model) == 2
@@ -469,7 +470,7 @@ def test_client_disconnect_during_non_streaming_request_frees_the_slot(server):
     generated = sample(scrape(server.url), "llm_generation_tokens_total", model=MODEL_NAME) - before
     assert 0 < generated < 2000
     after = scrape(server.url)
-    assert sample(after, "llm_requests_total", model=MODEL_NAME, status="499") >= 1
+    assert sample(after, "llm_requests_total", model=MODEL_NAME, status="error", code="499") >= 1
 
 
 def test_json_log_lines_carry_the_request_id(server):

@@ -148,8 +148,8 @@ def test_probes_through_startup_then_429_when_the_queue_is_full(model_dir, tmp_p
                 break
             assert time.monotonic() < deadline, "slots not freed after the clients left"
             time.sleep(0.05)
-        assert sample(metrics, "llm_requests_total", model=MODEL_NAME, status="429") == 1
-        assert sample(metrics, "llm_requests_total", model=MODEL_NAME, status="503") == 1
+        assert sample(metrics, "llm_requests_total", model=MODEL_NAME, status="error", code="429") == 1
+        assert sample(metrics, "llm_requests_total", model=MODEL_NAME, status="error", code="503") == 1
         # The queued stream's client left before its first token: it was dropped from the queue, never run after
         # the other stream (which would have given it a first token).
         assert sample(metrics, "llm_time_to_first_token_seconds_count", model=MODEL_NAME) == 1
