@@ -211,6 +211,11 @@ def test_the_default_body_limit_follows_the_context_window(serve):
     assert limit < 1024 * 1024
     too_big = json.dumps(completion("x" * limit)).encode()
     assert_error(httpx.post(f"{url}/v1/completions", content=too_big, timeout=WAIT_S), 413, f"limit of {limit} bytes")
+    # Just under it (and large enough to be parsed on a thread rather than the event loop) it is served.
+    fits = json.dumps(completion(user="x" * (limit - 200))).encode()
+    assert limit - 300 < len(fits) <= limit
+    response = httpx.post(f"{url}/v1/completions", content=fits, timeout=WAIT_S)
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 2
 
 
 # ---- connections -----------------------------------------------------------------------------------------------
