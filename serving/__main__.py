@@ -1,8 +1,10 @@
 """`python -m serving --model-path DIR`: run the OpenAI-compatible server (see `serving.settings` for every option).
 
 Exit codes: 0 after a clean shutdown (SIGTERM/SIGINT drain), 1 when the model could not be loaded, 2 for bad
-settings. The first SIGTERM or SIGINT drains (readiness fails, in-flight requests get up to DRAIN_SECONDS,
-the rest are aborted, the engine shuts down); a second one exits at once.
+settings, 3 when the engine died while serving (as soon as it is seen, once the open streams got their error, so
+the kubelet restarts the pod rather than the Service sending it traffic it can only refuse). The first SIGTERM or
+SIGINT drains (readiness fails, in-flight requests get up to DRAIN_SECONDS, the rest are aborted, the engine shuts
+down); a second one exits at once.
 
 uvicorn's own handling would not do: it closes the listening socket immediately (so readiness probes get
 connection errors rather than a 503), bounds in-flight work by its own timeout, and re-raises the signal
@@ -17,11 +19,14 @@ import sys
 from types import FrameType
 
 import uvicorn
+from starlette.types import ASGIApp
 
-from serving.app import EngineSource, Phase, ServerState, create_app
+from serving.app import create_app
+from serving.connections import guarded_protocol
 from serving.engine.config import GIL_SWITCH_INTERVAL_S, EngineConfig
 from serving.logs import configure_logging, route_transformers_logging
 from serving.settings import Settings, SettingsError, load_settings
+from serving.state import EngineSource, Phase, ServerState
 
 logger = logging.getLogger("serving")
 
@@ -64,8 +69,9 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
     async def on_tick(self, counter: int) -> bool:
-        # A model that failed to load ends the process (exit 1) so the kubelet restarts it, visibly.
-        return self._state.phase is Phase.FAILED or await super().on_tick(counter)
+        # A model that failed to load (exit 1) or an engine that died (exit 3) ends the process, so the kubelet
+        # restarts it, visibly. uvicorn's shutdown then lets open responses finish: streams already hold their error.
+        return self._state.phase is Phase.FAILED or self._state.engine_died() or await super().on_tick(counter)
 
 
 def engine_config(settings: Settings) -> EngineConfig:
@@ -115,13 +121,19 @@ def serve(settings: Settings, engine: EngineSource) -> int:
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     app = create_app(settings, engine)
     state: ServerState = app.state.server
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=_UVICORN_GRACEFUL_SECONDS, lifespan="on")
+    config = uvicorn_config(settings, app)
     logger.info("starting", extra={"event": "starting", "model": settings.model_name,
                                    "model_path": str(settings.model_path), "host": settings.host,
                                    "port": settings.port, "auth": settings.auth_enabled})
     DrainingServer(config, state).run()
-    return 1 if state.phase is Phase.FAILED else 0
+    return {Phase.FAILED: 1, Phase.ENGINE_DEAD: 3}.get(state.phase, 0)
+
+
+def uvicorn_config(settings: Settings, app: ASGIApp) -> uvicorn.Config:
+    """uvicorn's configuration for the app: our logging, and the connection limits of `serving.connections`."""
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+                          timeout_graceful_shutdown=_UVICORN_GRACEFUL_SECONDS, lifespan="on",
+                          http=guarded_protocol(settings.max_connections, settings.header_timeout_seconds))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ so both send the same text (a test compares them on random tokens); it also serv
 takes a request over for good once it has sent a character that never completed, or the stream refused a step.
 
 Stop strings are matched on the decoded text. Text that could still turn into a stop string is held back,
-so a client never receives a stop string's first half; when one matches, the text is cut before it.
+so a client never receives a stop string's first half; when one matches, the text is cut before it. Only a rolling
+tail (shorter than the longest stop string) is ever held, and it is compared with the stop strings directly: memory
+and time per token grow with the stop strings' length, never with its square.
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ class IncrementalDetokenizer:
             self._stream = DecodeStream(ids=self._ids, skip_special_tokens=True)
         self._stop = tuple(stop)
         self._max_stop_len = max((len(s) for s in self._stop), default=0)
-        self._stop_prefixes = frozenset(s[:length] for s in self._stop for length in range(1, len(s)))
+        self._stop_starts = frozenset(s[0] for s in self._stop)
         # Decoded text not sent yet: what could still become a stop string. A stop string can only start there
         # (any end of the sent text that a stop string starts with was held back), so nothing sent is kept.
         self._held = ""
@@ -123,10 +125,10 @@ class IncrementalDetokenizer:
 
     def _partial_stop_len(self) -> int:
         """Length of the longest end of the held text that a stop string starts with (it may complete later)."""
-        held, prefixes = self._held, self._stop_prefixes
-        for length in range(min(self._max_stop_len - 1, len(held)), 0, -1):
-            if held[-length:] in prefixes:
-                return length
+        held, starts = self._held, self._stop_starts
+        for start in range(max(0, len(held) - self._max_stop_len + 1), len(held)):  # longest end first
+            if held[start] in starts and any(stop.startswith(held[start:]) for stop in self._stop):
+                return len(held) - start
         return 0
 
 

@@ -1,6 +1,9 @@
 """Prometheus metrics, one registry per app; the names are a contract (alerts and autoscaling use them).
 
 Request series (`llm_requests_total`, durations, latencies) are observed by the HTTP layer as requests run.
+`llm_requests_total{model, status, code}` keeps the article's `status` values, `success` (an HTTP code below 400) and
+`error` (400 and up, 499 for a client that left included), so the article's queries work; `code` is the HTTP code
+(`code=~"5.."` picks the server's own failures).
 Engine series (queue depth, running requests, KV-cache use, token totals) and GPU utilization are read at
 scrape time by custom collectors, so they are exactly current and cost nothing between scrapes. The engine
 series are also exported under vLLM's names, which the Gateway API Inference Extension's endpoint picker reads.
@@ -28,8 +31,8 @@ class ServerMetrics:
                  gpu_collector: object | None = None) -> None:
         self.model_name = model_name
         self.registry = CollectorRegistry()
-        self._requests = Counter("llm_requests_total", "API requests by HTTP status code.",
-                                 ["model", "status"], registry=self.registry)
+        self._requests = Counter("llm_requests_total", "API requests by outcome (success/error) and HTTP status code.",
+                                 ["model", "status", "code"], registry=self.registry)
         self._duration = Histogram("llm_request_duration_seconds", "API request duration, to the last byte.",
                                    ["model"], buckets=REQUEST_DURATION_BUCKETS, registry=self.registry)
         self._active = Gauge("llm_active_requests", "API requests being served now.", ["model"],
@@ -47,7 +50,8 @@ class ServerMetrics:
             self.registry.register(gpu_collector)
 
     def count_request(self, status_code: int) -> None:
-        self._requests.labels(self.model_name, str(status_code)).inc()
+        outcome = "success" if status_code < 400 else "error"
+        self._requests.labels(self.model_name, outcome, str(status_code)).inc()
 
 
 class EngineCollector:

@@ -13,6 +13,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+# Stop strings are matched on every streamed delta: bound them (OpenAI and vLLM allow 4 strings).
+MAX_STOP_STRINGS = 4
+MAX_STOP_STRING_CHARS = 256
 
 
 class _Request(BaseModel):
@@ -77,6 +80,12 @@ class BaseGenerationRequest(_Request):
             value = [value]
         if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
+        if len(value) > MAX_STOP_STRINGS:
+            raise ValueError(f"{len(value)} stop strings were sent; at most {MAX_STOP_STRINGS} are allowed")
+        for index, item in enumerate(value):
+            if len(item) > MAX_STOP_STRING_CHARS:
+                raise ValueError(f"stop string {index} is {len(item)} characters long; at most {MAX_STOP_STRING_CHARS} "
+                                 "are allowed")
         return value
 
     def unsupported_parameter(self) -> tuple[str, str] | None:

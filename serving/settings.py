@@ -12,12 +12,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence, TypeVar
 
+from serving.api_keys import KeyFileError, read_keys_file
+
 T = TypeVar("T")
 
 DEFAULT_PORT = 8000
 DEFAULT_HOST = "0.0.0.0"
-DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 DEFAULT_DRAIN_SECONDS = 30.0
+# The largest body, unless MAX_BODY_BYTES says otherwise, follows the context window: room for a window's worth of
+# prompt however it is written (token ids, JSON-escaped non-ASCII text), plus the request's other fields.
+BODY_BYTES_PER_TOKEN = 32
+BODY_OVERHEAD_BYTES = 64 * 1024
+# Until the model is loaded the window is unknown (API requests are refused with 503 then anyway).
+BODY_BYTES_BEFORE_LOAD = 1024 * 1024
+DEFAULT_MAX_CONNECTIONS = 1024
+DEFAULT_HEADER_TIMEOUT_SECONDS = 10.0
+DEFAULT_BODY_TIMEOUT_SECONDS = 30.0
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -33,8 +43,10 @@ class Settings:
     """The name clients send as `model`; defaults to the model directory's base name."""
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
-    api_keys: frozenset[str] = field(default_factory=frozenset, repr=False)
-    """Accepted bearer tokens; empty means the API is open."""
+    api_keys_file: Path | None = None
+    """Keys file (`serving.api_keys`: plain or NAME:KEY lines), re-read when it changes; None: no file."""
+    api_key: str | None = field(default=None, repr=False)
+    """One more accepted key (API_KEY, e.g. from a Secret). With neither a file nor this key the API is open."""
     max_num_seqs: int | None = None
     """Requests decoded together (engine slots); None keeps the engine's default."""
     max_model_len: int | None = None
@@ -58,14 +70,26 @@ class Settings:
     engine_process: bool = True
     """Run the engine in a child process, so HTTP streaming and the engine's Python do not share one GIL
     (`serving.engine.process`); off runs it on a thread of the server's process."""
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_body_bytes: int | None = None
+    """Largest request body; None derives it from the context window (`default_max_body_bytes`)."""
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    """Open connections beyond this are closed as they arrive."""
+    header_timeout_seconds: float = DEFAULT_HEADER_TIMEOUT_SECONDS
+    """A request's headers must arrive within this long (408 and close)."""
+    body_timeout_seconds: float = DEFAULT_BODY_TIMEOUT_SECONDS
+    """A request's whole body must arrive within this long after its headers (408 and close)."""
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
     """After SIGTERM, how long in-flight requests may run before they are aborted."""
     log_level: str = "info"
 
     @property
     def auth_enabled(self) -> bool:
-        return bool(self.api_keys)
+        return self.api_keys_file is not None or bool(self.api_key)
+
+
+def default_max_body_bytes(max_model_len: int) -> int:
+    """The body limit for a context window of `max_model_len` tokens when MAX_BODY_BYTES is not set."""
+    return BODY_OVERHEAD_BYTES + BODY_BYTES_PER_TOKEN * max_model_len
 
 
 def _whole_number(text: str) -> int:
@@ -100,6 +124,13 @@ def _non_negative_float(text: str) -> float:
     value = _number(text)
     if not 0 <= value < float("inf"):  # also rejects NaN
         raise ValueError("must be a finite number >= 0")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _number(text)
+    if not 0 < value < float("inf"):  # also rejects NaN
+        raise ValueError("must be a finite number > 0")
     return value
 
 
@@ -145,7 +176,8 @@ _OPTIONS: tuple[tuple[str, str, str, Callable[[str], object], str], ...] = (
     ("model_name", "--model-name", "MODEL_NAME", str, "served model name (default: the directory's base name)"),
     ("host", "--host", "HOST", str, f"bind address (default {DEFAULT_HOST})"),
     ("port", "--port", "PORT", _port, f"listen port (default {DEFAULT_PORT})"),
-    ("api_keys_file", "--api-keys-file", "API_KEYS_FILE", str, "file of API keys, one per line (# comments)"),
+    ("api_keys_file", "--api-keys-file", "API_KEYS_FILE", str,
+     "file of API keys, one per line, plain or NAME:KEY (# comments); re-read when it changes"),
     ("max_num_seqs", "--max-num-seqs", "MAX_NUM_SEQS", _positive_int, "requests decoded together"),
     ("max_model_len", "--max-model-len", "MAX_MODEL_LEN", _positive_int, "context window in tokens"),
     ("max_queue", "--max-queue", "MAX_QUEUE", _positive_int, "waiting requests before 429"),
@@ -166,7 +198,13 @@ _OPTIONS: tuple[tuple[str, str, str, Callable[[str], object], str], ...] = (
     ("engine_process", "--engine-process", "ENGINE_PROCESS", _switch,
      "on or off: run the engine in a process of its own, apart from HTTP streaming (default on)"),
     ("max_body_bytes", "--max-body-bytes", "MAX_BODY_BYTES", _positive_int,
-     f"largest request body (default {DEFAULT_MAX_BODY_BYTES})"),
+     f"largest request body (default {BODY_OVERHEAD_BYTES} + {BODY_BYTES_PER_TOKEN} per token of the context window)"),
+    ("max_connections", "--max-connections", "MAX_CONNECTIONS", _positive_int,
+     f"open connections; more are closed as they arrive (default {DEFAULT_MAX_CONNECTIONS})"),
+    ("header_timeout_seconds", "--header-timeout-seconds", "HEADER_TIMEOUT_SECONDS", _positive_float,
+     f"time for a request's headers to arrive, else 408 (default {DEFAULT_HEADER_TIMEOUT_SECONDS:g})"),
+    ("body_timeout_seconds", "--body-timeout-seconds", "BODY_TIMEOUT_SECONDS", _positive_float,
+     f"time for a request's body to arrive after its headers, else 408 (default {DEFAULT_BODY_TIMEOUT_SECONDS:g})"),
     ("drain_seconds", "--drain-seconds", "DRAIN_SECONDS", _non_negative_float,
      f"grace period after SIGTERM (default {DEFAULT_DRAIN_SECONDS:g})"),
     ("log_level", "--log-level", "LOG_LEVEL", _choice(*LOG_LEVELS), "log level (default info)"),
@@ -190,19 +228,6 @@ def build_parser() -> argparse.ArgumentParser:
     for attribute, flag, env, _, help_text in _OPTIONS:
         parser.add_argument(flag, dest=attribute, default=None, metavar=env, help=f"{help_text} [env {env}]")
     return parser
-
-
-def _read_api_keys(path_text: str) -> set[str]:
-    path = Path(path_text)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise SettingsError(f"API_KEYS_FILE {path_text!r} cannot be read: {exc.strerror or exc}") from exc
-    keys = {line.strip() for line in lines if line.strip() and not line.strip().startswith("#")}
-    if not keys:
-        # An operator who points at a key file means to require keys: an empty file must not open the API.
-        raise SettingsError(f"API_KEYS_FILE {path_text!r} contains no keys; add one key per line")
-    return keys
 
 
 def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -229,9 +254,12 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
                             "Hugging Face model directory")
     model_name = str(values.pop("model_name", "") or "").strip() or model_path.resolve().name
 
-    api_keys: set[str] = set()
-    if "api_keys_file" in values:
-        api_keys |= _read_api_keys(str(values.pop("api_keys_file")))
-    if environ.get("API_KEY", "").strip():
-        api_keys.add(environ["API_KEY"].strip())
-    return Settings(model_path=model_path, model_name=model_name, api_keys=frozenset(api_keys), **values)
+    api_keys_file = Path(str(values.pop("api_keys_file"))) if "api_keys_file" in values else None
+    if api_keys_file is not None:
+        try:
+            read_keys_file(api_keys_file)  # a bad file stops the process here; a bad replacement later is logged
+        except KeyFileError as exc:
+            raise SettingsError(str(exc)) from None
+    api_key = environ.get("API_KEY", "").strip() or None
+    return Settings(model_path=model_path, model_name=model_name, api_keys_file=api_keys_file, api_key=api_key,
+                    **values)

@@ -3,9 +3,9 @@
 - `/health/startup`: 200 once the model is loaded and warmed up (the startup probe holds the other two off
   until then, so a slow load is not mistaken for a hung process).
 - `/health/live`: 200 while the process and the engine loop are alive; 503 once the engine loop died or the
-  model failed to load (the kubelet restarts the container).
-- `/health/ready`: 200 while serving; 503 while loading and while draining after SIGTERM, so the Service
-  stops sending new requests here.
+  model failed to load (the kubelet restarts the container; `python -m serving` also exits by itself then).
+- `/health/ready`: 200 while serving with a live engine; 503 while loading, while draining after SIGTERM, and once
+  the engine died, so the Service stops sending new requests here.
 """
 from __future__ import annotations
 
@@ -30,8 +30,7 @@ async def live(request: Request) -> JSONResponse:
     state = request.app.state.server
     if state.failed:  # the process exits too; this covers an app embedded without serving.__main__
         return _answer(False, "failed")
-    stats = state.engine_stats()
-    if stats is not None and not stats.loop_alive:
+    if state.engine_died():
         return _answer(False, "engine loop dead")
     return _answer(True, "alive")
 
@@ -39,4 +38,5 @@ async def live(request: Request) -> JSONResponse:
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
     state = request.app.state.server
-    return _answer(state.ready, "ready" if state.ready else state.phase.value)
+    ready = state.ready
+    return _answer(ready, "ready" if ready else state.phase.value)

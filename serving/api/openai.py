@@ -1,20 +1,22 @@
 """The OpenAI-compatible API: `/v1/models`, `/v1/completions`, `/v1/chat/completions` (JSON or SSE stream).
 
-A request is validated (400 naming the field), checked against the served model name (404) and the context
-window (400 with the numbers), tokenized (the chat template for chat), and submitted to the engine, which
-answers 429 when its queue is full. Tokens stream back through the incremental detokenizer, which also cuts
-at stop strings. However a generation ends (finished, stop string, client gone, drain deadline, error), its
-engine stream is closed, which aborts the engine request and frees its slot.
+The API key was checked before the body was read (`serving.app`). A request is validated (400 naming the field),
+checked against the served model name (404), tokenized off the event loop (`serving.api.prompts`: the chat
+template for chat, control tokens in message text refused), checked against the context window (400 with the
+numbers), and submitted to the engine, which answers 429 when its queue is full. Tokens stream back through the
+incremental detokenizer, which also cuts at stop strings. However a generation ends (finished, stop string, client
+gone, drain deadline, error), its engine stream is closed, which aborts the engine request and frees its slot.
 """
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
+import re
+import sys
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -22,6 +24,7 @@ from pydantic import ValidationError
 from starlette.background import BackgroundTask
 from starlette.types import Receive, Scope, Send
 
+from serving.api.prompts import Prompts
 from serving.detokenizer import IncrementalDetokenizer
 from serving.engine.interface import (
     Engine,
@@ -44,9 +47,7 @@ from serving.protocol import (
     ModelList,
     Usage,
 )
-
-if TYPE_CHECKING:
-    from serving.app import InflightGeneration, ServerState
+from serving.state import API_KEY_NAME, InflightGeneration, ServerState
 
 logger = logging.getLogger("serving.api")
 
@@ -55,25 +56,16 @@ RequestT = TypeVar("RequestT", bound=BaseGenerationRequest)
 RETRY_AFTER_SECONDS = "1"
 
 
-def _state(request: Request) -> "ServerState":
+def _state(request: Request) -> ServerState:
     return request.app.state.server
 
 
 async def require_api_key(request: Request) -> None:
-    """When keys are configured, every /v1 call needs `Authorization: Bearer <key>`."""
-    keys = _state(request).settings.api_keys
-    if not keys:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    """When keys are configured, every /v1 call needs `Authorization: Bearer <key>`. The request middleware checks it,
+    before reading the body; this refuses a request it did not pass, should the router ever be served without it."""
+    state = _state(request)
+    if state.keys.enabled and request.scope.get("state", {}).get(API_KEY_NAME) is None:
         raise APIError(401, "Missing API key: send it as 'Authorization: Bearer <key>'", code="invalid_api_key")
-    presented = token.strip().encode()
-    # Compare against every key, always, in constant time per key: timing says nothing about which was close.
-    matched = False
-    for key in keys:
-        matched |= hmac.compare_digest(presented, key.encode())
-    if not matched:
-        raise APIError(401, "Incorrect API key provided", code="invalid_api_key")
 
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
@@ -82,17 +74,21 @@ router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_
 def json_body(model: type[RequestT]) -> Callable[[Request], Awaitable[RequestT]]:
     """Parse and validate the body ourselves: clear 400s whatever the Content-Type, and 404 for a wrong model."""
 
-    async def parse(request: Request) -> RequestT:
+    def validate(raw: bytes) -> RequestT:
+        data = parse_json_object(raw)
         try:
-            data = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise bad_request(f"Request body is not valid JSON ({exc}); send a JSON object", code="invalid_json")
-        if not isinstance(data, dict):
-            raise bad_request(f"Request body must be a JSON object, not {type(data).__name__}", code="invalid_json")
-        try:
-            body = model.model_validate(data)
+            return model.model_validate(data)
         except ValidationError as exc:
             raise validation_error(exc) from None
+
+    async def parse(request: Request) -> RequestT:
+        raw = await request.body()
+        if len(raw) > _PARSE_ON_LOOP_BYTES:
+            # Parsing a large body takes milliseconds (5 per MiB): on a tokenizer thread, so that a stream of large
+            # requests cannot queue the probes and the streams behind it on the event loop.
+            body = await asyncio.get_running_loop().run_in_executor(_state(request).tokenizer_pool, validate, raw)
+        else:
+            body = validate(raw)
         unsupported = body.unsupported_parameter()
         if unsupported is not None:
             raise bad_request(unsupported[1], param=unsupported[0], code="unsupported_parameter")
@@ -103,6 +99,61 @@ def json_body(model: type[RequestT]) -> Callable[[Request], Awaitable[RequestT]]
         return body
 
     return parse
+
+
+# Bodies up to this size are parsed on the event loop: less than the cost of handing them to a thread.
+_PARSE_ON_LOOP_BYTES = 64 * 1024
+# A JSON escape of a UTF-16 surrogate (`\ud800`-`\udfff`): only a body holding one can decode to a lone surrogate.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def parse_json_object(raw: bytes) -> dict:
+    """The body as a JSON object, or a 400 for anything else: not UTF-8, not JSON, nested too deeply to parse, an
+    integer too long to convert (Python's 4,300-digit limit, even in a field the server ignores), or a lone UTF-16
+    surrogate in any string (not Unicode text: the tokenizer cannot take it)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise bad_request(f"Request body is not valid UTF-8 ({exc}); send JSON encoded as UTF-8",
+                          code="invalid_json") from None
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise bad_request("Request body nests arrays or objects too deeply to parse; a request needs a few levels",
+                          code="invalid_json") from None
+    except ValueError as exc:  # JSONDecodeError, or an integer literal past the int conversion limit
+        if "integer string conversion" in str(exc):
+            raise bad_request(f"Request body holds an integer literal longer than {sys.get_int_max_str_digits()} "
+                              "digits; no field takes such a number", code="invalid_json") from None
+        raise bad_request(f"Request body is not valid JSON ({exc}); send a JSON object", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise bad_request(f"Request body must be a JSON object, not {type(data).__name__}", code="invalid_json")
+    if _SURROGATE_ESCAPE.search(raw):
+        found = _lone_surrogate(data)
+        if found is not None:
+            where, field = found
+            raise bad_request(f"{where} holds a lone UTF-16 surrogate (an escape in \\ud800-\\udfff without its pair), "
+                              "which is not Unicode text; send valid Unicode", param=field, code="invalid_json")
+    return data
+
+
+def _lone_surrogate(data: dict) -> tuple[str, str] | None:
+    """(path, top-level field) of the first string, value or key, in `data` that holds a lone surrogate, else None."""
+    todo: list[tuple[str, str, Any]] = [(str(key), str(key), key) for key in data]
+    todo += [(str(key), str(key), value) for key, value in data.items()]
+    while todo:
+        path, field, value = todo.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return path, field
+        elif isinstance(value, dict):
+            todo += [(f"{path}.{key}", field, key) for key in value]
+            todo += [(f"{path}.{key}", field, item) for key, item in value.items()]
+        elif isinstance(value, list):
+            todo += [(f"{path}[{index}]", field, item) for index, item in enumerate(value)]
+    return None
 
 
 @router.get("/models")
@@ -120,7 +171,7 @@ async def create_completion(request: Request,
     state = _state(request)
     engine = state.require_engine()
     if isinstance(body.prompt, str):
-        prompt_ids = engine.tokenizer.encode(body.prompt)
+        prompt_ids = await _prompts(state, engine).completion(body.prompt)
     else:
         prompt_ids = list(body.prompt)
     generation = _Generation.submit(state, engine, f"cmpl-{uuid.uuid4().hex}", prompt_ids, body, "prompt", arrived)
@@ -141,7 +192,8 @@ async def create_chat_completion(request: Request,
     arrived = time.perf_counter()
     state = _state(request)
     engine = state.require_engine()
-    prompt_ids = _render_chat(engine.tokenizer, body)
+    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in body.messages]
+    prompt_ids = await _prompts(state, engine).chat(messages)
     generation = _Generation.submit(state, engine, f"chatcmpl-{uuid.uuid4().hex}", prompt_ids, body, "messages",
                                     arrived)
     if body.stream:
@@ -156,25 +208,19 @@ async def create_chat_completion(request: Request,
     ).model_dump())
 
 
-def _render_chat(tokenizer: Any, body: ChatCompletionRequest) -> list[int]:
-    if not getattr(tokenizer, "chat_template", None):
-        raise bad_request("This model has no chat template; use /v1/completions with a formatted prompt",
-                          param="messages")
-    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                for m in body.messages]
-    try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    except Exception as exc:  # jinja's TemplateError / raise_exception(): the template rejects these messages
-        raise bad_request(f"The messages do not fit this model's chat template: {exc}", param="messages") from exc
-    # The template already holds any BOS token it wants; adding special tokens again would double it.
-    return tokenizer.encode(text, add_special_tokens=False)
+def _prompts(state: ServerState, engine: Engine) -> Prompts:
+    """The prompt preparer of this engine (made on first use: it scans the vocabulary, on a tokenizer thread)."""
+    prompts = state.prompts
+    if prompts is None or prompts.tokenizer is not engine.tokenizer:
+        prompts = state.prompts = Prompts(engine.tokenizer, engine.model_info.max_model_len, state.tokenizer_pool)
+    return prompts
 
 
 class _Generation:
     """One engine request from submission to release: text deltas, finish reason, token counts, metrics."""
 
-    def __init__(self, state: "ServerState", engine: Engine, request_id: str, prompt_ids: list[int],
-                 stream: AsyncIterator, stop: list[str], arrived: float, inflight: "InflightGeneration") -> None:
+    def __init__(self, state: ServerState, engine: Engine, request_id: str, prompt_ids: list[int],
+                 stream: AsyncIterator, stop: list[str], arrived: float, inflight: InflightGeneration) -> None:
         self.state = state
         self.engine = engine
         self.request_id = request_id
@@ -188,7 +234,7 @@ class _Generation:
         self._released = False
 
     @classmethod
-    def submit(cls, state: "ServerState", engine: Engine, request_id: str, prompt_ids: list[int],
+    def submit(cls, state: ServerState, engine: Engine, request_id: str, prompt_ids: list[int],
                body: BaseGenerationRequest, prompt_param: str, arrived: float) -> "_Generation":
         """Check the context window, submit to the engine, and map its refusals to HTTP errors."""
         window = engine.model_info.max_model_len

@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from serving.settings import default_max_body_bytes
 from tests.serving.server import MODEL_NAME, ServerProcess, sample, scrape, sse_events
 from tests.serving.tiny_model import build_tiny_model
 
@@ -281,11 +282,11 @@ def raw_http(server, request: bytes, body_chunks: list[bytes] = ()) -> tuple[int
 
 
 def test_body_over_limit_is_413_by_content_length_and_by_actual_size(server):
-    limit = 1024 * 1024
+    limit = default_max_body_bytes(WINDOW)  # no MAX_BODY_BYTES: derived from the context window
     head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
             "Content-Type: application/json\r\n")
     # A huge declared length is answered at once, before any body byte, and the connection closes.
-    status, headers, body = raw_http(server, f"{head}Content-Length: {100 * limit}\r\n\r\n".encode())
+    status, headers, body = raw_http(server, f"{head}Content-Length: {1024 ** 3}\r\n\r\n".encode())
     assert status == 413 and f"limit of {limit} bytes" in json.loads(body)["error"]["message"]
     assert headers["connection"] == "close"
     # Just over the limit, sent whole: the client still reads the 413 (the body is read and dropped).
@@ -320,6 +321,8 @@ def test_unknown_model_is_404(client):
     ("/v1/completions", {"prompt": [3, -1, 4]}, ("-1", "vocabulary"), "prompt"),
     ("/v1/completions", {"prompt": [1, True, 2]}, ("list of token ids",), "prompt"),
     ("/v1/completions", {"prompt": [1, 2.5]}, ("list of token ids",), "prompt"),
+    ("/v1/completions", {"stop": ["a", "b", "c", "d", "e"]}, ("5 stop strings", "at most 4"), "stop"),
+    ("/v1/chat/completions", {"stop": ["ok", "x" * 257]}, ("stop string 1 is 257 characters", "at most 256"), "stop"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
      ("image_url",), "messages"),
 ])
@@ -328,6 +331,38 @@ def test_unsupported_or_invalid_requests_are_400(server, path, extra, fragments,
     body.update({"prompt": "hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]})
     body.update(extra)
     assert_error(post(server, path, body), 400, *fragments, param=param)
+
+
+@pytest.mark.parametrize("path, raw, fragment, param", [
+    # 60,000 levels (100,000 would be over this server's body limit; anything past about 1,000 raised RecursionError).
+    ("/v1/completions", b"[" * 60_000 + b"]" * 60_000, "nests arrays or objects too deeply", None),
+    ("/v1/completions", b'{"model": "tiny", "prompt": "hi", "max_tokens": 2, "ignored": ' + b"7" * 4301 + b"}",
+     "longer than 4300 digits", None),
+    ("/v1/completions", b'{"model": "tiny", "prompt": "hi \\ud800 there", "max_tokens": 2}', "lone UTF-16 surrogate",
+     "prompt"),
+    ("/v1/chat/completions", b'{"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "\\udc00"}]}',
+     "messages[0].content holds a lone UTF-16 surrogate", "messages"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": "caf\xed\xa0\x80", "max_tokens": 2}', "not valid UTF-8", None),
+])
+def test_hostile_bodies_are_400_not_500(server, path, raw, fragment, param):
+    error = assert_error(post(server, path, raw), 400, fragment, param=param)
+    assert error["code"] == "invalid_json"
+
+
+def test_an_escaped_surrogate_pair_is_text(server):
+    body = b'{"model": "tiny", "prompt": "smile \\ud83d\\ude00", "max_tokens": 2}'
+    assert post(server, "/v1/completions", body).status_code == 200
+
+
+def test_a_trailing_slash_is_not_redirected_to_the_host_header(server):
+    for path in ("/v1/completions/", "/v1/models/"):
+        response = httpx.request("POST" if "completions" in path else "GET", f"{server.url}{path}",
+                                 headers={**AUTH, "Host": "attacker.example"}, json={"model": MODEL_NAME})
+        assert "location" not in response.headers
+        assert_error(response, 404, "Unknown path")
+    # Before the key is checked, too: an unauthenticated caller gets 401, never a redirect.
+    response = httpx.post(f"{server.url}/v1/completions/", headers={"Host": "attacker.example"})
+    assert response.status_code in (401, 404) and "location" not in response.headers
 
 
 def test_unknown_fields_are_ignored(server):
@@ -380,8 +415,9 @@ def test_metrics_move_with_requests_and_probes_are_not_counted(server):
         return sample(after, name, **labels) - sample(before, name, **labels)
 
     model = {"model": MODEL_NAME}
-    assert delta("llm_requests_total", model=MODEL_NAME, status="200") == 1
-    assert delta("llm_requests_total", model=MODEL_NAME, status="400") == 1
+    # The article's status values (success/error), with the HTTP code in its own label.
+    assert delta("llm_requests_total", model=MODEL_NAME, status="success", code="200") == 1
+    assert delta("llm_requests_total", model=MODEL_NAME, status="error", code="400") == 1
     total = lambda samples: sum(v for (n, _), v in samples.items() if n == "llm_requests_total")  # noqa: E731
     assert total(after) - total(before) == 2  # probes and scrapes are not requests
     assert delta("llm_request_duration_seconds_count", **model) == 2
@@ -436,7 +472,7 @@ def test_client_disconnect_during_non_streaming_request_frees_the_slot(server):
     generated = sample(scrape(server.url), "llm_generation_tokens_total", model=MODEL_NAME) - before
     assert 0 < generated < 2000
     after = scrape(server.url)
-    assert sample(after, "llm_requests_total", model=MODEL_NAME, status="499") >= 1
+    assert sample(after, "llm_requests_total", model=MODEL_NAME, status="error", code="499") >= 1
 
 
 def test_json_log_lines_carry_the_request_id(server):

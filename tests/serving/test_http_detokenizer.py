@@ -65,6 +65,32 @@ def test_partial_stop_string_is_held_back_then_released(tokenizer):
     assert sent == "Hello world! How are you today?" and not detokenizer.stopped
 
 
+def test_a_long_stop_string_costs_memory_in_proportion_to_its_length(tokenizer):
+    import tracemalloc
+
+    # Keeping every prefix of a 5,000-character stop string took 12.5 MB (its square); the rolling tail keeps none.
+    stop = "ab" * 2500
+    tracemalloc.start()
+    try:
+        detokenizer = IncrementalDetokenizer(tokenizer, [1], [stop, "c" * 300])
+        ids = tokenizer.encode("ab ab ab", add_special_tokens=False)
+        text = "".join(detokenizer.add([token]) for token in ids) + detokenizer.finish()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert text == "ab ab ab" and not detokenizer.stopped
+    assert peak < 1_000_000, f"{peak} bytes traced"
+
+
+def test_held_back_text_is_the_longest_end_that_starts_a_stop_string(tokenizer):
+    detokenizer = IncrementalDetokenizer(tokenizer, [1], ["abcab!", "zz"])
+    sent = detokenizer.add(tokenizer.encode("xx abcab", add_special_tokens=False))
+    assert sent == "xx " and detokenizer._held == "abcab"
+    sent = detokenizer.add(tokenizer.encode("c", add_special_tokens=False))
+    assert sent == "abc" and detokenizer._held == "abc"  # "abcabc" ends with "abc", the start of "abcab!"
+    assert detokenizer.add(tokenizer.encode("ab!", add_special_tokens=False)) == "" and detokenizer.stopped
+
+
 def test_stop_string_in_the_first_token_gives_empty_text(tokenizer):
     ids = tokenizer.encode("Hello world", add_special_tokens=False)
     deltas, detokenizer = stream(tokenizer, ids, stop=["H"])

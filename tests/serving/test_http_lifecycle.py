@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from serving.__main__ import engine_config
+from serving.api_keys import KeyRing
 from serving.engine.config import EngineConfig
 from serving.settings import SettingsError, load_settings
 from tests.serving.server import MODEL_NAME, REPO_ROOT, ServerProcess, sample, scrape
@@ -46,6 +47,8 @@ def test_bad_setting_exits_2_with_one_line(tiny_model_dir):
     ([], {"MAX_PREFILL_TOKENS": "0"}, "MAX_PREFILL_TOKENS='0': must be a positive integer"),
     ([], {"ATTENTION_BACKEND": "xformers"}, "ATTENTION_BACKEND='xformers': must be one of auto, flash, sdpa"),
     ([], {"OVERLAP": "sometimes"}, "OVERLAP='sometimes': must be auto, on or off"),
+    ([], {"HEADER_TIMEOUT_SECONDS": "0"}, "HEADER_TIMEOUT_SECONDS='0': must be a finite number > 0"),
+    (["--max-connections", "0"], {}, "--max-connections='0': must be a positive integer"),
     (["--max-body-bytes", "-5"], {}, "--max-body-bytes='-5': must be a positive integer"),
     (["--no-such-flag"], {}, "unrecognized arguments: --no-such-flag"),
 ])
@@ -63,7 +66,9 @@ def test_settings_from_flags_env_and_key_sources(tiny_model_dir, tmp_path):
                               "API_KEY": "gamma", "MAX_QUEUE": "3", "DTYPE": "BFloat16", "CUDA_GRAPHS": "Off"})
     assert settings.port == 9000  # the flag wins over PORT
     assert settings.model_name == tiny_model_dir.name
-    assert settings.api_keys == {"alpha", "beta", "gamma"}
+    assert (settings.api_keys_file, settings.api_key) == (keys, "gamma")
+    ring = KeyRing(settings.api_keys_file, settings.api_key)
+    assert {key.secret for key in ring.keys} == {b"alpha", b"beta", b"gamma"}
     assert (settings.max_queue, settings.dtype, settings.drain_seconds) == (3, "bfloat16", 0.0)
     assert settings.cuda_graphs is False
     assert settings.engine_process is True and settings.max_prefill_tokens is None
@@ -78,8 +83,13 @@ def test_settings_from_flags_env_and_key_sources(tiny_model_dir, tmp_path):
     assert engine_config(settings).max_prefill_tokens_per_step == EngineConfig().max_prefill_tokens_per_step
     assert engine_config(settings).attention == EngineConfig().attention == "auto"
     assert engine_config(settings).overlap is EngineConfig().overlap is None
-    assert (settings.host, settings.max_body_bytes, settings.max_num_seqs) == ("0.0.0.0", 1024 * 1024, None)
-    assert "alpha" not in repr(settings)
+    assert (settings.host, settings.max_body_bytes, settings.max_num_seqs) == ("0.0.0.0", None, None)
+    assert (settings.max_connections, settings.header_timeout_seconds, settings.body_timeout_seconds) == (1024, 10, 30)
+    assert "gamma" not in repr(settings)
+    limits = load_settings(["--max-connections", "8", "--body-timeout-seconds", "2.5"],
+                           {"MODEL_PATH": str(tiny_model_dir), "HEADER_TIMEOUT_SECONDS": "1", "MAX_BODY_BYTES": "999"})
+    assert (limits.max_connections, limits.header_timeout_seconds, limits.body_timeout_seconds) == (8, 1, 2.5)
+    assert limits.max_body_bytes == 999 and not limits.auth_enabled
     empty = tmp_path / "empty"
     empty.write_text("# nothing\n")
     with pytest.raises(SettingsError, match="contains no keys"):
@@ -138,8 +148,8 @@ def test_probes_through_startup_then_429_when_the_queue_is_full(model_dir, tmp_p
                 break
             assert time.monotonic() < deadline, "slots not freed after the clients left"
             time.sleep(0.05)
-        assert sample(metrics, "llm_requests_total", model=MODEL_NAME, status="429") == 1
-        assert sample(metrics, "llm_requests_total", model=MODEL_NAME, status="503") == 1
+        assert sample(metrics, "llm_requests_total", model=MODEL_NAME, status="error", code="429") == 1
+        assert sample(metrics, "llm_requests_total", model=MODEL_NAME, status="error", code="503") == 1
         # The queued stream's client left before its first token: it was dropped from the queue, never run after
         # the other stream (which would have given it a first token).
         assert sample(metrics, "llm_time_to_first_token_seconds_count", model=MODEL_NAME) == 1
