@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from serving.engine.attention import AttentionChoice, SdpaAttention, select_attention
+from serving.engine.attention import select_attention
 from serving.engine.config import DEFAULT_MAX_NUM_SEQS_CPU, DEFAULT_MAX_NUM_SEQS_GPU, EngineConfig
-from serving.engine.cuda_graphs import DecodeGraphs
+from serving.engine.cuda_graphs import capture_decode_graphs
 from serving.engine.interface import (
     EngineDeadError,
     EngineStats,
@@ -628,43 +628,3 @@ class LLMEngine:
 
 def _slot_of(seq: _Sequence) -> int:
     return seq.slot
-
-
-def capture_decode_graphs(runner: ModelRunner, attention_choice: AttentionChoice = "auto") -> bool:
-    """Capture the runner's decode steps as CUDA graphs and route decoding through them. If capture fails with
-    flash attention that `auto` chose (`attention_choice`), capture with SDPA instead (prefill follows: the runner
-    has one attention); if that fails too, or flash was asked for by name, keep flash. On failure the reason is
-    logged and decoding stays eager (slower, same results). Returns whether graphs are in use."""
-    failure = _capture(runner)
-    if failure is None:
-        return True
-    first = runner.attention
-    if attention_choice == "auto" and first.name != SdpaAttention.name:
-        logger.warning("CUDA graph capture with %s attention failed (%s); capturing with sdpa attention, which "
-                       "prefill will use too", first.name, failure)
-        runner.use_attention(SdpaAttention(runner.attention_shape))
-        failure = _capture(runner)
-        if failure is None:
-            return True
-        runner.use_attention(first)
-    logger.warning("CUDA graph capture failed, decoding eagerly with %s attention (slower at small batches): %s",
-                   runner.attention.name, failure)
-    runner.use_graphs(None)
-    return False
-
-
-def _capture(runner: ModelRunner) -> str | None:
-    """Capture and install decode graphs; the reason they could not be captured, or None."""
-    graphs = DecodeGraphs.for_runner(runner)
-    try:
-        graphs.capture()
-    except Exception as exc:  # noqa: BLE001 - any capture failure has the same remedy: decode eagerly
-        failure = f"{type(exc).__name__}: {exc}"
-    else:
-        runner.use_graphs(graphs)
-        return None
-    # Outside the except block, where the traceback no longer holds the graphs: their memory goes back to the
-    # device before anything else is tried.
-    del graphs
-    torch.cuda.empty_cache()
-    return failure

@@ -28,7 +28,7 @@ from serving.engine import (
     SamplingParams,
 )
 from serving.engine.cuda_graphs import DecodeGraphs
-from serving.engine.engine import capture_decode_graphs
+from serving.engine.cuda_graphs import capture_decode_graphs
 from serving.engine.model_runner import (KVCachePlan, PrefillChunk, activation_reserve_bytes, kv_len_bucket,
                                          kv_len_buckets, model_context_len, plan_kv_cache)
 from serving.engine.sampling import RowSampling, sample_tokens
