@@ -57,7 +57,7 @@ class StartFailed(NamedTuple):
     message: str
 
 
-Output = tuple[str, "tuple[int, ...] | None", "FinishReason | BaseException | None"]
+Output = tuple[str, tuple[int, ...] | None, FinishReason | BaseException | None]
 """(request_id, token_ids, finish_reason) for a `TokenOutput`, or (request_id, None, error) for an EngineError."""
 
 
