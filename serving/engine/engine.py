@@ -381,22 +381,21 @@ class LLMEngine:
         outputs a step produces are sent during the next one, once it is launched; a step after which nothing runs
         sends its own at once. Without `overlap` every pass is read back as soon as it is launched."""
         plan = self.scheduler.schedule()
-        if not self.scheduler.running:  # everything ended (aborts included): what was produced goes out before the wait
+        if self.scheduler.running:
+            self._launch(plan)
+            self._emit_pending()  # the step before's outputs, while the device runs this step
+            if self._overlap:
+                self._read_back_in_flight()  # the step before's tokens
+                if self._launching and self.scheduler.running:
+                    self._in_flight = _InFlight(self._launching)
+                self._launching = []
+            else:
+                launched, self._launching = self._launching, []
+                for seqs, tokens in launched:  # this step's decode tokens, read back at once
+                    self._update(seqs, tokens.tolist())
+        else:  # every request has ended (aborts included): what is in flight is rows of ended requests only
             self._in_flight = None
-            self._emit_pending()
-            return
-        self._launch(plan)
-        self._emit_pending()  # while the device runs this step
-        if self._overlap:
-            self._read_back_in_flight()
-            if self._launching and self.scheduler.running:
-                self._in_flight = _InFlight(self._launching)
-            self._launching = []
-        else:
-            launched, self._launching = self._launching, []
-            for seqs, tokens in launched:  # the decode step's, read back at once
-                self._update(seqs, tokens.tolist())
-        if self._in_flight is None:  # nothing in flight, or only rows of ended sequences: send what was produced now
+        if self._in_flight is None:  # nothing runs ahead: what was produced goes out now, not a step later
             self._emit_pending()
 
     def _launch(self, plan: StepPlan) -> None:
