@@ -9,7 +9,8 @@ with new inputs copied into static buffers.
 Memory: every graph shares one private pool, so the intermediates of all graphs together take what the
 largest one needs; outputs go to one static logits buffer. Graphs are replayed one at a time from the engine
 thread, which is what sharing a pool requires. Capture failures (an architecture whose forward synchronises
-with the host, say) leave the runner on eager decode, with the reason logged: slower, never wrong.
+with the host, say) leave the runner on eager decode, with the reason logged: slower, never wrong
+(`capture_decode_graphs`, which the engine calls at load).
 """
 from __future__ import annotations
 
@@ -17,8 +18,14 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
+
+from serving.engine.attention import AttentionChoice, SdpaAttention
+
+if TYPE_CHECKING:
+    from serving.engine.model_runner import ModelRunner
 
 logger = logging.getLogger("serving.engine")
 
@@ -101,3 +108,43 @@ class DecodeGraphs:
         self._inputs[:, :batch].copy_(inputs, non_blocking=True)
         replay()
         return self._logits[:batch]
+
+
+def capture_decode_graphs(runner: ModelRunner, attention_choice: AttentionChoice = "auto") -> bool:
+    """Capture the runner's decode steps as CUDA graphs and route decoding through them. If capture fails with
+    flash attention that `auto` chose (`attention_choice`), capture with SDPA instead (prefill follows: the runner
+    has one attention); if that fails too, or flash was asked for by name, keep flash. On failure the reason is
+    logged and decoding stays eager (slower, same results). Returns whether graphs are in use."""
+    failure = _capture(runner)
+    if failure is None:
+        return True
+    first = runner.attention
+    if attention_choice == "auto" and first.name != SdpaAttention.name:
+        logger.warning("CUDA graph capture with %s attention failed (%s); capturing with sdpa attention, which "
+                       "prefill will use too", first.name, failure)
+        runner.use_attention(SdpaAttention(runner.attention_shape))
+        failure = _capture(runner)
+        if failure is None:
+            return True
+        runner.use_attention(first)
+    logger.warning("CUDA graph capture failed, decoding eagerly with %s attention (slower at small batches): %s",
+                   runner.attention.name, failure)
+    runner.use_graphs(None)
+    return False
+
+
+def _capture(runner: ModelRunner) -> str | None:
+    """Capture and install decode graphs; the reason they could not be captured, or None."""
+    graphs = DecodeGraphs.for_runner(runner)
+    try:
+        graphs.capture()
+    except Exception as exc:  # noqa: BLE001 - any capture failure has the same remedy: decode eagerly
+        failure = f"{type(exc).__name__}: {exc}"
+    else:
+        runner.use_graphs(graphs)
+        return None
+    # Outside the except block, where the traceback no longer holds the graphs: their memory goes back to the
+    # device before anything else is tried.
+    del graphs
+    torch.cuda.empty_cache()
+    return failure

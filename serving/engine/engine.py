@@ -1,39 +1,42 @@
 """`LLMEngine`: continuous batching on one dedicated thread, streaming tokens to asyncio callers.
 
-The caller's event loop never runs model code. `generate()` validates and enqueues under a lock and
-returns a stream; the engine-loop thread, on each iteration, drops aborted requests, admits waiting
-requests into free KV-cache slots, spends the chunked-prefill budget on prompts, then runs one batched
-decode step for every decoding request. Outputs go to each request's `OutputSink` in one call per sink per
-step: for `generate()`, the caller's event loop (`loop.call_soon_threadsafe`); for `submit()`, whatever the
-caller gives, such as the pipe to the HTTP process (`serving.engine.process`). The thread sleeps on a
-condition variable when there is no work.
+The caller's event loop never runs model code. `generate()` validates and queues under a lock and returns a
+stream; the engine-loop thread hands new and aborted requests to the `Scheduler` (`serving.engine.scheduler`, which
+decides what runs and when a request ends) and runs one step per iteration (`LLMEngine._step`):
 
-On CUDA the loop's own work overlaps the device's (`EngineConfig.overlap`, see `LLMEngine._step`): each step (new
-prompts' prefill, then a decode step for every decoding request) is launched with the tokens the step before
-chose still on the device, and the host reads, appends and sends those while the new step runs.
+    plan = scheduler.schedule()            # admission, prefill chunks within the budget, decode rows
+    launch(plan)                           # the prefill pass, then the decode step, tokens chosen on the device
+    emit(pending)                          # what the step before produced goes out while the device works
+    update(read back the step before)      # the scheduler appends its tokens and ends finished requests
+    emit(pending), if nothing is in flight
+
+Outputs go to each request's `OutputSink` in one call per sink per step: for `generate()`, the caller's event loop
+(`loop.call_soon_threadsafe`); for `submit()`, whatever the caller gives, such as the pipe to the HTTP process
+(`serving.engine.process`). The thread sleeps on a condition variable when there is no work.
+
+On CUDA the loop's own work overlaps the device's (`EngineConfig.overlap`): each step is launched with the tokens
+the step before chose still on the device, and the host reads, appends and sends those while the new step runs.
+Without overlap (CPU's default) a step is read back as soon as it is launched.
 """
 from __future__ import annotations
 
 import asyncio
-import heapq
 import itertools
 import logging
 import math
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from serving.engine.attention import AttentionChoice, SdpaAttention, select_attention
+from serving.engine.attention import select_attention
 from serving.engine.config import DEFAULT_MAX_NUM_SEQS_CPU, DEFAULT_MAX_NUM_SEQS_GPU, EngineConfig
-from serving.engine.cuda_graphs import DecodeGraphs
+from serving.engine.cuda_graphs import capture_decode_graphs
 from serving.engine.interface import (
     EngineDeadError,
     EngineStats,
-    FinishReason,
     GenerationRequest,
     ModelInfo,
     ModelLoadError,
@@ -45,13 +48,13 @@ from serving.engine.interface import (
 from serving.engine.loader import load_model, resolve_device, resolve_dtype
 from serving.engine.model_runner import (
     ModelRunner,
-    PrefillChunk,
     kv_bytes_per_token,
     kv_cache_budget_bytes,
     model_context_len,
     plan_kv_cache,
 )
-from serving.engine.sampling import RowSampling, StopRule, banned_token_ids, sample_tokens
+from serving.engine.sampling import RowSampling, sample_tokens
+from serving.engine.scheduler import Scheduler, Sequence, SlotPool, StepPlan, StopRule
 from serving.engine.stream import LoopSink, Mailbox, OutputSink, TokenStream
 
 logger = logging.getLogger("serving.engine")
@@ -63,31 +66,26 @@ _STOP_LOOP_S = 10.0
 returns would otherwise hold the server's exit until the kubelet kills the pod, its streams never ended."""
 
 
-@dataclass(eq=False, slots=True)
-class _Sequence:
-    """One request's state. After admission only the loop thread touches it."""
+@dataclass(eq=False, slots=True, kw_only=True)
+class _Request(Sequence):
+    """A request's sequence with what the engine needs besides the scheduler: how to sample it, where its outputs go
+    and how far they have gone. After it is queued only the loop thread touches it."""
 
     request: GenerationRequest
+    params: SamplingParams
     sink: OutputSink
     handle: object
     """What `sink` delivers this request's outputs to (its stream's queue, or its request id)."""
     generator: torch.Generator | None
-    stop: StopRule
     argmax_from: float
     """Output length from which a plain argmax picks its next token: min_tokens for a greedy request (EOS and stop
     tokens are banned before that), never for a sampled one."""
-    prompt: tuple[int, ...]
-    params: SamplingParams
-    slot: int = -1
-    num_cached: int = 0
-    """Prompt tokens whose K/V are in the cache (prefill progress)."""
-    launched: int = 0
-    """Tokens the passes launched so far choose for it: `len(output_ids)`, plus one while a token is in flight."""
-    output_ids: list[int] = field(default_factory=list)
     num_emitted: int = 0
-    finished: bool = False
-    finish_reason: FinishReason | None = None
     final_emitted: bool = False
+
+
+_Part = tuple[list[_Request], torch.Tensor]
+"""A launched pass's rows and the tokens it chose for them, on the device."""
 
 
 class _InFlight:
@@ -97,7 +95,7 @@ class _InFlight:
 
     __slots__ = ("parts", "sources", "_starts", "_copy")
 
-    def __init__(self, parts: list[tuple[list[_Sequence], torch.Tensor]]) -> None:
+    def __init__(self, parts: list[_Part]) -> None:
         self.parts = parts
         self._starts = list(itertools.accumulate((len(seqs) for seqs, _ in parts), initial=0))
         """Where each part's rows start in `sources`."""
@@ -117,15 +115,15 @@ class _InFlight:
         ready.record(torch.cuda.current_stream(tokens.device))
         return host, ready
 
-    def rows(self) -> dict[_Sequence, int]:
+    def rows(self) -> dict[_Request, int]:
         """Each sequence's latest token: its row in `sources`."""
-        rows: dict[_Sequence, int] = {}
+        rows: dict[_Request, int] = {}
         for (seqs, _), start in zip(self.parts, self._starts):
             for index, seq in enumerate(seqs, start):
                 rows[seq] = index
         return rows
 
-    def read(self, timeout_s: float | None = None) -> list[tuple[list[_Sequence], list[int]]]:
+    def read(self, timeout_s: float | None = None) -> list[tuple[list[_Request], list[int]]]:
         """Each part's sequences and tokens, on the host; with `timeout_s`, TimeoutError if the device takes longer."""
         if self._copy is None:
             tokens = self.sources[0].tolist()
@@ -144,44 +142,42 @@ class _InFlight:
 
 
 class LLMEngine:
-    """Implements `serving.engine.interface.Engine` over `ModelRunner`."""
+    """Implements `serving.engine.interface.Engine` over `Scheduler` and `ModelRunner`."""
 
     def __init__(self, runner: ModelRunner, tokenizer: object, model_info: ModelInfo, config: EngineConfig) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
         self.model_info = model_info
         self.config = config
-        self._eos_token_ids = model_info.eos_token_ids
+        self.scheduler = Scheduler(SlotPool(runner.num_slots, runner.max_model_len),
+                                   max_prefill_tokens=config.max_prefill_tokens_per_step)
+        self._overlap = config.overlap if config.overlap is not None else runner.device.type == "cuda"
         self._wakeup = threading.Condition(threading.RLock())
-        # Shared with callers, guarded by _wakeup.
-        self._waiting: deque[_Sequence] = deque()
-        self._live: dict[str, _Sequence] = {}
-        self._abort_requests: list[_Sequence] = []
+        # Shared with callers, guarded by _wakeup. The scheduler is the loop thread's; callers only read its lengths.
+        self._submitted: list[_Request] = []
+        """Requests queued since the loop last took them (`_take_requests`)."""
+        self._aborted: list[_Request] = []
+        self._live: dict[str, _Request] = {}
+        """Every request not ended yet, by id."""
         self._stopping = False
         self._dead = False
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self._live_tokens = 0
         # Owned by the loop thread.
-        self._cache_tokens = 0
-        """Tokens of the running sequences (prompt tokens cached plus tokens generated), kept as they change."""
-        self._generated_since_emit = 0
-        self._pending: list[_Sequence] = []
-        """Sequences the last step gave tokens or ended, emitted during the next step (`_step`)."""
+        self._pending: list[_Request] = []
+        """Requests the last read back gave tokens or ended, emitted during the next step (`_step`)."""
         self._in_flight: _InFlight | None = None
-        """The last step's tokens, launched and not read back yet (`_step`)."""
-        self._launching: list[tuple[list[_Sequence], torch.Tensor]] = []
-        """This step's passes launched so far, their tokens on the device (`_launch`)."""
+        """With overlap, the last step's tokens, launched and not read back yet."""
+        self._launching: list[_Part] = []
+        """This step's passes launched so far (`_launch`), kept for a loop that dies before reading them back."""
         self._read_failed = False
         """A read back failed before all its tokens were appended: the loop is dying, and no later tokens may be read
         back after the missing ones."""
-        self._overlap = config.overlap if config.overlap is not None else runner.device.type == "cuda"
-        self._free_slots = list(range(runner.num_slots))
-        self._running: dict[int, _Sequence] = {}
-        self._prefilling: list[_Sequence] = []
-        self._decoding: list[_Sequence] = []
-        """In slot order, so that a full batch is laid out as it stands (`ModelRunner.decode`)."""
+        self._generated_counted = 0
+        """`scheduler.generated_tokens` when the last emit added it to `_generation_tokens_total`."""
         self._thread: threading.Thread | None = None
+
 
     @classmethod
     def from_model_dir(cls, path: str | Path, config: EngineConfig | None = None) -> "LLMEngine":
@@ -255,21 +251,20 @@ class LLMEngine:
         seq = self.submit(request, LoopSink.of(asyncio.get_running_loop()), queue)
         return TokenStream(queue, lambda: self._abort_sequence(seq))
 
-    def submit(self, request: GenerationRequest, sink: OutputSink, handle: object) -> _Sequence:
+    def submit(self, request: GenerationRequest, sink: OutputSink, handle: object) -> _Request:
         """Validate and enqueue now, raising as `generate` does; from any thread. The request's outputs (and an
         EngineDeadError if the loop dies) go to `sink.deliver([(handle, output), ...])` from the loop thread, the
         last output with a finish reason. Abort it with `abort(request.request_id)`."""
         check_request(request, self.model_info)
-        seed = request.sampling.seed
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=self.runner.device).manual_seed(seed)
         params = request.sampling
-        seq = _Sequence(request, sink, handle, generator,
-                        stop=StopRule.of(params, len(request.prompt_token_ids), self._eos_token_ids,
-                                         self.model_info.max_model_len),
-                        argmax_from=params.min_tokens if params.temperature == 0 else math.inf,
-                        prompt=request.prompt_token_ids, params=params)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
+        prompt = request.prompt_token_ids
+        seq = _Request(request.request_id, prompt,
+                       StopRule.of(params, len(prompt), self.model_info.eos_token_ids, self.model_info.max_model_len),
+                       request=request, params=params, sink=sink, handle=handle, generator=generator,
+                       argmax_from=params.min_tokens if params.temperature == 0 else math.inf)
         with self._wakeup:
             if self._dead:
                 raise EngineDeadError("the engine loop has died; the server must be restarted")
@@ -277,13 +272,12 @@ class LLMEngine:
                 raise EngineDeadError("the engine is shutting down")
             if request.request_id in self._live:
                 raise ValueError(f"request_id {request.request_id!r} is already running; use a unique id")
-            if len(self._waiting) >= self.config.max_waiting:
-                raise QueueFullError(
-                    f"{len(self._waiting)} requests are already waiting (max_waiting); retry later"
-                )
-            self._waiting.append(seq)
+            waiting = self._num_waiting()
+            if waiting >= self.config.max_waiting:
+                raise QueueFullError(f"{waiting} requests are already waiting (max_waiting); retry later")
+            self._submitted.append(seq)
             self._live[request.request_id] = seq
-            self._prompt_tokens_total += len(request.prompt_token_ids)
+            self._prompt_tokens_total += len(prompt)
             self._wakeup.notify()
         return seq
 
@@ -296,11 +290,11 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         with self._wakeup:
             return EngineStats(
-                waiting=len(self._waiting),
-                running=len(self._running),
+                waiting=self._num_waiting(),
+                running=len(self.scheduler.running),
                 max_running=self.runner.num_slots,
-                kv_cache_usage=self._live_tokens / self.runner.capacity_tokens,
-                kv_cache_capacity_tokens=self.runner.capacity_tokens,
+                kv_cache_usage=self._live_tokens / self.scheduler.cache.capacity_tokens,
+                kv_cache_capacity_tokens=self.scheduler.cache.capacity_tokens,
                 prompt_tokens_total=self._prompt_tokens_total,
                 generation_tokens_total=self._generation_tokens_total,
                 loop_alive=self._loop_alive(),
@@ -320,13 +314,18 @@ class LLMEngine:
                          "end here without it", _STOP_LOOP_S)
         self._finish_all_live(None)
 
-    def _abort_sequence(self, seq: _Sequence) -> None:
+    def _num_waiting(self) -> int:
+        """Requests not admitted yet (under `_wakeup`: the scheduler admits only from its queue, so the sum never
+        counts one twice)."""
+        return len(self._submitted) + len(self.scheduler.waiting)
+
+    def _abort_sequence(self, seq: _Request) -> None:
         # Runs from any thread, including a garbage-collector pass on the loop thread itself (the lock
-        # is reentrant for that reason); the loop frees the slot at its next step boundary.
+        # is reentrant for that reason); the loop ends the request at its next step boundary.
         with self._wakeup:
-            if seq.finished or self._live.get(seq.request.request_id) is not seq:
+            if seq.finished or self._live.get(seq.request_id) is not seq:
                 return
-            self._abort_requests.append(seq)
+            self._aborted.append(seq)
             self._wakeup.notify()
 
     def _loop_alive(self) -> bool:
@@ -338,25 +337,12 @@ class LLMEngine:
 
     def _run_loop(self) -> None:
         try:
-            while True:
-                with self._wakeup:
-                    while not (self._stopping or self._waiting or self._running or self._abort_requests):
-                        self._wakeup.wait()
-                    if self._stopping:
-                        break
-                    aborted, self._abort_requests = self._abort_requests, []
-                    aborted = [seq for seq in aborted if self._end(seq, "abort")]
-                    while self._waiting and self._free_slots:
-                        self._admit(self._waiting.popleft())
+            while (aborted := self._take_requests()) is not None:
                 # Outside the lock: a sink may block (a full pipe) and must not hold up submit() or abort().
                 self._emit(aborted)
-                if self._running:
-                    self._step()
-                else:  # everything ended (aborts included): what the last step produced goes out before the wait
-                    self._in_flight = None
-                    self._flush_pending()
-            self._finish_in_flight()
-            self._flush_pending()
+                self._step()
+            self._read_back_in_flight()
+            self._emit_pending()
             self._finish_all_live(None)
         except BaseException as exc:
             logger.exception("engine loop died; failing every pending request")
@@ -364,124 +350,123 @@ class LLMEngine:
                 self._dead = True
             try:  # what earlier steps produced still reaches its requests, the last outputs of ended ones included
                 self._read_back_launched()
-                self._flush_pending()
+                self._emit_pending()
             finally:
                 self._finish_all_live(EngineDeadError(f"the engine loop died: {exc!r}"))
 
-    def _admit(self, seq: _Sequence) -> None:
-        seq.slot = heapq.heappop(self._free_slots)
-        self._running[seq.slot] = seq
-        self._prefilling.append(seq)
+    def _take_requests(self) -> list[_Request] | None:
+        """Wait for work, then hand the new requests and the aborts to the scheduler: the requests the aborts ended
+        (their last outputs are for the caller to emit), or None when the engine is stopping."""
+        with self._wakeup:
+            while not (self._stopping or self._submitted or self._aborted or self.scheduler.has_work()):
+                self._wakeup.wait()
+            if self._stopping:
+                return None
+            for seq in self._submitted:
+                self.scheduler.add(seq)
+            self._submitted.clear()
+            aborted = [seq for seq in self._aborted if self.scheduler.abort(seq)]
+            self._aborted.clear()
+            self._forget(aborted)
+        return aborted
 
     def _step(self) -> None:
-        """Chunked prefill within the token budget, then one batched decode step.
+        """Plan, launch, read the step before back, update, emit.
 
         With `overlap` (on CUDA by default) host work runs while the device works: the tokens each pass chooses
         (argmax or sampled) stay on the device, and a step is launched without reading the last one back first. Its
         rows take the last step's tokens there (`ModelRunner.decode`'s `carried`), new prompts' first tokens too, and
         the last step is read back and its tokens appended while this one runs (a sequence found to have ended then
         costs this step one wasted row; one known to end by length with its token in flight gets no row). The
-        outputs a step produces are sent during the next one, once its first pass is launched; a step after which
-        nothing runs sends its own at once. Without `overlap` every step is read back and sent as soon as it is
-        launched."""
-        chunks, prefilled = self._plan_prefill()
-        self._launch(chunks, prefilled)
-        self._flush_pending()  # if nothing was launched, before waiting for the device
-        self._finish_in_flight()
-        if self._launching and self._running:
-            self._in_flight = _InFlight(self._launching)
-        self._launching = []
-        if self._in_flight is None:  # nothing in flight, or only rows of ended sequences: send what was produced now
-            self._flush_pending()
+        outputs a step produces are sent during the next one, once it is launched; a step after which nothing runs
+        sends its own at once. Without `overlap` every pass is read back as soon as it is launched."""
+        plan = self.scheduler.schedule()
+        if self.scheduler.running:
+            self._launch(plan)
+            self._emit_pending()  # the step before's outputs, while the device runs this step
+            if self._overlap:
+                self._read_back_in_flight()  # the step before's tokens
+                if self._launching and self.scheduler.running:
+                    self._in_flight = _InFlight(self._launching)
+                self._launching = []
+            else:
+                launched, self._launching = self._launching, []
+                for seqs, tokens in launched:  # this step's decode tokens, read back at once
+                    self._update(seqs, tokens.tolist())
+        else:  # every request has ended (aborts included): what is in flight is rows of ended requests only
+            self._in_flight = None
+        if self._in_flight is None:  # nothing runs ahead: what was produced goes out now, not a step later
+            self._emit_pending()
 
-    def _plan_prefill(self) -> tuple[list[PrefillChunk], list[_Sequence]]:
-        """This step's prompt chunks within the token budget (counted as cached from here on), and the sequences
-        whose prompts they complete."""
-        budget = self.config.max_prefill_tokens_per_step
-        chunks: list[PrefillChunk] = []
-        prefilled: list[_Sequence] = []
-        for seq in self._prefilling:
-            if budget == 0:
-                break
-            count = min(budget, len(seq.prompt) - seq.num_cached)
-            done = seq.num_cached + count == len(seq.prompt)
-            chunks.append(PrefillChunk(seq.slot, seq.prompt[seq.num_cached : seq.num_cached + count],
-                                       seq.num_cached, want_logits=done))
-            seq.num_cached += count
-            self._cache_tokens += count
-            budget -= count
-            if done:
-                prefilled.append(seq)
-        return chunks, prefilled
-
-    def _launch(self, chunks: list[PrefillChunk], prefilled: list[_Sequence]) -> None:
-        """Launch the prefill pass and the decode step. With overlap, the tokens they choose stay on the device
-        (added to `self._launching` as each pass is launched), and the tokens in flight feed the decode step there;
-        otherwise they are read back and appended at once."""
-        carried, on_device = self._in_flight, self._overlap
+    def _launch(self, plan: StepPlan) -> None:
+        """Launch the plan's prefill pass and decode step, each pass's tokens chosen on the device and added to
+        `self._launching`; the tokens in flight (and with overlap, the prefill's first tokens) feed the decode step
+        there. Without overlap the first tokens are read back before the decode step is launched, and the requests
+        they end get their last output at once: it must not wait on a decode below that could fail."""
+        carried = self._in_flight
         sources: list[torch.Tensor] = carried.sources if carried is not None else []
         rows = carried.rows() if carried is not None else {}
-        parts = self._launching
-        if chunks:
-            logits = self.runner.prefill(chunks)
-            self._flush_pending()  # while the device runs the prefill pass
-            for seq in prefilled:
-                self._prefilling.remove(seq)
+        decode, slots, positions = plan.decode, plan.slots, plan.positions
+        if plan.chunks:
+            logits = self.runner.prefill(plan.chunks)
+            prefilled = plan.prefilled
             if prefilled:
                 first = self._choose(prefilled, logits, [0] * len(prefilled))
-                for seq in prefilled:
-                    seq.launched = 1
-                if on_device:
+                if self._overlap:
                     offset = sum(source.shape[0] for source in sources)
                     for index, seq in enumerate(prefilled):
                         rows[seq] = offset + index
                     sources = [*sources, first]
-                    parts.append((prefilled, first))
-                    started = prefilled
+                    self._launching.append((prefilled, first))
                 else:
-                    self._append(prefilled, first.tolist())
-                    # Those already done (one token, or a stop token first) get their last output now: it must not
-                    # wait on a decode below that could fail, since a finished sequence is no longer live.
-                    self._emit([seq for seq in prefilled if seq.finished])
-                    started = [seq for seq in prefilled if not seq.finished]
-                    self._pending += started
-                if started:
-                    self._decoding += started
-                    self._decoding.sort(key=_slot_of)
-        # Not those whose token in flight ends them by length: they leave when it is read back.
-        decoding = [seq for seq in self._decoding if seq.launched < seq.stop.max_generated]
-        if decoding:
+                    self._update(prefilled, first.tolist())
+                    ended = [seq for seq in prefilled if seq.finished]
+                    if ended:
+                        self._emit(ended)
+                        kept = [index for index, seq in enumerate(decode) if not seq.finished]
+                        decode = [decode[index] for index in kept]
+                        slots = [slots[index] for index in kept]
+                        positions = [positions[index] for index in kept]
+        if decode:
             token_ids, source_rows = [], []
-            for seq in decoding:
-                if seq.launched > len(seq.output_ids):  # its last token is still on the device
+            for seq in decode:
+                if seq.launched - 1 > len(seq.output_ids):  # the token it feeds is still on the device
                     token_ids.append(0)
                     source_rows.append(rows[seq])
                 else:
                     token_ids.append(seq.output_ids[-1])
                     source_rows.append(-1)
             logits = self.runner.decode(
-                [seq.slot for seq in decoding], token_ids,
-                [seq.num_cached + seq.launched - 1 for seq in decoding],
+                slots, token_ids, positions,
                 (sources, source_rows) if len(source_rows) != source_rows.count(-1) else None,
             )
-            self._flush_pending()  # while the device runs the decode step
-            tokens = self._choose(decoding, logits, [seq.launched for seq in decoding])
-            for seq in decoding:
-                seq.launched += 1
-            if on_device:
-                parts.append((decoding, tokens))
-            else:
-                self._append(decoding, tokens.tolist())
-                self._pending += decoding
+            self._launching.append((decode, self._choose(decode, logits, [seq.launched - 1 for seq in decode])))
 
-    def _finish(self, in_flight: _InFlight, timeout_s: float | None = None) -> None:
-        """Read launched passes' tokens back and append them, part by part (`_append` passes over the sequences that
-        ended meanwhile); they are emitted during the next step."""
+    def _read_back_in_flight(self, timeout_s: float | None = None) -> None:
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None:
+            self._read_back(in_flight, timeout_s)
+
+    def _read_back(self, in_flight: _InFlight, timeout_s: float | None = None) -> None:
+        """Read launched passes' tokens back and update the scheduler with them, part by part; they are emitted
+        during the next step (or at its end, if nothing is in flight)."""
         self._read_failed = True  # until every part is appended: a failure between leaves tokens missing
         for seqs, tokens in in_flight.read(timeout_s):
-            self._append(seqs, tokens)
-            self._pending += seqs
+            self._update(seqs, tokens)
         self._read_failed = False
+
+    def _update(self, seqs: list[_Request], tokens: list[int]) -> None:
+        ended = self.scheduler.update(seqs, tokens)
+        if ended:
+            with self._wakeup:
+                self._forget(ended)
+        self._pending += seqs
+
+    def _forget(self, ended: list[_Request]) -> None:
+        """Drop ended requests from `_live` (under `_wakeup`), so that their ids can be used again."""
+        for seq in ended:
+            if self._live.get(seq.request_id) is seq:
+                del self._live[seq.request_id]
 
     def _read_back_launched(self) -> None:
         """After the loop failed: read back what passes launched before the failure chose, if the device still answers
@@ -492,24 +477,13 @@ class LLMEngine:
             return
         deadline = time.monotonic() + _READ_BACK_AFTER_FAILURE_S
         try:
-            self._finish_in_flight(_READ_BACK_AFTER_FAILURE_S)
+            self._read_back_in_flight(_READ_BACK_AFTER_FAILURE_S)
             if launching:
-                self._finish(_InFlight(launching), max(deadline - time.monotonic(), 0.0))
+                self._read_back(_InFlight(launching), max(deadline - time.monotonic(), 0.0))
         except Exception:  # noqa: BLE001 - the device failed too: those requests fail with the loop
             logger.warning("could not read back the tokens of the steps in flight", exc_info=True)
 
-    def _finish_in_flight(self, timeout_s: float | None = None) -> None:
-        in_flight, self._in_flight = self._in_flight, None
-        if in_flight is not None:
-            self._finish(in_flight, timeout_s)
-
-    def _flush_pending(self) -> None:
-        """Emit what the previous step produced (see `_step`)."""
-        if self._pending:
-            pending, self._pending = self._pending, []
-            self._emit(pending)
-
-    def _choose(self, seqs: list[_Sequence], logits: torch.Tensor, generated: list[int]) -> torch.Tensor:
+    def _choose(self, seqs: list[_Request], logits: torch.Tensor, generated: list[int]) -> torch.Tensor:
         """Each sequence's next token, on the device (nothing here waits for it): the argmax where that is all it takes,
         else sampled. `generated[i]` is how many tokens sequence i has before this one (which tokens are banned)."""
         if all(count >= seq.argmax_from for seq, count in zip(seqs, generated)):
@@ -520,32 +494,19 @@ class LLMEngine:
                 temperature=seq.params.temperature,
                 top_p=seq.params.top_p,
                 generator=seq.generator,
-                banned_token_ids=banned_token_ids(seq.params, count, self._eos_token_ids),
+                banned_token_ids=seq.stop.banned_token_ids(count),
             )
             for seq, count in zip(seqs, generated)
         ]
         return sample_tokens(logits, rows)
 
-    def _append(self, seqs: list[_Sequence], tokens: list[int]) -> None:
-        """Append each sequence's new token and end the sequences that are done. A sequence that has already ended
-        (its row was in a step launched before the end was known) takes no token."""
-        appended = sampled = 0
-        for seq, token in zip(seqs, tokens):
-            if seq.finished:
-                continue
-            sampled += 1
-            output_ids = seq.output_ids
-            reason = seq.stop.reason(token, len(output_ids) + 1)
-            # The token that stops a sequence (EOS or a stop token) is not part of its output text.
-            if reason != "stop":
-                output_ids.append(token)
-                appended += 1
-            if reason is not None:
-                self._release_slot(seq, reason)
-        self._cache_tokens += appended
-        self._generated_since_emit += sampled
+    def _emit_pending(self) -> None:
+        """Emit what the last read back produced (see `_step`)."""
+        if self._pending:
+            pending, self._pending = self._pending, []
+            self._emit(pending)
 
-    def _emit(self, seqs: list[_Sequence]) -> None:
+    def _emit(self, seqs: list[_Request]) -> None:
         """Send each sequence's new tokens: one delivery per sink (one call_soon_threadsafe per event loop)."""
         batches: dict[OutputSink, list[tuple[object, object]]] = {}
         for seq in seqs:
@@ -559,10 +520,11 @@ class LLMEngine:
             if items is None:
                 items = batches[seq.sink] = []
             items.append((seq.handle, TokenOutput(new_tokens, reason)))
+        generated = self.scheduler.generated_tokens
         with self._wakeup:
-            self._live_tokens = self._cache_tokens
-            self._generation_tokens_total += self._generated_since_emit
-        self._generated_since_emit = 0
+            self._live_tokens = self.scheduler.cache.used_tokens
+            self._generation_tokens_total += generated - self._generated_counted
+        self._generated_counted = generated
         for sink, items in batches.items():
             try:
                 delivered = sink.deliver(items)
@@ -574,46 +536,19 @@ class LLMEngine:
                     if seq.sink is sink and not seq.finished:
                         self._abort_sequence(seq)
 
-    def _end(self, seq: _Sequence, reason: FinishReason) -> bool:
-        """End a sequence now (abort path): free its slot or queue place; False if it had already ended. Its last
-        output is for the caller to emit."""
-        if seq.finished:
-            return False
-        if seq.slot < 0:
-            self._waiting.remove(seq)
-        self._release_slot(seq, reason)
-        return True
-
-    def _release_slot(self, seq: _Sequence, reason: FinishReason) -> None:
-        seq.finished = True
-        seq.finish_reason = reason
-        if seq.slot >= 0:
-            self._cache_tokens -= seq.num_cached + len(seq.output_ids)
-            del self._running[seq.slot]
-            heapq.heappush(self._free_slots, seq.slot)
-            if seq in self._prefilling:
-                self._prefilling.remove(seq)
-            if seq in self._decoding:
-                self._decoding.remove(seq)
-        with self._wakeup:
-            self._live.pop(seq.request.request_id, None)
-
     def _finish_all_live(self, error: EngineDeadError | None) -> None:
         """End every live request: with finish reason `abort` on shutdown, with `error` when the loop died."""
         with self._wakeup:
             live = list(self._live.values())
             self._live.clear()
-            self._waiting.clear()
-            self._abort_requests.clear()
-        self._running.clear()
-        self._prefilling.clear()
-        self._decoding.clear()
-        self._cache_tokens = 0
-        with self._wakeup:
+            self._submitted.clear()
+            self._aborted.clear()
+            self.scheduler.abort_all()
             self._live_tokens = 0
         batches: dict[OutputSink, list[tuple[object, object]]] = {}
         for seq in live:
-            seq.finished = True
+            # Their last output is this one, even if a stuck loop wakes up later and reads their tokens back.
+            seq.finished = seq.final_emitted = True
             if error is not None:
                 item = EngineDeadError(str(error))
             else:
@@ -624,47 +559,3 @@ class LLMEngine:
                 sink.deliver(items)
             except Exception:  # noqa: BLE001 - every other sink still gets its requests' last outputs
                 logger.exception("an output sink failed to take the last outputs of %d requests", len(items))
-
-
-def _slot_of(seq: _Sequence) -> int:
-    return seq.slot
-
-
-def capture_decode_graphs(runner: ModelRunner, attention_choice: AttentionChoice = "auto") -> bool:
-    """Capture the runner's decode steps as CUDA graphs and route decoding through them. If capture fails with
-    flash attention that `auto` chose (`attention_choice`), capture with SDPA instead (prefill follows: the runner
-    has one attention); if that fails too, or flash was asked for by name, keep flash. On failure the reason is
-    logged and decoding stays eager (slower, same results). Returns whether graphs are in use."""
-    failure = _capture(runner)
-    if failure is None:
-        return True
-    first = runner.attention
-    if attention_choice == "auto" and first.name != SdpaAttention.name:
-        logger.warning("CUDA graph capture with %s attention failed (%s); capturing with sdpa attention, which "
-                       "prefill will use too", first.name, failure)
-        runner.use_attention(SdpaAttention(runner.attention_shape))
-        failure = _capture(runner)
-        if failure is None:
-            return True
-        runner.use_attention(first)
-    logger.warning("CUDA graph capture failed, decoding eagerly with %s attention (slower at small batches): %s",
-                   runner.attention.name, failure)
-    runner.use_graphs(None)
-    return False
-
-
-def _capture(runner: ModelRunner) -> str | None:
-    """Capture and install decode graphs; the reason they could not be captured, or None."""
-    graphs = DecodeGraphs.for_runner(runner)
-    try:
-        graphs.capture()
-    except Exception as exc:  # noqa: BLE001 - any capture failure has the same remedy: decode eagerly
-        failure = f"{type(exc).__name__}: {exc}"
-    else:
-        runner.use_graphs(graphs)
-        return None
-    # Outside the except block, where the traceback no longer holds the graphs: their memory goes back to the
-    # device before anything else is tried.
-    del graphs
-    torch.cuda.empty_cache()
-    return failure

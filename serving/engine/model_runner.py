@@ -32,6 +32,7 @@ import torch
 
 from serving.engine.attention import Attention, AttentionShape, ChunkSpan, SdpaAttention
 from serving.engine.interface import ModelLoadError
+from serving.engine.scheduler import PrefillChunk
 from serving.engine.transfer import to_device
 
 logger = logging.getLogger("serving.engine")
@@ -44,21 +45,6 @@ KV_LEN_LINEAR_MAX = 2048
 MIN_DEFAULT_MODEL_LEN = 4096
 """When the cache cannot give every slot the model's full context, keep at least this much per slot
 (or the model's own limit) and run fewer slots instead."""
-
-
-@dataclass(frozen=True)
-class PrefillChunk:
-    """Prompt tokens `token_ids` of the request in `slot`, at positions start.. of its sequence."""
-
-    slot: int
-    token_ids: Sequence[int]
-    start: int
-    want_logits: bool = False
-    """Whether this chunk ends the prompt, so the logits of its last token are needed."""
-
-    @property
-    def end(self) -> int:
-        return self.start + len(self.token_ids)
 
 
 @dataclass(frozen=True)

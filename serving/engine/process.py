@@ -5,11 +5,9 @@ per-token work (SSE, detokenizer, sockets) and the engine's Python between devic
 both slow down. Here the engine (model, KV cache, CUDA graphs, its loop thread) runs in a child process and the
 HTTP process keeps its GIL and its core to itself. Nothing else changes: the app sees the same `Engine` interface.
 
-The protocol is one duplex pipe of pickled tuples. HTTP process -> engine: ("start",), ("add", request),
-("abort", request_id), ("shutdown",). Engine -> HTTP process: ("loaded", model_info, tokenizer, stats) or
-("load_failed", kind, message); ("started", stats) or ("start_failed", message); once per engine step
-("out", [(request_id, token_ids, finish_reason) or (request_id, None, EngineError), ...], stats);
-("rejected", request_id, error); ("stopped", stats). The child ignores SIGINT and SIGTERM (a signal for the whole
+The protocol is one duplex pipe of the named tuples in `serving.engine.messages`. HTTP process -> engine: `Start`,
+`Add`, `Abort`, `Shutdown`. Engine -> HTTP process: `Loaded` or `LoadFailed`; `Started` or `StartFailed`; once per
+engine step `Outputs`; `Rejected`; `Stopped`. The child ignores SIGINT and SIGTERM (a signal for the whole
 process group must not stop the engine while the HTTP process drains: that process owns shutdown); it exits when
 told to or when the pipe closes. If the child dies, every open stream fails with EngineDeadError, liveness fails,
 and the kubelet restarts the container.
@@ -42,6 +40,19 @@ from serving.engine.interface import (
     TokenOutput,
     check_request,
 )
+from serving.engine.messages import (
+    Abort,
+    Add,
+    Loaded,
+    LoadFailed,
+    Outputs,
+    Rejected,
+    Shutdown,
+    Start,
+    Started,
+    StartFailed,
+    Stopped,
+)
 from serving.engine.stream import LoopSink, Mailbox, TokenStream
 
 logger = logging.getLogger("serving.engine")
@@ -72,7 +83,8 @@ class EngineClient:
         self._stats = stats
         self._max_waiting = max_waiting
         self._dead: str | None = None
-        self._replies: dict[str, asyncio.Future] = {}
+        self._replies: dict[type, asyncio.Future] = {}
+        """What `_request` awaits, by the type of the reply that settles it."""
         self._stopping = False
         self._closed = False
         """The pipe is closed: the engine process has exited."""
@@ -107,19 +119,17 @@ class EngineClient:
             message = parent_conn.recv()
         except (EOFError, OSError):
             message = None
-        if message is None or message[0] == "load_failed":
+        if not isinstance(message, Loaded):
             process.join(_JOIN_TIMEOUT_S)
             parent_conn.close()
             atexit.unregister(reaper)
-            if message is None:
+            if not isinstance(message, LoadFailed):
                 raise ModelLoadError(f"the engine process exited (code {process.exitcode}) while loading the model; "
                                      "its log lines above say why")
-            _, kind, text = message
-            if kind == "ModelLoadError":
-                raise ModelLoadError(text)
-            raise RuntimeError(f"the engine process failed to load the model: {text}")
-        _, model_info, tokenizer, stats = message
-        return cls(process, parent_conn, model_info, tokenizer, stats, max_waiting, reaper)
+            if message.kind == "ModelLoadError":
+                raise ModelLoadError(message.message)
+            raise RuntimeError(f"the engine process failed to load the model: {message.message}")
+        return cls(process, parent_conn, message.model_info, message.tokenizer, message.stats, max_waiting, reaper)
 
     # ---- Engine ------------------------------------------------------------------------------------------------
 
@@ -131,7 +141,7 @@ class EngineClient:
         # the writer thread's sends on the same socket would then fail with EAGAIN whenever the pipe is full.
         reader = threading.Thread(target=self._read, name="engine-client-reader", daemon=True)
         reader.start()
-        await self._request("started", ("start",))
+        await self._request(Started, Start())
 
     def generate(self, request: GenerationRequest) -> TokenStream:
         check_request(request, self.model_info)
@@ -148,13 +158,13 @@ class EngineClient:
             if waiting >= self._max_waiting:
                 raise QueueFullError(f"{waiting} requests are already waiting (max_waiting); retry later")
             self._streams[request_id] = (asyncio.get_running_loop(), queue)
-        self._send(("add", request))
+        self._send(Add(request))
         return TokenStream(queue, lambda: self.abort(request_id))
 
     def abort(self, request_id: str) -> None:
         # No lock: this may run in a garbage-collector pass inside a block that holds one (see __init__).
         if request_id in self._streams:
-            self._send(("abort", request_id))
+            self._send(Abort(request_id))
 
     def stats(self) -> EngineStats:
         stats = self._stats
@@ -167,10 +177,10 @@ class EngineClient:
         with self._lock:
             self._stopping = True
         if self._loop is None:  # never started: nothing reads replies, and no stream is open
-            self._send(("shutdown",))
+            self._send(Shutdown())
         elif not self._closed:  # even with its loop dead, the engine process can still stop cleanly
             try:
-                await asyncio.wait_for(self._request("stopped", ("shutdown",)), _SHUTDOWN_TIMEOUT_S)
+                await asyncio.wait_for(self._request(Stopped, Shutdown()), _SHUTDOWN_TIMEOUT_S)
             except (asyncio.TimeoutError, EngineDeadError):
                 pass
         await asyncio.to_thread(self._process.join, _JOIN_TIMEOUT_S)
@@ -185,7 +195,7 @@ class EngineClient:
 
     # ---- pipe ----------------------------------------------------------------------------------------------------
 
-    async def _request(self, reply: str, message: tuple) -> None:
+    async def _request(self, reply: type, message: tuple) -> None:
         future = asyncio.get_running_loop().create_future()
         with self._lock:
             if self._closed:
@@ -227,22 +237,22 @@ class EngineClient:
             self._handle(message)
 
     def _handle(self, message: tuple) -> None:
-        kind = message[0]
-        if kind == "out":
-            self._stats = message[2]
-            self._dispatch([(request_id, error if token_ids is None else TokenOutput(token_ids, error))
-                            for request_id, token_ids, error in message[1]])
-        elif kind == "rejected":
-            self._dispatch([(message[1], message[2])])
-        elif kind == "start_failed":
-            self._reply("started", RuntimeError(f"the engine's warm-up failed: {message[1]}"))
-        else:  # "started" / "stopped", with a stats snapshot
-            self._stats = message[1]
-            self._reply(kind)
+        match message:
+            case Outputs(outputs, stats):
+                self._stats = stats
+                self._dispatch([(request_id, error if token_ids is None else TokenOutput(token_ids, error))
+                                for request_id, token_ids, error in outputs])
+            case Rejected(request_id, error):
+                self._dispatch([(request_id, error)])
+            case StartFailed(text):
+                self._reply(Started, RuntimeError(f"the engine's warm-up failed: {text}"))
+            case Started(stats) | Stopped(stats):
+                self._stats = stats
+                self._reply(type(message))
         if not self._stats.loop_alive and self._dead is None:
             self._dead = "the engine loop died; the server must be restarted"
 
-    def _reply(self, kind: str, error: BaseException | None = None) -> None:
+    def _reply(self, kind: type, error: BaseException | None = None) -> None:
         """Settle what `_request` awaits for a reply of this kind."""
         with self._lock:
             future = self._replies.pop(kind, None)
@@ -318,11 +328,10 @@ class _PipeSink:
         self._engine = engine
 
     def deliver(self, items: list[tuple[object, object]]) -> bool:
-        # Plain tuples: pickling 256 TokenOutput named tuples takes 13x as long (204 against 15 us on the development
-        # VM), on the engine's critical path.
+        # Plain tuples inside (see `serving.engine.messages.Outputs`).
         outputs = [(handle, item.token_ids, item.finish_reason) if isinstance(item, TokenOutput)
                    else (handle, None, item) for handle, item in items]
-        return _send(self._conn, self._lock, ("out", outputs, self._engine.stats()))
+        return _send(self._conn, self._lock, Outputs(outputs, self._engine.stats()))
 
 
 def _send(conn, lock: threading.Lock, message: tuple) -> bool:
@@ -364,13 +373,13 @@ def engine_main(conn, build: Callable[[], object], log_level: str) -> None:
     try:
         engine = build()
     except ModelLoadError as exc:
-        _send(conn, lock, ("load_failed", "ModelLoadError", str(exc)))
+        _send(conn, lock, LoadFailed("ModelLoadError", str(exc)))
         return
     except Exception as exc:  # noqa: BLE001 - reported to the HTTP process, which logs it and exits 1
         logger.exception("the engine failed to load the model")
-        _send(conn, lock, ("load_failed", type(exc).__name__, f"{type(exc).__name__}: {exc}"))
+        _send(conn, lock, LoadFailed(type(exc).__name__, f"{type(exc).__name__}: {exc}"))
         return
-    _send(conn, lock, ("loaded", engine.model_info, engine.tokenizer, engine.stats()))
+    _send(conn, lock, Loaded(engine.model_info, engine.tokenizer, engine.stats()))
     sink = _PipeSink(conn, lock, engine)
     while True:
         try:
@@ -378,26 +387,25 @@ def engine_main(conn, build: Callable[[], object], log_level: str) -> None:
         except (EOFError, OSError):  # the HTTP process is gone: stop the engine and exit
             asyncio.run(engine.shutdown())
             return
-        kind = message[0]
-        if kind == "add":
-            request = message[1]
+        if isinstance(message, Add):
+            request = message.request
             try:
                 engine.submit(request, sink, request.request_id)
             except Exception as exc:  # noqa: BLE001 - the HTTP process checked first; this is a race, reported
-                _send(conn, lock, ("rejected", request.request_id, exc))
-        elif kind == "abort":
-            engine.abort(message[1])
-        elif kind == "start":
+                _send(conn, lock, Rejected(request.request_id, exc))
+        elif isinstance(message, Abort):
+            engine.abort(message.request_id)
+        elif isinstance(message, Start):
             started = time.perf_counter()
             try:
                 asyncio.run(engine.start())
             except Exception as exc:  # noqa: BLE001 - reported to the HTTP process, which logs it and exits 1
                 logger.exception("the engine's warm-up failed")
-                _send(conn, lock, ("start_failed", f"{type(exc).__name__}: {exc}"))
+                _send(conn, lock, StartFailed(f"{type(exc).__name__}: {exc}"))
                 continue
             logger.info("engine warmed up in %.1f s", time.perf_counter() - started)
-            _send(conn, lock, ("started", engine.stats()))
-        elif kind == "shutdown":
+            _send(conn, lock, Started(engine.stats()))
+        elif isinstance(message, Shutdown):
             asyncio.run(engine.shutdown())
-            _send(conn, lock, ("stopped", engine.stats()))
+            _send(conn, lock, Stopped(engine.stats()))
             return

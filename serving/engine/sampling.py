@@ -1,4 +1,4 @@
-"""Batched next-token sampling on the device, and the rules that end a sequence.
+"""Batched next-token sampling on the device.
 
 Sampling never waits for the device (its few host-to-device copies are from pinned memory), so the engine can keep
 the tokens on the device and launch the next step before reading them back.
@@ -16,7 +16,6 @@ from typing import Sequence
 
 import torch
 
-from serving.engine.interface import FinishReason, SamplingParams
 from serving.engine.transfer import to_device
 
 
@@ -29,7 +28,7 @@ class RowSampling:
     generator: torch.Generator | None
     """The request's own generator when it has a seed; None draws from the global generator."""
     banned_token_ids: tuple[int, ...] = ()
-    """Tokens that must not be sampled at this step (EOS and stop tokens before min_tokens)."""
+    """Tokens that must not be sampled at this step (EOS and stop tokens before min_tokens: `StopRule`)."""
 
 
 def sample_tokens(logits: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Tensor:
@@ -51,37 +50,6 @@ def sample_tokens(logits: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Te
             noise[index].exponential_(generator=row.generator)
     sampled_tokens = (probs / noise).argmax(dim=-1)
     return torch.where(greedy, greedy_tokens, sampled_tokens)
-
-
-@dataclass(frozen=True, slots=True)
-class StopRule:
-    """When one request's sequence ends, worked out once when it is submitted (checked for every token)."""
-
-    stop_token_ids: frozenset[int]
-    """Tokens that end it with `stop`: its stop_token_ids, and the model's EOS ids unless ignore_eos."""
-    max_generated: int
-    """It ends with `length` at this many generated tokens: max_tokens, or what the context has left."""
-
-    @classmethod
-    def of(cls, params: SamplingParams, prompt_len: int, eos_token_ids: tuple[int, ...],
-           max_model_len: int) -> "StopRule":
-        stops = frozenset(params.stop_token_ids) | frozenset(() if params.ignore_eos else eos_token_ids)
-        return cls(stops, min(params.max_tokens, max_model_len - prompt_len))
-
-    def reason(self, token_id: int, num_generated: int) -> FinishReason | None:
-        """Why the sequence ends after sampling `token_id`, its `num_generated`-th token, or None if it goes on."""
-        if token_id in self.stop_token_ids:
-            return "stop"
-        if num_generated >= self.max_generated:
-            return "length"
-        return None
-
-
-def banned_token_ids(params: SamplingParams, num_generated: int, eos_token_ids: tuple[int, ...]) -> tuple[int, ...]:
-    """EOS and stop tokens are banned until min_tokens tokens exist, so the sequence cannot end early."""
-    if num_generated >= params.min_tokens:
-        return ()
-    return tuple(eos_token_ids) + tuple(params.stop_token_ids)
 
 
 def _ban_tokens(logits: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Tensor:

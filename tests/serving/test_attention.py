@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from serving.engine import EngineConfig, LLMEngine, ModelLoadError
+from serving.engine import cuda_graphs as cuda_graphs_module
 from serving.engine import engine as engine_module
 from serving.engine.attention import (
     AttentionShape,
@@ -25,7 +26,7 @@ from serving.engine.attention import (
     disagreement,
     select_attention,
 )
-from serving.engine.engine import capture_decode_graphs
+from serving.engine.cuda_graphs import capture_decode_graphs
 from tests.serving.flash_reference import flash_varlen_reference
 from tests.serving.test_engine import (  # noqa: F401 - make_engine and hf_model are fixtures used here
     RecordedDecodeGraphs,
@@ -182,7 +183,7 @@ def test_engine_with_flash_attention_matches_hf_greedy_through_joins_chunks_and_
 
 def test_graph_capture_that_fails_with_flash_is_done_with_sdpa_under_auto(make_engine, flash_on_cpu, monkeypatch,
                                                                           caplog, hf_model):
-    monkeypatch.setattr(engine_module, "DecodeGraphs", type("FlashRefused", (RefusingDecodeGraphs,),
+    monkeypatch.setattr(cuda_graphs_module, "DecodeGraphs", type("FlashRefused", (RefusingDecodeGraphs,),
                                                             {"refuse": ("flash",)}))
     engine = make_engine()
     assert engine.runner.attention.name == "flash"
@@ -204,7 +205,7 @@ def test_graph_capture_that_fails_with_flash_is_done_with_sdpa_under_auto(make_e
 
 def test_when_sdpa_capture_fails_too_the_engine_keeps_flash_and_decodes_eagerly(make_engine, flash_on_cpu,
                                                                                monkeypatch, caplog):
-    monkeypatch.setattr(engine_module, "DecodeGraphs", type("BothRefused", (RefusingDecodeGraphs,),
+    monkeypatch.setattr(cuda_graphs_module, "DecodeGraphs", type("BothRefused", (RefusingDecodeGraphs,),
                                                             {"refuse": ("flash", "sdpa")}))
     engine = make_engine()
     with caplog.at_level(logging.WARNING, logger="serving.engine"):

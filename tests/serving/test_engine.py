@@ -28,7 +28,7 @@ from serving.engine import (
     SamplingParams,
 )
 from serving.engine.cuda_graphs import DecodeGraphs
-from serving.engine.engine import capture_decode_graphs
+from serving.engine.cuda_graphs import capture_decode_graphs
 from serving.engine.model_runner import (KVCachePlan, PrefillChunk, activation_reserve_bytes, kv_len_bucket,
                                          kv_len_buckets, model_context_len, plan_kv_cache)
 from serving.engine.sampling import RowSampling, sample_tokens
@@ -521,16 +521,17 @@ def test_stopping_a_stream_early_frees_its_slot(make_engine, how):
 
 
 def test_kv_cache_accounting_follows_every_token_through_joins_stops_aborts_and_chunks(make_engine):
-    """The engine keeps its count of cached tokens as they change (not recounted each step): at every emission it
-    equals the running sequences' prompt tokens cached plus tokens generated, through chunked prefill, EOS stops,
-    length stops, aborts mid-prefill and mid-decode, and requests joining; and it is 0 when all is done."""
+    """The scheduler's cache keeps its count of cached tokens as they change (not recounted each step): at every
+    emission it equals the running sequences' prompt tokens cached plus tokens generated, through chunked prefill, EOS
+    stops, length stops, aborts mid-prefill and mid-decode, and requests joining; and it is 0 when all is done."""
     engine = make_engine(max_num_seqs=3, max_prefill_tokens_per_step=16)
+    scheduler = engine.scheduler
     checked = []  # (kept count, recounted) at every emission; compared after the run, not in the loop thread
     original_emit = engine._emit
 
     def emit(seqs):
-        checked.append((engine._cache_tokens,
-                        sum(seq.num_cached + len(seq.output_ids) for seq in engine._running.values())))
+        checked.append((scheduler.cache.used_tokens,
+                        sum(seq.num_cached + len(seq.output_ids) for seq in scheduler.running)))
         return original_emit(seqs)
 
     engine._emit = emit
@@ -564,7 +565,7 @@ def test_kv_cache_accounting_follows_every_token_through_joins_stops_aborts_and_
     assert [reason for _, reason in results] == ["stop", "length", "abort", "length", "abort"]
     assert cached_when_aborted and 0 < cached_when_aborted[0] < 90
     assert [kept for kept, _ in checked] == [recounted for _, recounted in checked]
-    assert max(kept for kept, _ in checked) > 0 and engine._cache_tokens == 0
+    assert max(kept for kept, _ in checked) > 0 and scheduler.cache.used_tokens == 0
     assert engine.stats().kv_cache_usage == 0.0
 
 
@@ -573,14 +574,15 @@ def test_a_finished_requests_last_output_arrives_when_every_other_request_is_abo
     """A request ends in a step after which another keeps decoding, so its last output waits to go out during the
     next step; that other request is aborted before there is one. The last output must not wait for new work."""
     engine = make_engine(max_num_seqs=2)
-    append = engine._append
+    update = engine.scheduler.update
 
-    def append_then_abort_b(seqs, tokens):  # in the loop thread, within the step in which "a" ends
-        append(seqs, tokens)
-        if any(seq.request.request_id == "a" and seq.finished for seq in seqs):
+    def update_then_abort_b(rows, sampled):  # in the loop thread, within the step in which "a" ends
+        ended = update(rows, sampled)
+        if any(seq.request_id == "a" and seq.finished for seq in rows):
             engine.abort("b")
+        return ended
 
-    engine._append = append_then_abort_b
+    engine.scheduler.update = update_then_abort_b
 
     async def main():
         await engine.start()
@@ -1155,15 +1157,15 @@ def test_a_finished_requests_last_output_goes_out_before_the_host_waits_on_the_d
     among it) is sent before the loop blocks reading the step in flight, not after."""
     engine = make_engine(max_num_seqs=2, overlap=True)
     events: list[str] = []
-    finish = engine._finish
+    read_back = engine._read_back
 
     def read(in_flight, timeout_s=None):
         events.append("read")
-        finish(in_flight, timeout_s)
-        if any(seq.request.request_id == "a" and seq.finished for seqs, _ in in_flight.parts for seq in seqs):
+        read_back(in_flight, timeout_s)
+        if any(seq.request_id == "a" and seq.finished for seqs, _ in in_flight.parts for seq in seqs):
             events.append("a ended")
 
-    engine._finish = read
+    engine._read_back = read
 
     class EventSink(RecordingSink):
         def deliver(self, items):
