@@ -39,11 +39,11 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run with a time limit, log to $OUT/N
 if [ "$SMOKE" = 1 ]; then
   shape=tiny; device=cpu; dtype=float32; batches=1,4; levels=1,4; slots=8; level_s=5; kv=256; prompts=4
   load_extra=(--requests-per-level 4 --rounds 1 --in-min 16 --in-max 48 --out-min 8 --out-max 16)
-  http_levels=4; http_requests=8; variant_levels=4; http_request_count=16
+  http_levels=4; http_requests=8; variant_levels=4; http_request_count=16; gateway_levels=1,4; gateway_requests=8
 else
   shape=llama-3.2-1b; device=cuda; dtype=bfloat16; batches=1,16,64,256; levels=1,16,64,256; slots=256; level_s=15
   kv=1024; prompts=8; load_extra=(); http_levels=256; http_requests=512; http_request_count=4000
-  variant_levels=256
+  variant_levels=256; gateway_levels=1,16,64; gateway_requests=256
   # The serving packages the machine lacks, on their own path: its torch and numpy stay as they are.
   stage deps 90 "$PY" -m pip install --no-index --no-deps --quiet --target .gpu-session/deps .gpu-session/wheels/*.whl
   export PYTHONPATH="$PWD/.gpu-session/deps:$PWD"
@@ -96,10 +96,19 @@ stage http-off 40 "$PY" -m serving.bench.http_layer --concurrency "$http_levels"
 #    request (routing, validation, submission, opening and closing the stream; ENGINE_NOTES v7 predicts 0.6-1.0 ms).
 stage http-requests 30 "$PY" -m serving.bench.http_layer --concurrency 64 --requests-per-level "$http_request_count" \
   --out-min 1 --out-max 1 --device-ms 0.5 --python-ms 0.05 --max-level-seconds 8 --json-out "$OUT/http-requests.json"
+# 8. The gateway with cores of its own (the 2-core development VM shares them with the server): the same streaming
+#    load straight at the server and through `python -m serving.gateway` (issue 19: under 10% loss at 64 streams).
+stage gateway 80 "$PY" -m serving.bench.gateway --model-path "/tmp/bench-$shape" --device "$device" --dtype "$dtype" \
+  --max-num-seqs "$slots" --concurrency "$gateway_levels" --requests-per-level "$gateway_requests" --repeat 1 \
+  --max-level-seconds "$level_s" --json-out "$OUT/gateway.json"
+# 9. The liveness probe's latency while clients send each mix that used to stall the event loop (issue 22: under
+#    100 ms under any mix).
+stage liveness 45 "$PY" -m serving.bench.liveness --model-path "/tmp/bench-$shape" --max-model-len 1024 --seconds 4 \
+  --clients 8 --json-out "$OUT/liveness.json"
 
 echo; cat "$OUT/env.txt"; echo
 for name in gputests steps load baselines load-sdpa load-stepwise load-prefill8k http-on load-thread http-off \
-            http-requests; do
+            http-requests gateway liveness; do
   [ -f "$OUT/$name.log" ] || continue
   echo "== $name (tail)"; tail -n 12 "$OUT/$name.log"; echo
 done

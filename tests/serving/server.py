@@ -77,45 +77,33 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class ServerProcess:
-    def __init__(self, model_dir: Path, log_path: Path, *, env: dict[str, str] | None = None,
-                 args: tuple[str, ...] = (), port: int | None = None) -> None:
-        self.port = port or free_port()
+class ChildProcess:
+    """A `python -m ...` child on 127.0.0.1, its stdout and stderr (JSON log lines) in a file; stopped with SIGTERM
+    (as Kubernetes does), then killed if it does not exit."""
+
+    name = "process"
+    startup_timeout = STARTUP_TIMEOUT_S
+
+    def __init__(self, command: list[str], log_path: Path, env: dict[str, str], port: int) -> None:
+        self.port = port
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        command = [sys.executable, "-m", "serving", "--model-path", str(model_dir), "--model-name", MODEL_NAME,
-                   "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu", "--dtype", "float32", *args]
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         with open(log_path, "wb") as log:
-            self.process = subprocess.Popen(command, cwd=REPO_ROOT, env=full_env, stdout=log,
+            self.process = subprocess.Popen(command, cwd=REPO_ROOT, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=log,
                                             stderr=subprocess.STDOUT)
 
-    def wait_listening(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
+    def wait_listening(self, timeout: float | None = None) -> None:
+        timeout = self.startup_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_text()}")
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log_text()}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
                     return
             except OSError:
                 time.sleep(0.05)
-        raise TimeoutError(f"server did not listen within {timeout}s:\n{self.log_text()}")
-
-    def wait_started(self, timeout: float = STARTUP_TIMEOUT_S) -> list[int]:
-        """Poll /health/startup until 200; return every status seen on the way."""
-        self.wait_listening(timeout)
-        deadline = time.monotonic() + timeout
-        seen: list[int] = []
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_text()}")
-            status = httpx.get(f"{self.url}/health/startup", timeout=5).status_code
-            seen.append(status)
-            if status == 200:
-                return seen
-            time.sleep(0.05)
-        raise TimeoutError(f"server did not start within {timeout}s:\n{self.log_text()}")
+        raise TimeoutError(f"{self.name} did not listen within {timeout}s:\n{self.log_text()}")
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -133,6 +121,32 @@ class ServerProcess:
                 self.process.kill()
                 self.process.wait()
         return self.process.returncode
+
+
+class ServerProcess(ChildProcess):
+    name = "server"
+
+    def __init__(self, model_dir: Path, log_path: Path, *, env: dict[str, str] | None = None,
+                 args: tuple[str, ...] = (), port: int | None = None) -> None:
+        port = port or free_port()
+        command = [sys.executable, "-m", "serving", "--model-path", str(model_dir), "--model-name", MODEL_NAME,
+                   "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", "float32", *args]
+        super().__init__(command, log_path, {**os.environ, **(env or {})}, port)
+
+    def wait_started(self, timeout: float = STARTUP_TIMEOUT_S) -> list[int]:
+        """Poll /health/startup until 200; return every status seen on the way."""
+        self.wait_listening(timeout)
+        deadline = time.monotonic() + timeout
+        seen: list[int] = []
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_text()}")
+            status = httpx.get(f"{self.url}/health/startup", timeout=5).status_code
+            seen.append(status)
+            if status == 200:
+                return seen
+            time.sleep(0.05)
+        raise TimeoutError(f"server did not start within {timeout}s:\n{self.log_text()}")
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

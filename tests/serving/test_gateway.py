@@ -115,7 +115,7 @@ def test_the_openai_client_reaches_both_models_through_one_port(gateway, servers
     client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=KEYS["alice"], max_retries=0, timeout=120)
     assert sorted(model.id for model in client.models.list()) == ["tiny-a", "tiny-b"]
     for model, server in (("tiny-a", server_a), ("tiny-b", server_b.proc)):
-        before = sample(scrape(server.url), "llm_requests_total", model=model, code="200")
+        before = sample(scrape(server.url), "llm_requests_total", model=model, status="success", code="200")
         chunks = list(client.completions.create(model=model, prompt="Hello", max_tokens=6, stream=True,
                                                 extra_body={"ignore_eos": True}))
         assert sum(len(chunk.choices[0].text) for chunk in chunks if chunk.choices) > 0
@@ -126,7 +126,7 @@ def test_the_openai_client_reaches_both_models_through_one_port(gateway, servers
         whole = client.completions.create(model=model, prompt="Hello", max_tokens=3,
                                           extra_body={"ignore_eos": True})
         assert whole.usage.completion_tokens == 3
-        assert sample(scrape(server.url), "llm_requests_total", model=model, code="200") == before + 3
+        assert sample(scrape(server.url), "llm_requests_total", model=model, status="success", code="200") == before + 3
 
 
 @pytest.mark.parametrize("case", ["unknown model", "no model", "bad json", "not an object", "too large",
