@@ -6,23 +6,19 @@ the kubelet restarts the pod rather than the Service sending it traffic it can o
 SIGINT drains (readiness fails, in-flight requests get up to DRAIN_SECONDS, the rest are aborted, the engine shuts
 down); a second one exits at once.
 
-uvicorn's own handling would not do: it closes the listening socket immediately (so readiness probes get
-connection errors rather than a 503), bounds in-flight work by its own timeout, and re-raises the signal
-after shutting down, so the process dies of SIGTERM instead of exiting 0.
+Why not uvicorn's own signal handling: `serving.draining`.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 import sys
-from types import FrameType
 
 import uvicorn
 from starlette.types import ASGIApp
 
 from serving.app import create_app
 from serving.connections import guarded_protocol
+from serving.draining import DrainingServer
 from serving.engine.config import GIL_SWITCH_INTERVAL_S, EngineConfig
 from serving.logs import configure_logging, route_transformers_logging
 from serving.settings import Settings, SettingsError, load_settings
@@ -32,46 +28,6 @@ logger = logging.getLogger("serving")
 
 # After our drain has finished or aborted everything, uvicorn only has to flush and close connections.
 _UVICORN_GRACEFUL_SECONDS = 5
-
-
-class DrainingServer(uvicorn.Server):
-    """uvicorn.Server whose first SIGTERM/SIGINT drains the app before uvicorn's shutdown begins."""
-
-    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
-        super().__init__(config)
-        self._state = state
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._drain: asyncio.Task | None = None
-
-    async def startup(self, sockets=None) -> None:
-        self._loop = asyncio.get_running_loop()
-        await super().startup(sockets)
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        # Called by uvicorn's signal.signal handler on the main thread, which also runs the event loop,
-        # between two bytecodes: schedule work on the loop rather than doing it here. Not recording the
-        # signal in `_captured_signals` keeps uvicorn from re-raising it after shutdown (exit code 0).
-        if self._drain is not None or self._loop is None:
-            logger.warning("second signal: exiting without waiting", extra={"signal": signal.Signals(sig).name})
-            self.should_exit = True
-            self.force_exit = True
-            return
-        logger.info("signal received: draining", extra={"signal": signal.Signals(sig).name})
-        self._loop.call_soon_threadsafe(self._start_drain)
-
-    def _start_drain(self) -> None:
-        self._drain = asyncio.ensure_future(self._drain_then_exit())
-
-    async def _drain_then_exit(self) -> None:
-        try:
-            await self._state.drain(self._state.settings.drain_seconds)
-        finally:
-            self.should_exit = True
-
-    async def on_tick(self, counter: int) -> bool:
-        # A model that failed to load (exit 1) or an engine that died (exit 3) ends the process, so the kubelet
-        # restarts it, visibly. uvicorn's shutdown then lets open responses finish: streams already hold their error.
-        return self._state.phase is Phase.FAILED or self._state.engine_died() or await super().on_tick(counter)
 
 
 def engine_config(settings: Settings) -> EngineConfig:
@@ -125,7 +81,9 @@ def serve(settings: Settings, engine: EngineSource) -> int:
     logger.info("starting", extra={"event": "starting", "model": settings.model_name,
                                    "model_path": str(settings.model_path), "host": settings.host,
                                    "port": settings.port, "auth": settings.auth_enabled})
-    DrainingServer(config, state).run()
+    # A model that failed to load (exit 1) or an engine that died (exit 3) ends the process.
+    DrainingServer(config, drain=lambda: state.drain(settings.drain_seconds),
+                   failed=lambda: state.phase is Phase.FAILED or state.engine_died()).run()
     return {Phase.FAILED: 1, Phase.ENGINE_DEAD: 3}.get(state.phase, 0)
 
 

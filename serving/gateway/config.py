@@ -35,6 +35,9 @@ DEFAULT_LOAD_FACTOR = 1.25
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 DEFAULT_DRAIN_SECONDS = 30.0
 DEFAULT_DISCOVERY_SECONDS = 1.0
+DEFAULT_MAX_CONNECTIONS = 4096
+"""Above the model server's 1024: every client stream of every model holds a connection here."""
+DEFAULT_HEADER_TIMEOUT_SECONDS = 10.0
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -77,6 +80,10 @@ class GatewayConfig:
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
     discovery_seconds: float = DEFAULT_DISCOVERY_SECONDS
     """How often pod addresses are re-resolved (and static upstreams probed)."""
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    """Open client connections; more are closed as they arrive (`serving.connections`)."""
+    header_timeout_seconds: float = DEFAULT_HEADER_TIMEOUT_SECONDS
+    """A request's headers must arrive within this long (408 and close)."""
     log_level: str = "info"
 
     def __repr__(self) -> str:  # the environment key must not reach a log line through a repr
@@ -161,6 +168,10 @@ _OPTIONS: tuple[tuple[str, str, str, Callable[[str], object], str], ...] = (
      f"after SIGTERM, how long in-flight requests may run (default {DEFAULT_DRAIN_SECONDS:g})"),
     ("discovery_seconds", "--discovery-seconds", "DISCOVERY_SECONDS", _positive_seconds,
      f"how often pod addresses are re-resolved (default {DEFAULT_DISCOVERY_SECONDS:g})"),
+    ("max_connections", "--max-connections", "MAX_CONNECTIONS", _positive_int,
+     f"open client connections; more are closed as they arrive (default {DEFAULT_MAX_CONNECTIONS})"),
+    ("header_timeout_seconds", "--header-timeout-seconds", "HEADER_TIMEOUT_SECONDS", _positive_seconds,
+     f"time for a request's headers to arrive, else 408 (default {DEFAULT_HEADER_TIMEOUT_SECONDS:g})"),
     ("log_level", "--log-level", "LOG_LEVEL", _log_level, "log level (default info)"),
 )
 

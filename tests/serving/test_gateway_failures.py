@@ -278,3 +278,26 @@ def test_a_request_still_waiting_at_the_end_of_the_drain_gets_a_503(tmp_path):
         assert gateway.process.wait(60) == 0
     finally:
         gateway.terminate()
+
+
+def test_the_public_endpoint_cuts_slow_headers_and_caps_connections(pods, tmp_path):
+    """The gateway is what the Ingress exposes: half-open connections and headers that trickle in must not pile up
+    (the model server's guard, `serving.connections`, in front of the gateway too)."""
+    import socket
+
+    from tests.serving.test_http_hardening import exchange
+
+    proc = GatewayProcess(tmp_path / "gateway.log", ["--route", f"solo={pods['solo'].url}",
+                                                     "--header-timeout-seconds", "0.5", "--max-connections", "2"])
+    try:
+        answer = exchange(proc.port, b"GET /health/live HTTP/1.1\r\nHost: x\r\n")
+        assert answer.startswith(b"HTTP/1.1 408 ") and b"request_timeout" in answer
+        held = [socket.create_connection(("127.0.0.1", proc.port)) for _ in range(2)]
+        try:
+            assert exchange(proc.port, b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n") == b""  # closed at once
+        finally:
+            for sock in held:
+                sock.close()
+        assert httpx.get(f"{proc.url}/health/live", timeout=10).status_code == 200  # room again
+    finally:
+        assert proc.terminate() == 0, proc.log_text()
