@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
-import sys
 import time
 import uuid
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
@@ -34,6 +32,8 @@ from serving.engine.interface import (
     SamplingParams,
 )
 from serving.errors import CLIENT_CLOSED_REQUEST, APIError, bad_request, error_body, validation_error
+from serving.json_body import JsonBodyError
+from serving.json_body import parse_json_object as json_body_object
 from serving.protocol import (
     BaseGenerationRequest,
     ChatChoice,
@@ -103,57 +103,12 @@ def json_body(model: type[RequestT]) -> Callable[[Request], Awaitable[RequestT]]
 
 # Bodies up to this size are parsed on the event loop: less than the cost of handing them to a thread.
 _PARSE_ON_LOOP_BYTES = 64 * 1024
-# A JSON escape of a UTF-16 surrogate (`\ud800`-`\udfff`): only a body holding one can decode to a lone surrogate.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-
-
 def parse_json_object(raw: bytes) -> dict:
-    """The body as a JSON object, or a 400 for anything else: not UTF-8, not JSON, nested too deeply to parse, an
-    integer too long to convert (Python's 4,300-digit limit, even in a field the server ignores), or a lone UTF-16
-    surrogate in any string (not Unicode text: the tokenizer cannot take it)."""
+    """The body as a JSON object, or a 400 (`serving.json_body`: hostile bodies are client errors, not 500s)."""
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise bad_request(f"Request body is not valid UTF-8 ({exc}); send JSON encoded as UTF-8",
-                          code="invalid_json") from None
-    try:
-        data = json.loads(text)
-    except RecursionError:
-        raise bad_request("Request body nests arrays or objects too deeply to parse; a request needs a few levels",
-                          code="invalid_json") from None
-    except ValueError as exc:  # JSONDecodeError, or an integer literal past the int conversion limit
-        if "integer string conversion" in str(exc):
-            raise bad_request(f"Request body holds an integer literal longer than {sys.get_int_max_str_digits()} "
-                              "digits; no field takes such a number", code="invalid_json") from None
-        raise bad_request(f"Request body is not valid JSON ({exc}); send a JSON object", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise bad_request(f"Request body must be a JSON object, not {type(data).__name__}", code="invalid_json")
-    if _SURROGATE_ESCAPE.search(raw):
-        found = _lone_surrogate(data)
-        if found is not None:
-            where, field = found
-            raise bad_request(f"{where} holds a lone UTF-16 surrogate (an escape in \\ud800-\\udfff without its pair), "
-                              "which is not Unicode text; send valid Unicode", param=field, code="invalid_json")
-    return data
-
-
-def _lone_surrogate(data: dict) -> tuple[str, str] | None:
-    """(path, top-level field) of the first string, value or key, in `data` that holds a lone surrogate, else None."""
-    todo: list[tuple[str, str, Any]] = [(str(key), str(key), key) for key in data]
-    todo += [(str(key), str(key), value) for key, value in data.items()]
-    while todo:
-        path, field, value = todo.pop()
-        if isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                return path, field
-        elif isinstance(value, dict):
-            todo += [(f"{path}.{key}", field, key) for key in value]
-            todo += [(f"{path}.{key}", field, item) for key, item in value.items()]
-        elif isinstance(value, list):
-            todo += [(f"{path}[{index}]", field, item) for index, item in enumerate(value)]
-    return None
+        return json_body_object(raw)
+    except JsonBodyError as exc:
+        raise bad_request(str(exc), param=exc.param, code="invalid_json") from None
 
 
 @router.get("/models")

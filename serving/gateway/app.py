@@ -26,6 +26,7 @@ from serving.errors import CLIENT_CLOSED_REQUEST
 from serving.gateway.config import GatewayConfig
 from serving.gateway.discovery import Discovery
 from serving.gateway.errors import GatewayError
+from serving.json_body import JsonBodyError, parse_json_object
 from serving.gateway.limits import KeyLimiter, retry_after
 from serving.gateway.metrics import ANONYMOUS, NO_MODEL, UNKNOWN_MODEL, GatewayMetrics
 from serving.gateway.pool import ModelPool, NoPodReady, QueueFull, QueueTimeout, ShuttingDown
@@ -289,19 +290,27 @@ class Gateway:
         declared = headers.get(b"content-length", b"")
         chunks, size, more = [], 0, True
         too_large = declared.isdigit() and int(declared) > limit
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                too_large = True
-            if not too_large:
-                chunks.append(chunk)
-            elif size > _DISCARD_CAP_BYTES:
-                break
-            more = message.get("more_body", False)
+        seconds = self.config.body_timeout_seconds
+        try:
+            # The whole body within the deadline: a client trickling a byte a second would otherwise hold its
+            # connection and task for ever.
+            async with asyncio.timeout(seconds):
+                while more:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        return None
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > limit:
+                        too_large = True
+                    if not too_large:
+                        chunks.append(chunk)
+                    elif size > _DISCARD_CAP_BYTES:
+                        break
+                    more = message.get("more_body", False)
+        except TimeoutError:
+            raise GatewayError(408, f"The request body did not arrive within {seconds:g} seconds; send it at once",
+                               code="request_timeout", headers={"Connection": "close"}) from None
         if too_large:
             raise GatewayError(413, f"Request body is larger than {limit} bytes; send a smaller request",
                                code="request_too_large")
@@ -309,15 +318,11 @@ class Gateway:
 
 
 def _parse(body: bytes) -> dict:
+    """The body as a JSON object, or a 400 (`serving.json_body`: hostile bodies are client errors, not 500s)."""
     try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise GatewayError(400, f"Request body is not valid JSON ({exc}); send a JSON object",
-                           code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise GatewayError(400, f"Request body must be a JSON object, not {type(data).__name__}",
-                           code="invalid_json")
-    return data
+        return parse_json_object(body)
+    except JsonBodyError as exc:
+        raise GatewayError(400, str(exc), code="invalid_json", param=exc.param) from None
 
 
 def prefix_of(data: dict, chars: int) -> bytes | None:

@@ -38,6 +38,7 @@ DEFAULT_DISCOVERY_SECONDS = 1.0
 DEFAULT_MAX_CONNECTIONS = 4096
 """Above the model server's 1024: every client stream of every model holds a connection here."""
 DEFAULT_HEADER_TIMEOUT_SECONDS = 10.0
+DEFAULT_BODY_TIMEOUT_SECONDS = 30.0
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -84,6 +85,8 @@ class GatewayConfig:
     """Open client connections; more are closed as they arrive (`serving.connections`)."""
     header_timeout_seconds: float = DEFAULT_HEADER_TIMEOUT_SECONDS
     """A request's headers must arrive within this long (408 and close)."""
+    body_timeout_seconds: float = DEFAULT_BODY_TIMEOUT_SECONDS
+    """A request's whole body must arrive within this long after its headers (408 and close)."""
     log_level: str = "info"
 
     def __repr__(self) -> str:  # the environment key must not reach a log line through a repr
@@ -172,6 +175,8 @@ _OPTIONS: tuple[tuple[str, str, str, Callable[[str], object], str], ...] = (
      f"open client connections; more are closed as they arrive (default {DEFAULT_MAX_CONNECTIONS})"),
     ("header_timeout_seconds", "--header-timeout-seconds", "HEADER_TIMEOUT_SECONDS", _positive_seconds,
      f"time for a request's headers to arrive, else 408 (default {DEFAULT_HEADER_TIMEOUT_SECONDS:g})"),
+    ("body_timeout_seconds", "--body-timeout-seconds", "BODY_TIMEOUT_SECONDS", _positive_seconds,
+     f"time for a request's body to arrive after its headers, else 408 (default {DEFAULT_BODY_TIMEOUT_SECONDS:g})"),
     ("log_level", "--log-level", "LOG_LEVEL", _log_level, "log level (default info)"),
 )
 

@@ -130,7 +130,8 @@ def test_the_openai_client_reaches_both_models_through_one_port(gateway, servers
 
 
 @pytest.mark.parametrize("case", ["unknown model", "no model", "bad json", "not an object", "too large",
-                                  "no key", "wrong key", "wrong method"])
+                                  "deep nesting", "huge integer", "lone surrogate", "no key", "wrong key",
+                                  "wrong method"])
 def test_client_mistakes_are_openai_shaped_4xx(gateway, cold_start, case):
     url = f"{gateway.url}/v1/completions"
     if case == "unknown model":
@@ -149,6 +150,18 @@ def test_client_mistakes_are_openai_shaped_4xx(gateway, cold_start, case):
     elif case == "too large":
         response = post(gateway, {"model": "tiny-a", "prompt": "x" * (2 * 1024 * 1024)})
         assert response.status_code == 413
+    elif case == "deep nesting":  # a RecursionError in json.loads
+        response = httpx.post(url, content=b'{"model": "tiny-a", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                              headers=ALICE)
+        assert response.status_code == 400 and "too deeply" in response.json()["error"]["message"]
+    elif case == "huge integer":  # a ValueError past Python's int conversion limit, in a field nobody reads
+        response = httpx.post(url, content=b'{"model": "tiny-a", "prompt": "x", "n_": ' + b"7" * 5000 + b"}",
+                              headers=ALICE)
+        assert response.status_code == 400 and "integer literal longer than" in response.json()["error"]["message"]
+    elif case == "lone surrogate":
+        response = httpx.post(url, content=b'{"model": "tiny-a", "prompt": "hi \\ud800"}', headers=ALICE)
+        error = response.json()["error"]
+        assert response.status_code == 400 and error["param"] == "prompt" and "surrogate" in error["message"]
     elif case == "no key":
         response = httpx.post(url, json={"model": "tiny-a", "prompt": "x"})
         assert response.status_code == 401 and "Missing API key" in response.json()["error"]["message"]

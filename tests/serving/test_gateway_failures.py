@@ -288,10 +288,16 @@ def test_the_public_endpoint_cuts_slow_headers_and_caps_connections(pods, tmp_pa
     from tests.serving.test_http_hardening import exchange
 
     proc = GatewayProcess(tmp_path / "gateway.log", ["--route", f"solo={pods['solo'].url}",
-                                                     "--header-timeout-seconds", "0.5", "--max-connections", "2"])
+                                                     "--header-timeout-seconds", "0.5", "--max-connections", "2",
+                                                     "--body-timeout-seconds", "1"])
     try:
         answer = exchange(proc.port, b"GET /health/live HTTP/1.1\r\nHost: x\r\n")
         assert answer.startswith(b"HTTP/1.1 408 ") and b"request_timeout" in answer
+        # Headers in time, then a body a byte every 0.3 s: cut at the body deadline, the connection closed.
+        head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 40\r\n\r\n")
+        answer = exchange(proc.port, head, [b" "] * 20, every=0.3)
+        assert answer.startswith(b"HTTP/1.1 408 ") and b"did not arrive within 1 seconds" in answer
         held = [socket.create_connection(("127.0.0.1", proc.port)) for _ in range(2)]
         try:
             assert exchange(proc.port, b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n") == b""  # closed at once
