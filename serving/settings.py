@@ -10,11 +10,14 @@ import argparse
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence, TypeVar
+from typing import Mapping, Sequence
 
 from serving.api_keys import KeyFileError, read_keys_file
+from serving.options import (
+    LOG_LEVELS, Option, auto_switch, choice, fraction, non_negative_float, option_parser, port, positive_float,
+    positive_int, read_options, switch,
+)
 
-T = TypeVar("T")
 
 DEFAULT_PORT = 8000
 DEFAULT_HOST = "0.0.0.0"
@@ -28,7 +31,6 @@ BODY_BYTES_BEFORE_LOAD = 1024 * 1024
 DEFAULT_MAX_CONNECTIONS = 1024
 DEFAULT_HEADER_TIMEOUT_SECONDS = 10.0
 DEFAULT_BODY_TIMEOUT_SECONDS = 30.0
-LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class SettingsError(ValueError):
@@ -92,159 +94,59 @@ def default_max_body_bytes(max_model_len: int) -> int:
     return BODY_OVERHEAD_BYTES + BODY_BYTES_PER_TOKEN * max_model_len
 
 
-def _whole_number(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError("is not a whole number") from None
-
-
-def _number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError("is not a number") from None
-
-
-def _positive_int(text: str) -> int:
-    value = _whole_number(text)
-    if value < 1:
-        raise ValueError("must be a positive integer")
-    return value
-
-
-def _port(text: str) -> int:
-    value = _whole_number(text)
-    if not 1 <= value <= 65535:
-        raise ValueError("must be between 1 and 65535")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = _number(text)
-    if not 0 <= value < float("inf"):  # also rejects NaN
-        raise ValueError("must be a finite number >= 0")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _number(text)
-    if not 0 < value < float("inf"):  # also rejects NaN
-        raise ValueError("must be a finite number > 0")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = _number(text)
-    if not 0 < value <= 1:
-        raise ValueError("must be in (0, 1]")
-    return value
-
-
-def _switch(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("1", "true", "on", "yes"):
-        return True
-    if value in ("0", "false", "off", "no"):
-        return False
-    raise ValueError("must be on or off (true/false, 1/0)")
-
-
-def _auto_switch(text: str) -> bool | None:
-    """`auto` (None: the engine decides), or a switch."""
-    if text.strip().lower() == "auto":
-        return None
-    try:
-        return _switch(text)
-    except ValueError:
-        raise ValueError("must be auto, on or off") from None
-
-
-def _choice(*allowed: str) -> Callable[[str], str]:
-    def parse(text: str) -> str:
-        value = text.strip().lower()
-        if value not in allowed:
-            raise ValueError(f"must be one of {', '.join(allowed)}")
-        return value
-
-    return parse
-
-
-# (attribute, flag, environment variable, parser, help)
-_OPTIONS: tuple[tuple[str, str, str, Callable[[str], object], str], ...] = (
+_OPTIONS = tuple(Option(*option) for option in (
     ("model_path", "--model-path", "MODEL_PATH", str, "model directory (required)"),
     ("model_name", "--model-name", "MODEL_NAME", str, "served model name (default: the directory's base name)"),
     ("host", "--host", "HOST", str, f"bind address (default {DEFAULT_HOST})"),
-    ("port", "--port", "PORT", _port, f"listen port (default {DEFAULT_PORT})"),
+    ("port", "--port", "PORT", port, f"listen port (default {DEFAULT_PORT})"),
     ("api_keys_file", "--api-keys-file", "API_KEYS_FILE", str,
      "file of API keys, one per line, plain or NAME:KEY (# comments); re-read when it changes"),
-    ("max_num_seqs", "--max-num-seqs", "MAX_NUM_SEQS", _positive_int, "requests decoded together"),
-    ("max_model_len", "--max-model-len", "MAX_MODEL_LEN", _positive_int, "context window in tokens"),
-    ("max_queue", "--max-queue", "MAX_QUEUE", _positive_int, "waiting requests before 429"),
-    ("device", "--device", "DEVICE", _choice("auto", "cuda", "cpu"),
+    ("max_num_seqs", "--max-num-seqs", "MAX_NUM_SEQS", positive_int, "requests decoded together"),
+    ("max_model_len", "--max-model-len", "MAX_MODEL_LEN", positive_int, "context window in tokens"),
+    ("max_queue", "--max-queue", "MAX_QUEUE", positive_int, "waiting requests before 429"),
+    ("device", "--device", "DEVICE", choice("auto", "cuda", "cpu"),
      "auto, cuda or cpu (default auto: CUDA if visible)"),
-    ("dtype", "--dtype", "DTYPE", _choice("auto", "bfloat16", "float16", "float32"),
+    ("dtype", "--dtype", "DTYPE", choice("auto", "bfloat16", "float16", "float32"),
      "auto, bfloat16, float16 or float32 (default auto: bfloat16 on GPU, float32 on CPU)"),
-    ("gpu_memory_utilization", "--gpu-memory-utilization", "GPU_MEMORY_UTILIZATION", _fraction,
+    ("gpu_memory_utilization", "--gpu-memory-utilization", "GPU_MEMORY_UTILIZATION", fraction,
      "fraction of GPU memory for the engine"),
-    ("cuda_graphs", "--cuda-graphs", "CUDA_GRAPHS", _switch,
+    ("cuda_graphs", "--cuda-graphs", "CUDA_GRAPHS", switch,
      "on or off: decode from CUDA graphs on a GPU (default on)"),
-    ("max_prefill_tokens", "--max-prefill-tokens", "MAX_PREFILL_TOKENS", _positive_int,
+    ("max_prefill_tokens", "--max-prefill-tokens", "MAX_PREFILL_TOKENS", positive_int,
      "prompt tokens prefilled per engine step (default 2048)"),
-    ("attention_backend", "--attention-backend", "ATTENTION_BACKEND", _choice("auto", "flash", "sdpa"),
+    ("attention_backend", "--attention-backend", "ATTENTION_BACKEND", choice("auto", "flash", "sdpa"),
      "auto, flash or sdpa: how attention reads the KV cache (default auto: flash where it applies)"),
-    ("overlap", "--overlap", "OVERLAP", _auto_switch,
+    ("overlap", "--overlap", "OVERLAP", auto_switch,
      "auto, on or off: launch each engine step before the last one's tokens are read back (default auto: on CUDA)"),
-    ("engine_process", "--engine-process", "ENGINE_PROCESS", _switch,
+    ("engine_process", "--engine-process", "ENGINE_PROCESS", switch,
      "on or off: run the engine in a process of its own, apart from HTTP streaming (default on)"),
-    ("max_body_bytes", "--max-body-bytes", "MAX_BODY_BYTES", _positive_int,
+    ("max_body_bytes", "--max-body-bytes", "MAX_BODY_BYTES", positive_int,
      f"largest request body (default {BODY_OVERHEAD_BYTES} + {BODY_BYTES_PER_TOKEN} per token of the context window)"),
-    ("max_connections", "--max-connections", "MAX_CONNECTIONS", _positive_int,
+    ("max_connections", "--max-connections", "MAX_CONNECTIONS", positive_int,
      f"open connections; more are closed as they arrive (default {DEFAULT_MAX_CONNECTIONS})"),
-    ("header_timeout_seconds", "--header-timeout-seconds", "HEADER_TIMEOUT_SECONDS", _positive_float,
+    ("header_timeout_seconds", "--header-timeout-seconds", "HEADER_TIMEOUT_SECONDS", positive_float,
      f"time for a request's headers to arrive, else 408 (default {DEFAULT_HEADER_TIMEOUT_SECONDS:g})"),
-    ("body_timeout_seconds", "--body-timeout-seconds", "BODY_TIMEOUT_SECONDS", _positive_float,
+    ("body_timeout_seconds", "--body-timeout-seconds", "BODY_TIMEOUT_SECONDS", positive_float,
      f"time for a request's body to arrive after its headers, else 408 (default {DEFAULT_BODY_TIMEOUT_SECONDS:g})"),
-    ("drain_seconds", "--drain-seconds", "DRAIN_SECONDS", _non_negative_float,
+    ("drain_seconds", "--drain-seconds", "DRAIN_SECONDS", non_negative_float,
      f"grace period after SIGTERM (default {DEFAULT_DRAIN_SECONDS:g})"),
-    ("log_level", "--log-level", "LOG_LEVEL", _choice(*LOG_LEVELS), "log level (default info)"),
-)
-
-
-class _OneLineErrorParser(argparse.ArgumentParser):
-    """argparse prints usage plus an error; the contract is one clear line, raised like every other bad value."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise SettingsError(message)
+    ("log_level", "--log-level", "LOG_LEVEL", choice(*LOG_LEVELS), "log level (default info)"),
+))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineErrorParser(
-        prog="python -m serving",
-        description="OpenAI-compatible LLM server. Every flag can also be set by the environment variable shown.",
-        epilog="API_KEY (environment only, e.g. from a Kubernetes Secret) adds one key to those of API_KEYS_FILE; "
-               "with no key configured the API is open.",
-    )
-    for attribute, flag, env, _, help_text in _OPTIONS:
-        parser.add_argument(flag, dest=attribute, default=None, metavar=env, help=f"{help_text} [env {env}]")
-    return parser
+    return option_parser(
+        "python -m serving",
+        "OpenAI-compatible LLM server. Every flag can also be set by the environment variable shown.",
+        "API_KEY (environment only, e.g. from a Kubernetes Secret) adds one key to those of API_KEYS_FILE; with no "
+        "key configured the API is open.", _OPTIONS, SettingsError)
 
 
 def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Build Settings from flags (`argv`, without the program name) and environment; raise SettingsError."""
     environ = os.environ if environ is None else environ
     flags = vars(build_parser().parse_args(list(argv) if argv is not None else None))
-    values: dict[str, object] = {}
-    for attribute, flag, env, parse, _ in _OPTIONS:
-        raw, source = flags.get(attribute), flag
-        if raw is None and environ.get(env, "").strip():
-            raw, source = environ[env], env
-        if raw is None:
-            continue
-        try:
-            values[attribute] = parse(raw.strip())
-        except ValueError as exc:
-            raise SettingsError(f"{source}={raw!r}: {exc}") from None
+    values = read_options(flags, _OPTIONS, environ, SettingsError)
 
     if "model_path" not in values:
         raise SettingsError("no model: pass --model-path DIR or set MODEL_PATH")

@@ -22,6 +22,10 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 from urllib.parse import urlsplit
 
+from serving.options import (
+    LOG_LEVELS, Option, choice, non_negative_float, option_parser, port, positive_float, positive_int, read_options,
+)
+
 DEFAULT_HOST = "0.0.0.0"
 DEFAULT_PORT = 8000
 DEFAULT_COLD_START_TIMEOUT_SECONDS = 600.0
@@ -39,7 +43,6 @@ DEFAULT_MAX_CONNECTIONS = 4096
 """Above the model server's 1024: every client stream of every model holds a connection here."""
 DEFAULT_HEADER_TIMEOUT_SECONDS = 10.0
 DEFAULT_BODY_TIMEOUT_SECONDS = 30.0
-LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class ConfigError(ValueError):
@@ -93,113 +96,55 @@ class GatewayConfig:
         return f"GatewayConfig(models={[route.model for route in self.routes]}, port={self.port})"
 
 
-# ---- value parsers: each raises ValueError saying what is allowed --------------------------------------------
-
-
-def _whole_number(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError("is not a whole number") from None
-
-
-def _positive_int(text: str) -> int:
-    value = _whole_number(text)
-    if value < 1:
-        raise ValueError("must be a positive integer")
-    return value
-
-
-def _port(text: str) -> int:
-    value = _whole_number(text)
-    if not 1 <= value <= 65535:
-        raise ValueError("must be between 1 and 65535")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError("is not a number") from None
-    if not 0 <= value < math.inf:  # also rejects NaN
-        raise ValueError("must be a finite number >= 0")
-    return value
-
-
-def _positive_seconds(text: str) -> float:
-    value = _seconds(text)
-    if value <= 0:
-        raise ValueError("must be a number > 0")
-    return value
-
-
 def _load_factor(text: str) -> float:
-    value = _seconds(text)
+    value = non_negative_float(text)
     if value < 1:
         raise ValueError("must be at least 1 (1.25 lets a pod take 25% more than the average load)")
     return value
 
 
-def _log_level(text: str) -> str:
-    value = text.strip().lower()
-    if value not in LOG_LEVELS:
-        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
-    return value
-
-
-# (attribute, flag, environment variable, parser, help)
-_OPTIONS: tuple[tuple[str, str, str, Callable[[str], object], str], ...] = (
+_OPTIONS = tuple(Option(*option) for option in (
     ("host", "--host", "HOST", str, f"bind address (default {DEFAULT_HOST})"),
-    ("port", "--port", "PORT", _port, f"listen port (default {DEFAULT_PORT})"),
+    ("port", "--port", "PORT", port, f"listen port (default {DEFAULT_PORT})"),
     ("routes_file", "--routes-file", "ROUTES_FILE", str, "JSON routes file: each model's headless Service"),
     ("api_keys_file", "--api-keys-file", "API_KEYS_FILE", str,
      "API keys, one per line: KEY or NAME:KEY [rpm=N] [tpm=N] (# comments)"),
-    ("cold_start_timeout_seconds", "--cold-start-timeout-seconds", "COLD_START_TIMEOUT_SECONDS", _seconds,
+    ("cold_start_timeout_seconds", "--cold-start-timeout-seconds", "COLD_START_TIMEOUT_SECONDS",
+     non_negative_float,
      f"for --route models: how long a request waits for a ready pod (default {DEFAULT_COLD_START_TIMEOUT_SECONDS:g})"),
-    ("max_queue", "--max-queue", "MAX_QUEUE", _positive_int,
+    ("max_queue", "--max-queue", "MAX_QUEUE", positive_int,
      f"for --route models: requests waiting per model before 429 (default {DEFAULT_MAX_QUEUE})"),
-    ("max_inflight_per_pod", "--max-inflight-per-pod", "MAX_INFLIGHT_PER_POD", _positive_int,
+    ("max_inflight_per_pod", "--max-inflight-per-pod", "MAX_INFLIGHT_PER_POD", positive_int,
      f"for --route models: requests sent to one pod at once (default {DEFAULT_MAX_INFLIGHT_PER_POD})"),
-    ("prefix_chars", "--prefix-chars", "PREFIX_CHARS", _positive_int,
+    ("prefix_chars", "--prefix-chars", "PREFIX_CHARS", positive_int,
      f"leading prompt characters hashed for prefix affinity (default {DEFAULT_PREFIX_CHARS})"),
     ("load_factor", "--load-factor", "LOAD_FACTOR", _load_factor,
      f"a hashed pod keeps requests while its load is within this times the average (default {DEFAULT_LOAD_FACTOR})"),
-    ("max_body_bytes", "--max-body-bytes", "MAX_BODY_BYTES", _positive_int,
+    ("max_body_bytes", "--max-body-bytes", "MAX_BODY_BYTES", positive_int,
      f"largest request body (default {DEFAULT_MAX_BODY_BYTES})"),
-    ("drain_seconds", "--drain-seconds", "DRAIN_SECONDS", _seconds,
+    ("drain_seconds", "--drain-seconds", "DRAIN_SECONDS", non_negative_float,
      f"after SIGTERM, how long in-flight requests may run (default {DEFAULT_DRAIN_SECONDS:g})"),
-    ("discovery_seconds", "--discovery-seconds", "DISCOVERY_SECONDS", _positive_seconds,
+    ("discovery_seconds", "--discovery-seconds", "DISCOVERY_SECONDS", positive_float,
      f"how often pod addresses are re-resolved (default {DEFAULT_DISCOVERY_SECONDS:g})"),
-    ("max_connections", "--max-connections", "MAX_CONNECTIONS", _positive_int,
+    ("max_connections", "--max-connections", "MAX_CONNECTIONS", positive_int,
      f"open client connections; more are closed as they arrive (default {DEFAULT_MAX_CONNECTIONS})"),
-    ("header_timeout_seconds", "--header-timeout-seconds", "HEADER_TIMEOUT_SECONDS", _positive_seconds,
+    ("header_timeout_seconds", "--header-timeout-seconds", "HEADER_TIMEOUT_SECONDS", positive_float,
      f"time for a request's headers to arrive, else 408 (default {DEFAULT_HEADER_TIMEOUT_SECONDS:g})"),
-    ("body_timeout_seconds", "--body-timeout-seconds", "BODY_TIMEOUT_SECONDS", _positive_seconds,
+    ("body_timeout_seconds", "--body-timeout-seconds", "BODY_TIMEOUT_SECONDS", positive_float,
      f"time for a request's body to arrive after its headers, else 408 (default {DEFAULT_BODY_TIMEOUT_SECONDS:g})"),
-    ("log_level", "--log-level", "LOG_LEVEL", _log_level, "log level (default info)"),
-)
-
-
-class _OneLineErrorParser(argparse.ArgumentParser):
-    """argparse prints usage plus an error; the contract is one clear line, raised like every other bad value."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise ConfigError(message)
+    ("log_level", "--log-level", "LOG_LEVEL", choice(*LOG_LEVELS), "log level (default info)"),
+))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineErrorParser(
-        prog="python -m serving.gateway",
-        description="Model-aware OpenAI gateway. Every flag can also be set by the environment variable shown.",
-        epilog="API_KEY (environment only, e.g. from a Kubernetes Secret) adds one key, named env, to those of "
-               "API_KEYS_FILE; with no key configured the API is open.",
-    )
+    parser = option_parser(
+        "python -m serving.gateway",
+        "Model-aware OpenAI gateway. Every flag can also be set by the environment variable shown.",
+        "API_KEY (environment only, e.g. from a Kubernetes Secret) adds one key, named env, to those of "
+        "API_KEYS_FILE; with no key configured the API is open.", _OPTIONS, ConfigError)
     parser.add_argument("--route", dest="route", action="append", default=None, metavar="MODEL=URL[,URL...]",
                         help="a model and its static upstreams; repeat per model [env ROUTES, routes separated "
                              "by ';']")
-    for attribute, flag, env, _, help_text in _OPTIONS:
-        parser.add_argument(flag, dest=attribute, default=None, metavar=env, help=f"{help_text} [env {env}]")
     return parser
 
 
@@ -207,17 +152,7 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
     """Build the config from flags (`argv`, without the program name), environment and routes file."""
     environ = os.environ if environ is None else environ
     flags = vars(build_parser().parse_args(list(argv) if argv is not None else None))
-    values: dict[str, object] = {}
-    for attribute, flag, env, parse, _ in _OPTIONS:
-        raw, source = flags.get(attribute), flag
-        if raw is None and environ.get(env, "").strip():
-            raw, source = environ[env], env
-        if raw is None:
-            continue
-        try:
-            values[attribute] = parse(raw.strip())
-        except ValueError as exc:
-            raise ConfigError(f"{source}={raw!r}: {exc}") from None
+    values = read_options(flags, _OPTIONS, environ, ConfigError)
 
     defaults = {name: values.pop(name) for name in ("cold_start_timeout_seconds", "max_queue",
                                                     "max_inflight_per_pod") if name in values}
