@@ -53,11 +53,16 @@ class Upstreams:
         self._connect_timeout = connect_timeout
         self._tls = tls
         self._origins: dict[str, _Origin] = {}
+        self._next_sweep = 0.0
 
     async def request(self, origin_url: str, method: str, target: str, headers: list[tuple[bytes, bytes]],
                       body: bytes = b"") -> "UpstreamResponse":
         """Send one request to `origin_url` (`http://host:port`) and return once the response's headers are in;
         its body is read with `next_block()` or `read()`, and `close()` must follow either way."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now >= self._next_sweep:
+            self._sweep(now)
         origin = self._origins.get(origin_url)
         if origin is None:
             origin = self._origins[origin_url] = _Origin(origin_url, self._tls)
@@ -69,10 +74,14 @@ class Upstreams:
             head.append(b"%s: %s\r\n" % (name, value))
         head.append(b"\r\n")
         head.append(body)
-        loop = asyncio.get_running_loop()
-        connection = origin.take_idle(loop.time() - self._keepalive_expiry)
+        origin.busy += 1  # from here until the response's close(), or a failed connect: no sweep forgets the pod
+        connection = origin.take_idle(now - self._keepalive_expiry)
         if connection is None:
-            connection = await self._connect(origin, loop)
+            try:
+                connection = await self._connect(origin, loop)
+            except BaseException:
+                origin.busy -= 1
+                raise
         response = UpstreamResponse(connection, loop)
         try:
             connection.send(response, b"".join(head))
@@ -93,6 +102,15 @@ class Upstreams:
         except OSError as exc:  # refused, unreachable, a name that does not resolve, a TLS handshake refused
             raise UpstreamConnectError(f"cannot connect to {origin.url}: {exc.strerror or exc}") from None
         return connection
+
+    def _sweep(self, now: float) -> None:
+        """Close connections idle past the expiry at every pod, and forget pods with no connection left: pods come
+        and go, and a pod that vanished without closing its connections would otherwise keep them open."""
+        self._next_sweep = now + self._keepalive_expiry
+        for url, origin in list(self._origins.items()):
+            origin.close_idle(used_before=now - self._keepalive_expiry)
+            if not origin.idle and not origin.busy:
+                del self._origins[url]
 
     def close(self) -> None:
         """Close every idle connection; connections in use are closed by their responses."""
@@ -206,7 +224,7 @@ class UpstreamResponse:
 class _Origin:
     """One pod's address and its idle connections, the most recently used last."""
 
-    __slots__ = ("url", "host", "port", "host_header", "tls", "idle")
+    __slots__ = ("url", "host", "port", "host_header", "tls", "idle", "busy")
 
     def __init__(self, url: str, tls: ssl.SSLContext | None) -> None:
         scheme, _, netloc = url.partition("://")
@@ -217,6 +235,8 @@ class _Origin:
         self.host_header = netloc.encode()
         self.tls = (tls or ssl.create_default_context()) if scheme == "https" else None
         self.idle: list[_Connection] = []
+        self.busy = 0
+        """Connections with a request on them."""
 
     def take_idle(self, used_since: float) -> "_Connection | None":
         """The most recently used idle connection, unless even it has been idle since before `used_since` (then
@@ -241,11 +261,15 @@ class _Origin:
         try:
             self.idle.remove(connection)
         except ValueError:
-            pass
+            pass  # it was in use: nothing to forget
 
-    def close_idle(self) -> None:
-        idle, self.idle = self.idle, []
-        for connection in idle:
+    def close_idle(self, used_before: float | None = None) -> None:
+        """Close the idle connections (those last used before `used_before`, when given)."""
+        idle = self.idle
+        keep = len(idle) if used_before is None else next(
+            (index for index, connection in enumerate(idle) if connection.idle_since >= used_before), len(idle))
+        self.idle = idle[keep:]
+        for connection in idle[:keep]:
             connection.close()
 
 
@@ -271,6 +295,7 @@ class _Connection(asyncio.Protocol):
 
     def return_or_close(self, reusable: bool) -> None:
         self.response = None
+        self.origin.busy -= 1
         if reusable and not self.lost:
             self.idle_since = asyncio.get_running_loop().time()
             self.origin.put_idle(self)

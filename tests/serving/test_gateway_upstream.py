@@ -323,3 +323,21 @@ def test_a_header_value_with_a_line_break_is_refused_before_sending():
             assert server.connections == 0
 
     asyncio.run(scenario())
+
+
+def test_idle_connections_to_a_pod_no_longer_used_are_closed_by_later_requests_elsewhere():
+    """A pod that left (scaled down, rescheduled) gets no more requests; its pooled connections are closed anyway."""
+    async def scenario():
+        async with ScriptedServer(json_answer) as gone, ScriptedServer(json_answer) as other:
+            upstreams = Upstreams(keepalive_expiry=0.05)
+            response = await send(upstreams, gone)
+            assert await response.read() == b'{"x": 1}'
+            response.close()
+            await asyncio.sleep(0.2)
+            response = await send(upstreams, other)
+            assert await response.read() == b'{"x": 1}'
+            response.close()
+            await asyncio.wait_for(gone.closed_by_client.wait(), 10)
+            upstreams.close()
+
+    asyncio.run(scenario())
