@@ -9,6 +9,6 @@ before answering. It keeps no state another replica needs: any replica can take 
 Modules, one concern each: `config` (flags, environment, routes file), `discovery` (which pods are ready),
 `balancer` (pure: least load plus consistent hashing with bounded load), `pool` (a model's pods, slots and
 waiting requests), `limits` (pure: per-key rate limits), `proxy` (the upstream call, streamed through),
-`app` (the ASGI front), `errors` (the gateway's own OpenAI-shaped errors), `metrics`, `__main__` (the process
-and its SIGTERM drain).
+`upstream` (the HTTP/1.1 client and per-pod keep-alive connections it uses), `app` (the ASGI front), `errors`
+(the gateway's own OpenAI-shaped errors), `metrics`, `__main__` (the process and its SIGTERM drain).
 """

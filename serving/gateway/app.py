@@ -30,7 +30,8 @@ from serving.json_body import JsonBodyError, parse_json_object
 from serving.gateway.limits import KeyLimiter, retry_after
 from serving.gateway.metrics import ANONYMOUS, NO_MODEL, UNKNOWN_MODEL, GatewayMetrics
 from serving.gateway.pool import ModelPool, NoPodReady, QueueFull, QueueTimeout, ShuttingDown
-from serving.gateway.proxy import UPSTREAM_CLIENT_SHARDS, ClientShards, Outcome, Proxy
+from serving.gateway.proxy import Outcome, Proxy
+from serving.gateway.upstream import Upstreams
 from serving.logs import request_id_var
 
 logger = logging.getLogger("serving.gateway")
@@ -47,21 +48,28 @@ QUEUE_RETRY_AFTER_SECONDS = 1
 _FORWARDED_HEADERS = frozenset((b"authorization", b"accept"))
 
 
-def upstream_clients() -> ClientShards:
-    """Pooled clients for pods. No read timeout: a stream may pause for a long prefill or a full pod queue, and a
-    client that gives up cancels it. Connections are bounded by the pools' per-pod limits, not here. One TLS context
-    serves every client (loading the CA bundle takes tens of milliseconds each)."""
+# Idle connections to pods are let go before the model server's own keep-alive timeout (uvicorn's 5 s): reusing one
+# the server is closing at that moment would fail the request's first attempt.
+UPSTREAM_KEEPALIVE_SECONDS = 4.0
+UPSTREAM_CONNECT_TIMEOUT_SECONDS = 5.0
+
+
+def upstream_clients() -> tuple[Upstreams, httpx.AsyncClient]:
+    """The pods' connection pools for requests (serving.gateway.upstream: no read timeout, a stream may pause for a
+    long prefill or a full pod queue, and a client that gives up cancels it; connections are bounded by the pools'
+    per-pod limits), and an httpx client for the once-a-second readiness probes of static routes. One TLS context
+    serves both (loading the CA bundle takes tens of milliseconds)."""
     tls = httpx.create_ssl_context()
-    return ClientShards(UPSTREAM_CLIENT_SHARDS, lambda: httpx.AsyncClient(
-        timeout=httpx.Timeout(connect=5.0, read=None, write=60.0, pool=None), verify=tls,
-        # Idle connections are let go before the model server's own keep-alive timeout (uvicorn's 5 s): reusing one the
-        # server is closing at that moment would fail the request's first attempt.
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=4.0),
-        trust_env=False))  # pods are reached directly, never through an environment proxy
+    upstreams = Upstreams(keepalive_expiry=UPSTREAM_KEEPALIVE_SECONDS,
+                          connect_timeout=UPSTREAM_CONNECT_TIMEOUT_SECONDS, tls=tls)
+    probes = httpx.AsyncClient(timeout=httpx.Timeout(UPSTREAM_CONNECT_TIMEOUT_SECONDS), verify=tls,
+                               limits=httpx.Limits(keepalive_expiry=UPSTREAM_KEEPALIVE_SECONDS),
+                               trust_env=False)  # pods are reached directly, never through an environment proxy
+    return upstreams, probes
 
 
 class Gateway:
-    """The ASGI app and what its requests share: pools, keys, limits, metrics, the upstream client."""
+    """The ASGI app and what its requests share: pools, keys, limits, metrics, the upstream connections."""
 
     def __init__(self, config: GatewayConfig, keys: KeyRing | None = None) -> None:
         self.config = config
@@ -71,7 +79,8 @@ class Gateway:
         self.limiter = KeyLimiter()
         self.draining = False
         self.started_at = int(time.time())
-        self._clients: ClientShards | None = None
+        self._upstreams: Upstreams | None = None
+        self._probes: httpx.AsyncClient | None = None
         self._proxy: Proxy | None = None
         self._discoveries: list[Discovery] = []
         self._active = 0
@@ -81,9 +90,9 @@ class Gateway:
     # ---- lifecycle -------------------------------------------------------------------------------------------
 
     async def startup(self) -> None:
-        self._clients = upstream_clients()
-        self._proxy = Proxy(self._clients, self.metrics)
-        self._discoveries = [Discovery(pool, self._clients.probe_client, self.config.discovery_seconds)
+        self._upstreams, self._probes = upstream_clients()
+        self._proxy = Proxy(self._upstreams, self.metrics)
+        self._discoveries = [Discovery(pool, self._probes, self.config.discovery_seconds)
                              for pool in self.pools.values()]
         for discovery in self._discoveries:
             discovery.start()
@@ -91,8 +100,10 @@ class Gateway:
     async def shutdown(self) -> None:
         for discovery in self._discoveries:
             await discovery.stop()
-        if self._clients is not None:
-            await self._clients.aclose()
+        if self._upstreams is not None:
+            self._upstreams.close()
+        if self._probes is not None:
+            await self._probes.aclose()
 
     async def drain(self, grace_seconds: float) -> None:
         """Readiness goes false; requests in flight (streams, held requests) get up to `grace_seconds` to end."""

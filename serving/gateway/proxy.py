@@ -1,5 +1,6 @@
-"""One request's trip to a pod and back: a slot from the model's pool, the upstream call (httpx, one pooled
-client, streamed), one retry before the first byte, and the response passed through as it arrives.
+"""One request's trip to a pod and back: a slot from the model's pool, the upstream call (`upstream`: pooled
+keep-alive connections, the body streamed), one retry before the first byte, and the response passed through as it
+arrives.
 
 - Before the first byte (connection refused or reset, the pod answering 503 because it is draining or still
   loading, or the connection lost before the first body chunk) nothing has reached the client, so the request is
@@ -15,29 +16,23 @@ client, streamed), one retry before the first byte, and the response passed thro
 """
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable
 
-import httpx
 from starlette.types import Send
 
 from serving.gateway.errors import GatewayError, error_json
 from serving.gateway.metrics import GatewayMetrics
 from serving.gateway.pool import ModelPool
+from serving.gateway.upstream import UpstreamConnectError, UpstreamError, UpstreamResponse, Upstreams
 
 logger = logging.getLogger("serving.gateway.proxy")
 
 # Response headers a client needs from the pod; hop-by-hop and length headers are the gateway's own.
 _PASSED_HEADERS = frozenset((b"content-type", b"cache-control", b"retry-after", b"x-accel-buffering"))
 _USAGE_MARKS = (b'"usage": {', b'"usage":{')
-# httpcore's pool walks all its connections, several times, whenever a request starts or ends: at 64 streams on
-# one client that walk was over a quarter of the gateway's CPU (a profile, docs/BENCHMARKS.md). Requests are spread
-# over this many clients, each with its own pool, so each walk covers a few connections.
-UPSTREAM_CLIENT_SHARDS = 16
 
 
 @dataclass
@@ -61,28 +56,9 @@ class _PodFailed(Exception):
         self.drop = drop  # the pod refused the connection: out of the ready set until discovery finds it again
 
 
-class ClientShards:
-    """Upstream httpx clients taken in turn (see UPSTREAM_CLIENT_SHARDS); the first also runs readiness probes."""
-
-    def __init__(self, count: int, factory: Callable[[], httpx.AsyncClient]) -> None:
-        self.clients = [factory() for _ in range(count)]
-        self._turn = itertools.cycle(self.clients)
-
-    @property
-    def probe_client(self) -> httpx.AsyncClient:
-        return self.clients[0]
-
-    def next(self) -> httpx.AsyncClient:
-        return next(self._turn)
-
-    async def aclose(self) -> None:
-        for client in self.clients:
-            await client.aclose()
-
-
 class Proxy:
-    def __init__(self, clients: ClientShards, metrics: GatewayMetrics) -> None:
-        self._clients = clients
+    def __init__(self, upstreams: Upstreams, metrics: GatewayMetrics) -> None:
+        self._upstreams = upstreams
         self._metrics = metrics
 
     async def forward(self, pool: ModelPool, path: str, body: bytes, headers: list[tuple[bytes, bytes]],
@@ -93,7 +69,7 @@ class Proxy:
             pod = await pool.acquire(prefix, avoid)
             outcome.pod = pod.address
             try:
-                await self._exchange(pool.model, f"{pod.url}{path}", body, headers, strip_usage, send, outcome,
+                await self._exchange(pool.model, pod.url, path, body, headers, strip_usage, send, outcome,
                                      may_retry=not outcome.retries)
                 return
             except _PodFailed as failure:
@@ -113,62 +89,55 @@ class Proxy:
             if pool.refresh is not None and len(pool.ready_urls) <= 1:
                 await pool.refresh()  # one pod, or none left: look again before choosing
 
-    async def _exchange(self, model: str, url: str, body: bytes, headers: list[tuple[bytes, bytes]],
+    async def _exchange(self, model: str, pod_url: str, path: str, body: bytes, headers: list[tuple[bytes, bytes]],
                         strip_usage: bool, send: Send, outcome: Outcome, may_retry: bool) -> None:
         started = time.perf_counter()
-        client = self._clients.next()
-        request = client.build_request("POST", url, content=body, headers=headers)
         try:
-            response = await client.send(request, stream=True)
-        except httpx.TransportError as exc:
-            # Refused or unreachable: the pod is gone. A reset on a kept-alive connection may be that connection alone.
-            raise _PodFailed(_describe(exc), drop=isinstance(exc, httpx.ConnectError)) from None
+            response = await self._upstreams.request(pod_url, "POST", path, headers, body)
+        except UpstreamConnectError as exc:  # refused or unreachable: the pod is gone
+            raise _PodFailed(str(exc), drop=True) from None
+        except UpstreamError as exc:  # a reset on a kept-alive connection may be that connection alone
+            raise _PodFailed(str(exc), drop=False) from None
         try:
-            if response.status_code == 503 and may_retry:  # draining or loading: another pod can take it
+            if response.status == 503 and may_retry:  # draining or loading: another pod can take it
                 raise _PodFailed("the pod answered 503", drop=False)
-            chunks = response.aiter_raw()
-            streaming = response.headers.get("content-type", "").startswith("text/event-stream")
+            streaming = (response.header(b"content-type") or b"").startswith(b"text/event-stream")
             try:
-                if streaming:
-                    first = await anext(chunks, b"")
-                else:  # a JSON answer's first byte is all of it
-                    first = b"".join([chunk async for chunk in chunks])
-            except httpx.TransportError as exc:
-                raise _PodFailed(_describe(exc), drop=False) from None
+                # A JSON answer's first byte is all of it.
+                first = await response.next_block() if streaming else await response.read()
+            except UpstreamError as exc:
+                raise _PodFailed(str(exc), drop=False) from None
             self._metrics.upstream_latency.labels(model).observe(time.perf_counter() - started)
-            passed = [(name.lower(), value) for name, value in response.headers.raw
-                      if name.lower() in _PASSED_HEADERS]
-            outcome.status = response.status_code
+            passed = [(name, value) for name, value in response.headers if name in _PASSED_HEADERS]
+            outcome.status = response.status
             if not streaming:
-                if response.status_code == 200:
+                if response.status == 200:
                     self._count_usage(first, outcome)
-                await send({"type": "http.response.start", "status": response.status_code,
+                await send({"type": "http.response.start", "status": response.status,
                             "headers": [*passed, (b"content-length", str(len(first)).encode())]})
                 await send({"type": "http.response.body", "body": first})
                 return
-            await send({"type": "http.response.start", "status": response.status_code, "headers": passed})
-            await self._stream(first, chunks, _UsageEvents(strip_usage, outcome), send, outcome)
+            await send({"type": "http.response.start", "status": response.status, "headers": passed})
+            await self._stream(first, response, _UsageEvents(strip_usage, outcome), send, outcome)
         finally:
-            await response.aclose()  # unfinished (client gone, pod lost): closes the connection, the pod aborts
+            response.close()  # unfinished (client gone, pod lost): closes the connection, the pod aborts
 
-    async def _stream(self, first: bytes, chunks, usage: "_UsageEvents", send: Send, outcome: Outcome) -> None:
+    async def _stream(self, first: bytes, response: UpstreamResponse, usage: "_UsageEvents", send: Send, outcome: Outcome) -> None:
         block = first
-        while True:
+        while block:
             forwarded = usage.feed(block)
             if forwarded:
                 await send({"type": "http.response.body", "body": forwarded, "more_body": True})
             try:
-                block = await anext(chunks, None)
-            except httpx.TransportError as exc:
+                block = await response.next_block()
+            except UpstreamError as exc:
                 outcome.cut = True
                 logger.warning("pod lost mid-stream; the client gets an error event",
-                               extra={"event": "stream_cut", "pod": outcome.pod, "reason": _describe(exc)})
-                event = error_json(502, f"The model server failed mid-stream ({_describe(exc)}); the response is "
+                               extra={"event": "stream_cut", "pod": outcome.pod, "reason": str(exc)})
+                event = error_json(502, f"The model server failed mid-stream ({exc}); the response is "
                                         "incomplete, retry the request", code="upstream_failed")
                 tail = f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode()
                 await send({"type": "http.response.body", "body": tail, "more_body": True})
-                break
-            if block is None:
                 break
         await send({"type": "http.response.body", "body": b""})
 
@@ -215,6 +184,3 @@ class _UsageEvents:
         # The usage-only chunk (no choices) is the one the gateway added; a chunk with choices is the client's.
         return not (self._strip and not chunk.get("choices"))
 
-
-def _describe(exc: httpx.HTTPError) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -21,5 +21,6 @@ def test_gateway_benchmark_compares_direct_and_through_the_gateway(tiny_model_di
         for way in ("direct", "gateway"):
             assert level[way]["errors"] == 0 and level[way]["short_outputs"] == 0 and level[way]["ok"] >= 2
         assert level["direct"]["output_tokens"] == level["gateway"]["output_tokens"] > 0  # the same work both ways
-        assert level["gateway_cpu_us_per_token"] > 0 and level["throughput_loss_pct"] is not None
+        # Measured in clock ticks (10 ms): the gateway may spend less than one on a level this small.
+        assert level["gateway_cpu_us_per_token"] >= 0 and level["throughput_loss_pct"] is not None
     assert "gateway CPU us/token" in capsys.readouterr().out
