@@ -7,7 +7,6 @@ plan is logged and exported.
 """
 import pulumi
 
-import stack_config
 from components import (
     ClusterAddons, ClusterAddonsArgs, GpuPool, GpuPoolArgs, Guardrails, GuardrailsArgs, InferenceGateway,
     InferenceGatewayArgs, LLMServing, LLMServingArgs, ModelStorage, ModelStorageArgs, Observability,
@@ -15,8 +14,10 @@ from components import (
 )
 from components.inference_gateway import GatewayRoute, endpoints_service_name, gateway_pods_selector
 from components.observability import ObservedModel, adapter_rules, scrape_annotations
+from llm_platform import stack
+from llm_platform.config import gateway_image, model_host, tls_secret_name
 
-cfg = stack_config.load()
+cfg = stack.load()
 observed = [ObservedModel(model, plan.queries) for model, plan in zip(cfg.models, cfg.plans)]
 
 addons = ClusterAddons("cluster-addons", ClusterAddonsArgs(
@@ -56,8 +57,8 @@ for model, plan in zip(cfg.models, cfg.plans):
         model=model,
         ingress=cfg.ingress,
         # Behind the gateway a model has no Ingress of its own: the gateway's is the stack's one endpoint.
-        host=stack_config.model_host(cfg, model) if cfg.ingress.enabled and not gateway_on else None,
-        tls_secret_name=stack_config.tls_secret_name(cfg, model) or cfg.ingress.tls_secret_name,
+        host=model_host(cfg, model) if cfg.ingress.enabled and not gateway_on else None,
+        tls_secret_name=tls_secret_name(cfg, model) or cfg.ingress.tls_secret_name,
         service_account=guardrails.service_account_name,
         api_key_secret=guardrails.api_key_secret_name,
         scheduling=gpu_pool.scheduling,
@@ -77,7 +78,7 @@ if gateway_on:
         namespace=guardrails.namespace_name,
         namespace_name=cfg.namespace,
         gateway=cfg.gateway,
-        image=stack_config.gateway_image(cfg),
+        image=gateway_image(cfg),
         routes=[GatewayRoute(served_model_name=model.served_model_name, service=endpoints_service_name(model.name),
                              cold_start_timeout_seconds=plan.cold_start_timeout_seconds,
                              max_inflight_per_pod=plan.gateway_max_inflight_per_pod,

@@ -1,4 +1,4 @@
-"""Generate the README's stack-config reference table from `stack_config.py` itself.
+"""Generate the README's stack-config reference table from `llm_platform/config.py` itself.
 
     python config_reference.py            # print the Markdown table
     python config_reference.py --check    # exit 1 if README.md's table is stale
@@ -15,16 +15,16 @@ import sys
 import typing
 from pathlib import Path
 
-import stack_config
-from stack_config import PROJECT, StackConfig, _config_fields, _field_default, _type_name, config_key
+from llm_platform import config
+from llm_platform.config import PROJECT, StackConfig, config_fields, config_key, field_default, type_name
 
 ROOT = Path(__file__).resolve().parent
 BEGIN, END = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"
 
 
 def field_docs() -> dict[tuple[str, str], str]:
-    """(class name, field name) -> the string literal right after the field in stack_config.py."""
-    tree = ast.parse(Path(stack_config.__file__).read_text())
+    """(class name, field name) -> the string literal right after the field in llm_platform/config.py."""
+    tree = ast.parse(Path(config.__file__).read_text())
     docs = {}
     for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
         body = cls.body
@@ -55,7 +55,7 @@ def rows(cls: type = StackConfig, prefix: str = "", docs=None) -> list[tuple[str
     docs = field_docs() if docs is None else docs
     hints = typing.get_type_hints(cls)
     out = []
-    for f in _config_fields(cls):
+    for f in config_fields(cls):
         key = f"{prefix}{config_key(f)}"
         tp = hints[f.name]
         inner = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
@@ -64,7 +64,7 @@ def rows(cls: type = StackConfig, prefix: str = "", docs=None) -> list[tuple[str
             nested_list = typing.get_args(tp)[0]
         else:
             nested_list = None
-        out.append((key, _type_name(tp), _show_default(_field_default(f)), docs.get((cls.__name__, f.name), "")))
+        out.append((key, type_name(tp), _show_default(field_default(f)), docs.get((cls.__name__, f.name), "")))
         if nested is not None:
             out.extend(rows(nested, f"{key}.", docs))
         if nested_list is not None:

@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for the rendered YAML")
     args = parser.parse_args(argv)
     os.environ.setdefault("PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION", "true")
-    from stack_config import ConfigError
+    from llm_platform.config import ConfigError
 
     try:
         result = render_stack(args.stack)

@@ -15,7 +15,7 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 from components.model_storage import VolumeSnapshotClass
-from stack_config import AddonsConfig, BackupsConfig, GpuPoolConfig, HelmAddon, ObservabilityConfig
+from llm_platform.config import AddonsConfig, BackupsConfig, GpuPoolConfig, HelmAddon, ObservabilityConfig
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import pulumi
 import pulumi_kubernetes as k8s
 import pulumi_random as random
 
-from components.builders import (
+from llm_platform.builders import (
     API_KEYS_FILE_KEY,
     SERVING_PORT,
     caller_peers,
@@ -23,7 +23,7 @@ from components.builders import (
     selector_labels,
     serving_pods_selector,
 )
-from stack_config import GPU_RESOURCE, GuardrailsConfig
+from llm_platform.config import GPU_RESOURCE, GuardrailsConfig
 
 MANAGED_LABELS = {"app.kubernetes.io/part-of": "llm-platform", "app.kubernetes.io/managed-by": "pulumi"}
 

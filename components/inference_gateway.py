@@ -20,11 +20,11 @@ from typing import Any
 import pulumi
 import pulumi_kubernetes as k8s
 
-from components.builders import (
+from llm_platform.builders import (
     API_KEYS_DIR, API_KEYS_FILE_KEY, PART_OF, PORT_NAME, SERVING_PORT, caller_peers, container_security_context,
     pod_security_context, probe, serving_pods_selector,
 )
-from stack_config import PRESTOP_SLEEP_SECONDS, AllowFromConfig, GatewayConfig, IngressConfig, ProbeConfig
+from llm_platform.config import PRESTOP_SLEEP_SECONDS, AllowFromConfig, GatewayConfig, IngressConfig, ProbeConfig
 
 GATEWAY_NAME = "llm-gateway"
 GATEWAY_COMPONENT = "llm-gateway"

@@ -13,12 +13,12 @@ from typing import Any
 import pulumi
 import pulumi_kubernetes as k8s
 
-from components.builders import (
+from llm_platform.builders import (
     PORT_NAME, ROLE_LABEL, SERVING_PORT, hpa_spec, keda_scaled_object_spec, labels, leader_worker_set_spec, pod_spec,
     selector_labels, service_selector, source_annotations,
 )
 from components.model_storage import model_claim_spec, volume_labels
-from stack_config import GPU_RESOURCE, LWS_API, IngressConfig, ModelConfig, workload_name
+from llm_platform.config import GPU_RESOURCE, LWS_API, IngressConfig, ModelConfig, workload_name
 
 
 @dataclass(frozen=True)

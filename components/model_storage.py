@@ -20,12 +20,12 @@ from typing import Any
 import pulumi
 import pulumi_kubernetes as k8s
 
-from components.builders import (
+from llm_platform.builders import (
     FILL_LABEL, PART_OF, fetch_container, labels, model_volume_name, namespace_selector, pod_security_context,
     source_annotations, source_credentials_volume,
 )
-from model_source import parse_source
-from stack_config import BackupsConfig, ModelConfig, dns_name, fill_job_name, model_max_replicas
+from llm_platform.model_source import parse_source
+from llm_platform.config import BackupsConfig, ModelConfig, dns_name, fill_job_name, model_max_replicas
 
 VOLUME_LABEL = "llm-platform/model-volume"
 """On every model volume: the snapshot schedule selects the claims by it."""

@@ -16,10 +16,10 @@ import pulumi
 import pulumi_kubernetes as k8s
 import yaml
 
-from components.builders import PORT_NAME, SERVING_PORT, labels
+from llm_platform.builders import PORT_NAME, SERVING_PORT, labels
 from components.inference_gateway import GATEWAY_NAME, gateway_labels
-from components.metric_contract import ModelQueries, gateway_metric
-from stack_config import ModelConfig, ObservabilityConfig
+from llm_platform.metric_contract import ModelQueries, gateway_metric
+from llm_platform.config import ModelConfig, ObservabilityConfig
 
 ADAPTER_RULES_CONFIGMAP = "llm-prometheus-adapter-rules"
 

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if not targets:
         parser.error("name a stack, a stack file or a folder, or pass --all")
     versions = tuple(args.versions or KUBERNETES_VERSIONS)
-    from stack_config import ConfigError
+    from llm_platform.config import ConfigError
 
     failed = False
     skip_problems = check_skip_file()

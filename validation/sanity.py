@@ -9,7 +9,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from quantities import QuantityError, parse_quantity
+from llm_platform.quantities import QuantityError, parse_quantity
 from validation import kube
 from validation.findings import Finding, resource_id
 

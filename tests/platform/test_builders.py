@@ -6,18 +6,19 @@ from decimal import Decimal
 
 import pytest
 
-from components.builders import (
+from llm_platform.builders import (
     container_resources, container_security_context, gpu_scheduling, hpa_spec, pod_spec, probes, serving_env,
 )
 from components.guardrails import network_policy_specs, pdb_spec, resource_quota_hard
-from components.metric_contract import BUILTIN, PLATFORM_METRICS, VLLM, ContractError, model_queries
+from llm_platform.metric_contract import BUILTIN, PLATFORM_METRICS, VLLM, ContractError, model_queries
 from components.observability import ObservedModel, alert_group, dashboard, scrape_annotations
-from quantities import QuantityError, parse_quantity
-from stack_config import (
+from llm_platform.quantities import QuantityError, parse_quantity
+from llm_platform.config import (
     AllowFromConfig,
     GpuPoolConfig, GuardrailsConfig, ModelConfig, ObservabilityConfig, PdbConfig, ProbesConfig, RolloutConfig,
-    StartupProbeConfig, Toleration, parse_stack_config,
+    StartupProbeConfig, Toleration,
 )
+from llm_platform.stack import parse_stack_config
 from tests.conftest import stack_values
 
 MODEL = ModelConfig(name="m", served_model_name="m-1b", model_path="/models/m", image="r.example.com/s:1.2.3",

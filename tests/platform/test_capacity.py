@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import pytest
 
-import capacity
-from capacity import PRESETS, Sizing
-from stack_config import ConfigError, parse_stack_config
+from llm_platform import capacity
+from llm_platform.capacity import PRESETS, Sizing
+from llm_platform.config import ConfigError
+from llm_platform.stack import parse_stack_config
 from tests.conftest import render_values, stack_values
 
 GIB = 2**30

@@ -6,7 +6,7 @@ import dataclasses
 from components import (
     GpuPool, GpuPoolArgs, Guardrails, GuardrailsArgs, LLMServing, LLMServingArgs, Observability, ObservabilityArgs,
 )
-from stack_config import (
+from llm_platform.config import (
     GpuPoolConfig, GuardrailsConfig, IngressConfig, ModelConfig, ObservabilityConfig, PriorityClassConfig,
     ProbesConfig, RolloutConfig, StartupProbeConfig,
 )
@@ -110,7 +110,7 @@ def test_llm_serving_cpu_model_gets_no_gpu_scheduling(in_mocks):
 
 
 def observed(name):
-    from components.metric_contract import BUILTIN, model_queries
+    from llm_platform.metric_contract import BUILTIN, model_queries
     from components.observability import ObservedModel
     q = model_queries(BUILTIN, namespace="n", workload=name, served_model_name=name, hpa_name=f"{name}-hpa",
                       min_replicas=2, certificate=None, dcgm=False)

@@ -9,13 +9,14 @@ import dataclasses
 
 import pytest
 
-from components.builders import FILL_LABEL, SOURCE_CREDENTIALS_DIR, fetch_container
+from llm_platform.builders import FILL_LABEL, SOURCE_CREDENTIALS_DIR, fetch_container
 from components.model_storage import (
     NON_PUBLIC_IPV4, VOLUME_LABEL, fill_egress_policy_spec, model_claim_spec,
 )
-from model_source import SourceError, parse_source
+from llm_platform.model_source import SourceError, parse_source
 from serving.fetch import sources as fetch_sources
-from stack_config import ConfigError, FillConfig, ModelConfig, parse_stack_config
+from llm_platform.config import ConfigError, FillConfig, ModelConfig
+from llm_platform.stack import parse_stack_config
 from tests.conftest import render_values, stack_values
 
 SHA = "0e9e39f249a16976918f6564b8830bc894c89659"

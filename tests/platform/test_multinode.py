@@ -7,10 +7,11 @@ import copy
 
 import pytest
 
-import capacity
-from capacity import PRESETS, Sizing
-from components.builders import group_network_policy_spec, vllm_args
-from stack_config import ConfigError, owned_vllm_flag, parse_stack_config
+from llm_platform import capacity
+from llm_platform.capacity import PRESETS, Sizing
+from llm_platform.builders import group_network_policy_spec, vllm_args
+from llm_platform.config import ConfigError, owned_vllm_flag
+from llm_platform.stack import parse_stack_config
 from tests.conftest import render_values, stack_values
 
 MULTINODE = "examples/Pulumi.prod-405b-multinode.yaml"

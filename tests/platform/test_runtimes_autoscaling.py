@@ -6,8 +6,9 @@ import dataclasses
 import pytest
 import yaml
 
-from components import metric_contract
-from stack_config import ConfigError, parse_stack_config
+from llm_platform import metric_contract
+from llm_platform.config import ConfigError
+from llm_platform.stack import parse_stack_config
 from tests.conftest import render_values, stack_values
 
 

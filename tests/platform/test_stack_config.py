@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from stack_config import ConfigError, parse_stack_config
+from llm_platform.config import ConfigError
+from llm_platform.stack import parse_stack_config
 from tests.conftest import stack_values
 
 

@@ -213,7 +213,7 @@ def test_every_gateway_contract_metric_is_on_metrics(gateway, cold_start):
     """The platform's KEDA trigger, alerts and dashboards name these series (components/metric_contract.py)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from components.metric_contract import GATEWAY_METRICS
+    from llm_platform.metric_contract import GATEWAY_METRICS
 
     names = set()
     for family in text_string_to_metric_families(httpx.get(f"{gateway.url}/metrics").text):

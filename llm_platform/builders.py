@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from components.metric_contract import LOAD_METRIC, RUNTIMES
-from model_source import parse_source
-from stack_config import (
+from llm_platform.metric_contract import LOAD_METRIC, RUNTIMES
+from llm_platform.model_source import parse_source
+from llm_platform.config import (
     GPU_RESOURCE,
     MODELS_MOUNT,
     PRESTOP_SLEEP_SECONDS,

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Callable, NoReturn
 
-import capacity
-from capacity import GIB, PRESETS, Architecture, Sizing, gib
-from quantities import format_bytes_gib, parse_quantity
-from components.metric_contract import RUNTIMES, ContractError, ModelQueries, model_queries
-from model_source import parse_source
-from stack_config import (
+from llm_platform import capacity
+from llm_platform.capacity import GIB, PRESETS, Architecture, Sizing, gib
+from llm_platform.quantities import format_bytes_gib, parse_quantity
+from llm_platform.metric_contract import RUNTIMES, ContractError, ModelQueries, model_queries
+from llm_platform.model_source import parse_source
+from llm_platform.config import (
     MODELS_MOUNT, ModelConfig, ResourcesConfig, RolloutConfig, SizingConfig, StackConfig, dns_name, fill_job_name,
     hpa_name, lora_adapter_paths, model_max_replicas, model_min_replicas, parse_image, require_digests,
     tls_secret_name,
@@ -81,10 +81,10 @@ class ModelPlan:
         if self.layout:
             out.append(f"  layout: {self.layout}")
         if self.memory:
-            m = self.memory
-            out.append(f"  per GPU: weights {m['weightsGiB']:.2f} + KV cache {m['kvCacheGiB']:.2f} + overhead "
-                       f"{m['overheadGiB']:.2f} = {m['totalGiB']:.2f} GiB of {m['usableGiB']:.2f} usable "
-                       f"(headroom {m['headroomGiB']:.2f} GiB)")
+            memory = self.memory
+            out.append(f"  per GPU: weights {memory['weightsGiB']:.2f} + KV cache {memory['kvCacheGiB']:.2f} + overhead "
+                       f"{memory['overheadGiB']:.2f} = {memory['totalGiB']:.2f} GiB of {memory['usableGiB']:.2f} usable "
+                       f"(headroom {memory['headroomGiB']:.2f} GiB)")
             out.append(f"  max concurrent sequences at full context: {self.max_sequences_at_full_context}")
         else:
             out.append("  GPU memory not checked: add models[].sizing (a preset or the architecture numbers)")
@@ -112,64 +112,64 @@ class ModelPlan:
             "gpusAtMin": self.gpus_at_min, "gpusAtMax": self.gpus_at_max}
 
 
-def architecture(sizing: SizingConfig, p: str, fail: Fail) -> Architecture:
+def architecture(sizing: SizingConfig, key_path: str, fail: Fail) -> Architecture:
     numbers = {"parametersBillion": sizing.parameters_billion, "layers": sizing.layers,
                "kvHeads": sizing.kv_heads, "headDim": sizing.head_dim}
     if sizing.preset is not None:
         given = [k for k, v in numbers.items() if v is not None]
         if given:
-            fail(f"{p}.sizing.{given[0]}", f"is set together with preset {sizing.preset!r}; use the preset or the "
+            fail(f"{key_path}.sizing.{given[0]}", f"is set together with preset {sizing.preset!r}; use the preset or the "
                                            "architecture numbers, not both")
         return PRESETS[sizing.preset]
     missing = [k for k, v in numbers.items() if v is None]
     if missing:
-        fail(f"{p}.sizing.{missing[0]}", f"is required without a preset (known presets: {', '.join(PRESETS)})")
+        fail(f"{key_path}.sizing.{missing[0]}", f"is required without a preset (known presets: {', '.join(PRESETS)})")
     return Architecture(sizing.parameters_billion, sizing.layers, sizing.kv_heads, sizing.head_dim,
                         sizing.attention_heads)
 
 
-def _sizing(m: ModelConfig, p: str, fail: Fail) -> Sizing | None:
-    if m.sizing is None:
+def _sizing(model: ModelConfig, key_path: str, fail: Fail) -> Sizing | None:
+    if model.sizing is None:
         return None
-    arch = architecture(m.sizing, p, fail)
-    for key, value in (("maxContextTokens", m.sizing.max_context_tokens),
-                       ("maxConcurrentSequences", m.sizing.max_concurrent_sequences)):
+    arch = architecture(model.sizing, key_path, fail)
+    for key, value in (("maxContextTokens", model.sizing.max_context_tokens),
+                       ("maxConcurrentSequences", model.sizing.max_concurrent_sequences)):
         if value is None:
-            fail(f"{p}.sizing.{key}", "is required: the KV cache, and so whether the model fits, depends on it")
-    if arch.max_context_tokens and m.sizing.max_context_tokens > arch.max_context_tokens:
-        fail(f"{p}.sizing.maxContextTokens", f"{m.sizing.max_context_tokens} is above the model's own context "
+            fail(f"{key_path}.sizing.{key}", "is required: the KV cache, and so whether the model fits, depends on it")
+    if arch.max_context_tokens and model.sizing.max_context_tokens > arch.max_context_tokens:
+        fail(f"{key_path}.sizing.maxContextTokens", f"{model.sizing.max_context_tokens} is above the model's own context "
                                              f"window {arch.max_context_tokens}")
-    for key, value, sized in (("maxModelLen", m.max_model_len, m.sizing.max_context_tokens),
-                              ("maxNumSeqs", m.max_num_seqs, m.sizing.max_concurrent_sequences)):
+    for key, value, sized in (("maxModelLen", model.max_model_len, model.sizing.max_context_tokens),
+                              ("maxNumSeqs", model.max_num_seqs, model.sizing.max_concurrent_sequences)):
         if value is not None and value > sized:
-            fail(f"{p}.{key}", f"{value} is above what the capacity check sized ({sized}); leave it unset to "
+            fail(f"{key_path}.{key}", f"{value} is above what the capacity check sized ({sized}); leave it unset to "
                                "use the sizing value, or raise the sizing")
-    kv = (m.vllm.kv_cache_dtype or "auto") if m.runtime == "vllm" else "auto"
-    return Sizing(arch, m.sizing.dtype, m.sizing.max_context_tokens, m.sizing.max_concurrent_sequences, kv)
+    kv = (model.vllm.kv_cache_dtype or "auto") if model.runtime == "vllm" else "auto"
+    return Sizing(arch, model.sizing.dtype, model.sizing.max_context_tokens, model.sizing.max_concurrent_sequences, kv)
 
 
-def describe_layout(m: ModelConfig) -> str:
-    if m.gpus_per_replica == 0:
-        return f"{m.runtime} runtime on CPU, one pod per replica ({m.workload})"
-    if m.runtime == "builtin":
-        return f"builtin engine on one GPU per replica ({m.workload})"
-    if m.workload == "leaderworkerset":
-        return (f"vLLM across {m.nodes_per_replica} nodes per replica (LeaderWorkerSet group of "
-                f"{m.nodes_per_replica} pods: tensor parallel {m.gpus_per_pod} inside each node x pipeline parallel "
-                f"{m.nodes_per_replica} across nodes); the leader serves the API, workers join it")
-    return f"vLLM, tensor parallel {m.gpus_per_replica} inside one node ({m.workload})"
+def describe_layout(model: ModelConfig) -> str:
+    if model.gpus_per_replica == 0:
+        return f"{model.runtime} runtime on CPU, one pod per replica ({model.workload})"
+    if model.runtime == "builtin":
+        return f"builtin engine on one GPU per replica ({model.workload})"
+    if model.workload == "leaderworkerset":
+        return (f"vLLM across {model.nodes_per_replica} nodes per replica (LeaderWorkerSet group of "
+                f"{model.nodes_per_replica} pods: tensor parallel {model.gpus_per_pod} inside each node x pipeline parallel "
+                f"{model.nodes_per_replica} across nodes); the leader serves the API, workers join it")
+    return f"vLLM, tensor parallel {model.gpus_per_replica} inside one node ({model.workload})"
 
 
-def _layout_fix(cfg: StackConfig, m: ModelConfig, s: Sizing, usable: float) -> str:
+def _layout_fix(cfg: StackConfig, model: ModelConfig, sizing: Sizing, usable: float) -> str:
     """The smallest layout that fits, as config to set (the builtin engine is bound to one GPU)."""
     per_node = cfg.gpu_pool.gpus_per_node
-    found = capacity.smallest_layout_that_fits(s, usable, per_node)
+    found = capacity.smallest_layout_that_fits(sizing, usable, per_node)
     if found is None:
         limit = f"{capacity.MAX_NODES_PER_REPLICA} nodes of {per_node}" if per_node else f"{8} GPUs in one node"
         return f"no layout up to {limit} GPUs fits: use a larger GPU or a smaller dtype"
     tp, nodes = found
     if nodes == 1:
-        if m.runtime == "builtin":
+        if model.runtime == "builtin":
             return (f"runtime: vllm with gpusPerReplica {tp} (tensor parallel; the builtin engine uses one GPU)"
                     if tp > 1 else "gpusPerReplica 1")
         return f"gpusPerReplica {tp}"
@@ -177,42 +177,42 @@ def _layout_fix(cfg: StackConfig, m: ModelConfig, s: Sizing, usable: float) -> s
             f"tensor parallel {tp} x pipeline parallel {nodes})")
 
 
-def check_gpu_memory(cfg: StackConfig, m: ModelConfig, s: Sizing, p: str, fail: Fail) -> dict:
-    total = m.gpus_per_replica
-    tp = m.gpus_per_pod
+def check_gpu_memory(cfg: StackConfig, model: ModelConfig, sizing: Sizing, key_path: str, fail: Fail) -> dict:
+    total = model.gpus_per_replica
+    tp = model.gpus_per_pod
     if tp == 0:
-        fail(f"{p}.gpusPerReplica", "0 with a sizing block: GPU memory is checked per GPU; set gpusPerReplica "
+        fail(f"{key_path}.gpusPerReplica", "0 with a sizing block: GPU memory is checked per GPU; set gpusPerReplica "
                                     "to 1 or more, or remove sizing for a CPU-only model")
-    if s.arch.attention_heads and s.arch.attention_heads % tp:
-        options = capacity.valid_tp_sizes(s.arch, 16)
-        fail(f"{p}.gpusPerReplica", f"{tp} does not divide the model's {s.arch.attention_heads} attention heads, "
+    if sizing.arch.attention_heads and sizing.arch.attention_heads % tp:
+        options = capacity.valid_tp_sizes(sizing.arch, 16)
+        fail(f"{key_path}.gpusPerReplica", f"{tp} does not divide the model's {sizing.arch.attention_heads} attention heads, "
                                     f"so tensor parallelism cannot split it; use one of {options}")
     pool = cfg.gpu_pool
-    usable = capacity.usable_bytes(pool.gpu_memory_gib, m.gpu_memory_utilization)
+    usable = capacity.usable_bytes(pool.gpu_memory_gib, model.gpu_memory_utilization)
     # Tensor parallel splits weights and KV cache over a node's GPUs, pipeline parallel splits the layers over the
     # nodes: each of the replica's GPUs holds 1/total of both.
-    need = capacity.per_gpu_bytes(s, total)
-    weights, kv, overhead = capacity.weight_bytes(s) / total, capacity.kv_cache_bytes(s) / total, \
-        capacity.overhead_bytes(s, total)
+    need = capacity.per_gpu_bytes(sizing, total)
+    weights, kv, overhead = capacity.weight_bytes(sizing) / total, capacity.kv_cache_bytes(sizing) / total, \
+        capacity.overhead_bytes(sizing, total)
     if need > usable:
         fixes = []
-        seqs, ctx = capacity.max_sequences_that_fit(s, total, usable), capacity.max_context_that_fits(s, total, usable)
+        seqs, ctx = capacity.max_sequences_that_fit(sizing, total, usable), capacity.max_context_that_fits(sizing, total, usable)
         if seqs:
-            fixes.append(f"maxConcurrentSequences <= {seqs} (at maxContextTokens {s.max_context_tokens})")
+            fixes.append(f"maxConcurrentSequences <= {seqs} (at maxContextTokens {sizing.max_context_tokens})")
         if ctx:
-            fixes.append(f"maxContextTokens <= {ctx} (at maxConcurrentSequences {s.max_concurrent_sequences})")
-        fixes.append(_layout_fix(cfg, m, s, usable))
-        fail(f"{p}.sizing",
+            fixes.append(f"maxContextTokens <= {ctx} (at maxConcurrentSequences {sizing.max_concurrent_sequences})")
+        fixes.append(_layout_fix(cfg, model, sizing, usable))
+        fail(f"{key_path}.sizing",
              f"needs {gib(need)} per GPU at gpusPerReplica {total} (weights {gib(weights)} + KV cache {gib(kv)} + "
              f"overhead {gib(overhead)}) but {gib(usable)} is usable ({pool.gpu_memory_gib} GiB x "
-             f"{m.gpu_memory_utilization}); fits with " + ", or ".join(fixes))
+             f"{model.gpu_memory_utilization}); fits with " + ", or ".join(fixes))
     return {"weightsGiB": weights / GIB, "kvCacheGiB": kv / GIB, "overheadGiB": overhead / GIB,
             "totalGiB": need / GIB, "usableGiB": usable / GIB, "headroomGiB": (usable - need) / GIB}
 
 
-def startup_threshold(m: ModelConfig, s: Sizing | None, p: str, fail: Fail) -> tuple[int, float | None]:
-    probe = m.probes.startup
-    estimate = capacity.load_seconds(s, m.storage_read_mbps) if s else None
+def startup_threshold(model: ModelConfig, sizing: Sizing | None, key_path: str, fail: Fail) -> tuple[int, float | None]:
+    probe = model.probes.startup
+    estimate = capacity.load_seconds(sizing, model.storage_read_mbps) if sizing else None
     computed = capacity.startup_failure_threshold(estimate, probe.period_seconds, ARTICLE_STARTUP_FAILURES) \
         if estimate else ARTICLE_STARTUP_FAILURES
     if probe.failure_threshold is None:
@@ -221,46 +221,46 @@ def startup_threshold(m: ModelConfig, s: Sizing | None, p: str, fail: Fail) -> t
         budget = probe.failure_threshold * probe.period_seconds + probe.initial_delay_seconds
         needed = estimate * capacity.STARTUP_SAFETY
         if budget < needed:
-            fail(f"{p}.probes.startup.failureThreshold",
+            fail(f"{key_path}.probes.startup.failureThreshold",
                  f"{probe.failure_threshold} x {probe.period_seconds} s = {budget} s is shorter than the estimated "
-                 f"{estimate:.0f} s to load {gib(capacity.weight_bytes(s))} at {m.storage_read_mbps:g} MB/s plus "
+                 f"{estimate:.0f} s to load {gib(capacity.weight_bytes(sizing))} at {model.storage_read_mbps:g} MB/s plus "
                  f"{capacity.WARMUP_SECONDS} s warm-up (x{capacity.STARTUP_SAFETY} margin = {needed:.0f} s), so the "
                  f"kubelet would kill pods still loading; use at least "
                  f"{math.ceil(needed / probe.period_seconds)} or leave it unset")
     return probe.failure_threshold, estimate
 
 
-def check_shm(m: ModelConfig, p: str, fail: Fail) -> str | None:
-    if m.gpus_per_pod <= 1 and m.nodes_per_replica == 1:
+def check_shm(model: ModelConfig, key_path: str, fail: Fail) -> str | None:
+    if model.gpus_per_pod <= 1 and model.nodes_per_replica == 1:
         return None
-    shm = m.shm_size or f"{max(1, capacity.shm_bytes(m.gpus_per_pod) // GIB)}Gi"
-    shm_bytes, limit, request = parse_quantity(shm), parse_quantity(m.resources.limits.memory), \
-        parse_quantity(m.resources.requests.memory)
+    shm = model.shm_size or f"{max(1, capacity.shm_bytes(model.gpus_per_pod) // GIB)}Gi"
+    shm_bytes, limit, request = parse_quantity(shm), parse_quantity(model.resources.limits.memory), \
+        parse_quantity(model.resources.requests.memory)
     if shm_bytes + request > limit:
-        fail(f"{p}.resources.limits.memory",
-             f"{m.resources.limits.memory} cannot hold the {shm} /dev/shm of a {m.gpus_per_pod}-GPU pod "
-             f"(memory-backed, it counts against the limit) plus the {m.resources.requests.memory} memory request; "
+        fail(f"{key_path}.resources.limits.memory",
+             f"{model.resources.limits.memory} cannot hold the {shm} /dev/shm of a {model.gpus_per_pod}-GPU pod "
+             f"(memory-backed, it counts against the limit) plus the {model.resources.requests.memory} memory request; "
              f"raise it to at least {format_bytes_gib(shm_bytes + request)} or lower shmSize")
     return shm
 
 
-def check_limits(cfg: StackConfig, m: ModelConfig, p: str, fail: Fail) -> None:
-    check_limit_range(cfg, m.resources, p, fail)
+def check_limits(cfg: StackConfig, model: ModelConfig, key_path: str, fail: Fail) -> None:
+    check_limit_range(cfg, model.resources, key_path, fail)
     shape = cfg.gpu_pool.node_shape
-    if shape is not None and m.gpus_per_replica:
-        for key, value, node in (("cpu", m.resources.requests.cpu, shape.cpu),
-                                 ("memory", m.resources.requests.memory, shape.memory)):
+    if shape is not None and model.gpus_per_replica:
+        for key, value, node in (("cpu", model.resources.requests.cpu, shape.cpu),
+                                 ("memory", model.resources.requests.memory, shape.memory)):
             if parse_quantity(value) > parse_quantity(node):
-                fail(f"{p}.resources.requests.{key}", f"{value} is more than one GPU node has "
+                fail(f"{key_path}.resources.requests.{key}", f"{value} is more than one GPU node has "
                                                       f"(gpuPool.nodeShape.{key} {node}); the pod can never schedule")
 
 
-def check_limit_range(cfg: StackConfig, resources: ResourcesConfig, p: str, fail: Fail) -> None:
+def check_limit_range(cfg: StackConfig, resources: ResourcesConfig, key_path: str, fail: Fail) -> None:
     lr = cfg.guardrails.limit_range
     for key, value, cap, cap_key in (("cpu", resources.limits.cpu, lr.max_cpu, "maxCpu"),
                                      ("memory", resources.limits.memory, lr.max_memory, "maxMemory")):
         if lr.enabled and cap is not None and parse_quantity(value) > parse_quantity(cap):
-            fail(f"{p}.resources.limits.{key}", f"{value} is above guardrails.limitRange.{cap_key} {cap}; the "
+            fail(f"{key_path}.resources.limits.{key}", f"{value} is above guardrails.limitRange.{cap_key} {cap}; the "
                                                 "LimitRange would reject every pod; lower the limit or raise the maximum")
 
 
@@ -271,26 +271,26 @@ class _Budget:
     gpus: Decimal
     amounts: dict[str, Decimal]
 
-    def fits(self, m: ModelConfig, pods: int) -> bool:
-        if pods * m.gpus_per_replica > self.gpus:
+    def fits(self, model: ModelConfig, pods: int) -> bool:
+        if pods * model.gpus_per_replica > self.gpus:
             return False
-        return all(pods * need <= self.amounts[k] for k, need in _pod_amounts(m).items())
+        return all(pods * need <= self.amounts[k] for k, need in _pod_amounts(model).items())
 
-    def take(self, m: ModelConfig, pods: int) -> None:
-        self.gpus -= pods * m.gpus_per_replica
-        for k, need in _pod_amounts(m).items():
+    def take(self, model: ModelConfig, pods: int) -> None:
+        self.gpus -= pods * model.gpus_per_replica
+        for k, need in _pod_amounts(model).items():
             self.amounts[k] -= pods * need
 
 
-def _pod_amounts(m: ModelConfig) -> dict[str, Decimal]:
+def _pod_amounts(model: ModelConfig) -> dict[str, Decimal]:
     """What one replica requests: one pod, or every pod of a LeaderWorkerSet group."""
-    return {k: m.nodes_per_replica * v for k, v in _amounts(m.resources).items()}
+    return {k: model.nodes_per_replica * v for k, v in _amounts(model.resources).items()}
 
 
-def _amounts(r: ResourcesConfig) -> dict[str, Decimal]:
+def _amounts(resources: ResourcesConfig) -> dict[str, Decimal]:
     """What one pod requests."""
-    return {"requests.cpu": parse_quantity(r.requests.cpu), "requests.memory": parse_quantity(r.requests.memory),
-            "limits.cpu": parse_quantity(r.limits.cpu), "limits.memory": parse_quantity(r.limits.memory)}
+    return {"requests.cpu": parse_quantity(resources.requests.cpu), "requests.memory": parse_quantity(resources.requests.memory),
+            "limits.cpu": parse_quantity(resources.limits.cpu), "limits.memory": parse_quantity(resources.limits.memory)}
 
 
 def _gateway_amounts(cfg: StackConfig) -> dict[str, Decimal]:
@@ -302,21 +302,21 @@ def _gateway_amounts(cfg: StackConfig) -> dict[str, Decimal]:
 
 
 def check_quota(cfg: StackConfig, fail: Fail) -> _Budget | None:
-    q = cfg.guardrails.resource_quota
-    if not q.enabled:
+    resource_quota = cfg.guardrails.resource_quota
+    if not resource_quota.enabled:
         return None
     needed = cfg.total_gpus_at_max
-    if needed > q.gpus:
-        detail = ", ".join(f"{m.name}: {model_max_replicas(m)} x {m.gpus_per_replica}" for m in cfg.models)
+    if needed > resource_quota.gpus:
+        detail = ", ".join(f"{model.name}: {model_max_replicas(model)} x {model.gpus_per_replica}" for model in cfg.models)
         fail("guardrails.resourceQuota.gpus",
-             f"{q.gpus} GPUs cannot hold the models at maxReplicas ({detail} = {needed} GPUs); "
+             f"{resource_quota.gpus} GPUs cannot hold the models at maxReplicas ({detail} = {needed} GPUs); "
              f"raise the quota to {needed} or lower maxReplicas")
-    quotas = {"requests.cpu": q.requests_cpu, "requests.memory": q.requests_memory,
-              "limits.cpu": q.limits_cpu, "limits.memory": q.limits_memory}
+    quotas = {"requests.cpu": resource_quota.requests_cpu, "requests.memory": resource_quota.requests_memory,
+              "limits.cpu": resource_quota.limits_cpu, "limits.memory": resource_quota.limits_memory}
     left = {}
     gateway = _gateway_amounts(cfg)
     for kind, quota in quotas.items():
-        total = sum(_pod_amounts(m)[kind] * model_max_replicas(m) for m in cfg.models) + gateway.get(kind, 0)
+        total = sum(_pod_amounts(model)[kind] * model_max_replicas(model) for model in cfg.models) + gateway.get(kind, 0)
         if total > parse_quantity(quota):
             key = "".join(w.capitalize() if i else w for i, w in enumerate(kind.split(".")))
             shown = format_bytes_gib(total) if "memory" in kind else f"{total.normalize():f}"
@@ -325,113 +325,113 @@ def check_quota(cfg: StackConfig, fail: Fail) -> _Budget | None:
                  f"{quota} is below what the models need at maxReplicas{with_gateway} ({kind} {shown}); "
                  "raise the quota or lower maxReplicas or the per-replica resources")
         left[kind] = parse_quantity(quota) - total
-    claims = sum(_claims_per_model(m) for m in cfg.models)
-    if claims > q.persistent_volume_claims:
+    claims = sum(_claims_per_model(model) for model in cfg.models)
+    if claims > resource_quota.persistent_volume_claims:
         fail("guardrails.resourceQuota.persistentVolumeClaims",
-             f"{q.persistent_volume_claims} is below the {claims} model volumes the models need at maxReplicas "
+             f"{resource_quota.persistent_volume_claims} is below the {claims} model volumes the models need at maxReplicas "
              "(one per Deployment, one per StatefulSet replica); raise it")
-    for cls, cap in sorted(q.storage_by_class.items()):
-        used = sum(parse_quantity(m.storage.size) * _claims_per_model(m)
-                   for m in cfg.models if m.storage.storage_class == cls)
+    for cls, cap in sorted(resource_quota.storage_by_class.items()):
+        used = sum(parse_quantity(model.storage.size) * _claims_per_model(model)
+                   for model in cfg.models if model.storage.storage_class == cls)
         if used > parse_quantity(cap):
             fail(f"guardrails.resourceQuota.storageByClass.{cls}",
                  f"{cap} is below the {format_bytes_gib(used)} of {cls} model volumes at maxReplicas; raise it or "
                  "shrink models[].storage.size")
-    return _Budget(Decimal(q.gpus - needed), left)
+    return _Budget(Decimal(resource_quota.gpus - needed), left)
 
 
-def _claims_per_model(m: ModelConfig) -> int:
+def _claims_per_model(model: ModelConfig) -> int:
     """Model volumes the platform creates: one per Deployment (none for an existing pvc:// claim), one per
     StatefulSet replica."""
-    if m.workload == "statefulset":
-        return model_max_replicas(m)
-    return 0 if m.source and parse_source(m.source).kind == "pvc" else 1
+    if model.workload == "statefulset":
+        return model_max_replicas(model)
+    return 0 if model.source and parse_source(model.source).kind == "pvc" else 1
 
 
-def plan_storage(cfg: StackConfig, m: ModelConfig) -> tuple[dict, tuple[str, ...]]:
+def plan_storage(cfg: StackConfig, model: ModelConfig) -> tuple[dict, tuple[str, ...]]:
     """The model directory, the claim names (an existing claim, or one restored from a snapshot) and the plan's
     description of how the volume is filled and backed up."""
-    storage, lines = m.storage, []
-    if m.source is None:
-        lines.append(f"model: {m.model_path} on the volume, filled by other means (set source to have the "
+    storage, lines = model.storage, []
+    if model.source is None:
+        lines.append(f"model: {model.model_path} on the volume, filled by other means (set source to have the "
                      "platform fill it from a pinned revision)")
-        model_path = m.model_path
+        model_path = model.model_path
     else:
-        src = parse_source(m.source)
+        src = parse_source(model.source)
         pin = "pinned" if src.pinned else "NOT pinned: the revision can move, replicas filled later may differ"
         if src.kind == "pvc":
             model_path = f"{MODELS_MOUNT}/{src.path}"
             storage = dataclasses.replace(storage, claim_name=src.location)
-            lines.append(f"model: {m.source}: existing claim {src.location!r} mounted read-only, {model_path}; "
+            lines.append(f"model: {model.source}: existing claim {src.location!r} mounted read-only, {model_path}; "
                          "pods check it holds a complete model before serving")
         else:
-            model_path = f"{m.model_path or f'{MODELS_MOUNT}/{m.name}'}/{src.directory}"
-            how = (f"Job {fill_job_name(m, src.short_id)} fills the volume before the pods roll"
+            model_path = f"{model.model_path or f'{MODELS_MOUNT}/{model.name}'}/{src.directory}"
+            how = (f"Job {fill_job_name(model, src.short_id)} fills the volume before the pods roll"
                    + ("; every pod of a group checks the same revision before it starts"
-                      if m.workload == "leaderworkerset" else "")
-                   if m.workload != "statefulset" else
-                   f"the {model_max_replicas(m)} replica volumes are created ahead of the pods, each filled by its "
-                   f"own Job ({fill_job_name(m, src.short_id)}-<ordinal>, beside its replica) before the pods roll")
-            lines.append(f"model: {m.source} ({pin}) -> {model_path}; {how}; pods serve offline after checking "
-                         f"the fill's manifest; {m.fill.keep_revisions} revision(s) kept on the volume")
-            for adapter, path in lora_adapter_paths(m, model_path).items():
-                lines.append(f"LoRA adapter {adapter}: {m.vllm.lora_adapters[adapter]} -> {path}, filled by the "
+                      if model.workload == "leaderworkerset" else "")
+                   if model.workload != "statefulset" else
+                   f"the {model_max_replicas(model)} replica volumes are created ahead of the pods, each filled by its "
+                   f"own Job ({fill_job_name(model, src.short_id)}-<ordinal>, beside its replica) before the pods roll")
+            lines.append(f"model: {model.source} ({pin}) -> {model_path}; {how}; pods serve offline after checking "
+                         f"the fill's manifest; {model.fill.keep_revisions} revision(s) kept on the volume")
+            for adapter, path in lora_adapter_paths(model, model_path).items():
+                lines.append(f"LoRA adapter {adapter}: {model.vllm.lora_adapters[adapter]} -> {path}, filled by the "
                              "same Job")
     if storage.restore_from_snapshot:
         snap = storage.restore_from_snapshot
         storage = dataclasses.replace(storage, claim_name=dns_name(storage.claim_name, "from", snap),
                                       template_name=dns_name(storage.template_name, "from", snap))
-        name = storage.claim_name if m.workload != "statefulset" else f"{storage.template_name}-<pod>"
+        name = storage.claim_name if model.workload != "statefulset" else f"{storage.template_name}-<pod>"
         lines.append(f"restore: volume {name} is created from VolumeSnapshot {snap!r}; the pods roll onto it and "
                      "the previous volume is deleted after them")
-    if cfg.backups.enabled and not (m.source and parse_source(m.source).kind == "pvc"):
-        b = cfg.backups
-        age = f", and none older than {b.max_age}" if b.max_age else ""
-        lines.append(f"backups: snapshots '{b.schedule}' with class {b.snapshot_class.name}, keeping the newest "
-                     f"{b.retention}{age} (needs the snapscheduler operator)")
+    if cfg.backups.enabled and not (model.source and parse_source(model.source).kind == "pvc"):
+        backups = cfg.backups
+        age = f", and none older than {backups.max_age}" if backups.max_age else ""
+        lines.append(f"backups: snapshots '{backups.schedule}' with class {backups.snapshot_class.name}, keeping the newest "
+                     f"{backups.retention}{age} (needs the snapscheduler operator)")
     return {"model_path": model_path, "storage": storage}, tuple(lines)
 
 
-def choose_rollout(m: ModelConfig, p: str, budget: _Budget | None, fail: Fail) -> tuple[RolloutConfig, str]:
-    if m.workload == "statefulset":
+def choose_rollout(model: ModelConfig, key_path: str, budget: _Budget | None, fail: Fail) -> tuple[RolloutConfig, str]:
+    if model.workload == "statefulset":
         return RolloutConfig(0, 1), "StatefulSet replaces one pod at a time (maxUnavailable 1); no surge GPU needed"
-    if m.rollout is not None:
-        surge = m.rollout.max_surge
-        if budget is not None and surge and not budget.fits(m, surge):
-            fail(f"{p}.rollout.maxSurge",
-                 f"{surge} needs {surge * m.gpus_per_replica} spare GPU(s) and room for {surge} more pod(s) at "
+    if model.rollout is not None:
+        surge = model.rollout.max_surge
+        if budget is not None and surge and not budget.fits(model, surge):
+            fail(f"{key_path}.rollout.maxSurge",
+                 f"{surge} needs {surge * model.gpus_per_replica} spare GPU(s) and room for {surge} more pod(s) at "
                  f"maxReplicas, but the quota leaves {budget.gpus} GPU(s) spare, so the rollout would wait forever; "
                  "use maxSurge 0 / maxUnavailable 1, or raise guardrails.resourceQuota")
         if budget is not None and surge:
-            budget.take(m, surge)
-        return m.rollout, f"maxSurge {surge} / maxUnavailable {m.rollout.max_unavailable} (from config)"
-    if budget is None or budget.fits(m, 1):
+            budget.take(model, surge)
+        return model.rollout, f"maxSurge {surge} / maxUnavailable {model.rollout.max_unavailable} (from config)"
+    if budget is None or budget.fits(model, 1):
         if budget is not None:
-            budget.take(m, 1)
+            budget.take(model, 1)
         return RolloutConfig(1, 0), "maxSurge 1 / maxUnavailable 0: zero downtime, the quota has room for one " \
                                     "extra replica at maxReplicas"
     return RolloutConfig(0, 1), ("maxSurge 0 / maxUnavailable 1: the quota has no room for an extra replica at "
                                  "maxReplicas, so each update takes one replica down first (capacity dips by one)")
 
 
-def describe_autoscaling(m: ModelConfig, target: int, estimate: float | None, weights: str | None,
+def describe_autoscaling(model: ModelConfig, target: int, estimate: float | None, weights: str | None,
                          cold_start_timeout: int | None) -> str:
-    a = m.autoscaling
-    if not a.enabled:
-        return f"off: {m.replicas} replica(s)"
+    autoscaling = model.autoscaling
+    if not autoscaling.enabled:
+        return f"off: {model.replicas} replica(s)"
     signal = f"running + waiting requests per replica, target {target}"
-    if a.mode == "keda" and cold_start_timeout is not None:
+    if autoscaling.mode == "keda" and cold_start_timeout is not None:
         signal = f"running + waiting requests per replica plus those the gateway holds, target {target}"
-    if a.mode == "hpa":
-        return (f"HPA {a.min_replicas}..{a.max_replicas} on {signal} (Pods metric from prometheus-adapter), "
-                f"CPU {a.target_cpu_utilization}% and memory {a.target_memory_utilization}% as secondary metrics")
-    text = f"KEDA {a.min_replicas}..{a.max_replicas} on {signal}"
-    if a.min_replicas == 0:
+    if autoscaling.mode == "hpa":
+        return (f"HPA {autoscaling.min_replicas}..{autoscaling.max_replicas} on {signal} (Pods metric from prometheus-adapter), "
+                f"CPU {autoscaling.target_cpu_utilization}% and memory {autoscaling.target_memory_utilization}% as secondary metrics")
+    text = f"KEDA {autoscaling.min_replicas}..{autoscaling.max_replicas} on {signal}"
+    if autoscaling.min_replicas == 0:
         load = (f"load {weights} of weights (about {estimate:.0f} s estimated) and warm up" if estimate
                 else "load its weights and warm up")
         # Only reachable with the gateway (validation refuses minReplicas 0 without it).
-        text += (f"; scales to zero after {a.cooldown_seconds} s without load and wakes above "
-                 f"{a.activation_load}: the gateway holds the first request after that up to {cold_start_timeout} s "
+        text += (f"; scales to zero after {autoscaling.cooldown_seconds} s without load and wakes above "
+                 f"{autoscaling.activation_load}: the gateway holds the first request after that up to {cold_start_timeout} s "
                  f"while a pod is scheduled, {load}, then 503 with Retry-After")
     return text
 
@@ -441,27 +441,27 @@ IMAGE_PULL_SECONDS = 300
 """Allowed for pulling a multi-GB serving image onto a new node, in the Deployment's progress deadline."""
 
 
-def verify_seconds(m: ModelConfig, s: Sizing | None) -> float | None:
+def verify_seconds(model: ModelConfig, sizing: Sizing | None) -> float | None:
     """A full check reads every weight byte once before the server starts; size-only reads none."""
-    if m.source is None or m.fill.verify != "full" or s is None:
+    if model.source is None or model.fill.verify != "full" or sizing is None:
         return None
-    return capacity.weight_bytes(s) / (m.storage_read_mbps * 1e6)
+    return capacity.weight_bytes(sizing) / (model.storage_read_mbps * 1e6)
 
 
-def gateway_limits(cfg: StackConfig, m: ModelConfig, p: str, budget_seconds: int, estimate: float | None,
+def gateway_limits(cfg: StackConfig, model: ModelConfig, key_path: str, budget_seconds: int, estimate: float | None,
                    num_seqs: int | None, fail: Fail) -> tuple[int | None, int | None]:
     """The gateway's cold-start hold and per-pod in-flight bound for one model (None, None without a gateway)."""
     gw = cfg.gateway
     if not gw.enabled:
         return None, None
     timeout = gw.cold_start_timeout_seconds or budget_seconds
-    if gw.cold_start_timeout_seconds and estimate and m.autoscaling.enabled and m.autoscaling.min_replicas == 0 \
+    if gw.cold_start_timeout_seconds and estimate and model.autoscaling.enabled and model.autoscaling.min_replicas == 0 \
             and gw.cold_start_timeout_seconds < estimate:
         fail("gateway.coldStartTimeoutSeconds",
-             f"{gw.cold_start_timeout_seconds} is shorter than the estimated {estimate:.0f} s {p} ({m.name}) needs "
+             f"{gw.cold_start_timeout_seconds} is shorter than the estimated {estimate:.0f} s {key_path} ({model.name}) needs "
              "to load its weights and warm up, so every request that wakes it from zero would get 503; raise it to "
              f"at least {math.ceil(estimate)} or leave it unset (the startup budget, {budget_seconds} s)")
-    inflight = gw.max_inflight_per_pod or 2 * (num_seqs or RUNTIMES[m.runtime].default_max_num_seqs)
+    inflight = gw.max_inflight_per_pod or 2 * (num_seqs or RUNTIMES[model.runtime].default_max_num_seqs)
     return timeout, inflight
 
 
@@ -471,63 +471,63 @@ def plan_stack(cfg: StackConfig, fail: Fail) -> StackConfig:
         check_limit_range(cfg, cfg.gateway.resources, "gateway", fail)
     budget = check_quota(cfg, fail)
     models, plans = [], []
-    for i, m in enumerate(cfg.models):
-        p = f"models[{i}]"
-        s = _sizing(m, p, fail)
-        memory = check_gpu_memory(cfg, m, s, p, fail) if s else None
-        threshold, estimate = startup_threshold(m, s, p, fail)
-        shm = check_shm(m, p, fail)
-        check_limits(cfg, m, p, fail)
-        rollout, why = choose_rollout(m, p, budget, fail)
-        rt = RUNTIMES[m.runtime]
-        num_seqs = m.max_num_seqs or (s.max_concurrent_sequences if s else None)
-        target = m.autoscaling.target_load_per_replica or num_seqs or \
-            (rt.default_max_num_seqs if m.gpus_per_replica else 8)
+    for i, model in enumerate(cfg.models):
+        key_path = f"models[{i}]"
+        sizing = _sizing(model, key_path, fail)
+        memory = check_gpu_memory(cfg, model, sizing, key_path, fail) if sizing else None
+        threshold, estimate = startup_threshold(model, sizing, key_path, fail)
+        shm = check_shm(model, key_path, fail)
+        check_limits(cfg, model, key_path, fail)
+        rollout, why = choose_rollout(model, key_path, budget, fail)
+        rt = RUNTIMES[model.runtime]
+        num_seqs = model.max_num_seqs or (sizing.max_concurrent_sequences if sizing else None)
+        target = model.autoscaling.target_load_per_replica or num_seqs or \
+            (rt.default_max_num_seqs if model.gpus_per_replica else 8)
         try:
             queries = model_queries(
-                rt, namespace=cfg.namespace, workload=m.name, served_model_name=m.served_model_name,
-                hpa_name=hpa_name(m), min_replicas=model_min_replicas(m), certificate=tls_secret_name(cfg, m),
+                rt, namespace=cfg.namespace, workload=model.name, served_model_name=model.served_model_name,
+                hpa_name=hpa_name(model), min_replicas=model_min_replicas(model), certificate=tls_secret_name(cfg, model),
                 dcgm=cfg.addons.dcgm_exporter.enabled, gateway=cfg.gateway.enabled)
         except ContractError as exc:
-            fail(f"{p}.runtime", f"{m.runtime!r}: {exc}; the alerts, dashboard and autoscaler need it")
-        if m.image is None and rt.default_image and require_digests(cfg) and parse_image(rt.default_image)[2] is None:
-            fail(f"{p}.image", f"is unset, so the {m.runtime} runtime's default {rt.default_image} would run, pinned by "
+            fail(f"{key_path}.runtime", f"{model.runtime!r}: {exc}; the alerts, dashboard and autoscaler need it")
+        if model.image is None and rt.default_image and require_digests(cfg) and parse_image(rt.default_image)[2] is None:
+            fail(f"{key_path}.image", f"is unset, so the {model.runtime} runtime's default {rt.default_image} would run, pinned by "
                                "tag only, and this stack requires digests (stacks named prod*, or requireDigests); set "
                                f"image to {rt.default_image}@sha256:<the digest your registry reports>")
-        storage_fields, storage_lines = plan_storage(cfg, m)
+        storage_fields, storage_lines = plan_storage(cfg, model)
         resolved = dataclasses.replace(
-            m, **storage_fields, rollout=rollout, shm_size=shm, image=m.image or rt.default_image,
-            probes=dataclasses.replace(m.probes, startup=dataclasses.replace(m.probes.startup,
+            model, **storage_fields, rollout=rollout, shm_size=shm, image=model.image or rt.default_image,
+            probes=dataclasses.replace(model.probes, startup=dataclasses.replace(model.probes.startup,
                                                                               failure_threshold=threshold)),
-            max_model_len=m.max_model_len or (s.max_context_tokens if s else None),
+            max_model_len=model.max_model_len or (sizing.max_context_tokens if sizing else None),
             max_num_seqs=num_seqs,
-            fill=dataclasses.replace(m.fill, require_checksums=m.fill.require_checksums if m.fill.require_checksums
+            fill=dataclasses.replace(model.fill, require_checksums=model.fill.require_checksums if model.fill.require_checksums
                                      is not None else cfg.stack.startswith("prod")))
         models.append(resolved)
         price = cfg.gpu_pool.hourly_cost_per_gpu
-        lo, hi = model_min_replicas(m), model_max_replicas(m)
-        budget_seconds = threshold * m.probes.startup.period_seconds + m.probes.startup.initial_delay_seconds
-        check = verify_seconds(m, s)
-        cold_start, inflight = gateway_limits(cfg, m, p, budget_seconds + math.ceil(check or 0), estimate, num_seqs,
+        lo, hi = model_min_replicas(model), model_max_replicas(model)
+        budget_seconds = threshold * model.probes.startup.period_seconds + model.probes.startup.initial_delay_seconds
+        check = verify_seconds(model, sizing)
+        cold_start, inflight = gateway_limits(cfg, model, key_path, budget_seconds + math.ceil(check or 0), estimate, num_seqs,
                                               fail)
         plans.append(ModelPlan(
-            name=m.name, gpus_per_replica=m.gpus_per_replica, min_replicas=lo, max_replicas=hi, rollout=why,
+            name=model.name, gpus_per_replica=model.gpus_per_replica, min_replicas=lo, max_replicas=hi, rollout=why,
             startup_budget_seconds=budget_seconds,
             load_estimate_seconds=estimate, memory=memory,
             max_sequences_at_full_context=(capacity.max_sequences_that_fit(
-                s, m.gpus_per_replica, capacity.usable_bytes(cfg.gpu_pool.gpu_memory_gib, m.gpu_memory_utilization))
-                if s else None),
+                sizing, model.gpus_per_replica, capacity.usable_bytes(cfg.gpu_pool.gpu_memory_gib, model.gpu_memory_utilization))
+                if sizing else None),
             shm=shm,
-            cost_per_hour_min=None if price is None else lo * m.gpus_per_replica * price,
-            cost_per_hour_max=None if price is None else hi * m.gpus_per_replica * price,
-            autoscaling=describe_autoscaling(m, target, estimate, gib(capacity.weight_bytes(s)) if s else None,
+            cost_per_hour_min=None if price is None else lo * model.gpus_per_replica * price,
+            cost_per_hour_max=None if price is None else hi * model.gpus_per_replica * price,
+            autoscaling=describe_autoscaling(model, target, estimate, gib(capacity.weight_bytes(sizing)) if sizing else None,
                                              cold_start),
             target_load_per_replica=target, model_storage=storage_lines, queries=queries,
             cold_start_timeout_seconds=cold_start, gateway_max_inflight_per_pod=inflight,
             verify_estimate_seconds=check,
             progress_deadline_seconds=max(DEFAULT_PROGRESS_DEADLINE, math.ceil(budget_seconds + (check or 0)
                                                                                + IMAGE_PULL_SECONDS)),
-            nodes_per_replica=m.nodes_per_replica, layout=describe_layout(m) + (
+            nodes_per_replica=model.nodes_per_replica, layout=describe_layout(model) + (
                 "; needs the LeaderWorkerSet controller in the cluster (addons.leaderWorkerSet.enabled installs it)"
-                if m.workload == "leaderworkerset" and not cfg.addons.leader_worker_set.enabled else "")))
+                if model.workload == "leaderworkerset" and not cfg.addons.leader_worker_set.enabled else "")))
     return dataclasses.replace(cfg, models=models, plans=tuple(plans))
