@@ -235,8 +235,10 @@ class ResourceAmounts:
 
 @dataclass(frozen=True)
 class ResourcesConfig:
-    requests: ResourceAmounts = field(default_factory=lambda: ResourceAmounts(cpu="4", memory="8Gi", ephemeral_storage="2Gi"))
-    limits: ResourceAmounts = field(default_factory=lambda: ResourceAmounts(cpu="8", memory="16Gi", ephemeral_storage="8Gi"))
+    requests: ResourceAmounts = field(
+        default_factory=lambda: ResourceAmounts(cpu="4", memory="8Gi", ephemeral_storage="2Gi"))
+    limits: ResourceAmounts = field(
+        default_factory=lambda: ResourceAmounts(cpu="8", memory="16Gi", ephemeral_storage="8Gi"))
 
 
 @dataclass(frozen=True)
@@ -314,7 +316,8 @@ class RolloutConfig:
     """Pods that may be down during a rolling update; use 1 with maxSurge 0 when no GPU is spare."""
 
 
-Preset = Literal["llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b", "llama-3.2-1b", "llama-3.2-3b", "qwen2.5-7b", "qwen2.5-72b",
+Preset = Literal["llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b", "llama-3.2-1b", "llama-3.2-3b", "qwen2.5-7b",
+                 "qwen2.5-72b",
                  "mistral-7b"]
 
 
@@ -717,9 +720,9 @@ def config_key(dataclass_field: dataclasses.Field) -> str:
 def type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
-        return "one of " + ", ".join(repr(autoscaling) for autoscaling in typing.get_args(tp))
+        return "one of " + ", ".join(repr(arg) for arg in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(type_name(autoscaling) for autoscaling in typing.get_args(tp) if autoscaling is not type(None))
+        return " or ".join(type_name(arg) for arg in typing.get_args(tp) if arg is not type(None))
     if origin is list:
         item = typing.get_args(tp)[0]
         return "a list of objects" if dataclasses.is_dataclass(item) else f"a list of {type_name(item)}"
@@ -741,7 +744,7 @@ class ConfigReader:
         """Read `value` as type `tp`; a nested object merges over `base`, its default."""
         origin = typing.get_origin(tp)
         if origin in (typing.Union, types.UnionType):
-            args = [autoscaling for autoscaling in typing.get_args(tp) if autoscaling is not type(None)]
+            args = [arg for arg in typing.get_args(tp) if arg is not type(None)]
             if value is None:
                 return None
             return self.read(args[0], value, path, meta, base)
@@ -809,7 +812,7 @@ class ConfigReader:
         if not isinstance(value, dict):
             self.fail(path, f"{value!r} is not an object with keys {self._keys(cls)}")
         hints = typing.get_type_hints(cls)
-        by_key = {config_key(dataclass_field): dataclass_field for dataclass_field in config_fields(cls)}
+        by_key = {config_key(f): f for f in config_fields(cls)}
         unknown = sorted(set(value) - set(by_key))
         if unknown:
             self.fail(f"{path}.{unknown[0]}" if path else unknown[0],
@@ -819,7 +822,8 @@ class ConfigReader:
             sub = f"{path}.{key}" if path else key
             default = getattr(base, dataclass_field.name) if base is not None else field_default(dataclass_field)
             if key in value:
-                kwargs[dataclass_field.name] = self.read(hints[dataclass_field.name], value[key], sub, dataclass_field.metadata, default)
+                kwargs[dataclass_field.name] = self.read(hints[dataclass_field.name], value[key], sub,
+                                                         dataclass_field.metadata, default)
             elif base is not None:
                 kwargs[dataclass_field.name] = default
             elif default is dataclasses.MISSING:
@@ -828,12 +832,12 @@ class ConfigReader:
 
     @staticmethod
     def _keys(cls: type) -> str:
-        return ", ".join(config_key(dataclass_field) for dataclass_field in config_fields(cls))
+        return ", ".join(config_key(f) for f in config_fields(cls))
 
 
 def config_fields(cls: type) -> list[dataclasses.Field]:
     """The fields a stack file may set (not the stack name or computed ones)."""
-    return [dataclass_field for dataclass_field in dataclasses.fields(cls) if dataclass_field.name != "stack" and not dataclass_field.metadata.get("internal")]
+    return [f for f in dataclasses.fields(cls) if f.name != "stack" and not f.metadata.get("internal")]
 
 
 def field_default(dataclass_field: dataclasses.Field) -> Any:
@@ -879,7 +883,7 @@ def parse_config(stack: str, values: Mapping[str, Any]) -> StackConfig:
 def validate(cfg: StackConfig, reader: ConfigReader) -> None:
     if not cfg.models:
         reader.fail("models", "no model is configured; add at least one entry with name, servedModelName, "
-                         "modelPath and image")
+                              "modelPath and image")
     _validate_gpu_pool(cfg, reader)
     _validate_guardrails(cfg, reader)
     _validate_backups(cfg, reader)
@@ -892,26 +896,27 @@ def validate(cfg: StackConfig, reader: ConfigReader) -> None:
         key_path = f"models[{i}]"
         if model.name in names:
             reader.fail(f"{key_path}.name", f"{model.name!r} is already used by models[{names[model.name]}]; "
-                                "each model needs its own name")
+                                            "each model needs its own name")
         names[model.name] = i
         if cfg.gateway.enabled and model.served_model_name in served:
             reader.fail(f"{key_path}.servedModelName", f"{model.served_model_name!r} is already served by "
-                                           f"models[{served[model.served_model_name]}]; the gateway routes by this "
-                                           "name, so each model needs its own")
+                                                       f"models[{served[model.served_model_name]}]; the gateway routes "
+                                                       "by this name, so each model needs its own")
         served[model.served_model_name] = i
         _validate_model(cfg, model, key_path, reader)
         host = model_host(cfg, model)
         if cfg.gateway.enabled:
             if model.host is not None:
-                reader.fail(f"{key_path}.host", f"{model.host!r}: with gateway.enabled every model is served at the gateway's "
-                                    "one host (ingress.host); remove models[].host")
+                reader.fail(f"{key_path}.host", f"{model.host!r}: with gateway.enabled every model is served at the "
+                                                "gateway's one host (ingress.host); remove models[].host")
         elif cfg.ingress.enabled:
             if host is None:
                 reader.fail(f"{key_path}.host", "no Ingress host: set ingress.host (one model) or models[].host, "
-                                    "or set ingress.enabled: false")
+                                                "or set ingress.enabled: false")
             if host in hosts:
-                reader.fail(f"{key_path}.host", f"{host!r} is already the host of models[{hosts[host]}]; the OpenAI API "
-                                    "paths are the same for every model, so each model needs its own host")
+                reader.fail(f"{key_path}.host", f"{host!r} is already the host of models[{hosts[host]}]; the OpenAI "
+                                                "API paths are the same for every model, so each model needs its own "
+                                                "host")
             hosts[host] = i
     _validate_shared_claims(cfg, reader)
     _validate_gateway(cfg, reader)
@@ -920,7 +925,8 @@ def validate(cfg: StackConfig, reader: ConfigReader) -> None:
 def gateway_image(cfg: StackConfig) -> str | None:
     """gateway.image, else the serving image the stack already names: the first builtin model's image, or a
     model's fill image (the gateway and the downloader ship in the same image)."""
-    return cfg.gateway.image or next((model.image for model in cfg.models if model.runtime == "builtin" and model.image), None) \
+    return cfg.gateway.image \
+        or next((model.image for model in cfg.models if model.runtime == "builtin" and model.image), None) \
         or next((model.fill.image for model in cfg.models if model.fill.image), None)
 
 
@@ -931,34 +937,36 @@ def _validate_gateway(cfg: StackConfig, reader: ConfigReader) -> None:
     image = gateway_image(cfg)
     if image is None:
         reader.fail("gateway.image", "is required when no model names the llm-platform serving image (as its image or "
-                                "fill.image): that image, which holds python -m serving.gateway, pinned to a version")
+                                     "fill.image): that image, which holds python -m serving.gateway, pinned to a "
+                                     "version")
     _check_pinned_image(image, "gateway.image", reader, require_digests(cfg))
     if cfg.ingress.enabled and cfg.ingress.host is None:
         reader.fail("ingress.host", "is required with gateway.enabled: the gateway is the stack's one endpoint, served "
-                               "at this host (e.g. llm-api.example.com)")
+                                    "at this host (e.g. llm-api.example.com)")
     autoscaling = gw.autoscaling
     if autoscaling.max_replicas < autoscaling.min_replicas:
-        reader.fail("gateway.autoscaling.maxReplicas", f"{autoscaling.max_replicas} is below minReplicas {autoscaling.min_replicas}")
+        reader.fail("gateway.autoscaling.maxReplicas", f"{autoscaling.max_replicas} is below minReplicas "
+                                                       f"{autoscaling.min_replicas}")
     if not autoscaling.min_replicas <= gw.replicas <= autoscaling.max_replicas:
         reader.fail("gateway.replicas", f"{gw.replicas} is outside gateway.autoscaling minReplicas..maxReplicas "
-                                   f"({autoscaling.min_replicas}..{autoscaling.max_replicas})")
+                                        f"({autoscaling.min_replicas}..{autoscaling.max_replicas})")
     req, lim = gw.resources.requests, gw.resources.limits
     for res in ("cpu", "memory", "ephemeral_storage"):
         if parse_quantity(getattr(req, res)) > parse_quantity(getattr(lim, res)):
             reader.fail(f"gateway.resources.requests.{camel(res)}",
-                   f"{getattr(req, res)} is above the limit {getattr(lim, res)}; requests must not exceed limits")
+                        f"{getattr(req, res)} is above the limit {getattr(lim, res)}; requests must not exceed limits")
     _check_drain_fits("gateway", gw.drain_seconds, gw.termination_grace_period_seconds, reader)
 
 
 def _check_drain_fits(key_path: str, drain: int, grace: int, reader: ConfigReader) -> None:
     needed = PRESTOP_SLEEP_SECONDS + drain + SHUTDOWN_AFTER_DRAIN_SECONDS
     if needed > grace:
-        reader.fail(f"{key_path}.drainSeconds", f"{drain} does not fit terminationGracePeriodSeconds {grace}: the pod needs "
-                                    f"{PRESTOP_SLEEP_SECONDS} s preStop + {drain} s drain + "
-                                    f"{SHUTDOWN_AFTER_DRAIN_SECONDS} s shutdown = {needed} s, or the kubelet kills it "
-                                    f"mid-drain; lower drainSeconds to "
-                                    f"{grace - PRESTOP_SLEEP_SECONDS - SHUTDOWN_AFTER_DRAIN_SECONDS} "
-                                    f"or raise the grace period to {needed}")
+        reader.fail(f"{key_path}.drainSeconds", f"{drain} does not fit terminationGracePeriodSeconds {grace}: the pod "
+                                                f"needs {PRESTOP_SLEEP_SECONDS} s preStop + {drain} s drain + "
+                                                f"{SHUTDOWN_AFTER_DRAIN_SECONDS} s shutdown = {needed} s, or the "
+                                                "kubelet kills it mid-drain; lower drainSeconds to "
+                                                f"{grace - PRESTOP_SLEEP_SECONDS - SHUTDOWN_AFTER_DRAIN_SECONDS} or "
+                                                f"raise the grace period to {needed}")
 
 
 def _validate_gpu_pool(cfg: StackConfig, reader: ConfigReader) -> None:
@@ -969,22 +977,22 @@ def _validate_gpu_pool(cfg: StackConfig, reader: ConfigReader) -> None:
     for i, tol in enumerate(pool.tolerations):
         if tol.operator == "Exists" and tol.value is not None:
             reader.fail(f"gpuPool.tolerations[{i}].value", f"{tol.value!r} must be unset with operator Exists "
-                                                      "(use operator Equal to match a value)")
+                                                           "(use operator Equal to match a value)")
 
 
 def _validate_guardrails(cfg: StackConfig, reader: ConfigReader) -> None:
     guardrails = cfg.guardrails
     if not re.fullmatch(r"v1\.\d{1,2}", guardrails.pod_security_version):
-        reader.fail("guardrails.podSecurityVersion", f"{guardrails.pod_security_version!r} is not a pinned Kubernetes version such "
-                                                "as v1.33 (`latest` would change the rules under running pods at the "
-                                                "next cluster upgrade)")
+        reader.fail("guardrails.podSecurityVersion", f"{guardrails.pod_security_version!r} is not a pinned Kubernetes "
+                                                     "version such as v1.33 (`latest` would change the rules under "
+                                                     "running pods at the next cluster upgrade)")
     if guardrails.pdb.max_unavailable is not None and guardrails.pdb.min_available is not None:
         reader.fail("guardrails.pdb", "set maxUnavailable or minAvailable, not both")
     if guardrails.pdb.max_unavailable is None and guardrails.pdb.min_available is None:
         reader.fail("guardrails.pdb", "set maxUnavailable (recommended: 1) or minAvailable")
     if guardrails.pdb.max_unavailable == 0:
         reader.fail("guardrails.pdb.maxUnavailable", "0 allows no voluntary disruption, so every node drain and "
-                                                "cluster upgrade blocks forever; use 1 or more")
+                                                     "cluster upgrade blocks forever; use 1 or more")
     for i, ns in enumerate(guardrails.allow_from.namespaces + guardrails.egress_to.namespaces):
         if not _DNS1123_LABEL.match(ns):
             where = "allowFrom" if i < len(guardrails.allow_from.namespaces) else "egressTo"
@@ -1005,8 +1013,8 @@ def _validate_guardrails(cfg: StackConfig, reader: ConfigReader) -> None:
 def _validate_model(cfg: StackConfig, model: ModelConfig, key_path: str, reader: ConfigReader) -> None:
     if model.image is None:
         if model.runtime == "builtin":
-            reader.fail(f"{key_path}.image", "is required for runtime builtin: the serving image built from serving/, pinned "
-                                 "to a version (e.g. registry.example.com/llm-serving:1.0.0)")
+            reader.fail(f"{key_path}.image", "is required for runtime builtin: the serving image built from serving/, "
+                                             "pinned to a version (e.g. registry.example.com/llm-serving:1.0.0)")
         return _validate_model_rest(cfg, model, key_path, reader)
     _check_pinned_image(model.image, f"{key_path}.image", reader, require_digests(cfg))
     _validate_model_rest(cfg, model, key_path, reader)
@@ -1036,17 +1044,17 @@ def _check_pinned_image(image: str, path: str, reader: ConfigReader, digests: bo
     name, tag, digest = parse_image(image)
     if digest is not None and not _DIGEST.fullmatch(digest):
         reader.fail(path, f"{image!r}: {digest!r} is not a digest; write @sha256: and the 64 hex digits the registry "
-                     "reports for the image")
+                          "reports for the image")
     if tag is not None and tag.lower() in MOVING_TAGS:
         reader.fail(path, f"{image!r} is not pinned: {tag!r} names a branch or channel that moves to new builds; use a "
-                     "version tag such as registry.example.com/llm-serving:1.0.0, or a digest")
+                          "version tag such as registry.example.com/llm-serving:1.0.0, or a digest")
     if tag is None and digest is None:
         reader.fail(path, f"{image!r} is not pinned; use a version tag or digest such as "
-                     "registry.example.com/llm-serving:1.0.0 (never `latest` or no tag)")
+                          "registry.example.com/llm-serving:1.0.0 (never `latest` or no tag)")
     if digests and digest is None:
         reader.fail(path, f"{image!r} has no digest, and this stack requires digests (stacks named prod*, or "
-                     f"requireDigests): append the digest the registry reports, as {name}:{tag}@sha256:<64 hex>, "
-                     "so that what runs is exactly the image that was reviewed")
+                          f"requireDigests): append the digest the registry reports, as {name}:{tag}@sha256:<64 hex>, "
+                          "so that what runs is exactly the image that was reviewed")
 
 
 def _validate_model_rest(cfg: StackConfig, model: ModelConfig, key_path: str, reader: ConfigReader) -> None:
@@ -1056,7 +1064,7 @@ def _validate_model_rest(cfg: StackConfig, model: ModelConfig, key_path: str, re
             reader.fail(f"{key_path}.env.{key}", f"{key!r} is not a valid environment variable name")
         if key == "NVIDIA_VISIBLE_DEVICES":
             reader.fail(f"{key_path}.env.{key}", "must not be set: `all` exposes every GPU on the node to the pod; "
-                                     "the NVIDIA device plugin assigns GPUs through gpusPerReplica")
+                                                 "the NVIDIA device plugin assigns GPUs through gpusPerReplica")
         if key in _MANAGED_ENV:
             reader.fail(f"{key_path}.env.{key}", f"is set by the platform from {_MANAGED_ENV[key]}; set that instead")
     _validate_runtime(cfg, model, key_path, reader)
@@ -1064,55 +1072,60 @@ def _validate_model_rest(cfg: StackConfig, model: ModelConfig, key_path: str, re
     for res in ("cpu", "memory", "ephemeral_storage"):
         if parse_quantity(getattr(req, res)) > parse_quantity(getattr(lim, res)):
             reader.fail(f"{key_path}.resources.requests.{camel(res)}",
-                   f"{getattr(req, res)} is above the limit {getattr(lim, res)}; requests must not exceed limits")
+                        f"{getattr(req, res)} is above the limit {getattr(lim, res)}; requests must not exceed limits")
     if parse_quantity(lim.cpu) < MIN_SERVING_CPU:
         reader.fail(f"{key_path}.resources.limits.cpu",
-               f"{lim.cpu} is below {MIN_SERVING_CPU}: the container runs its HTTP server and its engine in two "
-               "processes (both runtimes), each busy on a core of its own while it streams, and under a smaller "
-               f"limit they throttle each other and streams stall; set at least {MIN_SERVING_CPU}")
+                    f"{lim.cpu} is below {MIN_SERVING_CPU}: the container runs its HTTP server and its engine in two "
+                    "processes (both runtimes), each busy on a core of its own while it streams, and under a smaller "
+                    f"limit they throttle each other and streams stall; set at least {MIN_SERVING_CPU}")
     autoscaling = model.autoscaling
     if autoscaling.enabled and autoscaling.min_replicas == 0 and autoscaling.mode != "keda":
-        reader.fail(f"{key_path}.autoscaling.minReplicas", "0 needs mode: keda (an HPA cannot scale to zero); use 1 or more, "
-                                               "or set autoscaling.mode: keda")
+        reader.fail(f"{key_path}.autoscaling.minReplicas", "0 needs mode: keda (an HPA cannot scale to zero); use 1 or "
+                                                           "more, or set autoscaling.mode: keda")
     if autoscaling.enabled and autoscaling.mode == "keda" and autoscaling.min_replicas == 0 and not cfg.gateway.enabled:
         reader.fail(f"{key_path}.autoscaling.minReplicas",
-               "0 needs gateway.enabled: true; at zero replicas no pod exports the load KEDA reads, so nothing "
-               "would ever wake the model, and requests would fail at once instead of being held; turn the "
-               "gateway on (it holds the first request and its pending count wakes the model) or use minReplicas 1")
-    if autoscaling.enabled and autoscaling.mode == "keda" and cfg.guardrails.pdb.min_available is not None and autoscaling.min_replicas == 0:
+                    "0 needs gateway.enabled: true; at zero replicas no pod exports the load KEDA reads, so nothing "
+                    "would ever wake the model, and requests would fail at once instead of being held; turn the "
+                    "gateway on (it holds the first request and its pending count wakes the model) or use minReplicas "
+                    "1")
+    if autoscaling.enabled and autoscaling.mode == "keda" and cfg.guardrails.pdb.min_available is not None \
+            and autoscaling.min_replicas == 0:
         reader.fail("guardrails.pdb.minAvailable", "a model that scales to zero needs maxUnavailable, not minAvailable")
     if autoscaling.enabled:
         if autoscaling.max_replicas < autoscaling.min_replicas:
-            reader.fail(f"{key_path}.autoscaling.maxReplicas", f"{autoscaling.max_replicas} is below minReplicas {autoscaling.min_replicas}")
+            reader.fail(f"{key_path}.autoscaling.maxReplicas", f"{autoscaling.max_replicas} is below minReplicas "
+                                                               f"{autoscaling.min_replicas}")
         if not autoscaling.min_replicas <= model.replicas <= autoscaling.max_replicas:
             reader.fail(f"{key_path}.replicas", f"{model.replicas} is outside autoscaling minReplicas..maxReplicas "
-                                    f"({autoscaling.min_replicas}..{autoscaling.max_replicas})")
+                                                f"({autoscaling.min_replicas}..{autoscaling.max_replicas})")
     pdb = cfg.guardrails.pdb
     low = model_min_replicas(model)
     if pdb.min_available is not None and pdb.min_available >= low:
         reader.fail("guardrails.pdb.minAvailable",
-               f"{pdb.min_available} leaves no voluntary disruption for {key_path} ({model.name}) at its minimum of {low} "
-               f"replica(s), so node drains block forever; use maxUnavailable: 1 or minAvailable <= {low - 1}")
+                    f"{pdb.min_available} leaves no voluntary disruption for {key_path} ({model.name}) at its minimum "
+                    f"of {low} replica(s), so node drains block forever; use maxUnavailable: 1 or minAvailable <= "
+                    f"{low - 1}")
     if model.workload == "deployment" and model.storage.access_mode in ("ReadWriteOnce", "ReadWriteOncePod") \
             and model_max_replicas(model) > 1:
         reader.fail(f"{key_path}.storage.accessMode",
-               f"{model.storage.access_mode} cannot be shared by up to {model_max_replicas(model)} Deployment replicas "
-               "on different nodes (they hang in ContainerCreating); use ReadOnlyMany or ReadWriteMany, "
-               "or workload: statefulset for one volume per replica")
+                    f"{model.storage.access_mode} cannot be shared by up to {model_max_replicas(model)} Deployment "
+                    "replicas on different nodes (they hang in ContainerCreating); use ReadOnlyMany or ReadWriteMany, "
+                    "or workload: statefulset for one volume per replica")
     if model.workload == "leaderworkerset" and model.storage.access_mode in ("ReadWriteOnce", "ReadWriteOncePod"):
         reader.fail(f"{key_path}.storage.accessMode",
-               f"{model.storage.access_mode} cannot be mounted by the {model.nodes_per_replica} nodes of a LeaderWorkerSet "
-               "group (every node reads the same model revision from one shared claim); use ReadWriteMany")
+                    f"{model.storage.access_mode} cannot be mounted by the {model.nodes_per_replica} nodes of a "
+                    "LeaderWorkerSet group (every node reads the same model revision from one shared claim); use "
+                    "ReadWriteMany")
     if model.rollout is not None and model.rollout.max_surge == 0 and model.rollout.max_unavailable == 0:
         reader.fail(f"{key_path}.rollout", "maxSurge 0 and maxUnavailable 0 can never make progress; "
-                               "use maxSurge 1 (needs spare GPU quota) or maxUnavailable 1")
+                                           "use maxSurge 1 (needs spare GPU quota) or maxUnavailable 1")
     _check_drain_fits(key_path, model.drain_seconds, model.termination_grace_period_seconds, reader)
     _validate_exposure(cfg, model, key_path, reader)
     if model.host is not None and not _HOSTNAME.match(model.host):
         reader.fail(f"{key_path}.host", f"{model.host!r} is not a valid host name such as llm-api.example.com")
     if model.workload == "statefulset" and model.storage.access_mode != "ReadWriteOnce":
-        reader.fail(f"{key_path}.storage.accessMode", f"{model.storage.access_mode!r}: a StatefulSet gets one volume per "
-                                          "replica from volumeClaimTemplates; use ReadWriteOnce")
+        reader.fail(f"{key_path}.storage.accessMode", f"{model.storage.access_mode!r}: a StatefulSet gets one volume "
+                                                      "per replica from volumeClaimTemplates; use ReadWriteOnce")
 
 
 def _validate_exposure(cfg: StackConfig, model: ModelConfig, key_path: str, reader: ConfigReader) -> None:
@@ -1122,21 +1135,23 @@ def _validate_exposure(cfg: StackConfig, model: ModelConfig, key_path: str, read
             reader.fail(f"{key_path}.loadBalancerSourceRanges[{i}]", f"{cidr!r} is not a CIDR such as 203.0.113.0/24")
     if model.service_type != "LoadBalancer":
         if model.load_balancer_source_ranges:
-            reader.fail(f"{key_path}.loadBalancerSourceRanges", f"is only for serviceType LoadBalancer (this model's Service is "
-                                                    f"{model.service_type})")
+            reader.fail(f"{key_path}.loadBalancerSourceRanges", "is only for serviceType LoadBalancer (this model's "
+                                                                f"Service is {model.service_type})")
         return
     if cfg.gateway.enabled:
-        reader.fail(f"{key_path}.serviceType", "LoadBalancer: with gateway.enabled the model pods accept only the gateway and "
-                                   "Prometheus, so a load balancer would lead nowhere; clients use the gateway's "
-                                   "endpoint; use ClusterIP")
+        reader.fail(f"{key_path}.serviceType", "LoadBalancer: with gateway.enabled the model pods accept only the "
+                                               "gateway and Prometheus, so a load balancer would lead nowhere; clients "
+                                               "use the gateway's endpoint; use ClusterIP")
     if not model.load_balancer_source_ranges:
-        reader.fail(f"{key_path}.serviceType", "LoadBalancer without loadBalancerSourceRanges publishes plain HTTP (API keys, "
-                                   "prompts, /metrics) to the whole internet beside the TLS Ingress; use ClusterIP "
-                                   "behind the Ingress, or list the callers' CIDRs in loadBalancerSourceRanges")
+        reader.fail(f"{key_path}.serviceType", "LoadBalancer without loadBalancerSourceRanges publishes plain HTTP "
+                                               "(API keys, prompts, /metrics) to the whole internet beside the TLS "
+                                               "Ingress; use ClusterIP behind the Ingress, or list the callers' CIDRs "
+                                               "in loadBalancerSourceRanges")
     if cfg.guardrails.allow_from.ip_blocks and model.external_traffic_policy != "Local":
-        reader.fail(f"{key_path}.externalTrafficPolicy", f"{model.external_traffic_policy}: with guardrails.allowFrom.ipBlocks the "
-                                             "load balancer must keep the client's address, or the NetworkPolicy sees "
-                                             "a node's address instead and drops every caller; use Local")
+        reader.fail(f"{key_path}.externalTrafficPolicy", f"{model.external_traffic_policy}: with "
+                                                         "guardrails.allowFrom.ipBlocks the load balancer must keep "
+                                                         "the client's address, or the NetworkPolicy sees a node's "
+                                                         "address instead and drops every caller; use Local")
 
 
 def _validate_shared_claims(cfg: StackConfig, reader: ConfigReader) -> None:
@@ -1149,9 +1164,10 @@ def _validate_shared_claims(cfg: StackConfig, reader: ConfigReader) -> None:
         claim = model.storage.claim_name
         if claim in owners:
             reader.fail(f"models[{i}].storage.claimName",
-                   f"{claim!r} is already the model claim of models[{owners[claim]}] ({cfg.models[owners[claim]].name}); "
-                   "each model's volume is its own claim (one model's fill would prune the other's revisions); "
-                   "give it its own claimName, or serve a shared volume through a pvc:// source")
+                        f"{claim!r} is already the model claim of models[{owners[claim]}] "
+                        f"({cfg.models[owners[claim]].name}); each model's volume is its own claim (one model's fill "
+                        "would prune the other's revisions); give it its own claimName, or serve a shared volume "
+                        "through a pvc:// source")
         owners[claim] = i
 _VLLM_OWNED_FLAGS = {
     "model": "modelPath / source", "served-model-name": "servedModelName", "host": "the platform (0.0.0.0)",
@@ -1191,12 +1207,14 @@ def _validate_runtime(cfg: StackConfig, model: ModelConfig, key_path: str, reade
     dtype = model.sizing.dtype if model.sizing else "bfloat16"
     if model.runtime == "builtin":
         if model.gpus_per_replica > 1:
-            reader.fail(f"{key_path}.gpusPerReplica", f"{model.gpus_per_replica}: the builtin engine loads a model onto one GPU "
-                                          "(the others would sit idle while it runs out of memory); use 1, or "
-                                          "runtime: vllm, which splits a model across GPUs (tensor parallel)")
+            reader.fail(f"{key_path}.gpusPerReplica", f"{model.gpus_per_replica}: the builtin engine loads a model "
+                                                      "onto one GPU (the others would sit idle while it runs out of "
+                                                      "memory); use 1, or runtime: vllm, which splits a model across "
+                                                      "GPUs (tensor parallel)")
         if dtype in ("float8", "int4"):
-            reader.fail(f"{key_path}.sizing.dtype", f"{dtype!r}: the builtin engine loads bfloat16 or float16 weights only; "
-                                        "use runtime: vllm with vllm.quantization for quantized weights")
+            reader.fail(f"{key_path}.sizing.dtype", f"{dtype!r}: the builtin engine loads bfloat16 or float16 weights "
+                                                    "only; use runtime: vllm with vllm.quantization for quantized "
+                                                    "weights")
         if model.vllm.is_set:
             reader.fail(f"{key_path}.vllm", "is for runtime: vllm; the builtin engine takes none of these settings")
         if model.workload == "leaderworkerset":
@@ -1205,21 +1223,24 @@ def _validate_runtime(cfg: StackConfig, model: ModelConfig, key_path: str, reade
         _validate_vllm(model, dtype, key_path, reader)
     if model.workload != "leaderworkerset":
         if model.gpus_per_replica and per_node and model.gpus_per_replica > per_node:
-            reader.fail(f"{key_path}.gpusPerReplica", f"{model.gpus_per_replica} is more than gpuPool.gpusPerNode {per_node}; a "
-                                          f"{model.workload} pod cannot span nodes; use workload: leaderworkerset "
-                                          "(runtime vllm, one group of pods per replica across nodes)")
+            reader.fail(f"{key_path}.gpusPerReplica", f"{model.gpus_per_replica} is more than gpuPool.gpusPerNode "
+                                                      f"{per_node}; a {model.workload} pod cannot span nodes; use "
+                                                      "workload: leaderworkerset (runtime vllm, one group of pods per "
+                                                      "replica across nodes)")
         return
     if not per_node:
-        reader.fail("gpuPool.gpusPerNode", f"is required for {key_path}.workload leaderworkerset: the group has one pod per "
-                                      "node, so the platform must know how many GPUs a node has")
+        reader.fail("gpuPool.gpusPerNode", f"is required for {key_path}.workload leaderworkerset: the group has one "
+                                           "pod per node, so the platform must know how many GPUs a node has")
     if model.gpus_per_replica <= per_node or model.gpus_per_replica % per_node:
-        reader.fail(f"{key_path}.gpusPerReplica", f"{model.gpus_per_replica} with workload leaderworkerset must be a multiple of "
-                                      f"gpuPool.gpusPerNode {per_node} above it (2 nodes or more: "
-                                      f"{per_node * 2}, {per_node * 3}, ...); a model that fits one node runs "
-                                      "as workload: deployment with tensor parallel inside the node")
+        reader.fail(f"{key_path}.gpusPerReplica", f"{model.gpus_per_replica} with workload leaderworkerset must be a "
+                                                  f"multiple of gpuPool.gpusPerNode {per_node} above it (2 nodes or "
+                                                  f"more: {per_node * 2}, {per_node * 3}, ...); a model that fits one "
+                                                  "node runs as workload: deployment with tensor parallel inside the "
+                                                  "node")
     if len(model.name) > 50:
-        reader.fail(f"{key_path}.name", f"{model.name!r} is too long for a LeaderWorkerSet ({len(model.name)} characters): its pods are "
-                            "named <name>-lws-<group>-<index> and must stay a DNS label; use at most 50")
+        reader.fail(f"{key_path}.name", f"{model.name!r} is too long for a LeaderWorkerSet ({len(model.name)} "
+                                        "characters): its pods are named <name>-lws-<group>-<index> and must stay a "
+                                        "DNS label; use at most 50")
 
 
 def _validate_vllm(model: ModelConfig, dtype: str, key_path: str, reader: ConfigReader) -> None:
@@ -1228,26 +1249,30 @@ def _validate_vllm(model: ModelConfig, dtype: str, key_path: str, reader: Config
     if dtype in VLLM_QUANTIZATION:
         allowed = VLLM_QUANTIZATION[dtype]
         if vllm.quantization is None:
-            reader.fail(quantization_key, f"is required with sizing.dtype {dtype!r}: without it vLLM loads 16-bit weights and the plan's "
-                      f"memory is wrong; use the checkpoint's method, one of {', '.join(allowed)}")
+            reader.fail(quantization_key, f"is required with sizing.dtype {dtype!r}: without it vLLM loads 16-bit "
+                                          "weights and the plan's memory is wrong; use the checkpoint's method, one of "
+                                          f"{', '.join(allowed)}")
         if vllm.quantization not in allowed:
-            reader.fail(quantization_key, f"{vllm.quantization!r} does not give {dtype} weights as sizing.dtype says; use one of "
-                      f"{', '.join(allowed)}, or change sizing.dtype")
+            reader.fail(quantization_key, f"{vllm.quantization!r} does not give {dtype} weights as sizing.dtype says; "
+                                          f"use one of {', '.join(allowed)}, or change sizing.dtype")
     elif vllm.quantization is not None:
-        reader.fail(quantization_key, f"{vllm.quantization!r} quantizes the weights, but sizing.dtype is {dtype!r} (the plan sizes 16-bit "
-                  "weights); set sizing.dtype to float8 or int4 to match, or remove quantization")
+        reader.fail(quantization_key, f"{vllm.quantization!r} quantizes the weights, but sizing.dtype is {dtype!r} "
+                                      "(the plan sizes 16-bit weights); set sizing.dtype to float8 or int4 to match, "
+                                      "or remove quantization")
     if dtype == "float8" and vllm.kv_cache_dtype is None:
-        reader.fail(f"{key_path}.vllm.kvCacheDtype", "is required with sizing.dtype 'float8': fp8 weights do not make an fp8 KV "
-                                         "cache; set fp8 (the plan sizes 1 byte per KV value) or auto (2 bytes)")
+        reader.fail(f"{key_path}.vllm.kvCacheDtype", "is required with sizing.dtype 'float8': fp8 weights do not make "
+                                                     "an fp8 KV cache; set fp8 (the plan sizes 1 byte per KV value) or "
+                                                     "auto (2 bytes)")
     seqs = model.max_num_seqs or (model.sizing.max_concurrent_sequences if model.sizing else None)
     if vllm.max_num_batched_tokens is not None and seqs and vllm.max_num_batched_tokens < seqs:
-        reader.fail(f"{key_path}.vllm.maxNumBatchedTokens", f"{vllm.max_num_batched_tokens} is below maxNumSeqs {seqs}; vLLM "
-                                                "refuses to start (each step must fit one token per sequence)")
+        reader.fail(f"{key_path}.vllm.maxNumBatchedTokens", f"{vllm.max_num_batched_tokens} is below maxNumSeqs "
+                                                            f"{seqs}; vLLM refuses to start (each step must fit one "
+                                                            "token per sequence)")
     for name, source in vllm.lora_adapters.items():
         key = f"{key_path}.vllm.loraAdapters.{name}"
         if not _ADAPTER_NAME.match(name) or len(name) > 63:
             reader.fail(key, f"{name!r} is not a valid adapter name (lowercase letters, digits, '-', '.' and '_'); "
-                        "clients send it as the model")
+                             "clients send it as the model")
         if name == model.served_model_name:
             reader.fail(key, f"{name!r} is the base model's servedModelName; give the adapter its own name")
         try:
@@ -1260,23 +1285,23 @@ def _validate_vllm(model: ModelConfig, dtype: str, key_path: str, reader: Config
             reader.fail(key, src.unpinned_problem())
         if model.source is None or parse_source(model.source).kind == "pvc":
             reader.fail(key, "needs the base model's source (hf:// or s3://): adapters are filled onto the volume "
-                        "next to the filled base model")
+                             "next to the filled base model")
     if vllm.lora_adapters and model.workload == "statefulset":
-        reader.fail(f"{key_path}.vllm.loraAdapters", "are filled by the fill Job onto a shared claim; use workload deployment "
-                                         "or leaderworkerset")
+        reader.fail(f"{key_path}.vllm.loraAdapters", "are filled by the fill Job onto a shared claim; use workload "
+                                                     "deployment or leaderworkerset")
     if vllm.max_lora_rank is not None:
         if not vllm.lora_adapters:
             reader.fail(f"{key_path}.vllm.maxLoraRank", "is set without loraAdapters")
         if vllm.max_lora_rank not in VLLM_LORA_RANKS:
             reader.fail(f"{key_path}.vllm.maxLoraRank", f"{vllm.max_lora_rank} is not a rank vLLM accepts; use one of "
-                                            f"{', '.join(map(str, VLLM_LORA_RANKS))}")
+                                                        f"{', '.join(map(str, VLLM_LORA_RANKS))}")
     for key, value in (("toolCallParser", vllm.tool_call_parser), ("reasoningParser", vllm.reasoning_parser)):
         if value is not None and not _PARSER_NAME.match(value):
             reader.fail(f"{key_path}.vllm.{key}", f"{value!r} is not a parser name such as llama3_json or deepseek_r1")
     for i, arg in enumerate(vllm.extra_args):
         if (flag := owned_vllm_flag(arg)) is not None:
-            reader.fail(f"{key_path}.vllm.extraArgs[{i}]", f"{arg!r}: --{flag} is set by the platform from {_VLLM_OWNED_FLAGS[flag]}; "
-                                               "set that instead")
+            reader.fail(f"{key_path}.vllm.extraArgs[{i}]", f"{arg!r}: --{flag} is set by the platform from "
+                                                           f"{_VLLM_OWNED_FLAGS[flag]}; set that instead")
 
 
 def _model_dir_problem(path: str) -> str | None:
@@ -1294,9 +1319,9 @@ def _validate_source(cfg: StackConfig, model: ModelConfig, key_path: str, reader
     """The model's source, where its directory is, and that the volume can be filled and restored."""
     if model.source is None:
         if model.model_path is None:
-            reader.fail(f"{key_path}.modelPath", f"is required without a source: the model directory under {MODELS_MOUNT}/ "
-                                     "(e.g. /models/llama-3.1-8b), or set source: hf://ORG/NAME@<commit sha> to have "
-                                     "the platform fill the volume")
+            reader.fail(f"{key_path}.modelPath", "is required without a source: the model directory under "
+                                                 f"{MODELS_MOUNT}/ (e.g. /models/llama-3.1-8b), or set source: "
+                                                 "hf://ORG/NAME@<commit sha> to have the platform fill the volume")
         if problem := _model_dir_problem(model.model_path):
             reader.fail(f"{key_path}.modelPath", problem)
         return
@@ -1308,37 +1333,42 @@ def _validate_source(cfg: StackConfig, model: ModelConfig, key_path: str, reader
         reader.fail(f"{key_path}.source", src.unpinned_problem() + f" (stack {cfg.stack!r} requires pinned sources)")
     if src.kind == "pvc":
         if model.workload == "statefulset":
-            reader.fail(f"{key_path}.source", "a pvc:// source is one existing claim, but a StatefulSet gives each replica its "
-                                  "own volume; use workload: deployment, or an hf:// or s3:// source to fill them")
+            reader.fail(f"{key_path}.source", "a pvc:// source is one existing claim, but a StatefulSet gives each "
+                                              "replica its own volume; use workload: deployment, or an hf:// or s3:// "
+                                              "source to fill them")
         expected = f"{MODELS_MOUNT}/{src.path}"
         if model.model_path is not None and model.model_path != expected:
-            reader.fail(f"{key_path}.modelPath", f"{model.model_path!r} does not match the source: {model.source} is mounted at "
-                                     f"{MODELS_MOUNT}, so the model is at {expected}; remove modelPath")
+            reader.fail(f"{key_path}.modelPath", f"{model.model_path!r} does not match the source: {model.source} is "
+                                                 f"mounted at {MODELS_MOUNT}, so the model is at {expected}; remove "
+                                                 "modelPath")
         if model.storage.restore_from_snapshot:
-            reader.fail(f"{key_path}.storage.restoreFromSnapshot", f"the claim {src.location!r} of a pvc:// source is not "
-                                                       "managed here; restore it yourself, or use an hf or s3 source")
+            reader.fail(f"{key_path}.storage.restoreFromSnapshot", f"the claim {src.location!r} of a pvc:// source is "
+                                                                   "not managed here; restore it yourself, or use an "
+                                                                   "hf or s3 source")
     else:
         if model.model_path is not None and (problem := _model_dir_problem(model.model_path)):
             reader.fail(f"{key_path}.modelPath", problem)
         if model.workload != "statefulset" and model.storage.access_mode == "ReadOnlyMany":
-            reader.fail(f"{key_path}.storage.accessMode", "ReadOnlyMany cannot be written by the fill Job; use ReadWriteMany "
-                                              "(the serving pods still mount it read-only)")
+            reader.fail(f"{key_path}.storage.accessMode", "ReadOnlyMany cannot be written by the fill Job; use "
+                                                          "ReadWriteMany (the serving pods still mount it read-only)")
         if src.kind == "s3" and model.fill.hf_endpoint:
             reader.fail(f"{key_path}.fill.hfEndpoint", "is for hf:// sources; this model's source is s3://")
         if src.kind == "hf" and model.fill.s3_endpoint:
             reader.fail(f"{key_path}.fill.s3Endpoint", "is for s3:// sources; this model's source is hf://")
     if model.fill.image is None and model.runtime != "builtin":
-        reader.fail(f"{key_path}.fill.image", f"is required for runtime {model.runtime}: the llm-platform serving image (it holds "
-                                  "the downloader, python -m serving.fetch), pinned to a version")
+        reader.fail(f"{key_path}.fill.image", f"is required for runtime {model.runtime}: the llm-platform serving "
+                                              "image (it holds the downloader, python -m serving.fetch), pinned to a "
+                                              "version")
     if model.fill.image is not None:
         _check_pinned_image(model.fill.image, f"{key_path}.fill.image", reader, require_digests(cfg))
     for key in ("hf_endpoint", "s3_endpoint"):
         url = getattr(model.fill, key)
         if url is not None and not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:\d+)?(/\S*)?", url):
-            reader.fail(f"{key_path}.fill.{camel(key)}", f"{url!r} is not a URL such as https://minio.model-storage.svc:9000")
+            reader.fail(f"{key_path}.fill.{camel(key)}", f"{url!r} is not a URL such as "
+                                                         "https://minio.model-storage.svc:9000")
         if url is not None and url.startswith("http://") and cfg.stack.startswith("prod"):
-            reader.fail(f"{key_path}.fill.{camel(key)}", f"{url!r} is plain HTTP, which would send the source's token or keys "
-                                             f"in clear; stack {cfg.stack!r} requires https://")
+            reader.fail(f"{key_path}.fill.{camel(key)}", f"{url!r} is plain HTTP, which would send the source's token "
+                                                         f"or keys in clear; stack {cfg.stack!r} requires https://")
     for i, cidr in enumerate(model.fill.egress_cidrs):
         if not _CIDR.fullmatch(cidr):
             reader.fail(f"{key_path}.fill.egressCidrs[{i}]", f"{cidr!r} is not a CIDR such as 0.0.0.0/0 or 52.0.0.0/8")
@@ -1356,10 +1386,11 @@ def _validate_backups(cfg: StackConfig, reader: ConfigReader) -> None:
     if not backups.enabled:
         return
     if not _CRON.fullmatch(backups.schedule):
-        reader.fail("backups.schedule", f"{backups.schedule!r} is not a cron schedule (five fields such as '0 3 * * *', or "
-                                   "@daily, @weekly, ...)")
+        reader.fail("backups.schedule", f"{backups.schedule!r} is not a cron schedule (five fields such as '0 3 * * "
+                                        "*', or @daily, @weekly, ...)")
     if backups.max_age is not None and not re.fullmatch(r"\d+(h|m|s)", backups.max_age):
-        reader.fail("backups.maxAge", f"{backups.max_age!r} is not a duration in hours, minutes or seconds such as 720h")
+        reader.fail("backups.maxAge", f"{backups.max_age!r} is not a duration in hours, minutes or seconds such as "
+                                      "720h")
 
 
 _MANAGED_ENV = {"MODEL_NAME": "servedModelName", "MODEL_PATH": "modelPath", "PORT": "the platform (8000)",
@@ -1367,5 +1398,6 @@ _MANAGED_ENV = {"MODEL_NAME": "servedModelName", "MODEL_PATH": "modelPath", "POR
                 "MAX_MODEL_LEN": "maxModelLen", "DRAIN_SECONDS": "drainSeconds",
                 "VLLM_API_KEY": "the generated API-key Secret (read from its mounted file)",
                 "VLLM_HOST_IP": "the platform (each pod's IP, on a leaderworkerset)",
-                "LWS_LEADER_ADDRESS": "the LeaderWorkerSet controller", "LWS_GROUP_SIZE": "the LeaderWorkerSet controller",
+                "LWS_LEADER_ADDRESS": "the LeaderWorkerSet "
+                                      "controller", "LWS_GROUP_SIZE": "the LeaderWorkerSet controller",
                 "LWS_WORKER_INDEX": "the LeaderWorkerSet controller"}

@@ -82,9 +82,9 @@ class ModelPlan:
             out.append(f"  layout: {self.layout}")
         if self.memory:
             memory = self.memory
-            out.append(f"  per GPU: weights {memory['weightsGiB']:.2f} + KV cache {memory['kvCacheGiB']:.2f} + overhead "
-                       f"{memory['overheadGiB']:.2f} = {memory['totalGiB']:.2f} GiB of {memory['usableGiB']:.2f} usable "
-                       f"(headroom {memory['headroomGiB']:.2f} GiB)")
+            out.append(f"  per GPU: weights {memory['weightsGiB']:.2f} + KV cache {memory['kvCacheGiB']:.2f} + "
+                       f"overhead {memory['overheadGiB']:.2f} = {memory['totalGiB']:.2f} GiB of "
+                       f"{memory['usableGiB']:.2f} usable (headroom {memory['headroomGiB']:.2f} GiB)")
             out.append(f"  max concurrent sequences at full context: {self.max_sequences_at_full_context}")
         else:
             out.append("  GPU memory not checked: add models[].sizing (a preset or the architecture numbers)")
@@ -118,8 +118,8 @@ def architecture(sizing: SizingConfig, key_path: str, fail: Fail) -> Architectur
     if sizing.preset is not None:
         given = [k for k, v in numbers.items() if v is not None]
         if given:
-            fail(f"{key_path}.sizing.{given[0]}", f"is set together with preset {sizing.preset!r}; use the preset or the "
-                                           "architecture numbers, not both")
+            fail(f"{key_path}.sizing.{given[0]}", f"is set together with preset {sizing.preset!r}; use the preset or "
+                                                  "the architecture numbers, not both")
         return PRESETS[sizing.preset]
     missing = [k for k, v in numbers.items() if v is None]
     if missing:
@@ -137,13 +137,13 @@ def _sizing(model: ModelConfig, key_path: str, fail: Fail) -> Sizing | None:
         if value is None:
             fail(f"{key_path}.sizing.{key}", "is required: the KV cache, and so whether the model fits, depends on it")
     if arch.max_context_tokens and model.sizing.max_context_tokens > arch.max_context_tokens:
-        fail(f"{key_path}.sizing.maxContextTokens", f"{model.sizing.max_context_tokens} is above the model's own context "
-                                             f"window {arch.max_context_tokens}")
+        fail(f"{key_path}.sizing.maxContextTokens", f"{model.sizing.max_context_tokens} is above the model's own "
+                                                    f"context window {arch.max_context_tokens}")
     for key, value, sized in (("maxModelLen", model.max_model_len, model.sizing.max_context_tokens),
                               ("maxNumSeqs", model.max_num_seqs, model.sizing.max_concurrent_sequences)):
         if value is not None and value > sized:
             fail(f"{key_path}.{key}", f"{value} is above what the capacity check sized ({sized}); leave it unset to "
-                               "use the sizing value, or raise the sizing")
+                                      "use the sizing value, or raise the sizing")
     kv = (model.vllm.kv_cache_dtype or "auto") if model.runtime == "vllm" else "auto"
     return Sizing(arch, model.sizing.dtype, model.sizing.max_context_tokens, model.sizing.max_concurrent_sequences, kv)
 
@@ -155,8 +155,8 @@ def describe_layout(model: ModelConfig) -> str:
         return f"builtin engine on one GPU per replica ({model.workload})"
     if model.workload == "leaderworkerset":
         return (f"vLLM across {model.nodes_per_replica} nodes per replica (LeaderWorkerSet group of "
-                f"{model.nodes_per_replica} pods: tensor parallel {model.gpus_per_pod} inside each node x pipeline parallel "
-                f"{model.nodes_per_replica} across nodes); the leader serves the API, workers join it")
+                f"{model.nodes_per_replica} pods: tensor parallel {model.gpus_per_pod} inside each node x pipeline "
+                f"parallel {model.nodes_per_replica} across nodes); the leader serves the API, workers join it")
     return f"vLLM, tensor parallel {model.gpus_per_replica} inside one node ({model.workload})"
 
 
@@ -182,11 +182,11 @@ def check_gpu_memory(cfg: StackConfig, model: ModelConfig, sizing: Sizing, key_p
     tp = model.gpus_per_pod
     if tp == 0:
         fail(f"{key_path}.gpusPerReplica", "0 with a sizing block: GPU memory is checked per GPU; set gpusPerReplica "
-                                    "to 1 or more, or remove sizing for a CPU-only model")
+                                           "to 1 or more, or remove sizing for a CPU-only model")
     if sizing.arch.attention_heads and sizing.arch.attention_heads % tp:
         options = capacity.valid_tp_sizes(sizing.arch, 16)
-        fail(f"{key_path}.gpusPerReplica", f"{tp} does not divide the model's {sizing.arch.attention_heads} attention heads, "
-                                    f"so tensor parallelism cannot split it; use one of {options}")
+        fail(f"{key_path}.gpusPerReplica", f"{tp} does not divide the model's {sizing.arch.attention_heads} attention "
+                                           f"heads, so tensor parallelism cannot split it; use one of {options}")
     pool = cfg.gpu_pool
     usable = capacity.usable_bytes(pool.gpu_memory_gib, model.gpu_memory_utilization)
     # Tensor parallel splits weights and KV cache over a node's GPUs, pipeline parallel splits the layers over the
@@ -196,7 +196,8 @@ def check_gpu_memory(cfg: StackConfig, model: ModelConfig, sizing: Sizing, key_p
         capacity.overhead_bytes(sizing, total)
     if need > usable:
         fixes = []
-        seqs, ctx = capacity.max_sequences_that_fit(sizing, total, usable), capacity.max_context_that_fits(sizing, total, usable)
+        seqs = capacity.max_sequences_that_fit(sizing, total, usable)
+        ctx = capacity.max_context_that_fits(sizing, total, usable)
         if seqs:
             fixes.append(f"maxConcurrentSequences <= {seqs} (at maxContextTokens {sizing.max_context_tokens})")
         if ctx:
@@ -223,10 +224,10 @@ def startup_threshold(model: ModelConfig, sizing: Sizing | None, key_path: str, 
         if budget < needed:
             fail(f"{key_path}.probes.startup.failureThreshold",
                  f"{probe.failure_threshold} x {probe.period_seconds} s = {budget} s is shorter than the estimated "
-                 f"{estimate:.0f} s to load {gib(capacity.weight_bytes(sizing))} at {model.storage_read_mbps:g} MB/s plus "
-                 f"{capacity.WARMUP_SECONDS} s warm-up (x{capacity.STARTUP_SAFETY} margin = {needed:.0f} s), so the "
-                 f"kubelet would kill pods still loading; use at least "
-                 f"{math.ceil(needed / probe.period_seconds)} or leave it unset")
+                 f"{estimate:.0f} s to load {gib(capacity.weight_bytes(sizing))} at {model.storage_read_mbps:g} MB/s "
+                 f"plus {capacity.WARMUP_SECONDS} s warm-up (x{capacity.STARTUP_SAFETY} margin = {needed:.0f} s), so "
+                 f"the kubelet would kill pods still loading; use at least {math.ceil(needed / probe.period_seconds)} "
+                 "or leave it unset")
     return probe.failure_threshold, estimate
 
 
@@ -252,7 +253,8 @@ def check_limits(cfg: StackConfig, model: ModelConfig, key_path: str, fail: Fail
                                  ("memory", model.resources.requests.memory, shape.memory)):
             if parse_quantity(value) > parse_quantity(node):
                 fail(f"{key_path}.resources.requests.{key}", f"{value} is more than one GPU node has "
-                                                      f"(gpuPool.nodeShape.{key} {node}); the pod can never schedule")
+                                                             f"(gpuPool.nodeShape.{key} {node}); the pod can never "
+                                                             "schedule")
 
 
 def check_limit_range(cfg: StackConfig, resources: ResourcesConfig, key_path: str, fail: Fail) -> None:
@@ -261,7 +263,8 @@ def check_limit_range(cfg: StackConfig, resources: ResourcesConfig, key_path: st
                                      ("memory", resources.limits.memory, lr.max_memory, "maxMemory")):
         if lr.enabled and cap is not None and parse_quantity(value) > parse_quantity(cap):
             fail(f"{key_path}.resources.limits.{key}", f"{value} is above guardrails.limitRange.{cap_key} {cap}; the "
-                                                "LimitRange would reject every pod; lower the limit or raise the maximum")
+                                                       "LimitRange would reject every pod; lower the limit or raise "
+                                                       "the maximum")
 
 
 @dataclass
@@ -289,8 +292,10 @@ def _pod_amounts(model: ModelConfig) -> dict[str, Decimal]:
 
 def _amounts(resources: ResourcesConfig) -> dict[str, Decimal]:
     """What one pod requests."""
-    return {"requests.cpu": parse_quantity(resources.requests.cpu), "requests.memory": parse_quantity(resources.requests.memory),
-            "limits.cpu": parse_quantity(resources.limits.cpu), "limits.memory": parse_quantity(resources.limits.memory)}
+    return {"requests.cpu": parse_quantity(resources.requests.cpu),
+            "requests.memory": parse_quantity(resources.requests.memory),
+            "limits.cpu": parse_quantity(resources.limits.cpu),
+            "limits.memory": parse_quantity(resources.limits.memory)}
 
 
 def _gateway_amounts(cfg: StackConfig) -> dict[str, Decimal]:
@@ -307,7 +312,8 @@ def check_quota(cfg: StackConfig, fail: Fail) -> _Budget | None:
         return None
     needed = cfg.total_gpus_at_max
     if needed > resource_quota.gpus:
-        detail = ", ".join(f"{model.name}: {model_max_replicas(model)} x {model.gpus_per_replica}" for model in cfg.models)
+        detail = ", ".join(f"{model.name}: {model_max_replicas(model)} x "
+                           f"{model.gpus_per_replica}" for model in cfg.models)
         fail("guardrails.resourceQuota.gpus",
              f"{resource_quota.gpus} GPUs cannot hold the models at maxReplicas ({detail} = {needed} GPUs); "
              f"raise the quota to {needed} or lower maxReplicas")
@@ -316,7 +322,8 @@ def check_quota(cfg: StackConfig, fail: Fail) -> _Budget | None:
     left = {}
     gateway = _gateway_amounts(cfg)
     for kind, quota in quotas.items():
-        total = sum(_pod_amounts(model)[kind] * model_max_replicas(model) for model in cfg.models) + gateway.get(kind, 0)
+        total = sum(_pod_amounts(model)[kind] * model_max_replicas(model) for model in cfg.models) \
+            + gateway.get(kind, 0)
         if total > parse_quantity(quota):
             key = "".join(w.capitalize() if i else w for i, w in enumerate(kind.split(".")))
             shown = format_bytes_gib(total) if "memory" in kind else f"{total.normalize():f}"
@@ -328,8 +335,8 @@ def check_quota(cfg: StackConfig, fail: Fail) -> _Budget | None:
     claims = sum(_claims_per_model(model) for model in cfg.models)
     if claims > resource_quota.persistent_volume_claims:
         fail("guardrails.resourceQuota.persistentVolumeClaims",
-             f"{resource_quota.persistent_volume_claims} is below the {claims} model volumes the models need at maxReplicas "
-             "(one per Deployment, one per StatefulSet replica); raise it")
+             f"{resource_quota.persistent_volume_claims} is below the {claims} model volumes the models need at "
+             "maxReplicas (one per Deployment, one per StatefulSet replica); raise it")
     for cls, cap in sorted(resource_quota.storage_by_class.items()):
         used = sum(parse_quantity(model.storage.size) * _claims_per_model(model)
                    for model in cfg.models if model.storage.storage_class == cls)
@@ -387,8 +394,8 @@ def plan_storage(cfg: StackConfig, model: ModelConfig) -> tuple[dict, tuple[str,
     if cfg.backups.enabled and not (model.source and parse_source(model.source).kind == "pvc"):
         backups = cfg.backups
         age = f", and none older than {backups.max_age}" if backups.max_age else ""
-        lines.append(f"backups: snapshots '{backups.schedule}' with class {backups.snapshot_class.name}, keeping the newest "
-                     f"{backups.retention}{age} (needs the snapscheduler operator)")
+        lines.append(f"backups: snapshots '{backups.schedule}' with class {backups.snapshot_class.name}, keeping the "
+                     f"newest {backups.retention}{age} (needs the snapscheduler operator)")
     return {"model_path": model_path, "storage": storage}, tuple(lines)
 
 
@@ -423,16 +430,17 @@ def describe_autoscaling(model: ModelConfig, target: int, estimate: float | None
     if autoscaling.mode == "keda" and cold_start_timeout is not None:
         signal = f"running + waiting requests per replica plus those the gateway holds, target {target}"
     if autoscaling.mode == "hpa":
-        return (f"HPA {autoscaling.min_replicas}..{autoscaling.max_replicas} on {signal} (Pods metric from prometheus-adapter), "
-                f"CPU {autoscaling.target_cpu_utilization}% and memory {autoscaling.target_memory_utilization}% as secondary metrics")
+        return (f"HPA {autoscaling.min_replicas}..{autoscaling.max_replicas} on {signal} (Pods metric from "
+                f"prometheus-adapter), CPU {autoscaling.target_cpu_utilization}% and memory "
+                f"{autoscaling.target_memory_utilization}% as secondary metrics")
     text = f"KEDA {autoscaling.min_replicas}..{autoscaling.max_replicas} on {signal}"
     if autoscaling.min_replicas == 0:
         load = (f"load {weights} of weights (about {estimate:.0f} s estimated) and warm up" if estimate
                 else "load its weights and warm up")
         # Only reachable with the gateway (validation refuses minReplicas 0 without it).
         text += (f"; scales to zero after {autoscaling.cooldown_seconds} s without load and wakes above "
-                 f"{autoscaling.activation_load}: the gateway holds the first request after that up to {cold_start_timeout} s "
-                 f"while a pod is scheduled, {load}, then 503 with Retry-After")
+                 f"{autoscaling.activation_load}: the gateway holds the first request after that up to "
+                 f"{cold_start_timeout} s while a pod is scheduled, {load}, then 503 with Retry-After")
     return text
 
 
@@ -458,9 +466,10 @@ def gateway_limits(cfg: StackConfig, model: ModelConfig, key_path: str, budget_s
     if gw.cold_start_timeout_seconds and estimate and model.autoscaling.enabled and model.autoscaling.min_replicas == 0 \
             and gw.cold_start_timeout_seconds < estimate:
         fail("gateway.coldStartTimeoutSeconds",
-             f"{gw.cold_start_timeout_seconds} is shorter than the estimated {estimate:.0f} s {key_path} ({model.name}) needs "
-             "to load its weights and warm up, so every request that wakes it from zero would get 503; raise it to "
-             f"at least {math.ceil(estimate)} or leave it unset (the startup budget, {budget_seconds} s)")
+             f"{gw.cold_start_timeout_seconds} is shorter than the estimated {estimate:.0f} s {key_path} "
+             f"({model.name}) needs to load its weights and warm up, so every request that wakes it from zero would "
+             f"get 503; raise it to at least {math.ceil(estimate)} or leave it unset (the startup budget, "
+             f"{budget_seconds} s)")
     inflight = gw.max_inflight_per_pod or 2 * (num_seqs or RUNTIMES[model.runtime].default_max_num_seqs)
     return timeout, inflight
 
@@ -491,14 +500,15 @@ def plan_stack(cfg: StackConfig, fail: Fail) -> StackConfig:
         except ContractError as exc:
             fail(f"{key_path}.runtime", f"{model.runtime!r}: {exc}; the alerts, dashboard and autoscaler need it")
         if model.image is None and rt.default_image and require_digests(cfg) and parse_image(rt.default_image)[2] is None:
-            fail(f"{key_path}.image", f"is unset, so the {model.runtime} runtime's default {rt.default_image} would run, pinned by "
-                               "tag only, and this stack requires digests (stacks named prod*, or requireDigests); set "
-                               f"image to {rt.default_image}@sha256:<the digest your registry reports>")
+            fail(f"{key_path}.image", f"is unset, so the {model.runtime} runtime's default {rt.default_image} would "
+                                      "run, pinned by tag only, and this stack requires digests (stacks named prod*, "
+                                      f"or requireDigests); set image to {rt.default_image}@sha256:<the digest your "
+                                      "registry reports>")
         storage_fields, storage_lines = plan_storage(cfg, model)
         resolved = dataclasses.replace(
             model, **storage_fields, rollout=rollout, shm_size=shm, image=model.image or rt.default_image,
             probes=dataclasses.replace(model.probes, startup=dataclasses.replace(model.probes.startup,
-                                                                              failure_threshold=threshold)),
+                                                                                      failure_threshold=threshold)),
             max_model_len=model.max_model_len or (sizing.max_context_tokens if sizing else None),
             max_num_seqs=num_seqs,
             fill=dataclasses.replace(model.fill, require_checksums=model.fill.require_checksums if model.fill.require_checksums
