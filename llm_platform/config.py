@@ -628,9 +628,6 @@ class StackConfig:
     require_pinned_sources: bool | None = None
     """Refuse `models[].source` revisions that can move (branches, tags); unset: on for stacks named prod*."""
 
-    plans: tuple = field(default=(), metadata={"internal": True})
-    """Capacity plan per model, computed at validation (not read from config)."""
-
     @property
     def total_gpus_at_max(self) -> int:
         return sum(model_max_replicas(model) * model.gpus_per_replica for model in self.models)
@@ -681,11 +678,6 @@ def workload_name(model: ModelConfig) -> str:
     """The workload object's name. A LeaderWorkerSet gets its own: its controller creates a headless Service
     named after it, which must not collide with the model's Service."""
     return f"{model.name}-lws" if model.workload == "leaderworkerset" else model.name
-
-
-def fetch_image(model: ModelConfig) -> str | None:
-    """The image that runs `python -m serving.fetch`: fill.image, else the builtin runtime's serving image."""
-    return model.fill.image or (model.image if model.runtime == "builtin" else None)
 
 
 def tls_secret_name(cfg: StackConfig, model: ModelConfig) -> str | None:

@@ -1,7 +1,9 @@
-"""The capacity plan: checks every model against GPU memory, quota, LimitRange and node shape at preview, fills in
-the values computed from them (rollout strategy, startup probe budget, /dev/shm, engine limits), and describes
-the result per model for `render.py`, `pulumi preview` and a stack output.
+"""The capacity plan: checks every model against GPU memory, quota, LimitRange and node shape at preview, computes
+the values that follow from them (rollout strategy, startup probe budget, /dev/shm, engine limits, the model
+directory and claim names) into a `PlannedModel` per model, and describes the result per model (`ModelPlan`) for
+`render.py`, `pulumi preview` and a stack output.
 
+It builds on the validated config types only (`llm_platform.stack` composes reading, validation and this plan).
 Each failure is one ConfigError naming the stack, the key path, the numbers and the smallest fix.
 """
 from __future__ import annotations
@@ -18,13 +20,52 @@ from llm_platform.quantities import format_bytes_gib, parse_quantity
 from llm_platform.metric_contract import RUNTIMES, ContractError, ModelQueries, model_queries
 from llm_platform.model_source import parse_source
 from llm_platform.config import (
-    MODELS_MOUNT, ModelConfig, ResourcesConfig, RolloutConfig, SizingConfig, StackConfig, dns_name, fill_job_name,
-    hpa_name, lora_adapter_paths, model_max_replicas, model_min_replicas, parse_image, require_digests,
-    tls_secret_name,
+    MODELS_MOUNT, ModelConfig, ProbeConfig, ResourcesConfig, RolloutConfig, SizingConfig, StackConfig, StorageConfig,
+    dns_name, fill_job_name, hpa_name, lora_adapter_paths, model_max_replicas, model_min_replicas, parse_image,
+    require_digests, tls_secret_name,
 )
 
 Fail = Callable[[str, str], NoReturn]
 ARTICLE_STARTUP_FAILURES = 30
+
+
+@dataclass(frozen=True)
+class PlannedProbes:
+    """The serving container's probes, every number set (the startup probe's failureThreshold from the plan)."""
+
+    liveness: ProbeConfig
+    readiness: ProbeConfig
+    startup: ProbeConfig
+
+
+@dataclass(frozen=True)
+class PlannedModel:
+    """One model as the plan resolved it: `config` as the stack file wrote it, and every value computed from it. The
+    components and builders take this, so an unplanned model cannot reach them."""
+
+    config: ModelConfig
+    image: str
+    """The serving image: `image`, else the runtime's pinned default."""
+    model_path: str
+    """MODEL_PATH: the revision directory the fill writes (hf, s3), the claim's path (pvc), or modelPath."""
+    storage: StorageConfig
+    """`storage` with the claim names resolved (an existing pvc:// claim, or the claim restored from a snapshot)."""
+    rollout: RolloutConfig
+    """`rollout`, else the strategy the quota leaves room for."""
+    probes: PlannedProbes
+    shm_size: str | None
+    """/dev/shm for multi-GPU pods (`shmSize`, else 2Gi per GPU); None for one GPU."""
+    max_model_len: int | None
+    """MAX_MODEL_LEN: `maxModelLen`, else the sized context."""
+    max_num_seqs: int | None
+    """MAX_NUM_SEQS: `maxNumSeqs`, else the sized concurrency."""
+    require_checksums: bool
+    """`fill.requireChecksums`, else on for stacks named prod*."""
+
+    @property
+    def name(self) -> str:
+        """The model's Kubernetes name (`config.name`): its workload, Service, HPA and PDB are named after it."""
+        return self.config.name
 
 
 @dataclass(frozen=True)
@@ -110,6 +151,15 @@ class ModelPlan:
         fields["model_storage"] = list(self.model_storage)
         return {k: v for k, v in fields.items() if v is not None} | {
             "gpusAtMin": self.gpus_at_min, "gpusAtMax": self.gpus_at_max}
+
+
+@dataclass(frozen=True)
+class PlannedStack:
+    """A stack read, validated and planned: the config, and per model its planned values and its plan."""
+
+    config: StackConfig
+    models: tuple[PlannedModel, ...]
+    plans: tuple[ModelPlan, ...]
 
 
 def architecture(sizing: SizingConfig, key_path: str, fail: Fail) -> Architecture:
@@ -355,7 +405,7 @@ def _claims_per_model(model: ModelConfig) -> int:
     return 0 if model.source and parse_source(model.source).kind == "pvc" else 1
 
 
-def plan_storage(cfg: StackConfig, model: ModelConfig) -> tuple[dict, tuple[str, ...]]:
+def plan_storage(cfg: StackConfig, model: ModelConfig) -> tuple[str | None, StorageConfig, tuple[str, ...]]:
     """The model directory, the claim names (an existing claim, or one restored from a snapshot) and the plan's
     description of how the volume is filled and backed up."""
     storage, lines = model.storage, []
@@ -396,7 +446,7 @@ def plan_storage(cfg: StackConfig, model: ModelConfig) -> tuple[dict, tuple[str,
         age = f", and none older than {backups.max_age}" if backups.max_age else ""
         lines.append(f"backups: snapshots '{backups.schedule}' with class {backups.snapshot_class.name}, keeping the "
                      f"newest {backups.retention}{age} (needs the snapscheduler operator)")
-    return {"model_path": model_path, "storage": storage}, tuple(lines)
+    return model_path, storage, tuple(lines)
 
 
 def choose_rollout(model: ModelConfig, key_path: str, budget: _Budget | None, fail: Fail) -> tuple[RolloutConfig, str]:
@@ -474,8 +524,8 @@ def gateway_limits(cfg: StackConfig, model: ModelConfig, key_path: str, budget_s
     return timeout, inflight
 
 
-def plan_stack(cfg: StackConfig, fail: Fail) -> StackConfig:
-    """Run every capacity check; return the config with computed values filled in and `plans` set."""
+def plan_stack(cfg: StackConfig, fail: Fail) -> PlannedStack:
+    """Run every capacity check; return the stack with each model's computed values and plan."""
     if cfg.gateway.enabled:
         check_limit_range(cfg, cfg.gateway.resources, "gateway", fail)
     budget = check_quota(cfg, fail)
@@ -504,16 +554,22 @@ def plan_stack(cfg: StackConfig, fail: Fail) -> StackConfig:
                                       "run, pinned by tag only, and this stack requires digests (stacks named prod*, "
                                       f"or requireDigests); set image to {rt.default_image}@sha256:<the digest your "
                                       "registry reports>")
-        storage_fields, storage_lines = plan_storage(cfg, model)
-        resolved = dataclasses.replace(
-            model, **storage_fields, rollout=rollout, shm_size=shm, image=model.image or rt.default_image,
-            probes=dataclasses.replace(model.probes, startup=dataclasses.replace(model.probes.startup,
-                                                                                      failure_threshold=threshold)),
+        model_path, storage, storage_lines = plan_storage(cfg, model)
+        image = model.image or rt.default_image
+        if image is None or model_path is None:  # validation requires both (image for builtin, modelPath without source)
+            fail(f"{key_path}.image" if image is None else f"{key_path}.modelPath", "is required")
+        startup = model.probes.startup
+        models.append(PlannedModel(
+            config=model, image=image, model_path=model_path, storage=storage, rollout=rollout,
+            probes=PlannedProbes(
+                liveness=model.probes.liveness, readiness=model.probes.readiness,
+                startup=ProbeConfig(startup.initial_delay_seconds, startup.period_seconds, startup.timeout_seconds,
+                                    threshold)),
+            shm_size=shm,
             max_model_len=model.max_model_len or (sizing.max_context_tokens if sizing else None),
             max_num_seqs=num_seqs,
-            fill=dataclasses.replace(model.fill, require_checksums=model.fill.require_checksums if model.fill.require_checksums
-                                     is not None else cfg.stack.startswith("prod")))
-        models.append(resolved)
+            require_checksums=(model.fill.require_checksums if model.fill.require_checksums is not None
+                               else cfg.stack.startswith("prod"))))
         price = cfg.gpu_pool.hourly_cost_per_gpu
         lo, hi = model_min_replicas(model), model_max_replicas(model)
         budget_seconds = threshold * model.probes.startup.period_seconds + model.probes.startup.initial_delay_seconds
@@ -540,4 +596,4 @@ def plan_stack(cfg: StackConfig, fail: Fail) -> StackConfig:
             nodes_per_replica=model.nodes_per_replica, layout=describe_layout(model) + (
                 "; needs the LeaderWorkerSet controller in the cluster (addons.leaderWorkerSet.enabled installs it)"
                 if model.workload == "leaderworkerset" and not cfg.addons.leader_worker_set.enabled else "")))
-    return dataclasses.replace(cfg, models=models, plans=tuple(plans))
+    return PlannedStack(config=cfg, models=tuple(models), plans=tuple(plans))

@@ -12,16 +12,16 @@ from typing import Any, Mapping
 
 import pulumi
 
-from llm_platform.config import PROJECT, ConfigError, ConfigReader, StackConfig, parse_config
-from llm_platform.plan import plan_stack
+from llm_platform.config import PROJECT, ConfigError, ConfigReader, parse_config
+from llm_platform.plan import PlannedStack, plan_stack
 
 
-def parse_stack_config(stack: str, values: Mapping[str, Any]) -> StackConfig:
+def parse_stack_config(stack: str, values: Mapping[str, Any]) -> PlannedStack:
     """Read, validate and plan a stack from `{key: value}` with the `llm-platform:` prefix removed."""
     return plan_stack(parse_config(stack, values), ConfigReader(stack).fail)
 
 
-def load() -> StackConfig:
+def load() -> PlannedStack:
     """Read this stack's `llm-platform:*` config from Pulumi (the only pulumi.Config reader), validated and planned."""
     stack = pulumi.get_stack()
     config = pulumi.Config(PROJECT)

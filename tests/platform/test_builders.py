@@ -20,9 +20,12 @@ from llm_platform.config import (
 )
 from llm_platform.stack import parse_stack_config
 from tests.conftest import stack_values
+from tests.platform.planned import planned
 
-MODEL = ModelConfig(name="m", served_model_name="m-1b", model_path="/models/m", image="r.example.com/s:1.2.3",
-                    rollout=RolloutConfig(1, 0), probes=ProbesConfig(startup=StartupProbeConfig(failure_threshold=30)))
+MODEL_CONFIG = ModelConfig(name="m", served_model_name="m-1b", model_path="/models/m", image="r.example.com/s:1.2.3",
+                           rollout=RolloutConfig(1, 0),
+                           probes=ProbesConfig(startup=StartupProbeConfig(failure_threshold=30)))
+MODEL = planned(MODEL_CONFIG)
 
 
 @pytest.mark.parametrize("text, value", [
@@ -40,14 +43,15 @@ def test_parse_quantity_rejects(bad):
 
 
 def test_gpu_resources_requests_equal_limits():
-    r = container_resources(dataclasses.replace(MODEL, gpus_per_replica=2))
+    r = container_resources(planned(dataclasses.replace(MODEL_CONFIG, gpus_per_replica=2)))
     assert r["requests"]["nvidia.com/gpu"] == r["limits"]["nvidia.com/gpu"] == "2"
-    assert "nvidia.com/gpu" not in container_resources(dataclasses.replace(MODEL, gpus_per_replica=0))["limits"]
+    cpu_only = planned(dataclasses.replace(MODEL_CONFIG, gpus_per_replica=0))
+    assert "nvidia.com/gpu" not in container_resources(cpu_only)["limits"]
 
 
 def test_env_never_exposes_all_gpus_and_passes_engine_settings():
-    env = {e["name"]: e["value"] for e in serving_env(dataclasses.replace(MODEL, max_num_seqs=32, max_model_len=4096,
-                                                                          env={"LOG_LEVEL": "debug"}))}
+    model = planned(dataclasses.replace(MODEL_CONFIG, max_num_seqs=32, max_model_len=4096, env={"LOG_LEVEL": "debug"}))
+    env = {e["name"]: e["value"] for e in serving_env(model)}
     assert "NVIDIA_VISIBLE_DEVICES" not in env
     assert env["MAX_NUM_SEQS"] == "32" and env["MAX_MODEL_LEN"] == "4096" and env["LOG_LEVEL"] == "debug"
     assert env["HF_HUB_OFFLINE"] == "1" and env["HF_HOME"].startswith("/tmp/")
@@ -127,8 +131,8 @@ def queries_for(rt, **changes):
 def test_alerts_and_dashboard_only_use_the_runtime_contract(rt):
     import re
     q = queries_for(rt)
-    exprs = [r["expr"] for r in alert_group(ObservedModel(MODEL, q), ObservabilityConfig())["rules"]]
-    exprs += [t["expr"] for p in dashboard(ObservedModel(MODEL, q))["panels"] for t in p["targets"]]
+    exprs = [r["expr"] for r in alert_group(ObservedModel(MODEL_CONFIG, q), ObservabilityConfig())["rules"]]
+    exprs += [t["expr"] for p in dashboard(ObservedModel(MODEL_CONFIG, q))["panels"] for t in p["targets"]]
     known = set(rt.metrics) | set(PLATFORM_METRICS)
     for expr in exprs:
         # Metric names: identifiers followed by a selector or a range, minus histogram suffixes.
@@ -166,4 +170,5 @@ def test_partial_override_keeps_the_other_defaults():
     m = parse_stack_config("prod", values).models[0]
     assert (m.probes.startup.failure_threshold, m.probes.startup.period_seconds) == (60, 10)
     assert m.probes.liveness.initial_delay_seconds == 30
-    assert (m.resources.requests.cpu, m.resources.requests.memory, m.resources.limits.cpu) == ("6", "8Gi", "8")
+    resources = m.config.resources
+    assert (resources.requests.cpu, resources.requests.memory, resources.limits.cpu) == ("6", "8Gi", "8")

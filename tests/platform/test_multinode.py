@@ -181,7 +181,7 @@ def test_builtin_plan_suggests_vllm_not_more_gpus():
 
 def test_multinode_is_chosen_automatically_and_planned(multinode_result):
     cfg = parse_stack_config("prod", stack_values(MULTINODE))
-    model, plan = cfg.models[0], cfg.plans[0]
+    model, plan = cfg.config.models[0], cfg.plans[0]
     assert (model.workload, model.nodes_per_replica, model.gpus_per_pod) == ("leaderworkerset", 2, 8)
     assert (plan.gpus_at_min, plan.gpus_at_max) == (32, 48)
     assert plan.lines()[0].endswith("(2 nodes per replica: 4 nodes at min, 6 at max)")
