@@ -8,8 +8,19 @@ plan is logged and exported.
 import pulumi
 
 from components import (
-    ClusterAddons, ClusterAddonsArgs, GpuPool, GpuPoolArgs, Guardrails, GuardrailsArgs, InferenceGateway,
-    InferenceGatewayArgs, LLMServing, LLMServingArgs, ModelStorage, ModelStorageArgs, Observability,
+    ClusterAddons,
+    ClusterAddonsArgs,
+    GpuPool,
+    GpuPoolArgs,
+    Guardrails,
+    GuardrailsArgs,
+    InferenceGateway,
+    InferenceGatewayArgs,
+    LLMServing,
+    LLMServingArgs,
+    ModelStorage,
+    ModelStorageArgs,
+    Observability,
     ObservabilityArgs,
 )
 from components.inference_gateway import GatewayRoute, endpoints_service_name, gateway_pods_selector
@@ -19,7 +30,8 @@ from llm_platform.config import gateway_image, model_host, tls_secret_name
 
 planned = stack.load()
 cfg = planned.config
-observed = [ObservedModel(model.config, plan.queries) for model, plan in zip(planned.models, planned.plans)]
+observed = [ObservedModel(model.config, plan.queries)
+            for model, plan in zip(planned.models, planned.plans, strict=True)]
 
 addons = ClusterAddons("cluster-addons", ClusterAddonsArgs(
     addons=cfg.addons, observability=cfg.observability, gpu_pool=cfg.gpu_pool, adapter_rules=adapter_rules(observed),
@@ -44,7 +56,7 @@ guardrails = Guardrails("guardrails", GuardrailsArgs(
 ), opts=after_addons)
 
 servings = {}
-for model, plan in zip(planned.models, planned.plans):
+for model, plan in zip(planned.models, planned.plans, strict=True):
     storage = ModelStorage(f"{model.name}-storage", ModelStorageArgs(
         namespace=guardrails.namespace_name,
         model=model,
@@ -85,7 +97,7 @@ if gateway_on:
                              cold_start_timeout_seconds=plan.cold_start_timeout_seconds,
                              max_inflight_per_pod=plan.gateway_max_inflight_per_pod,
                              max_queue=cfg.gateway.max_queue_per_model)
-                for model, plan in zip(planned.models, planned.plans)],
+                for model, plan in zip(planned.models, planned.plans, strict=True)],
         ingress=cfg.ingress,
         allow_from=cfg.guardrails.allow_from,
         service_account=guardrails.service_account_name,

@@ -280,7 +280,7 @@ def print_summary(result: RenderResult, written: list[Path], out: Path, stream=s
     widths = [max(len(r[i]) for r in rows + [("KIND", "NAMESPACE", "NAME")]) for i in range(3)]
     print(f"stack {result.stack}: {len(manifests)} manifests written to {out}", file=stream)
     for row in [("KIND", "NAMESPACE", "NAME")] + rows:
-        print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)), file=stream)
+        print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)), file=stream)
     for release in result.helm_releases():
         source = (release.get("repositoryOpts") or {}).get("repo") or release["chart"]
         print(f"  helm release {release['name']} {release['version']} from {source} "

@@ -21,8 +21,16 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 from llm_platform.builders import (
-    API_KEYS_DIR, API_KEYS_FILE_KEY, PART_OF, PORT_NAME, SERVING_PORT, caller_peers, container_security_context,
-    pod_security_context, probe, serving_pods_selector,
+    API_KEYS_DIR,
+    API_KEYS_FILE_KEY,
+    PART_OF,
+    PORT_NAME,
+    SERVING_PORT,
+    caller_peers,
+    container_security_context,
+    pod_security_context,
+    probe,
+    serving_pods_selector,
 )
 from llm_platform.config import PRESTOP_SLEEP_SECONDS, AllowFromConfig, GatewayConfig, IngressConfig, ProbeConfig
 
@@ -264,7 +272,8 @@ def gateway_hpa_spec(gw: GatewayConfig) -> dict[str, Any]:
         # Out fast on a burst; in slowly, since a removed replica's streams must drain first.
         "behavior": {
             "scaleUp": {"stabilizationWindowSeconds": 0, "selectPolicy": "Max", "policies": [
-                {"type": "Percent", "value": 100, "periodSeconds": 30}, {"type": "Pods", "value": 2, "periodSeconds": 30}]},
+                {"type": "Percent", "value": 100, "periodSeconds": 30},
+                {"type": "Pods", "value": 2, "periodSeconds": 30}]},
             "scaleDown": {"stabilizationWindowSeconds": 300, "policies": [
                 {"type": "Pods", "value": 1, "periodSeconds": 60}]},
         },

@@ -13,11 +13,20 @@ from typing import Any
 import pulumi
 import pulumi_kubernetes as k8s
 
-from llm_platform.builders import (
-    PORT_NAME, ROLE_LABEL, SERVING_PORT, hpa_spec, keda_scaled_object_spec, labels, leader_worker_set_spec, pod_spec,
-    selector_labels, service_selector, source_annotations,
-)
 from components.model_storage import model_claim_spec, volume_labels
+from llm_platform.builders import (
+    PORT_NAME,
+    ROLE_LABEL,
+    SERVING_PORT,
+    hpa_spec,
+    keda_scaled_object_spec,
+    labels,
+    leader_worker_set_spec,
+    pod_spec,
+    selector_labels,
+    service_selector,
+    source_annotations,
+)
 from llm_platform.config import GPU_RESOURCE, LWS_API, IngressConfig, workload_name
 from llm_platform.plan import PlannedModel
 
@@ -189,7 +198,8 @@ class LLMServing(pulumi.ComponentResource):
             self.endpoint = pulumi.Output.concat(
                 "http://", model.name, ".", args.namespace, f".svc.cluster.local:{model.config.service_port}/v1")
 
-        self.register_outputs({"endpoint": self.endpoint, "workload": workload_name(model.config), "service": model.name})
+        self.register_outputs({"endpoint": self.endpoint, "workload": workload_name(model.config),
+                               "service": model.name})
 
 
 def service_spec(model: PlannedModel) -> dict[str, Any]:

@@ -21,11 +21,18 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 from llm_platform.builders import (
-    FILL_LABEL, PART_OF, fetch_container, labels, model_volume_name, namespace_selector, pod_security_context,
-    source_annotations, source_credentials_volume,
+    FILL_LABEL,
+    PART_OF,
+    fetch_container,
+    labels,
+    model_volume_name,
+    namespace_selector,
+    pod_security_context,
+    source_annotations,
+    source_credentials_volume,
 )
-from llm_platform.model_source import parse_source
 from llm_platform.config import BackupsConfig, dns_name, fill_job_name, model_max_replicas
+from llm_platform.model_source import parse_source
 from llm_platform.plan import PlannedModel
 
 VOLUME_LABEL = "llm-platform/model-volume"
@@ -66,7 +73,8 @@ def fill_labels(model: PlannedModel) -> dict[str, str]:
 def statefulset_claim_names(model: PlannedModel) -> list[str]:
     """The claims a StatefulSet's volumeClaimTemplates name (`<template>-<statefulset>-<ordinal>`), for every ordinal
     up to maxReplicas."""
-    return [f"{model.storage.template_name}-{model.name}-{ordinal}" for ordinal in range(model_max_replicas(model.config))]
+    return [f"{model.storage.template_name}-{model.name}-{ordinal}"
+            for ordinal in range(model_max_replicas(model.config))]
 
 
 def replica_fill_placement(model: PlannedModel, ordinal: int, scheduling: dict[str, Any]) -> dict[str, Any]:
@@ -101,7 +109,8 @@ def fill_job_spec(model: PlannedModel, *, service_account: str, claim_name: str 
                 **(placement or {}),
                 # The base model and each LoRA adapter fill their own directories, side by side.
                 "containers": [fetch_container(model, fill=True)] + [
-                    fetch_container(model, fill=True, adapter=name) for name in sorted(model.config.vllm.lora_adapters)],
+                    fetch_container(model, fill=True, adapter=name)
+                    for name in sorted(model.config.vllm.lora_adapters)],
                 "volumes": [
                     {"name": model_volume_name(model),
                      "persistentVolumeClaim": {"claimName": claim_name or model.storage.claim_name}},
@@ -149,7 +158,8 @@ def fetches_from_network(model: PlannedModel) -> bool:
 
 
 def owns_claim(model: PlannedModel) -> bool:
-    return model.config.workload != "statefulset" and not (model.config.source and parse_source(model.config.source).kind == "pvc")
+    source = model.config.source
+    return model.config.workload != "statefulset" and not (source and parse_source(source).kind == "pvc")
 
 
 # ----------------------------------------------------------------------------------------- component
@@ -223,7 +233,8 @@ class ModelStorage(pulumi.ComponentResource):
                         spec=model_claim_spec(model), opts=child)
                     self.replica_claims.append(claim)
                     self.replica_fill_jobs.append(fill_job(
-                        f"{model.name}-fill-{ordinal}", dns_name(fill_job_name(model.config, src.short_id)[:58], str(ordinal)),
+                        f"{model.name}-fill-{ordinal}",
+                        dns_name(fill_job_name(model.config, src.short_id)[:58], str(ordinal)),
                         claim, claim_name=claim_name,
                         placement=replica_fill_placement(model, ordinal, args.scheduling or {})))
 

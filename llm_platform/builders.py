@@ -7,8 +7,15 @@ from __future__ import annotations
 from typing import Any
 
 from llm_platform.config import (
-    GPU_RESOURCE, MODELS_MOUNT, PRESTOP_SLEEP_SECONDS, AllowFromConfig, AutoscalingConfig, GpuPoolConfig, ProbeConfig,
-    ResourceAmounts, lora_adapter_paths,
+    GPU_RESOURCE,
+    MODELS_MOUNT,
+    PRESTOP_SLEEP_SECONDS,
+    AllowFromConfig,
+    AutoscalingConfig,
+    GpuPoolConfig,
+    ProbeConfig,
+    ResourceAmounts,
+    lora_adapter_paths,
 )
 from llm_platform.metric_contract import LOAD_METRIC, RUNTIMES
 from llm_platform.model_source import parse_source
@@ -59,7 +66,8 @@ def source_annotations(model: PlannedModel) -> dict[str, str]:
     """On the pod template: a new revision changes the template, so the workload rolls onto it."""
     if model.config.source is None:
         return {}
-    return {SOURCE_ANNOTATION: model.config.source, REVISION_ANNOTATION: parse_source(model.config.source).revision_label}
+    source = model.config.source
+    return {SOURCE_ANNOTATION: source, REVISION_ANNOTATION: parse_source(source).revision_label}
 
 
 def service_selector(model: PlannedModel) -> dict[str, str]:
@@ -330,7 +338,8 @@ def fetch_container(model: PlannedModel, *, fill: bool, adapter: str | None = No
 
 def source_credentials_volume(model: PlannedModel) -> dict[str, Any] | None:
     """The fill's credentials Secret as a volume (its keys become files under SOURCE_CREDENTIALS_DIR)."""
-    if model.config.source is None or not model.config.fill.secret_name or parse_source(model.config.source).kind == "pvc":
+    source = model.config.source
+    if source is None or not model.config.fill.secret_name or parse_source(source).kind == "pvc":
         return None
     # Optional: a public model needs none, and a missing Secret then fails the fill with a message naming it,
     # instead of leaving the pod stuck in ContainerCreating.
@@ -410,8 +419,10 @@ def hpa_behavior(autoscaling: AutoscalingConfig) -> dict[str, Any]:
         "scaleUp": {
             "stabilizationWindowSeconds": autoscaling.scale_up_stabilization_seconds,
             "policies": [
-                {"type": "Percent", "value": autoscaling.scale_up_percent, "periodSeconds": autoscaling.scale_up_period_seconds},
-                {"type": "Pods", "value": autoscaling.scale_up_pods, "periodSeconds": autoscaling.scale_up_period_seconds},
+                {"type": "Percent", "value": autoscaling.scale_up_percent,
+                 "periodSeconds": autoscaling.scale_up_period_seconds},
+                {"type": "Pods", "value": autoscaling.scale_up_pods,
+                 "periodSeconds": autoscaling.scale_up_period_seconds},
             ],
             "selectPolicy": "Max",
         },

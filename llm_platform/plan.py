@@ -16,14 +16,28 @@ from typing import Callable, NoReturn
 
 from llm_platform import capacity
 from llm_platform.capacity import GIB, PRESETS, Architecture, Sizing, gib
-from llm_platform.quantities import format_bytes_gib, parse_quantity
+from llm_platform.config import (
+    MODELS_MOUNT,
+    ModelConfig,
+    ProbeConfig,
+    ResourcesConfig,
+    RolloutConfig,
+    SizingConfig,
+    StackConfig,
+    StorageConfig,
+    dns_name,
+    fill_job_name,
+    hpa_name,
+    lora_adapter_paths,
+    model_max_replicas,
+    model_min_replicas,
+    parse_image,
+    require_digests,
+    tls_secret_name,
+)
 from llm_platform.metric_contract import RUNTIMES, ContractError, ModelQueries, model_queries
 from llm_platform.model_source import parse_source
-from llm_platform.config import (
-    MODELS_MOUNT, ModelConfig, ProbeConfig, ResourcesConfig, RolloutConfig, SizingConfig, StackConfig, StorageConfig,
-    dns_name, fill_job_name, hpa_name, lora_adapter_paths, model_max_replicas, model_min_replicas, parse_image,
-    require_digests, tls_secret_name,
-)
+from llm_platform.quantities import format_bytes_gib, parse_quantity
 
 Fail = Callable[[str, str], NoReturn]
 ARTICLE_STARTUP_FAILURES = 30
@@ -513,8 +527,8 @@ def gateway_limits(cfg: StackConfig, model: ModelConfig, key_path: str, budget_s
     if not gw.enabled:
         return None, None
     timeout = gw.cold_start_timeout_seconds or budget_seconds
-    if gw.cold_start_timeout_seconds and estimate and model.autoscaling.enabled and model.autoscaling.min_replicas == 0 \
-            and gw.cold_start_timeout_seconds < estimate:
+    scales_to_zero = model.autoscaling.enabled and model.autoscaling.min_replicas == 0
+    if gw.cold_start_timeout_seconds and estimate and scales_to_zero and gw.cold_start_timeout_seconds < estimate:
         fail("gateway.coldStartTimeoutSeconds",
              f"{gw.cold_start_timeout_seconds} is shorter than the estimated {estimate:.0f} s {key_path} "
              f"({model.name}) needs to load its weights and warm up, so every request that wakes it from zero would "
@@ -545,18 +559,20 @@ def plan_stack(cfg: StackConfig, fail: Fail) -> PlannedStack:
         try:
             queries = model_queries(
                 rt, namespace=cfg.namespace, workload=model.name, served_model_name=model.served_model_name,
-                hpa_name=hpa_name(model), min_replicas=model_min_replicas(model), certificate=tls_secret_name(cfg, model),
+                hpa_name=hpa_name(model), min_replicas=model_min_replicas(model),
+                certificate=tls_secret_name(cfg, model),
                 dcgm=cfg.addons.dcgm_exporter.enabled, gateway=cfg.gateway.enabled)
         except ContractError as exc:
             fail(f"{key_path}.runtime", f"{model.runtime!r}: {exc}; the alerts, dashboard and autoscaler need it")
-        if model.image is None and rt.default_image and require_digests(cfg) and parse_image(rt.default_image)[2] is None:
+        if model.image is None and rt.default_image and require_digests(cfg) \
+                and parse_image(rt.default_image)[2] is None:
             fail(f"{key_path}.image", f"is unset, so the {model.runtime} runtime's default {rt.default_image} would "
                                       "run, pinned by tag only, and this stack requires digests (stacks named prod*, "
                                       f"or requireDigests); set image to {rt.default_image}@sha256:<the digest your "
                                       "registry reports>")
         model_path, storage, storage_lines = plan_storage(cfg, model)
         image = model.image or rt.default_image
-        if image is None or model_path is None:  # validation requires both (image for builtin, modelPath without source)
+        if image is None or model_path is None:  # validation requires both (image: builtin; modelPath: no source)
             fail(f"{key_path}.image" if image is None else f"{key_path}.modelPath", "is required")
         startup = model.probes.startup
         models.append(PlannedModel(
@@ -574,20 +590,21 @@ def plan_stack(cfg: StackConfig, fail: Fail) -> PlannedStack:
         lo, hi = model_min_replicas(model), model_max_replicas(model)
         budget_seconds = threshold * model.probes.startup.period_seconds + model.probes.startup.initial_delay_seconds
         check = verify_seconds(model, sizing)
-        cold_start, inflight = gateway_limits(cfg, model, key_path, budget_seconds + math.ceil(check or 0), estimate, num_seqs,
-                                              fail)
+        cold_start, inflight = gateway_limits(cfg, model, key_path, budget_seconds + math.ceil(check or 0), estimate,
+                                              num_seqs, fail)
         plans.append(ModelPlan(
             name=model.name, gpus_per_replica=model.gpus_per_replica, min_replicas=lo, max_replicas=hi, rollout=why,
             startup_budget_seconds=budget_seconds,
             load_estimate_seconds=estimate, memory=memory,
             max_sequences_at_full_context=(capacity.max_sequences_that_fit(
-                sizing, model.gpus_per_replica, capacity.usable_bytes(cfg.gpu_pool.gpu_memory_gib, model.gpu_memory_utilization))
+                sizing, model.gpus_per_replica,
+                capacity.usable_bytes(cfg.gpu_pool.gpu_memory_gib, model.gpu_memory_utilization))
                 if sizing else None),
             shm=shm,
             cost_per_hour_min=None if price is None else lo * model.gpus_per_replica * price,
             cost_per_hour_max=None if price is None else hi * model.gpus_per_replica * price,
-            autoscaling=describe_autoscaling(model, target, estimate, gib(capacity.weight_bytes(sizing)) if sizing else None,
-                                             cold_start),
+            autoscaling=describe_autoscaling(model, target, estimate,
+                                             gib(capacity.weight_bytes(sizing)) if sizing else None, cold_start),
             target_load_per_replica=target, model_storage=storage_lines, queries=queries,
             cold_start_timeout_seconds=cold_start, gateway_max_inflight_per_pod=inflight,
             verify_estimate_seconds=check,

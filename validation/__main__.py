@@ -50,7 +50,7 @@ def print_table(title: str, count: int, findings: list[Finding], stream=None) ->
                                                           for f in sorted(findings)]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for row in rows:
-        print("   " + "  ".join(c.ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3], file=stream)
+        print("   " + "  ".join(c.ljust(w) for c, w in zip(row[:3], widths, strict=True)) + "  " + row[3], file=stream)
 
 
 def main(argv: list[str] | None = None) -> int:

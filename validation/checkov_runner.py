@@ -132,7 +132,8 @@ def run_checkov(directory: Path, config_file: Path | None = SKIP_FILE, checkov: 
     try:
         data = json.loads(proc.stdout)
     except json.JSONDecodeError as exc:
-        raise CheckovError(f"checkov did not print a JSON report ({exc}): {proc.stdout[:500]}{proc.stderr[-500:]}")
+        raise CheckovError(f"checkov did not print a JSON report ({exc}): {proc.stdout[:500]}{proc.stderr[-500:]}") \
+            from exc
     report = parse_report(data)
     scanned = read_dir(directory)
     report.expected_workloads = {

@@ -58,7 +58,7 @@ def dns1123_names(ms: Manifests) -> list[Finding]:
             for port in (m.get("spec") or {}).get("ports") or []:
                 if "name" in port and _name_problem(port["name"], DNS1123_LABEL, 63):
                     out.append(_finding("dns1123-names", m, f"port name {port['name']!r} is not a DNS-1123 label"))
-    for w, template in ((w, t) for w in kube.workloads(ms) for t in kube.pod_templates(w)):
+    for w, template in ((workload, t) for workload in kube.workloads(ms) for t in kube.pod_templates(workload)):
         spec = template.get("spec") or {}
         for volume in spec.get("volumes") or []:
             if _name_problem(volume.get("name"), DNS1123_LABEL, 63):

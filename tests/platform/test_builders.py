@@ -6,18 +6,31 @@ from decimal import Decimal
 
 import pytest
 
-from llm_platform.builders import (
-    container_resources, container_security_context, gpu_scheduling, hpa_spec, pod_spec, probes, serving_env,
-)
 from components.guardrails import network_policy_specs, pdb_spec, resource_quota_hard
-from llm_platform.metric_contract import BUILTIN, PLATFORM_METRICS, VLLM, ContractError, model_queries
 from components.observability import ObservedModel, alert_group, dashboard, scrape_annotations
-from llm_platform.quantities import QuantityError, parse_quantity
+from llm_platform.builders import (
+    container_resources,
+    container_security_context,
+    gpu_scheduling,
+    hpa_spec,
+    pod_spec,
+    probes,
+    serving_env,
+)
 from llm_platform.config import (
     AllowFromConfig,
-    GpuPoolConfig, GuardrailsConfig, ModelConfig, ObservabilityConfig, PdbConfig, ProbesConfig, RolloutConfig,
-    StartupProbeConfig, Toleration,
+    GpuPoolConfig,
+    GuardrailsConfig,
+    ModelConfig,
+    ObservabilityConfig,
+    PdbConfig,
+    ProbesConfig,
+    RolloutConfig,
+    StartupProbeConfig,
+    Toleration,
 )
+from llm_platform.metric_contract import BUILTIN, PLATFORM_METRICS, VLLM, ContractError, model_queries
+from llm_platform.quantities import QuantityError, parse_quantity
 from llm_platform.stack import parse_stack_config
 from tests.conftest import stack_values
 from tests.platform.planned import planned

@@ -4,11 +4,25 @@ from __future__ import annotations
 import dataclasses
 
 from components import (
-    GpuPool, GpuPoolArgs, Guardrails, GuardrailsArgs, LLMServing, LLMServingArgs, Observability, ObservabilityArgs,
+    GpuPool,
+    GpuPoolArgs,
+    Guardrails,
+    GuardrailsArgs,
+    LLMServing,
+    LLMServingArgs,
+    Observability,
+    ObservabilityArgs,
 )
 from llm_platform.config import (
-    GpuPoolConfig, GuardrailsConfig, IngressConfig, ModelConfig, ObservabilityConfig, PriorityClassConfig,
-    ProbesConfig, RolloutConfig, StartupProbeConfig,
+    GpuPoolConfig,
+    GuardrailsConfig,
+    IngressConfig,
+    ModelConfig,
+    ObservabilityConfig,
+    PriorityClassConfig,
+    ProbesConfig,
+    RolloutConfig,
+    StartupProbeConfig,
 )
 from render import to_manifest
 from tests.platform.planned import planned
@@ -112,8 +126,8 @@ def test_llm_serving_cpu_model_gets_no_gpu_scheduling(in_mocks):
 
 
 def observed(name):
-    from llm_platform.metric_contract import BUILTIN, model_queries
     from components.observability import ObservedModel
+    from llm_platform.metric_contract import BUILTIN, model_queries
     q = model_queries(BUILTIN, namespace="n", workload=name, served_model_name=name, hpa_name=f"{name}-hpa",
                       min_replicas=2, certificate=None, dcgm=False)
     return ObservedModel(dataclasses.replace(MODEL_CONFIG, name=name), q)

@@ -9,14 +9,17 @@ import dataclasses
 
 import pytest
 
-from llm_platform.builders import FILL_LABEL, SOURCE_CREDENTIALS_DIR, fetch_container
 from components.model_storage import (
-    NON_PUBLIC_IPV4, VOLUME_LABEL, fill_egress_policy_spec, model_claim_spec,
+    NON_PUBLIC_IPV4,
+    VOLUME_LABEL,
+    fill_egress_policy_spec,
+    model_claim_spec,
 )
-from llm_platform.model_source import SourceError, parse_source
-from serving.fetch import sources as fetch_sources
+from llm_platform.builders import FILL_LABEL, SOURCE_CREDENTIALS_DIR, fetch_container
 from llm_platform.config import ConfigError, FillConfig, ModelConfig
+from llm_platform.model_source import SourceError, parse_source
 from llm_platform.stack import parse_stack_config
+from serving.fetch import sources as fetch_sources
 from tests.conftest import render_values, stack_values
 from tests.platform.planned import planned
 

@@ -3,13 +3,11 @@ LeaderWorkerSet. Every rule is fed its bad case and checked for its message; the
 the mocks and checked on the captured manifests."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 
 from llm_platform import capacity
-from llm_platform.capacity import PRESETS, Sizing
 from llm_platform.builders import group_network_policy_spec, vllm_args
+from llm_platform.capacity import PRESETS, Sizing
 from llm_platform.config import ConfigError, owned_vllm_flag
 from llm_platform.stack import parse_stack_config
 from tests.conftest import render_values, stack_values
@@ -46,9 +44,9 @@ def sizing(**changes):
 BAD = {
     # The builtin engine loads onto one device in bfloat16/float16.
     "builtin on 4 GPUs": (prod(gpusPerReplica=4),
-                          "models[0].gpusPerReplica: 4: the builtin engine loads a model onto one GPU (the others would "
-                          "sit idle while it runs out of memory); use 1, or runtime: vllm, which splits a model across "
-                          "GPUs (tensor parallel)"),
+                          "models[0].gpusPerReplica: 4: the builtin engine loads a model onto one GPU (the others "
+                          "would sit idle while it runs out of memory); use 1, or runtime: vllm, which splits a model "
+                          "across GPUs (tensor parallel)"),
     "builtin fp8 weights": (prod(sizing=sizing(dtype="float8")),
                             "models[0].sizing.dtype: 'float8': the builtin engine loads bfloat16 or float16 weights "
                             "only; use runtime: vllm with vllm.quantization"),
@@ -69,9 +67,11 @@ BAD = {
                                       "'bfloat16'"),
     "fp8 sizing without kv dtype": (prod(**VLLM, sizing=sizing(dtype="float8"), vllm={"quantization": "fp8"}),
                                     "models[0].vllm.kvCacheDtype: is required with sizing.dtype 'float8': fp8 weights "
-                                    "do not make an fp8 KV cache; set fp8 (the plan sizes 1 byte per KV value) or auto"),
+                                    "do not make an fp8 KV cache; set fp8 (the plan sizes 1 byte per KV value) or "
+                                    "auto"),
     "batched tokens below seqs": (tp4(maxNumBatchedTokens=16),
-                                  "models[0].vllm.maxNumBatchedTokens: 16 is below maxNumSeqs 32; vLLM refuses to start"),
+                                  "models[0].vllm.maxNumBatchedTokens: 16 is below maxNumSeqs 32; vLLM refuses to "
+                                  "start"),
     "owned flag in extraArgs": (tp4(extraArgs=["--max-model-len=4096"]),
                                 "models[0].vllm.extraArgs[0]: '--max-model-len=4096': --max-model-len is set by the "
                                 "platform from sizing.maxContextTokens / maxModelLen; set that instead"),
@@ -94,12 +94,14 @@ BAD = {
     "lora rank without adapters": (tp4(maxLoraRank=16), "models[0].vllm.maxLoraRank: is set without loraAdapters"),
     "bad parser name": (tp4(toolCallParser="Llama 3 JSON"),
                         "models[0].vllm.toolCallParser: 'Llama 3 JSON' is not a parser name"),
-    "api key as an env literal": (tp4() | {"models": [{**stack_values(TP4)["models"][0], "env": {"VLLM_API_KEY": "k"}}]},
-                                  "models[0].env.VLLM_API_KEY: is set by the platform from the generated API-key Secret"),
+    "api key as an env "
+    "literal": (tp4() | {"models": [{**stack_values(TP4)["models"][0], "env": {"VLLM_API_KEY": "k"}}]},
+                                  "models[0].env.VLLM_API_KEY: is set by the platform from the generated API-key "
+                                  "Secret"),
     # Multi-node layouts that cannot work.
     "explicit deployment across nodes": (multinode(workload="deployment"),
-                                         "models[0].gpusPerReplica: 16 is more than gpuPool.gpusPerNode 8; a deployment "
-                                         "pod cannot span nodes; use workload: leaderworkerset"),
+                                         "models[0].gpusPerReplica: 16 is more than gpuPool.gpusPerNode 8; a "
+                                         "deployment pod cannot span nodes; use workload: leaderworkerset"),
     "not whole nodes": (multinode(gpusPerReplica=12),
                         "models[0].gpusPerReplica: 12 with workload leaderworkerset must be a multiple of "
                         "gpuPool.gpusPerNode 8 above it (2 nodes or more: 16, 24, ...)"),
@@ -117,8 +119,8 @@ BAD = {
         "vllm": {"loraAdapters": {"sql": "s3://adapters/sql/v1"}}}]},
         "models[0].vllm.loraAdapters: are filled by the fill Job onto a shared claim; use workload deployment"),
     "group on a ReadWriteOnce claim": (multinode(storage={"accessMode": "ReadWriteOnce"}),
-                                       "models[0].storage.accessMode: ReadWriteOnce cannot be mounted by the 2 nodes of a "
-                                       "LeaderWorkerSet group"),
+                                       "models[0].storage.accessMode: ReadWriteOnce cannot be mounted by the 2 nodes "
+                                       "of a LeaderWorkerSet group"),
     "405b fp8 on one node": (multinode(gpusPerReplica=8, workload="deployment"),
                              "or gpusPerReplica 16 on 2 nodes of 8 GPUs (runtime: vllm, workload: "
                              "leaderworkerset: tensor parallel 8 x pipeline parallel 2)"),
@@ -205,7 +207,7 @@ def test_leaderworkerset_group(multinode_result):
         assert c["resources"]["limits"]["nvidia.com/gpu"] == "8"
         args = c["args"]
 
-        def flag(name):
+        def flag(name, args=args):
             return args[args.index(name) + 1]
 
         assert (flag("--tensor-parallel-size"), flag("--pipeline-parallel-size"), flag("--nnodes")) == ("8", "2", "2")
