@@ -31,7 +31,7 @@ from llm_platform.config import gateway_image, model_host, tls_secret_name
 planned = stack.load()
 cfg = planned.config
 observed = [ObservedModel(model.config, plan.queries)
-            for model, plan in zip(planned.models, planned.plans, strict=True)]
+            for model, plan in zip(planned.models, planned.plans, strict=True) if plan.queries]
 
 addons = ClusterAddons("cluster-addons", ClusterAddonsArgs(
     addons=cfg.addons, observability=cfg.observability, gpu_pool=cfg.gpu_pool, adapter_rules=adapter_rules(observed),
@@ -78,7 +78,7 @@ for model, plan in zip(planned.models, planned.plans, strict=True):
         gpu_resource=gpu_pool.gpu_resource,
         pod_annotations=scrape_annotations(cfg.observability),
         target_load_per_replica=plan.target_load_per_replica,
-        load_query=plan.queries.load_total,
+        load_query=plan.queries.load_total if plan.queries else "",
         prometheus_url=cfg.observability.prometheus_url,
         storage_ready=storage.ready,
         gateway_endpoints=gateway_on,
@@ -91,11 +91,12 @@ if gateway_on:
         namespace=guardrails.namespace_name,
         namespace_name=cfg.namespace,
         gateway=cfg.gateway,
-        image=gateway_image(cfg),
+        image=gateway_image(cfg) or "",  # validation requires an image with the gateway on
         routes=[GatewayRoute(served_model_name=model.config.served_model_name,
                              service=endpoints_service_name(model.name),
-                             cold_start_timeout_seconds=plan.cold_start_timeout_seconds,
-                             max_inflight_per_pod=plan.gateway_max_inflight_per_pod,
+                             # Set by the plan whenever the gateway is on.
+                             cold_start_timeout_seconds=plan.cold_start_timeout_seconds or 0,
+                             max_inflight_per_pod=plan.gateway_max_inflight_per_pod or 0,
                              max_queue=cfg.gateway.max_queue_per_model)
                 for model, plan in zip(planned.models, planned.plans, strict=True)],
         ingress=cfg.ingress,

@@ -14,6 +14,7 @@ import dataclasses
 import sys
 import typing
 from pathlib import Path
+from typing import Any
 
 from llm_platform import config
 from llm_platform.config import PROJECT, StackConfig, config_fields, config_key, field_default, type_name
@@ -36,7 +37,7 @@ def field_docs() -> dict[tuple[str, str], str]:
     return docs
 
 
-def _show_default(value) -> str:
+def _show_default(value: Any) -> str:
     if value is dataclasses.MISSING:
         return "required"
     if dataclasses.is_dataclass(value):
@@ -51,7 +52,8 @@ def _show_default(value) -> str:
     return f"`{value}`" if value != {} and value != [] else "empty"
 
 
-def rows(cls: type = StackConfig, prefix: str = "", docs=None) -> list[tuple[str, str, str, str]]:
+def rows(cls: type = StackConfig, prefix: str = "", docs: dict[tuple[str, str], str] | None = None,
+         ) -> list[tuple[str, str, str, str]]:
     docs = field_docs() if docs is None else docs
     hints = typing.get_type_hints(cls)
     out = []
@@ -59,7 +61,8 @@ def rows(cls: type = StackConfig, prefix: str = "", docs=None) -> list[tuple[str
         key = f"{prefix}{config_key(f)}"
         tp = hints[f.name]
         inner = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
-        nested = inner[0] if dataclasses.is_dataclass(inner[0]) and typing.get_origin(tp) is not list else None
+        nested = inner[0] if isinstance(inner[0], type) and dataclasses.is_dataclass(inner[0]) \
+            and typing.get_origin(tp) is not list else None
         if typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
             nested_list = typing.get_args(tp)[0]
         else:

@@ -120,7 +120,7 @@ class Guardrails(pulumi.ComponentResource):
 
 def pod_security_labels(g: GuardrailsConfig) -> dict[str, str]:
     """The level at a pinned version: with `latest`, a cluster upgrade could start refusing running pods' specs."""
-    labels = {}
+    labels: dict[str, str] = {}
     for mode in ("enforce", "audit", "warn"):
         labels[f"pod-security.kubernetes.io/{mode}"] = g.pod_security
         labels[f"pod-security.kubernetes.io/{mode}-version"] = g.pod_security_version
@@ -165,7 +165,7 @@ def pdb_spec(g: GuardrailsConfig, model_name: str, group_size: int = 1) -> dict[
                             "unhealthyPodEvictionPolicy": "AlwaysAllow"}
     if g.pdb.max_unavailable is not None:
         spec["maxUnavailable"] = g.pdb.max_unavailable * group_size
-    else:
+    elif g.pdb.min_available is not None:  # validation requires one of the two
         spec["minAvailable"] = g.pdb.min_available * group_size
     return spec
 

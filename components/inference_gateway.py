@@ -151,7 +151,7 @@ class InferenceGateway(pulumi.ComponentResource):
                     f"{name}-{policy_name}", metadata=meta(policy_name), spec=spec, opts=child))
 
         self.ingress = None
-        if args.ingress.enabled:
+        if args.ingress.enabled and args.ingress.host is not None:  # validation requires the host with an Ingress
             host = args.ingress.host
             self.ingress = k8s.networking.v1.Ingress(
                 f"{name}-ingress",

@@ -190,7 +190,8 @@ class ModelStorage(pulumi.ComponentResource):
         model = args.model
         child = pulumi.ResourceOptions(parent=self)
 
-        def meta(object_name: str, object_labels: dict[str, str], annotations: dict[str, str] | None = None):
+        def meta(object_name: str, object_labels: dict[str, str],
+                 annotations: dict[str, str] | None = None) -> dict[str, Any]:
             out: dict[str, Any] = {"name": object_name, "namespace": args.namespace, "labels": object_labels}
             if annotations:
                 out["annotations"] = annotations
@@ -222,7 +223,7 @@ class ModelStorage(pulumi.ComponentResource):
                     custom_timeouts=pulumi.CustomTimeouts(create=timeout, update=timeout)))
 
         self.replica_claims, self.replica_fill_jobs = [], []
-        if fetches_from_network(model):
+        if model.config.source is not None and fetches_from_network(model):
             src = parse_source(model.config.source)
             if model.config.workload != "statefulset":  # one shared claim: Deployment, LeaderWorkerSet
                 self.fill_job = fill_job(f"{model.name}-fill", fill_job_name(model.config, src.short_id), self.claim)

@@ -287,6 +287,8 @@ def fetch_container(model: PlannedModel, *, fill: bool, adapter: str | None = No
     directory holds the complete model before the server starts (read-only, offline). With `adapter`, the same for
     that LoRA adapter's source and directory."""
     source = model.config.vllm.lora_adapters[adapter] if adapter else model.config.source
+    if source is None:
+        raise ValueError(f"{model.name}: fetch_container needs a model with a source")
     destination = lora_adapter_paths(model.config, model.model_path)[adapter] if adapter else model.model_path
     src = parse_source(source)
     fill_config = model.config.fill

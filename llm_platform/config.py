@@ -46,7 +46,7 @@ class ConfigError(pulumi.RunError):
         super().__init__(f"stack '{stack}': {PROJECT}:{path}: {problem}")
 
 
-def _quantity(**extra) -> dict:
+def _quantity(**extra: Any) -> dict[str, Any]:
     return {"quantity": True, **extra}
 
 
@@ -745,7 +745,7 @@ class ConfigReader:
             if value not in allowed:
                 self.fail(path, f"{value!r} is not allowed; use {type_name(tp)}")
             return value
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             return self.read_object(tp, value, path, base)
         if origin is list:
             if not isinstance(value, list):

@@ -185,8 +185,9 @@ def architecture(sizing: SizingConfig, key_path: str, fail: Fail) -> Architectur
             fail(f"{key_path}.sizing.{given[0]}", f"is set together with preset {sizing.preset!r}; use the preset or "
                                                   "the architecture numbers, not both")
         return PRESETS[sizing.preset]
-    missing = [k for k, v in numbers.items() if v is None]
-    if missing:
+    if sizing.parameters_billion is None or sizing.layers is None or sizing.kv_heads is None \
+            or sizing.head_dim is None:
+        missing = [k for k, v in numbers.items() if v is None]
         fail(f"{key_path}.sizing.{missing[0]}", f"is required without a preset (known presets: {', '.join(PRESETS)})")
     return Architecture(sizing.parameters_billion, sizing.layers, sizing.kv_heads, sizing.head_dim,
                         sizing.attention_heads)
@@ -196,20 +197,21 @@ def _sizing(model: ModelConfig, key_path: str, fail: Fail) -> Sizing | None:
     if model.sizing is None:
         return None
     arch = architecture(model.sizing, key_path, fail)
-    for key, value in (("maxContextTokens", model.sizing.max_context_tokens),
-                       ("maxConcurrentSequences", model.sizing.max_concurrent_sequences)):
+    context, sequences = model.sizing.max_context_tokens, model.sizing.max_concurrent_sequences
+    for key, value in (("maxContextTokens", context), ("maxConcurrentSequences", sequences)):
         if value is None:
             fail(f"{key_path}.sizing.{key}", "is required: the KV cache, and so whether the model fits, depends on it")
-    if arch.max_context_tokens and model.sizing.max_context_tokens > arch.max_context_tokens:
-        fail(f"{key_path}.sizing.maxContextTokens", f"{model.sizing.max_context_tokens} is above the model's own "
+    assert context is not None and sequences is not None  # fail() above raised otherwise
+    if arch.max_context_tokens and context > arch.max_context_tokens:
+        fail(f"{key_path}.sizing.maxContextTokens", f"{context} is above the model's own "
                                                     f"context window {arch.max_context_tokens}")
-    for key, value, sized in (("maxModelLen", model.max_model_len, model.sizing.max_context_tokens),
-                              ("maxNumSeqs", model.max_num_seqs, model.sizing.max_concurrent_sequences)):
+    for key, value, sized in (("maxModelLen", model.max_model_len, context),
+                              ("maxNumSeqs", model.max_num_seqs, sequences)):
         if value is not None and value > sized:
             fail(f"{key_path}.{key}", f"{value} is above what the capacity check sized ({sized}); leave it unset to "
                                       "use the sizing value, or raise the sizing")
     kv = (model.vllm.kv_cache_dtype or "auto") if model.runtime == "vllm" else "auto"
-    return Sizing(arch, model.sizing.dtype, model.sizing.max_context_tokens, model.sizing.max_concurrent_sequences, kv)
+    return Sizing(arch, model.sizing.dtype, context, sequences, kv)
 
 
 def describe_layout(model: ModelConfig) -> str:
@@ -282,7 +284,7 @@ def startup_threshold(model: ModelConfig, sizing: Sizing | None, key_path: str, 
         if estimate else ARTICLE_STARTUP_FAILURES
     if probe.failure_threshold is None:
         return computed, estimate
-    if estimate is not None:
+    if estimate is not None and sizing is not None:
         budget = probe.failure_threshold * probe.period_seconds + probe.initial_delay_seconds
         needed = estimate * capacity.STARTUP_SAFETY
         if budget < needed:
@@ -390,7 +392,7 @@ def check_quota(cfg: StackConfig, fail: Fail) -> _Budget | None:
             + gateway.get(kind, 0)
         if total > parse_quantity(quota):
             key = "".join(w.capitalize() if i else w for i, w in enumerate(kind.split(".")))
-            shown = format_bytes_gib(total) if "memory" in kind else f"{total.normalize():f}"
+            shown = format_bytes_gib(Decimal(total)) if "memory" in kind else f"{Decimal(total).normalize():f}"
             with_gateway = " and the gateway at its maxReplicas (plus one surge pod)" if gateway else ""
             fail(f"guardrails.resourceQuota.{key}",
                  f"{quota} is below what the models need at maxReplicas{with_gateway} ({kind} {shown}); "
@@ -406,8 +408,8 @@ def check_quota(cfg: StackConfig, fail: Fail) -> _Budget | None:
                    for model in cfg.models if model.storage.storage_class == cls)
         if used > parse_quantity(cap):
             fail(f"guardrails.resourceQuota.storageByClass.{cls}",
-                 f"{cap} is below the {format_bytes_gib(used)} of {cls} model volumes at maxReplicas; raise it or "
-                 "shrink models[].storage.size")
+                 f"{cap} is below the {format_bytes_gib(Decimal(used))} of {cls} model volumes at maxReplicas; raise "
+                 "it or shrink models[].storage.size")
     return _Budget(Decimal(resource_quota.gpus - needed), left)
 
 

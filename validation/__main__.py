@@ -14,6 +14,7 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
+from typing import TextIO
 
 from validation.checkov_runner import CheckovError, check_skip_file, lws_pod_templates, run_checkov
 from validation.crds import check_crds
@@ -38,7 +39,7 @@ def validate_target(target: str, versions: tuple[str, ...]) -> tuple[int, list[F
     return len(manifests), findings
 
 
-def print_table(title: str, count: int, findings: list[Finding], stream=None) -> None:
+def print_table(title: str, count: int, findings: list[Finding], stream: TextIO | None = None) -> None:
     stream = stream or sys.stdout
     print(f"== {title}: {count} manifests", file=stream)
     for layer in LAYERS:

@@ -34,7 +34,7 @@ def _finding(check: str, m: dict[str, Any], message: str) -> Finding:
     return Finding(LAYER, check, resource_id(m), message)
 
 
-def _name_problem(value: str, pattern: re.Pattern, max_len: int) -> bool:
+def _name_problem(value: object, pattern: re.Pattern[str], max_len: int) -> bool:
     return not isinstance(value, str) or len(value) > max_len or not pattern.match(value)
 
 
