@@ -71,7 +71,7 @@ class InferenceGatewayArgs:
     """The namespace as text, for the Services' DNS names in the routes file."""
     gateway: GatewayConfig
     image: str
-    """The serving image, pinned (stack_config.gateway_image)."""
+    """The serving image, pinned (llm_platform.config.gateway_image)."""
     routes: list[GatewayRoute]
     ingress: IngressConfig
     allow_from: AllowFromConfig
