@@ -31,7 +31,7 @@ from llm_platform.config import gateway_image, model_host, tls_secret_name
 planned = stack.load()
 cfg = planned.config
 observed = [ObservedModel(model.config, plan.queries)
-            for model, plan in zip(planned.models, planned.plans, strict=True) if plan.queries]
+            for model, plan in zip(planned.models, planned.plans, strict=True)]
 
 addons = ClusterAddons("cluster-addons", ClusterAddonsArgs(
     addons=cfg.addons, observability=cfg.observability, gpu_pool=cfg.gpu_pool, adapter_rules=adapter_rules(observed),
@@ -78,7 +78,7 @@ for model, plan in zip(planned.models, planned.plans, strict=True):
         gpu_resource=gpu_pool.gpu_resource,
         pod_annotations=scrape_annotations(cfg.observability),
         target_load_per_replica=plan.target_load_per_replica,
-        load_query=plan.queries.load_total if plan.queries else "",
+        load_query=plan.queries.load_total,
         prometheus_url=cfg.observability.prometheus_url,
         storage_ready=storage.ready,
         gateway_endpoints=gateway_on,

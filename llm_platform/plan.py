@@ -101,6 +101,8 @@ class ModelPlan:
     autoscaling: str
     """How the model scales and on what signal (and the cold-start cost of scaling to zero)."""
     target_load_per_replica: int
+    queries: ModelQueries
+    """Every PromQL query rendered for this model (not part of the stack output)."""
     model_storage: tuple[str, ...] = ()
     """Where the weights come from, how the volume is filled, backed up or restored."""
     cold_start_timeout_seconds: int | None = None
@@ -112,8 +114,6 @@ class ModelPlan:
     """A Deployment's progressDeadlineSeconds: an image pull, the check and the startup budget fit in it."""
     gateway_max_inflight_per_pod: int | None = None
     """With the gateway: requests it sends one pod at once before holding more in its queue."""
-    queries: ModelQueries | None = None
-    """Every PromQL query rendered for this model (not part of the stack output)."""
     nodes_per_replica: int = 1
     """Pods (one per node) in a replica's group: more than 1 on a LeaderWorkerSet."""
     layout: str = ""
