@@ -7,17 +7,31 @@ plan is logged and exported.
 """
 import pulumi
 
-import stack_config
 from components import (
-    ClusterAddons, ClusterAddonsArgs, GpuPool, GpuPoolArgs, Guardrails, GuardrailsArgs, InferenceGateway,
-    InferenceGatewayArgs, LLMServing, LLMServingArgs, ModelStorage, ModelStorageArgs, Observability,
+    ClusterAddons,
+    ClusterAddonsArgs,
+    GpuPool,
+    GpuPoolArgs,
+    Guardrails,
+    GuardrailsArgs,
+    InferenceGateway,
+    InferenceGatewayArgs,
+    LLMServing,
+    LLMServingArgs,
+    ModelStorage,
+    ModelStorageArgs,
+    Observability,
     ObservabilityArgs,
 )
 from components.inference_gateway import GatewayRoute, endpoints_service_name, gateway_pods_selector
 from components.observability import ObservedModel, adapter_rules, scrape_annotations
+from llm_platform import stack
+from llm_platform.config import gateway_image, model_host, tls_secret_name
 
-cfg = stack_config.load()
-observed = [ObservedModel(model, plan.queries) for model, plan in zip(cfg.models, cfg.plans)]
+planned = stack.load()
+cfg = planned.config
+observed = [ObservedModel(model.config, plan.queries)
+            for model, plan in zip(planned.models, planned.plans, strict=True)]
 
 addons = ClusterAddons("cluster-addons", ClusterAddonsArgs(
     addons=cfg.addons, observability=cfg.observability, gpu_pool=cfg.gpu_pool, adapter_rules=adapter_rules(observed),
@@ -42,7 +56,7 @@ guardrails = Guardrails("guardrails", GuardrailsArgs(
 ), opts=after_addons)
 
 servings = {}
-for model, plan in zip(cfg.models, cfg.plans):
+for model, plan in zip(planned.models, planned.plans, strict=True):
     storage = ModelStorage(f"{model.name}-storage", ModelStorageArgs(
         namespace=guardrails.namespace_name,
         model=model,
@@ -56,8 +70,8 @@ for model, plan in zip(cfg.models, cfg.plans):
         model=model,
         ingress=cfg.ingress,
         # Behind the gateway a model has no Ingress of its own: the gateway's is the stack's one endpoint.
-        host=stack_config.model_host(cfg, model) if cfg.ingress.enabled and not gateway_on else None,
-        tls_secret_name=stack_config.tls_secret_name(cfg, model) or cfg.ingress.tls_secret_name,
+        host=model_host(cfg, model.config) if cfg.ingress.enabled and not gateway_on else None,
+        tls_secret_name=tls_secret_name(cfg, model.config) or cfg.ingress.tls_secret_name,
         service_account=guardrails.service_account_name,
         api_key_secret=guardrails.api_key_secret_name,
         scheduling=gpu_pool.scheduling,
@@ -77,12 +91,14 @@ if gateway_on:
         namespace=guardrails.namespace_name,
         namespace_name=cfg.namespace,
         gateway=cfg.gateway,
-        image=stack_config.gateway_image(cfg),
-        routes=[GatewayRoute(served_model_name=model.served_model_name, service=endpoints_service_name(model.name),
-                             cold_start_timeout_seconds=plan.cold_start_timeout_seconds,
-                             max_inflight_per_pod=plan.gateway_max_inflight_per_pod,
+        image=gateway_image(cfg) or "",  # validation requires an image with the gateway on
+        routes=[GatewayRoute(served_model_name=model.config.served_model_name,
+                             service=endpoints_service_name(model.name),
+                             # Set by the plan whenever the gateway is on.
+                             cold_start_timeout_seconds=plan.cold_start_timeout_seconds or 0,
+                             max_inflight_per_pod=plan.gateway_max_inflight_per_pod or 0,
                              max_queue=cfg.gateway.max_queue_per_model)
-                for model, plan in zip(cfg.models, cfg.plans)],
+                for model, plan in zip(planned.models, planned.plans, strict=True)],
         ingress=cfg.ingress,
         allow_from=cfg.guardrails.allow_from,
         service_account=guardrails.service_account_name,
@@ -105,6 +121,6 @@ pulumi.export("namespace", guardrails.namespace_name)
 pulumi.export("endpoints", {name: gateway.endpoint if gateway else s.endpoint for name, s in servings.items()})
 pulumi.export("gpusAtMaxReplicas", cfg.total_gpus_at_max)
 pulumi.export("apiKey", guardrails.api_key)
-pulumi.export("capacityPlan", {plan.name: {**plan.as_output(), "summary": plan.lines()} for plan in cfg.plans})
-for plan in cfg.plans:
+pulumi.export("capacityPlan", {plan.name: {**plan.as_output(), "summary": plan.lines()} for plan in planned.plans})
+for plan in planned.plans:
     pulumi.log.info("\n".join(plan.lines()))

@@ -1,4 +1,4 @@
-"""Generate the README's stack-config reference table from `stack_config.py` itself.
+"""Generate the README's stack-config reference table from `llm_platform/config.py` itself.
 
     python config_reference.py            # print the Markdown table
     python config_reference.py --check    # exit 1 if README.md's table is stale
@@ -14,21 +14,22 @@ import dataclasses
 import sys
 import typing
 from pathlib import Path
+from typing import Any
 
-import stack_config
-from stack_config import PROJECT, StackConfig, _config_fields, _field_default, _type_name, config_key
+from llm_platform import config
+from llm_platform.config import PROJECT, StackConfig, config_fields, config_key, field_default, type_name
 
 ROOT = Path(__file__).resolve().parent
 BEGIN, END = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"
 
 
 def field_docs() -> dict[tuple[str, str], str]:
-    """(class name, field name) -> the string literal right after the field in stack_config.py."""
-    tree = ast.parse(Path(stack_config.__file__).read_text())
+    """(class name, field name) -> the string literal right after the field in llm_platform/config.py."""
+    tree = ast.parse(Path(config.__file__).read_text())
     docs = {}
     for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
         body = cls.body
-        for node, after in zip(body, body[1:]):
+        for node, after in zip(body, body[1:], strict=False):
             if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
                     and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) \
                     and isinstance(after.value.value, str):
@@ -36,7 +37,7 @@ def field_docs() -> dict[tuple[str, str], str]:
     return docs
 
 
-def _show_default(value) -> str:
+def _show_default(value: Any) -> str:
     if value is dataclasses.MISSING:
         return "required"
     if dataclasses.is_dataclass(value):
@@ -51,20 +52,22 @@ def _show_default(value) -> str:
     return f"`{value}`" if value != {} and value != [] else "empty"
 
 
-def rows(cls: type = StackConfig, prefix: str = "", docs=None) -> list[tuple[str, str, str, str]]:
+def rows(cls: type = StackConfig, prefix: str = "", docs: dict[tuple[str, str], str] | None = None,
+         ) -> list[tuple[str, str, str, str]]:
     docs = field_docs() if docs is None else docs
     hints = typing.get_type_hints(cls)
     out = []
-    for f in _config_fields(cls):
+    for f in config_fields(cls):
         key = f"{prefix}{config_key(f)}"
         tp = hints[f.name]
         inner = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
-        nested = inner[0] if dataclasses.is_dataclass(inner[0]) and typing.get_origin(tp) is not list else None
+        nested = inner[0] if isinstance(inner[0], type) and dataclasses.is_dataclass(inner[0]) \
+            and typing.get_origin(tp) is not list else None
         if typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
             nested_list = typing.get_args(tp)[0]
         else:
             nested_list = None
-        out.append((key, _type_name(tp), _show_default(_field_default(f)), docs.get((cls.__name__, f.name), "")))
+        out.append((key, type_name(tp), _show_default(field_default(f)), docs.get((cls.__name__, f.name), "")))
         if nested is not None:
             out.extend(rows(nested, f"{key}.", docs))
         if nested_list is not None:

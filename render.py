@@ -17,7 +17,7 @@ import runpy
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TextIO
 
 import yaml
 
@@ -97,7 +97,7 @@ def _mocks_class():
         def __init__(self):
             self.resources: list[Captured] = []
 
-        def new_resource(self, args: pulumi.runtime.MockResourceArgs):
+        def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict[str, Any]]:
             self.resources.append(Captured(args.typ, args.name, dict(args.inputs)))
             outputs = dict(args.inputs)
             if args.typ.startswith("random:"):
@@ -105,7 +105,8 @@ def _mocks_class():
                 outputs["result"] = f"mock-{args.name}-" + "x" * int(args.inputs.get("length", 16))
             return f"{args.name}-id", outputs
 
-        def call(self, args: pulumi.runtime.MockCallArgs):
+        def call(self, args: pulumi.runtime.MockCallArgs) -> dict[str, Any]:  # type: ignore[override]
+            # The program makes no provider calls; the SDK also takes a bare dict of outputs here.
             return {}
 
     class RecordingMonitor(pulumi.runtime.mocks.MockMonitor):
@@ -164,7 +165,7 @@ def run_with_mocks(stack: str, config: dict[str, str], program: Callable[[], Any
     monitor = monitor_class(mocks)
     pulumi.runtime.set_all_config(config)
     # A fresh root Stack per run, so several renders in one process (the tests) do not share outputs.
-    runtime_settings.set_root_resource(None)
+    runtime_settings.set_root_resource(None)  # type: ignore[arg-type]  # no root yet: the run creates it
     runtime_settings.SETTINGS.outputs.clear()
     pulumi.runtime.set_mocks(mocks, project=PROJECT, stack=stack, preview=False, monitor=monitor)
     _sync_await(run_pulumi_func(program))
@@ -274,13 +275,13 @@ def write_manifests(result: RenderResult, out: Path) -> list[Path]:
     return written
 
 
-def print_summary(result: RenderResult, written: list[Path], out: Path, stream=sys.stdout) -> None:
+def print_summary(result: RenderResult, written: list[Path], out: Path, stream: TextIO = sys.stdout) -> None:
     manifests = result.manifests()
     rows = [(m["kind"], m["metadata"].get("namespace", "-"), m["metadata"]["name"]) for m in manifests]
     widths = [max(len(r[i]) for r in rows + [("KIND", "NAMESPACE", "NAME")]) for i in range(3)]
     print(f"stack {result.stack}: {len(manifests)} manifests written to {out}", file=stream)
     for row in [("KIND", "NAMESPACE", "NAME")] + rows:
-        print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)), file=stream)
+        print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)), file=stream)
     for release in result.helm_releases():
         source = (release.get("repositoryOpts") or {}).get("repo") or release["chart"]
         print(f"  helm release {release['name']} {release['version']} from {source} "
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for the rendered YAML")
     args = parser.parse_args(argv)
     os.environ.setdefault("PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION", "true")
-    from stack_config import ConfigError
+    from llm_platform.config import ConfigError
 
     try:
         result = render_stack(args.stack)

@@ -3,7 +3,8 @@ VolumeSnapshotClass the model-volume backups use.
 
 kube-prometheus-stack (Prometheus operator, Grafana with the dashboard sidecar, kube-state-metrics),
 prometheus-adapter (with the load-per-replica rules rendered from the metric contract), KEDA, the NVIDIA device
-plugin, the DCGM exporter, snapscheduler and the LeaderWorkerSet controller. Created first, so the CRDs and metrics APIs exist before the workloads use them.
+plugin, the DCGM exporter, snapscheduler and the LeaderWorkerSet controller. Created first, so the CRDs and metrics
+APIs exist before the workloads use them.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 from components.model_storage import VolumeSnapshotClass
-from stack_config import AddonsConfig, BackupsConfig, GpuPoolConfig, HelmAddon, ObservabilityConfig
+from llm_platform.config import AddonsConfig, BackupsConfig, GpuPoolConfig, HelmAddon, ObservabilityConfig
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,8 @@ class ClusterAddons(pulumi.ComponentResource):
                                                         "app.kubernetes.io/managed-by": "pulumi"}},
                 driver=snap.driver, deletion_policy=snap.deletion_policy, parameters=dict(snap.parameters),
                 opts=pulumi.ResourceOptions(parent=self))
-        self.register_outputs({"releases": {k: f"{CHARTS[k].chart}@{getattr(args.addons, k).version or CHARTS[k].version}"
-                                            for k in self.releases}})
+        self.register_outputs({"releases": {
+            k: f"{CHARTS[k].chart}@{getattr(args.addons, k).version or CHARTS[k].version}" for k in self.releases}})
 
 
 def base_values(key: str, args: ClusterAddonsArgs) -> dict[str, Any]:

@@ -12,8 +12,8 @@ from typing import Any
 import pulumi
 import pulumi_kubernetes as k8s
 
-from components.builders import gpu_scheduling
-from stack_config import GPU_RESOURCE, GpuPoolConfig
+from llm_platform.builders import gpu_scheduling
+from llm_platform.config import GPU_RESOURCE, GpuPoolConfig
 
 
 @dataclass(frozen=True)

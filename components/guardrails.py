@@ -13,7 +13,7 @@ import pulumi
 import pulumi_kubernetes as k8s
 import pulumi_random as random
 
-from components.builders import (
+from llm_platform.builders import (
     API_KEYS_FILE_KEY,
     SERVING_PORT,
     caller_peers,
@@ -23,7 +23,7 @@ from components.builders import (
     selector_labels,
     serving_pods_selector,
 )
-from stack_config import GPU_RESOURCE, GuardrailsConfig
+from llm_platform.config import GPU_RESOURCE, GuardrailsConfig
 
 MANAGED_LABELS = {"app.kubernetes.io/part-of": "llm-platform", "app.kubernetes.io/managed-by": "pulumi"}
 
@@ -120,7 +120,7 @@ class Guardrails(pulumi.ComponentResource):
 
 def pod_security_labels(g: GuardrailsConfig) -> dict[str, str]:
     """The level at a pinned version: with `latest`, a cluster upgrade could start refusing running pods' specs."""
-    labels = {}
+    labels: dict[str, str] = {}
     for mode in ("enforce", "audit", "warn"):
         labels[f"pod-security.kubernetes.io/{mode}"] = g.pod_security
         labels[f"pod-security.kubernetes.io/{mode}-version"] = g.pod_security_version
@@ -165,7 +165,7 @@ def pdb_spec(g: GuardrailsConfig, model_name: str, group_size: int = 1) -> dict[
                             "unhealthyPodEvictionPolicy": "AlwaysAllow"}
     if g.pdb.max_unavailable is not None:
         spec["maxUnavailable"] = g.pdb.max_unavailable * group_size
-    else:
+    elif g.pdb.min_available is not None:  # validation requires one of the two
         spec["minAvailable"] = g.pdb.min_available * group_size
     return spec
 

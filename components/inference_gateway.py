@@ -20,11 +20,19 @@ from typing import Any
 import pulumi
 import pulumi_kubernetes as k8s
 
-from components.builders import (
-    API_KEYS_DIR, API_KEYS_FILE_KEY, PART_OF, PORT_NAME, SERVING_PORT, caller_peers, container_security_context,
-    pod_security_context, probe, serving_pods_selector,
+from llm_platform.builders import (
+    API_KEYS_DIR,
+    API_KEYS_FILE_KEY,
+    PART_OF,
+    PORT_NAME,
+    SERVING_PORT,
+    caller_peers,
+    container_security_context,
+    pod_security_context,
+    probe,
+    serving_pods_selector,
 )
-from stack_config import PRESTOP_SLEEP_SECONDS, AllowFromConfig, GatewayConfig, IngressConfig, ProbeConfig
+from llm_platform.config import PRESTOP_SLEEP_SECONDS, AllowFromConfig, GatewayConfig, IngressConfig, ProbeConfig
 
 GATEWAY_NAME = "llm-gateway"
 GATEWAY_COMPONENT = "llm-gateway"
@@ -63,7 +71,7 @@ class InferenceGatewayArgs:
     """The namespace as text, for the Services' DNS names in the routes file."""
     gateway: GatewayConfig
     image: str
-    """The serving image, pinned (stack_config.gateway_image)."""
+    """The serving image, pinned (llm_platform.config.gateway_image)."""
     routes: list[GatewayRoute]
     ingress: IngressConfig
     allow_from: AllowFromConfig
@@ -143,7 +151,7 @@ class InferenceGateway(pulumi.ComponentResource):
                     f"{name}-{policy_name}", metadata=meta(policy_name), spec=spec, opts=child))
 
         self.ingress = None
-        if args.ingress.enabled:
+        if args.ingress.enabled and args.ingress.host is not None:  # validation requires the host with an Ingress
             host = args.ingress.host
             self.ingress = k8s.networking.v1.Ingress(
                 f"{name}-ingress",
@@ -264,7 +272,8 @@ def gateway_hpa_spec(gw: GatewayConfig) -> dict[str, Any]:
         # Out fast on a burst; in slowly, since a removed replica's streams must drain first.
         "behavior": {
             "scaleUp": {"stabilizationWindowSeconds": 0, "selectPolicy": "Max", "policies": [
-                {"type": "Percent", "value": 100, "periodSeconds": 30}, {"type": "Pods", "value": 2, "periodSeconds": 30}]},
+                {"type": "Percent", "value": 100, "periodSeconds": 30},
+                {"type": "Pods", "value": 2, "periodSeconds": 30}]},
             "scaleDown": {"stabilizationWindowSeconds": 300, "policies": [
                 {"type": "Pods", "value": 1, "periodSeconds": 60}]},
         },

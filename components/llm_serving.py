@@ -13,18 +13,28 @@ from typing import Any
 import pulumi
 import pulumi_kubernetes as k8s
 
-from components.builders import (
-    PORT_NAME, ROLE_LABEL, SERVING_PORT, hpa_spec, keda_scaled_object_spec, labels, leader_worker_set_spec, pod_spec,
-    selector_labels, service_selector, source_annotations,
-)
 from components.model_storage import model_claim_spec, volume_labels
-from stack_config import GPU_RESOURCE, LWS_API, IngressConfig, ModelConfig, workload_name
+from llm_platform.builders import (
+    PORT_NAME,
+    ROLE_LABEL,
+    SERVING_PORT,
+    hpa_spec,
+    keda_scaled_object_spec,
+    labels,
+    leader_worker_set_spec,
+    pod_spec,
+    selector_labels,
+    service_selector,
+    source_annotations,
+)
+from llm_platform.config import GPU_RESOURCE, LWS_API, IngressConfig, workload_name
+from llm_platform.plan import PlannedModel
 
 
 @dataclass(frozen=True)
 class LLMServingArgs:
     namespace: pulumi.Input[str]
-    model: ModelConfig
+    model: PlannedModel
     ingress: IngressConfig
     host: str | None
     """Ingress host for this model (None when the stack has no Ingress)."""
@@ -59,9 +69,9 @@ class LLMServing(pulumi.ComponentResource):
     def __init__(self, name: str, args: LLMServingArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("llm-platform:index:LLMServing", name, None, opts)
         model = args.model
-        if model.rollout is None or model.probes.startup.failure_threshold is None:
-            raise ValueError(f"{model.name}: LLMServing needs a planned ModelConfig (stack_config.load() fills in "
-                             "rollout and the startup probe budget)")
+        if not isinstance(model, PlannedModel):
+            raise TypeError(f"LLMServing needs a planned model (llm_platform.stack plans the rollout and the startup "
+                            f"probe budget), not a {type(model).__name__}")
         child = pulumi.ResourceOptions(parent=self)
         common = labels(model.name)
 
@@ -79,11 +89,11 @@ class LLMServing(pulumi.ComponentResource):
 
         # When the HPA owns the replica count, `pulumi up` must not reset it to the configured start value.
         replica_opts = pulumi.ResourceOptions(parent=self, ignore_changes=["spec.replicas"]) \
-            if model.autoscaling.enabled else child
+            if model.config.autoscaling.enabled else child
 
         self.headless_service = None
         storage_ready = list(args.storage_ready or [])
-        if model.workload == "leaderworkerset":
+        if model.config.workload == "leaderworkerset":
             def group_template(role: str) -> dict[str, Any]:
                 metadata = {**template["metadata"], "labels": {**template["metadata"]["labels"], ROLE_LABEL: role}}
                 if role == "worker" and "annotations" in metadata:
@@ -99,14 +109,14 @@ class LLMServing(pulumi.ComponentResource):
 
             self.workload = k8s.apiextensions.CustomResource(
                 f"{name}-leaderworkerset", api_version=LWS_API, kind="LeaderWorkerSet",
-                metadata=meta(workload_name(model)),
+                metadata=meta(workload_name(model.config)),
                 spec=leader_worker_set_spec(model, group_template("leader"), group_template("worker")),
                 opts=pulumi.ResourceOptions.merge(replica_opts, pulumi.ResourceOptions(depends_on=storage_ready)))
-        elif model.workload == "deployment":
+        elif model.config.workload == "deployment":
             self.workload = k8s.apps.v1.Deployment(
                 f"{name}-deployment", metadata=meta(model.name),
                 spec={
-                    "replicas": model.replicas,
+                    "replicas": model.config.replicas,
                     "revisionHistoryLimit": 5,
                     # Past the default 600 s a large model's start (pull, check, load) reads as a failed rollout.
                     "progressDeadlineSeconds": args.progress_deadline_seconds,
@@ -126,7 +136,7 @@ class LLMServing(pulumi.ComponentResource):
             self.workload = k8s.apps.v1.StatefulSet(
                 f"{name}-statefulset", metadata=meta(model.name),
                 spec={
-                    "replicas": model.replicas,
+                    "replicas": model.config.replicas,
                     "serviceName": f"{model.name}-headless",
                     # Pods load weights independently; starting them one by one only multiplies cold start.
                     "podManagementPolicy": "Parallel",
@@ -160,14 +170,14 @@ class LLMServing(pulumi.ComponentResource):
         self.hpa = None
         self.scaled_object = None
         kind = {"deployment": "Deployment", "statefulset": "StatefulSet",
-                "leaderworkerset": "LeaderWorkerSet"}[model.workload]
-        target = workload_name(model)
+                "leaderworkerset": "LeaderWorkerSet"}[model.config.workload]
+        target = workload_name(model.config)
         after_workload = pulumi.ResourceOptions(parent=self, depends_on=[self.workload])
-        if model.autoscaling.enabled and model.autoscaling.mode == "hpa":
+        if model.config.autoscaling.enabled and model.config.autoscaling.mode == "hpa":
             self.hpa = k8s.autoscaling.v2.HorizontalPodAutoscaler(
                 f"{name}-hpa", metadata=meta(f"{model.name}-hpa"),
                 spec=hpa_spec(model, kind, args.target_load_per_replica, target), opts=after_workload)
-        elif model.autoscaling.enabled:
+        elif model.config.autoscaling.enabled:
             self.scaled_object = k8s.apiextensions.CustomResource(
                 f"{name}-scaledobject", api_version="keda.sh/v1alpha1", kind="ScaledObject",
                 metadata=meta(model.name),
@@ -186,21 +196,22 @@ class LLMServing(pulumi.ComponentResource):
             self.endpoint = pulumi.Output.from_input(f"{scheme}://{args.host}/v1")
         else:
             self.endpoint = pulumi.Output.concat(
-                "http://", model.name, ".", args.namespace, f".svc.cluster.local:{model.service_port}/v1")
+                "http://", model.name, ".", args.namespace, f".svc.cluster.local:{model.config.service_port}/v1")
 
-        self.register_outputs({"endpoint": self.endpoint, "workload": workload_name(model), "service": model.name})
+        self.register_outputs({"endpoint": self.endpoint, "workload": workload_name(model.config),
+                               "service": model.name})
 
 
-def service_spec(model: ModelConfig) -> dict[str, Any]:
+def service_spec(model: PlannedModel) -> dict[str, Any]:
     spec: dict[str, Any] = {
-        "type": model.service_type,
+        "type": model.config.service_type,
         "selector": service_selector(model),
-        "ports": [{"name": PORT_NAME, "port": model.service_port, "targetPort": PORT_NAME, "protocol": "TCP"}],
+        "ports": [{"name": PORT_NAME, "port": model.config.service_port, "targetPort": PORT_NAME, "protocol": "TCP"}],
     }
-    if model.service_type == "LoadBalancer":
+    if model.config.service_type == "LoadBalancer":
         # Validation requires the ranges: a load balancer without them is plain HTTP open to the internet.
-        spec["loadBalancerSourceRanges"] = list(model.load_balancer_source_ranges)
-        spec["externalTrafficPolicy"] = model.external_traffic_policy
+        spec["loadBalancerSourceRanges"] = list(model.config.load_balancer_source_ranges)
+        spec["externalTrafficPolicy"] = model.config.external_traffic_policy
     return spec
 
 
@@ -211,14 +222,14 @@ def ingress_annotations(ingress: IngressConfig) -> dict[str, str]:
     return annotations
 
 
-def ingress_spec(ingress: IngressConfig, host: str, model: ModelConfig, tls_secret_name: str) -> dict[str, Any]:
+def ingress_spec(ingress: IngressConfig, host: str, model: PlannedModel, tls_secret_name: str) -> dict[str, Any]:
     """`spec.ingressClassName`, not the deprecated `kubernetes.io/ingress.class` annotation. Only the OpenAI API
     (`/v1`) is routed: `/metrics` and `/health/*` stay inside the cluster, for Prometheus and the kubelet."""
     spec: dict[str, Any] = {
         "ingressClassName": ingress.class_name,
         "rules": [{"host": host, "http": {"paths": [{
             "path": "/v1", "pathType": "Prefix",
-            "backend": {"service": {"name": model.name, "port": {"number": model.service_port}}},
+            "backend": {"service": {"name": model.name, "port": {"number": model.config.service_port}}},
         }]}}],
     }
     if ingress.tls:

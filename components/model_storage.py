@@ -20,12 +20,20 @@ from typing import Any
 import pulumi
 import pulumi_kubernetes as k8s
 
-from components.builders import (
-    FILL_LABEL, PART_OF, fetch_container, labels, model_volume_name, namespace_selector, pod_security_context,
-    source_annotations, source_credentials_volume,
+from llm_platform.builders import (
+    FILL_LABEL,
+    PART_OF,
+    fetch_container,
+    labels,
+    model_volume_name,
+    namespace_selector,
+    pod_security_context,
+    source_annotations,
+    source_credentials_volume,
 )
-from model_source import parse_source
-from stack_config import BackupsConfig, ModelConfig, dns_name, fill_job_name, model_max_replicas
+from llm_platform.config import BackupsConfig, dns_name, fill_job_name, model_max_replicas
+from llm_platform.model_source import parse_source
+from llm_platform.plan import PlannedModel
 
 VOLUME_LABEL = "llm-platform/model-volume"
 """On every model volume: the snapshot schedule selects the claims by it."""
@@ -39,12 +47,12 @@ NON_PUBLIC_IPV6 = ["fc00::/7", "fe80::/10"]
 # ------------------------------------------------------------------------------------------ builders
 
 
-def volume_labels(model: ModelConfig) -> dict[str, str]:
+def volume_labels(model: PlannedModel) -> dict[str, str]:
     return {**labels(model.name), VOLUME_LABEL: model.name}
 
 
-def model_claim_spec(model: ModelConfig) -> dict[str, Any]:
-    access = "ReadWriteOnce" if model.workload == "statefulset" else model.storage.access_mode
+def model_claim_spec(model: PlannedModel) -> dict[str, Any]:
+    access = "ReadWriteOnce" if model.config.workload == "statefulset" else model.storage.access_mode
     spec: dict[str, Any] = {
         "accessModes": [access],
         "storageClassName": model.storage.storage_class,
@@ -56,19 +64,20 @@ def model_claim_spec(model: ModelConfig) -> dict[str, Any]:
     return spec
 
 
-def fill_labels(model: ModelConfig) -> dict[str, str]:
+def fill_labels(model: PlannedModel) -> dict[str, str]:
     """Not the serving pods' `app` label: a Service, PDB or HPA must never count a fill pod."""
     return {"app.kubernetes.io/name": model.name, "app.kubernetes.io/component": FILL_COMPONENT,
             "app.kubernetes.io/part-of": PART_OF, "app.kubernetes.io/managed-by": "pulumi", FILL_LABEL: model.name}
 
 
-def statefulset_claim_names(model: ModelConfig) -> list[str]:
+def statefulset_claim_names(model: PlannedModel) -> list[str]:
     """The claims a StatefulSet's volumeClaimTemplates name (`<template>-<statefulset>-<ordinal>`), for every ordinal
     up to maxReplicas."""
-    return [f"{model.storage.template_name}-{model.name}-{ordinal}" for ordinal in range(model_max_replicas(model))]
+    return [f"{model.storage.template_name}-{model.name}-{ordinal}"
+            for ordinal in range(model_max_replicas(model.config))]
 
 
-def replica_fill_placement(model: ModelConfig, ordinal: int, scheduling: dict[str, Any]) -> dict[str, Any]:
+def replica_fill_placement(model: PlannedModel, ordinal: int, scheduling: dict[str, Any]) -> dict[str, Any]:
     """Beside replica `ordinal`'s pod while it runs (its ReadWriteOnce volume is attached to that node, and only
     pods on the same node can mount it), on the GPU nodes (their taints tolerated) so a new volume is provisioned
     where the replica can use it."""
@@ -81,14 +90,14 @@ def replica_fill_placement(model: ModelConfig, ordinal: int, scheduling: dict[st
     return placement
 
 
-def fill_job_spec(model: ModelConfig, *, service_account: str, claim_name: str | None = None,
+def fill_job_spec(model: PlannedModel, *, service_account: str, claim_name: str | None = None,
                   placement: dict[str, Any] | None = None) -> dict[str, Any]:
     """Runs once per revision; a failed pod is retried and resumes the partial download left on the volume. The retry
     starts only once the failed pod is gone (`podReplacementPolicy: Failed`): two fill pods never write at once."""
     return {
-        "backoffLimit": model.fill.backoff_limit,
+        "backoffLimit": model.config.fill.backoff_limit,
         "podReplacementPolicy": "Failed",
-        "activeDeadlineSeconds": model.fill.deadline_seconds,
+        "activeDeadlineSeconds": model.config.fill.deadline_seconds,
         "template": {
             "metadata": {"labels": fill_labels(model), "annotations": source_annotations(model)},
             "spec": {
@@ -100,11 +109,12 @@ def fill_job_spec(model: ModelConfig, *, service_account: str, claim_name: str |
                 **(placement or {}),
                 # The base model and each LoRA adapter fill their own directories, side by side.
                 "containers": [fetch_container(model, fill=True)] + [
-                    fetch_container(model, fill=True, adapter=name) for name in sorted(model.vllm.lora_adapters)],
+                    fetch_container(model, fill=True, adapter=name)
+                    for name in sorted(model.config.vllm.lora_adapters)],
                 "volumes": [
                     {"name": model_volume_name(model),
                      "persistentVolumeClaim": {"claimName": claim_name or model.storage.claim_name}},
-                    {"name": "tmp", "emptyDir": {"sizeLimit": model.fill.resources.limits.ephemeral_storage}},
+                    {"name": "tmp", "emptyDir": {"sizeLimit": model.config.fill.resources.limits.ephemeral_storage}},
                     *filter(None, [source_credentials_volume(model)]),
                 ],
             },
@@ -112,25 +122,25 @@ def fill_job_spec(model: ModelConfig, *, service_account: str, claim_name: str |
     }
 
 
-def fill_egress_policy_spec(model: ModelConfig) -> dict[str, Any]:
+def fill_egress_policy_spec(model: PlannedModel) -> dict[str, Any]:
     """The pods that download (the fill Jobs') reach the source's port and nothing else."""
     peers: list[dict[str, Any]] = []
-    for cidr in model.fill.egress_cidrs:
+    for cidr in model.config.fill.egress_cidrs:
         block: dict[str, Any] = {"cidr": cidr}
         if cidr == "0.0.0.0/0":
             block["except"] = NON_PUBLIC_IPV4
         elif cidr == "::/0":
             block["except"] = NON_PUBLIC_IPV6
         peers.append({"ipBlock": block})
-    peers.extend({"namespaceSelector": namespace_selector(ns)} for ns in model.fill.egress_namespaces)
+    peers.extend({"namespaceSelector": namespace_selector(ns)} for ns in model.config.fill.egress_namespaces)
     return {
         "podSelector": {"matchLabels": {FILL_LABEL: model.name}},
         "policyTypes": ["Egress"],
-        "egress": [{"to": peers, "ports": [{"protocol": "TCP", "port": model.fill.egress_port}]}],
+        "egress": [{"to": peers, "ports": [{"protocol": "TCP", "port": model.config.fill.egress_port}]}],
     }
 
 
-def snapshot_schedule_spec(model: ModelConfig, backups: BackupsConfig) -> dict[str, Any]:
+def snapshot_schedule_spec(model: PlannedModel, backups: BackupsConfig) -> dict[str, Any]:
     retention: dict[str, Any] = {"maxCount": backups.retention}
     if backups.max_age:
         retention["expires"] = backups.max_age
@@ -143,12 +153,13 @@ def snapshot_schedule_spec(model: ModelConfig, backups: BackupsConfig) -> dict[s
     }
 
 
-def fetches_from_network(model: ModelConfig) -> bool:
-    return model.source is not None and parse_source(model.source).kind != "pvc"
+def fetches_from_network(model: PlannedModel) -> bool:
+    return model.config.source is not None and parse_source(model.config.source).kind != "pvc"
 
 
-def owns_claim(model: ModelConfig) -> bool:
-    return model.workload != "statefulset" and not (model.source and parse_source(model.source).kind == "pvc")
+def owns_claim(model: PlannedModel) -> bool:
+    source = model.config.source
+    return model.config.workload != "statefulset" and not (source and parse_source(source).kind == "pvc")
 
 
 # ----------------------------------------------------------------------------------------- component
@@ -157,7 +168,7 @@ def owns_claim(model: ModelConfig) -> bool:
 @dataclass(frozen=True)
 class ModelStorageArgs:
     namespace: pulumi.Input[str]
-    model: ModelConfig
+    model: PlannedModel
     """The planned model (model_path is the revision directory, claim names resolved)."""
     service_account: str
     network_policies: bool
@@ -179,7 +190,8 @@ class ModelStorage(pulumi.ComponentResource):
         model = args.model
         child = pulumi.ResourceOptions(parent=self)
 
-        def meta(object_name: str, object_labels: dict[str, str], annotations: dict[str, str] | None = None):
+        def meta(object_name: str, object_labels: dict[str, str],
+                 annotations: dict[str, str] | None = None) -> dict[str, Any]:
             out: dict[str, Any] = {"name": object_name, "namespace": args.namespace, "labels": object_labels}
             if annotations:
                 out["annotations"] = annotations
@@ -197,7 +209,7 @@ class ModelStorage(pulumi.ComponentResource):
 
         def fill_job(resource_name: str, job_name: str, claim: k8s.core.v1.PersistentVolumeClaim | None,
                      **spec: Any) -> k8s.batch.v1.Job:
-            timeout = f"{model.fill.deadline_seconds + 300}s"
+            timeout = f"{model.config.fill.deadline_seconds + 300}s"
             return k8s.batch.v1.Job(
                 resource_name,
                 metadata=meta(job_name, fill_labels(model), {
@@ -211,10 +223,10 @@ class ModelStorage(pulumi.ComponentResource):
                     custom_timeouts=pulumi.CustomTimeouts(create=timeout, update=timeout)))
 
         self.replica_claims, self.replica_fill_jobs = [], []
-        if fetches_from_network(model):
-            src = parse_source(model.source)
-            if model.workload != "statefulset":  # one shared claim: Deployment, LeaderWorkerSet
-                self.fill_job = fill_job(f"{model.name}-fill", fill_job_name(model, src.short_id), self.claim)
+        if model.config.source is not None and fetches_from_network(model):
+            src = parse_source(model.config.source)
+            if model.config.workload != "statefulset":  # one shared claim: Deployment, LeaderWorkerSet
+                self.fill_job = fill_job(f"{model.name}-fill", fill_job_name(model.config, src.short_id), self.claim)
             else:
                 for ordinal, claim_name in enumerate(statefulset_claim_names(model)):
                     claim = k8s.core.v1.PersistentVolumeClaim(
@@ -222,7 +234,8 @@ class ModelStorage(pulumi.ComponentResource):
                         spec=model_claim_spec(model), opts=child)
                     self.replica_claims.append(claim)
                     self.replica_fill_jobs.append(fill_job(
-                        f"{model.name}-fill-{ordinal}", dns_name(fill_job_name(model, src.short_id)[:58], str(ordinal)),
+                        f"{model.name}-fill-{ordinal}",
+                        dns_name(fill_job_name(model.config, src.short_id)[:58], str(ordinal)),
                         claim, claim_name=claim_name,
                         placement=replica_fill_placement(model, ordinal, args.scheduling or {})))
 
@@ -233,7 +246,7 @@ class ModelStorage(pulumi.ComponentResource):
                 spec=fill_egress_policy_spec(model), opts=child)
 
         self.snapshot_schedule = None
-        if args.backups.enabled and (owns_claim(model) or model.workload == "statefulset"):
+        if args.backups.enabled and (owns_claim(model) or model.config.workload == "statefulset"):
             self.snapshot_schedule = k8s.apiextensions.CustomResource(
                 f"{model.name}-snapshots", api_version="snapscheduler.backube/v1", kind="SnapshotSchedule",
                 metadata=meta(f"{model.name}-model-volume", labels(model.name)),
@@ -241,9 +254,9 @@ class ModelStorage(pulumi.ComponentResource):
 
         self.ready = [r for r in (self.claim, self.fill_job) if r is not None] + self.replica_fill_jobs
         self.register_outputs({
-            "claim": model.storage.claim_name if model.workload != "statefulset" else None,
+            "claim": model.storage.claim_name if model.config.workload != "statefulset" else None,
             "modelPath": model.model_path,
-            "source": model.source,
+            "source": model.config.source,
         })
 
 

@@ -16,10 +16,10 @@ import pulumi
 import pulumi_kubernetes as k8s
 import yaml
 
-from components.builders import PORT_NAME, SERVING_PORT, labels
 from components.inference_gateway import GATEWAY_NAME, gateway_labels
-from components.metric_contract import ModelQueries, gateway_metric
-from stack_config import ModelConfig, ObservabilityConfig
+from llm_platform.builders import PORT_NAME, SERVING_PORT, labels
+from llm_platform.config import ModelConfig, ObservabilityConfig
+from llm_platform.metric_contract import ModelQueries, gateway_metric
 
 ADAPTER_RULES_CONFIGMAP = "llm-prometheus-adapter-rules"
 
@@ -174,7 +174,8 @@ def alert_group(o: ObservedModel, cfg: ObservabilityConfig) -> dict[str, Any]:
     if q.certificate_expiry_seconds:
         rules.append(_rule("LLMCertificateExpiringSoon",
                            f"({q.certificate_expiry_seconds}) < {cfg.certificate_expiry_days * 86400}", "1h",
-                           "warning", f"The TLS certificate of {name} expires within {cfg.certificate_expiry_days} days",
+                           "warning", f"The TLS certificate of {name} expires within {cfg.certificate_expiry_days} "
+                                      "days",
                            "cert-manager did not renew it: `kubectl describe certificate` and the ClusterIssuer's "
                            "status; check the ACME challenge reaches the Ingress.", name))
     return {"name": f"llm-serving-{name}", "rules": rules}

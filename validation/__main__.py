@@ -14,6 +14,7 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
+from typing import TextIO
 
 from validation.checkov_runner import CheckovError, check_skip_file, lws_pod_templates, run_checkov
 from validation.crds import check_crds
@@ -38,7 +39,7 @@ def validate_target(target: str, versions: tuple[str, ...]) -> tuple[int, list[F
     return len(manifests), findings
 
 
-def print_table(title: str, count: int, findings: list[Finding], stream=None) -> None:
+def print_table(title: str, count: int, findings: list[Finding], stream: TextIO | None = None) -> None:
     stream = stream or sys.stdout
     print(f"== {title}: {count} manifests", file=stream)
     for layer in LAYERS:
@@ -50,7 +51,7 @@ def print_table(title: str, count: int, findings: list[Finding], stream=None) ->
                                                           for f in sorted(findings)]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for row in rows:
-        print("   " + "  ".join(c.ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3], file=stream)
+        print("   " + "  ".join(c.ljust(w) for c, w in zip(row[:3], widths, strict=True)) + "  " + row[3], file=stream)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     if not targets:
         parser.error("name a stack, a stack file or a folder, or pass --all")
     versions = tuple(args.versions or KUBERNETES_VERSIONS)
-    from stack_config import ConfigError
+    from llm_platform.config import ConfigError
 
     failed = False
     skip_problems = check_skip_file()

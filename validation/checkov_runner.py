@@ -132,7 +132,8 @@ def run_checkov(directory: Path, config_file: Path | None = SKIP_FILE, checkov: 
     try:
         data = json.loads(proc.stdout)
     except json.JSONDecodeError as exc:
-        raise CheckovError(f"checkov did not print a JSON report ({exc}): {proc.stdout[:500]}{proc.stderr[-500:]}")
+        raise CheckovError(f"checkov did not print a JSON report ({exc}): {proc.stdout[:500]}{proc.stderr[-500:]}") \
+            from exc
     report = parse_report(data)
     scanned = read_dir(directory)
     report.expected_workloads = {
@@ -172,15 +173,17 @@ _ENTRY = re.compile(r"^\s*-\s*(CKV2?_K8S_\d+)\s*$")
 
 def read_skips(path: Path = SKIP_FILE) -> list[Skip]:
     """The `skip-check` entries of the skip file, each with the comment block written directly above it."""
-    skips, comment, in_list = [], [], False
+    skips: list[Skip] = []
+    comment: list[str] = []
+    in_list = False
     for line in path.read_text().splitlines():
         stripped = line.strip()
         if re.match(r"^skip-check\s*:", line):
             in_list, comment = True, []
         elif in_list and stripped.startswith("#"):
             comment.append(stripped.lstrip("# ").strip())
-        elif in_list and _ENTRY.match(line):
-            skips.append(Skip(_ENTRY.match(line).group(1), " ".join(comment).strip()))
+        elif in_list and (entry := _ENTRY.match(line)):
+            skips.append(Skip(entry.group(1), " ".join(comment).strip()))
             comment = []
         elif stripped and not line.startswith((" ", "\t", "-")):
             in_list = False

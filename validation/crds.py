@@ -287,7 +287,7 @@ def is_custom_resource(manifest: dict[str, Any]) -> bool:
 def check_crds(manifests: list[dict[str, Any]]) -> list[Finding]:
     findings: list[Finding] = []
     for m in manifests:
-        schema = SCHEMAS.get((m.get("apiVersion"), m.get("kind")))
+        schema = SCHEMAS.get((str(m.get("apiVersion")), str(m.get("kind"))))
         if schema is None:
             continue
         rid = resource_id(m)
@@ -340,7 +340,7 @@ def _message(error: jsonschema.ValidationError) -> str:
 
 def _duplicate_group_names(rule: dict[str, Any]) -> list[str]:
     """The CRD keys groups by name (x-kubernetes-list-type: map): a repeated name is rejected."""
-    seen: set[str] = set()
+    seen: set[str | None] = set()
     problems = []
     for group in (rule.get("spec") or {}).get("groups") or []:
         group_name = group.get("name") if isinstance(group, dict) else None

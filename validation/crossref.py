@@ -80,7 +80,8 @@ def ingress_backend(ms: Manifests) -> list[Finding]:
 def _hpa_target(ms: Manifests, hpa: dict[str, Any]) -> dict[str, Any] | None:
     ref = (hpa.get("spec") or {}).get("scaleTargetRef") or {}
     target = kube.find(ms, ref.get("kind", ""), kube.namespace(hpa), ref.get("name", ""))
-    if target is None or ref.get("kind") not in kube.SCALABLE_KINDS or ref.get("apiVersion") != kube.scale_api(ref["kind"]):
+    if target is None or ref.get("kind") not in kube.SCALABLE_KINDS \
+            or ref.get("apiVersion") != kube.scale_api(ref["kind"]):
         return None
     return target
 
@@ -271,7 +272,7 @@ _BUILTIN = {("ServiceAccount", "default"), ("PriorityClass", "system-cluster-cri
 def pod_references(ms: Manifests) -> list[Finding]:
     """ServiceAccount, PriorityClass, PVCs, Secrets and ConfigMaps a pod uses exist; mounts name volumes."""
     out = []
-    for w, template in ((w, t) for w in kube.workloads(ms) for t in kube.pod_templates(w)):
+    for w, template in ((workload, t) for workload in kube.workloads(ms) for t in kube.pod_templates(workload)):
         ns, spec = kube.namespace(w), template.get("spec") or {}
         wanted: list[tuple[str, str, str]] = []
         if spec.get("serviceAccountName"):

@@ -115,7 +115,9 @@ def selector_matches(selector: dict[str, Any] | None, labels: dict[str, str]) ->
 
 def map_selector_matches(selector: dict[str, str] | None, labels: dict[str, str]) -> bool:
     """A Service-style plain map selector; an empty map selects nothing (no Endpoints are managed)."""
-    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+    if not selector:
+        return False
+    return all(labels.get(k) == v for k, v in selector.items())
 
 
 def selected_workloads(manifests: list[Manifest], ns: str, selector: dict[str, Any] | None, *,

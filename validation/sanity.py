@@ -9,7 +9,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from quantities import QuantityError, parse_quantity
+from llm_platform.quantities import QuantityError, parse_quantity
 from validation import kube
 from validation.findings import Finding, resource_id
 
@@ -34,7 +34,7 @@ def _finding(check: str, m: dict[str, Any], message: str) -> Finding:
     return Finding(LAYER, check, resource_id(m), message)
 
 
-def _name_problem(value: str, pattern: re.Pattern, max_len: int) -> bool:
+def _name_problem(value: object, pattern: re.Pattern[str], max_len: int) -> bool:
     return not isinstance(value, str) or len(value) > max_len or not pattern.match(value)
 
 
@@ -58,7 +58,7 @@ def dns1123_names(ms: Manifests) -> list[Finding]:
             for port in (m.get("spec") or {}).get("ports") or []:
                 if "name" in port and _name_problem(port["name"], DNS1123_LABEL, 63):
                     out.append(_finding("dns1123-names", m, f"port name {port['name']!r} is not a DNS-1123 label"))
-    for w, template in ((w, t) for w in kube.workloads(ms) for t in kube.pod_templates(w)):
+    for w, template in ((workload, t) for workload in kube.workloads(ms) for t in kube.pod_templates(workload)):
         spec = template.get("spec") or {}
         for volume in spec.get("volumes") or []:
             if _name_problem(volume.get("name"), DNS1123_LABEL, 63):

@@ -18,9 +18,9 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from components.metric_contract import BUILTIN, model_queries
 from components.observability import ObservedModel, alert_group
-from stack_config import ModelConfig, ObservabilityConfig
+from llm_platform.config import ModelConfig, ObservabilityConfig
+from llm_platform.metric_contract import BUILTIN, model_queries
 from tests.serving.server import MODEL_NAME, ServerProcess, free_port
 
 NAMESPACE, POD, WORKLOAD = "ai-production", "llm-service-0", "llm-service"

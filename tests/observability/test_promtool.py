@@ -14,7 +14,7 @@ import subprocess
 import pytest
 import yaml
 
-from components.metric_contract import RUNTIMES, model_queries
+from llm_platform.metric_contract import RUNTIMES, model_queries
 from tests.conftest import render_values, stack_values
 
 

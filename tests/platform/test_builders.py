@@ -6,22 +6,39 @@ from decimal import Decimal
 
 import pytest
 
-from components.builders import (
-    container_resources, container_security_context, gpu_scheduling, hpa_spec, pod_spec, probes, serving_env,
-)
 from components.guardrails import network_policy_specs, pdb_spec, resource_quota_hard
-from components.metric_contract import BUILTIN, PLATFORM_METRICS, VLLM, ContractError, model_queries
 from components.observability import ObservedModel, alert_group, dashboard, scrape_annotations
-from quantities import QuantityError, parse_quantity
-from stack_config import (
-    AllowFromConfig,
-    GpuPoolConfig, GuardrailsConfig, ModelConfig, ObservabilityConfig, PdbConfig, ProbesConfig, RolloutConfig,
-    StartupProbeConfig, Toleration, parse_stack_config,
+from llm_platform.builders import (
+    container_resources,
+    container_security_context,
+    gpu_scheduling,
+    hpa_spec,
+    pod_spec,
+    probes,
+    serving_env,
 )
+from llm_platform.config import (
+    AllowFromConfig,
+    GpuPoolConfig,
+    GuardrailsConfig,
+    ModelConfig,
+    ObservabilityConfig,
+    PdbConfig,
+    ProbesConfig,
+    RolloutConfig,
+    StartupProbeConfig,
+    Toleration,
+)
+from llm_platform.metric_contract import BUILTIN, PLATFORM_METRICS, VLLM, ContractError, model_queries
+from llm_platform.quantities import QuantityError, parse_quantity
+from llm_platform.stack import parse_stack_config
 from tests.conftest import stack_values
+from tests.platform.planned import planned
 
-MODEL = ModelConfig(name="m", served_model_name="m-1b", model_path="/models/m", image="r.example.com/s:1.2.3",
-                    rollout=RolloutConfig(1, 0), probes=ProbesConfig(startup=StartupProbeConfig(failure_threshold=30)))
+MODEL_CONFIG = ModelConfig(name="m", served_model_name="m-1b", model_path="/models/m", image="r.example.com/s:1.2.3",
+                           rollout=RolloutConfig(1, 0),
+                           probes=ProbesConfig(startup=StartupProbeConfig(failure_threshold=30)))
+MODEL = planned(MODEL_CONFIG)
 
 
 @pytest.mark.parametrize("text, value", [
@@ -39,14 +56,15 @@ def test_parse_quantity_rejects(bad):
 
 
 def test_gpu_resources_requests_equal_limits():
-    r = container_resources(dataclasses.replace(MODEL, gpus_per_replica=2))
+    r = container_resources(planned(dataclasses.replace(MODEL_CONFIG, gpus_per_replica=2)))
     assert r["requests"]["nvidia.com/gpu"] == r["limits"]["nvidia.com/gpu"] == "2"
-    assert "nvidia.com/gpu" not in container_resources(dataclasses.replace(MODEL, gpus_per_replica=0))["limits"]
+    cpu_only = planned(dataclasses.replace(MODEL_CONFIG, gpus_per_replica=0))
+    assert "nvidia.com/gpu" not in container_resources(cpu_only)["limits"]
 
 
 def test_env_never_exposes_all_gpus_and_passes_engine_settings():
-    env = {e["name"]: e["value"] for e in serving_env(dataclasses.replace(MODEL, max_num_seqs=32, max_model_len=4096,
-                                                                          env={"LOG_LEVEL": "debug"}))}
+    model = planned(dataclasses.replace(MODEL_CONFIG, max_num_seqs=32, max_model_len=4096, env={"LOG_LEVEL": "debug"}))
+    env = {e["name"]: e["value"] for e in serving_env(model)}
     assert "NVIDIA_VISIBLE_DEVICES" not in env
     assert env["MAX_NUM_SEQS"] == "32" and env["MAX_MODEL_LEN"] == "4096" and env["LOG_LEVEL"] == "debug"
     assert env["HF_HUB_OFFLINE"] == "1" and env["HF_HOME"].startswith("/tmp/")
@@ -126,8 +144,8 @@ def queries_for(rt, **changes):
 def test_alerts_and_dashboard_only_use_the_runtime_contract(rt):
     import re
     q = queries_for(rt)
-    exprs = [r["expr"] for r in alert_group(ObservedModel(MODEL, q), ObservabilityConfig())["rules"]]
-    exprs += [t["expr"] for p in dashboard(ObservedModel(MODEL, q))["panels"] for t in p["targets"]]
+    exprs = [r["expr"] for r in alert_group(ObservedModel(MODEL_CONFIG, q), ObservabilityConfig())["rules"]]
+    exprs += [t["expr"] for p in dashboard(ObservedModel(MODEL_CONFIG, q))["panels"] for t in p["targets"]]
     known = set(rt.metrics) | set(PLATFORM_METRICS)
     for expr in exprs:
         # Metric names: identifiers followed by a selector or a range, minus histogram suffixes.
@@ -165,4 +183,5 @@ def test_partial_override_keeps_the_other_defaults():
     m = parse_stack_config("prod", values).models[0]
     assert (m.probes.startup.failure_threshold, m.probes.startup.period_seconds) == (60, 10)
     assert m.probes.liveness.initial_delay_seconds == 30
-    assert (m.resources.requests.cpu, m.resources.requests.memory, m.resources.limits.cpu) == ("6", "8Gi", "8")
+    resources = m.config.resources
+    assert (resources.requests.cpu, resources.requests.memory, resources.limits.cpu) == ("6", "8Gi", "8")

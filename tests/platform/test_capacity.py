@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import pytest
 
-import capacity
-from capacity import PRESETS, Sizing
-from stack_config import ConfigError, parse_stack_config
+from llm_platform import capacity
+from llm_platform.capacity import PRESETS, Sizing
+from llm_platform.config import ConfigError
+from llm_platform.stack import parse_stack_config
 from tests.conftest import render_values, stack_values
 
 GIB = 2**30
@@ -95,7 +96,8 @@ def guardrails(values, section, **changes):
 
 
 BAD = {
-    "70b on one GPU": (seventy_b(), "models[0].sizing: needs 220.08 GiB per GPU at gpusPerReplica 1 (weights 131.50 GiB "
+    "70b on one "
+    "GPU": (seventy_b(), "models[0].sizing: needs 220.08 GiB per GPU at gpusPerReplica 1 (weights 131.50 GiB "
                        "+ KV cache 80.00 GiB + overhead 8.58 GiB) but 72.00 GiB is usable (80 GiB x 0.9); fits with "
                        "runtime: vllm with gpusPerReplica 4 (tensor parallel; the builtin engine uses one GPU)"),
     "70b on one GPU, vllm": (seventy_b(**VLLM), "is usable (80 GiB x 0.9); fits with gpusPerReplica 4"),
@@ -103,8 +105,8 @@ BAD = {
                              "models[0].sizing: needs 529.70 GiB per GPU at gpusPerReplica 1 (weights 14.96 GiB + KV "
                              "cache 512.00 GiB + overhead 2.75 GiB) but 72.00 GiB is usable (80 GiB x 0.9); fits with "
                              "maxConcurrentSequences <= 3 (at maxContextTokens 131072), or maxContextTokens <= 13899 "
-                             "(at maxConcurrentSequences 32), or runtime: vllm with gpusPerReplica 8 (tensor parallel; the "
-                             "builtin engine uses one GPU)"),
+                             "(at maxConcurrentSequences 32), or runtime: vllm with gpusPerReplica 8 (tensor parallel; "
+                             "the builtin engine uses one GPU)"),
     "too little utilization": (prod(gpuMemoryUtilization=0.5),
                                "models[0].sizing: needs 49.70 GiB per GPU at gpusPerReplica 1 (weights 14.96 GiB + KV "
                                "cache 32.00 GiB + overhead 2.75 GiB) but 40.00 GiB is usable (80 GiB x 0.5); fits with "
@@ -122,7 +124,8 @@ BAD = {
     "preset and numbers": (with_sizing(layers=32),
                            "models[0].sizing.layers: is set together with preset 'llama-3.1-8b'; use the preset or "
                            "the architecture numbers, not both"),
-    "no preset, no layers": (prod(sizing={"parametersBillion": 8, "kvHeads": 8, "headDim": 128, "maxContextTokens": 8192,
+    "no preset, no "
+    "layers": (prod(sizing={"parametersBillion": 8, "kvHeads": 8, "headDim": 128, "maxContextTokens": 8192,
                                           "maxConcurrentSequences": 8}),
                              "models[0].sizing.layers: is required without a preset (known presets: llama-3.1-8b"),
     "unknown preset": (with_sizing(preset="llama-9b"), "models[0].sizing.preset: 'llama-9b' is not allowed; use one of "
@@ -132,10 +135,11 @@ BAD = {
                    "depends on it"),
     "context over the model's": (prod(sizing={"preset": "qwen2.5-7b", "maxContextTokens": 65536,
                                               "maxConcurrentSequences": 1}),
-                                 "models[0].sizing.maxContextTokens: 65536 is above the model's own context window 32768"),
+                                 "models[0].sizing.maxContextTokens: 65536 is above the model's own context window "
+                                 "32768"),
     "tp does not divide heads": (guardrails(prod(gpusPerReplica=3, **VLLM), "resourceQuota", gpus=30),
-                                 "models[0].gpusPerReplica: 3 does not divide the model's 32 attention heads, so tensor "
-                                 "parallelism cannot split it; use one of [1, 2, 4, 8, 16]"),
+                                 "models[0].gpusPerReplica: 3 does not divide the model's 32 attention heads, so "
+                                 "tensor parallelism cannot split it; use one of [1, 2, 4, 8, 16]"),
     "sized cpu model": (guardrails(prod(gpusPerReplica=0), "resourceQuota", gpus=0),
                         "models[0].gpusPerReplica: 0 with a sizing block: GPU memory is checked per GPU"),
     "startup too short": (prod(probes={"startup": {"failureThreshold": 10}}),

@@ -4,17 +4,33 @@ from __future__ import annotations
 import dataclasses
 
 from components import (
-    GpuPool, GpuPoolArgs, Guardrails, GuardrailsArgs, LLMServing, LLMServingArgs, Observability, ObservabilityArgs,
+    GpuPool,
+    GpuPoolArgs,
+    Guardrails,
+    GuardrailsArgs,
+    LLMServing,
+    LLMServingArgs,
+    Observability,
+    ObservabilityArgs,
 )
-from stack_config import (
-    GpuPoolConfig, GuardrailsConfig, IngressConfig, ModelConfig, ObservabilityConfig, PriorityClassConfig,
-    ProbesConfig, RolloutConfig, StartupProbeConfig,
+from llm_platform.config import (
+    GpuPoolConfig,
+    GuardrailsConfig,
+    IngressConfig,
+    ModelConfig,
+    ObservabilityConfig,
+    PriorityClassConfig,
+    ProbesConfig,
+    RolloutConfig,
+    StartupProbeConfig,
 )
 from render import to_manifest
+from tests.platform.planned import planned
 
-MODEL = ModelConfig(name="chat", served_model_name="chat-8b", model_path="/models/chat-8b",
-                    image="registry.example.com/llm-serving:2.1.0", rollout=RolloutConfig(1, 0),
-                    probes=ProbesConfig(startup=StartupProbeConfig(failure_threshold=30)))
+MODEL_CONFIG = ModelConfig(name="chat", served_model_name="chat-8b", model_path="/models/chat-8b",
+                           image="registry.example.com/llm-serving:2.1.0", rollout=RolloutConfig(1, 0),
+                           probes=ProbesConfig(startup=StartupProbeConfig(failure_threshold=30)))
+MODEL = planned(MODEL_CONFIG)
 
 
 def captured(result, type_suffix):
@@ -90,9 +106,9 @@ def test_llm_serving_deployment(in_mocks):
 
 
 def test_llm_serving_statefulset_without_ingress_or_hpa(in_mocks):
-    model = dataclasses.replace(MODEL, workload="statefulset", replicas=3,
-                                storage=dataclasses.replace(MODEL.storage, access_mode="ReadWriteOnce"),
-                                autoscaling=dataclasses.replace(MODEL.autoscaling, enabled=False))
+    model = planned(dataclasses.replace(MODEL_CONFIG, workload="statefulset", replicas=3,
+                                        storage=dataclasses.replace(MODEL_CONFIG.storage, access_mode="ReadWriteOnce"),
+                                        autoscaling=dataclasses.replace(MODEL_CONFIG.autoscaling, enabled=False)))
     result = in_mocks(lambda: LLMServing("chat", serving_args(model, IngressConfig(enabled=False), None)))
     assert sorted(m["kind"] for m in result.manifests()) == ["Service", "Service", "StatefulSet"]
     sts = result.one("StatefulSet")
@@ -102,7 +118,7 @@ def test_llm_serving_statefulset_without_ingress_or_hpa(in_mocks):
 
 
 def test_llm_serving_cpu_model_gets_no_gpu_scheduling(in_mocks):
-    model = dataclasses.replace(MODEL, gpus_per_replica=0)
+    model = planned(dataclasses.replace(MODEL_CONFIG, gpus_per_replica=0))
     result = in_mocks(lambda: LLMServing("chat", serving_args(model)))
     pod = result.one("Deployment")["spec"]["template"]["spec"]
     assert "nodeSelector" not in pod
@@ -110,11 +126,11 @@ def test_llm_serving_cpu_model_gets_no_gpu_scheduling(in_mocks):
 
 
 def observed(name):
-    from components.metric_contract import BUILTIN, model_queries
     from components.observability import ObservedModel
+    from llm_platform.metric_contract import BUILTIN, model_queries
     q = model_queries(BUILTIN, namespace="n", workload=name, served_model_name=name, hpa_name=f"{name}-hpa",
                       min_replicas=2, certificate=None, dcgm=False)
-    return ObservedModel(dataclasses.replace(MODEL, name=name), q)
+    return ObservedModel(dataclasses.replace(MODEL_CONFIG, name=name), q)
 
 
 def test_observability_with_and_without_operator(in_mocks):
@@ -148,6 +164,6 @@ def test_whole_program_parents_every_resource_under_a_component(rendered):
 
 def test_llm_serving_refuses_an_unplanned_model(in_mocks):
     import pytest
-    unplanned = dataclasses.replace(MODEL, rollout=None)
-    with pytest.raises(ValueError, match="needs a planned ModelConfig"):
+    unplanned = dataclasses.replace(MODEL_CONFIG, rollout=None)
+    with pytest.raises(TypeError, match="needs a planned model"):
         in_mocks(lambda: LLMServing("chat", serving_args(unplanned)))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from stack_config import ConfigError, parse_image, parse_stack_config
+from llm_platform.config import ConfigError, parse_image
+from llm_platform.stack import parse_stack_config
 from tests.conftest import render_values, stack_values
 
 DIGEST = "sha256:" + "ab" * 32

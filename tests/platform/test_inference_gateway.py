@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from stack_config import ConfigError, parse_stack_config
+from llm_platform.config import ConfigError
+from llm_platform.stack import parse_stack_config
 from tests.conftest import render_values, stack_values
 
 

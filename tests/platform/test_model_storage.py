@@ -9,14 +9,19 @@ import dataclasses
 
 import pytest
 
-from components.builders import FILL_LABEL, SOURCE_CREDENTIALS_DIR, fetch_container
 from components.model_storage import (
-    NON_PUBLIC_IPV4, VOLUME_LABEL, fill_egress_policy_spec, model_claim_spec,
+    NON_PUBLIC_IPV4,
+    VOLUME_LABEL,
+    fill_egress_policy_spec,
+    model_claim_spec,
 )
-from model_source import SourceError, parse_source
+from llm_platform.builders import FILL_LABEL, SOURCE_CREDENTIALS_DIR, fetch_container
+from llm_platform.config import ConfigError, FillConfig, ModelConfig
+from llm_platform.model_source import SourceError, parse_source
+from llm_platform.stack import parse_stack_config
 from serving.fetch import sources as fetch_sources
-from stack_config import ConfigError, FillConfig, ModelConfig, parse_stack_config
 from tests.conftest import render_values, stack_values
+from tests.platform.planned import planned
 
 SHA = "0e9e39f249a16976918f6564b8830bc894c89659"
 OTHER_SHA = "5206a32e0bd3067aef1ce90f5528ade7d866253f"
@@ -348,10 +353,10 @@ def test_restore_creates_a_new_claim_from_the_snapshot_and_rolls_onto_it():
 
 
 def test_statefulset_restore_gives_new_volume_claim_templates():
-    spec = model_claim_spec(dataclasses.replace(
+    spec = model_claim_spec(planned(dataclasses.replace(
         ModelConfig(name="m", served_model_name="m", model_path="/models/m", image="r/i:1", workload="statefulset"),
         storage=dataclasses.replace(ModelConfig.__dataclass_fields__["storage"].default_factory(),
-                                    access_mode="ReadWriteOnce", restore_from_snapshot="snap-1")))
+                                    access_mode="ReadWriteOnce", restore_from_snapshot="snap-1"))))
     assert spec["accessModes"] == ["ReadWriteOnce"] and spec["dataSource"]["name"] == "snap-1"
 
 
@@ -359,8 +364,8 @@ def test_statefulset_restore_gives_new_volume_claim_templates():
 
 
 def test_fetch_container_hub_mirror_and_no_secret():
-    model = ModelConfig(name="m", served_model_name="m", model_path="/models/m/abc", image="r/i:1",
-                        source=f"hf://o/n@{SHA}", fill=FillConfig(hf_endpoint="https://hub-mirror.internal"))
+    model = planned(ModelConfig(name="m", served_model_name="m", model_path="/models/m/abc", image="r/i:1",
+                                source=f"hf://o/n@{SHA}", fill=FillConfig(hf_endpoint="https://hub-mirror.internal")))
     container = fetch_container(model, fill=True)
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["HF_ENDPOINT"] == "https://hub-mirror.internal"
@@ -370,8 +375,8 @@ def test_fetch_container_hub_mirror_and_no_secret():
 
 
 def test_fill_egress_to_narrow_cidrs_has_no_exceptions():
-    model = ModelConfig(name="m", served_model_name="m", image="r/i:1", source="s3://b-1/p",
-                        fill=FillConfig(egress_cidrs=["52.216.0.0/15"], egress_port=443))
+    model = planned(ModelConfig(name="m", served_model_name="m", image="r/i:1", source="s3://b-1/p",
+                                fill=FillConfig(egress_cidrs=["52.216.0.0/15"], egress_port=443)))
     (rule,) = fill_egress_policy_spec(model)["egress"]
     assert rule["to"] == [{"ipBlock": {"cidr": "52.216.0.0/15"}}]
 

@@ -3,14 +3,13 @@ LeaderWorkerSet. Every rule is fed its bad case and checked for its message; the
 the mocks and checked on the captured manifests."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 
-import capacity
-from capacity import PRESETS, Sizing
-from components.builders import group_network_policy_spec, vllm_args
-from stack_config import ConfigError, owned_vllm_flag, parse_stack_config
+from llm_platform import capacity
+from llm_platform.builders import group_network_policy_spec, vllm_args
+from llm_platform.capacity import PRESETS, Sizing
+from llm_platform.config import ConfigError, owned_vllm_flag
+from llm_platform.stack import parse_stack_config
 from tests.conftest import render_values, stack_values
 
 MULTINODE = "examples/Pulumi.prod-405b-multinode.yaml"
@@ -45,9 +44,9 @@ def sizing(**changes):
 BAD = {
     # The builtin engine loads onto one device in bfloat16/float16.
     "builtin on 4 GPUs": (prod(gpusPerReplica=4),
-                          "models[0].gpusPerReplica: 4: the builtin engine loads a model onto one GPU (the others would "
-                          "sit idle while it runs out of memory); use 1, or runtime: vllm, which splits a model across "
-                          "GPUs (tensor parallel)"),
+                          "models[0].gpusPerReplica: 4: the builtin engine loads a model onto one GPU (the others "
+                          "would sit idle while it runs out of memory); use 1, or runtime: vllm, which splits a model "
+                          "across GPUs (tensor parallel)"),
     "builtin fp8 weights": (prod(sizing=sizing(dtype="float8")),
                             "models[0].sizing.dtype: 'float8': the builtin engine loads bfloat16 or float16 weights "
                             "only; use runtime: vllm with vllm.quantization"),
@@ -68,9 +67,11 @@ BAD = {
                                       "'bfloat16'"),
     "fp8 sizing without kv dtype": (prod(**VLLM, sizing=sizing(dtype="float8"), vllm={"quantization": "fp8"}),
                                     "models[0].vllm.kvCacheDtype: is required with sizing.dtype 'float8': fp8 weights "
-                                    "do not make an fp8 KV cache; set fp8 (the plan sizes 1 byte per KV value) or auto"),
+                                    "do not make an fp8 KV cache; set fp8 (the plan sizes 1 byte per KV value) or "
+                                    "auto"),
     "batched tokens below seqs": (tp4(maxNumBatchedTokens=16),
-                                  "models[0].vllm.maxNumBatchedTokens: 16 is below maxNumSeqs 32; vLLM refuses to start"),
+                                  "models[0].vllm.maxNumBatchedTokens: 16 is below maxNumSeqs 32; vLLM refuses to "
+                                  "start"),
     "owned flag in extraArgs": (tp4(extraArgs=["--max-model-len=4096"]),
                                 "models[0].vllm.extraArgs[0]: '--max-model-len=4096': --max-model-len is set by the "
                                 "platform from sizing.maxContextTokens / maxModelLen; set that instead"),
@@ -93,12 +94,14 @@ BAD = {
     "lora rank without adapters": (tp4(maxLoraRank=16), "models[0].vllm.maxLoraRank: is set without loraAdapters"),
     "bad parser name": (tp4(toolCallParser="Llama 3 JSON"),
                         "models[0].vllm.toolCallParser: 'Llama 3 JSON' is not a parser name"),
-    "api key as an env literal": (tp4() | {"models": [{**stack_values(TP4)["models"][0], "env": {"VLLM_API_KEY": "k"}}]},
-                                  "models[0].env.VLLM_API_KEY: is set by the platform from the generated API-key Secret"),
+    "api key as an env "
+    "literal": (tp4() | {"models": [{**stack_values(TP4)["models"][0], "env": {"VLLM_API_KEY": "k"}}]},
+                                  "models[0].env.VLLM_API_KEY: is set by the platform from the generated API-key "
+                                  "Secret"),
     # Multi-node layouts that cannot work.
     "explicit deployment across nodes": (multinode(workload="deployment"),
-                                         "models[0].gpusPerReplica: 16 is more than gpuPool.gpusPerNode 8; a deployment "
-                                         "pod cannot span nodes; use workload: leaderworkerset"),
+                                         "models[0].gpusPerReplica: 16 is more than gpuPool.gpusPerNode 8; a "
+                                         "deployment pod cannot span nodes; use workload: leaderworkerset"),
     "not whole nodes": (multinode(gpusPerReplica=12),
                         "models[0].gpusPerReplica: 12 with workload leaderworkerset must be a multiple of "
                         "gpuPool.gpusPerNode 8 above it (2 nodes or more: 16, 24, ...)"),
@@ -116,8 +119,8 @@ BAD = {
         "vllm": {"loraAdapters": {"sql": "s3://adapters/sql/v1"}}}]},
         "models[0].vllm.loraAdapters: are filled by the fill Job onto a shared claim; use workload deployment"),
     "group on a ReadWriteOnce claim": (multinode(storage={"accessMode": "ReadWriteOnce"}),
-                                       "models[0].storage.accessMode: ReadWriteOnce cannot be mounted by the 2 nodes of a "
-                                       "LeaderWorkerSet group"),
+                                       "models[0].storage.accessMode: ReadWriteOnce cannot be mounted by the 2 nodes "
+                                       "of a LeaderWorkerSet group"),
     "405b fp8 on one node": (multinode(gpusPerReplica=8, workload="deployment"),
                              "or gpusPerReplica 16 on 2 nodes of 8 GPUs (runtime: vllm, workload: "
                              "leaderworkerset: tensor parallel 8 x pipeline parallel 2)"),
@@ -180,7 +183,7 @@ def test_builtin_plan_suggests_vllm_not_more_gpus():
 
 def test_multinode_is_chosen_automatically_and_planned(multinode_result):
     cfg = parse_stack_config("prod", stack_values(MULTINODE))
-    model, plan = cfg.models[0], cfg.plans[0]
+    model, plan = cfg.config.models[0], cfg.plans[0]
     assert (model.workload, model.nodes_per_replica, model.gpus_per_pod) == ("leaderworkerset", 2, 8)
     assert (plan.gpus_at_min, plan.gpus_at_max) == (32, 48)
     assert plan.lines()[0].endswith("(2 nodes per replica: 4 nodes at min, 6 at max)")
@@ -204,7 +207,7 @@ def test_leaderworkerset_group(multinode_result):
         assert c["resources"]["limits"]["nvidia.com/gpu"] == "8"
         args = c["args"]
 
-        def flag(name):
+        def flag(name, args=args):
             return args[args.index(name) + 1]
 
         assert (flag("--tensor-parallel-size"), flag("--pipeline-parallel-size"), flag("--nnodes")) == ("8", "2", "2")

@@ -58,7 +58,7 @@ def test_render_unknown_stack_lists_the_known_ones(tmp_path):
 
 
 def test_readme_config_reference_is_current():
-    """The README's config table is generated from stack_config.py; a stale table fails here."""
+    """The README's config table is generated from llm_platform/config.py; a stale table fails here."""
     proc = subprocess.run([sys.executable, str(ROOT / "config_reference.py"), "--check"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr

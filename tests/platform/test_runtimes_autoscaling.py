@@ -6,8 +6,9 @@ import dataclasses
 import pytest
 import yaml
 
-from components import metric_contract
-from stack_config import ConfigError, parse_stack_config
+from llm_platform import metric_contract
+from llm_platform.config import ConfigError
+from llm_platform.stack import parse_stack_config
 from tests.conftest import render_values, stack_values
 
 
@@ -58,7 +59,7 @@ def test_vllm_runtime_follows_its_contract():
     assert 'VLLM_API_KEY="$(cat "$API_KEYS_FILE")"' in c["command"][2] and 'exec vllm serve "$@"' in c["command"][2]
     args = c["args"]
     assert args[0] == "/models/llama-3.1-8b/0e9e39f249a1"
-    pairs = dict(zip(args[1::2], args[2::2]))
+    pairs = dict(zip(args[1::2], args[2::2], strict=False))
     assert pairs["--served-model-name"] == "llama-3.1-8b" and pairs["--dtype"] == "bfloat16"
     assert (pairs["--max-model-len"], pairs["--tensor-parallel-size"], pairs["--gpu-memory-utilization"]) == \
         ("8192", "1", "0.9")

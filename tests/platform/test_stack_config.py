@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from stack_config import ConfigError, parse_stack_config
+from llm_platform.config import ConfigError
+from llm_platform.stack import parse_stack_config
 from tests.conftest import stack_values
 
 
@@ -164,7 +165,7 @@ def test_boundaries_that_pass():
     m["resources"]["requests"]["cpu"] = "8"      # request == limit
     values["guardrails"]["resourceQuota"]["gpus"] = 2   # quota == GPUs at max
     values["guardrails"]["pdb"] = {"maxUnavailable": None, "minAvailable": 1}  # one disruption left at min 2
-    cfg = parse_stack_config("prod", values)
+    cfg = parse_stack_config("prod", values).config
     assert cfg.models[0].autoscaling.max_replicas == 2
     assert cfg.guardrails.pdb.min_available == 1
     assert cfg.total_gpus_at_max == 2
@@ -172,9 +173,9 @@ def test_boundaries_that_pass():
 
 def test_defaults_are_the_article_values_and_yaml_overrides_them():
     values = stack_values("staging")
-    cfg = parse_stack_config("staging", values)
-    m = cfg.models[0]
+    planned = parse_stack_config("staging", values)
+    m = planned.models[0]
     assert m.probes.liveness.initial_delay_seconds == 30 and m.probes.startup.failure_threshold == 30
-    assert m.autoscaling.scale_down_stabilization_seconds == 300
-    assert (m.autoscaling.min_replicas, m.autoscaling.max_replicas) == (1, 3)
-    assert cfg.stack == "staging"
+    assert m.config.autoscaling.scale_down_stabilization_seconds == 300
+    assert (m.config.autoscaling.min_replicas, m.config.autoscaling.max_replicas) == (1, 3)
+    assert planned.config.stack == "staging"

@@ -223,10 +223,10 @@ def test_usage_is_counted_per_key_name_and_no_key_is_exposed(gateway, cold_start
 
 
 def test_every_gateway_contract_metric_is_on_metrics(gateway, cold_start):
-    """The platform's KEDA trigger, alerts and dashboards name these series (components/metric_contract.py)."""
+    """The platform's KEDA trigger, alerts and dashboards name these series (llm_platform/metric_contract.py)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from components.metric_contract import GATEWAY_METRICS
+    from llm_platform.metric_contract import GATEWAY_METRICS
 
     names = set()
     for family in text_string_to_metric_families(httpx.get(f"{gateway.url}/metrics").text):

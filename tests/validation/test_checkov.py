@@ -12,7 +12,12 @@ import pytest
 
 from tests.validation.conftest import PROD, ROOT, leaderworkerset_manifests, manifests_of, pick, prod_manifests, stacks
 from validation.checkov_runner import (
-    CheckovReport, check_skip_file, lws_pod_templates, parse_report, read_skips, run_checkov,
+    CheckovReport,
+    check_skip_file,
+    lws_pod_templates,
+    parse_report,
+    read_skips,
+    run_checkov,
 )
 from validation.manifests import write_dir
 

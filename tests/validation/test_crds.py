@@ -7,7 +7,12 @@ import copy
 import pytest
 
 from tests.validation.conftest import (
-    keda_manifests, leaderworkerset_manifests, manifests_of, pick, prod_manifests, stacks,
+    keda_manifests,
+    leaderworkerset_manifests,
+    manifests_of,
+    pick,
+    prod_manifests,
+    stacks,
 )
 from validation.crds import SCHEMAS, check_crds
 from validation.manifests import ROOT

@@ -9,7 +9,13 @@ from __future__ import annotations
 import pytest
 
 from tests.validation.conftest import (
-    keda_manifests, leaderworkerset_manifests, manifests_of, pick, prod_manifests, stacks, statefulset_manifests,
+    keda_manifests,
+    leaderworkerset_manifests,
+    manifests_of,
+    pick,
+    prod_manifests,
+    stacks,
+    statefulset_manifests,
 )
 from validation.crossref import CHECKS, check_crossref
 from validation.sanity import _looks_secret, image_reference_problem

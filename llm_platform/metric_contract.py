@@ -229,7 +229,8 @@ def model_queries(rt: Runtime, *, namespace: str, workload: str, served_model_na
             f"max({platform_metric('kube_horizontalpodautoscaler_spec_max_replicas')}{{{hpa}}})"),
         gpu_utilization=gpu,
         above_min_replicas=None if hpa_name is None else (
-            f"max({platform_metric('kube_horizontalpodautoscaler_status_current_replicas')}{{{hpa}}}) > {min_replicas}"),
+            f"max({platform_metric('kube_horizontalpodautoscaler_status_current_replicas')}{{{hpa}}}) > "
+            f"{min_replicas}"),
         certificate_expiry_seconds=None if certificate is None else (
             f"min({platform_metric('certmanager_certificate_expiration_timestamp_seconds')}"
             f'{{namespace="{namespace}",name="{certificate}"}}) - time()'),

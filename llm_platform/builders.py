@@ -6,20 +6,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from components.metric_contract import LOAD_METRIC, RUNTIMES
-from model_source import parse_source
-from stack_config import (
+from llm_platform.config import (
     GPU_RESOURCE,
     MODELS_MOUNT,
     PRESTOP_SLEEP_SECONDS,
     AllowFromConfig,
     AutoscalingConfig,
     GpuPoolConfig,
-    ModelConfig,
     ProbeConfig,
-    fetch_image,
+    ResourceAmounts,
     lora_adapter_paths,
 )
+from llm_platform.metric_contract import LOAD_METRIC, RUNTIMES
+from llm_platform.model_source import parse_source
+from llm_platform.plan import PlannedModel
 
 SERVING_PORT = 8000
 PORT_NAME = "http"
@@ -62,17 +62,18 @@ def labels(model_name: str) -> dict[str, str]:
     }
 
 
-def source_annotations(model: ModelConfig) -> dict[str, str]:
+def source_annotations(model: PlannedModel) -> dict[str, str]:
     """On the pod template: a new revision changes the template, so the workload rolls onto it."""
-    if model.source is None:
+    if model.config.source is None:
         return {}
-    return {SOURCE_ANNOTATION: model.source, REVISION_ANNOTATION: parse_source(model.source).revision_label}
+    source = model.config.source
+    return {SOURCE_ANNOTATION: source, REVISION_ANNOTATION: parse_source(source).revision_label}
 
 
-def service_selector(model: ModelConfig) -> dict[str, str]:
+def service_selector(model: PlannedModel) -> dict[str, str]:
     """What the model's Service selects: every pod, or only the leaders of a LeaderWorkerSet's groups (the
     workers serve no HTTP)."""
-    if model.workload == "leaderworkerset":
+    if model.config.workload == "leaderworkerset":
         return {**selector_labels(model.name), ROLE_LABEL: "leader"}
     return selector_labels(model.name)
 
@@ -124,10 +125,10 @@ def probe(path: str, cfg: ProbeConfig) -> dict[str, Any]:
     }
 
 
-def probes(model: ModelConfig) -> dict[str, dict[str, Any]]:
+def probes(model: PlannedModel) -> dict[str, dict[str, Any]]:
     """Startup (model loaded and warmed), liveness (engine loop alive), readiness (not draining), on the
     paths of the model's runtime."""
-    health = RUNTIMES[model.runtime].health
+    health = RUNTIMES[model.config.runtime].health
     return {
         "startupProbe": probe(health["startup"], model.probes.startup),
         "livenessProbe": probe(health["liveness"], model.probes.liveness),
@@ -138,32 +139,32 @@ def probes(model: ModelConfig) -> dict[str, dict[str, Any]]:
 # --------------------------------------------------------------------------------------- resources
 
 
-def container_resources(model: ModelConfig, gpu_resource: str = GPU_RESOURCE) -> dict[str, Any]:
+def container_resources(model: PlannedModel, gpu_resource: str = GPU_RESOURCE) -> dict[str, Any]:
     """Requests and limits; GPUs are extended resources, so requests must equal limits."""
-    def amounts(a) -> dict[str, str]:
-        out = {"cpu": a.cpu, "memory": a.memory, "ephemeral-storage": a.ephemeral_storage}
-        if model.gpus_per_replica:
-            out[gpu_resource] = str(model.gpus_per_pod)
+    def amounts(amount: ResourceAmounts) -> dict[str, str]:
+        out = {"cpu": amount.cpu, "memory": amount.memory, "ephemeral-storage": amount.ephemeral_storage}
+        if model.config.gpus_per_replica:
+            out[gpu_resource] = str(model.config.gpus_per_pod)
         return out
 
-    return {"requests": amounts(model.resources.requests), "limits": amounts(model.resources.limits)}
+    return {"requests": amounts(model.config.resources.requests), "limits": amounts(model.config.resources.limits)}
 
 
 # --------------------------------------------------------------------------------------- pod spec
 
 
-def model_volume_name(model: ModelConfig) -> str:
-    return "model-storage" if model.workload != "statefulset" else model.storage.template_name
+def model_volume_name(model: PlannedModel) -> str:
+    return "model-storage" if model.config.workload != "statefulset" else model.storage.template_name
 
 
-def serving_env(model: ModelConfig) -> list[dict[str, Any]]:
+def serving_env(model: PlannedModel) -> list[dict[str, Any]]:
     env = [
-        {"name": "MODEL_NAME", "value": model.served_model_name},
+        {"name": "MODEL_NAME", "value": model.config.served_model_name},
         {"name": "MODEL_PATH", "value": model.model_path},
         {"name": "PORT", "value": str(SERVING_PORT)},
         {"name": "API_KEYS_FILE", "value": f"{API_KEYS_DIR}/{API_KEYS_FILE_KEY}"},
-        {"name": "DRAIN_SECONDS", "value": str(model.drain_seconds)},
-        {"name": "GPU_MEMORY_UTILIZATION", "value": str(model.gpu_memory_utilization)},
+        {"name": "DRAIN_SECONDS", "value": str(model.config.drain_seconds)},
+        {"name": "GPU_MEMORY_UTILIZATION", "value": str(model.config.gpu_memory_utilization)},
         # The root filesystem is read-only: every cache goes to the /tmp emptyDir; weights are never fetched.
         {"name": "HF_HOME", "value": "/tmp/hf-home"},
         {"name": "HF_HUB_OFFLINE", "value": "1"},
@@ -173,33 +174,33 @@ def serving_env(model: ModelConfig) -> list[dict[str, Any]]:
         env.append({"name": "MAX_NUM_SEQS", "value": str(model.max_num_seqs)})
     if model.max_model_len is not None:
         env.append({"name": "MAX_MODEL_LEN", "value": str(model.max_model_len)})
-    env.extend({"name": k, "value": v} for k, v in sorted(model.env.items()))
+    env.extend({"name": k, "value": v} for k, v in sorted(model.config.env.items()))
     return env
 
 
-def vllm_args(model: ModelConfig, role: str = "server") -> list[str]:
+def vllm_args(model: PlannedModel, role: str = "server") -> list[str]:
     """`vllm serve` flags, from the same config the capacity plan checked. `role`: `server` (one pod per replica,
     or a LeaderWorkerSet group's leader) or `worker` (a group's other nodes, headless)."""
-    args = [model.model_path, "--served-model-name", model.served_model_name,
+    args = [model.model_path, "--served-model-name", model.config.served_model_name,
             "--host", "0.0.0.0", "--port", str(SERVING_PORT),
-            "--tensor-parallel-size", str(max(1, model.gpus_per_pod)),
-            "--gpu-memory-utilization", str(model.gpu_memory_utilization)]
-    if model.nodes_per_replica > 1:
+            "--tensor-parallel-size", str(max(1, model.config.gpus_per_pod)),
+            "--gpu-memory-utilization", str(model.config.gpu_memory_utilization)]
+    if model.config.nodes_per_replica > 1:
         # vLLM's own multi-node launcher (mp backend): tensor parallel inside a node, pipeline parallel across the
         # group's nodes; LWS injects the leader's address and this pod's index in the group.
-        args += ["--pipeline-parallel-size", str(model.nodes_per_replica),
-                 "--distributed-executor-backend", "mp", "--nnodes", str(model.nodes_per_replica),
+        args += ["--pipeline-parallel-size", str(model.config.nodes_per_replica),
+                 "--distributed-executor-backend", "mp", "--nnodes", str(model.config.nodes_per_replica),
                  "--node-rank", "$(LWS_WORKER_INDEX)", "--master-addr", "$(LWS_LEADER_ADDRESS)",
                  "--master-port", str(VLLM_MASTER_PORT)]
         if role == "worker":
             args.append("--headless")
-    if model.sizing is not None and model.sizing.dtype in ("bfloat16", "float16"):
-        args += ["--dtype", model.sizing.dtype]
+    if model.config.sizing is not None and model.config.sizing.dtype in ("bfloat16", "float16"):
+        args += ["--dtype", model.config.sizing.dtype]
     if model.max_model_len is not None:
         args += ["--max-model-len", str(model.max_model_len)]
     if model.max_num_seqs is not None:
         args += ["--max-num-seqs", str(model.max_num_seqs)]
-    v = model.vllm
+    v = model.config.vllm
     if v.quantization is not None:
         args += ["--quantization", v.quantization]
     if v.kv_cache_dtype is not None:
@@ -210,7 +211,7 @@ def vllm_args(model: ModelConfig, role: str = "server") -> list[str]:
         args += ["--max-num-batched-tokens", str(v.max_num_batched_tokens)]
     if v.lora_adapters:
         args += ["--enable-lora", "--lora-modules",
-                 *(f"{name}={path}" for name, path in lora_adapter_paths(model).items())]
+                 *(f"{name}={path}" for name, path in lora_adapter_paths(model.config, model.model_path).items())]
         if v.max_lora_rank is not None:
             args += ["--max-lora-rank", str(v.max_lora_rank)]
     if v.tool_call_parser is not None:
@@ -225,7 +226,7 @@ VLLM_SERVER_SCRIPT = 'VLLM_API_KEY="$(cat "$API_KEYS_FILE")" && export VLLM_API_
 never a literal in the manifest, never in an env reference the API shows, and never on the command line."""
 
 
-def vllm_env(model: ModelConfig) -> list[dict[str, Any]]:
+def vllm_env(model: PlannedModel) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         # Read-only root filesystem: every cache (HF, torch compile, Triton) under the /tmp emptyDir.
         {"name": "HOME", "value": "/tmp"},
@@ -235,14 +236,14 @@ def vllm_env(model: ModelConfig) -> list[dict[str, Any]]:
         {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
         {"name": "DO_NOT_TRACK", "value": "1"},
     ]
-    if model.nodes_per_replica > 1:
+    if model.config.nodes_per_replica > 1:
         # The address this node announces to the group (NCCL, the cross-node message queues): the pod's own IP.
         env.append({"name": "VLLM_HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
-    env.extend({"name": k, "value": v} for k, v in sorted(model.env.items()))
+    env.extend({"name": k, "value": v} for k, v in sorted(model.config.env.items()))
     return env
 
 
-def serving_container(model: ModelConfig, gpu_resource: str = GPU_RESOURCE,
+def serving_container(model: PlannedModel, gpu_resource: str = GPU_RESOURCE,
                       api_key_secret: str = "llm-api-keys", role: str = "server") -> dict[str, Any]:
     """The serving container. `role`: `server` (serves the API, probed) or `worker` (a LeaderWorkerSet group's
     non-leader node: no API, no key, no probes; a dead worker restarts its whole group)."""
@@ -250,7 +251,7 @@ def serving_container(model: ModelConfig, gpu_resource: str = GPU_RESOURCE,
               {"name": "tmp", "mountPath": "/tmp"}]
     if role == "server":
         mounts.append({"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": True})
-    if model.runtime == "builtin":
+    if model.config.runtime == "builtin":
         runtime_fields: dict[str, Any] = {"env": serving_env(model)}
     elif role == "server":
         runtime_fields = {"command": ["/bin/sh", "-c", VLLM_SERVER_SCRIPT, "vllm"], "args": vllm_args(model),
@@ -263,7 +264,7 @@ def serving_container(model: ModelConfig, gpu_resource: str = GPU_RESOURCE,
     return {
         "name": CONTAINER_NAME,
         "image": model.image,
-        "imagePullPolicy": model.image_pull_policy,
+        "imagePullPolicy": model.config.image_pull_policy,
         "ports": [{"name": PORT_NAME, "containerPort": SERVING_PORT, "protocol": "TCP"}],
         **runtime_fields,
         "resources": container_resources(model, gpu_resource),
@@ -275,34 +276,41 @@ def serving_container(model: ModelConfig, gpu_resource: str = GPU_RESOURCE,
     }
 
 
-def fetch_container(model: ModelConfig, *, fill: bool, adapter: str | None = None) -> dict[str, Any]:
+def fetch_image(model: PlannedModel) -> str | None:
+    """The image that runs `python -m serving.fetch`: fill.image, else the builtin runtime's serving image."""
+    return model.config.fill.image or (model.image if model.config.runtime == "builtin" else None)
+
+
+def fetch_container(model: PlannedModel, *, fill: bool, adapter: str | None = None) -> dict[str, Any]:
     """`python -m serving.fetch` from the serving image: fill the model's revision directory (resumable,
     verified, atomic; nothing to do when its manifest matches) or, with `fill=False`, only check that the
     directory holds the complete model before the server starts (read-only, offline). With `adapter`, the same for
     that LoRA adapter's source and directory."""
-    source = model.vllm.lora_adapters[adapter] if adapter else model.source
-    destination = lora_adapter_paths(model)[adapter] if adapter else model.model_path
+    source = model.config.vllm.lora_adapters[adapter] if adapter else model.config.source
+    if source is None:
+        raise ValueError(f"{model.name}: fetch_container needs a model with a source")
+    destination = lora_adapter_paths(model.config, model.model_path)[adapter] if adapter else model.model_path
     src = parse_source(source)
-    f = model.fill
+    fill_config = model.config.fill
     env: list[dict[str, Any]] = [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HOME", "value": "/tmp/hf-home"},
                                  {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"}]
     command = ["python", "-m", "serving.fetch"]
-    env.append({"name": "FILL_VERIFY_MODE", "value": f.verify})
+    env.append({"name": "FILL_VERIFY_MODE", "value": fill_config.verify})
     if fill:
         # Planning resolves the stack default (on for prod*), so it is never None here.
-        env.append({"name": "FILL_REQUIRE_CHECKSUMS", "value": "true" if f.require_checksums else "false"})
-        command += ["--keep-revisions", str(f.keep_revisions)]
+        env.append({"name": "FILL_REQUIRE_CHECKSUMS", "value": "true" if model.require_checksums else "false"})
+        command += ["--keep-revisions", str(fill_config.keep_revisions)]
         # The image is offline by default (serving never downloads); the fill is the one process that may.
         env.append({"name": "HF_HUB_OFFLINE", "value": "0"})
-        if src.kind == "hf" and f.hf_endpoint:
-            env.append({"name": "HF_ENDPOINT", "value": f.hf_endpoint})
+        if src.kind == "hf" and fill_config.hf_endpoint:
+            env.append({"name": "HF_ENDPOINT", "value": fill_config.hf_endpoint})
         if src.kind == "s3":
-            env.append({"name": "AWS_REGION", "value": f.s3_region})
-            if f.s3_endpoint:
-                env.append({"name": "AWS_ENDPOINT_URL_S3", "value": f.s3_endpoint})
-        if f.secret_name and src.kind != "pvc":
+            env.append({"name": "AWS_REGION", "value": fill_config.s3_region})
+            if fill_config.s3_endpoint:
+                env.append({"name": "AWS_ENDPOINT_URL_S3", "value": fill_config.s3_endpoint})
+        if fill_config.secret_name and src.kind != "pvc":
             env.append({"name": "MODEL_SOURCE_CREDENTIALS_DIR", "value": SOURCE_CREDENTIALS_DIR})
-        amounts = f.resources
+        amounts = fill_config.resources
         resources = {
             "requests": {"cpu": amounts.requests.cpu, "memory": amounts.requests.memory,
                          "ephemeral-storage": amounts.requests.ephemeral_storage},
@@ -317,7 +325,7 @@ def fetch_container(model: ModelConfig, *, fill: bool, adapter: str | None = Non
         "name": (("model-fill" if fill else "model-check")
                  + (f"-{adapter}".replace(".", "-").replace("_", "-")[:40].rstrip("-") if adapter else "")),
         "image": fetch_image(model),
-        "imagePullPolicy": model.image_pull_policy,
+        "imagePullPolicy": model.config.image_pull_policy,
         "command": command + [source, destination],
         "env": env,
         "resources": resources,
@@ -330,14 +338,15 @@ def fetch_container(model: ModelConfig, *, fill: bool, adapter: str | None = Non
     }
 
 
-def source_credentials_volume(model: ModelConfig) -> dict[str, Any] | None:
+def source_credentials_volume(model: PlannedModel) -> dict[str, Any] | None:
     """The fill's credentials Secret as a volume (its keys become files under SOURCE_CREDENTIALS_DIR)."""
-    if model.source is None or not model.fill.secret_name or parse_source(model.source).kind == "pvc":
+    source = model.config.source
+    if source is None or not model.config.fill.secret_name or parse_source(source).kind == "pvc":
         return None
     # Optional: a public model needs none, and a missing Secret then fails the fill with a message naming it,
     # instead of leaving the pod stuck in ContainerCreating.
     return {"name": "source-credentials",
-            "secret": {"secretName": model.fill.secret_name, "defaultMode": 0o440, "optional": True}}
+            "secret": {"secretName": model.config.fill.secret_name, "defaultMode": 0o440, "optional": True}}
 
 
 def gpu_scheduling(pool: GpuPoolConfig, priority_class_name: str | None) -> dict[str, Any]:
@@ -358,10 +367,10 @@ def gpu_scheduling(pool: GpuPoolConfig, priority_class_name: str | None) -> dict
     return spec
 
 
-def pod_spec(model: ModelConfig, *, service_account: str, api_key_secret: str,
+def pod_spec(model: PlannedModel, *, service_account: str, api_key_secret: str,
              scheduling: dict[str, Any], gpu_resource: str = GPU_RESOURCE, role: str = "server") -> dict[str, Any]:
     volumes: list[dict[str, Any]] = [
-        {"name": "tmp", "emptyDir": {"sizeLimit": model.resources.limits.ephemeral_storage}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": model.config.resources.limits.ephemeral_storage}},
     ]
     if role == "server":
         volumes.append({"name": "api-keys", "secret": {
@@ -370,7 +379,7 @@ def pod_spec(model: ModelConfig, *, service_account: str, api_key_secret: str,
     if model.shm_size:
         # Tensor-parallel workers exchange through /dev/shm; the container runtime's 64 MB default crashes them.
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": model.shm_size}})
-    if model.workload != "statefulset":
+    if model.config.workload != "statefulset":
         volumes.insert(0, {"name": "model-storage",
                            "persistentVolumeClaim": {"claimName": model.storage.claim_name, "readOnly": True}})
     spec: dict[str, Any] = {
@@ -378,7 +387,7 @@ def pod_spec(model: ModelConfig, *, service_account: str, api_key_secret: str,
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": pod_security_context(),
-        "terminationGracePeriodSeconds": model.termination_grace_period_seconds,
+        "terminationGracePeriodSeconds": model.config.termination_grace_period_seconds,
         "containers": [serving_container(model, gpu_resource, api_key_secret, role)],
         "volumes": volumes,
         "topologySpreadConstraints": [{
@@ -388,12 +397,12 @@ def pod_spec(model: ModelConfig, *, service_account: str, api_key_secret: str,
             "labelSelector": {"matchLabels": selector_labels(model.name)},
         }],
     }
-    if model.source is not None:
+    if model.config.source is not None:
         # The server starts only on a complete model (and LoRA adapters) of the configured revision; serving pods
         # never download (ModelStorage's fill Jobs do), so they never need the source's network or credentials.
         spec["initContainers"] = [fetch_container(model, fill=False)] + [
-            fetch_container(model, fill=False, adapter=name) for name in sorted(model.vllm.lora_adapters)]
-    if model.gpus_per_replica:
+            fetch_container(model, fill=False, adapter=name) for name in sorted(model.config.vllm.lora_adapters)]
+    if model.config.gpus_per_replica:
         spec.update(scheduling)
     return spec
 
@@ -401,37 +410,39 @@ def pod_spec(model: ModelConfig, *, service_account: str, api_key_secret: str,
 # -------------------------------------------------------------------------------------- autoscaling
 
 
-def hpa_behavior(a: AutoscalingConfig) -> dict[str, Any]:
+def hpa_behavior(autoscaling: AutoscalingConfig) -> dict[str, Any]:
     """Scale up fast (double or +2 pods per 30 s), scale down slowly (half per minute after 5 min calm)."""
     return {
         "scaleDown": {
-            "stabilizationWindowSeconds": a.scale_down_stabilization_seconds,
-            "policies": [{"type": "Percent", "value": a.scale_down_percent,
-                          "periodSeconds": a.scale_down_period_seconds}],
+            "stabilizationWindowSeconds": autoscaling.scale_down_stabilization_seconds,
+            "policies": [{"type": "Percent", "value": autoscaling.scale_down_percent,
+                          "periodSeconds": autoscaling.scale_down_period_seconds}],
         },
         "scaleUp": {
-            "stabilizationWindowSeconds": a.scale_up_stabilization_seconds,
+            "stabilizationWindowSeconds": autoscaling.scale_up_stabilization_seconds,
             "policies": [
-                {"type": "Percent", "value": a.scale_up_percent, "periodSeconds": a.scale_up_period_seconds},
-                {"type": "Pods", "value": a.scale_up_pods, "periodSeconds": a.scale_up_period_seconds},
+                {"type": "Percent", "value": autoscaling.scale_up_percent,
+                 "periodSeconds": autoscaling.scale_up_period_seconds},
+                {"type": "Pods", "value": autoscaling.scale_up_pods,
+                 "periodSeconds": autoscaling.scale_up_period_seconds},
             ],
             "selectPolicy": "Max",
         },
     }
 
 
-def leader_worker_set_spec(model: ModelConfig, leader: dict[str, Any], worker: dict[str, Any]) -> dict[str, Any]:
+def leader_worker_set_spec(model: PlannedModel, leader: dict[str, Any], worker: dict[str, Any]) -> dict[str, Any]:
     """One group of `nodes_per_replica` pods per replica. The group starts and restarts as a whole: workers are
     created with the leader (the leader's vLLM waits for them, so `LeaderReady` would never become ready) and a
     lost pod, a restarted container or a drained node recreates the group, since a pipeline missing a stage cannot
     serve. Updates roll group by group."""
     return {
-        "replicas": model.replicas,
+        "replicas": model.config.replicas,
         "startupPolicy": "LeaderCreated",
         "rolloutStrategy": {"type": "RollingUpdate", "rollingUpdateConfiguration": {
             "maxSurge": model.rollout.max_surge, "maxUnavailable": model.rollout.max_unavailable}},
         "leaderWorkerTemplate": {
-            "size": model.nodes_per_replica,
+            "size": model.config.nodes_per_replica,
             "restartPolicy": "RecreateGroupOnPodRestart",
             "leaderTemplate": leader,
             "workerTemplate": worker,
@@ -439,15 +450,15 @@ def leader_worker_set_spec(model: ModelConfig, leader: dict[str, Any], worker: d
     }
 
 
-def scale_target(model: ModelConfig, kind: str, name: str | None = None) -> dict[str, str]:
+def scale_target(model: PlannedModel, kind: str, name: str | None = None) -> dict[str, str]:
     api_version = "leaderworkerset.x-k8s.io/v1" if kind == "LeaderWorkerSet" else "apps/v1"
     return {"apiVersion": api_version, "kind": kind, "name": name or model.name}
 
 
-def hpa_spec(model: ModelConfig, kind: str, target_load: int, name: str | None = None) -> dict[str, Any]:
+def hpa_spec(model: PlannedModel, kind: str, target_load: int, name: str | None = None) -> dict[str, Any]:
     """Scale on requests per replica (a GPU pod saturates long before its CPU); the article's CPU and memory
     targets stay as secondary metrics (the HPA takes the largest proposal)."""
-    a = model.autoscaling
+    autoscaling = model.config.autoscaling
 
     def utilization(resource: str, target: int) -> dict[str, Any]:
         return {"type": "Resource", "resource": {"name": resource,
@@ -457,29 +468,29 @@ def hpa_spec(model: ModelConfig, kind: str, target_load: int, name: str | None =
                                      "target": {"type": "AverageValue", "averageValue": str(target_load)}}}
     return {
         "scaleTargetRef": scale_target(model, kind, name),
-        "minReplicas": a.min_replicas,
-        "maxReplicas": a.max_replicas,
-        "metrics": [load, utilization("cpu", a.target_cpu_utilization),
-                    utilization("memory", a.target_memory_utilization)],
-        "behavior": hpa_behavior(a),
+        "minReplicas": autoscaling.min_replicas,
+        "maxReplicas": autoscaling.max_replicas,
+        "metrics": [load, utilization("cpu", autoscaling.target_cpu_utilization),
+                    utilization("memory", autoscaling.target_memory_utilization)],
+        "behavior": hpa_behavior(autoscaling),
     }
 
 
-def keda_scaled_object_spec(model: ModelConfig, kind: str, *, query: str, prometheus_url: str,
+def keda_scaled_object_spec(model: PlannedModel, kind: str, *, query: str, prometheus_url: str,
                             target_load: int, name: str | None = None) -> dict[str, Any]:
     """KEDA on the same signal as the HPA; it can scale to zero (minReplicaCount 0) and wake on load."""
-    a = model.autoscaling
+    autoscaling = model.config.autoscaling
     return {
         "scaleTargetRef": scale_target(model, kind, name),
-        "minReplicaCount": a.min_replicas,
-        "maxReplicaCount": a.max_replicas,
+        "minReplicaCount": autoscaling.min_replicas,
+        "maxReplicaCount": autoscaling.max_replicas,
         "pollingInterval": 15,
-        "cooldownPeriod": a.cooldown_seconds,
-        "advanced": {"horizontalPodAutoscalerConfig": {"behavior": hpa_behavior(a)}},
+        "cooldownPeriod": autoscaling.cooldown_seconds,
+        "advanced": {"horizontalPodAutoscalerConfig": {"behavior": hpa_behavior(autoscaling)}},
         "triggers": [{
             "type": "prometheus",
             "metadata": {"serverAddress": prometheus_url, "query": query, "threshold": str(target_load),
-                         "activationThreshold": str(a.activation_load)},
+                         "activationThreshold": str(autoscaling.activation_load)},
         }],
     }
 

@@ -1,4 +1,4 @@
-"""Typed, validated stack configuration: the ONLY module that reads `pulumi.Config`.
+"""Typed, validated stack configuration: the schema, its reader and the cross-field rules.
 
 `Pulumi.<stack>.yaml` keys (`llm-platform:<key>`, camelCase, structured objects) are read into frozen
 dataclasses. Defaults live on the dataclasses, once. Every problem raises `ConfigError` with one message
@@ -16,8 +16,8 @@ from typing import Any, Literal, Mapping
 
 import pulumi
 
-from model_source import SourceError, parse_source
-from quantities import QuantityError, parse_quantity
+from llm_platform.model_source import SourceError, parse_source
+from llm_platform.quantities import QuantityError, parse_quantity
 
 PROJECT = "llm-platform"
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -46,7 +46,7 @@ class ConfigError(pulumi.RunError):
         super().__init__(f"stack '{stack}': {PROJECT}:{path}: {problem}")
 
 
-def _quantity(**extra) -> dict:
+def _quantity(**extra: Any) -> dict[str, Any]:
     return {"quantity": True, **extra}
 
 
@@ -235,8 +235,10 @@ class ResourceAmounts:
 
 @dataclass(frozen=True)
 class ResourcesConfig:
-    requests: ResourceAmounts = field(default_factory=lambda: ResourceAmounts(cpu="4", memory="8Gi", ephemeral_storage="2Gi"))
-    limits: ResourceAmounts = field(default_factory=lambda: ResourceAmounts(cpu="8", memory="16Gi", ephemeral_storage="8Gi"))
+    requests: ResourceAmounts = field(
+        default_factory=lambda: ResourceAmounts(cpu="4", memory="8Gi", ephemeral_storage="2Gi"))
+    limits: ResourceAmounts = field(
+        default_factory=lambda: ResourceAmounts(cpu="8", memory="16Gi", ephemeral_storage="8Gi"))
 
 
 @dataclass(frozen=True)
@@ -314,7 +316,8 @@ class RolloutConfig:
     """Pods that may be down during a rolling update; use 1 with maxSurge 0 when no GPU is spare."""
 
 
-Preset = Literal["llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b", "llama-3.2-1b", "llama-3.2-3b", "qwen2.5-7b", "qwen2.5-72b",
+Preset = Literal["llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b", "llama-3.2-1b", "llama-3.2-3b", "qwen2.5-7b",
+                 "qwen2.5-72b",
                  "mistral-7b"]
 
 
@@ -625,12 +628,9 @@ class StackConfig:
     require_pinned_sources: bool | None = None
     """Refuse `models[].source` revisions that can move (branches, tags); unset: on for stacks named prod*."""
 
-    plans: tuple = field(default=(), metadata={"internal": True})
-    """Capacity plan per model, computed at validation (not read from config)."""
-
     @property
     def total_gpus_at_max(self) -> int:
-        return sum(model_max_replicas(m) * m.gpus_per_replica for m in self.models)
+        return sum(model_max_replicas(model) * model.gpus_per_replica for model in self.models)
 
 
 def model_min_replicas(model: ModelConfig) -> int:
@@ -680,11 +680,6 @@ def workload_name(model: ModelConfig) -> str:
     return f"{model.name}-lws" if model.workload == "leaderworkerset" else model.name
 
 
-def fetch_image(model: ModelConfig) -> str | None:
-    """The image that runs `python -m serving.fetch`: fill.image, else the builtin runtime's serving image."""
-    return model.fill.image or (model.image if model.runtime == "builtin" else None)
-
-
 def tls_secret_name(cfg: StackConfig, model: ModelConfig) -> str | None:
     """cert-manager writes the certificate (and names the Certificate) after this secret."""
     if not (cfg.ingress.enabled and cfg.ingress.tls):
@@ -709,20 +704,20 @@ def camel(name: str) -> str:
     return head + "".join(part.capitalize() for part in rest)
 
 
-def config_key(f: dataclasses.Field) -> str:
+def config_key(dataclass_field: dataclasses.Field) -> str:
     """The YAML key of a dataclass field: camelCase, unless the field names its key explicitly."""
-    return f.metadata.get("key", camel(f.name))
+    return dataclass_field.metadata.get("key", camel(dataclass_field.name))
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+        return "one of " + ", ".join(repr(arg) for arg in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+        return " or ".join(type_name(arg) for arg in typing.get_args(tp) if arg is not type(None))
     if origin is list:
         item = typing.get_args(tp)[0]
-        return "a list of objects" if dataclasses.is_dataclass(item) else f"a list of {_type_name(item)}"
+        return "a list of objects" if dataclasses.is_dataclass(item) else f"a list of {type_name(item)}"
     if origin is dict:
         return "a map of strings"
     if dataclasses.is_dataclass(tp):
@@ -730,7 +725,7 @@ def _type_name(tp: Any) -> str:
     return {str: "a string", int: "an integer", bool: "true or false", float: "a number"}.get(tp, str(tp))
 
 
-class _Reader:
+class ConfigReader:
     def __init__(self, stack: str):
         self.stack = stack
 
@@ -741,20 +736,20 @@ class _Reader:
         """Read `value` as type `tp`; a nested object merges over `base`, its default."""
         origin = typing.get_origin(tp)
         if origin in (typing.Union, types.UnionType):
-            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            args = [arg for arg in typing.get_args(tp) if arg is not type(None)]
             if value is None:
                 return None
             return self.read(args[0], value, path, meta, base)
         if origin is Literal:
             allowed = typing.get_args(tp)
             if value not in allowed:
-                self.fail(path, f"{value!r} is not allowed; use {_type_name(tp)}")
+                self.fail(path, f"{value!r} is not allowed; use {type_name(tp)}")
             return value
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             return self.read_object(tp, value, path, base)
         if origin is list:
             if not isinstance(value, list):
-                self.fail(path, f"{value!r} is not {_type_name(tp)}")
+                self.fail(path, f"{value!r} is not {type_name(tp)}")
             (item,) = typing.get_args(tp)
             return [self.read(item, v, f"{path}[{i}]", {}) for i, v in enumerate(value)]
         if origin is dict:
@@ -809,95 +804,67 @@ class _Reader:
         if not isinstance(value, dict):
             self.fail(path, f"{value!r} is not an object with keys {self._keys(cls)}")
         hints = typing.get_type_hints(cls)
-        by_key = {config_key(f): f for f in _config_fields(cls)}
+        by_key = {config_key(f): f for f in config_fields(cls)}
         unknown = sorted(set(value) - set(by_key))
         if unknown:
             self.fail(f"{path}.{unknown[0]}" if path else unknown[0],
                       f"unknown key; allowed keys here: {self._keys(cls)}")
         kwargs = {}
-        for key, f in by_key.items():
+        for key, dataclass_field in by_key.items():
             sub = f"{path}.{key}" if path else key
-            default = getattr(base, f.name) if base is not None else _field_default(f)
+            default = getattr(base, dataclass_field.name) if base is not None else field_default(dataclass_field)
             if key in value:
-                kwargs[f.name] = self.read(hints[f.name], value[key], sub, f.metadata, default)
+                kwargs[dataclass_field.name] = self.read(hints[dataclass_field.name], value[key], sub,
+                                                         dataclass_field.metadata, default)
             elif base is not None:
-                kwargs[f.name] = default
+                kwargs[dataclass_field.name] = default
             elif default is dataclasses.MISSING:
                 self.fail(sub, "is required")
         return cls(**kwargs)
 
     @staticmethod
     def _keys(cls: type) -> str:
-        return ", ".join(config_key(f) for f in _config_fields(cls))
+        return ", ".join(config_key(f) for f in config_fields(cls))
 
 
-def _config_fields(cls: type) -> list[dataclasses.Field]:
+def config_fields(cls: type) -> list[dataclasses.Field]:
     """The fields a stack file may set (not the stack name or computed ones)."""
     return [f for f in dataclasses.fields(cls) if f.name != "stack" and not f.metadata.get("internal")]
 
 
-def _field_default(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
+def field_default(dataclass_field: dataclasses.Field) -> Any:
+    if dataclass_field.default is not dataclasses.MISSING:
+        return dataclass_field.default
+    if dataclass_field.default_factory is not dataclasses.MISSING:
+        return dataclass_field.default_factory()
     return dataclasses.MISSING
 
 
-def _resolve_layout(cfg: StackConfig, values: Mapping[str, Any]) -> StackConfig:
+def resolve_layout(cfg: StackConfig, values: Mapping[str, Any]) -> StackConfig:
     """A replica that needs more GPUs than one node has runs as a LeaderWorkerSet unless the stack names a
     workload; a LeaderWorkerSet's group has one pod per node."""
     per_node = cfg.gpu_pool.gpus_per_node
     raw_models = values.get("models") or []
     models = []
-    for i, m in enumerate(cfg.models):
+    for i, model in enumerate(cfg.models):
         named = isinstance(raw_models[i], dict) and "workload" in raw_models[i]
-        if not named and per_node and m.gpus_per_replica > per_node:
-            m = dataclasses.replace(m, workload="leaderworkerset")
-        if m.workload == "leaderworkerset" and per_node and m.gpus_per_replica % per_node == 0:
-            m = dataclasses.replace(m, nodes_per_replica=max(1, m.gpus_per_replica // per_node))
-        models.append(m)
+        if not named and per_node and model.gpus_per_replica > per_node:
+            model = dataclasses.replace(model, workload="leaderworkerset")
+        if model.workload == "leaderworkerset" and per_node and model.gpus_per_replica % per_node == 0:
+            model = dataclasses.replace(model, nodes_per_replica=max(1, model.gpus_per_replica // per_node))
+        models.append(model)
     return dataclasses.replace(cfg, models=models)
 
 
-def parse_stack_config(stack: str, values: Mapping[str, Any]) -> StackConfig:
-    """Build and validate a StackConfig from `{key: value}` with the `llm-platform:` prefix removed."""
-    reader = _Reader(stack)
+def parse_config(stack: str, values: Mapping[str, Any]) -> StackConfig:
+    """Read and validate a StackConfig from `{key: value}` with the `llm-platform:` prefix removed (not yet planned:
+    `llm_platform.stack` composes this with the plan)."""
+    reader = ConfigReader(stack)
     cfg = reader.read_object(StackConfig, dict(values), "")
     cfg = dataclasses.replace(cfg, stack=stack)
-    cfg = _resolve_layout(cfg, values)
+    cfg = resolve_layout(cfg, values)
     validate(cfg, reader)
-    from planning import plan_stack  # the capacity checks build on the validated config
-
-    return plan_stack(cfg, reader.fail)
-
-
-def load() -> StackConfig:
-    """Read this stack's `llm-platform:*` config from Pulumi (the only pulumi.Config reader)."""
-    stack = pulumi.get_stack()
-    config = pulumi.Config(PROJECT)
-    from pulumi.runtime.config import CONFIG  # every key set for this stack, to refuse unknown ones
-
-    values: dict[str, Any] = {}
-    for full_key in CONFIG.get():
-        namespace, _, key = full_key.partition(":")
-        if namespace != PROJECT:
-            continue
-        raw = config.get(key)
-        try:
-            values[key] = json.loads(raw) if raw and raw[:1] in "[{" else _scalar(raw)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(stack, key, f"is not valid JSON/YAML: {exc}") from exc
-    return parse_stack_config(stack, values)
-
-
-def _scalar(raw: str | None) -> Any:
-    """Pulumi passes top-level scalars as strings; recover YAML's numbers and booleans."""
-    if raw in ("true", "false"):
-        return raw == "true"
-    if raw is not None and re.fullmatch(r"-?\d+", raw):
-        return int(raw)
-    return raw
+    return cfg
 
 
 # --------------------------------------------------------------------------------------------------
@@ -905,140 +872,144 @@ def _scalar(raw: str | None) -> Any:
 # --------------------------------------------------------------------------------------------------
 
 
-def validate(cfg: StackConfig, r: _Reader) -> None:
+def validate(cfg: StackConfig, reader: ConfigReader) -> None:
     if not cfg.models:
-        r.fail("models", "no model is configured; add at least one entry with name, servedModelName, "
-                         "modelPath and image")
-    _validate_gpu_pool(cfg, r)
-    _validate_guardrails(cfg, r)
-    _validate_backups(cfg, r)
+        reader.fail("models", "no model is configured; add at least one entry with name, servedModelName, "
+                              "modelPath and image")
+    _validate_gpu_pool(cfg, reader)
+    _validate_guardrails(cfg, reader)
+    _validate_backups(cfg, reader)
     if cfg.ingress.host is not None and not _HOSTNAME.match(cfg.ingress.host):
-        r.fail("ingress.host", f"{cfg.ingress.host!r} is not a valid host name such as llm-api.example.com")
+        reader.fail("ingress.host", f"{cfg.ingress.host!r} is not a valid host name such as llm-api.example.com")
     names: dict[str, int] = {}
     served: dict[str, int] = {}
     hosts: dict[str, int] = {}
     for i, model in enumerate(cfg.models):
-        p = f"models[{i}]"
+        key_path = f"models[{i}]"
         if model.name in names:
-            r.fail(f"{p}.name", f"{model.name!r} is already used by models[{names[model.name]}]; "
-                                "each model needs its own name")
+            reader.fail(f"{key_path}.name", f"{model.name!r} is already used by models[{names[model.name]}]; "
+                                            "each model needs its own name")
         names[model.name] = i
         if cfg.gateway.enabled and model.served_model_name in served:
-            r.fail(f"{p}.servedModelName", f"{model.served_model_name!r} is already served by "
-                                           f"models[{served[model.served_model_name]}]; the gateway routes by this "
-                                           "name, so each model needs its own")
+            reader.fail(f"{key_path}.servedModelName", f"{model.served_model_name!r} is already served by "
+                                                       f"models[{served[model.served_model_name]}]; the gateway routes "
+                                                       "by this name, so each model needs its own")
         served[model.served_model_name] = i
-        _validate_model(cfg, model, p, r)
+        _validate_model(cfg, model, key_path, reader)
         host = model_host(cfg, model)
         if cfg.gateway.enabled:
             if model.host is not None:
-                r.fail(f"{p}.host", f"{model.host!r}: with gateway.enabled every model is served at the gateway's "
-                                    "one host (ingress.host); remove models[].host")
+                reader.fail(f"{key_path}.host", f"{model.host!r}: with gateway.enabled every model is served at the "
+                                                "gateway's one host (ingress.host); remove models[].host")
         elif cfg.ingress.enabled:
             if host is None:
-                r.fail(f"{p}.host", "no Ingress host: set ingress.host (one model) or models[].host, "
-                                    "or set ingress.enabled: false")
+                reader.fail(f"{key_path}.host", "no Ingress host: set ingress.host (one model) or models[].host, "
+                                                "or set ingress.enabled: false")
             if host in hosts:
-                r.fail(f"{p}.host", f"{host!r} is already the host of models[{hosts[host]}]; the OpenAI API "
-                                    "paths are the same for every model, so each model needs its own host")
+                reader.fail(f"{key_path}.host", f"{host!r} is already the host of models[{hosts[host]}]; the OpenAI "
+                                                "API paths are the same for every model, so each model needs its own "
+                                                "host")
             hosts[host] = i
-    _validate_shared_claims(cfg, r)
-    _validate_gateway(cfg, r)
+    _validate_shared_claims(cfg, reader)
+    _validate_gateway(cfg, reader)
 
 
 def gateway_image(cfg: StackConfig) -> str | None:
     """gateway.image, else the serving image the stack already names: the first builtin model's image, or a
     model's fill image (the gateway and the downloader ship in the same image)."""
-    return cfg.gateway.image or next((m.image for m in cfg.models if m.runtime == "builtin" and m.image), None) \
-        or next((m.fill.image for m in cfg.models if m.fill.image), None)
+    return cfg.gateway.image \
+        or next((model.image for model in cfg.models if model.runtime == "builtin" and model.image), None) \
+        or next((model.fill.image for model in cfg.models if model.fill.image), None)
 
 
-def _validate_gateway(cfg: StackConfig, r: _Reader) -> None:
+def _validate_gateway(cfg: StackConfig, reader: ConfigReader) -> None:
     gw = cfg.gateway
     if not gw.enabled:
         return
     image = gateway_image(cfg)
     if image is None:
-        r.fail("gateway.image", "is required when no model names the llm-platform serving image (as its image or "
-                                "fill.image): that image, which holds python -m serving.gateway, pinned to a version")
-    _check_pinned_image(image, "gateway.image", r, require_digests(cfg))
+        reader.fail("gateway.image", "is required when no model names the llm-platform serving image (as its image or "
+                                     "fill.image): that image, which holds python -m serving.gateway, pinned to a "
+                                     "version")
+    _check_pinned_image(image, "gateway.image", reader, require_digests(cfg))
     if cfg.ingress.enabled and cfg.ingress.host is None:
-        r.fail("ingress.host", "is required with gateway.enabled: the gateway is the stack's one endpoint, served "
-                               "at this host (e.g. llm-api.example.com)")
-    a = gw.autoscaling
-    if a.max_replicas < a.min_replicas:
-        r.fail("gateway.autoscaling.maxReplicas", f"{a.max_replicas} is below minReplicas {a.min_replicas}")
-    if not a.min_replicas <= gw.replicas <= a.max_replicas:
-        r.fail("gateway.replicas", f"{gw.replicas} is outside gateway.autoscaling minReplicas..maxReplicas "
-                                   f"({a.min_replicas}..{a.max_replicas})")
+        reader.fail("ingress.host", "is required with gateway.enabled: the gateway is the stack's one endpoint, served "
+                                    "at this host (e.g. llm-api.example.com)")
+    autoscaling = gw.autoscaling
+    if autoscaling.max_replicas < autoscaling.min_replicas:
+        reader.fail("gateway.autoscaling.maxReplicas", f"{autoscaling.max_replicas} is below minReplicas "
+                                                       f"{autoscaling.min_replicas}")
+    if not autoscaling.min_replicas <= gw.replicas <= autoscaling.max_replicas:
+        reader.fail("gateway.replicas", f"{gw.replicas} is outside gateway.autoscaling minReplicas..maxReplicas "
+                                        f"({autoscaling.min_replicas}..{autoscaling.max_replicas})")
     req, lim = gw.resources.requests, gw.resources.limits
     for res in ("cpu", "memory", "ephemeral_storage"):
         if parse_quantity(getattr(req, res)) > parse_quantity(getattr(lim, res)):
-            r.fail(f"gateway.resources.requests.{camel(res)}",
-                   f"{getattr(req, res)} is above the limit {getattr(lim, res)}; requests must not exceed limits")
-    _check_drain_fits("gateway", gw.drain_seconds, gw.termination_grace_period_seconds, r)
+            reader.fail(f"gateway.resources.requests.{camel(res)}",
+                        f"{getattr(req, res)} is above the limit {getattr(lim, res)}; requests must not exceed limits")
+    _check_drain_fits("gateway", gw.drain_seconds, gw.termination_grace_period_seconds, reader)
 
 
-def _check_drain_fits(p: str, drain: int, grace: int, r: _Reader) -> None:
+def _check_drain_fits(key_path: str, drain: int, grace: int, reader: ConfigReader) -> None:
     needed = PRESTOP_SLEEP_SECONDS + drain + SHUTDOWN_AFTER_DRAIN_SECONDS
     if needed > grace:
-        r.fail(f"{p}.drainSeconds", f"{drain} does not fit terminationGracePeriodSeconds {grace}: the pod needs "
-                                    f"{PRESTOP_SLEEP_SECONDS} s preStop + {drain} s drain + "
-                                    f"{SHUTDOWN_AFTER_DRAIN_SECONDS} s shutdown = {needed} s, or the kubelet kills it "
-                                    f"mid-drain; lower drainSeconds to "
-                                    f"{grace - PRESTOP_SLEEP_SECONDS - SHUTDOWN_AFTER_DRAIN_SECONDS} "
-                                    f"or raise the grace period to {needed}")
+        reader.fail(f"{key_path}.drainSeconds", f"{drain} does not fit terminationGracePeriodSeconds {grace}: the pod "
+                                                f"needs {PRESTOP_SLEEP_SECONDS} s preStop + {drain} s drain + "
+                                                f"{SHUTDOWN_AFTER_DRAIN_SECONDS} s shutdown = {needed} s, or the "
+                                                "kubelet kills it mid-drain; lower drainSeconds to "
+                                                f"{grace - PRESTOP_SLEEP_SECONDS - SHUTDOWN_AFTER_DRAIN_SECONDS} or "
+                                                f"raise the grace period to {needed}")
 
 
-def _validate_gpu_pool(cfg: StackConfig, r: _Reader) -> None:
+def _validate_gpu_pool(cfg: StackConfig, reader: ConfigReader) -> None:
     pool = cfg.gpu_pool
     for key in pool.node_selector:
         if not _LABEL_KEY.match(key):
-            r.fail(f"gpuPool.nodeSelector.{key}", f"{key!r} is not a valid label key")
+            reader.fail(f"gpuPool.nodeSelector.{key}", f"{key!r} is not a valid label key")
     for i, tol in enumerate(pool.tolerations):
         if tol.operator == "Exists" and tol.value is not None:
-            r.fail(f"gpuPool.tolerations[{i}].value", f"{tol.value!r} must be unset with operator Exists "
-                                                      "(use operator Equal to match a value)")
+            reader.fail(f"gpuPool.tolerations[{i}].value", f"{tol.value!r} must be unset with operator Exists "
+                                                           "(use operator Equal to match a value)")
 
 
-def _validate_guardrails(cfg: StackConfig, r: _Reader) -> None:
-    g = cfg.guardrails
-    if not re.fullmatch(r"v1\.\d{1,2}", g.pod_security_version):
-        r.fail("guardrails.podSecurityVersion", f"{g.pod_security_version!r} is not a pinned Kubernetes version such "
-                                                "as v1.33 (`latest` would change the rules under running pods at the "
-                                                "next cluster upgrade)")
-    if g.pdb.max_unavailable is not None and g.pdb.min_available is not None:
-        r.fail("guardrails.pdb", "set maxUnavailable or minAvailable, not both")
-    if g.pdb.max_unavailable is None and g.pdb.min_available is None:
-        r.fail("guardrails.pdb", "set maxUnavailable (recommended: 1) or minAvailable")
-    if g.pdb.max_unavailable == 0:
-        r.fail("guardrails.pdb.maxUnavailable", "0 allows no voluntary disruption, so every node drain and "
-                                                "cluster upgrade blocks forever; use 1 or more")
-    for i, ns in enumerate(g.allow_from.namespaces + g.egress_to.namespaces):
+def _validate_guardrails(cfg: StackConfig, reader: ConfigReader) -> None:
+    guardrails = cfg.guardrails
+    if not re.fullmatch(r"v1\.\d{1,2}", guardrails.pod_security_version):
+        reader.fail("guardrails.podSecurityVersion", f"{guardrails.pod_security_version!r} is not a pinned Kubernetes "
+                                                     "version such as v1.33 (`latest` would change the rules under "
+                                                     "running pods at the next cluster upgrade)")
+    if guardrails.pdb.max_unavailable is not None and guardrails.pdb.min_available is not None:
+        reader.fail("guardrails.pdb", "set maxUnavailable or minAvailable, not both")
+    if guardrails.pdb.max_unavailable is None and guardrails.pdb.min_available is None:
+        reader.fail("guardrails.pdb", "set maxUnavailable (recommended: 1) or minAvailable")
+    if guardrails.pdb.max_unavailable == 0:
+        reader.fail("guardrails.pdb.maxUnavailable", "0 allows no voluntary disruption, so every node drain and "
+                                                     "cluster upgrade blocks forever; use 1 or more")
+    for i, ns in enumerate(guardrails.allow_from.namespaces + guardrails.egress_to.namespaces):
         if not _DNS1123_LABEL.match(ns):
-            where = "allowFrom" if i < len(g.allow_from.namespaces) else "egressTo"
-            r.fail(f"guardrails.{where}.namespaces", f"{ns!r} is not a valid namespace name")
-    for i, port in enumerate(g.egress_to.ports):
+            where = "allowFrom" if i < len(guardrails.allow_from.namespaces) else "egressTo"
+            reader.fail(f"guardrails.{where}.namespaces", f"{ns!r} is not a valid namespace name")
+    for i, port in enumerate(guardrails.egress_to.ports):
         if not 1 <= port <= 65535:
-            r.fail(f"guardrails.egressTo.ports[{i}]", f"{port} is not a port (1-65535)")
-    for i, cidr in enumerate(g.allow_from.ip_blocks):
+            reader.fail(f"guardrails.egressTo.ports[{i}]", f"{port} is not a port (1-65535)")
+    for i, cidr in enumerate(guardrails.allow_from.ip_blocks):
         if not _CIDR.fullmatch(cidr):
-            r.fail(f"guardrails.allowFrom.ipBlocks[{i}]", f"{cidr!r} is not a CIDR such as 10.0.0.0/8")
-    for cls, size in g.resource_quota.storage_by_class.items():
+            reader.fail(f"guardrails.allowFrom.ipBlocks[{i}]", f"{cidr!r} is not a CIDR such as 10.0.0.0/8")
+    for cls, size in guardrails.resource_quota.storage_by_class.items():
         try:
             parse_quantity(size)
         except QuantityError as exc:
-            r.fail(f"guardrails.resourceQuota.storageByClass.{cls}", str(exc))
+            reader.fail(f"guardrails.resourceQuota.storageByClass.{cls}", str(exc))
 
 
-def _validate_model(cfg: StackConfig, m: ModelConfig, p: str, r: _Reader) -> None:
-    if m.image is None:
-        if m.runtime == "builtin":
-            r.fail(f"{p}.image", "is required for runtime builtin: the serving image built from serving/, pinned "
-                                 "to a version (e.g. registry.example.com/llm-serving:1.0.0)")
-        return _validate_model_rest(cfg, m, p, r)
-    _check_pinned_image(m.image, f"{p}.image", r, require_digests(cfg))
-    _validate_model_rest(cfg, m, p, r)
+def _validate_model(cfg: StackConfig, model: ModelConfig, key_path: str, reader: ConfigReader) -> None:
+    if model.image is None:
+        if model.runtime == "builtin":
+            reader.fail(f"{key_path}.image", "is required for runtime builtin: the serving image built from serving/, "
+                                             "pinned to a version (e.g. registry.example.com/llm-serving:1.0.0)")
+        return _validate_model_rest(cfg, model, key_path, reader)
+    _check_pinned_image(model.image, f"{key_path}.image", reader, require_digests(cfg))
+    _validate_model_rest(cfg, model, key_path, reader)
 
 
 # Tags that name a branch or a channel: they move to new builds, so they pin nothing.
@@ -1061,126 +1032,134 @@ def parse_image(image: str) -> tuple[str, str | None, str | None]:
     return name, tag or None, digest or None
 
 
-def _check_pinned_image(image: str, path: str, r: _Reader, digests: bool = False) -> None:
+def _check_pinned_image(image: str, path: str, reader: ConfigReader, digests: bool = False) -> None:
     name, tag, digest = parse_image(image)
     if digest is not None and not _DIGEST.fullmatch(digest):
-        r.fail(path, f"{image!r}: {digest!r} is not a digest; write @sha256: and the 64 hex digits the registry "
-                     "reports for the image")
+        reader.fail(path, f"{image!r}: {digest!r} is not a digest; write @sha256: and the 64 hex digits the registry "
+                          "reports for the image")
     if tag is not None and tag.lower() in MOVING_TAGS:
-        r.fail(path, f"{image!r} is not pinned: {tag!r} names a branch or channel that moves to new builds; use a "
-                     "version tag such as registry.example.com/llm-serving:1.0.0, or a digest")
+        reader.fail(path, f"{image!r} is not pinned: {tag!r} names a branch or channel that moves to new builds; use a "
+                          "version tag such as registry.example.com/llm-serving:1.0.0, or a digest")
     if tag is None and digest is None:
-        r.fail(path, f"{image!r} is not pinned; use a version tag or digest such as "
-                     "registry.example.com/llm-serving:1.0.0 (never `latest` or no tag)")
+        reader.fail(path, f"{image!r} is not pinned; use a version tag or digest such as "
+                          "registry.example.com/llm-serving:1.0.0 (never `latest` or no tag)")
     if digests and digest is None:
-        r.fail(path, f"{image!r} has no digest, and this stack requires digests (stacks named prod*, or "
-                     f"requireDigests): append the digest the registry reports, as {name}:{tag}@sha256:<64 hex>, "
-                     "so that what runs is exactly the image that was reviewed")
+        reader.fail(path, f"{image!r} has no digest, and this stack requires digests (stacks named prod*, or "
+                          f"requireDigests): append the digest the registry reports, as {name}:{tag}@sha256:<64 hex>, "
+                          "so that what runs is exactly the image that was reviewed")
 
 
-def _validate_model_rest(cfg: StackConfig, m: ModelConfig, p: str, r: _Reader) -> None:
-    _validate_source(cfg, m, p, r)
-    for key in m.env:
+def _validate_model_rest(cfg: StackConfig, model: ModelConfig, key_path: str, reader: ConfigReader) -> None:
+    _validate_source(cfg, model, key_path, reader)
+    for key in model.env:
         if not _ENV_NAME.match(key):
-            r.fail(f"{p}.env.{key}", f"{key!r} is not a valid environment variable name")
+            reader.fail(f"{key_path}.env.{key}", f"{key!r} is not a valid environment variable name")
         if key == "NVIDIA_VISIBLE_DEVICES":
-            r.fail(f"{p}.env.{key}", "must not be set: `all` exposes every GPU on the node to the pod; "
-                                     "the NVIDIA device plugin assigns GPUs through gpusPerReplica")
+            reader.fail(f"{key_path}.env.{key}", "must not be set: `all` exposes every GPU on the node to the pod; "
+                                                 "the NVIDIA device plugin assigns GPUs through gpusPerReplica")
         if key in _MANAGED_ENV:
-            r.fail(f"{p}.env.{key}", f"is set by the platform from {_MANAGED_ENV[key]}; set that instead")
-    _validate_runtime(cfg, m, p, r)
-    req, lim = m.resources.requests, m.resources.limits
+            reader.fail(f"{key_path}.env.{key}", f"is set by the platform from {_MANAGED_ENV[key]}; set that instead")
+    _validate_runtime(cfg, model, key_path, reader)
+    req, lim = model.resources.requests, model.resources.limits
     for res in ("cpu", "memory", "ephemeral_storage"):
         if parse_quantity(getattr(req, res)) > parse_quantity(getattr(lim, res)):
-            r.fail(f"{p}.resources.requests.{camel(res)}",
-                   f"{getattr(req, res)} is above the limit {getattr(lim, res)}; requests must not exceed limits")
+            reader.fail(f"{key_path}.resources.requests.{camel(res)}",
+                        f"{getattr(req, res)} is above the limit {getattr(lim, res)}; requests must not exceed limits")
     if parse_quantity(lim.cpu) < MIN_SERVING_CPU:
-        r.fail(f"{p}.resources.limits.cpu",
-               f"{lim.cpu} is below {MIN_SERVING_CPU}: the container runs its HTTP server and its engine in two "
-               "processes (both runtimes), each busy on a core of its own while it streams, and under a smaller "
-               f"limit they throttle each other and streams stall; set at least {MIN_SERVING_CPU}")
-    a = m.autoscaling
-    if a.enabled and a.min_replicas == 0 and a.mode != "keda":
-        r.fail(f"{p}.autoscaling.minReplicas", "0 needs mode: keda (an HPA cannot scale to zero); use 1 or more, "
-                                               "or set autoscaling.mode: keda")
-    if a.enabled and a.mode == "keda" and a.min_replicas == 0 and not cfg.gateway.enabled:
-        r.fail(f"{p}.autoscaling.minReplicas",
-               "0 needs gateway.enabled: true; at zero replicas no pod exports the load KEDA reads, so nothing "
-               "would ever wake the model, and requests would fail at once instead of being held; turn the "
-               "gateway on (it holds the first request and its pending count wakes the model) or use minReplicas 1")
-    if a.enabled and a.mode == "keda" and cfg.guardrails.pdb.min_available is not None and a.min_replicas == 0:
-        r.fail("guardrails.pdb.minAvailable", "a model that scales to zero needs maxUnavailable, not minAvailable")
-    if a.enabled:
-        if a.max_replicas < a.min_replicas:
-            r.fail(f"{p}.autoscaling.maxReplicas", f"{a.max_replicas} is below minReplicas {a.min_replicas}")
-        if not a.min_replicas <= m.replicas <= a.max_replicas:
-            r.fail(f"{p}.replicas", f"{m.replicas} is outside autoscaling minReplicas..maxReplicas "
-                                    f"({a.min_replicas}..{a.max_replicas})")
+        reader.fail(f"{key_path}.resources.limits.cpu",
+                    f"{lim.cpu} is below {MIN_SERVING_CPU}: the container runs its HTTP server and its engine in two "
+                    "processes (both runtimes), each busy on a core of its own while it streams, and under a smaller "
+                    f"limit they throttle each other and streams stall; set at least {MIN_SERVING_CPU}")
+    autoscaling = model.autoscaling
+    if autoscaling.enabled and autoscaling.min_replicas == 0 and autoscaling.mode != "keda":
+        reader.fail(f"{key_path}.autoscaling.minReplicas", "0 needs mode: keda (an HPA cannot scale to zero); use 1 or "
+                                                           "more, or set autoscaling.mode: keda")
+    if autoscaling.enabled and autoscaling.mode == "keda" and autoscaling.min_replicas == 0 and not cfg.gateway.enabled:
+        reader.fail(f"{key_path}.autoscaling.minReplicas",
+                    "0 needs gateway.enabled: true; at zero replicas no pod exports the load KEDA reads, so nothing "
+                    "would ever wake the model, and requests would fail at once instead of being held; turn the "
+                    "gateway on (it holds the first request and its pending count wakes the model) or use minReplicas "
+                    "1")
+    if autoscaling.enabled and autoscaling.mode == "keda" and cfg.guardrails.pdb.min_available is not None \
+            and autoscaling.min_replicas == 0:
+        reader.fail("guardrails.pdb.minAvailable", "a model that scales to zero needs maxUnavailable, not minAvailable")
+    if autoscaling.enabled:
+        if autoscaling.max_replicas < autoscaling.min_replicas:
+            reader.fail(f"{key_path}.autoscaling.maxReplicas", f"{autoscaling.max_replicas} is below minReplicas "
+                                                               f"{autoscaling.min_replicas}")
+        if not autoscaling.min_replicas <= model.replicas <= autoscaling.max_replicas:
+            reader.fail(f"{key_path}.replicas", f"{model.replicas} is outside autoscaling minReplicas..maxReplicas "
+                                                f"({autoscaling.min_replicas}..{autoscaling.max_replicas})")
     pdb = cfg.guardrails.pdb
-    low = model_min_replicas(m)
+    low = model_min_replicas(model)
     if pdb.min_available is not None and pdb.min_available >= low:
-        r.fail("guardrails.pdb.minAvailable",
-               f"{pdb.min_available} leaves no voluntary disruption for {p} ({m.name}) at its minimum of {low} "
-               f"replica(s), so node drains block forever; use maxUnavailable: 1 or minAvailable <= {low - 1}")
-    if m.workload == "deployment" and m.storage.access_mode in ("ReadWriteOnce", "ReadWriteOncePod") \
-            and model_max_replicas(m) > 1:
-        r.fail(f"{p}.storage.accessMode",
-               f"{m.storage.access_mode} cannot be shared by up to {model_max_replicas(m)} Deployment replicas "
-               "on different nodes (they hang in ContainerCreating); use ReadOnlyMany or ReadWriteMany, "
-               "or workload: statefulset for one volume per replica")
-    if m.workload == "leaderworkerset" and m.storage.access_mode in ("ReadWriteOnce", "ReadWriteOncePod"):
-        r.fail(f"{p}.storage.accessMode",
-               f"{m.storage.access_mode} cannot be mounted by the {m.nodes_per_replica} nodes of a LeaderWorkerSet "
-               "group (every node reads the same model revision from one shared claim); use ReadWriteMany")
-    if m.rollout is not None and m.rollout.max_surge == 0 and m.rollout.max_unavailable == 0:
-        r.fail(f"{p}.rollout", "maxSurge 0 and maxUnavailable 0 can never make progress; "
-                               "use maxSurge 1 (needs spare GPU quota) or maxUnavailable 1")
-    _check_drain_fits(p, m.drain_seconds, m.termination_grace_period_seconds, r)
-    _validate_exposure(cfg, m, p, r)
-    if m.host is not None and not _HOSTNAME.match(m.host):
-        r.fail(f"{p}.host", f"{m.host!r} is not a valid host name such as llm-api.example.com")
-    if m.workload == "statefulset" and m.storage.access_mode != "ReadWriteOnce":
-        r.fail(f"{p}.storage.accessMode", f"{m.storage.access_mode!r}: a StatefulSet gets one volume per "
-                                          "replica from volumeClaimTemplates; use ReadWriteOnce")
+        reader.fail("guardrails.pdb.minAvailable",
+                    f"{pdb.min_available} leaves no voluntary disruption for {key_path} ({model.name}) at its minimum "
+                    f"of {low} replica(s), so node drains block forever; use maxUnavailable: 1 or minAvailable <= "
+                    f"{low - 1}")
+    if model.workload == "deployment" and model.storage.access_mode in ("ReadWriteOnce", "ReadWriteOncePod") \
+            and model_max_replicas(model) > 1:
+        reader.fail(f"{key_path}.storage.accessMode",
+                    f"{model.storage.access_mode} cannot be shared by up to {model_max_replicas(model)} Deployment "
+                    "replicas on different nodes (they hang in ContainerCreating); use ReadOnlyMany or ReadWriteMany, "
+                    "or workload: statefulset for one volume per replica")
+    if model.workload == "leaderworkerset" and model.storage.access_mode in ("ReadWriteOnce", "ReadWriteOncePod"):
+        reader.fail(f"{key_path}.storage.accessMode",
+                    f"{model.storage.access_mode} cannot be mounted by the {model.nodes_per_replica} nodes of a "
+                    "LeaderWorkerSet group (every node reads the same model revision from one shared claim); use "
+                    "ReadWriteMany")
+    if model.rollout is not None and model.rollout.max_surge == 0 and model.rollout.max_unavailable == 0:
+        reader.fail(f"{key_path}.rollout", "maxSurge 0 and maxUnavailable 0 can never make progress; "
+                                           "use maxSurge 1 (needs spare GPU quota) or maxUnavailable 1")
+    _check_drain_fits(key_path, model.drain_seconds, model.termination_grace_period_seconds, reader)
+    _validate_exposure(cfg, model, key_path, reader)
+    if model.host is not None and not _HOSTNAME.match(model.host):
+        reader.fail(f"{key_path}.host", f"{model.host!r} is not a valid host name such as llm-api.example.com")
+    if model.workload == "statefulset" and model.storage.access_mode != "ReadWriteOnce":
+        reader.fail(f"{key_path}.storage.accessMode", f"{model.storage.access_mode!r}: a StatefulSet gets one volume "
+                                                      "per replica from volumeClaimTemplates; use ReadWriteOnce")
 
 
-def _validate_exposure(cfg: StackConfig, m: ModelConfig, p: str, r: _Reader) -> None:
+def _validate_exposure(cfg: StackConfig, model: ModelConfig, key_path: str, reader: ConfigReader) -> None:
     """A model reachable from outside the cluster only over TLS, or through an explicit, narrowed load balancer."""
-    for i, cidr in enumerate(m.load_balancer_source_ranges):
+    for i, cidr in enumerate(model.load_balancer_source_ranges):
         if not _CIDR.fullmatch(cidr):
-            r.fail(f"{p}.loadBalancerSourceRanges[{i}]", f"{cidr!r} is not a CIDR such as 203.0.113.0/24")
-    if m.service_type != "LoadBalancer":
-        if m.load_balancer_source_ranges:
-            r.fail(f"{p}.loadBalancerSourceRanges", f"is only for serviceType LoadBalancer (this model's Service is "
-                                                    f"{m.service_type})")
+            reader.fail(f"{key_path}.loadBalancerSourceRanges[{i}]", f"{cidr!r} is not a CIDR such as 203.0.113.0/24")
+    if model.service_type != "LoadBalancer":
+        if model.load_balancer_source_ranges:
+            reader.fail(f"{key_path}.loadBalancerSourceRanges", "is only for serviceType LoadBalancer (this model's "
+                                                                f"Service is {model.service_type})")
         return
     if cfg.gateway.enabled:
-        r.fail(f"{p}.serviceType", "LoadBalancer: with gateway.enabled the model pods accept only the gateway and "
-                                   "Prometheus, so a load balancer would lead nowhere; clients use the gateway's "
-                                   "endpoint; use ClusterIP")
-    if not m.load_balancer_source_ranges:
-        r.fail(f"{p}.serviceType", "LoadBalancer without loadBalancerSourceRanges publishes plain HTTP (API keys, "
-                                   "prompts, /metrics) to the whole internet beside the TLS Ingress; use ClusterIP "
-                                   "behind the Ingress, or list the callers' CIDRs in loadBalancerSourceRanges")
-    if cfg.guardrails.allow_from.ip_blocks and m.external_traffic_policy != "Local":
-        r.fail(f"{p}.externalTrafficPolicy", f"{m.external_traffic_policy}: with guardrails.allowFrom.ipBlocks the "
-                                             "load balancer must keep the client's address, or the NetworkPolicy sees "
-                                             "a node's address instead and drops every caller; use Local")
+        reader.fail(f"{key_path}.serviceType", "LoadBalancer: with gateway.enabled the model pods accept only the "
+                                               "gateway and Prometheus, so a load balancer would lead nowhere; clients "
+                                               "use the gateway's endpoint; use ClusterIP")
+    if not model.load_balancer_source_ranges:
+        reader.fail(f"{key_path}.serviceType", "LoadBalancer without loadBalancerSourceRanges publishes plain HTTP "
+                                               "(API keys, prompts, /metrics) to the whole internet beside the TLS "
+                                               "Ingress; use ClusterIP behind the Ingress, or list the callers' CIDRs "
+                                               "in loadBalancerSourceRanges")
+    if cfg.guardrails.allow_from.ip_blocks and model.external_traffic_policy != "Local":
+        reader.fail(f"{key_path}.externalTrafficPolicy", f"{model.external_traffic_policy}: with "
+                                                         "guardrails.allowFrom.ipBlocks the load balancer must keep "
+                                                         "the client's address, or the NetworkPolicy sees a node's "
+                                                         "address instead and drops every caller; use Local")
 
 
-def _validate_shared_claims(cfg: StackConfig, r: _Reader) -> None:
+def _validate_shared_claims(cfg: StackConfig, reader: ConfigReader) -> None:
     """Each model on a shared claim (Deployment, LeaderWorkerSet) that the platform fills owns its claim: two would
     create the same PVC, and one's fill would prune the other's revision directories."""
     owners: dict[str, int] = {}
-    for i, m in enumerate(cfg.models):
-        if m.workload == "statefulset" or (m.source and parse_source(m.source).kind == "pvc"):
+    for i, model in enumerate(cfg.models):
+        if model.workload == "statefulset" or (model.source and parse_source(model.source).kind == "pvc"):
             continue
-        claim = m.storage.claim_name
+        claim = model.storage.claim_name
         if claim in owners:
-            r.fail(f"models[{i}].storage.claimName",
-                   f"{claim!r} is already the model claim of models[{owners[claim]}] ({cfg.models[owners[claim]].name}); "
-                   "each model's volume is its own claim (one model's fill would prune the other's revisions); "
-                   "give it its own claimName, or serve a shared volume through a pvc:// source")
+            reader.fail(f"models[{i}].storage.claimName",
+                        f"{claim!r} is already the model claim of models[{owners[claim]}] "
+                        f"({cfg.models[owners[claim]].name}); each model's volume is its own claim (one model's fill "
+                        "would prune the other's revisions); give it its own claimName, or serve a shared volume "
+                        "through a pvc:// source")
         owners[claim] = i
 _VLLM_OWNED_FLAGS = {
     "model": "modelPath / source", "served-model-name": "servedModelName", "host": "the platform (0.0.0.0)",
@@ -1214,98 +1193,107 @@ def owned_vllm_flag(arg: str) -> str | None:
     return None
 
 
-def _validate_runtime(cfg: StackConfig, m: ModelConfig, p: str, r: _Reader) -> None:
+def _validate_runtime(cfg: StackConfig, model: ModelConfig, key_path: str, reader: ConfigReader) -> None:
     """What the chosen runtime and workload can actually run: refused here rather than failing at load."""
     per_node = cfg.gpu_pool.gpus_per_node
-    dtype = m.sizing.dtype if m.sizing else "bfloat16"
-    if m.runtime == "builtin":
-        if m.gpus_per_replica > 1:
-            r.fail(f"{p}.gpusPerReplica", f"{m.gpus_per_replica}: the builtin engine loads a model onto one GPU "
-                                          "(the others would sit idle while it runs out of memory); use 1, or "
-                                          "runtime: vllm, which splits a model across GPUs (tensor parallel)")
+    dtype = model.sizing.dtype if model.sizing else "bfloat16"
+    if model.runtime == "builtin":
+        if model.gpus_per_replica > 1:
+            reader.fail(f"{key_path}.gpusPerReplica", f"{model.gpus_per_replica}: the builtin engine loads a model "
+                                                      "onto one GPU (the others would sit idle while it runs out of "
+                                                      "memory); use 1, or runtime: vllm, which splits a model across "
+                                                      "GPUs (tensor parallel)")
         if dtype in ("float8", "int4"):
-            r.fail(f"{p}.sizing.dtype", f"{dtype!r}: the builtin engine loads bfloat16 or float16 weights only; "
-                                        "use runtime: vllm with vllm.quantization for quantized weights")
-        if m.vllm.is_set:
-            r.fail(f"{p}.vllm", "is for runtime: vllm; the builtin engine takes none of these settings")
-        if m.workload == "leaderworkerset":
-            r.fail(f"{p}.workload", "'leaderworkerset' runs vLLM across nodes; use runtime: vllm")
+            reader.fail(f"{key_path}.sizing.dtype", f"{dtype!r}: the builtin engine loads bfloat16 or float16 weights "
+                                                    "only; use runtime: vllm with vllm.quantization for quantized "
+                                                    "weights")
+        if model.vllm.is_set:
+            reader.fail(f"{key_path}.vllm", "is for runtime: vllm; the builtin engine takes none of these settings")
+        if model.workload == "leaderworkerset":
+            reader.fail(f"{key_path}.workload", "'leaderworkerset' runs vLLM across nodes; use runtime: vllm")
     else:
-        _validate_vllm(m, dtype, p, r)
-    if m.workload != "leaderworkerset":
-        if m.gpus_per_replica and per_node and m.gpus_per_replica > per_node:
-            r.fail(f"{p}.gpusPerReplica", f"{m.gpus_per_replica} is more than gpuPool.gpusPerNode {per_node}; a "
-                                          f"{m.workload} pod cannot span nodes; use workload: leaderworkerset "
-                                          "(runtime vllm, one group of pods per replica across nodes)")
+        _validate_vllm(model, dtype, key_path, reader)
+    if model.workload != "leaderworkerset":
+        if model.gpus_per_replica and per_node and model.gpus_per_replica > per_node:
+            reader.fail(f"{key_path}.gpusPerReplica", f"{model.gpus_per_replica} is more than gpuPool.gpusPerNode "
+                                                      f"{per_node}; a {model.workload} pod cannot span nodes; use "
+                                                      "workload: leaderworkerset (runtime vllm, one group of pods per "
+                                                      "replica across nodes)")
         return
     if not per_node:
-        r.fail("gpuPool.gpusPerNode", f"is required for {p}.workload leaderworkerset: the group has one pod per "
-                                      "node, so the platform must know how many GPUs a node has")
-    if m.gpus_per_replica <= per_node or m.gpus_per_replica % per_node:
-        r.fail(f"{p}.gpusPerReplica", f"{m.gpus_per_replica} with workload leaderworkerset must be a multiple of "
-                                      f"gpuPool.gpusPerNode {per_node} above it (2 nodes or more: "
-                                      f"{per_node * 2}, {per_node * 3}, ...); a model that fits one node runs "
-                                      "as workload: deployment with tensor parallel inside the node")
-    if len(m.name) > 50:
-        r.fail(f"{p}.name", f"{m.name!r} is too long for a LeaderWorkerSet ({len(m.name)} characters): its pods are "
-                            "named <name>-lws-<group>-<index> and must stay a DNS label; use at most 50")
+        reader.fail("gpuPool.gpusPerNode", f"is required for {key_path}.workload leaderworkerset: the group has one "
+                                           "pod per node, so the platform must know how many GPUs a node has")
+    if model.gpus_per_replica <= per_node or model.gpus_per_replica % per_node:
+        reader.fail(f"{key_path}.gpusPerReplica", f"{model.gpus_per_replica} with workload leaderworkerset must be a "
+                                                  f"multiple of gpuPool.gpusPerNode {per_node} above it (2 nodes or "
+                                                  f"more: {per_node * 2}, {per_node * 3}, ...); a model that fits one "
+                                                  "node runs as workload: deployment with tensor parallel inside the "
+                                                  "node")
+    if len(model.name) > 50:
+        reader.fail(f"{key_path}.name", f"{model.name!r} is too long for a LeaderWorkerSet ({len(model.name)} "
+                                        "characters): its pods are named <name>-lws-<group>-<index> and must stay a "
+                                        "DNS label; use at most 50")
 
 
-def _validate_vllm(m: ModelConfig, dtype: str, p: str, r: _Reader) -> None:
-    v = m.vllm
-    q = f"{p}.vllm.quantization"
+def _validate_vllm(model: ModelConfig, dtype: str, key_path: str, reader: ConfigReader) -> None:
+    vllm = model.vllm
+    quantization_key = f"{key_path}.vllm.quantization"
     if dtype in VLLM_QUANTIZATION:
         allowed = VLLM_QUANTIZATION[dtype]
-        if v.quantization is None:
-            r.fail(q, f"is required with sizing.dtype {dtype!r}: without it vLLM loads 16-bit weights and the plan's "
-                      f"memory is wrong; use the checkpoint's method, one of {', '.join(allowed)}")
-        if v.quantization not in allowed:
-            r.fail(q, f"{v.quantization!r} does not give {dtype} weights as sizing.dtype says; use one of "
-                      f"{', '.join(allowed)}, or change sizing.dtype")
-    elif v.quantization is not None:
-        r.fail(q, f"{v.quantization!r} quantizes the weights, but sizing.dtype is {dtype!r} (the plan sizes 16-bit "
-                  "weights); set sizing.dtype to float8 or int4 to match, or remove quantization")
-    if dtype == "float8" and v.kv_cache_dtype is None:
-        r.fail(f"{p}.vllm.kvCacheDtype", "is required with sizing.dtype 'float8': fp8 weights do not make an fp8 KV "
-                                         "cache; set fp8 (the plan sizes 1 byte per KV value) or auto (2 bytes)")
-    seqs = m.max_num_seqs or (m.sizing.max_concurrent_sequences if m.sizing else None)
-    if v.max_num_batched_tokens is not None and seqs and v.max_num_batched_tokens < seqs:
-        r.fail(f"{p}.vllm.maxNumBatchedTokens", f"{v.max_num_batched_tokens} is below maxNumSeqs {seqs}; vLLM "
-                                                "refuses to start (each step must fit one token per sequence)")
-    for name, source in v.lora_adapters.items():
-        key = f"{p}.vllm.loraAdapters.{name}"
+        if vllm.quantization is None:
+            reader.fail(quantization_key, f"is required with sizing.dtype {dtype!r}: without it vLLM loads 16-bit "
+                                          "weights and the plan's memory is wrong; use the checkpoint's method, one of "
+                                          f"{', '.join(allowed)}")
+        if vllm.quantization not in allowed:
+            reader.fail(quantization_key, f"{vllm.quantization!r} does not give {dtype} weights as sizing.dtype says; "
+                                          f"use one of {', '.join(allowed)}, or change sizing.dtype")
+    elif vllm.quantization is not None:
+        reader.fail(quantization_key, f"{vllm.quantization!r} quantizes the weights, but sizing.dtype is {dtype!r} "
+                                      "(the plan sizes 16-bit weights); set sizing.dtype to float8 or int4 to match, "
+                                      "or remove quantization")
+    if dtype == "float8" and vllm.kv_cache_dtype is None:
+        reader.fail(f"{key_path}.vllm.kvCacheDtype", "is required with sizing.dtype 'float8': fp8 weights do not make "
+                                                     "an fp8 KV cache; set fp8 (the plan sizes 1 byte per KV value) or "
+                                                     "auto (2 bytes)")
+    seqs = model.max_num_seqs or (model.sizing.max_concurrent_sequences if model.sizing else None)
+    if vllm.max_num_batched_tokens is not None and seqs and vllm.max_num_batched_tokens < seqs:
+        reader.fail(f"{key_path}.vllm.maxNumBatchedTokens", f"{vllm.max_num_batched_tokens} is below maxNumSeqs "
+                                                            f"{seqs}; vLLM refuses to start (each step must fit one "
+                                                            "token per sequence)")
+    for name, source in vllm.lora_adapters.items():
+        key = f"{key_path}.vllm.loraAdapters.{name}"
         if not _ADAPTER_NAME.match(name) or len(name) > 63:
-            r.fail(key, f"{name!r} is not a valid adapter name (lowercase letters, digits, '-', '.' and '_'); "
-                        "clients send it as the model")
-        if name == m.served_model_name:
-            r.fail(key, f"{name!r} is the base model's servedModelName; give the adapter its own name")
+            reader.fail(key, f"{name!r} is not a valid adapter name (lowercase letters, digits, '-', '.' and '_'); "
+                             "clients send it as the model")
+        if name == model.served_model_name:
+            reader.fail(key, f"{name!r} is the base model's servedModelName; give the adapter its own name")
         try:
             src = parse_source(source)
         except SourceError as exc:
-            r.fail(key, str(exc))
+            reader.fail(key, str(exc))
         if src.kind == "pvc":
-            r.fail(key, f"{source!r}: adapters are filled onto the model volume, so use hf:// or s3://")
+            reader.fail(key, f"{source!r}: adapters are filled onto the model volume, so use hf:// or s3://")
         if not src.pinned:
-            r.fail(key, src.unpinned_problem())
-        if m.source is None or parse_source(m.source).kind == "pvc":
-            r.fail(key, "needs the base model's source (hf:// or s3://): adapters are filled onto the volume "
-                        "next to the filled base model")
-    if v.lora_adapters and m.workload == "statefulset":
-        r.fail(f"{p}.vllm.loraAdapters", "are filled by the fill Job onto a shared claim; use workload deployment "
-                                         "or leaderworkerset")
-    if v.max_lora_rank is not None:
-        if not v.lora_adapters:
-            r.fail(f"{p}.vllm.maxLoraRank", "is set without loraAdapters")
-        if v.max_lora_rank not in VLLM_LORA_RANKS:
-            r.fail(f"{p}.vllm.maxLoraRank", f"{v.max_lora_rank} is not a rank vLLM accepts; use one of "
-                                            f"{', '.join(map(str, VLLM_LORA_RANKS))}")
-    for key, value in (("toolCallParser", v.tool_call_parser), ("reasoningParser", v.reasoning_parser)):
+            reader.fail(key, src.unpinned_problem())
+        if model.source is None or parse_source(model.source).kind == "pvc":
+            reader.fail(key, "needs the base model's source (hf:// or s3://): adapters are filled onto the volume "
+                             "next to the filled base model")
+    if vllm.lora_adapters and model.workload == "statefulset":
+        reader.fail(f"{key_path}.vllm.loraAdapters", "are filled by the fill Job onto a shared claim; use workload "
+                                                     "deployment or leaderworkerset")
+    if vllm.max_lora_rank is not None:
+        if not vllm.lora_adapters:
+            reader.fail(f"{key_path}.vllm.maxLoraRank", "is set without loraAdapters")
+        if vllm.max_lora_rank not in VLLM_LORA_RANKS:
+            reader.fail(f"{key_path}.vllm.maxLoraRank", f"{vllm.max_lora_rank} is not a rank vLLM accepts; use one of "
+                                                        f"{', '.join(map(str, VLLM_LORA_RANKS))}")
+    for key, value in (("toolCallParser", vllm.tool_call_parser), ("reasoningParser", vllm.reasoning_parser)):
         if value is not None and not _PARSER_NAME.match(value):
-            r.fail(f"{p}.vllm.{key}", f"{value!r} is not a parser name such as llama3_json or deepseek_r1")
-    for i, arg in enumerate(v.extra_args):
+            reader.fail(f"{key_path}.vllm.{key}", f"{value!r} is not a parser name such as llama3_json or deepseek_r1")
+    for i, arg in enumerate(vllm.extra_args):
         if (flag := owned_vllm_flag(arg)) is not None:
-            r.fail(f"{p}.vllm.extraArgs[{i}]", f"{arg!r}: --{flag} is set by the platform from {_VLLM_OWNED_FLAGS[flag]}; "
-                                               "set that instead")
+            reader.fail(f"{key_path}.vllm.extraArgs[{i}]", f"{arg!r}: --{flag} is set by the platform from "
+                                                           f"{_VLLM_OWNED_FLAGS[flag]}; set that instead")
 
 
 def _model_dir_problem(path: str) -> str | None:
@@ -1319,76 +1307,82 @@ def require_pinned(cfg: StackConfig) -> bool:
     return cfg.require_pinned_sources if cfg.require_pinned_sources is not None else cfg.stack.startswith("prod")
 
 
-def _validate_source(cfg: StackConfig, m: ModelConfig, p: str, r: _Reader) -> None:
+def _validate_source(cfg: StackConfig, model: ModelConfig, key_path: str, reader: ConfigReader) -> None:
     """The model's source, where its directory is, and that the volume can be filled and restored."""
-    if m.source is None:
-        if m.model_path is None:
-            r.fail(f"{p}.modelPath", f"is required without a source: the model directory under {MODELS_MOUNT}/ "
-                                     "(e.g. /models/llama-3.1-8b), or set source: hf://ORG/NAME@<commit sha> to have "
-                                     "the platform fill the volume")
-        if problem := _model_dir_problem(m.model_path):
-            r.fail(f"{p}.modelPath", problem)
+    if model.source is None:
+        if model.model_path is None:
+            reader.fail(f"{key_path}.modelPath", "is required without a source: the model directory under "
+                                                 f"{MODELS_MOUNT}/ (e.g. /models/llama-3.1-8b), or set source: "
+                                                 "hf://ORG/NAME@<commit sha> to have the platform fill the volume")
+        if problem := _model_dir_problem(model.model_path):
+            reader.fail(f"{key_path}.modelPath", problem)
         return
     try:
-        src = parse_source(m.source)
+        src = parse_source(model.source)
     except SourceError as exc:
-        r.fail(f"{p}.source", str(exc))
+        reader.fail(f"{key_path}.source", str(exc))
     if not src.pinned and require_pinned(cfg):
-        r.fail(f"{p}.source", src.unpinned_problem() + f" (stack {cfg.stack!r} requires pinned sources)")
+        reader.fail(f"{key_path}.source", src.unpinned_problem() + f" (stack {cfg.stack!r} requires pinned sources)")
     if src.kind == "pvc":
-        if m.workload == "statefulset":
-            r.fail(f"{p}.source", "a pvc:// source is one existing claim, but a StatefulSet gives each replica its "
-                                  "own volume; use workload: deployment, or an hf:// or s3:// source to fill them")
+        if model.workload == "statefulset":
+            reader.fail(f"{key_path}.source", "a pvc:// source is one existing claim, but a StatefulSet gives each "
+                                              "replica its own volume; use workload: deployment, or an hf:// or s3:// "
+                                              "source to fill them")
         expected = f"{MODELS_MOUNT}/{src.path}"
-        if m.model_path is not None and m.model_path != expected:
-            r.fail(f"{p}.modelPath", f"{m.model_path!r} does not match the source: {m.source} is mounted at "
-                                     f"{MODELS_MOUNT}, so the model is at {expected}; remove modelPath")
-        if m.storage.restore_from_snapshot:
-            r.fail(f"{p}.storage.restoreFromSnapshot", f"the claim {src.location!r} of a pvc:// source is not "
-                                                       "managed here; restore it yourself, or use an hf or s3 source")
+        if model.model_path is not None and model.model_path != expected:
+            reader.fail(f"{key_path}.modelPath", f"{model.model_path!r} does not match the source: {model.source} is "
+                                                 f"mounted at {MODELS_MOUNT}, so the model is at {expected}; remove "
+                                                 "modelPath")
+        if model.storage.restore_from_snapshot:
+            reader.fail(f"{key_path}.storage.restoreFromSnapshot", f"the claim {src.location!r} of a pvc:// source is "
+                                                                   "not managed here; restore it yourself, or use an "
+                                                                   "hf or s3 source")
     else:
-        if m.model_path is not None and (problem := _model_dir_problem(m.model_path)):
-            r.fail(f"{p}.modelPath", problem)
-        if m.workload != "statefulset" and m.storage.access_mode == "ReadOnlyMany":
-            r.fail(f"{p}.storage.accessMode", "ReadOnlyMany cannot be written by the fill Job; use ReadWriteMany "
-                                              "(the serving pods still mount it read-only)")
-        if src.kind == "s3" and m.fill.hf_endpoint:
-            r.fail(f"{p}.fill.hfEndpoint", "is for hf:// sources; this model's source is s3://")
-        if src.kind == "hf" and m.fill.s3_endpoint:
-            r.fail(f"{p}.fill.s3Endpoint", "is for s3:// sources; this model's source is hf://")
-    if m.fill.image is None and m.runtime != "builtin":
-        r.fail(f"{p}.fill.image", f"is required for runtime {m.runtime}: the llm-platform serving image (it holds "
-                                  "the downloader, python -m serving.fetch), pinned to a version")
-    if m.fill.image is not None:
-        _check_pinned_image(m.fill.image, f"{p}.fill.image", r, require_digests(cfg))
+        if model.model_path is not None and (problem := _model_dir_problem(model.model_path)):
+            reader.fail(f"{key_path}.modelPath", problem)
+        if model.workload != "statefulset" and model.storage.access_mode == "ReadOnlyMany":
+            reader.fail(f"{key_path}.storage.accessMode", "ReadOnlyMany cannot be written by the fill Job; use "
+                                                          "ReadWriteMany (the serving pods still mount it read-only)")
+        if src.kind == "s3" and model.fill.hf_endpoint:
+            reader.fail(f"{key_path}.fill.hfEndpoint", "is for hf:// sources; this model's source is s3://")
+        if src.kind == "hf" and model.fill.s3_endpoint:
+            reader.fail(f"{key_path}.fill.s3Endpoint", "is for s3:// sources; this model's source is hf://")
+    if model.fill.image is None and model.runtime != "builtin":
+        reader.fail(f"{key_path}.fill.image", f"is required for runtime {model.runtime}: the llm-platform serving "
+                                              "image (it holds the downloader, python -m serving.fetch), pinned to a "
+                                              "version")
+    if model.fill.image is not None:
+        _check_pinned_image(model.fill.image, f"{key_path}.fill.image", reader, require_digests(cfg))
     for key in ("hf_endpoint", "s3_endpoint"):
-        url = getattr(m.fill, key)
+        url = getattr(model.fill, key)
         if url is not None and not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:\d+)?(/\S*)?", url):
-            r.fail(f"{p}.fill.{camel(key)}", f"{url!r} is not a URL such as https://minio.model-storage.svc:9000")
+            reader.fail(f"{key_path}.fill.{camel(key)}", f"{url!r} is not a URL such as "
+                                                         "https://minio.model-storage.svc:9000")
         if url is not None and url.startswith("http://") and cfg.stack.startswith("prod"):
-            r.fail(f"{p}.fill.{camel(key)}", f"{url!r} is plain HTTP, which would send the source's token or keys "
-                                             f"in clear; stack {cfg.stack!r} requires https://")
-    for i, cidr in enumerate(m.fill.egress_cidrs):
+            reader.fail(f"{key_path}.fill.{camel(key)}", f"{url!r} is plain HTTP, which would send the source's token "
+                                                         f"or keys in clear; stack {cfg.stack!r} requires https://")
+    for i, cidr in enumerate(model.fill.egress_cidrs):
         if not _CIDR.fullmatch(cidr):
-            r.fail(f"{p}.fill.egressCidrs[{i}]", f"{cidr!r} is not a CIDR such as 0.0.0.0/0 or 52.0.0.0/8")
-    for i, ns in enumerate(m.fill.egress_namespaces):
+            reader.fail(f"{key_path}.fill.egressCidrs[{i}]", f"{cidr!r} is not a CIDR such as 0.0.0.0/0 or 52.0.0.0/8")
+    for i, ns in enumerate(model.fill.egress_namespaces):
         if not _DNS1123_LABEL.match(ns):
-            r.fail(f"{p}.fill.egressNamespaces[{i}]", f"{ns!r} is not a valid namespace name")
+            reader.fail(f"{key_path}.fill.egressNamespaces[{i}]", f"{ns!r} is not a valid namespace name")
 
 
 # A cron line as snapscheduler's CRD accepts it.
 _CRON = re.compile(r"^(@(annually|yearly|monthly|weekly|daily|hourly))|((((\d+,)*\d+|(\d+(/|-)\d+)|\*(/\d+)?)\s?){5})$")
 
 
-def _validate_backups(cfg: StackConfig, r: _Reader) -> None:
-    b = cfg.backups
-    if not b.enabled:
+def _validate_backups(cfg: StackConfig, reader: ConfigReader) -> None:
+    backups = cfg.backups
+    if not backups.enabled:
         return
-    if not _CRON.fullmatch(b.schedule):
-        r.fail("backups.schedule", f"{b.schedule!r} is not a cron schedule (five fields such as '0 3 * * *', or "
-                                   "@daily, @weekly, ...)")
-    if b.max_age is not None and not re.fullmatch(r"\d+(h|m|s)", b.max_age):
-        r.fail("backups.maxAge", f"{b.max_age!r} is not a duration in hours, minutes or seconds such as 720h")
+    if not _CRON.fullmatch(backups.schedule):
+        reader.fail("backups.schedule", f"{backups.schedule!r} is not a cron schedule (five fields such as '0 3 * * "
+                                        "*', or @daily, @weekly, ...)")
+    if backups.max_age is not None and not re.fullmatch(r"\d+(h|m|s)", backups.max_age):
+        reader.fail("backups.maxAge", f"{backups.max_age!r} is not a duration in hours, minutes or seconds such as "
+                                      "720h")
 
 
 _MANAGED_ENV = {"MODEL_NAME": "servedModelName", "MODEL_PATH": "modelPath", "PORT": "the platform (8000)",
@@ -1396,5 +1390,6 @@ _MANAGED_ENV = {"MODEL_NAME": "servedModelName", "MODEL_PATH": "modelPath", "POR
                 "MAX_MODEL_LEN": "maxModelLen", "DRAIN_SECONDS": "drainSeconds",
                 "VLLM_API_KEY": "the generated API-key Secret (read from its mounted file)",
                 "VLLM_HOST_IP": "the platform (each pod's IP, on a leaderworkerset)",
-                "LWS_LEADER_ADDRESS": "the LeaderWorkerSet controller", "LWS_GROUP_SIZE": "the LeaderWorkerSet controller",
+                "LWS_LEADER_ADDRESS": "the LeaderWorkerSet "
+                                      "controller", "LWS_GROUP_SIZE": "the LeaderWorkerSet controller",
                 "LWS_WORKER_INDEX": "the LeaderWorkerSet controller"}

@@ -62,7 +62,7 @@ class ModelSource:
     def directory(self) -> str:
         """The revision's directory name under the model's folder: each revision is filled beside the last, so
         pods of the old revision keep reading theirs while the new one fills."""
-        if self.kind == "hf" and self.pinned:
+        if self.kind == "hf" and self.pinned and self.revision is not None:
             return self.revision[:12]
         if self.kind == "hf":
             return re.sub(r"[^A-Za-z0-9._-]", "-", self.revision or "main") + "-" + self.short_id
