@@ -223,6 +223,8 @@ def dashboard(o: ObservedModel) -> dict[str, Any]:
     ]
     if q.gpu_utilization:
         queries.append(("GPU utilization", q.gpu_utilization, "percent"))
+    if q.prefix_cache_hit_ratio:
+        queries.append(("Prefix cache hit ratio (prompt tokens)", q.prefix_cache_hit_ratio, "percentunit"))
     if q.gateway_pending:
         queries.append(("Requests held in the gateway", q.gateway_pending, "short"))
     panels = [{"id": i + 1, "type": "timeseries", "title": title, "datasource": {"type": "prometheus"},

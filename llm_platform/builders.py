@@ -174,6 +174,8 @@ def serving_env(model: PlannedModel) -> list[dict[str, Any]]:
         env.append({"name": "MAX_NUM_SEQS", "value": str(model.max_num_seqs)})
     if model.max_model_len is not None:
         env.append({"name": "MAX_MODEL_LEN", "value": str(model.max_model_len)})
+    env.append({"name": "BLOCK_SIZE", "value": str(model.config.kv_block_size)})
+    env.append({"name": "ENABLE_PREFIX_CACHING", "value": "on" if model.config.prefix_caching else "off"})
     env.extend({"name": k, "value": v} for k, v in sorted(model.config.env.items()))
     return env
 

@@ -107,6 +107,17 @@ def max_sequences_that_fit(s: Sizing, tp: int, usable: float) -> int:
     return max(0, math.floor(kv_budget_bytes(s, tp, usable) / per_seq))
 
 
+def kv_blocks(s: Sizing, tp: int, usable: float, block_size: int) -> int:
+    """Blocks of `block_size` tokens the paged KV cache holds per GPU in what weights and overhead leave."""
+    per_block = kv_bytes_per_token(s) * block_size / tp
+    return max(0, math.floor(kv_budget_bytes(s, tp, usable) / per_block))
+
+
+def sequences_in_blocks(blocks: int, tokens: int, block_size: int) -> int:
+    """Sequences of `tokens` tokens (prompt plus output) that `blocks` blocks hold, each in whole blocks of its own."""
+    return blocks // math.ceil(tokens / block_size)
+
+
 def max_context_that_fits(s: Sizing, tp: int, usable: float) -> int:
     """Largest maxContextTokens at this many concurrent sequences (0 when none fits)."""
     per_token = kv_bytes_per_token(s) * s.max_concurrent_sequences / tp

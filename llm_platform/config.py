@@ -338,6 +338,9 @@ class SizingConfig:
     """Context window each sequence may use (prompt plus output); required. Sets MAX_MODEL_LEN."""
     max_concurrent_sequences: int | None = field(default=None, metadata={"min": 1})
     """Sequences decoded together per replica; required. Sets MAX_NUM_SEQS."""
+    typical_context_tokens: int | None = field(default=None, metadata={"min": 1})
+    """Prompt plus output of a typical request, for the plan's count of sequences the paged KV cache holds at that
+    length; unset: a quarter of maxContextTokens."""
 
 
 @dataclass(frozen=True)
@@ -494,6 +497,12 @@ class ModelConfig:
     """Concurrent sequences per replica (MAX_NUM_SEQS); the image picks a default when unset."""
     max_model_len: int | None = field(default=None, metadata={"min": 16})
     """Context window per sequence (MAX_MODEL_LEN)."""
+    kv_block_size: int = field(default=16, metadata={"min": 1, "max": 1024})
+    """Tokens per block of the builtin engine's paged KV cache (BLOCK_SIZE); the plan counts blocks of this size
+    (vLLM's own default is also 16)."""
+    prefix_caching: bool = True
+    """Builtin runtime: reuse the KV blocks of prompt prefixes seen before (ENABLE_PREFIX_CACHING); vLLM has
+    `vllm.enablePrefixCaching`."""
     termination_grace_period_seconds: int = field(default=60, metadata={"min": 5, "max": 3600})
     drain_seconds: int = field(default=30, metadata={"min": 0, "max": 3600})
     """In-flight requests get this long to finish after SIGTERM; below the grace period."""
@@ -1213,6 +1222,17 @@ def _validate_runtime(cfg: StackConfig, model: ModelConfig, key_path: str, reade
             reader.fail(f"{key_path}.workload", "'leaderworkerset' runs vLLM across nodes; use runtime: vllm")
     else:
         _validate_vllm(model, dtype, key_path, reader)
+        if model.kv_block_size != 16:
+            reader.fail(f"{key_path}.kvBlockSize", f"{model.kv_block_size}: is the builtin engine's setting; vLLM "
+                                                   "keeps its own block size (16)")
+        if not model.prefix_caching:
+            reader.fail(f"{key_path}.prefixCaching", "is the builtin engine's setting; for vLLM set "
+                                                     "vllm.enablePrefixCaching: false")
+    if model.sizing and model.sizing.typical_context_tokens and model.sizing.max_context_tokens \
+            and model.sizing.typical_context_tokens > model.sizing.max_context_tokens:
+        reader.fail(f"{key_path}.sizing.typicalContextTokens", f"{model.sizing.typical_context_tokens} is above "
+                                                               f"maxContextTokens {model.sizing.max_context_tokens}; "
+                                                               "a typical request fits the window")
     if model.workload != "leaderworkerset":
         if model.gpus_per_replica and per_node and model.gpus_per_replica > per_node:
             reader.fail(f"{key_path}.gpusPerReplica", f"{model.gpus_per_replica} is more than gpuPool.gpusPerNode "
@@ -1385,7 +1405,8 @@ def _validate_backups(cfg: StackConfig, reader: ConfigReader) -> None:
                                       "720h")
 
 
-_MANAGED_ENV = {"MODEL_NAME": "servedModelName", "MODEL_PATH": "modelPath", "PORT": "the platform (8000)",
+_MANAGED_ENV = {"BLOCK_SIZE": "kvBlockSize", "ENABLE_PREFIX_CACHING": "prefixCaching",
+                "MODEL_NAME": "servedModelName", "MODEL_PATH": "modelPath", "PORT": "the platform (8000)",
                 "API_KEYS_FILE": "the generated API-key Secret", "MAX_NUM_SEQS": "maxNumSeqs",
                 "MAX_MODEL_LEN": "maxModelLen", "DRAIN_SECONDS": "drainSeconds",
                 "VLLM_API_KEY": "the generated API-key Secret (read from its mounted file)",

@@ -29,8 +29,8 @@ class Runtime:
     """Label that carries the served model name on the runtime's series."""
     metrics: dict[str, Metric]
     signals: dict[str, str]
-    """Role -> metric name. Roles: running, waiting, kv_cache, ttft, latency, requests, generation_tokens,
-    gpu_utilization (optional)."""
+    """Role -> metric name. Roles: running, waiting, kv_cache, ttft, latency, requests, generation_tokens;
+    optional: gpu_utilization, prefix_cache_queries and prefix_cache_hits."""
     error_matcher: str
     """Label matcher on the `requests` counter that selects server errors."""
     health: dict[str, str]
@@ -75,15 +75,22 @@ BUILTIN = Runtime(
         ("llm_inter_token_latency_seconds", "histogram", "Time between streamed tokens"),
         ("llm_prompt_tokens_total", "counter", "Prompt tokens processed"),
         ("llm_generation_tokens_total", "counter", "Tokens generated"),
+        ("llm_prefix_cache_queried_tokens_total", "counter", "Prompt tokens looked up in the prefix cache"),
+        ("llm_prefix_cache_hit_tokens_total", "counter", "Prompt tokens found in the prefix cache (not prefilled)"),
+        ("llm_preemptions_total", "counter", "Running requests preempted (recomputed later) when KV blocks ran out"),
         # The names the Gateway API Inference Extension's endpoint picker reads from vLLM.
         ("vllm:num_requests_waiting", "gauge", "Waiting requests (inference-gateway compatible name)"),
         ("vllm:num_requests_running", "gauge", "Running requests (inference-gateway compatible name)"),
         ("vllm:kv_cache_usage_perc", "gauge", "KV-cache use 0..1 (inference-gateway compatible name)"),
+        ("vllm:prefix_cache_queries_total", "counter", "Prefix-cache queried tokens (vLLM-compatible name)"),
+        ("vllm:prefix_cache_hits_total", "counter", "Prefix-cache hit tokens (vLLM-compatible name)"),
     ),
     signals={"running": "llm_requests_running", "waiting": "llm_requests_waiting",
              "kv_cache": "llm_kv_cache_usage_ratio", "ttft": "llm_time_to_first_token_seconds",
              "latency": "llm_request_duration_seconds", "requests": "llm_requests_total",
-             "generation_tokens": "llm_generation_tokens_total", "gpu_utilization": "llm_gpu_utilization"},
+             "generation_tokens": "llm_generation_tokens_total", "gpu_utilization": "llm_gpu_utilization",
+             "prefix_cache_queries": "llm_prefix_cache_queried_tokens_total",
+             "prefix_cache_hits": "llm_prefix_cache_hit_tokens_total"},
     error_matcher='code=~"5.."',
     health={"startup": "/health/startup", "liveness": "/health/live", "readiness": "/health/ready"},
     default_max_num_seqs=64,
@@ -102,13 +109,17 @@ VLLM = Runtime(
         ("vllm:prompt_tokens_total", "counter", "Prefill tokens processed"),
         ("vllm:generation_tokens_total", "counter", "Tokens generated"),
         ("vllm:request_success_total", "counter", "Finished requests by finish reason"),
+        ("vllm:prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache"),
+        ("vllm:prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache"),
         # vLLM's API server instruments HTTP with prometheus-fastapi-instrumentator (status grouped as 2xx/5xx).
         ("http_requests_total", "counter", "HTTP requests by handler and grouped status"),
     ),
     signals={"running": "vllm:num_requests_running", "waiting": "vllm:num_requests_waiting",
              "kv_cache": "vllm:kv_cache_usage_perc", "ttft": "vllm:time_to_first_token_seconds",
              "latency": "vllm:e2e_request_latency_seconds", "requests": "http_requests_total",
-             "generation_tokens": "vllm:generation_tokens_total"},
+             "generation_tokens": "vllm:generation_tokens_total",
+             "prefix_cache_queries": "vllm:prefix_cache_queries_total",
+             "prefix_cache_hits": "vllm:prefix_cache_hits_total"},
     error_matcher='status="5xx"',
     health={"startup": "/health", "liveness": "/health", "readiness": "/health"},
     default_max_num_seqs=256,
@@ -189,6 +200,8 @@ class ModelQueries:
     above_min_replicas: str | None
     """True while the autoscaler runs more replicas than the minimum."""
     certificate_expiry_seconds: str | None
+    prefix_cache_hit_ratio: str | None = None
+    """Share of prompt tokens served from the prefix cache over 5 minutes; None when the runtime reports none."""
     gateway_pending: str | None = None
     """Requests the gateway holds for this model (starting from zero or saturated); None without a gateway."""
 
@@ -235,6 +248,9 @@ def model_queries(rt: Runtime, *, namespace: str, workload: str, served_model_na
             f"min({platform_metric('certmanager_certificate_expiration_timestamp_seconds')}"
             f'{{namespace="{namespace}",name="{certificate}"}}) - time()'),
         gateway_pending=pending,
+        prefix_cache_hit_ratio=(f"sum(rate({rt.signal('prefix_cache_hits')}{sel}[5m])) / "
+                                f"sum(rate({rt.signal('prefix_cache_queries')}{sel}[5m]))"
+                                if rt.has("prefix_cache_hits") and rt.has("prefix_cache_queries") else None),
     )
 
 

@@ -105,6 +105,9 @@ class ModelPlan:
     """Every PromQL query rendered for this model (not part of the stack output)."""
     model_storage: tuple[str, ...] = ()
     """Where the weights come from, how the volume is filled, backed up or restored."""
+    kv_cache: dict | None = None
+    """Sized models: the paged KV cache's blocks per GPU (blocks, blockSize) and the sequences they hold at full
+    context and at a typical length (fullContextSequences, typicalTokens, typicalSequences)."""
     cold_start_timeout_seconds: int | None = None
     """With the gateway: how long it holds a request while the model has no ready pod."""
     verify_estimate_seconds: float | None = None
@@ -141,6 +144,11 @@ class ModelPlan:
                        f"overhead {memory['overheadGiB']:.2f} = {memory['totalGiB']:.2f} GiB of "
                        f"{memory['usableGiB']:.2f} usable (headroom {memory['headroomGiB']:.2f} GiB)")
             out.append(f"  max concurrent sequences at full context: {self.max_sequences_at_full_context}")
+            if self.kv_cache:
+                kv = self.kv_cache
+                out.append(f"  paged KV cache: {kv['blocks']} blocks of {kv['blockSize']} tokens per GPU hold "
+                           f"{kv['fullContextSequences']} sequences at full context, {kv['typicalSequences']} at a "
+                           f"typical {kv['typicalTokens']} tokens (the engine runs at most maxNumSeqs at once)")
         else:
             out.append("  GPU memory not checked: add models[].sizing (a preset or the architecture numbers)")
         out.append(f"  autoscaling: {self.autoscaling}")
@@ -515,6 +523,20 @@ IMAGE_PULL_SECONDS = 300
 """Allowed for pulling a multi-GB serving image onto a new node, in the Deployment's progress deadline."""
 
 
+def plan_kv_blocks(cfg: StackConfig, model: ModelConfig, sizing: Sizing) -> dict:
+    """The paged KV cache in blocks: how many the memory left after weights holds, and so how many sequences fit at
+    full context and at a typical length (short requests take few blocks, so many more fit)."""
+    usable = capacity.usable_bytes(cfg.gpu_pool.gpu_memory_gib, model.gpu_memory_utilization)
+    block_size = model.kv_block_size
+    blocks = capacity.kv_blocks(sizing, model.gpus_per_replica, usable, block_size)
+    typical = (model.sizing.typical_context_tokens if model.sizing and model.sizing.typical_context_tokens
+               else max(1, sizing.max_context_tokens // 4))
+    return {"blocks": blocks, "blockSize": block_size,
+            "fullContextSequences": capacity.sequences_in_blocks(blocks, sizing.max_context_tokens, block_size),
+            "typicalTokens": typical,
+            "typicalSequences": capacity.sequences_in_blocks(blocks, typical, block_size)}
+
+
 def verify_seconds(model: ModelConfig, sizing: Sizing | None) -> float | None:
     """A full check reads every weight byte once before the server starts; size-only reads none."""
     if model.source is None or model.fill.verify != "full" or sizing is None:
@@ -602,6 +624,7 @@ def plan_stack(cfg: StackConfig, fail: Fail) -> PlannedStack:
                 sizing, model.gpus_per_replica,
                 capacity.usable_bytes(cfg.gpu_pool.gpu_memory_gib, model.gpu_memory_utilization))
                 if sizing else None),
+            kv_cache=plan_kv_blocks(cfg, model, sizing) if sizing else None,
             shm=shm,
             cost_per_hour_min=None if price is None else lo * model.gpus_per_replica * price,
             cost_per_hour_max=None if price is None else hi * model.gpus_per_replica * price,
