@@ -69,6 +69,9 @@ class EngineConfig:
     block_size: int = DEFAULT_BLOCK_SIZE
     """Tokens per KV-cache block: the unit requests are given cache in, and that the prefix cache reuses (only
     full blocks are shared). A power of two up to 256."""
+    num_kv_blocks: int | None = None
+    """The KV pool's size in blocks, instead of what the memory budget gives (tests and benchmarks compare layouts
+    at the same KV memory with it). It must hold one sequence of max_model_len."""
     enable_prefix_caching: bool = True
     """Keep the K/V of full blocks after their request ends, named by their tokens and prefix, and let a new request
     whose prompt starts the same reuse them instead of prefilling them again (least recently used evicted first).
@@ -85,6 +88,7 @@ class EngineConfig:
         _require_positive("max_num_seqs", self.max_num_seqs, allow_none=True)
         _require_positive("max_model_len", self.max_model_len, allow_none=True)
         _require_positive("max_waiting", self.max_waiting)
+        _require_positive("num_kv_blocks", self.num_kv_blocks, allow_none=True)
         _require_positive("max_prefill_tokens_per_step", self.max_prefill_tokens_per_step)
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization: {self.gpu_memory_utilization} must be in (0, 1]")

@@ -47,6 +47,7 @@ from serving.engine.interface import (
 )
 from serving.engine.loader import load_model, resolve_device, resolve_dtype
 from serving.engine.model_runner import (
+    KVCachePlan,
     ModelRunner,
     kv_bytes_per_token,
     kv_cache_budget_bytes,
@@ -213,6 +214,12 @@ class LLMEngine:
             max_model_len_is_default=config.max_model_len is None,
             block_size=config.block_size,
         )
+        if config.num_kv_blocks is not None:
+            if config.num_kv_blocks * plan.block_size < plan.max_model_len:
+                raise ModelLoadError(
+                    f"num_kv_blocks {config.num_kv_blocks} x block_size {plan.block_size} holds fewer tokens than one "
+                    f"sequence of max_model_len {plan.max_model_len}; raise num_kv_blocks or lower max_model_len")
+            plan = KVCachePlan(plan.num_slots, plan.max_model_len, config.num_kv_blocks, plan.block_size)
         runner = ModelRunner(loaded.model, plan,
                              attention=lambda shape: select_attention(config.attention, shape, dtype))
         if graphs:
