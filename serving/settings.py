@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence, TypeVar
 
 from serving.api_keys import KeyFileError, read_keys_file
+from serving.engine.block_manager import BLOCK_SIZES
 
 T = TypeVar("T")
 
@@ -65,6 +66,10 @@ class Settings:
     """Chunked-prefill budget per engine step; None keeps the engine's default."""
     attention_backend: str | None = None
     """`auto`, `flash` or `sdpa`: how attention reads the KV cache; None lets the engine choose (auto)."""
+    block_size: int | None = None
+    """Tokens per KV-cache block (a power of two up to 256); None keeps the engine's default (16)."""
+    enable_prefix_caching: bool | None = None
+    """Reuse the KV cache of prompts' shared full blocks across requests; None keeps the engine's default (on)."""
     overlap: bool | None = None
     """Overlap the engine's host work with the device (steps launched from tokens still on it); None: on CUDA only."""
     engine_process: bool = True
@@ -141,6 +146,13 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _block_size(text: str) -> int:
+    value = _whole_number(text)
+    if value not in BLOCK_SIZES:
+        raise ValueError(f"must be one of {', '.join(map(str, BLOCK_SIZES))}")
+    return value
+
+
 def _switch(text: str) -> bool:
     value = text.strip().lower()
     if value in ("1", "true", "on", "yes"):
@@ -193,6 +205,10 @@ _OPTIONS: tuple[tuple[str, str, str, Callable[[str], object], str], ...] = (
      "prompt tokens prefilled per engine step (default 2048)"),
     ("attention_backend", "--attention-backend", "ATTENTION_BACKEND", _choice("auto", "flash", "sdpa"),
      "auto, flash or sdpa: how attention reads the KV cache (default auto: flash where it applies)"),
+    ("block_size", "--block-size", "BLOCK_SIZE", _block_size,
+     "tokens per KV-cache block: a power of two up to 256 (default 16)"),
+    ("enable_prefix_caching", "--enable-prefix-caching", "ENABLE_PREFIX_CACHING", _switch,
+     "on or off: reuse the KV cache of prompts' shared full blocks across requests (default on)"),
     ("overlap", "--overlap", "OVERLAP", _auto_switch,
      "auto, on or off: launch each engine step before the last one's tokens are read back (default auto: on CUDA)"),
     ("engine_process", "--engine-process", "ENGINE_PROCESS", _switch,
