@@ -219,7 +219,9 @@ def compare(old: dict, new: dict) -> str:
             was = before.get(level["streams"])
             if was is None:
                 continue
-            spread = lambda run: f"{run['output_tok_s']:,.0f} ({run['min_tok_s']:,.0f}-{run['max_tok_s']:,.0f})"  # noqa: E731
+            def spread(run: dict) -> str:
+                return f"{run['output_tok_s']:,.0f} ({run['min_tok_s']:,.0f}-{run['max_tok_s']:,.0f})"
+
             rows.append([f"output tok/s, {level['streams']} streams (min-max)", model, spread(was), spread(level),
                          f"{level['output_tok_s'] / was['output_tok_s']:.2f}x"])
     return markdown_table(rows)
@@ -234,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     measured = commands.add_parser("measure", help="measure this checkout's engine")
     measured.add_argument("--models", type=Path, default=Path("."), help="where `build` put the models")
     measured.add_argument("--model-names", default="tiny,llama-100m",
-                          help="models under --models, or NAME=DIRECTORY (comma-separated); admission runs on the first")
+                          help="models under --models, or NAME=DIRECTORY (comma-separated); admission runs on the "
+                               "first")
     measured.add_argument("--device", default="cpu")
     measured.add_argument("--dtype", default="float32")
     measured.add_argument("--label", required=True)

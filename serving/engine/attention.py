@@ -1,9 +1,10 @@
 """Attention over the engine's KV cache, in two interchangeable implementations behind one small interface.
 
-K and V are token-major ([tokens, kv_heads, head_dim]), the layout flash kernels read. The cache itself is paged (`serving.engine.model_runner`); the runner gathers each step's
-K/V through the block tables and hands an `Attention` the contiguous form: a decode step's [B, kv_len, kv_heads,
-head_dim] (row b's first `lengths[b]` tokens valid), a prefill pass's K/V of every chunk up to its end, packed chunk
-after chunk. The model runner writes K/V; an `Attention` only reads them.
+K and V are token-major ([tokens, kv_heads, head_dim]), the layout flash kernels read. The cache itself is paged
+(`serving.engine.model_runner`); the runner gathers each step's K/V through the block tables and hands an
+`Attention` the contiguous form: a decode step's [B, kv_len, kv_heads, head_dim] (row b's first `lengths[b]` tokens
+valid), a prefill pass's K/V of every chunk up to its end, packed chunk after chunk. The model runner writes K/V; an
+`Attention` only reads them.
 
 - `SdpaAttention` (any device, any dtype): `F.scaled_dot_product_attention`. A decode step attends over the
   batch's KV-length bucket under a length mask, so every row reads K/V up to the longest row's bucket; a prefill

@@ -45,6 +45,11 @@ KV_LEN_BUCKET = 256
 KV_LEN_LINEAR_MAX = 2048
 """...and beyond it to the next power of two: at most 2x the attention reads, and a handful of shapes
 (graphs) even for a 128k context."""
+DECODE_GATHER_TOKENS = 256 * 1024
+"""A decode step gathers at most this many tokens' K/V (per layer) at a time through the block tables: rows are
+attended in groups of DECODE_GATHER_TOKENS // kv_len, so a full batch over a long context's bucket does not need a
+copy of K/V as large as the cache itself. The largest group is kept out of the KV budget
+(`activation_reserve_bytes`)."""
 MIN_DEFAULT_MODEL_LEN = 4096
 """When the cache cannot give every slot the model's full context, keep at least this much per slot
 (or the model's own limit) and run fewer slots instead."""
@@ -137,7 +142,10 @@ def activation_reserve_bytes(hf_config, dtype: torch.dtype, *, num_slots: int, m
     element = torch.empty((), dtype=dtype).element_size()
     slots = max(num_slots, 1)
     per_token = (8 * hf_config.hidden_size + 4 * hf_config.intermediate_size) * element
-    reserve = max_prefill_tokens * per_token + slots * hf_config.vocab_size * SAMPLING_BYTES_PER_LOGIT
+    # A decode step's K/V gathered through the block tables, one layer and one group of rows at a time.
+    gather = DECODE_GATHER_TOKENS * kv_bytes_per_token(hf_config, dtype) // hf_config.num_hidden_layers
+    reserve = (max_prefill_tokens * per_token + slots * hf_config.vocab_size * SAMPLING_BYTES_PER_LOGIT
+               + gather * (2 if decode_graphs else 1))  # with graphs the pool keeps one; prefill gathers apart
     if decode_graphs:
         reserve += slots * (per_token + hf_config.vocab_size * (element + 4 + 4)) + (64 << 20)
     return reserve
@@ -361,7 +369,10 @@ class ModelRunner:
         hidden = self.embed_tokens(input_ids.unsqueeze(1))
         cos, sin = self.rotary_emb(hidden, positions.unsqueeze(1))
         lengths = (positions + 1).to(torch.int32)
-        plan = self.attention.decode_plan(lengths, kv_len)
+        # Rows in groups whose gathered K/V stay within DECODE_GATHER_TOKENS (one group, unless the bucket is long).
+        group = max(1, DECODE_GATHER_TOKENS // kv_len)
+        groups = [(first, min(first + group, batch)) for first in range(0, batch, group)]
+        plans = [self.attention.decode_plan(lengths[first:last], kv_len) for first, last in groups]
         heads = (self.num_kv_heads, self.head_dim)
         for index, layer in enumerate(self.layers):
             residual = hidden
@@ -369,9 +380,14 @@ class ModelRunner:
             k_blocks, v_blocks = self.k_cache[index], self.v_cache[index]
             k_blocks.view(-1, *heads)[cache_rows] = key[:, 0]
             v_blocks.view(-1, *heads)[cache_rows] = value[:, 0]
-            # The rows' blocks gathered into [B, kv_len, ...], the contiguous form attention reads.
-            attention = self.attention.decode(query[:, 0], k_blocks[block_tables].view(batch, kv_len, *heads),
-                                              v_blocks[block_tables].view(batch, kv_len, *heads), plan)
+            # The rows' blocks gathered into [rows, kv_len, ...], the contiguous form attention reads.
+            attended = [
+                self.attention.decode(query[first:last, 0],
+                                      k_blocks[block_tables[first:last]].view(last - first, kv_len, *heads),
+                                      v_blocks[block_tables[first:last]].view(last - first, kv_len, *heads), plan)
+                for (first, last), plan in zip(groups, plans)
+            ]
+            attention = attended[0] if len(attended) == 1 else torch.cat(attended)
             hidden = residual + layer.self_attn.o_proj(attention.unsqueeze(1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return self.lm_head(self.norm(hidden[:, 0])).float()
