@@ -1157,9 +1157,8 @@ def test_a_random_mix_under_overlap_gives_each_request_its_tokens_one_step_at_a_
 
 
 def test_a_sequence_reaching_the_context_end_while_others_go_on_matches_hf_greedy(make_engine, hf_model):
-    """A sequence that fills the context exactly, in a batch that goes on: under run-ahead its row in the step
-    launched after its last token sits at the scratch position (the context's last); every sequence still gets HF's
-    tokens."""
+    """A sequence that fills the context exactly, in a batch that goes on: under run-ahead no row of it is launched
+    past its last token (its blocks end at the context's end), and every sequence still gets HF's tokens."""
     engine = make_engine(max_num_seqs=3, max_model_len=64)
     cases = [(random_prompt(40, seed=30), 64 - 40), (random_prompt(5, seed=31), 40), (random_prompt(10, seed=32), 45)]
     results = asyncio.run(greedy_tokens(engine, cases))
