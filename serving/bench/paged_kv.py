@@ -204,7 +204,7 @@ def compare(old: dict, new: dict) -> str:
         length = after["prefix_len"]
         rows.append([f"TTFT, {length}-token prefix uncached, ms", model, f"{before['uncached_ms']:,.1f}",
                      f"{after['uncached_ms']:,.1f}", f"{after['uncached_ms'] / before['uncached_ms']:.2f}x"])
-        rows.append([f"TTFT, same prefix sent again, ms", model, f"{before['cached_ms']:,.1f}",
+        rows.append(["TTFT, same prefix sent again, ms", model, f"{before['cached_ms']:,.1f}",
                      f"{after['cached_ms']:,.1f}", f"{before['cached_ms'] / after['cached_ms']:.1f}x faster"])
     for model in new["admission"]:
         before, after = old["admission"].get(model), new["admission"][model]

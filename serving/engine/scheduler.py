@@ -25,7 +25,6 @@ EOS is known to have ended only when that token is read back; a row already laid
 """
 from __future__ import annotations
 
-import heapq
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
