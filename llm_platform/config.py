@@ -497,7 +497,7 @@ class ModelConfig:
     """Concurrent sequences per replica (MAX_NUM_SEQS); the image picks a default when unset."""
     max_model_len: int | None = field(default=None, metadata={"min": 16})
     """Context window per sequence (MAX_MODEL_LEN)."""
-    kv_block_size: int = field(default=16, metadata={"min": 1, "max": 1024})
+    kv_block_size: int = 16
     """Tokens per block of the builtin engine's paged KV cache (BLOCK_SIZE); the plan counts blocks of this size
     (vLLM's own default is also 16)."""
     prefix_caching: bool = True
@@ -1202,6 +1202,10 @@ def owned_vllm_flag(arg: str) -> str | None:
     return None
 
 
+KV_BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+"""The block sizes the builtin engine accepts (its BLOCK_SIZE; tests/platform/test_kv_plan.py keeps them equal)."""
+
+
 def _validate_runtime(cfg: StackConfig, model: ModelConfig, key_path: str, reader: ConfigReader) -> None:
     """What the chosen runtime and workload can actually run: refused here rather than failing at load."""
     per_node = cfg.gpu_pool.gpus_per_node
@@ -1220,6 +1224,9 @@ def _validate_runtime(cfg: StackConfig, model: ModelConfig, key_path: str, reade
             reader.fail(f"{key_path}.vllm", "is for runtime: vllm; the builtin engine takes none of these settings")
         if model.workload == "leaderworkerset":
             reader.fail(f"{key_path}.workload", "'leaderworkerset' runs vLLM across nodes; use runtime: vllm")
+        if model.kv_block_size not in KV_BLOCK_SIZES:
+            reader.fail(f"{key_path}.kvBlockSize", f"{model.kv_block_size} is not a block size the builtin engine "
+                                                   f"takes; use one of {', '.join(map(str, KV_BLOCK_SIZES))}")
     else:
         _validate_vllm(model, dtype, key_path, reader)
         if model.kv_block_size != 16:

@@ -36,7 +36,8 @@ def engine_config(settings: Settings) -> EngineConfig:
                "max_model_len": settings.max_model_len, "max_waiting": settings.max_queue,
                "gpu_memory_utilization": settings.gpu_memory_utilization, "cuda_graphs": settings.cuda_graphs,
                "max_prefill_tokens_per_step": settings.max_prefill_tokens, "attention": settings.attention_backend,
-               "overlap": settings.overlap}
+               "overlap": settings.overlap, "block_size": settings.block_size,
+               "enable_prefix_caching": settings.enable_prefix_caching}
     try:
         return EngineConfig(**{name: value for name, value in options.items() if value is not None})
     except ValueError as exc:

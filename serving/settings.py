@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from serving.api_keys import KeyFileError, read_keys_file
+from serving.engine.block_manager import BLOCK_SIZES
 from serving.options import (
     LOG_LEVELS, Option, auto_switch, choice, fraction, non_negative_float, option_parser, port, positive_float,
-    positive_int, read_options, switch,
+    positive_int, read_options, switch, whole_number,
 )
 
 
@@ -67,6 +68,10 @@ class Settings:
     """Chunked-prefill budget per engine step; None keeps the engine's default."""
     attention_backend: str | None = None
     """`auto`, `flash` or `sdpa`: how attention reads the KV cache; None lets the engine choose (auto)."""
+    block_size: int | None = None
+    """Tokens per KV-cache block (a power of two up to 256); None keeps the engine's default (16)."""
+    enable_prefix_caching: bool | None = None
+    """Reuse the KV cache of prompts' shared full blocks across requests; None keeps the engine's default (on)."""
     overlap: bool | None = None
     """Overlap the engine's host work with the device (steps launched from tokens still on it); None: on CUDA only."""
     engine_process: bool = True
@@ -94,6 +99,13 @@ def default_max_body_bytes(max_model_len: int) -> int:
     return BODY_OVERHEAD_BYTES + BODY_BYTES_PER_TOKEN * max_model_len
 
 
+def _block_size(text: str) -> int:
+    value = whole_number(text)
+    if value not in BLOCK_SIZES:
+        raise ValueError(f"must be one of {', '.join(map(str, BLOCK_SIZES))}")
+    return value
+
+
 _OPTIONS = tuple(Option(*option) for option in (
     ("model_path", "--model-path", "MODEL_PATH", str, "model directory (required)"),
     ("model_name", "--model-name", "MODEL_NAME", str, "served model name (default: the directory's base name)"),
@@ -116,6 +128,10 @@ _OPTIONS = tuple(Option(*option) for option in (
      "prompt tokens prefilled per engine step (default 2048)"),
     ("attention_backend", "--attention-backend", "ATTENTION_BACKEND", choice("auto", "flash", "sdpa"),
      "auto, flash or sdpa: how attention reads the KV cache (default auto: flash where it applies)"),
+    ("block_size", "--block-size", "BLOCK_SIZE", _block_size,
+     "tokens per KV-cache block: a power of two up to 256 (default 16)"),
+    ("enable_prefix_caching", "--enable-prefix-caching", "ENABLE_PREFIX_CACHING", switch,
+     "on or off: reuse the KV cache of prompts' shared full blocks across requests (default on)"),
     ("overlap", "--overlap", "OVERLAP", auto_switch,
      "auto, on or off: launch each engine step before the last one's tokens are read back (default auto: on CUDA)"),
     ("engine_process", "--engine-process", "ENGINE_PROCESS", switch,

@@ -124,7 +124,7 @@ def stub_runner(num_slots: int, max_model_len: int, vocab: int, device_ms: float
         runner.device_busy.append((start, device_free))
         return DeviceLogits.of(result, device_free)
 
-    def step(inputs: torch.Tensor, kv_len: int):
+    def step(inputs: torch.Tensor, block_tables: torch.Tensor, kv_len: int):
         runner.decode_times.append(time.perf_counter())
         if not device_ms:
             return logits[: inputs.shape[1]]
@@ -133,7 +133,7 @@ def stub_runner(num_slots: int, max_model_len: int, vocab: int, device_ms: float
     runner.use_graphs(step)
     if device_ms and prefill_us:
         def prefill(chunks):
-            inputs, wanted_rows, _ = runner.prefill_inputs(chunks)  # the pass's host side, as in serving
+            inputs, _, wanted_rows, _ = runner.prefill_inputs(chunks)  # the pass's host side, as in serving
             if wanted_rows is None:
                 return None
             return run_on_device(logits[: wanted_rows.shape[0]], inputs.shape[1] * prefill_us / 1e6)

@@ -75,8 +75,7 @@ def attentions(runner: ModelRunner, names: list[str], dtype: torch.dtype) -> tup
 
 
 def row_lengths(batch: int, kv_len: int) -> torch.Tensor:
-    """Valid K/V per row: seeded, uniform between kv_len / 4 and kv_len - 1 (a row at the cache's last position
-    would be the runner's scratch row)."""
+    """Valid K/V per row: seeded, uniform between kv_len / 4 and kv_len - 1."""
     generator = torch.Generator().manual_seed(batch)
     return torch.randint(max(kv_len // 4, 1), kv_len, (batch,), generator=generator)
 
@@ -93,8 +92,8 @@ def decode_rows(runner: ModelRunner, config, args, device, dtype, backends: dict
         graphs = None
         if device.type == "cuda" and not args.no_graphs:
             graphs = DecodeGraphs(runner.decode_step, batch_buckets=args.batches, kv_len_buckets=[kv_len],
-                                  vocab_size=runner.vocab_size, scratch_position=runner.scratch_position,
-                                  device=device)
+                                  vocab_size=runner.vocab_size, block_size=runner.block_size,
+                                  scratch_block=runner.scratch_block, device=device)
             try:
                 graphs.capture()
             except Exception as exc:  # noqa: BLE001 - recorded; the eager numbers still come out
@@ -103,9 +102,16 @@ def decode_rows(runner: ModelRunner, config, args, device, dtype, backends: dict
         for batch in args.batches:
             lengths = row_lengths(batch, args.kv_len)
             tokens = torch.randint(10, config.vocab_size, (batch,), generator=torch.Generator().manual_seed(batch))
-            inputs = torch.stack([tokens, lengths - 1]).to(device)
-            eager = timed(lambda: runner.decode_step(inputs[0], inputs[1], kv_len), device, args.repeat)
-            graphed = timed(lambda: graphs(inputs, kv_len), device, args.repeat) if graphs else None
+            # Row i holds blocks i * W .. (i + 1) * W - 1 of the pool, W = kv_len / block_size.
+            width = kv_len // runner.block_size
+            tables = torch.arange(batch * width).view(batch, width).to(device)
+            positions = lengths - 1
+            cache_rows = tables.cpu().gather(1, (positions // runner.block_size).view(-1, 1)).view(-1) \
+                * runner.block_size + positions % runner.block_size
+            inputs = torch.stack([tokens, positions, cache_rows]).to(device)
+            eager = timed(lambda: runner.decode_step(inputs[0], inputs[1], inputs[2], tables, kv_len), device,
+                          args.repeat)
+            graphed = timed(lambda: graphs(inputs, tables, kv_len), device, args.repeat) if graphs else None
             best = min(t for t in (eager, graphed) if t is not None)
             rows.append({"what": "decode step", "attention": name, "batch": batch, "kv_len": kv_len,
                          "mean_len": round(lengths.float().mean().item()), "eager_ms": eager, "graph_ms": graphed,
@@ -126,7 +132,9 @@ def prefill_rows(runner: ModelRunner, config, args, device, backends: dict) -> l
     generator = torch.Generator().manual_seed(1)
     prompts = [torch.randint(10, config.vocab_size, (args.prompt_len,), generator=generator).tolist()
                for _ in range(args.prompts)]
-    chunks = [PrefillChunk(slot, prompt, 0, want_logits=True) for slot, prompt in enumerate(prompts)]
+    per = runner.max_blocks_per_seq
+    chunks = [PrefillChunk(slot, prompt, 0, want_logits=True, block_table=range(slot * per, (slot + 1) * per))
+              for slot, prompt in enumerate(prompts)]
     tokens = args.prompts * args.prompt_len
     rows = []
     for name, attention in backends.items():
@@ -154,12 +162,14 @@ def attention_rows(runner: ModelRunner, config, args, device, dtype, backends: d
     for batch in args.batches:
         lengths = row_lengths(batch, args.kv_len).to(device=device, dtype=torch.int32)
         query = torch.randn(batch, shape.num_heads, shape.head_dim, generator=generator, device=device, dtype=dtype)
-        expected = reference.decode(query, k_layer, v_layer, reference.decode_plan(lengths, kv_len)).float()
+        # The step's K/V as the runner gathers them: [batch, kv_len, ...], contiguous.
+        k_step, v_step = k_layer[:batch, :kv_len].contiguous(), v_layer[:batch, :kv_len].contiguous()
+        expected = reference.decode(query, k_step, v_step, reference.decode_plan(lengths, kv_len)).float()
         valid_bytes = 2 * int(lengths.sum()) * shape.num_kv_heads * shape.head_dim * k_layer.element_size()
         for name, attention in backends.items():
             plan = attention.decode_plan(lengths, kv_len)
-            ms = timed(lambda: attention.decode(query, k_layer, v_layer, plan), device, args.repeat)
-            got = attention.decode(query, k_layer, v_layer, plan).float()
+            ms = timed(lambda: attention.decode(query, k_step, v_step, plan), device, args.repeat)
+            got = attention.decode(query, k_step, v_step, plan).float()
             rows.append({"what": "decode attention, all layers", "attention": name, "batch": batch,
                          "kv_len": kv_len, "ms": ms * config.num_hidden_layers,
                          "floor_ms": valid_bytes * config.num_hidden_layers / (args.hbm_tb_s * 1e12) * 1e3,

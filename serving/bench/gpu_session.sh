@@ -73,6 +73,30 @@ load_stage load 170 "$levels"
 # If the server with its defaults failed, stage 5 measures every level with SDPA attention instead.
 sdpa_levels=$variant_levels
 [ "$last_rc" = 0 ] || sdpa_levels=$levels
+# 3b. The paged KV cache against the contiguous layout before it (issue 21), the same measurements as the CPU table
+#     in docs/BENCHMARKS.md: TTFT with a 1,000-token prefix cached and not, sequences admitted for the KV memory of
+#     16 x 4k, output tokens/s at 16 and 64 streams. The old layout is the engine at PAGED_KV_BASE
+#     (prepare_gpu_session.sh exports it into .gpu-session/base; the rehearsal exports it here).
+paged_base=.gpu-session/base
+if [ ! -d "$paged_base/serving" ] && [ "$SMOKE" = 1 ]; then
+  paged_base=$OUT/base && mkdir -p "$paged_base"
+  git archive "${PAGED_KV_BASE:-5f72b6e}" serving | tar -x -C "$paged_base"
+fi
+if [ "$SMOKE" = 1 ]; then
+  "$PY" -m serving.bench.paged_kv build --out "$OUT/paged-kv-models" --shapes tiny-4k >"$OUT/paged-kv-build.log" 2>&1
+  paged_models="tiny=$OUT/paged-kv-models/tiny-4k"; paged_extra=(--repeat 1 --rounds 1 --admission-requests 64)
+else
+  paged_models="llama-3.2-1b=/tmp/bench-$shape"; paged_extra=(--repeat 3 --rounds 3)
+fi
+paged_stage() {  # paged_stage NAME LIMIT_S ENGINE_ROOT LABEL: one layout's measurements, that layout's engine first
+  local name=$1 limit=$2 root=$3 label=$4
+  stage "$name" "$limit" env PYTHONPATH="$root:${PYTHONPATH:-$PWD}" "$PY" serving/bench/paged_kv.py measure \
+    --model-names "$paged_models" --label "$label" --device "$device" --dtype "$dtype" "${paged_extra[@]}" \
+    --json-out "$OUT/$name.json"
+}
+paged_stage paged-kv-old 60 "$paged_base" contiguous
+paged_stage paged-kv-new 60 "$PWD" paged
+"$PY" -m serving.bench.paged_kv compare "$OUT/paged-kv-old.json" "$OUT/paged-kv-new.json" >"$OUT/paged-kv.md" 2>&1
 # 4. The baselines, in the same call, with the machine's own transformers (the script was written for it).
 if [ "$SMOKE" != 1 ]; then
   stage baselines 100 env PYTHONPATH= "$PY" .gpu-session/h100_baselines.py --preset llama-3.2-1b \
@@ -107,8 +131,8 @@ stage liveness 45 "$PY" -m serving.bench.liveness --model-path "/tmp/bench-$shap
   --clients 8 --json-out "$OUT/liveness.json"
 
 echo; cat "$OUT/env.txt"; echo
-for name in gputests steps load baselines load-sdpa load-stepwise load-prefill8k http-on load-thread http-off \
-            http-requests gateway liveness; do
+for name in gputests steps load paged-kv-old paged-kv-new baselines load-sdpa load-stepwise load-prefill8k http-on \
+            load-thread http-off http-requests gateway liveness; do
   [ -f "$OUT/$name.log" ] || continue
   echo "== $name (tail)"; tail -n 12 "$OUT/$name.log"; echo
 done

@@ -16,4 +16,6 @@ $pip download -q --dest "$dest/wheels" "${target[@]}" -r "$dest/requirements.txt
 $pip download -q --dest "$dest/wheels" "${target[@]}" --no-deps "$(grep -E '^accelerate==' serving/requirements.txt)"
 rm -f "$dest"/wheels/numpy-*.whl  # the GPU machine's torch was built against its own numpy
 cp ../shared/bench/h100_baselines.py "$dest/"
+# The engine before the paged KV cache, for gpu_session.sh's old-against-new comparison (stage paged-kv-old).
+mkdir -p "$dest/base" && git archive "${PAGED_KV_BASE:-5f72b6e}" serving | tar -x -C "$dest/base"
 du -sh "$dest"

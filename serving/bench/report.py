@@ -107,6 +107,9 @@ def report(out: Path) -> str:
         parts.append("The HTTP process's work per request on this machine's CPU: one-token outputs, so its CPU per "
                      "token is its CPU per request (`serving.bench.http_layer --out-min 1 --out-max 1`):\n\n"
                      + http_layer.format_table(requests["levels"]))
+    if (paged := out / "paged-kv.md").is_file() and paged.read_text().startswith("|"):
+        parts.append("The paged KV cache against the contiguous layout before it (`serving.bench.paged_kv`):\n\n"
+                     + paged.read_text().strip())
     if base:
         parts.append("Baselines in the same call (`h100_baselines.py`):\n\n" + baselines(base))
     if (summary := out / "summary.txt").is_file():

@@ -1,8 +1,10 @@
 """Attention over the engine's KV cache, in two interchangeable implementations behind one small interface.
 
-The cache holds, per layer, K and V as [num_slots, max_model_len, kv_heads, head_dim]: token-major, the layout
-flash kernels read, so a slot's first n tokens are n consecutive rows of the layer viewed as
-[num_slots * max_model_len, kv_heads, head_dim]. The model runner writes K/V; an `Attention` only reads them.
+K and V are token-major ([tokens, kv_heads, head_dim]), the layout flash kernels read. The cache itself is paged
+(`serving.engine.model_runner`); the runner gathers each step's K/V through the block tables and hands an
+`Attention` the contiguous form: a decode step's [B, kv_len, kv_heads, head_dim] (row b's first `lengths[b]` tokens
+valid), a prefill pass's K/V of every chunk up to its end, packed chunk after chunk. The model runner writes K/V; an
+`Attention` only reads them.
 
 - `SdpaAttention` (any device, any dtype): `F.scaled_dot_product_attention`. A decode step attends over the
   batch's KV-length bucket under a length mask, so every row reads K/V up to the longest row's bucket; a prefill
@@ -52,7 +54,9 @@ class AttentionShape:
     head_dim: int
     scale: float
     num_slots: int
+    """Decode rows (the largest batch)."""
     max_model_len: int
+    """The longest K/V a decode step reads (the context in whole blocks)."""
     device: torch.device
 
     @property
@@ -63,10 +67,11 @@ class AttentionShape:
 
 @dataclass(frozen=True)
 class ChunkSpan:
-    """One prompt chunk of a prefill pass: query rows first..last of the packed pass, cache positions start..end
-    of its slot (the chunk's own tokens are the last last - first of them)."""
+    """One prompt chunk of a prefill pass: query rows first..last of the packed pass, positions start..end of its
+    sequence (the chunk's own tokens are the last last - first of them), whose K/V (positions 0..end) are rows
+    kv_start..kv_start + end of the pass's packed K/V."""
 
-    slot: int
+    kv_start: int
     first: int
     last: int
     start: int
@@ -81,18 +86,20 @@ class Attention(Protocol):
     shape: AttentionShape
 
     def decode_plan(self, lengths: torch.Tensor, kv_len: int) -> object:
-        """`lengths` int32 [B]: valid cache tokens of row i (slot i), including the token just written;
+        """`lengths` int32 [B]: valid cache tokens of row i, including the token just written;
         `kv_len` >= every length, the step's KV bucket."""
 
     def decode(self, query: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, plan: object) -> torch.Tensor:
-        """`query` [B, heads, head_dim] -> [B, heads * head_dim]."""
+        """`query` [B, heads, head_dim], `k_layer`/`v_layer` contiguous [B, kv_len, kv_heads, head_dim]
+        -> [B, heads * head_dim]."""
 
     def prefill_plan(self, spans: Sequence[ChunkSpan]) -> object:
         ...
 
     def prefill(self, query: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, plan: object) -> torch.Tensor:
-        """`query` [T, heads, head_dim] (every chunk's tokens, packed) -> [T, heads * head_dim]; each chunk attends
-        causally to its slot's cache up to its own end."""
+        """`query` [T, heads, head_dim] (every chunk's tokens, packed), `k_layer`/`v_layer` every chunk's K/V up to
+        its end, packed (`ChunkSpan.kv_start`) -> [T, heads * head_dim]; each chunk attends causally to its K/V up to
+        its own end."""
 
 
 class SdpaAttention:
@@ -133,8 +140,8 @@ class SdpaAttention:
         for span, mask in plan:
             out = F.scaled_dot_product_attention(
                 query[span.first : span.last].transpose(0, 1).unsqueeze(0),
-                k_layer[span.slot, : span.end].transpose(0, 1).unsqueeze(0),
-                v_layer[span.slot, : span.end].transpose(0, 1).unsqueeze(0),
+                k_layer[span.kv_start : span.kv_start + span.end].transpose(0, 1).unsqueeze(0),
+                v_layer[span.kv_start : span.kv_start + span.end].transpose(0, 1).unsqueeze(0),
                 attn_mask=mask,
                 is_causal=mask is None,
                 scale=self.shape.scale,
@@ -150,22 +157,22 @@ FlashForward = Callable[..., tuple]
 
 
 class FlashAttention:
-    """The flash kernel's variable-length form over the cache viewed as [slots * max_model_len, kv_heads, dim]:
-    sequence b starts at row `cu_seq_k[b]` (its slot's first row) and has `seqused_k[b]` valid tokens."""
+    """The flash kernel's variable-length form over the step's K/V viewed as [rows, kv_heads, dim]: sequence b
+    starts at row `cu_seq_k[b]` and has `seqused_k[b]` valid tokens."""
 
     name = "flash"
 
     def __init__(self, shape: AttentionShape, forward: FlashForward | None = None) -> None:
         self.shape = shape
         self._forward = forward or torch.ops.aten._flash_attention_forward
-        rows = torch.arange(shape.num_slots + 1, dtype=torch.int32, device=shape.device)
-        # Decode: one query token per row, and slot b's first cache row (rows are slots in a decode step).
-        self._decode_cu_q = rows
-        self._decode_cu_k = rows * shape.max_model_len
+        # Decode: one query token per row.
+        self._decode_cu_q = torch.arange(shape.num_slots + 1, dtype=torch.int32, device=shape.device)
 
     def decode_plan(self, lengths: torch.Tensor, kv_len: int) -> object:
         batch = lengths.shape[0]
-        return self._decode_cu_q[: batch + 1], self._decode_cu_k[: batch + 1], lengths, kv_len
+        cu_q = self._decode_cu_q[: batch + 1]
+        # Row b's K/V start at b * kv_len of the gathered [B, kv_len, ...] (a device op: graphs capture it).
+        return cu_q, cu_q * kv_len, lengths, kv_len
 
     def decode(self, query: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, plan: object) -> torch.Tensor:
         cu_q, cu_k, lengths, kv_len = plan
@@ -186,7 +193,7 @@ class FlashAttention:
         s = self.shape
         table = to_device(torch.tensor(
             [[span.first for span in spans] + [spans[-1].last],
-             [span.slot * s.max_model_len for span in spans] + [s.num_slots * s.max_model_len],
+             [span.kv_start for span in spans] + [spans[-1].kv_start + spans[-1].end],
              [span.end for span in spans] + [0]],
             dtype=torch.int32,
         ), s.device)
@@ -196,8 +203,8 @@ class FlashAttention:
     def prefill(self, query: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, plan: object) -> torch.Tensor:
         cu_q, cu_k, ends, max_q, max_k = plan
         s = self.shape
-        # Causal in the flash kernel is aligned to the bottom-right corner: a chunk's i-th token sees its slot's
-        # cache up to position end - chunk length + i, so a later chunk also sees its cached prefix.
+        # Causal in the flash kernel is aligned to the bottom-right corner: a chunk's i-th token sees its K/V up to
+        # position end - chunk length + i, so a later chunk also sees its cached prefix.
         out = self._forward(
             query,
             k_layer.view(-1, s.num_kv_heads, s.head_dim),
@@ -248,13 +255,18 @@ def disagreement(candidate: Callable[[AttentionShape], Attention], shape: Attent
     query = torch.randn(slots, s.num_heads, s.head_dim, generator=generator, device=device, dtype=dtype)
     kv_len = min(s.max_model_len, -(-length // 256) * 256)
     head, tail = max(length // 4, 1), min(3, length)
-    spans = [ChunkSpan(slot=slots - 1, first=0, last=head, start=0, end=head),
-             ChunkSpan(slot=0, first=head, last=head + tail, start=length - tail, end=length)]
+    chunk_slots = (slots - 1, 0)
+    spans = [ChunkSpan(kv_start=0, first=0, last=head, start=0, end=head),
+             ChunkSpan(kv_start=head, first=head, last=head + tail, start=length - tail, end=length)]
     packed = torch.randn(spans[-1].last, s.num_heads, s.head_dim, generator=generator, device=device, dtype=dtype)
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    # The contiguous forms the runner gathers: [B, kv_len, ...] for decode, each chunk's K/V packed for prefill.
+    k_step, v_step = k_layer[:, :kv_len].contiguous(), v_layer[:, :kv_len].contiguous()
+    k_packed = torch.cat([k_layer[slot, :span.end] for slot, span in zip(chunk_slots, spans)])
+    v_packed = torch.cat([v_layer[slot, :span.end] for slot, span in zip(chunk_slots, spans)])
     for what, run in (
-        ("decode", lambda impl: impl.decode(query, k_layer, v_layer, impl.decode_plan(lengths, kv_len))),
-        ("prefill", lambda impl: impl.prefill(packed, k_layer, v_layer, impl.prefill_plan(spans))),
+        ("decode", lambda impl: impl.decode(query, k_step, v_step, impl.decode_plan(lengths, kv_len))),
+        ("prefill", lambda impl: impl.prefill(packed, k_packed, v_packed, impl.prefill_plan(spans))),
     ):
         try:
             got, expected = run(implementation).float(), run(reference).float()

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from serving.engine.block_manager import BLOCK_SIZES, DEFAULT_BLOCK_SIZE
+
 Attention = Literal["auto", "flash", "sdpa"]
 Device = Literal["auto", "cuda", "cpu"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
@@ -32,9 +34,10 @@ class EngineConfig:
     """Weights, activations and KV cache. `auto` is bfloat16 on CUDA and float32 on CPU (CPU half-precision
     matmuls are slow and poorly supported)."""
     max_num_seqs: int | None = None
-    """Slots: the most requests that run (prefill or decode) together. None picks 64 on a GPU and 8 on CPU.
-    The KV cache holds max_num_seqs x max_model_len tokens; when that does not fit the memory budget, a default
-    max_model_len is shortened first (not below 4096), then slots are dropped, and the result is logged."""
+    """Rows: the most requests that run (prefill or decode) together. None picks 64 on a GPU and 8 on CPU.
+    The KV cache holds at most max_num_seqs x max_model_len tokens, in blocks; when the memory budget holds fewer,
+    requests are admitted as their blocks fit (short requests still fill every row), a default max_model_len is
+    shortened to what the budget holds if need be (not below 4096), and the result is logged."""
     max_model_len: int | None = None
     """Prompt plus generated tokens per request. None takes the model's `max_position_embeddings`
     (the sliding window, if the model uses one), lowered to what the KV cache can hold for every slot."""
@@ -63,6 +66,16 @@ class EngineConfig:
     scaled_dot_product_attention over the batch's KV-length bucket (any device). `auto` takes flash where it
     applies and agrees with SDPA on a check run at load, otherwise SDPA; if decode graphs cannot be captured with
     flash, it captures them with SDPA. An explicit `flash` that cannot be used fails the load, saying why."""
+    block_size: int = DEFAULT_BLOCK_SIZE
+    """Tokens per KV-cache block: the unit requests are given cache in, and that the prefix cache reuses (only
+    full blocks are shared). A power of two up to 256."""
+    num_kv_blocks: int | None = None
+    """The KV pool's size in blocks, instead of what the memory budget gives (tests and benchmarks compare layouts
+    at the same KV memory with it). It must hold one sequence of max_model_len."""
+    enable_prefix_caching: bool = True
+    """Keep the K/V of full blocks after their request ends, named by their tokens and prefix, and let a new request
+    whose prompt starts the same reuse them instead of prefilling them again (least recently used evicted first).
+    Outputs are the same either way."""
     warmup_tokens: int = 8
     """Length of the warm-up request's prompt and of its output, run by `start()` before the engine reports
     ready (first-call allocations and kernel selection happen then, not on a client's request). 0 skips it."""
@@ -75,6 +88,7 @@ class EngineConfig:
         _require_positive("max_num_seqs", self.max_num_seqs, allow_none=True)
         _require_positive("max_model_len", self.max_model_len, allow_none=True)
         _require_positive("max_waiting", self.max_waiting)
+        _require_positive("num_kv_blocks", self.num_kv_blocks, allow_none=True)
         _require_positive("max_prefill_tokens_per_step", self.max_prefill_tokens_per_step)
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization: {self.gpu_memory_utilization} must be in (0, 1]")
@@ -84,6 +98,10 @@ class EngineConfig:
             raise ValueError(f"overlap: {self.overlap!r} must be true, false or unset (auto)")
         if not isinstance(self.cuda_graphs, bool):
             raise ValueError(f"cuda_graphs: {self.cuda_graphs!r} must be true or false")
+        if self.block_size not in BLOCK_SIZES:
+            raise ValueError(f"block_size: {self.block_size!r} is not one of {', '.join(map(str, BLOCK_SIZES))}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching: {self.enable_prefix_caching!r} must be true or false")
         if self.warmup_tokens < 0:
             raise ValueError(f"warmup_tokens: {self.warmup_tokens} must be 0 (no warm-up) or more")
 

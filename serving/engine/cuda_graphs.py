@@ -29,26 +29,32 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("serving.engine")
 
-Step = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
-"""`decode_step(input_ids [B], positions [B], kv_len) -> float32 logits [B, vocab]`."""
+Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+"""`decode_step(input_ids [B], positions [B], cache_rows [B], block_tables [B, kv_len / block_size], kv_len)
+-> float32 logits [B, vocab]`."""
 
 
 class DecodeGraphs:
-    """Replays captured decode steps; called as `graphs(inputs [2, B], kv_len)` like the eager step.
+    """Replays captured decode steps; called as `graphs(inputs [3, B], block_tables [B, W], kv_len)` like the eager
+    step.
 
-    `inputs` rows are token ids and positions for rows 0..B-1, B a batch bucket. The result is a view
-    of the static logits buffer, valid until the next call.
+    `inputs` rows are token ids, positions and cache rows for rows 0..B-1, B a batch bucket; `block_tables` has
+    W = kv_len / block_size columns, a fixed shape per bucket, copied into a static table like the inputs. The
+    result is a view of the static logits buffer, valid until the next call.
     """
 
     def __init__(self, step: Step, *, batch_buckets: Iterable[int], kv_len_buckets: Iterable[int],
-                 vocab_size: int, scratch_position: int, device: torch.device) -> None:
+                 vocab_size: int, block_size: int, scratch_block: int, device: torch.device) -> None:
         self._step = step
         self.batch_buckets = sorted(set(batch_buckets))
         self.kv_len_buckets = sorted(set(kv_len_buckets))
+        self._block_size = block_size
         max_batch = self.batch_buckets[-1]
-        # Rows that no request uses feed token 0 at the scratch position (written, never read).
-        self._inputs = torch.zeros(2, max_batch, dtype=torch.long, device=device)
-        self._inputs[1].fill_(scratch_position)
+        # Rows that no request uses feed token 0 at position 0 of the scratch block (written, never read).
+        self._inputs = torch.zeros(3, max_batch, dtype=torch.long, device=device)
+        self._inputs[2].fill_(scratch_block * block_size)
+        self._tables = torch.full((max_batch, self.kv_len_buckets[-1] // block_size), scratch_block,
+                                  dtype=torch.long, device=device)
         self._logits = torch.zeros(max_batch, vocab_size, dtype=torch.float32, device=device)
         self._replays: dict[tuple[int, int], Callable[[], None]] = {}
 
@@ -56,7 +62,8 @@ class DecodeGraphs:
     def for_runner(cls, runner) -> "DecodeGraphs":
         """Graphs for every decode shape of a `ModelRunner`, replaying its `decode_step`."""
         return cls(runner.decode_step, batch_buckets=runner.batch_buckets, kv_len_buckets=runner.kv_len_buckets,
-                   vocab_size=runner.vocab_size, scratch_position=runner.scratch_position, device=runner.device)
+                   vocab_size=runner.vocab_size, block_size=runner.block_size, scratch_block=runner.scratch_block,
+                   device=runner.device)
 
     @property
     def shapes(self) -> list[tuple[int, int]]:
@@ -68,10 +75,11 @@ class DecodeGraphs:
         started = time.monotonic()
         with self._recorder() as record:
             for batch, kv_len in self.shapes:
-                ids, positions = self._inputs[0, :batch], self._inputs[1, :batch]
+                ids, positions, rows = self._inputs[0, :batch], self._inputs[1, :batch], self._inputs[2, :batch]
+                tables = self._tables[:batch, : kv_len // self._block_size]
 
-                def step(batch=batch, ids=ids, positions=positions, kv_len=kv_len) -> None:
-                    self._logits[:batch].copy_(self._step(ids, positions, kv_len))
+                def step(batch=batch, ids=ids, positions=positions, rows=rows, tables=tables, kv_len=kv_len) -> None:
+                    self._logits[:batch].copy_(self._step(ids, positions, rows, tables, kv_len))
 
                 self._replays[(batch, kv_len)] = record(step)
         logger.info("captured %d decode graphs (batch %s x kv_len %s) in %.1f s", len(self._replays),
@@ -100,12 +108,13 @@ class DecodeGraphs:
         torch.cuda.synchronize()
         logger.info("decode graphs hold %.0f MiB", (torch.cuda.memory_reserved() - reserved_before) / 2**20)
 
-    def __call__(self, inputs: torch.Tensor, kv_len: int) -> torch.Tensor:
+    def __call__(self, inputs: torch.Tensor, block_tables: torch.Tensor, kv_len: int) -> torch.Tensor:
         batch = inputs.shape[1]
         replay = self._replays.get((batch, kv_len))
         if replay is None:  # a shape outside the buckets (not produced by ModelRunner.decode): run it eagerly
-            return self._step(inputs[0], inputs[1], kv_len)
+            return self._step(inputs[0], inputs[1], inputs[2], block_tables, kv_len)
         self._inputs[:, :batch].copy_(inputs, non_blocking=True)
+        self._tables[:batch, : block_tables.shape[1]].copy_(block_tables, non_blocking=True)
         replay()
         return self._logits[:batch]
 

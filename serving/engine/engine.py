@@ -47,6 +47,7 @@ from serving.engine.interface import (
 )
 from serving.engine.loader import load_model, resolve_device, resolve_dtype
 from serving.engine.model_runner import (
+    KVCachePlan,
     ModelRunner,
     kv_bytes_per_token,
     kv_cache_budget_bytes,
@@ -54,7 +55,8 @@ from serving.engine.model_runner import (
     plan_kv_cache,
 )
 from serving.engine.sampling import RowSampling, sample_tokens
-from serving.engine.scheduler import Scheduler, Sequence, SlotPool, StepPlan, StopRule
+from serving.engine.block_manager import BlockManager
+from serving.engine.scheduler import Scheduler, Sequence, StepPlan, StopRule
 from serving.engine.stream import LoopSink, Mailbox, OutputSink, TokenStream
 
 logger = logging.getLogger("serving.engine")
@@ -149,8 +151,11 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.model_info = model_info
         self.config = config
-        self.scheduler = Scheduler(SlotPool(runner.num_slots, runner.max_model_len),
-                                   max_prefill_tokens=config.max_prefill_tokens_per_step)
+        self.scheduler = Scheduler(
+            BlockManager(runner.num_blocks, runner.block_size, runner.num_slots,
+                         enable_prefix_caching=config.enable_prefix_caching),
+            max_prefill_tokens=config.max_prefill_tokens_per_step,
+        )
         self._overlap = config.overlap if config.overlap is not None else runner.device.type == "cuda"
         self._wakeup = threading.Condition(threading.RLock())
         # Shared with callers, guarded by _wakeup. The scheduler is the loop thread's; callers only read its lengths.
@@ -163,7 +168,9 @@ class LLMEngine:
         self._dead = False
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
-        self._live_tokens = 0
+        self._kv_usage = 0.0
+        """Blocks held by running requests, as a fraction of the pool (copied from the loop thread's scheduler)."""
+        self._prefix_queried = self._prefix_hits = self._preemptions = 0
         # Owned by the loop thread.
         self._pending: list[_Request] = []
         """Requests the last read back gave tokens or ended, emitted during the next step (`_step`)."""
@@ -205,7 +212,14 @@ class LLMEngine:
             num_slots=num_slots,
             max_model_len=config.max_model_len or context_len,
             max_model_len_is_default=config.max_model_len is None,
+            block_size=config.block_size,
         )
+        if config.num_kv_blocks is not None:
+            if config.num_kv_blocks * plan.block_size < plan.max_model_len:
+                raise ModelLoadError(
+                    f"num_kv_blocks {config.num_kv_blocks} x block_size {plan.block_size} holds fewer tokens than one "
+                    f"sequence of max_model_len {plan.max_model_len}; raise num_kv_blocks or lower max_model_len")
+            plan = KVCachePlan(plan.num_slots, plan.max_model_len, config.num_kv_blocks, plan.block_size)
         runner = ModelRunner(loaded.model, plan,
                              attention=lambda shape: select_attention(config.attention, shape, dtype))
         if graphs:
@@ -219,9 +233,10 @@ class LLMEngine:
             device=str(device) if device.type == "cpu" else f"cuda:{device.index or 0}",
         )
         logger.info(
-            "engine ready to start: %s on %s (%s), %d slots x %d tokens of KV cache, %s attention",
-            Path(path).name, model_info.device, model_info.dtype, plan.num_slots, plan.max_model_len,
-            runner.attention.name,
+            "engine ready to start: %s on %s (%s), %d KV blocks of %d tokens, up to %d sequences of up to %d tokens, "
+            "prefix caching %s, %s attention",
+            Path(path).name, model_info.device, model_info.dtype, plan.num_blocks, plan.block_size, plan.num_slots,
+            plan.max_model_len, "on" if config.enable_prefix_caching else "off", runner.attention.name,
         )
         return cls(runner, loaded.tokenizer, model_info, config)
 
@@ -293,8 +308,11 @@ class LLMEngine:
                 waiting=self._num_waiting(),
                 running=len(self.scheduler.running),
                 max_running=self.runner.num_slots,
-                kv_cache_usage=self._live_tokens / self.scheduler.cache.capacity_tokens,
+                kv_cache_usage=self._kv_usage,
                 kv_cache_capacity_tokens=self.scheduler.cache.capacity_tokens,
+                prefix_cache_queried_tokens_total=self._prefix_queried,
+                prefix_cache_hit_tokens_total=self._prefix_hits,
+                preemptions_total=self._preemptions,
                 prompt_tokens_total=self._prompt_tokens_total,
                 generation_tokens_total=self._generation_tokens_total,
                 loop_alive=self._loop_alive(),
@@ -406,12 +424,13 @@ class LLMEngine:
         carried = self._in_flight
         sources: list[torch.Tensor] = carried.sources if carried is not None else []
         rows = carried.rows() if carried is not None else {}
-        decode, slots, positions = plan.decode, plan.slots, plan.positions
+        decode, slots, positions, tables = plan.decode, plan.slots, plan.positions, plan.block_tables
         if plan.chunks:
             logits = self.runner.prefill(plan.chunks)
             prefilled = plan.prefilled
             if prefilled:
-                first = self._choose(prefilled, logits, [0] * len(prefilled))
+                # After a preemption the prefill chooses a later token than the first (its bans follow the count).
+                first = self._choose(prefilled, logits, [len(seq.output_ids) for seq in prefilled])
                 if self._overlap:
                     offset = sum(source.shape[0] for source in sources)
                     for index, seq in enumerate(prefilled):
@@ -427,6 +446,7 @@ class LLMEngine:
                         decode = [decode[index] for index in kept]
                         slots = [slots[index] for index in kept]
                         positions = [positions[index] for index in kept]
+                        tables = [tables[index] for index in kept]
         if decode:
             token_ids, source_rows = [], []
             for seq in decode:
@@ -439,6 +459,7 @@ class LLMEngine:
             logits = self.runner.decode(
                 slots, token_ids, positions,
                 (sources, source_rows) if len(source_rows) != source_rows.count(-1) else None,
+                tables,
             )
             self._launching.append((decode, self._choose(decode, logits, [seq.launched - 1 for seq in decode])))
 
@@ -521,8 +542,11 @@ class LLMEngine:
                 items = batches[seq.sink] = []
             items.append((seq.handle, TokenOutput(new_tokens, reason)))
         generated = self.scheduler.generated_tokens
+        cache = self.scheduler.cache
         with self._wakeup:
-            self._live_tokens = self.scheduler.cache.used_tokens
+            self._kv_usage = cache.usage
+            self._prefix_queried, self._prefix_hits = cache.queried_tokens, cache.hit_tokens
+            self._preemptions = self.scheduler.num_preemptions
             self._generation_tokens_total += generated - self._generated_counted
         self._generated_counted = generated
         for sink, items in batches.items():
@@ -544,7 +568,7 @@ class LLMEngine:
             self._submitted.clear()
             self._aborted.clear()
             self.scheduler.abort_all()
-            self._live_tokens = 0
+            self._kv_usage = 0.0
         batches: dict[OutputSink, list[tuple[object, object]]] = {}
         for seq in live:
             # Their last output is this one, even if a stuck loop wakes up later and reads their tokens back.

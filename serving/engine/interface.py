@@ -61,7 +61,7 @@ class EngineStats:
     max_running: int
     """Slot count: the most requests that decode together."""
     kv_cache_usage: float
-    """Fraction (0..1) of the preallocated KV cache holding live tokens."""
+    """Fraction (0..1) of the KV cache's blocks held by running requests."""
     kv_cache_capacity_tokens: int
     prompt_tokens_total: int
     generation_tokens_total: int
@@ -69,6 +69,12 @@ class EngineStats:
     """False once the engine loop thread has died (liveness fails)."""
     device: str
     """`cuda:0` or `cpu`."""
+    prefix_cache_queried_tokens_total: int = 0
+    """Prompt tokens looked up in the prefix cache when their requests were admitted."""
+    prefix_cache_hit_tokens_total: int = 0
+    """Of those, tokens found cached (not prefilled again)."""
+    preemptions_total: int = 0
+    """Requests preempted (to be recomputed) because KV blocks ran out."""
 
 
 @dataclass(frozen=True)

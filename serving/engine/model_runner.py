@@ -1,23 +1,25 @@
-"""Our forward pass over a Hugging Face decoder, with a preallocated static KV cache.
+"""Our forward pass over a Hugging Face decoder, with a paged KV cache.
 
 HF's modules do everything that varies between architectures (weights, norms, MLP activation, RoPE
 variants such as llama3 scaling, tied embeddings, Qwen3's q/k norms); only attention and the cache
-are ours. The cache holds, per layer, K and V as [num_slots, max_model_len, kv_heads, head_dim]: one
-slot per running request, so a request's cache is a contiguous prefix of its slot, token-major as
-flash kernels read it. Activations stay token-major too ([batch, tokens, heads, head_dim]), so K/V
-go into the cache without a transpose.
+are ours. The cache holds, per layer, K and V as [num_blocks + 1, block_size, kv_heads, head_dim]: blocks of a
+pool that the scheduler's `BlockManager` hands out, a sequence's position p in block `block_table[p // block_size]`
+(the last block is scratch, written by decode rows no request uses and never read). Token-major, as flash kernels
+read it; activations stay token-major too ([batch, tokens, heads, head_dim]), so K/V go in without a transpose.
 
-- `prefill` runs chunks of several prompts in one forward pass, each written into its own slot; a
-  chunk attends causally to its cached prefix and itself, so long prompts can be split across steps.
-- `decode_step` is one batched step for slots 0..B-1 over fixed-shape tensors: a batch-size bucket
-  and `kv_len`, a bucketed bound on the longest live sequence (`kv_len_bucket`), so few shapes occur
-  and each can be captured once as a CUDA graph (`serving.engine.cuda_graphs`).
+- `prefill` runs chunks of several prompts in one forward pass, each writing through its own block table; a
+  chunk attends causally to its cached prefix (its own, or a prefix another request left in the cache) and itself.
+- `decode_step` is one batched step over rows 0..B-1 and fixed-shape tensors: a batch-size bucket, `kv_len` (a
+  bucketed bound on the longest live sequence, `kv_len_bucket`, a whole number of blocks) and a block table of
+  kv_len / block_size columns per row, so few shapes occur and each can be captured once as a CUDA graph
+  (`serving.engine.cuda_graphs`); the block table is one of the graph's inputs.
+- Attention reads K/V gathered through the block tables (`index_select` over whole blocks) into the contiguous
+  form `serving.engine.attention` takes: [B, kv_len, ...] per decode step, each chunk's [end, ...] packed per
+  prefill pass. PyTorch's flash kernel has no block-table form (`_flash_attention_forward` takes offsets into one
+  contiguous K/V), so flash pays the same gather; see docs/ENGINE_NOTES.md.
 - `decode` can take some rows' tokens from tensors still on the device (the tokens a step in flight, or a prefill
   pass, chose), so the engine can launch a step before reading the last one back. Every host-to-device copy is from
   pinned memory and launched before the pass: neither waits for the device.
-- Attention itself is `serving.engine.attention`'s: SDPA over the KV bucket, or the flash kernel's
-  variable-length form reading only each sequence's own K/V; both fold grouped-query heads so K/V
-  are read once per KV head.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from serving.engine.attention import Attention, AttentionShape, ChunkSpan, SdpaAttention
+from serving.engine.block_manager import DEFAULT_BLOCK_SIZE
 from serving.engine.interface import ModelLoadError
 from serving.engine.scheduler import PrefillChunk
 from serving.engine.transfer import to_device
@@ -42,6 +45,11 @@ KV_LEN_BUCKET = 256
 KV_LEN_LINEAR_MAX = 2048
 """...and beyond it to the next power of two: at most 2x the attention reads, and a handful of shapes
 (graphs) even for a 128k context."""
+DECODE_GATHER_TOKENS = 256 * 1024
+"""A decode step gathers at most this many tokens' K/V (per layer) at a time through the block tables: rows are
+attended in groups of DECODE_GATHER_TOKENS // kv_len, so a full batch over a long context's bucket does not need a
+copy of K/V as large as the cache itself. The largest group is kept out of the KV budget
+(`activation_reserve_bytes`)."""
 MIN_DEFAULT_MODEL_LEN = 4096
 """When the cache cannot give every slot the model's full context, keep at least this much per slot
 (or the model's own limit) and run fewer slots instead."""
@@ -50,7 +58,15 @@ MIN_DEFAULT_MODEL_LEN = 4096
 @dataclass(frozen=True)
 class KVCachePlan:
     num_slots: int
+    """Decode rows: the most requests that run together (rows cost no KV memory)."""
     max_model_len: int
+    num_blocks: int = 0
+    """KV blocks in the pool; 0 (the default) gives every row its full context."""
+    block_size: int = DEFAULT_BLOCK_SIZE
+
+    def __post_init__(self) -> None:
+        if not self.num_blocks:
+            object.__setattr__(self, "num_blocks", self.num_slots * -(-self.max_model_len // self.block_size))
 
 
 def kv_len_bucket(length: int, max_model_len: int) -> int:
@@ -126,34 +142,41 @@ def activation_reserve_bytes(hf_config, dtype: torch.dtype, *, num_slots: int, m
     element = torch.empty((), dtype=dtype).element_size()
     slots = max(num_slots, 1)
     per_token = (8 * hf_config.hidden_size + 4 * hf_config.intermediate_size) * element
-    reserve = max_prefill_tokens * per_token + slots * hf_config.vocab_size * SAMPLING_BYTES_PER_LOGIT
+    # A decode step's K/V gathered through the block tables, one layer and one group of rows at a time.
+    gather = DECODE_GATHER_TOKENS * kv_bytes_per_token(hf_config, dtype) // hf_config.num_hidden_layers
+    reserve = (max_prefill_tokens * per_token + slots * hf_config.vocab_size * SAMPLING_BYTES_PER_LOGIT
+               + gather * (2 if decode_graphs else 1))  # with graphs the pool keeps one; prefill gathers apart
     if decode_graphs:
         reserve += slots * (per_token + hf_config.vocab_size * (element + 4 + 4)) + (64 << 20)
     return reserve
 
 
 def plan_kv_cache(*, bytes_per_token: int, budget_bytes: int, num_slots: int, max_model_len: int,
-                  max_model_len_is_default: bool) -> KVCachePlan:
-    """Fit num_slots x max_model_len into the budget: shorten a default context first, then drop slots."""
+                  max_model_len_is_default: bool, block_size: int = DEFAULT_BLOCK_SIZE) -> KVCachePlan:
+    """Blocks for the budget: as many as every row at full context would take, or what the budget holds. Requests
+    are admitted by blocks, so a budget smaller than that runs as many rows as short requests allow; it only has to
+    hold one sequence of the context, which a default context is shortened to fit first (not below 4096)."""
     capacity_tokens = max(budget_bytes, 0) // bytes_per_token
-    if num_slots * max_model_len <= capacity_tokens:
-        return KVCachePlan(num_slots, max_model_len)
+    blocks_per_seq = -(-max_model_len // block_size)
+    if num_slots * blocks_per_seq * block_size <= capacity_tokens:
+        return KVCachePlan(num_slots, max_model_len, num_slots * blocks_per_seq, block_size)
     planned_len = max_model_len
     if max_model_len_is_default:
         floor = min(max_model_len, MIN_DEFAULT_MODEL_LEN)
-        planned_len = max(floor, min(max_model_len, capacity_tokens // num_slots))
-    planned_slots = min(num_slots, capacity_tokens // planned_len)
-    if planned_slots < 1:
+        planned_len = max(floor, min(max_model_len, capacity_tokens // block_size * block_size))
+    num_blocks = capacity_tokens // block_size
+    if num_blocks < -(-planned_len // block_size):
         raise ModelLoadError(
             f"the KV cache for one sequence of {planned_len} tokens needs "
             f"{planned_len * bytes_per_token / 2**30:.2f} GiB but only {max(budget_bytes, 0) / 2**30:.2f} GiB "
             "is left after the weights; lower max_model_len, raise gpu_memory_utilization, or use a larger GPU"
         )
     logger.warning(
-        "KV cache budget %.2f GiB holds %d tokens, not %d slots x %d tokens: running %d slots x %d tokens",
-        budget_bytes / 2**30, capacity_tokens, num_slots, max_model_len, planned_slots, planned_len,
+        "KV cache budget %.2f GiB holds %d blocks of %d tokens, not %d rows x %d tokens: requests are admitted as "
+        "their blocks fit (context %d)", budget_bytes / 2**30, num_blocks, block_size, num_slots, max_model_len,
+        planned_len,
     )
-    return KVCachePlan(planned_slots, planned_len)
+    return KVCachePlan(num_slots, planned_len, num_blocks, block_size)
 
 
 class ModelRunner:
@@ -182,89 +205,123 @@ class ModelRunner:
         self.vocab_size = model.config.vocab_size
         self.num_slots = plan.num_slots
         self.max_model_len = plan.max_model_len
+        self.num_blocks = plan.num_blocks
+        self.block_size = plan.block_size
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
 
-        cache_shape = (len(self.layers), self.num_slots, self.max_model_len, self.num_kv_heads, self.head_dim)
+        cache_shape = (len(self.layers), self.num_blocks + 1, self.block_size, self.num_kv_heads, self.head_dim)
         self.k_cache = torch.zeros(cache_shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(cache_shape, dtype=self.dtype, device=self.device)
-        self._slot_rows = torch.arange(self.num_slots, device=self.device)
+        self.scratch_block = self.num_blocks
+        """Written by decode rows no request uses; no block table a request holds names it."""
+        self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
+        self.max_kv_len = self.max_blocks_per_seq * self.block_size
+        """The longest K/V a decode step reads: the context, rounded up to whole blocks."""
         self.attention_shape = AttentionShape(
             num_heads=model.config.num_attention_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-            scale=self.scaling, num_slots=self.num_slots, max_model_len=self.max_model_len, device=self.device,
+            scale=self.scaling, num_slots=self.num_slots, max_model_len=self.max_kv_len, device=self.device,
         )
         self.attention = attention(self.attention_shape)
         self.batch_buckets = _batch_buckets(self.num_slots)
-        self.kv_len_buckets = kv_len_buckets(self.max_model_len)
-        self.scratch_position = self.max_model_len - 1
+        self.kv_len_buckets = kv_len_buckets(self.max_kv_len)
         self.graphs = None
 
     @property
     def capacity_tokens(self) -> int:
-        return self.num_slots * self.max_model_len
+        return self.num_blocks * self.block_size
 
     @torch.inference_mode()
     def prefill(self, chunks: Sequence[PrefillChunk]) -> torch.Tensor | None:
-        """Run prompt chunks of several slots in one forward pass; return float32 logits [n, vocab] of the
+        """Run prompt chunks of several requests in one forward pass; return float32 logits [n, vocab] of the
         last token of each chunk that wants them (in order), or None when none does.
 
         Tokens of all chunks are packed into one row, so projections, norms, MLP and the K/V writes run once
-        for the step whatever the number of prompts; attention reads each chunk's own slot.
+        for the step whatever the number of prompts; attention reads each chunk's own blocks.
         """
-        inputs, wanted_rows, plan = self.prefill_inputs(chunks)
+        inputs, gather, wanted_rows, plan = self.prefill_inputs(chunks)
         hidden = self.embed_tokens(inputs[0:1])
         cos, sin = self.rotary_emb(hidden, inputs[1:2])
+        heads = (self.num_kv_heads, self.head_dim)
         for index, layer in enumerate(self.layers):
             residual = hidden
             query, key, value = self._project_qkv(layer.self_attn, layer.input_layernorm(hidden), cos, sin)
-            self.k_cache[index][inputs[2], inputs[1]] = key[0]
-            self.v_cache[index][inputs[2], inputs[1]] = value[0]
-            attention = self.attention.prefill(query[0], self.k_cache[index], self.v_cache[index], plan)
+            k_flat, v_flat = self.k_cache[index].view(-1, *heads), self.v_cache[index].view(-1, *heads)
+            k_flat[inputs[2]] = key[0]
+            v_flat[inputs[2]] = value[0]
+            attention = self.attention.prefill(query[0], k_flat.index_select(0, gather),
+                                               v_flat.index_select(0, gather), plan)
             hidden = residual + layer.self_attn.o_proj(attention.unsqueeze(0))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         if wanted_rows is None:
             return None
         return self.lm_head(self.norm(hidden[0].index_select(0, wanted_rows))).float()
 
-    def prefill_inputs(self, chunks: Sequence[PrefillChunk]) -> tuple[torch.Tensor, torch.Tensor | None, object]:
-        """The host side of a prefill pass: the chunks' tokens, positions and slots packed into one [3, T] row on the
-        device, the rows whose logits are wanted (or None), and attention's plan for the chunks."""
+    def prefill_inputs(self, chunks: Sequence[PrefillChunk]
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, object]:
+        """The host side of a prefill pass, on the device: the chunks' tokens, positions and cache rows (where each
+        token's K/V go) packed as [3, T]; the cache rows of every chunk's K/V up to its end, chunk after chunk (what
+        attention reads); the rows whose logits are wanted (or None); attention's plan for the chunks."""
+        size = self.block_size
         token_ids = [token for chunk in chunks for token in chunk.token_ids]
-        positions = [position for chunk in chunks for position in range(chunk.start, chunk.end)]
-        slots = [chunk.slot for chunk in chunks for _ in chunk.token_ids]
+        positions: list[int] = []
+        written: list[int] = []
+        gather: list[int] = []
+        kv_starts: list[int] = []
+        for chunk in chunks:
+            table = chunk.block_table
+            positions += range(chunk.start, chunk.end)
+            written += [table[p // size] * size + p % size for p in range(chunk.start, chunk.end)]
+            kv_starts.append(len(gather))
+            # Whole blocks, cut at the chunk's end.
+            gather += [row for block in table[: -(-chunk.end // size)]
+                       for row in range(block * size, block * size + size)][: chunk.end]
         offsets = list(itertools.accumulate((len(chunk.token_ids) for chunk in chunks), initial=0))
         wanted = [last - 1 for chunk, last in zip(chunks, offsets[1:]) if chunk.want_logits]
-        # Every host-to-device copy before the pass is launched: one after it would wait for the pass.
-        inputs = to_device(torch.tensor([token_ids, positions, slots], dtype=torch.long), self.device)
-        wanted_rows = to_device(torch.tensor(wanted, dtype=torch.long), self.device) if wanted else None
+        total = len(token_ids)
+        # Every host-to-device copy before the pass is launched, as one copy: one after it would wait for the pass.
+        host = to_device(torch.tensor(token_ids + positions + written + gather + wanted, dtype=torch.long),
+                         self.device)
+        inputs = host[: 3 * total].view(3, total)
+        gather_rows = host[3 * total : 3 * total + len(gather)]
+        wanted_rows = host[3 * total + len(gather) :] if wanted else None
         plan = self.attention.prefill_plan([
-            ChunkSpan(chunk.slot, first, last, chunk.start, chunk.end)
-            for chunk, first, last in zip(chunks, offsets, offsets[1:])
+            ChunkSpan(kv_start, first, last, chunk.start, chunk.end)
+            for chunk, first, last, kv_start in zip(chunks, offsets, offsets[1:], kv_starts)
         ])
-        return inputs, wanted_rows, plan
+        return inputs, gather_rows, wanted_rows, plan
 
     def decode(self, slots: list[int], token_ids: list[int], positions: list[int],
-               carried: tuple[Sequence[torch.Tensor], list[int]] | None = None) -> torch.Tensor:
-        """One decode step for the given slots; returns float32 logits [len(slots), vocab] in that order.
+               carried: tuple[Sequence[torch.Tensor], list[int]] | None = None,
+               block_tables: Sequence[Sequence[int]] = ()) -> torch.Tensor:
+        """One decode step for the given rows (slots); returns float32 logits [len(slots), vocab] in that order.
+        `block_tables[i]` is the i-th row's blocks, covering its position.
 
         Inputs are laid out by slot over the smallest bucket covering the highest slot; rows of slots
-        not decoding write their K/V to the last cache position, which no sequence ever reads (the
-        final token of a full-length sequence is sampled, never fed back).
+        not decoding feed token 0 at position 0 of the scratch block, which no sequence reads.
 
         With `carried` = (sources, rows), the i-th slot's token is row `rows[i]` of the device tensors `sources`
         taken end to end, where `rows[i]` >= 0 (`token_ids[i]` is then ignored): tokens a step still in flight
         chose, gathered on the device, so the step can be launched before they are read back.
         """
         batch = next(size for size in self.batch_buckets if size > max(slots))
-        kv_len = kv_len_bucket(max(positions) + 1, self.max_model_len)
+        kv_len = kv_len_bucket(max(positions) + 1, self.max_kv_len)
+        size = self.block_size
+        width = kv_len // size
+        scratch = self.scratch_block
         full = len(slots) == batch and slots == list(range(batch))  # the engine passes slots in order
         if full:
-            rows = [token_ids, positions]
+            written = [table[p // size] * size + p % size for table, p in zip(block_tables, positions)]
+            rows = [token_ids, positions, written]
+            tables = [list(table[:width]) + [scratch] * (width - len(table)) for table in block_tables]
         else:
-            rows = [[0] * batch, [self.scratch_position] * batch]
-            for slot, token, position in zip(slots, token_ids, positions):
+            rows = [[0] * batch, [0] * batch, [scratch * size] * batch]
+            tables = [[scratch] * width for _ in range(batch)]
+            for slot, token, position, table in zip(slots, token_ids, positions, block_tables):
                 rows[0][slot] = token
                 rows[1][slot] = position
+                rows[2][slot] = table[position // size] * size + position % size
+                tables[slot] = list(table[:width]) + [scratch] * (width - len(table))
         if carried is not None:
             # Row r's token is entry r of (sources..., this step's host tokens): a carried row points into the
             # sources, every other row at its own host token.
@@ -277,42 +334,60 @@ class ModelRunner:
             rows.append(gather)
         if not full:
             rows.append(slots + [0] * (batch - len(slots)))
-        # One copy, before the step is launched (see `to_device`).
-        host = to_device(torch.tensor(rows, dtype=torch.long), self.device)
-        inputs = host[:2]
+        # One copy, before the step is launched (see `to_device`): the rows, then the block tables.
+        count = len(rows) * batch
+        host = to_device(torch.tensor([value for row in rows for value in row]
+                                      + [block for table in tables for block in table], dtype=torch.long),
+                         self.device)
+        packed = host[:count].view(len(rows), batch)
+        table_rows = host[count:].view(batch, width)
+        inputs = packed[:3]
         if carried is not None:
-            tokens = torch.cat([*sources, host[0]]).index_select(0, host[2])
-            inputs = torch.stack([tokens, host[1]])
-        logits = (self.graphs if self.graphs is not None else self._decode_eager)(inputs, kv_len)
-        return logits if full else logits[host[-1, : len(slots)]]
+            tokens = torch.cat([*sources, packed[0]]).index_select(0, packed[3])
+            inputs = torch.stack([tokens, packed[1], packed[2]])
+        logits = (self.graphs if self.graphs is not None else self._decode_eager)(inputs, table_rows, kv_len)
+        return logits if full else logits[packed[-1, : len(slots)]]
 
     def use_graphs(self, graphs) -> None:
         """Route decode steps through `graphs` (a `serving.engine.cuda_graphs.DecodeGraphs`), or eager (None)."""
         self.graphs = graphs
 
-    def _decode_eager(self, inputs: torch.Tensor, kv_len: int) -> torch.Tensor:
-        return self.decode_step(inputs[0], inputs[1], kv_len)
+    def _decode_eager(self, inputs: torch.Tensor, block_tables: torch.Tensor, kv_len: int) -> torch.Tensor:
+        return self.decode_step(inputs[0], inputs[1], inputs[2], block_tables, kv_len)
 
     def use_attention(self, attention: Attention) -> None:
         """Read the cache through `attention` from now on (decode graphs captured before must be recaptured)."""
         self.attention = attention
 
     @torch.inference_mode()
-    def decode_step(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
-        """The fixed-shape decode step: row i is slot i, feeding input_ids[i] at positions[i]."""
+    def decode_step(self, input_ids: torch.Tensor, positions: torch.Tensor, cache_rows: torch.Tensor,
+                    block_tables: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """The fixed-shape decode step: row i feeds input_ids[i] at positions[i], its K/V written to row
+        cache_rows[i] of the layer's blocks viewed flat, and attends over the blocks block_tables[i]
+        ([B, kv_len / block_size])."""
         batch = input_ids.shape[0]
-        rows = self._slot_rows[:batch]
         hidden = self.embed_tokens(input_ids.unsqueeze(1))
         cos, sin = self.rotary_emb(hidden, positions.unsqueeze(1))
-        # Rows of slots not decoding sit at the scratch position: they attend to one token, not a whole slot.
-        lengths = torch.where(positions == self.scratch_position, 1, positions + 1).to(torch.int32)
-        plan = self.attention.decode_plan(lengths, kv_len)
+        lengths = (positions + 1).to(torch.int32)
+        # Rows in groups whose gathered K/V stay within DECODE_GATHER_TOKENS (one group, unless the bucket is long).
+        group = max(1, DECODE_GATHER_TOKENS // kv_len)
+        groups = [(first, min(first + group, batch)) for first in range(0, batch, group)]
+        plans = [self.attention.decode_plan(lengths[first:last], kv_len) for first, last in groups]
+        heads = (self.num_kv_heads, self.head_dim)
         for index, layer in enumerate(self.layers):
             residual = hidden
             query, key, value = self._project_qkv(layer.self_attn, layer.input_layernorm(hidden), cos, sin)
-            self.k_cache[index][rows, positions] = key[:, 0]
-            self.v_cache[index][rows, positions] = value[:, 0]
-            attention = self.attention.decode(query[:, 0], self.k_cache[index], self.v_cache[index], plan)
+            k_blocks, v_blocks = self.k_cache[index], self.v_cache[index]
+            k_blocks.view(-1, *heads)[cache_rows] = key[:, 0]
+            v_blocks.view(-1, *heads)[cache_rows] = value[:, 0]
+            # The rows' blocks gathered into [rows, kv_len, ...], the contiguous form attention reads.
+            attended = [
+                self.attention.decode(query[first:last, 0],
+                                      k_blocks[block_tables[first:last]].view(last - first, kv_len, *heads),
+                                      v_blocks[block_tables[first:last]].view(last - first, kv_len, *heads), plan)
+                for (first, last), plan in zip(groups, plans)
+            ]
+            attention = attended[0] if len(attended) == 1 else torch.cat(attended)
             hidden = residual + layer.self_attn.o_proj(attention.unsqueeze(1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return self.lm_head(self.norm(hidden[:, 0])).float()

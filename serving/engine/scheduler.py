@@ -5,10 +5,15 @@ driving `schedule` and `update` with made-up tokens (`tests/serving/test_schedul
 nano-vLLM's (`add`, `schedule`, then the tokens go back through `update`), the plan vLLM v1's `SchedulerOutput`
 cut down to what this engine runs: one prefill pass and one decode step per engine step.
 
-- `add` queues a request; `schedule()` admits queued requests while the KV cache has room for them (`SlotPool`,
-  the one object that accounts for the cache), spends the prefill budget on prompts in the order they were
-  admitted (a long prompt is split into chunks across steps), and lays out one decode row for every request whose
-  prompt is in the cache, in slot order.
+- `add` queues a request; `schedule()` first gives every decoding request the KV block its next row writes into,
+  preempting the youngest request when none is free; then, unless it preempted, admits queued requests while their
+  blocks fit (`BlockManager`, the one object that accounts for the cache; a cached prefix is shared, not
+  prefilled); spends the prefill budget on prompts in the order they were admitted (a long prompt is split into
+  chunks across steps); and lays out one decode row for every request whose prompt is in the cache, in slot order.
+- Preemption is recomputation, as vLLM's default: the preempted request gives back its blocks (their full ones stay
+  in the prefix cache) and goes back to the front of the queue with its prompt and the tokens it has generated as
+  the prompt to prefill again. Only a request with no token in flight can be preempted (its tokens must be known);
+  a row that gets no block and finds no such request waits a step, until the step in flight is read back.
 - `update(rows, sampled)` takes the tokens a pass chose for its rows, applies the finish rules (`StopRule`: length,
   EOS, stop tokens, min_tokens, ignore_eos), frees the cache of the requests that ended and returns them.
 - `abort` ends a request wherever it is.
@@ -20,12 +25,12 @@ EOS is known to have ended only when that token is read back; a row already laid
 """
 from __future__ import annotations
 
-import heapq
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Sequence as Seq
 
+from serving.engine.block_manager import BlockManager
 from serving.engine.interface import FinishReason, SamplingParams
 
 
@@ -72,25 +77,42 @@ class Sequence:
     prompt: tuple[int, ...]
     stop: StopRule
     slot: int = -1
-    """Its place in the KV cache (`SlotPool`), -1 while it has none."""
+    """Its decode row (`BlockManager`), -1 while it is not running."""
     num_cached: int = 0
-    """Prompt tokens whose K/V are in the cache, or will be once the passes launched so far have run."""
+    """Prefill tokens (`prefill_tokens`) whose K/V are in the cache, or will be once the passes launched so far have
+    run, a cached prefix included."""
+    block_table: list[int] = field(default_factory=list)
+    """Its KV blocks: position p is in block `block_table[p // block_size]`."""
+    prefix_hashes: list[int] = field(default_factory=list)
+    """The prefix hashes of its leading full blocks, as registered in the prefix cache."""
+    recompute: tuple[int, ...] = ()
+    """After a preemption: the prompt and the tokens generated before it, prefilled again on readmission."""
+    admitted: int = -1
+    """When it was last admitted (a step count): the youngest running request is preempted first."""
     launched: int = 0
     """Tokens the passes launched so far choose for it: `len(output_ids)`, plus those not read back yet."""
     output_ids: list[int] = field(default_factory=list)
     finished: bool = False
     finish_reason: FinishReason | None = None
 
+    @property
+    def prefill_tokens(self) -> tuple[int, ...]:
+        """What its prefill computes: the prompt, or after a preemption the prompt and the tokens generated."""
+        return self.recompute or self.prompt
+
 
 @dataclass(frozen=True, slots=True)
 class PrefillChunk:
-    """Prompt tokens `token_ids` of the request in `slot`, at positions start.. of its sequence."""
+    """Prompt tokens `token_ids` of the request in `slot`, at positions start.. of its sequence, whose K/V go to
+    the blocks of `block_table`."""
 
     slot: int
     token_ids: Seq[int]
     start: int
     want_logits: bool = False
     """Whether this chunk ends the prompt, so the logits of its last token are needed."""
+    block_table: Seq[int] = ()
+    """The request's blocks, covering at least positions 0..end - 1."""
 
     @property
     def end(self) -> int:
@@ -111,61 +133,34 @@ class StepPlan:
     """Each decode row's slot."""
     positions: list[int]
     """Each decode row's position: where the token it feeds goes in the cache."""
+    block_tables: list[list[int]] = field(default_factory=list)
+    """Each decode row's blocks, covering its position."""
+    preempted: list[Sequence] = field(default_factory=list)
+    """Requests preempted while laying this plan out (back in the queue, to be recomputed)."""
 
     @property
     def empty(self) -> bool:
         return not self.chunks and not self.decode
 
 
-class SlotPool:
-    """KV-cache accounting over the runner's static slots: one slot of `max_model_len` tokens per running request.
-
-    The scheduler asks it whether a request fits (`can_allocate`), gives it one (`allocate`), tells it the tokens
-    that enter the cache (`add_tokens`) and gives the space back when the request ends (`free`); a paged pool with
-    prefix caching can take its place behind the same questions. The lowest free slot goes first, so a small batch
-    stays in the first slots and decode runs over the smallest batch bucket."""
-
-    def __init__(self, num_slots: int, max_model_len: int) -> None:
-        self.num_slots = num_slots
-        self.capacity_tokens = num_slots * max_model_len
-        self.used_tokens = 0
-        """Tokens of the requests holding a slot: prompt tokens cached plus tokens generated."""
-        self._free = list(range(num_slots))
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def can_allocate(self, seq: Sequence) -> bool:
-        return bool(self._free)
-
-    def allocate(self, seq: Sequence) -> None:
-        seq.slot = heapq.heappop(self._free)
-
-    def add_tokens(self, count: int) -> None:
-        self.used_tokens += count
-
-    def free(self, seq: Sequence) -> None:
-        self.used_tokens -= seq.num_cached + len(seq.output_ids)
-        heapq.heappush(self._free, seq.slot)
-        seq.slot = -1
-
-
 class Scheduler:
-    """Admission, chunked prefill and finish rules over one `SlotPool`; see the module docstring."""
+    """Admission, preemption, chunked prefill and finish rules over one `BlockManager`; see the module docstring."""
 
-    def __init__(self, cache: SlotPool, max_prefill_tokens: int) -> None:
+    def __init__(self, cache: BlockManager, max_prefill_tokens: int) -> None:
         self.cache = cache
         self.max_prefill_tokens = max_prefill_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: set[Sequence] = set()
-        """Requests holding a slot: the prefilling and the decoding."""
+        """Requests holding a row and blocks: the prefilling and the decoding."""
         self.prefilling: list[Sequence] = []
         """In admission order: the prefill budget goes to the oldest prompt first."""
         self.decoding: list[Sequence] = []
         """In slot order, so that a full batch is laid out as it stands (`ModelRunner.decode`)."""
         self.generated_tokens = 0
         """Tokens chosen for requests that had not ended, since the start (a counter for metrics)."""
+        self.num_preemptions = 0
+        """Requests preempted since the start (a counter for metrics)."""
+        self._admissions = 0
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -177,7 +172,7 @@ class Scheduler:
         """End a request now, waiting or running, with finish reason `abort`; False if it had already ended."""
         if seq.finished:
             return False
-        if seq.slot < 0:
+        if seq not in self.running:
             self.waiting.remove(seq)
             seq.finished, seq.finish_reason = True, "abort"
         else:
@@ -199,31 +194,59 @@ class Scheduler:
         return ended
 
     def schedule(self) -> StepPlan:
-        """Admit, then lay out the next step. Its chunks count as cached and its rows as launched from here on."""
-        waiting, cache = self.waiting, self.cache
-        while waiting and cache.can_allocate(waiting[0]):
-            seq = waiting.popleft()
-            cache.allocate(seq)
-            self.running.add(seq)
-            self.prefilling.append(seq)
-        chunks, prefilled = self._plan_prefill()
-        decode, slots, positions = [], [], []
-        for seq in self.decoding:
+        """Give decode rows their blocks (preempting if need be), admit, then lay out the next step. Its chunks count
+        as cached and its rows as launched from here on."""
+        cache = self.cache
+        rows: list[Sequence] = []
+        preempted: list[Sequence] = []
+        for seq in list(self.decoding):
+            if seq.finished or seq not in self.running:  # preempted for an older row above
+                continue
             launched = seq.launched
             # Not a request whose token in flight ends it by length: it leaves when that token is read back.
-            if launched < seq.stop.max_generated:
-                decode.append(seq)
-                slots.append(seq.slot)
-                positions.append(seq.num_cached + launched - 1)
-                seq.launched = launched + 1
-        return StepPlan(chunks, prefilled, decode, slots, positions)
+            if launched >= seq.stop.max_generated:
+                continue
+            position = len(seq.prompt) + launched - 1
+            while not cache.append_slot(seq, position):
+                victim = self._victim()
+                if victim is None:  # every other holder has tokens in flight: this row waits for the read back
+                    break
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                rows.append(seq)
+        waiting = self.waiting
+        if not preempted:
+            while waiting and cache.can_allocate(waiting[0]):
+                seq = waiting.popleft()
+                seq.num_cached = cache.allocate(seq)
+                seq.admitted = self._admissions
+                self._admissions += 1
+                self.running.add(seq)
+                self.prefilling.append(seq)
+        chunks, prefilled = self._plan_prefill()
+        decode, slots, positions, tables = [], [], [], []
+        if prefilled:  # their blocks cover their first decode row's position (`BlockManager.allocate`)
+            rows = sorted([*(seq for seq in rows if seq in self.running), *prefilled], key=_slot_of)
+        for seq in rows:
+            if seq not in self.running:
+                continue
+            launched = seq.launched
+            decode.append(seq)
+            slots.append(seq.slot)
+            positions.append(len(seq.prompt) + launched - 1)
+            tables.append(seq.block_table)
+            seq.launched = launched + 1
+        return StepPlan(chunks, prefilled, decode, slots, positions, tables, preempted)
 
     def update(self, rows: Iterable[Sequence], sampled: Iterable[int]) -> list[Sequence]:
         """Append the tokens a pass chose (`sampled[i]` for `rows[i]`: a plan's `prefilled`, or its `decode`) and end
         the requests that are done; the ones that ended. A row of a request that has already ended (an abort, or a
         step launched before its end was known) takes no token."""
         finished: list[Sequence] = []
-        appended = generated = 0
+        generated = 0
         for seq, token in zip(rows, sampled):
             if seq.finished:
                 continue
@@ -233,46 +256,80 @@ class Scheduler:
             # The token that stops a sequence (EOS or a stop token) is not part of its output.
             if reason != "stop":
                 output_ids.append(token)
-                appended += 1
             if reason is not None:
                 self._finish(seq, reason)
                 finished.append(seq)
-        self.cache.add_tokens(appended)
         self.generated_tokens += generated
         return finished
 
     def _plan_prefill(self) -> tuple[list[PrefillChunk], list[Sequence]]:
         """This step's prompt chunks within the token budget, and the requests whose prompts they complete (which
-        move to decoding, their first token launched)."""
+        move to decoding, their next token launched)."""
         budget = self.max_prefill_tokens
         chunks: list[PrefillChunk] = []
         prefilled: list[Sequence] = []
         for seq in self.prefilling:
             if budget == 0:
                 break
+            tokens = seq.prefill_tokens
             start = seq.num_cached
-            count = min(budget, len(seq.prompt) - start)
-            done = start + count == len(seq.prompt)
-            chunks.append(PrefillChunk(seq.slot, seq.prompt[start : start + count], start, want_logits=done))
+            count = min(budget, len(tokens) - start)
+            done = start + count == len(tokens)
+            chunks.append(PrefillChunk(seq.slot, tokens[start : start + count], start, want_logits=done,
+                                       block_table=tuple(seq.block_table)))
             seq.num_cached = start + count
+            # Launched K/V are as good as written for a later request: the device runs passes in launch order.
+            self.cache.cache_full_blocks(seq, tokens, seq.num_cached)
             budget -= count
             if done:
                 prefilled.append(seq)
-        self.cache.add_tokens(self.max_prefill_tokens - budget)
         if prefilled:
             for seq in prefilled:
                 self.prefilling.remove(seq)
-                seq.launched = 1
+                seq.launched = len(seq.output_ids) + 1
             self.decoding += prefilled
             self.decoding.sort(key=_slot_of)
         return chunks, prefilled
 
+    def _victim(self) -> Sequence | None:
+        """The youngest running request with no token in flight (every prefilling one, and a decoding one whose tokens
+        are all read back), or None."""
+        candidates = [*self.prefilling, *(seq for seq in self.decoding if seq.launched == len(seq.output_ids))]
+        return max(candidates, key=_admitted, default=None)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Give back `seq`'s blocks and queue it first, to prefill its prompt and its tokens again."""
+        if seq in self.prefilling:
+            self.prefilling.remove(seq)
+        else:
+            self.decoding.remove(seq)
+            # Every token but the last has its K/V written: those full blocks stay cached for the recompute.
+            tokens = seq.prompt + tuple(seq.output_ids)
+            self.cache.cache_full_blocks(seq, tokens, len(tokens) - 1)
+            seq.recompute = tokens
+        self.running.discard(seq)
+        self.cache.free(seq)
+        seq.num_cached = 0
+        seq.launched = 0
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         seq.finished, seq.finish_reason = True, reason
-        (self.decoding if seq.num_cached == len(seq.prompt) else self.prefilling).remove(seq)
+        if seq in self.prefilling:
+            self.prefilling.remove(seq)
+        else:
+            self.decoding.remove(seq)
+            # Its prompt and every generated token but the last (never fed back) have their K/V in the cache.
+            tokens = seq.prompt + tuple(seq.output_ids)
+            self.cache.cache_full_blocks(seq, tokens, len(tokens) - 1)
         self.running.discard(seq)
         self.cache.free(seq)
 
 
 def _slot_of(seq: Sequence) -> int:
     return seq.slot
+
+
+def _admitted(seq: Sequence) -> int:
+    return seq.admitted

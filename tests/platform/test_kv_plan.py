@@ -47,6 +47,8 @@ def test_blocks_are_whole_per_sequence():
 
 
 @pytest.mark.parametrize("change, message", [
+    (lambda m: m.update(kvBlockSize=24),
+     "models[0].kvBlockSize: 24 is not a block size the builtin engine takes; use one of 1, 2, 4, 8, 16, 32, 64, 128"),
     (lambda m: m["sizing"].update(typicalContextTokens=9000),
      "models[0].sizing.typicalContextTokens: 9000 is above maxContextTokens 8192"),
     (lambda m: m["env"].update(BLOCK_SIZE="32") if "env" in m else m.update(env={"BLOCK_SIZE": "32"}),
@@ -70,3 +72,11 @@ def test_the_dashboard_shows_the_prefix_cache_hit_ratio(rendered):
     assert panel["targets"][0]["expr"] == (
         'sum(rate(llm_prefix_cache_hit_tokens_total{model="llama-3.1-8b",namespace="ai-production"}[5m])) / '
         'sum(rate(llm_prefix_cache_queried_tokens_total{model="llama-3.1-8b",namespace="ai-production"}[5m]))')
+
+
+def test_the_block_sizes_the_plan_allows_are_the_engines():
+    from serving.engine.block_manager import BLOCK_SIZES
+
+    from llm_platform.config import KV_BLOCK_SIZES
+
+    assert KV_BLOCK_SIZES == BLOCK_SIZES

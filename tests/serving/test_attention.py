@@ -58,6 +58,8 @@ def test_flash_decode_matches_sdpa_for_rows_of_different_lengths():
     k_layer, v_layer = random_cache(SHAPE)
     query = torch.randn(5, SHAPE.num_heads, SHAPE.head_dim, generator=torch.Generator().manual_seed(1))
     lengths = torch.tensor([1, 48, 17, 40, 2], dtype=torch.int32)  # under a KV bucket (48) shorter than a slot
+    # What the runner gathers for a step: [B, kv_len, ...], contiguous.
+    k_layer, v_layer = k_layer[:5, :48].contiguous(), v_layer[:5, :48].contiguous()
     got = flash.decode(query, k_layer, v_layer, flash.decode_plan(lengths, 48))
     expected = sdpa.decode(query, k_layer, v_layer, sdpa.decode_plan(lengths, 48))
     assert got.shape == (5, SHAPE.num_heads * SHAPE.head_dim)
@@ -88,10 +90,13 @@ def test_flash_decode_reads_only_each_rows_own_tokens():
 def test_flash_prefill_matches_sdpa_for_first_and_later_chunks_out_of_slot_order():
     flash, sdpa = both()
     k_layer, v_layer = random_cache(SHAPE, seed=4)
-    # Slot 4's first 10 tokens; slot 1's tokens 20..29 after a cached prefix; slot 2's single token 50.
-    spans = [ChunkSpan(slot=4, first=0, last=10, start=0, end=10),
-             ChunkSpan(slot=1, first=10, last=20, start=20, end=30),
-             ChunkSpan(slot=2, first=20, last=21, start=50, end=51)]
+    # Slot 4's first 10 tokens; slot 1's tokens 20..29 after a cached prefix; slot 2's single token 50. The K/V
+    # each chunk reads (up to its end) packed one after the other, as the runner gathers them through block tables.
+    spans = [ChunkSpan(kv_start=0, first=0, last=10, start=0, end=10),
+             ChunkSpan(kv_start=10, first=10, last=20, start=20, end=30),
+             ChunkSpan(kv_start=40, first=20, last=21, start=50, end=51)]
+    k_layer = torch.cat([k_layer[4, :10], k_layer[1, :30], k_layer[2, :51]])
+    v_layer = torch.cat([v_layer[4, :10], v_layer[1, :30], v_layer[2, :51]])
     query = torch.randn(21, SHAPE.num_heads, SHAPE.head_dim, generator=torch.Generator().manual_seed(5))
     got = flash.prefill(query, k_layer, v_layer, flash.prefill_plan(spans))
     expected = sdpa.prefill(query, k_layer, v_layer, sdpa.prefill_plan(spans))

@@ -333,3 +333,21 @@ def test_a_level_split_over_client_processes_gives_each_the_same_work_per_client
     # The same number of rounds per client everywhere (to within the one partial round a closed loop has anyway).
     assert max(rounds) - min(rounds) <= 1, rounds
     assert max(rounds) <= -(-requests // concurrency)
+
+
+def test_paged_kv_compare_sets_each_measurement_of_the_two_layouts_side_by_side():
+    from serving.bench.paged_kv import compare
+
+    def run(label, uncached, cached, peak, rates):
+        return {"label": label, "ttft": {"tiny": {"prefix_len": 1000, "uncached_ms": uncached, "cached_ms": cached}},
+                "admission": {"tiny": {"kv_capacity_tokens": 65536, "requests": 256, "peak_running": peak}},
+                "throughput": {"tiny": [{"streams": streams, "output_tok_s": rate, "min_tok_s": rate - 1,
+                                         "max_tok_s": rate + 1} for streams, rate in zip((16, 64), rates)]}}
+
+    table = compare(run("contiguous", 20.0, 20.0, 16, (100.0, 200.0)), run("paged", 21.0, 2.0, 160, (110.0, 180.0)))
+    lines = table.splitlines()
+    assert "contiguous" in lines[0] and "paged" in lines[0]
+    assert any("10.0x faster" in line for line in lines)  # 20 ms against 2 ms with the prefix cached
+    assert any("sequences running at once" in line and "10.0x" in line for line in lines)
+    assert any("16 streams" in line and "1.10x" in line for line in lines)
+    assert any("64 streams" in line and "0.90x" in line for line in lines)

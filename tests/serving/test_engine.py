@@ -122,12 +122,23 @@ def guard_kv_len(runner) -> None:
     bound): checked in every step, eager or recorded as a graph, failing the loop if not."""
     decode_step = runner.decode_step
 
-    def checked(input_ids, positions, kv_len):
-        live = positions[positions != runner.scratch_position]
-        assert live.numel() == 0 or int(live.max()) < kv_len, f"position {int(live.max())} outside kv_len {kv_len}"
-        return decode_step(input_ids, positions, kv_len)
+    def checked(input_ids, positions, cache_rows, block_tables, kv_len):
+        assert int(positions.max()) < kv_len, f"position {int(positions.max())} outside kv_len {kv_len}"
+        assert block_tables.shape[1] * runner.block_size == kv_len, "a block table that does not cover kv_len"
+        return decode_step(input_ids, positions, cache_rows, block_tables, kv_len)
 
     runner.decode_step = checked
+
+
+def slot_table(runner, slot: int) -> list[int]:
+    """A block table for a runner driven by hand: slot's share of the pool, in reverse, so that a sequence's blocks
+    are neither contiguous nor in order."""
+    per = runner.max_blocks_per_seq
+    return list(range((slot + 1) * per - 1, slot * per - 1, -1))
+
+
+def chunk(runner, slot: int, token_ids, start: int, want_logits: bool = False) -> PrefillChunk:
+    return PrefillChunk(slot, token_ids, start, want_logits, slot_table(runner, slot))
 
 
 def record_decode_batches(engine: LLMEngine, delay_s: float = 0.0) -> list[list[int]]:
@@ -135,11 +146,11 @@ def record_decode_batches(engine: LLMEngine, delay_s: float = 0.0) -> list[list[
     batches: list[list[int]] = []
     original = engine.runner.decode
 
-    def decode(slots, token_ids, positions, carried=None):
+    def decode(slots, token_ids, positions, carried=None, block_tables=()):
         batches.append(list(slots))
         if delay_s:
             time.sleep(delay_s)
-        return original(slots, token_ids, positions, carried)
+        return original(slots, token_ids, positions, carried, block_tables)
 
     engine.runner.decode = decode
     return batches
@@ -270,19 +281,20 @@ def test_decode_step_logits_match_hf_eager_forward(make_engine, hf_model):
     prompts = {0: random_prompt(7, seed=6), 2: random_prompt(33, seed=7), 3: random_prompt(2, seed=8)}
     next_tokens = {slot: hf_greedy(hf_model, prompt, 1)[0] for slot, prompt in prompts.items()}
     for start in range(0, 33, 12):  # chunked prefill, chunks of several prompts in one forward pass
-        runner.prefill([PrefillChunk(slot, prompt[start:start + 12], start)
+        runner.prefill([chunk(runner, slot, prompt[start:start + 12], start)
                         for slot, prompt in prompts.items() if start < len(prompt)])
     # Slot 1 is mid-prefill: the decode step's padding row for it must not corrupt its cache.
     half_prefilled = random_prompt(20, seed=9)
-    runner.prefill([PrefillChunk(1, half_prefilled[:10], 0)])
+    runner.prefill([chunk(runner, 1, half_prefilled[:10], 0)])
 
     slots = sorted(prompts)
-    logits = runner.decode(slots, [next_tokens[s] for s in slots], [len(prompts[s]) for s in slots])
+    logits = runner.decode(slots, [next_tokens[s] for s in slots], [len(prompts[s]) for s in slots],
+                             block_tables=[slot_table(runner, s) for s in slots])
     with torch.no_grad():
         for row, slot in enumerate(slots):
             expected = hf_model(torch.tensor([prompts[slot] + [next_tokens[slot]]])).logits[0, -1]
             torch.testing.assert_close(logits[row], expected, rtol=1e-4, atol=1e-4)
-        finished = runner.prefill([PrefillChunk(1, half_prefilled[10:], 10, want_logits=True)])
+        finished = runner.prefill([chunk(runner, 1, half_prefilled[10:], 10, want_logits=True)])
         torch.testing.assert_close(finished[0], hf_model(torch.tensor([half_prefilled])).logits[0, -1],
                                    rtol=1e-4, atol=1e-4)
 
@@ -291,18 +303,18 @@ def test_one_prefill_pass_over_several_prompts_matches_hf_logits(make_engine, hf
     """First chunks, later chunks and finishing chunks of different prompts share one forward pass."""
     runner = make_engine(max_num_seqs=4).runner
     prompts = {0: random_prompt(30, seed=20), 1: random_prompt(5, seed=21), 3: random_prompt(17, seed=22)}
-    runner.prefill([PrefillChunk(0, prompts[0][:20], 0), PrefillChunk(3, prompts[3][:4], 0)])
-    logits = runner.prefill([PrefillChunk(3, prompts[3][4:], 4, want_logits=True),
-                             PrefillChunk(0, prompts[0][20:25], 20),
-                             PrefillChunk(1, prompts[1], 0, want_logits=True)])
-    assert runner.prefill([PrefillChunk(0, prompts[0][25:], 25)]) is None
+    runner.prefill([chunk(runner, 0, prompts[0][:20], 0), chunk(runner, 3, prompts[3][:4], 0)])
+    logits = runner.prefill([chunk(runner, 3, prompts[3][4:], 4, want_logits=True),
+                             chunk(runner, 0, prompts[0][20:25], 20),
+                             chunk(runner, 1, prompts[1], 0, want_logits=True)])
+    assert runner.prefill([chunk(runner, 0, prompts[0][25:], 25)]) is None
     with torch.no_grad():
         for row, slot in enumerate((3, 1)):
             expected = hf_model(torch.tensor([prompts[slot]])).logits[0, -1]
             torch.testing.assert_close(logits[row], expected, rtol=1e-4, atol=1e-4)
         # Slot 0's cache holds its whole prompt: the next decode step continues it exactly.
         next_token = hf_greedy(hf_model, prompts[0], 1)[0]
-        decoded = runner.decode([0], [next_token], [30])
+        decoded = runner.decode([0], [next_token], [30], block_tables=[slot_table(runner, 0)])
         torch.testing.assert_close(decoded[0], hf_model(torch.tensor([prompts[0] + [next_token]])).logits[0, -1],
                                    rtol=1e-4, atol=1e-4)
 
@@ -521,17 +533,17 @@ def test_stopping_a_stream_early_frees_its_slot(make_engine, how):
 
 
 def test_kv_cache_accounting_follows_every_token_through_joins_stops_aborts_and_chunks(make_engine):
-    """The scheduler's cache keeps its count of cached tokens as they change (not recounted each step): at every
-    emission it equals the running sequences' prompt tokens cached plus tokens generated, through chunked prefill, EOS
-    stops, length stops, aborts mid-prefill and mid-decode, and requests joining; and it is 0 when all is done."""
+    """The block manager keeps its count of blocks in use as they change (not recounted each step): at every emission
+    it equals the blocks the running sequences' tables hold, through chunked prefill, EOS stops, length stops, aborts
+    mid-prefill and mid-decode, and requests joining; and it is 0 when all is done."""
     engine = make_engine(max_num_seqs=3, max_prefill_tokens_per_step=16)
     scheduler = engine.scheduler
     checked = []  # (kept count, recounted) at every emission; compared after the run, not in the loop thread
     original_emit = engine._emit
 
     def emit(seqs):
-        checked.append((scheduler.cache.used_tokens,
-                        sum(seq.num_cached + len(seq.output_ids) for seq in scheduler.running)))
+        checked.append((scheduler.cache.num_used_blocks,
+                        len({block for seq in scheduler.running for block in seq.block_table})))
         return original_emit(seqs)
 
     engine._emit = emit
@@ -565,7 +577,7 @@ def test_kv_cache_accounting_follows_every_token_through_joins_stops_aborts_and_
     assert [reason for _, reason in results] == ["stop", "length", "abort", "length", "abort"]
     assert cached_when_aborted and 0 < cached_when_aborted[0] < 90
     assert [kept for kept, _ in checked] == [recounted for _, recounted in checked]
-    assert max(kept for kept, _ in checked) > 0 and scheduler.cache.used_tokens == 0
+    assert max(kept for kept, _ in checked) > 0 and scheduler.cache.num_used_blocks == 0
     assert engine.stats().kv_cache_usage == 0.0
 
 
@@ -599,7 +611,7 @@ def test_a_finished_requests_last_output_arrives_when_every_other_request_is_abo
 def test_loop_crash_fails_pending_and_new_requests(make_engine, caplog):
     engine = make_engine()
 
-    def broken_decode(slots, token_ids, positions, carried=None):
+    def broken_decode(slots, token_ids, positions, carried=None, block_tables=()):
         raise RuntimeError("injected decode failure")
 
     async def main():
@@ -637,7 +649,7 @@ def test_invalid_requests_are_rejected_with_clear_messages(make_engine):
             engine.generate(request("dup", [5], greedy(5)))
 
     asyncio.run(main())
-    assert engine.model_info.max_model_len == 64 and engine.stats().kv_cache_capacity_tokens == 8 * 64
+    assert engine.model_info.max_model_len == 64 and engine.stats().kv_cache_capacity_tokens == 8 * 64  # 8 rows of the context, in blocks
 
 
 def test_shutdown_ends_streams_with_abort_and_rejects_new_requests(make_engine):
@@ -661,19 +673,22 @@ def test_shutdown_ends_streams_with_abort_and_rejects_new_requests(make_engine):
 # ----------------------------------------------------------------------------- sizing
 
 
-def test_kv_cache_plan_shortens_default_context_before_dropping_slots():
-    fits = plan_kv_cache(bytes_per_token=1, budget_bytes=64 * 8192, num_slots=64, max_model_len=8192,
+def test_kv_cache_plan_takes_blocks_for_every_row_at_full_context_or_what_the_budget_holds():
+    fits = plan_kv_cache(bytes_per_token=1, budget_bytes=64 * 8192 * 2, num_slots=64, max_model_len=8192,
                          max_model_len_is_default=True)
-    assert fits == KVCachePlan(64, 8192)
-    shortened = plan_kv_cache(bytes_per_token=1, budget_bytes=64 * 5000, num_slots=64, max_model_len=131072,
+    assert fits == KVCachePlan(64, 8192, num_blocks=64 * 512, block_size=16)  # no more than the rows can use
+    # A budget under that keeps every row (requests are admitted by blocks) and the whole default context while
+    # one sequence of it fits...
+    partial = plan_kv_cache(bytes_per_token=1, budget_bytes=64 * 5000, num_slots=64, max_model_len=131072,
+                            max_model_len_is_default=True)
+    assert partial == KVCachePlan(64, 131072, num_blocks=20000, block_size=16)
+    # ...and shortens a default context to what the budget holds, not below 4096.
+    shortened = plan_kv_cache(bytes_per_token=1, budget_bytes=10 * 4096, num_slots=64, max_model_len=131072,
                               max_model_len_is_default=True)
-    assert shortened == KVCachePlan(64, 5000)
-    fewer_slots = plan_kv_cache(bytes_per_token=1, budget_bytes=10 * 4096, num_slots=64, max_model_len=131072,
-                                max_model_len_is_default=True)
-    assert fewer_slots == KVCachePlan(10, 4096)
+    assert shortened == KVCachePlan(64, 40960, num_blocks=2560, block_size=16)
     explicit = plan_kv_cache(bytes_per_token=1, budget_bytes=3 * 32768, num_slots=64, max_model_len=32768,
-                             max_model_len_is_default=False)
-    assert explicit == KVCachePlan(3, 32768)
+                             max_model_len_is_default=False, block_size=32)
+    assert explicit == KVCachePlan(64, 32768, num_blocks=3072, block_size=32)
     from serving.engine.interface import ModelLoadError
 
     with pytest.raises(ModelLoadError, match="lower max_model_len, raise gpu_memory_utilization"):
@@ -818,9 +833,10 @@ def test_bf16_engine_logits_on_gpu_are_as_accurate_as_hf_bf16(tiny_model_dir):
     with torch.no_grad():
         next_tokens = {slot: int(hf_fp32(torch.tensor([p], device="cuda")).logits[0, -1].argmax())
                        for slot, p in prompts.items()}
-        runner.prefill([PrefillChunk(slot, prompt, 0) for slot, prompt in prompts.items()])
+        runner.prefill([chunk(runner, slot, prompt, 0) for slot, prompt in prompts.items()])
         slots = sorted(prompts)
-        ours = runner.decode(slots, [next_tokens[s] for s in slots], [len(prompts[s]) for s in slots])
+        ours = runner.decode(slots, [next_tokens[s] for s in slots], [len(prompts[s]) for s in slots],
+                             block_tables=[slot_table(runner, s) for s in slots])
         for row, slot in enumerate(slots):
             ids = torch.tensor([prompts[slot] + [next_tokens[slot]]], device="cuda")
             exact = hf_fp32(ids).logits[0, -1].float()
@@ -927,9 +943,9 @@ def test_greedy_steps_are_launched_before_the_last_ones_tokens_are_read_and_sent
     events: list[tuple] = []
     decode = engine.runner.decode
 
-    def launch(slots, token_ids, positions, carried=None):
+    def launch(slots, token_ids, positions, carried=None, block_tables=()):
         events.append(("decode", tuple(positions), None if carried is None else tuple(carried[1])))
-        return decode(slots, token_ids, positions, carried)
+        return decode(slots, token_ids, positions, carried, block_tables)
 
     engine.runner.decode = launch
 
@@ -965,9 +981,9 @@ def test_steps_are_launched_ahead_across_arrivals_and_endings_and_every_request_
     fed = []
     decode = engine.runner.decode
 
-    def launch(slots, token_ids, positions, carried=None):
+    def launch(slots, token_ids, positions, carried=None, block_tables=()):
         fed.append(carried is not None and all(row >= 0 for row in carried[1]))
-        return decode(slots, token_ids, positions, carried)
+        return decode(slots, token_ids, positions, carried, block_tables)
 
     engine.runner.decode = launch
     cases = [(random_prompt(length, seed=200 + index), max_tokens)
@@ -1009,9 +1025,9 @@ def test_sampled_and_min_tokens_rows_run_ahead_too_and_give_the_stepwise_tokens(
         fed = []
         decode = engine.runner.decode
 
-        def launch(slots, token_ids, positions, carried=None):
+        def launch(slots, token_ids, positions, carried=None, block_tables=()):
             fed.append(carried is not None and all(row >= 0 for row in carried[1]))
-            return decode(slots, token_ids, positions, carried)
+            return decode(slots, token_ids, positions, carried, block_tables)
 
         async def main():
             await engine.start()
@@ -1141,9 +1157,8 @@ def test_a_random_mix_under_overlap_gives_each_request_its_tokens_one_step_at_a_
 
 
 def test_a_sequence_reaching_the_context_end_while_others_go_on_matches_hf_greedy(make_engine, hf_model):
-    """A sequence that fills the context exactly, in a batch that goes on: under run-ahead its row in the step
-    launched after its last token sits at the scratch position (the context's last); every sequence still gets HF's
-    tokens."""
+    """A sequence that fills the context exactly, in a batch that goes on: under run-ahead no row of it is launched
+    past its last token (its blocks end at the context's end), and every sequence still gets HF's tokens."""
     engine = make_engine(max_num_seqs=3, max_model_len=64)
     cases = [(random_prompt(40, seed=30), 64 - 40), (random_prompt(5, seed=31), 40), (random_prompt(10, seed=32), 45)]
     results = asyncio.run(greedy_tokens(engine, cases))
@@ -1240,10 +1255,10 @@ def test_run_ahead_on_the_gpu_gives_the_stepwise_tokens_and_launches_without_wai
         assert engine.runner.graphs is not None, "graph capture failed (see the warning log)"
         prefill, decode = engine.runner.prefill, engine.runner.decode
 
-        def watched_decode(slots, token_ids, positions, carried=None):
+        def watched_decode(slots, token_ids, positions, carried=None, block_tables=()):
             if carried is not None:
                 launched_ahead.append(len(slots))
-            return decode(slots, token_ids, positions, carried)
+            return decode(slots, token_ids, positions, carried, block_tables)
 
         engine.runner.prefill, engine.runner.decode = without_sync(prefill), without_sync(watched_decode)
         if overlap:  # the whole launch, sampling included (stepwise, sampling reads its tokens back at once)

@@ -430,9 +430,16 @@ def test_metrics_move_with_requests_and_probes_are_not_counted(server):
     for name in ("llm_active_requests", "llm_requests_running", "llm_requests_waiting"):
         assert sample(after, name, **model) == 0
     assert 0 <= sample(after, "llm_kv_cache_usage_ratio", **model) <= 1
+    # The prefix cache was asked about the prompt's tokens (a hit or not); nothing was preempted.
+    assert delta("llm_prefix_cache_queried_tokens_total", **model) == usage["prompt_tokens"]
+    assert delta("llm_prefix_cache_hit_tokens_total", **model) >= 0
+    assert sample(after, "llm_preemptions_total", **model) == 0
     for name in ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:gpu_cache_usage_perc",
-                 "vllm:kv_cache_usage_perc"):
+                 "vllm:kv_cache_usage_perc", "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total",
+                 "vllm:num_preemptions_total"):
         assert (name, (("model_name", MODEL_NAME),)) in after
+    assert (sample(after, "vllm:prefix_cache_queries_total", model_name=MODEL_NAME)
+            == sample(after, "llm_prefix_cache_queried_tokens_total", **model))
     assert not any(n == "llm_gpu_utilization" for n, _ in after)  # no GPU here: no series, not a fake zero
     assert "# TYPE llm_gpu_utilization gauge" in httpx.get(f"{server.url}/metrics").text  # but declared
 

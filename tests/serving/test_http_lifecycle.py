@@ -47,6 +47,9 @@ def test_bad_setting_exits_2_with_one_line(tiny_model_dir):
     ([], {"MAX_PREFILL_TOKENS": "0"}, "MAX_PREFILL_TOKENS='0': must be a positive integer"),
     ([], {"ATTENTION_BACKEND": "xformers"}, "ATTENTION_BACKEND='xformers': must be one of auto, flash, sdpa"),
     ([], {"OVERLAP": "sometimes"}, "OVERLAP='sometimes': must be auto, on or off"),
+    ([], {"BLOCK_SIZE": "12"}, "BLOCK_SIZE='12': must be one of 1, 2, 4, 8, 16, 32, 64, 128, 256"),
+    (["--block-size", "sixteen"], {}, "--block-size='sixteen': is not a whole number"),
+    ([], {"ENABLE_PREFIX_CACHING": "maybe"}, "ENABLE_PREFIX_CACHING='maybe': must be on or off (true/false, 1/0)"),
     ([], {"HEADER_TIMEOUT_SECONDS": "0"}, "HEADER_TIMEOUT_SECONDS='0': must be a finite number > 0"),
     (["--max-connections", "0"], {}, "--max-connections='0': must be a positive integer"),
     (["--max-body-bytes", "-5"], {}, "--max-body-bytes='-5': must be a positive integer"),
@@ -83,6 +86,10 @@ def test_settings_from_flags_env_and_key_sources(tiny_model_dir, tmp_path):
     assert engine_config(settings).max_prefill_tokens_per_step == EngineConfig().max_prefill_tokens_per_step
     assert engine_config(settings).attention == EngineConfig().attention == "auto"
     assert engine_config(settings).overlap is EngineConfig().overlap is None
+    assert (engine_config(settings).block_size, engine_config(settings).enable_prefix_caching) == (16, True)
+    paged = engine_config(load_settings(["--block-size", "32"], {"MODEL_PATH": str(tiny_model_dir),
+                                                                 "ENABLE_PREFIX_CACHING": "off", "BLOCK_SIZE": "8"}))
+    assert (paged.block_size, paged.enable_prefix_caching) == (32, False)  # the flag wins over BLOCK_SIZE
     assert (settings.host, settings.max_body_bytes, settings.max_num_seqs) == ("0.0.0.0", None, None)
     assert (settings.max_connections, settings.header_timeout_seconds, settings.body_timeout_seconds) == (1024, 10, 30)
     assert "gamma" not in repr(settings)

@@ -14,3 +14,23 @@ def test_requests_keep_the_article_status_values_with_the_http_code_in_its_own_l
     assert counted == {("success", "200"): 2, ("error", "400"): 1, ("error", "499"): 1, ("error", "503"): 1}
     family = next(family for family in metrics.registry.collect() if family.name == "llm_requests")
     assert {tuple(sorted(sample.labels)) for sample in family.samples} == {("code", "model", "status")}
+
+
+def test_engine_series_carry_the_prefix_cache_and_preemption_counters_under_our_names_and_vllms():
+    from serving.engine.interface import EngineStats
+
+    stats = EngineStats(waiting=0, running=1, max_running=4, kv_cache_usage=0.25, kv_cache_capacity_tokens=1024,
+                        prompt_tokens_total=300, generation_tokens_total=20, loop_alive=True, device="cpu",
+                        prefix_cache_queried_tokens_total=300, prefix_cache_hit_tokens_total=128,
+                        preemptions_total=2)
+    metrics = ServerMetrics("tiny", lambda: stats)
+    values = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+              for family in metrics.registry.collect() for sample in family.samples}
+    ours, theirs = (("model", "tiny"),), (("model_name", "tiny"),)
+    assert values[("llm_prefix_cache_queried_tokens_total", ours)] == 300
+    assert values[("llm_prefix_cache_hit_tokens_total", ours)] == 128
+    assert values[("llm_preemptions_total", ours)] == 2
+    assert values[("llm_kv_cache_usage_ratio", ours)] == 0.25
+    assert values[("vllm:prefix_cache_queries_total", theirs)] == 300
+    assert values[("vllm:prefix_cache_hits_total", theirs)] == 128
+    assert values[("vllm:num_preemptions_total", theirs)] == 2

@@ -14,7 +14,8 @@ import sys
 import pytest
 
 from serving.engine.interface import SamplingParams
-from serving.engine.scheduler import PrefillChunk, Scheduler, Sequence, SlotPool, StopRule
+from serving.engine.block_manager import BlockManager
+from serving.engine.scheduler import PrefillChunk, Scheduler, Sequence, StopRule
 
 EOS = 2
 STOP = 3
@@ -22,8 +23,16 @@ TOKEN = 7
 """What the fake model samples unless a test says otherwise: not a stop token."""
 
 
-def make_scheduler(slots: int = 2, budget: int = 16, max_model_len: int = 64) -> Scheduler:
-    return Scheduler(SlotPool(slots, max_model_len), max_prefill_tokens=budget)
+BLOCK = 4
+
+
+def make_scheduler(slots: int = 2, budget: int = 16, max_model_len: int = 64, blocks: int | None = None,
+                   prefix_caching: bool = False) -> Scheduler:
+    """A scheduler over blocks of 4 tokens, by default enough for every slot at full length (as the engine sizes it
+    on CPU), without the prefix cache unless asked."""
+    blocks = blocks if blocks is not None else slots * -(-max_model_len // BLOCK)
+    return Scheduler(BlockManager(blocks, BLOCK, slots, enable_prefix_caching=prefix_caching),
+                     max_prefill_tokens=budget)
 
 
 def make_seq(request_id: str, prompt_len: int = 4, max_tokens: int = 8, max_model_len: int = 64,
@@ -51,7 +60,8 @@ def read_back(scheduler: Scheduler, plan, sample) -> None:
 
 
 def recount(scheduler: Scheduler) -> int:
-    return sum(seq.num_cached + len(seq.output_ids) for seq in scheduler.running)
+    """Blocks the running requests hold, counted from their tables."""
+    return len({block for seq in scheduler.running for block in seq.block_table})
 
 
 def test_the_scheduler_imports_without_torch():
@@ -71,7 +81,7 @@ def test_requests_are_admitted_in_order_while_slots_are_free_and_wait_beyond():
     assert [seq.slot for seq in seqs] == [0, 1, -1]
     assert list(scheduler.waiting) == [seqs[2]] and scheduler.running == {seqs[0], seqs[1]}
     assert [chunk.slot for chunk in plan.chunks] == [0, 1]
-    assert scheduler.cache.num_free == 0
+    assert scheduler.cache.num_free_slots == 0
 
 
 def test_a_freed_slot_is_taken_by_the_next_waiting_request_and_the_lowest_free_slot_goes_first():
@@ -84,7 +94,7 @@ def test_a_freed_slot_is_taken_by_the_next_waiting_request_and_the_lowest_free_s
     assert ended == [short] and short.slot == -1 and late.slot == -1
     plan, _ = step(scheduler)
     assert late.slot == 0  # short's slot, the lowest free one
-    assert plan.chunks == [PrefillChunk(0, late.prompt, 0, want_logits=True)]
+    assert plan.chunks == [PrefillChunk(0, late.prompt, 0, want_logits=True, block_table=tuple(late.block_table))]
     assert [seq.slot for seq in plan.decode] == [0, 1, 2]
 
 
@@ -141,7 +151,7 @@ def test_a_prompt_exactly_the_budget_is_one_chunk_and_decodes_in_the_same_step()
     seq = make_seq("r", prompt_len=6)
     scheduler.add(seq)
     plan = scheduler.schedule()
-    assert plan.chunks == [PrefillChunk(0, seq.prompt, 0, want_logits=True)] and plan.prefilled == [seq]
+    assert plan.chunks == [PrefillChunk(0, seq.prompt, 0, want_logits=True, block_table=tuple(seq.block_table))] and plan.prefilled == [seq]
     # Its first decode row feeds the prefill's token at position 6, laid out before that token is read back.
     assert plan.decode == [seq] and plan.positions == [6] and seq.launched == 2
 
@@ -198,7 +208,7 @@ def run_to_end(seq: Sequence, tokens: list[int], max_model_len: int = 64) -> lis
     fed = iter(tokens)
     while not seq.finished:
         step(scheduler, lambda _: next(fed))
-    assert scheduler.running == set() and scheduler.cache.used_tokens == 0
+    assert scheduler.running == set() and scheduler.cache.num_used_blocks == 0
     return seq.output_ids
 
 
@@ -273,11 +283,11 @@ def test_an_abort_mid_prefill_frees_the_slot_and_the_cached_tokens():
     scheduler.add(seq)
     scheduler.add(after)
     step(scheduler)
-    assert seq.num_cached == 8 and scheduler.cache.used_tokens == 8
+    assert seq.num_cached == 8 and scheduler.cache.num_used_blocks == 6  # the whole prompt's blocks, and one more
     assert scheduler.abort(seq) is True
-    assert scheduler.cache.used_tokens == 0 and scheduler.running == set() and scheduler.prefilling == []
+    assert scheduler.cache.num_used_blocks == 0 and scheduler.running == set() and scheduler.prefilling == []
     plan = scheduler.schedule()
-    assert after.slot == 0 and plan.chunks == [PrefillChunk(0, after.prompt, 0, want_logits=True)]
+    assert after.slot == 0 and plan.chunks == [PrefillChunk(0, after.prompt, 0, want_logits=True, block_table=tuple(after.block_table))]
 
 
 def test_an_abort_mid_decode_frees_the_slot_and_its_rows_in_flight_take_nothing():
@@ -288,8 +298,8 @@ def test_an_abort_mid_decode_frees_the_slot_and_its_rows_in_flight_take_nothing(
     in_flight = scheduler.schedule()
     assert scheduler.abort(seq) is True
     assert scheduler.update(in_flight.decode, [TOKEN]) == []
-    assert seq.output_ids == [TOKEN, TOKEN] and scheduler.decoding == [] and scheduler.cache.num_free == 1
-    assert scheduler.cache.used_tokens == 0 and scheduler.schedule().empty
+    assert seq.output_ids == [TOKEN, TOKEN] and scheduler.decoding == [] and scheduler.cache.num_free_slots == 1
+    assert scheduler.cache.num_used_blocks == 0 and scheduler.schedule().empty
 
 
 def test_abort_all_ends_waiting_and_running_requests_and_empties_the_cache():
@@ -301,7 +311,7 @@ def test_abort_all_ends_waiting_and_running_requests_and_empties_the_cache():
     step(scheduler)
     assert set(scheduler.abort_all()) == {running, waiting}
     assert running.finish_reason == waiting.finish_reason == "abort" and done.finish_reason == "length"
-    assert not scheduler.has_work() and scheduler.cache.used_tokens == 0 and scheduler.cache.num_free == 1
+    assert not scheduler.has_work() and scheduler.cache.num_used_blocks == 0 and scheduler.cache.num_free_slots == 1
 
 
 # ----------------------------------------------------------------------------- a random mix
@@ -342,11 +352,11 @@ def test_a_random_mix_keeps_every_rule_at_every_step(seed):
         if not run_ahead:
             read_back(scheduler, plan, sample)
         in_flight = plan if run_ahead else None
-        assert scheduler.cache.used_tokens == recount(scheduler)
+        assert scheduler.cache.num_used_blocks == recount(scheduler)
     read_back(scheduler, in_flight, sample)
     while scheduler.has_work():
         read_back(scheduler, scheduler.schedule(), sample)
-    assert scheduler.cache.used_tokens == 0 and scheduler.cache.num_free == slots
+    assert scheduler.cache.num_used_blocks == 0 and scheduler.cache.num_free_slots == slots
     for seq in requests:
         # EOS ends a request only past min_tokens (before, the sampler would not have chosen it).
         eos = eos_at.get(seq.request_id, 99)
