@@ -75,8 +75,7 @@ def test_the_dashboard_shows_the_prefix_cache_hit_ratio(rendered):
 
 
 def test_the_block_sizes_the_plan_allows_are_the_engines():
-    from serving.engine.block_manager import BLOCK_SIZES
-
     from llm_platform.config import KV_BLOCK_SIZES
+    from serving.engine.block_manager import BLOCK_SIZES
 
     assert KV_BLOCK_SIZES == BLOCK_SIZES
