@@ -21,7 +21,8 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving.api import health, metrics as metrics_api, openai
+from serving.api import health, openai
+from serving.api import metrics as metrics_api
 from serving.errors import CLIENT_CLOSED_REQUEST, error_response, install_error_handlers
 from serving.logs import request_id_var
 from serving.settings import Settings

@@ -15,10 +15,20 @@ from typing import Mapping, Sequence
 from serving.api_keys import KeyFileError, read_keys_file
 from serving.engine.block_manager import BLOCK_SIZES
 from serving.options import (
-    LOG_LEVELS, Option, auto_switch, choice, fraction, non_negative_float, option_parser, port, positive_float,
-    positive_int, read_options, switch, whole_number,
+    LOG_LEVELS,
+    Option,
+    auto_switch,
+    choice,
+    fraction,
+    non_negative_float,
+    option_parser,
+    port,
+    positive_float,
+    positive_int,
+    read_options,
+    switch,
+    whole_number,
 )
-
 
 DEFAULT_PORT = 8000
 DEFAULT_HOST = "0.0.0.0"

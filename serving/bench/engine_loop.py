@@ -9,7 +9,7 @@ machine, so changes to the loop are measured before and after in one run:
     python -m serving.bench.engine_loop --batches 1,64,256 --device-ms 3   # with a simulated 3 ms device step
     python -m serving.bench.engine_loop --batches 200 --slots 256 --device-ms 3   # a partly empty batch bucket
     python -m serving.bench.engine_loop --batches 1,64,256 --device-ms 3 --overlap off   # one step at a time
-    python -m serving.bench.engine_loop --batches 256 --steps-min 50 --device-ms 3   # requests ending at different steps
+    python -m serving.bench.engine_loop --batches 256 --steps-min 50 --device-ms 3   # ending at different steps
     python -m serving.bench.engine_loop --batches 256 --steps 256 --steps-min 64 --prompt-len 768 --prompt-min 256 \
         --arrivals 2048 --device-ms 3 --prefill-us 6   # closed loop: each finished request is replaced by a new one
 
@@ -22,8 +22,8 @@ the device would do costs next to nothing here.
 With `--arrivals N` the level is a closed loop, as the load test's clients are: `batch` requests at a time, each
 finished request replaced at once by a new one, N requests in all, so prompts arrive while others decode. Their
 prefill is simulated too (`--prefill-us` of device time per prompt token; its host side, packing the chunks and
-planning their attention, is done for real). The table then also shows how busy the simulated device was: the time the host kept it
-waiting is what the loop's own Python costs.
+planning their attention, is done for real). The table then also shows how busy the simulated device was: the time
+the host kept it waiting is what the loop's own Python costs.
 """
 from __future__ import annotations
 

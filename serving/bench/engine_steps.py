@@ -23,6 +23,7 @@ import json
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -109,9 +110,9 @@ def decode_rows(runner: ModelRunner, config, args, device, dtype, backends: dict
             cache_rows = tables.cpu().gather(1, (positions // runner.block_size).view(-1, 1)).view(-1) \
                 * runner.block_size + positions % runner.block_size
             inputs = torch.stack([tokens, positions, cache_rows]).to(device)
-            eager = timed(lambda: runner.decode_step(inputs[0], inputs[1], inputs[2], tables, kv_len), device,
+            eager = timed(partial(runner.decode_step, inputs[0], inputs[1], inputs[2], tables, kv_len), device,
                           args.repeat)
-            graphed = timed(lambda: graphs(inputs, tables, kv_len), device, args.repeat) if graphs else None
+            graphed = timed(partial(graphs, inputs, tables, kv_len), device, args.repeat) if graphs else None
             best = min(t for t in (eager, graphed) if t is not None)
             rows.append({"what": "decode step", "attention": name, "batch": batch, "kv_len": kv_len,
                          "mean_len": round(lengths.float().mean().item()), "eager_ms": eager, "graph_ms": graphed,
@@ -168,7 +169,7 @@ def attention_rows(runner: ModelRunner, config, args, device, dtype, backends: d
         valid_bytes = 2 * int(lengths.sum()) * shape.num_kv_heads * shape.head_dim * k_layer.element_size()
         for name, attention in backends.items():
             plan = attention.decode_plan(lengths, kv_len)
-            ms = timed(lambda: attention.decode(query, k_step, v_step, plan), device, args.repeat)
+            ms = timed(partial(attention.decode, query, k_step, v_step, plan), device, args.repeat)
             got = attention.decode(query, k_step, v_step, plan).float()
             rows.append({"what": "decode attention, all layers", "attention": name, "batch": batch,
                          "kv_len": kv_len, "ms": ms * config.num_hidden_layers,

@@ -3,8 +3,8 @@
 The kubelet kills a pod whose `/health/live` misses its timeout (prod: 5 s, three times), and a stalled event loop
 cannot answer it, whatever the engine is doing. This starts the real server (`python -m serving`, a random model of
 a real architecture or a model directory you give), probes `/health/live` every `--probe-interval-ms` on a fresh
-connection from a process of its own (as the kubelet does), and per request mix reports the probe's latency (p50, p99, max) while
-`--clients` clients keep sending that mix:
+connection from a process of its own (as the kubelet does), and per request mix reports the probe's latency (p50,
+p99, max) while `--clients` clients keep sending that mix:
 
 - `idle`: nothing else;
 - `huge-body`: 1 MiB prompts, past the body limit derived from the context window (413 after reading the body);

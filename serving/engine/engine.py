@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from serving.engine.attention import select_attention
+from serving.engine.block_manager import BlockManager
 from serving.engine.config import DEFAULT_MAX_NUM_SEQS_CPU, DEFAULT_MAX_NUM_SEQS_GPU, EngineConfig
 from serving.engine.cuda_graphs import capture_decode_graphs
 from serving.engine.interface import (
@@ -55,7 +56,6 @@ from serving.engine.model_runner import (
     plan_kv_cache,
 )
 from serving.engine.sampling import RowSampling, sample_tokens
-from serving.engine.block_manager import BlockManager
 from serving.engine.scheduler import Scheduler, Sequence, StepPlan, StopRule
 from serving.engine.stream import LoopSink, Mailbox, OutputSink, TokenStream
 

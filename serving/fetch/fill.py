@@ -31,12 +31,36 @@ from typing import Literal, TypeVar
 from serving.fetch.checksums import Hashes, applicable_checks
 from serving.fetch.credentials import Credentials, load_credentials
 from serving.fetch.errors import EXIT_USAGE, FetchError, TransientError
-from serving.fetch.manifest import (MANIFEST_NAME, PARTIAL_SUFFIX, REPLACED_MARKER, VERIFY_MODES, ManifestFile,
-                                    VerifyMode, check_against_manifest, missing_files, prune_revisions,
-                                    read_manifest, size_only_files, verify_directory, write_manifest)
+from serving.fetch.manifest import (
+    MANIFEST_NAME,
+    PARTIAL_SUFFIX,
+    REPLACED_MARKER,
+    VERIFY_MODES,
+    ManifestFile,
+    VerifyMode,
+    check_against_manifest,
+    missing_files,
+    prune_revisions,
+    read_manifest,
+    size_only_files,
+    verify_directory,
+    write_manifest,
+)
 from serving.fetch.nofollow import open_under, refuse_symlink, symlink_refused
-from serving.fetch.sources import (HfSource, Listing, PvcSource, RemoteFile, S3Source, Source, Store,
-                                   check_relative_path, parse_source, refuse_unpinned, same_source, select_files)
+from serving.fetch.sources import (
+    HfSource,
+    Listing,
+    PvcSource,
+    RemoteFile,
+    S3Source,
+    Source,
+    Store,
+    check_relative_path,
+    parse_source,
+    refuse_unpinned,
+    same_source,
+    select_files,
+)
 
 logger = logging.getLogger("serving.fetch")
 T = TypeVar("T")

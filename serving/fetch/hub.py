@@ -53,8 +53,12 @@ class HubStore:
     def list(self) -> Listing:
         import httpx2  # huggingface_hub 2.x's HTTP client: its connection errors are worth a retry
         from huggingface_hub import HfApi, hf_hub_url
-        from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, RepositoryNotFoundError,
-                                            RevisionNotFoundError)
+        from huggingface_hub.errors import (
+            GatedRepoError,
+            HfHubHTTPError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
 
         repo_id, revision, uri = self.source.repo_id, self.source.revision, self.source.uri
         api = HfApi(endpoint=self.endpoint, token=self.token or False)

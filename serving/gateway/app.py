@@ -26,12 +26,12 @@ from serving.errors import CLIENT_CLOSED_REQUEST
 from serving.gateway.config import GatewayConfig
 from serving.gateway.discovery import Discovery
 from serving.gateway.errors import GatewayError
-from serving.json_body import JsonBodyError, parse_json_object
 from serving.gateway.limits import KeyLimiter, retry_after
 from serving.gateway.metrics import ANONYMOUS, NO_MODEL, UNKNOWN_MODEL, GatewayMetrics
 from serving.gateway.pool import ModelPool, NoPodReady, QueueFull, QueueTimeout, ShuttingDown
 from serving.gateway.proxy import Outcome, Proxy
 from serving.gateway.upstream import Upstreams
+from serving.json_body import JsonBodyError, parse_json_object
 from serving.logs import request_id_var
 
 logger = logging.getLogger("serving.gateway")

@@ -23,7 +23,15 @@ from typing import Callable, Mapping, Sequence
 from urllib.parse import urlsplit
 
 from serving.options import (
-    LOG_LEVELS, Option, choice, non_negative_float, option_parser, port, positive_float, positive_int, read_options,
+    LOG_LEVELS,
+    Option,
+    choice,
+    non_negative_float,
+    option_parser,
+    port,
+    positive_float,
+    positive_int,
+    read_options,
 )
 
 DEFAULT_HOST = "0.0.0.0"

@@ -122,7 +122,8 @@ class Proxy:
         finally:
             response.close()  # unfinished (client gone, pod lost): closes the connection, the pod aborts
 
-    async def _stream(self, first: bytes, response: UpstreamResponse, usage: "_UsageEvents", send: Send, outcome: Outcome) -> None:
+    async def _stream(self, first: bytes, response: UpstreamResponse, usage: "_UsageEvents", send: Send,
+                      outcome: Outcome) -> None:
         block = first
         while block:
             forwarded = usage.feed(block)

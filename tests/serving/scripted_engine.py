@@ -54,7 +54,7 @@ class ScriptedEngine:
     async def shutdown(self) -> None:
         with self._lock:
             live, self._live = list(self._live.values()), {}
-        for request, sink, handle, _ in live:
+        for _request, sink, handle, _ in live:
             sink.deliver([(handle, TokenOutput((), "abort"))])
 
     def _run(self) -> None:
@@ -77,7 +77,7 @@ class ScriptedEngine:
                 with self._lock:
                     self._generated += 1
                 sink.deliver([(handle, TokenOutput((token,), "length" if done else None))])
-        for request, sink, handle, _ in live:
+        for _request, sink, handle, _ in live:
             sink.deliver([(handle, EngineDeadError("the engine loop died: CUDA error"))])
 
 

@@ -158,9 +158,9 @@ def test_sigterm_stops_a_benchmark_with_its_server_and_client_processes(tiny_mod
             time.sleep(0.1)
     finally:  # whatever the outcome, leave nothing running
         load.kill()
-        for pid in tree + [p for pid in tree for p in descendants(pid)]:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        for leftover in tree + [p for pid in tree for p in descendants(pid)]:
+            if alive(leftover):
+                os.kill(leftover, signal.SIGKILL)
 
 
 def test_report_sets_each_level_beside_its_target_and_the_roofline(tmp_path):

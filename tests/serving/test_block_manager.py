@@ -274,7 +274,7 @@ def test_a_random_mix_under_memory_pressure_ends_every_request_as_its_rule_says(
         held = [seq.slot for seq in scheduler.running]
         assert len(held) == len(set(held)) <= slots and -1 not in held
         assert scheduler.cache.num_used_blocks == recount(scheduler)
-        for seq, position, table in zip(plan.decode, plan.positions, plan.block_tables):
+        for _seq, position, table in zip(plan.decode, plan.positions, plan.block_tables):
             assert len(table) * 4 > position
         run_ahead = rng.random() < 0.5
         read_back(scheduler, in_flight, sample)

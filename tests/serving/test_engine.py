@@ -27,10 +27,16 @@ from serving.engine import (
     QueueFullError,
     SamplingParams,
 )
-from serving.engine.cuda_graphs import DecodeGraphs
-from serving.engine.cuda_graphs import capture_decode_graphs
-from serving.engine.model_runner import (KVCachePlan, PrefillChunk, activation_reserve_bytes, kv_len_bucket,
-                                         kv_len_buckets, model_context_len, plan_kv_cache)
+from serving.engine.cuda_graphs import DecodeGraphs, capture_decode_graphs
+from serving.engine.model_runner import (
+    KVCachePlan,
+    PrefillChunk,
+    activation_reserve_bytes,
+    kv_len_bucket,
+    kv_len_buckets,
+    model_context_len,
+    plan_kv_cache,
+)
 from serving.engine.sampling import RowSampling, sample_tokens
 
 EOS = 4  # <|im_end|> in the tiny tokenizer

@@ -183,8 +183,8 @@ class Collected:
 def test_a_non_streaming_request_whose_client_leaves_is_499_unless_the_server_cancelled_it_too(server_cancels_too):
     from types import SimpleNamespace
 
-    from serving.errors import APIError
     from serving.api.openai import _collect_unless_disconnected
+    from serving.errors import APIError
 
     async def run():
         connection, generation = Connection(), Collected()

@@ -14,8 +14,8 @@ import pytest
 from serving.engine import EngineConfig, LLMEngine, SamplingParams
 from serving.engine.interface import ModelLoadError
 from tests.serving.test_engine import (  # noqa: F401 - fixtures
-    _ReadyNow,
     _random_mix,
+    _ReadyNow,
     _run_mix,
     collect,
     greedy,

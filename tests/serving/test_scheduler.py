@@ -13,8 +13,8 @@ import sys
 
 import pytest
 
-from serving.engine.interface import SamplingParams
 from serving.engine.block_manager import BlockManager
+from serving.engine.interface import SamplingParams
 from serving.engine.scheduler import PrefillChunk, Scheduler, Sequence, StopRule
 
 EOS = 2
