@@ -127,7 +127,7 @@ stage gateway 80 "$PY" -m serving.bench.gateway --model-path "/tmp/bench-$shape"
   --max-level-seconds "$level_s" --json-out "$OUT/gateway.json"
 # 9. The liveness probe's latency while clients send each mix that used to stall the event loop (issue 22: under
 #    100 ms under any mix).
-stage liveness 45 "$PY" -m serving.bench.liveness --model-path "/tmp/bench-$shape" --max-model-len 1024 --seconds 4 \
+stage liveness 90 "$PY" -m serving.bench.liveness --model-path "/tmp/bench-$shape" --max-model-len 1024 --seconds 3 \
   --clients 8 --json-out "$OUT/liveness.json"
 
 echo; cat "$OUT/env.txt"; echo
