@@ -24,6 +24,7 @@ from starlette.types import Receive, Scope, Send
 
 from serving.api.prompts import Prompts
 from serving.detokenizer import IncrementalDetokenizer
+from serving.disconnect import DisconnectWatch
 from serving.engine.interface import (
     Engine,
     EngineDeadError,
@@ -294,37 +295,9 @@ class _Generation:
             raise
 
 
-class _DisconnectWatch:
-    """Cancels the current task when the client leaves (`http.disconnect`), until `stop()`: one asyncio task that
-    waits on `receive`. In the task's `except CancelledError`, `client_left()` says whether that cancellation was
-    the client leaving alone (and then takes it back), or the server's own (which must propagate)."""
-
-    def __init__(self, receive: Receive) -> None:
-        self._task = asyncio.current_task()
-        self._watching = True
-        self._left = False
-        self._watcher = asyncio.ensure_future(self._watch(receive))
-
-    async def _watch(self, receive: Receive) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        if self._watching:  # never after stop(): a cancellation would hit whatever the task does next
-            self._left = True
-            self._task.cancel()
-
-    def client_left(self) -> bool:
-        return self._left and self._task.uncancel() == 0
-
-    def stop(self) -> None:
-        self._watching = False
-        if self._watcher.done() and not self._watcher.cancelled():
-            self._watcher.result()  # receive() failed: the server's error, raised as Starlette's task group would
-        self._watcher.cancel()
-
-
 async def _collect_unless_disconnected(request: Request, generation: _Generation) -> str:
     """Run a non-streaming generation, aborting it if the client disconnects before it is done."""
-    watch = _DisconnectWatch(request.receive)
+    watch = DisconnectWatch(request.receive)
     try:
         return await _join(generation.deltas())
     except asyncio.CancelledError:
@@ -380,7 +353,7 @@ class _EventStream(StreamingResponse):
         if tuple(map(int, spec_version.split("."))) >= (2, 4):  # the server reports the disconnect through send
             await super().__call__(scope, receive, send)
             return
-        watch = _DisconnectWatch(receive)
+        watch = DisconnectWatch(receive)
         try:
             await self.stream_response(send)
         except asyncio.CancelledError:

@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import Message, Receive, Scope, Send
 
 from serving.api_keys import ApiKey, KeyRing
+from serving.disconnect import DisconnectWatch
 from serving.errors import CLIENT_CLOSED_REQUEST
 from serving.gateway.config import GatewayConfig
 from serving.gateway.discovery import Discovery
@@ -251,7 +252,7 @@ class Gateway:
                 strip_usage = True
         upstream_headers = [(name, value) for name, value in headers.items() if name in _FORWARDED_HEADERS]
         upstream_headers += [(b"content-type", b"application/json"), (b"x-request-id", request_id.encode())]
-        watch = _DisconnectWatch(receive)
+        watch = DisconnectWatch(receive)
         try:
             await self._proxy.forward(pool, path, body, upstream_headers,  # type: ignore[union-attr]
                                       prefix_of(data, self.config.prefix_chars), strip_usage, send, outcome)
@@ -363,32 +364,6 @@ def prefix_of(data: dict, chars: int) -> bytes | None:
             length += len(line)
         text = "".join(parts)[:chars]
     return text.encode("utf-8", "surrogatepass") if text else None
-
-
-class _DisconnectWatch:
-    """Cancels the request's task when the client leaves (`http.disconnect`), until `stop()`. In the task's
-    `except CancelledError`, `client_left()` says whether that cancellation was the client's alone (and takes it
-    back) or the server's own, which must propagate. (The server's API has the same watcher, serving.api.openai.)"""
-
-    def __init__(self, receive: Receive) -> None:
-        self._task = asyncio.current_task()
-        self._watching = True
-        self._left = False
-        self._watcher = asyncio.ensure_future(self._watch(receive))
-
-    async def _watch(self, receive: Receive) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        if self._watching:
-            self._left = True
-            self._task.cancel()
-
-    def client_left(self) -> bool:
-        return self._left and self._task.uncancel() == 0
-
-    def stop(self) -> None:
-        self._watching = False
-        self._watcher.cancel()
 
 
 async def _send_json(send: Send, status: int, payload: dict) -> None:
