@@ -252,8 +252,7 @@ def _measure(args: argparse.Namespace) -> int:
             loadtest.stop_server(process, 60)
     print(format_table(levels))
     if args.json_out:
-        args.json_out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                      "levels": levels}, indent=1))
+        loadtest.write_run(args.json_out, args, levels=levels)
     return 0
 
 

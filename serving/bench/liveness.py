@@ -182,8 +182,7 @@ def _main(args: argparse.Namespace) -> None:
          f"{r['max_ms']:.1f}", str(r["client_errors"])] for r in rows]
     print(loadtest.markdown_table(table))
     if args.json_out:
-        args.json_out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "mixes": rows},
-                                            indent=1))
+        loadtest.write_run(args.json_out, args, mixes=rows)
 
 
 def main(argv: list[str] | None = None) -> None:

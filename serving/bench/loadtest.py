@@ -391,6 +391,12 @@ def build_random_model(directory: Path, shape: str) -> None:
     model.save_pretrained(directory, safe_serialization=True)
 
 
+def write_run(path: Path, args: argparse.Namespace, **results: object) -> None:
+    """A benchmark run as JSON: its arguments (as text; never the API key) beside its results."""
+    path.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items() if k != "api_key"}, **results},
+                               indent=1))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -570,8 +576,7 @@ def _main(args: argparse.Namespace) -> None:
             stop_server(process)
     print(format_table(levels))
     if args.json_out:
-        args.json_out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items() if k != "api_key"},
-                                             "levels": levels}, indent=1))
+        write_run(args.json_out, args, levels=levels)
 
 
 if __name__ == "__main__":
