@@ -5,16 +5,19 @@ with SIGTERM (as Kubernetes does), then killed if it does not exit.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import httpx
+import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -147,6 +150,35 @@ class ServerProcess(ChildProcess):
                 return seen
             time.sleep(0.05)
         raise TimeoutError(f"server did not start within {timeout}s:\n{self.log_text()}")
+
+
+class ThreadServers:
+    """Servers run in the test's own process, each on a thread of its own (for an engine the test builds, with no
+    model to load): `start` returns once /health/startup answers 200, `stop` ends every one started."""
+
+    def __init__(self) -> None:
+        self._running: list[tuple[uvicorn.Server, threading.Thread]] = []
+
+    def start(self, config: uvicorn.Config, timeout: float = 30.0) -> str:
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
+        thread.start()
+        self._running.append((server, thread))
+        url = f"http://127.0.0.1:{config.port}"
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(f"{url}/health/startup").status_code == 200:
+                    return url
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "in-thread server did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        for server, thread in self._running:
+            server.should_exit = True
+            thread.join(10)
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -5,10 +5,7 @@ app, uvicorn and HTTP are real (the server runs on a thread, since no signal han
 """
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
-import time
 
 import httpx
 import pytest
@@ -17,7 +14,7 @@ import uvicorn
 from serving.app import create_app
 from serving.engine.interface import EngineDeadError, EngineStats, ModelInfo
 from serving.settings import Settings
-from tests.serving.server import MODEL_NAME, free_port
+from tests.serving.server import MODEL_NAME, ThreadServers, free_port
 
 
 class FailingEngine:
@@ -54,30 +51,15 @@ def serve(tiny_model_dir):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    servers = []
+    servers = ThreadServers()
 
     def start(mode: str) -> str:
         settings = Settings(model_path=tiny_model_dir, model_name=MODEL_NAME, port=free_port())
-        server = uvicorn.Server(uvicorn.Config(create_app(settings, FailingEngine(tokenizer, mode)),
-                                               host="127.0.0.1", port=settings.port, log_config=None))
-        thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
-        thread.start()
-        servers.append((server, thread))
-        url = f"http://127.0.0.1:{settings.port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{url}/health/startup").status_code == 200:
-                    return url
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "in-thread server did not start"
-            time.sleep(0.02)
+        return servers.start(uvicorn.Config(create_app(settings, FailingEngine(tokenizer, mode)), host="127.0.0.1",
+                                            port=settings.port, log_config=None))
 
     yield start
-    for server, thread in servers:
-        server.should_exit = True
-        thread.join(10)
+    servers.stop()
 
 
 def test_unexpected_engine_error_is_a_logged_500_with_the_request_id(serve, caplog):

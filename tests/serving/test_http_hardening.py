@@ -6,7 +6,6 @@ tokenizer, sometimes wrapped so that tokenizing waits for the test.
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import socket
@@ -17,13 +16,12 @@ from dataclasses import replace
 
 import httpx
 import pytest
-import uvicorn
 
 from serving.__main__ import uvicorn_config
 from serving.app import create_app
 from serving.engine.interface import EngineStats, ModelInfo, TokenOutput, check_request
 from serving.settings import Settings, default_max_body_bytes
-from tests.serving.server import MODEL_NAME, free_port
+from tests.serving.server import MODEL_NAME, ThreadServers, free_port
 
 WINDOW = 256
 WAIT_S = 30  # generous bounds for what must happen; none of them is a timing being measured
@@ -100,30 +98,16 @@ def tokenizer(tiny_model_dir):
 @pytest.fixture
 def serve(tiny_model_dir, tokenizer):
     """`serve(engine=None, **settings)` runs a server on a thread and returns (url, port, settings)."""
-    servers = []
+    servers = ThreadServers()
 
     def start(engine=None, **overrides):
         settings = replace(Settings(model_path=tiny_model_dir, model_name=MODEL_NAME, host="127.0.0.1",
                                     port=free_port()), **overrides)
-        server = uvicorn.Server(uvicorn_config(settings, create_app(settings, engine or EchoEngine(tokenizer))))
-        thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
-        thread.start()
-        servers.append((server, thread))
-        url = f"http://127.0.0.1:{settings.port}"
-        deadline = time.monotonic() + WAIT_S
-        while True:
-            try:
-                if httpx.get(f"{url}/health/startup").status_code == 200:
-                    return url, settings.port
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "in-thread server did not start"
-            time.sleep(0.02)
+        config = uvicorn_config(settings, create_app(settings, engine or EchoEngine(tokenizer)))
+        return servers.start(config, WAIT_S), settings.port
 
     yield start
-    for server, thread in servers:
-        server.should_exit = True
-        thread.join(10)
+    servers.stop()
 
 
 def completion(prompt="Hello world", **extra) -> dict:
