@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 
 from serving.api_keys import KeyFileError, read_keys_file
 from serving.engine.block_manager import BLOCK_SIZES
+from serving.engine.config import ATTENTION_CHOICES
 from serving.options import (
     LOG_LEVELS,
     Option,
@@ -77,7 +78,7 @@ class Settings:
     max_prefill_tokens: int | None = None
     """Chunked-prefill budget per engine step; None keeps the engine's default."""
     attention_backend: str | None = None
-    """`auto`, `flash` or `sdpa`: how attention reads the KV cache; None lets the engine choose (auto)."""
+    """`auto`, `triton`, `flash` or `sdpa`: how attention reads the KV cache; None lets the engine choose (auto)."""
     block_size: int | None = None
     """Tokens per KV-cache block (a power of two up to 256); None keeps the engine's default (16)."""
     enable_prefix_caching: bool | None = None
@@ -136,8 +137,9 @@ _OPTIONS = tuple(Option(*option) for option in (
      "on or off: decode from CUDA graphs on a GPU (default on)"),
     ("max_prefill_tokens", "--max-prefill-tokens", "MAX_PREFILL_TOKENS", positive_int,
      "prompt tokens prefilled per engine step (default 2048)"),
-    ("attention_backend", "--attention-backend", "ATTENTION_BACKEND", choice("auto", "flash", "sdpa"),
-     "auto, flash or sdpa: how attention reads the KV cache (default auto: flash where it applies)"),
+    ("attention_backend", "--attention-backend", "ATTENTION_BACKEND", choice(*ATTENTION_CHOICES),
+     "auto, triton, flash or sdpa: how attention reads the KV cache (default auto: the Triton decode kernel with flash "
+     "prefill where they apply)"),
     ("block_size", "--block-size", "BLOCK_SIZE", _block_size,
      "tokens per KV-cache block: a power of two up to 256 (default 16)"),
     ("enable_prefix_caching", "--enable-prefix-caching", "ENABLE_PREFIX_CACHING", switch,

@@ -1,6 +1,6 @@
 """Engine steps in isolation: decode step eager vs CUDA graph, prefill one prompt per pass vs packed, and decode
-attention alone, each with every attention implementation that applies here (`sdpa` everywhere, `flash` on a
-CUDA GPU in bf16/fp16). Random weights of a real shape, built in memory.
+attention alone, each with every attention implementation that applies here (`sdpa` everywhere, `flash` and
+`triton` on a CUDA GPU in bf16/fp16). Random weights of a real shape, built in memory.
 
 Each variant is timed on the same runner in the same process (median of `--repeat` runs after warm-up, with
 device synchronisation), so before/after comparisons of the engine's levers come from one run:
@@ -29,7 +29,14 @@ from pathlib import Path
 import torch
 
 from serving.bench.loadtest import SHAPES, markdown_table
-from serving.engine.attention import FlashAttention, SdpaAttention, flash_unavailable_reason
+from serving.engine.attention import (
+    FlashAttention,
+    SdpaAttention,
+    TritonAttention,
+    disagreement,
+    flash_unavailable_reason,
+    triton_unavailable_reason,
+)
 from serving.engine.cuda_graphs import DecodeGraphs
 from serving.engine.model_runner import KVCachePlan, ModelRunner, PrefillChunk, kv_bytes_per_token, kv_len_bucket
 
@@ -63,16 +70,32 @@ def timed(fn, device: torch.device, repeat: int, warmup: int = 2) -> float:
 
 def attentions(runner: ModelRunner, names: list[str], dtype: torch.dtype) -> tuple[dict, dict]:
     """The requested attention implementations that apply here, and why the others were skipped."""
-    unknown = sorted(set(names) - {"sdpa", "flash"})
+    unknown = sorted(set(names) - {"sdpa", "flash", "triton"})
     if unknown:
-        raise SystemExit(f"--attention: {', '.join(unknown)} unknown; choose from sdpa, flash")
-    chosen, skipped = {}, {}
+        raise SystemExit(f"--attention: {', '.join(unknown)} unknown; choose from sdpa, flash, triton")
+    shape = runner.attention_shape
+    flash_reason = flash_unavailable_reason(runner.device, dtype, runner.head_dim)
+    chosen: dict = {}
+    skipped: dict = {}
     for name in names:
-        if name == "flash" and (reason := flash_unavailable_reason(runner.device, dtype, runner.head_dim)):
-            skipped[name] = reason
-            continue
-        chosen[name] = (FlashAttention if name == "flash" else SdpaAttention)(runner.attention_shape)
+        if name == "sdpa":
+            chosen[name] = SdpaAttention(shape)
+        elif name == "flash" and flash_reason is None:
+            chosen[name] = FlashAttention(shape)
+        elif name == "triton" and (reason := _triton_reason(shape, dtype, flash_reason)) is None:
+            chosen[name] = TritonAttention(shape, SdpaAttention(shape) if flash_reason else FlashAttention(shape))
+        else:
+            skipped[name] = flash_reason if name == "flash" else reason
     return chosen, skipped
+
+
+def _triton_reason(shape, dtype: torch.dtype, flash_reason: str | None) -> str | None:
+    """Why the Triton kernel is not timed: it cannot run here, or it fails the engine's load check (which also
+    catches a kernel that does not compile)."""
+    reason = triton_unavailable_reason(shape.device, dtype, shape.head_dim)
+    if reason is None:
+        reason = disagreement(lambda small: TritonAttention(small, SdpaAttention(small)), shape, dtype)
+    return reason
 
 
 def row_lengths(batch: int, kv_len: int) -> torch.Tensor:
@@ -150,27 +173,29 @@ def prefill_rows(runner: ModelRunner, config, args, device, backends: dict) -> l
 
 
 def attention_rows(runner: ModelRunner, config, args, device, dtype, backends: dict) -> list[dict]:
-    """Decode attention alone, all layers' worth, over a random cache with the decode rows' lengths; each
+    """Decode attention alone, all layers' worth, over a random paged cache with the decode rows' lengths, each row's
+    blocks shuffled through the pool as serving leaves them (the gathering implementations' copy included); each
     implementation's result checked against sdpa's."""
     shape = runner.attention_shape
     kv_len = kv_len_bucket(args.kv_len, runner.max_model_len)
+    size = shape.block_size
     generator = torch.Generator(device=device).manual_seed(0)
-    layer = (shape.num_slots, shape.max_model_len, shape.num_kv_heads, shape.head_dim)
-    k_layer = torch.randn(layer, generator=generator, device=device, dtype=dtype)
-    v_layer = torch.randn(layer, generator=generator, device=device, dtype=dtype)
+    blocks = (shape.num_slots * shape.max_model_len // size, size, shape.num_kv_heads, shape.head_dim)
+    k_blocks = torch.randn(blocks, generator=generator, device=device, dtype=dtype)
+    v_blocks = torch.randn(blocks, generator=generator, device=device, dtype=dtype)
     reference = SdpaAttention(shape)
     rows = []
     for batch in args.batches:
         lengths = row_lengths(batch, args.kv_len).to(device=device, dtype=torch.int32)
         query = torch.randn(batch, shape.num_heads, shape.head_dim, generator=generator, device=device, dtype=dtype)
-        # The step's K/V as the runner gathers them: [batch, kv_len, ...], contiguous.
-        k_step, v_step = k_layer[:batch, :kv_len].contiguous(), v_layer[:batch, :kv_len].contiguous()
-        expected = reference.decode(query, k_step, v_step, reference.decode_plan(lengths, kv_len)).float()
-        valid_bytes = 2 * int(lengths.sum()) * shape.num_kv_heads * shape.head_dim * k_layer.element_size()
+        width = kv_len // size
+        tables = torch.randperm(blocks[0], generator=generator, device=device)[: batch * width].view(batch, width)
+        expected = reference.decode(query, k_blocks, v_blocks, reference.decode_plan(lengths, tables, kv_len)).float()
+        valid_bytes = 2 * int(lengths.sum()) * shape.num_kv_heads * shape.head_dim * k_blocks.element_size()
         for name, attention in backends.items():
-            plan = attention.decode_plan(lengths, kv_len)
-            ms = timed(partial(attention.decode, query, k_step, v_step, plan), device, args.repeat)
-            got = attention.decode(query, k_step, v_step, plan).float()
+            plan = attention.decode_plan(lengths, tables, kv_len)
+            ms = timed(partial(attention.decode, query, k_blocks, v_blocks, plan), device, args.repeat)
+            got = attention.decode(query, k_blocks, v_blocks, plan).float()
             rows.append({"what": "decode attention, all layers", "attention": name, "batch": batch,
                          "kv_len": kv_len, "ms": ms * config.num_hidden_layers,
                          "floor_ms": valid_bytes * config.num_hidden_layers / (args.hbm_tb_s * 1e12) * 1e3,
@@ -207,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="mean K/V length during decode for the roofline column (default: the benchmark "
                              "workload's, prompts 256-768 plus half of outputs 64-256)")
     parser.add_argument("--no-graphs", action="store_true", help="skip the CUDA graph variant")
-    parser.add_argument("--attention", default="sdpa,flash",
+    parser.add_argument("--attention", default="sdpa,flash,triton",
                         help="attention implementations to time (comma-separated; those that do not apply here are "
                              "skipped, saying why)")
     parser.add_argument("--json-out", type=Path)

@@ -4,7 +4,8 @@
 #
 #   here:  bash serving/bench/prepare_gpu_session.sh          (wheels + baseline script into .gpu-session/)
 #   there: bash serving/bench/gpu_session.sh                  (device tool: carry [".gpu-session"], timeout_s 590)
-#   here:  python -m serving.bench.report $FILES_AT --write docs/BENCHMARKS.md   (the results into the docs)
+#   here:  tar -xzf $FILES_AT/results.tar.gz -C DIR
+#          python -m serving.bench.report DIR --write docs/BENCHMARKS.md            (the results into the docs)
 #
 # SMOKE=1 rehearses every stage on this machine's CPU with the tiny model (no wheels, no baselines).
 set -uo pipefail
@@ -40,10 +41,12 @@ if [ "$SMOKE" = 1 ]; then
   shape=tiny; device=cpu; dtype=float32; batches=1,4; levels=1,4; slots=8; level_s=5; kv=256; prompts=4
   load_extra=(--requests-per-level 4 --rounds 1 --in-min 16 --in-max 48 --out-min 8 --out-max 16)
   http_levels=4; http_requests=8; variant_levels=4; http_request_count=16; gateway_levels=1,4; gateway_requests=8
+  gather_levels=4; gather_backend=sdpa  # CPU has no flash kernel: the stage is rehearsed with the other gather
 else
   shape=llama-3.2-1b; device=cuda; dtype=bfloat16; batches=1,16,64,256; levels=1,16,64,256; slots=256; level_s=15
   kv=1024; prompts=8; load_extra=(); http_levels=256; http_requests=512; http_request_count=4000
-  variant_levels=256; gateway_levels=1,16,64; gateway_requests=256
+  variant_levels=256; gateway_levels=1,16,64; gateway_requests=256; gather_levels=16,64,256
+  gather_backend=flash
   # The serving packages the machine lacks, on their own path: its torch and numpy stay as they are.
   stage deps 90 "$PY" -m pip install --no-index --no-deps --quiet --target .gpu-session/deps .gpu-session/wheels/*.whl
   export PYTHONPATH="$PWD/.gpu-session/deps:$PWD"
@@ -54,11 +57,12 @@ fi
 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())"; } >"$OUT/env.txt" 2>&1
 
 # 1. Correctness on the GPU: bf16 logits against HF, CUDA-graph decoding against eager and HF float32, the flash
-#    kernel against SDPA and against the CPU stand-in the CPU tests trust.
-stage gputests 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/serving/test_engine.py \
-  tests/serving/test_attention.py
-# 2. Engine steps in isolation, with each attention (sdpa, flash): decode eager vs graph, prefill one-by-one vs
-#    packed, decode attention alone. The floors use the H200's 4.8 TB/s.
+#    kernel against SDPA and against the CPU stand-in the CPU tests trust, the Triton decode kernel (compiled here
+#    for the first time) against float64 and the engine that chooses it, graphs against eager.
+stage gputests 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/serving/test_triton_decode.py \
+  tests/serving/test_engine.py tests/serving/test_attention.py
+# 2. Engine steps in isolation, with each attention (sdpa, flash, triton): decode eager vs graph, prefill one-by-one
+#    vs packed, decode attention alone over the paged cache (the gather included). The floors use the H200's 4.8 TB/s.
 stage steps 90 "$PY" -m serving.bench.engine_steps --shape "$shape" --device "$device" --dtype "$dtype" \
   --batches "$batches" --kv-len "$kv" --prompts "$prompts" --hbm-tb-s 4.8 --json-out "$OUT/steps.json"
 # 3. End to end through HTTP streaming, the issue's workload (prompts 256-768, outputs 64-256, ignore_eos).
@@ -97,6 +101,9 @@ paged_stage() {  # paged_stage NAME LIMIT_S ENGINE_ROOT LABEL: one layout's meas
 paged_stage paged-kv-old 60 "$paged_base" contiguous
 paged_stage paged-kv-new 60 "$PWD" paged
 "$PY" -m serving.bench.paged_kv compare "$OUT/paged-kv-old.json" "$OUT/paged-kv-new.json" >"$OUT/paged-kv.md" 2>&1
+# 3c. The paged cache read through a gather and the flash kernel instead of the Triton kernel in place (the default),
+#     at the levels where the gather's copy is largest (ENGINE_NOTES v8/v9).
+load_stage load-flash 90 "$gather_levels" --attention-backend "$gather_backend"
 # 4. The baselines, in the same call, with the machine's own transformers (the script was written for it).
 if [ "$SMOKE" != 1 ]; then
   stage baselines 100 env PYTHONPATH= "$PY" .gpu-session/h100_baselines.py --preset llama-3.2-1b \
@@ -131,7 +138,7 @@ stage liveness 90 "$PY" -m serving.bench.liveness --model-path "/tmp/bench-$shap
   --clients 8 --json-out "$OUT/liveness.json"
 
 echo; cat "$OUT/env.txt"; echo
-for name in gputests steps load paged-kv-old paged-kv-new baselines load-sdpa load-stepwise load-prefill8k http-on \
+for name in gputests steps load paged-kv-old paged-kv-new load-flash baselines load-sdpa load-stepwise load-prefill8k http-on \
             load-thread http-off http-requests gateway liveness; do
   [ -f "$OUT/$name.log" ] || continue
   echo "== $name (tail)"; tail -n 12 "$OUT/$name.log"; echo
@@ -139,3 +146,9 @@ done
 # The Markdown for docs/BENCHMARKS.md, made in the same call (here: report.py OUT --write docs/BENCHMARKS.md).
 "$PY" -m serving.bench.report "$OUT" > "$OUT/report.md" 2>&1 || echo "report failed: see $OUT/report.md"
 echo "== summary"; cat "$OUT/summary.txt"
+# The device tool brings back at most 8 files from $OUT: everything goes into one archive beside the report and the
+# summary (here: tar -xzf results.tar.gz -C DIR, then report.py DIR).
+if [ "$SMOKE" != 1 ]; then
+  tar -czf /tmp/results.tar.gz -C "$OUT" . && find "$OUT" -mindepth 1 -maxdepth 1 ! -name report.md \
+    ! -name summary.txt -exec rm -rf {} + && mv /tmp/results.tar.gz "$OUT/"
+fi

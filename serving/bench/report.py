@@ -92,7 +92,9 @@ def report(out: Path) -> str:
         parts.append("End to end (HTTP streaming, `serving.bench.loadtest`):\n\n" + end_to_end(load, steps))
     if steps:
         parts.append("Engine steps (`serving.bench.engine_steps`):\n\n" + engine_steps(steps))
-    for name, what in (("load-sdpa", "attention over each step's KV bucket (`--attention-backend sdpa`)"),
+    for name, what in (("load-flash", "decode over the paged cache gathered into one copy and read by the flash kernel "
+                                      "(`--attention-backend flash`)"),
+                       ("load-sdpa", "attention over each step's KV bucket (`--attention-backend sdpa`)"),
                        ("load-stepwise", "one step at a time, no run-ahead decode steps (`--overlap off`)"),
                        ("load-prefill8k", "a prefill budget of 8192 tokens per step (`--max-prefill-tokens 8192`)"),
                        ("load-thread", "the engine on a thread of the server's process (`--engine-process off`)")):

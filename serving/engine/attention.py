@@ -1,48 +1,61 @@
-"""Attention over the engine's KV cache, in two interchangeable implementations behind one small interface.
+"""Attention over the engine's paged KV cache, in interchangeable implementations behind one small interface.
 
-K and V are token-major ([tokens, kv_heads, head_dim]), the layout flash kernels read. The cache itself is paged
-(`serving.engine.model_runner`); the runner gathers each step's K/V through the block tables and hands an
-`Attention` the contiguous form: a decode step's [B, kv_len, kv_heads, head_dim] (row b's first `lengths[b]` tokens
-valid), a prefill pass's K/V of every chunk up to its end, packed chunk after chunk. The model runner writes K/V; an
-`Attention` only reads them.
+K and V are token-major ([tokens, kv_heads, head_dim]), the layout flash kernels read. The cache is paged
+(`serving.engine.model_runner`): per layer [blocks, block_size, kv_heads, head_dim], a sequence's position p in block
+`block_table[p // block_size]`. A decode step hands an `Attention` the layer's blocks and the rows' block tables; a
+prefill pass hands it each chunk's K/V up to its end, gathered and packed chunk after chunk. The model runner writes
+K/V; an `Attention` only reads them.
 
-- `SdpaAttention` (any device, any dtype): `F.scaled_dot_product_attention`. A decode step attends over the
-  batch's KV-length bucket under a length mask, so every row reads K/V up to the longest row's bucket; a prefill
-  pass runs one attention call per prompt chunk.
+- `SdpaAttention` (any device, any dtype): `F.scaled_dot_product_attention`. A decode step gathers the rows' blocks
+  into [B, kv_len, ...] (the batch's KV-length bucket) and attends under a length mask, so every row reads K/V up to
+  the longest row's bucket; a prefill pass runs one attention call per prompt chunk.
 - `FlashAttention` (CUDA, float16/bfloat16, compute capability 8.0+): PyTorch's flash kernel in its
-  variable-length form with `seqused_k`, each row's own length. A decode step reads only each row's valid K/V
-  (no padding waste: at the benchmark's spread of lengths, 1.7x fewer K/V bytes at batch 256), and a prefill pass
-  runs every chunk's attention in one kernel call.
+  variable-length form with `seqused_k`, each row's own length. It takes one contiguous K/V, so a decode step
+  gathers the rows' blocks first, as SDPA does, and then reads only each row's valid K/V; a prefill pass runs every
+  chunk's attention in one kernel call.
+- `TritonAttention` (CUDA, float16/bfloat16, compute capability 8.0+, Triton): decode by our kernel
+  (`serving.engine.paged_decode`), which reads each row's blocks in place, only up to its length: no gather, no
+  copy of the cache. Prefill as flash does (or SDPA where flash cannot run).
 
-In decode both read K/V once per KV head, never once per query head: SDPA with each KV head's query heads folded
-into that head's query rows; the flash kernel does the same fold itself for single-token queries of grouped-query
-models, and then also splits each sequence's K/V across thread blocks when the batch is too small to fill the GPU
-(a model with as many KV heads as query heads gets neither, and needs neither fold).
+The gathering forms copy every row's KV bucket once per layer and step before reading it again: at large batches
+that copy costs more than the attention itself (docs/ENGINE_NOTES.md, v8), which is why the kernel exists. In decode
+all three read K/V once per KV head, never once per query head: SDPA with each KV head's query heads folded into that
+head's query rows; the flash kernel does the same fold itself for single-token queries of grouped-query models, and
+then also splits each sequence's K/V across thread blocks when the batch is too small to fill the GPU; the Triton
+kernel gives each (row, KV head) one program holding that head's query heads, and splits the row's tokens across
+programs the same way.
 
-`select_attention` picks the implementation when the engine loads: `auto` takes flash where the kernel applies and
-its results agree with SDPA's on a check run at load (random data of the model's head shape, rows of different
-lengths, slots out of order), otherwise SDPA, with the reason logged.
+`select_attention` picks the implementation when the engine loads: `auto` takes triton where it applies and its
+results agree with SDPA's on a check run at load (random data of the model's head shape, rows of different lengths,
+blocks out of order, chunks out of order), else flash under the same check, else SDPA, with the reasons logged.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from serving.engine.config import Attention as AttentionChoice
 from serving.engine.interface import ModelLoadError
 from serving.engine.transfer import to_device
 
 logger = logging.getLogger("serving.engine")
 
-AttentionChoice = Literal["auto", "flash", "sdpa"]
 
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+DECODE_GATHER_TOKENS = 256 * 1024
+"""A gathering decode copies at most this many tokens' K/V (per layer) at a time out of the blocks: rows are
+attended in groups of DECODE_GATHER_TOKENS // kv_len, so a full batch over a long context's bucket does not need a
+copy of K/V as large as the cache itself. The largest group is kept out of the KV budget
+(`serving.engine.model_runner.activation_reserve_bytes`)."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +71,8 @@ class AttentionShape:
     max_model_len: int
     """The longest K/V a decode step reads (the context in whole blocks)."""
     device: torch.device
+    block_size: int = 16
+    """Tokens per cache block (the engine's `block_size`)."""
 
     @property
     def group(self) -> int:
@@ -85,13 +100,14 @@ class Attention(Protocol):
     name: str
     shape: AttentionShape
 
-    def decode_plan(self, lengths: torch.Tensor, kv_len: int) -> object:
-        """`lengths` int32 [B]: valid cache tokens of row i, including the token just written;
-        `kv_len` >= every length, the step's KV bucket."""
+    def decode_plan(self, lengths: torch.Tensor, block_tables: torch.Tensor, kv_len: int) -> object:
+        """`lengths` int32 [B]: valid cache tokens of row i, including the token just written; `block_tables` int64
+        [B, kv_len / block_size]: row i's blocks; `kv_len` >= every length, the step's KV bucket."""
 
-    def decode(self, query: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, plan: object) -> torch.Tensor:
-        """`query` [B, heads, head_dim], `k_layer`/`v_layer` contiguous [B, kv_len, kv_heads, head_dim]
-        -> [B, heads * head_dim]."""
+    def decode(self, query: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor, plan: object
+               ) -> torch.Tensor:
+        """`query` [B, heads, head_dim], `k_blocks`/`v_blocks` one layer's cache [blocks, block_size, kv_heads,
+        head_dim] -> [B, heads * head_dim]."""
 
     def prefill_plan(self, spans: Sequence[ChunkSpan]) -> object:
         ...
@@ -102,7 +118,42 @@ class Attention(Protocol):
         its own end."""
 
 
-class SdpaAttention:
+class GatheringDecode:
+    """Decode for implementations that read one contiguous K/V: the rows' blocks are gathered into
+    [rows, kv_len, kv_heads, head_dim] (in groups of at most DECODE_GATHER_TOKENS tokens) and handed to
+    `decode_gathered`."""
+
+    shape: AttentionShape
+
+    def gathered_plan(self, lengths: torch.Tensor, kv_len: int) -> object:
+        raise NotImplementedError
+
+    def decode_gathered(self, query: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, plan: object
+                        ) -> torch.Tensor:
+        """`query` [B, heads, head_dim], `k_layer`/`v_layer` contiguous [B, kv_len, kv_heads, head_dim], row b's
+        first lengths[b] tokens valid -> [B, heads * head_dim]."""
+        raise NotImplementedError
+
+    def decode_plan(self, lengths: torch.Tensor, block_tables: torch.Tensor, kv_len: int) -> object:
+        batch = lengths.shape[0]
+        group = max(1, DECODE_GATHER_TOKENS // kv_len)
+        groups = [(first, min(first + group, batch)) for first in range(0, batch, group)]
+        return kv_len, [(first, last, block_tables[first:last], self.gathered_plan(lengths[first:last], kv_len))
+                        for first, last in groups]
+
+    def decode(self, query: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor, plan: object
+               ) -> torch.Tensor:
+        kv_len, groups = plan
+        heads = k_blocks.shape[2:]
+        attended = [
+            self.decode_gathered(query[first:last], k_blocks[tables].view(last - first, kv_len, *heads),
+                                 v_blocks[tables].view(last - first, kv_len, *heads), group_plan)
+            for first, last, tables, group_plan in groups
+        ]
+        return attended[0] if len(attended) == 1 else torch.cat(attended)
+
+
+class SdpaAttention(GatheringDecode):
     """`F.scaled_dot_product_attention` over the batch's KV bucket (masked) and per prefill chunk."""
 
     name = "sdpa"
@@ -111,11 +162,12 @@ class SdpaAttention:
         self.shape = shape
         self._positions = torch.arange(shape.max_model_len, device=shape.device)
 
-    def decode_plan(self, lengths: torch.Tensor, kv_len: int) -> object:
+    def gathered_plan(self, lengths: torch.Tensor, kv_len: int) -> object:
         mask = self._positions[:kv_len].unsqueeze(0) < lengths.unsqueeze(1)
         return mask[:, None, None, :], kv_len
 
-    def decode(self, query: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, plan: object) -> torch.Tensor:
+    def decode_gathered(self, query: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, plan: object
+                        ) -> torch.Tensor:
         mask, kv_len = plan
         s = self.shape
         batch = query.shape[0]
@@ -156,7 +208,7 @@ FlashForward = Callable[..., tuple]
 """`torch.ops.aten._flash_attention_forward`'s calling convention (variable-length form)."""
 
 
-class FlashAttention:
+class FlashAttention(GatheringDecode):
     """The flash kernel's variable-length form over the step's K/V viewed as [rows, kv_heads, dim]: sequence b
     starts at row `cu_seq_k[b]` and has `seqused_k[b]` valid tokens."""
 
@@ -168,13 +220,14 @@ class FlashAttention:
         # Decode: one query token per row.
         self._decode_cu_q = torch.arange(shape.num_slots + 1, dtype=torch.int32, device=shape.device)
 
-    def decode_plan(self, lengths: torch.Tensor, kv_len: int) -> object:
+    def gathered_plan(self, lengths: torch.Tensor, kv_len: int) -> object:
         batch = lengths.shape[0]
         cu_q = self._decode_cu_q[: batch + 1]
         # Row b's K/V start at b * kv_len of the gathered [B, kv_len, ...] (a device op: graphs capture it).
         return cu_q, cu_q * kv_len, lengths, kv_len
 
-    def decode(self, query: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, plan: object) -> torch.Tensor:
+    def decode_gathered(self, query: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, plan: object
+                        ) -> torch.Tensor:
         cu_q, cu_k, lengths, kv_len = plan
         s = self.shape
         # One query token per sequence (max_q 1), grouped-query heads unfolded: given that, the kernel folds each KV
@@ -215,6 +268,66 @@ class FlashAttention:
         return out.reshape(query.shape[0], -1)
 
 
+class TritonAttention:
+    """Decode by the Triton kernel that reads the blocks in place (`serving.engine.paged_decode`); prefill by
+    `prefill_with` (flash on CUDA where it applies, else SDPA)."""
+
+    name = "triton"
+
+    def __init__(self, shape: AttentionShape, prefill_with: Attention, multiprocessors: int | None = None) -> None:
+        from serving.engine import paged_decode  # imports Triton: only when this implementation is built
+
+        self.shape = shape
+        self._kernel = paged_decode
+        self._prefill = prefill_with
+        if multiprocessors is None:
+            multiprocessors = (torch.cuda.get_device_properties(shape.device).multi_processor_count
+                               if shape.device.type == "cuda" else 1)
+        self._multiprocessors = multiprocessors
+
+    def decode_plan(self, lengths: torch.Tensor, block_tables: torch.Tensor, kv_len: int) -> object:
+        s = self.shape
+        launch = self._kernel.plan_launch(lengths.shape[0], s.num_kv_heads, kv_len, s.head_dim, self._multiprocessors)
+        return lengths, block_tables, launch
+
+    def decode(self, query: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor, plan: object
+               ) -> torch.Tensor:
+        lengths, block_tables, launch = plan
+        out = self._kernel.paged_decode(query, k_blocks, v_blocks, block_tables, lengths, self.shape.scale, launch)
+        return out.reshape(query.shape[0], -1)
+
+    def prefill_plan(self, spans: Sequence[ChunkSpan]) -> object:
+        return self._prefill.prefill_plan(spans)
+
+    def prefill(self, query: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, plan: object) -> torch.Tensor:
+        return self._prefill.prefill(query, k_layer, v_layer, plan)
+
+
+def triton_interpreting() -> bool:
+    """Whether Triton kernels run in Triton's CPU interpreter (`TRITON_INTERPRET=1`: how the CPU tests run ours)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def triton_unavailable_reason(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """Why the Triton decode kernel cannot serve this model here, or None if it can."""
+    interpreted = triton_interpreting() and device.type == "cpu"
+    if not interpreted:
+        if device.type != "cuda":
+            return f"it needs a CUDA device (the engine runs on {device.type})"
+        if dtype not in FLASH_DTYPES:
+            return f"it needs float16 or bfloat16 (the engine runs in {str(dtype).removeprefix('torch.')})"
+        if torch.cuda.get_device_capability(device) < (8, 0):
+            major, minor = torch.cuda.get_device_capability(device)
+            return f"it needs compute capability 8.0 or newer (this GPU has {major}.{minor})"
+    if head_dim > 256:
+        return f"it needs a head dimension of at most 256 (this model's is {head_dim})"
+    try:
+        import serving.engine.paged_decode  # noqa: F401 - whether Triton imports
+    except ImportError as exc:
+        return f"Triton cannot be imported ({exc})"
+    return None
+
+
 def flash_unavailable_reason(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
     """Why the flash kernel cannot serve this model here, or None if it can."""
     if device.type != "cuda":
@@ -233,39 +346,46 @@ def flash_unavailable_reason(device: torch.device, dtype: torch.dtype, head_dim:
 
 def disagreement(candidate: Callable[[AttentionShape], Attention], shape: AttentionShape,
                  dtype: torch.dtype) -> str | None:
-    """Build `candidate` and SDPA for a small cache of this model's head shape (at most 4 slots x 1024 tokens, a few
+    """Build `candidate` and SDPA for a small cache of this model's head shape (at most 4 rows x 1024 tokens, a few
     MiB, so the check needs no memory the KV cache was promised), run both on the same random data and say how they
     differ, or None when they agree within the dtype's rounding. The data: decode rows of 1 to 640 tokens under a KV
-    bucket shorter than the slots (a long row is split across thread blocks by the flash kernel), and prefill chunks
-    from different slots, out of slot order, a first chunk and a later one."""
+    bucket shorter than the context, their blocks shuffled through the pool (a long row is split across thread blocks
+    by the flash and Triton kernels), and prefill chunks from different rows, out of row order, a first chunk and a
+    later one."""
     s = dataclasses.replace(shape, num_slots=min(shape.num_slots, 4), max_model_len=min(shape.max_model_len, 1024))
     implementation, reference = candidate(s), SdpaAttention(s)
     device = s.device
     generator = torch.Generator(device=device).manual_seed(0)
-    slots, length = s.num_slots, min(s.max_model_len, 640)
-    layer_shape = (s.num_slots, s.max_model_len, s.num_kv_heads, s.head_dim)
-    k_layer = torch.zeros(layer_shape, dtype=dtype, device=device)
-    v_layer = torch.zeros(layer_shape, dtype=dtype, device=device)
-    k_layer[:, :length] = torch.randn(slots, length, s.num_kv_heads, s.head_dim, generator=generator,
-                                      device=device, dtype=dtype)
-    v_layer[:, :length] = torch.randn(slots, length, s.num_kv_heads, s.head_dim, generator=generator,
-                                      device=device, dtype=dtype)
-    lengths = torch.tensor([1, length, min(37, length), max(length // 2, 1)][:slots], dtype=torch.int32,
+    rows, length, size = s.num_slots, min(s.max_model_len, 640), s.block_size
+    width = -(-s.max_model_len // size)
+    # The pool: every row's blocks and a spare one, handed out in a random order (+1: block 0 is never used).
+    num_blocks = rows * width + 2
+    k_blocks = torch.randn(num_blocks, size, s.num_kv_heads, s.head_dim, generator=generator, device=device,
+                           dtype=dtype)
+    v_blocks = torch.randn(num_blocks, size, s.num_kv_heads, s.head_dim, generator=generator, device=device,
+                           dtype=dtype)
+    order = torch.randperm(num_blocks - 2, generator=generator, device=device) + 1
+    tables = order.view(rows, width)
+    lengths = torch.tensor([1, length, min(37, length), max(length // 2, 1)][:rows], dtype=torch.int32,
                            device=device)
-    query = torch.randn(slots, s.num_heads, s.head_dim, generator=generator, device=device, dtype=dtype)
+    query = torch.randn(rows, s.num_heads, s.head_dim, generator=generator, device=device, dtype=dtype)
     kv_len = min(s.max_model_len, -(-length // 256) * 256)
+    step_tables = tables[:, : -(-kv_len // size)]
     head, tail = max(length // 4, 1), min(3, length)
-    chunk_slots = (slots - 1, 0)
+    chunk_rows = (rows - 1, 0)
     spans = [ChunkSpan(kv_start=0, first=0, last=head, start=0, end=head),
              ChunkSpan(kv_start=head, first=head, last=head + tail, start=length - tail, end=length)]
     packed = torch.randn(spans[-1].last, s.num_heads, s.head_dim, generator=generator, device=device, dtype=dtype)
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
-    # The contiguous forms the runner gathers: [B, kv_len, ...] for decode, each chunk's K/V packed for prefill.
-    k_step, v_step = k_layer[:, :kv_len].contiguous(), v_layer[:, :kv_len].contiguous()
-    k_packed = torch.cat([k_layer[slot, :span.end] for slot, span in zip(chunk_slots, spans)])
-    v_packed = torch.cat([v_layer[slot, :span.end] for slot, span in zip(chunk_slots, spans)])
+
+    def row_kv(blocks: torch.Tensor, row: int, end: int) -> torch.Tensor:
+        return blocks[tables[row]].flatten(0, 1)[:end]
+
+    # Prefill reads each chunk's K/V up to its end, gathered and packed, as the runner hands it over.
+    k_packed = torch.cat([row_kv(k_blocks, row, span.end) for row, span in zip(chunk_rows, spans)])
+    v_packed = torch.cat([row_kv(v_blocks, row, span.end) for row, span in zip(chunk_rows, spans)])
     for what, run in (
-        ("decode", lambda impl: impl.decode(query, k_step, v_step, impl.decode_plan(lengths, kv_len))),
+        ("decode", lambda impl: impl.decode(query, k_blocks, v_blocks, impl.decode_plan(lengths, step_tables, kv_len))),
         ("prefill", lambda impl: impl.prefill(packed, k_packed, v_packed, impl.prefill_plan(spans))),
     ):
         try:
@@ -282,22 +402,41 @@ def disagreement(candidate: Callable[[AttentionShape], Attention], shape: Attent
 
 def select_attention(choice: AttentionChoice, shape: AttentionShape, dtype: torch.dtype,
                      flash_forward: FlashForward | None = None) -> Attention:
-    """The attention implementation for this model and device: `sdpa`, `flash` (a ModelLoadError saying why if it
-    cannot be used), or `auto` (flash when it applies and agrees with SDPA, otherwise SDPA)."""
+    """The attention implementation for this model and device: `sdpa`; `flash` or `triton` (a ModelLoadError saying
+    why if it cannot be used); or `auto`: triton when it applies and agrees with SDPA, else flash on the same terms,
+    else SDPA. `flash_forward` stands in for the flash kernel (the CPU tests)."""
     sdpa = SdpaAttention(shape)
     if choice == "sdpa":
         logger.info("attention: sdpa (chosen)")
         return sdpa
-    reason = None if flash_forward is not None else flash_unavailable_reason(shape.device, dtype, shape.head_dim)
-    if reason is None:
-        reason = disagreement(lambda small: FlashAttention(small, flash_forward), shape, dtype)
-        if reason is None:
-            logger.info("attention: flash (variable-length, reads only each sequence's own K/V)")
-            return FlashAttention(shape, flash_forward)
+    flash_reason = None if flash_forward is not None else flash_unavailable_reason(shape.device, dtype,
+                                                                                   shape.head_dim)
+    if flash_reason is None:
+        flash_reason = disagreement(lambda small: FlashAttention(small, flash_forward), shape, dtype)
+
+    def prefill_for(small: AttentionShape) -> Attention:
+        return FlashAttention(small, flash_forward) if flash_reason is None else SdpaAttention(small)
+
+    if choice in ("auto", "triton"):
+        triton_reason = triton_unavailable_reason(shape.device, dtype, shape.head_dim)
+        if triton_reason is None:
+            triton_reason = disagreement(lambda small: TritonAttention(small, prefill_for(small)), shape, dtype)
+        if triton_reason is None:
+            prefill = "flash" if flash_reason is None else "sdpa"
+            logger.info("attention: triton (decode reads the paged cache in place; %s prefill)", prefill)
+            return TritonAttention(shape, prefill_for(shape))
+        if choice == "triton":
+            raise ModelLoadError(f"attention (ATTENTION_BACKEND) is triton, but the Triton decode kernel cannot be "
+                                 f"used: {triton_reason}; set it to auto, flash or sdpa")
+        log = logger.warning if triton_reason.startswith("its ") else logger.info
+        log("attention: the Triton decode kernel is not used: %s", triton_reason)
+    if flash_reason is None:
+        logger.info("attention: flash (variable-length, reads only each sequence's own K/V)")
+        return FlashAttention(shape, flash_forward)
     if choice == "flash":
-        raise ModelLoadError(f"attention (ATTENTION_BACKEND) is flash, but the flash kernel cannot be used: {reason}; "
-                             "set it to auto or sdpa")
+        raise ModelLoadError(f"attention (ATTENTION_BACKEND) is flash, but the flash kernel cannot be used: "
+                             f"{flash_reason}; set it to auto or sdpa")
     # Where the kernel applies but disagrees, something is wrong with it or with how it is called: say so loudly.
-    log = logger.warning if reason.startswith("its ") else logger.info
-    log("attention: sdpa (flash is not used: %s)", reason)
+    log = logger.warning if flash_reason.startswith("its ") else logger.info
+    log("attention: sdpa (flash is not used: %s)", flash_reason)
     return sdpa

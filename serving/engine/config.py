@@ -10,7 +10,8 @@ from typing import Literal
 
 from serving.engine.block_manager import BLOCK_SIZES, DEFAULT_BLOCK_SIZE
 
-Attention = Literal["auto", "flash", "sdpa"]
+Attention = Literal["auto", "triton", "flash", "sdpa"]
+ATTENTION_CHOICES: tuple[Attention, ...] = ("auto", "triton", "flash", "sdpa")
 Device = Literal["auto", "cuda", "cpu"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 
@@ -61,11 +62,13 @@ class EngineConfig:
     None: on CUDA, where the device runs asynchronously; on CPU every step runs to completion when launched, so
     overlapping would only hold each output back by a step. Off is the way back to one step at a time."""
     attention: Attention = "auto"
-    """How attention reads the KV cache (`serving.engine.attention`). `flash`: the flash kernel's variable-length
-    form, reading only each sequence's own K/V (CUDA, float16/bfloat16, compute capability 8.0+); `sdpa`: PyTorch's
-    scaled_dot_product_attention over the batch's KV-length bucket (any device). `auto` takes flash where it
-    applies and agrees with SDPA on a check run at load, otherwise SDPA; if decode graphs cannot be captured with
-    flash, it captures them with SDPA. An explicit `flash` that cannot be used fails the load, saying why."""
+    """How attention reads the KV cache (`serving.engine.attention`). `triton`: decode by our Triton kernel, which
+    reads each sequence's blocks in place up to its length, prefill by flash (CUDA, float16/bfloat16, compute
+    capability 8.0+); `flash`: the flash kernel's variable-length form for both, decode over the rows' blocks
+    gathered into one copy first; `sdpa`: PyTorch's scaled_dot_product_attention over the batch's KV-length bucket,
+    gathered the same way (any device). `auto` takes triton where it applies and agrees with SDPA on a check run at
+    load, else flash on the same terms, otherwise SDPA; if decode graphs cannot be captured with the chosen one, it
+    captures them with SDPA. An explicit `triton` or `flash` that cannot be used fails the load, saying why."""
     block_size: int = DEFAULT_BLOCK_SIZE
     """Tokens per KV-cache block: the unit requests are given cache in, and that the prefix cache reuses (only
     full blocks are shared). A power of two up to 256."""
@@ -92,8 +95,9 @@ class EngineConfig:
         _require_positive("max_prefill_tokens_per_step", self.max_prefill_tokens_per_step)
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization: {self.gpu_memory_utilization} must be in (0, 1]")
-        if self.attention not in ("auto", "flash", "sdpa"):
-            raise ValueError(f"attention: {self.attention!r} is not one of 'auto', 'flash', 'sdpa'")
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"attention: {self.attention!r} is not one of "
+                             f"{', '.join(repr(choice) for choice in ATTENTION_CHOICES)}")
         if self.overlap not in (None, True, False):
             raise ValueError(f"overlap: {self.overlap!r} must be true, false or unset (auto)")
         if not isinstance(self.cuda_graphs, bool):

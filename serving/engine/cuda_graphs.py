@@ -121,9 +121,10 @@ class DecodeGraphs:
 
 def capture_decode_graphs(runner: ModelRunner, attention_choice: AttentionChoice = "auto") -> bool:
     """Capture the runner's decode steps as CUDA graphs and route decoding through them. If capture fails with
-    flash attention that `auto` chose (`attention_choice`), capture with SDPA instead (prefill follows: the runner
-    has one attention); if that fails too, or flash was asked for by name, keep flash. On failure the reason is
-    logged and decoding stays eager (slower, same results). Returns whether graphs are in use."""
+    the triton or flash attention that `auto` chose (`attention_choice`), capture with SDPA instead (prefill follows:
+    the runner has one attention); if that fails too, or the implementation was asked for by name, keep it. On
+    failure the reason is logged and decoding stays eager (slower, same results). Returns whether graphs are in
+    use."""
     failure = _capture(runner)
     if failure is None:
         return True

@@ -13,10 +13,10 @@ read it; activations stay token-major too ([batch, tokens, heads, head_dim]), so
   bucketed bound on the longest live sequence, `kv_len_bucket`, a whole number of blocks) and a block table of
   kv_len / block_size columns per row, so few shapes occur and each can be captured once as a CUDA graph
   (`serving.engine.cuda_graphs`); the block table is one of the graph's inputs.
-- Attention reads K/V gathered through the block tables (`index_select` over whole blocks) into the contiguous
-  form `serving.engine.attention` takes: [B, kv_len, ...] per decode step, each chunk's [end, ...] packed per
-  prefill pass. PyTorch's flash kernel has no block-table form (`_flash_attention_forward` takes offsets into one
-  contiguous K/V), so flash pays the same gather; see docs/ENGINE_NOTES.md.
+- A decode step hands attention (`serving.engine.attention`) each layer's blocks and the rows' block tables: the
+  Triton kernel reads the blocks in place, the flash and SDPA forms gather them into [B, kv_len, ...] first
+  (PyTorch's flash kernel has no block-table form); see docs/ENGINE_NOTES.md. A prefill pass hands it each chunk's
+  K/V up to its end, gathered through the block tables (`index_select`) and packed.
 - `decode` can take some rows' tokens from tensors still on the device (the tokens a step in flight, or a prefill
   pass, chose), so the engine can launch a step before reading the last one back. Every host-to-device copy is from
   pinned memory and launched before the pass: neither waits for the device.
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from serving.engine.attention import Attention, AttentionShape, ChunkSpan, SdpaAttention
+from serving.engine.attention import DECODE_GATHER_TOKENS, Attention, AttentionShape, ChunkSpan, SdpaAttention
 from serving.engine.block_manager import DEFAULT_BLOCK_SIZE
 from serving.engine.interface import ModelLoadError
 from serving.engine.scheduler import PrefillChunk
@@ -45,11 +45,6 @@ KV_LEN_BUCKET = 256
 KV_LEN_LINEAR_MAX = 2048
 """...and beyond it to the next power of two: at most 2x the attention reads, and a handful of shapes
 (graphs) even for a 128k context."""
-DECODE_GATHER_TOKENS = 256 * 1024
-"""A decode step gathers at most this many tokens' K/V (per layer) at a time through the block tables: rows are
-attended in groups of DECODE_GATHER_TOKENS // kv_len, so a full batch over a long context's bucket does not need a
-copy of K/V as large as the cache itself. The largest group is kept out of the KV budget
-(`activation_reserve_bytes`)."""
 MIN_DEFAULT_MODEL_LEN = 4096
 """When the cache cannot give every slot the model's full context, keep at least this much per slot
 (or the model's own limit) and run fewer slots instead."""
@@ -221,6 +216,7 @@ class ModelRunner:
         self.attention_shape = AttentionShape(
             num_heads=model.config.num_attention_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
             scale=self.scaling, num_slots=self.num_slots, max_model_len=self.max_kv_len, device=self.device,
+            block_size=self.block_size,
         )
         self.attention = attention(self.attention_shape)
         self.batch_buckets = _batch_buckets(self.num_slots)
@@ -365,14 +361,10 @@ class ModelRunner:
         """The fixed-shape decode step: row i feeds input_ids[i] at positions[i], its K/V written to row
         cache_rows[i] of the layer's blocks viewed flat, and attends over the blocks block_tables[i]
         ([B, kv_len / block_size])."""
-        batch = input_ids.shape[0]
         hidden = self.embed_tokens(input_ids.unsqueeze(1))
         cos, sin = self.rotary_emb(hidden, positions.unsqueeze(1))
         lengths = (positions + 1).to(torch.int32)
-        # Rows in groups whose gathered K/V stay within DECODE_GATHER_TOKENS (one group, unless the bucket is long).
-        group = max(1, DECODE_GATHER_TOKENS // kv_len)
-        groups = [(first, min(first + group, batch)) for first in range(0, batch, group)]
-        plans = [self.attention.decode_plan(lengths[first:last], kv_len) for first, last in groups]
+        plan = self.attention.decode_plan(lengths, block_tables, kv_len)
         heads = (self.num_kv_heads, self.head_dim)
         for index, layer in enumerate(self.layers):
             residual = hidden
@@ -380,14 +372,7 @@ class ModelRunner:
             k_blocks, v_blocks = self.k_cache[index], self.v_cache[index]
             k_blocks.view(-1, *heads)[cache_rows] = key[:, 0]
             v_blocks.view(-1, *heads)[cache_rows] = value[:, 0]
-            # The rows' blocks gathered into [rows, kv_len, ...], the contiguous form attention reads.
-            attended = [
-                self.attention.decode(query[first:last, 0],
-                                      k_blocks[block_tables[first:last]].view(last - first, kv_len, *heads),
-                                      v_blocks[block_tables[first:last]].view(last - first, kv_len, *heads), plan)
-                for (first, last), plan in zip(groups, plans)
-            ]
-            attention = attended[0] if len(attended) == 1 else torch.cat(attended)
+            attention = self.attention.decode(query[:, 0], k_blocks, v_blocks, plan)
             hidden = residual + layer.self_attn.o_proj(attention.unsqueeze(1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return self.lm_head(self.norm(hidden[:, 0])).float()

@@ -60,13 +60,13 @@ def test_flash_decode_matches_sdpa_for_rows_of_different_lengths():
     lengths = torch.tensor([1, 48, 17, 40, 2], dtype=torch.int32)  # under a KV bucket (48) shorter than a slot
     # What the runner gathers for a step: [B, kv_len, ...], contiguous.
     k_layer, v_layer = k_layer[:5, :48].contiguous(), v_layer[:5, :48].contiguous()
-    got = flash.decode(query, k_layer, v_layer, flash.decode_plan(lengths, 48))
-    expected = sdpa.decode(query, k_layer, v_layer, sdpa.decode_plan(lengths, 48))
+    got = flash.decode_gathered(query, k_layer, v_layer, flash.gathered_plan(lengths, 48))
+    expected = sdpa.decode_gathered(query, k_layer, v_layer, sdpa.gathered_plan(lengths, 48))
     assert got.shape == (5, SHAPE.num_heads * SHAPE.head_dim)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     # Each row is its own slot's sequence: a row computed alone gives the same result.
-    alone = sdpa.decode(query[3:4].clone(), k_layer[3:].clone(), v_layer[3:].clone(),
-                        sdpa.decode_plan(lengths[3:4], 48))
+    alone = sdpa.decode_gathered(query[3:4].clone(), k_layer[3:].clone(), v_layer[3:].clone(),
+                                 sdpa.gathered_plan(lengths[3:4], 48))
     torch.testing.assert_close(got[3:4], alone, atol=1e-5, rtol=1e-5)
 
 
@@ -76,13 +76,13 @@ def test_flash_decode_reads_only_each_rows_own_tokens():
     k_layer, v_layer = random_cache(SHAPE, seed=2)
     lengths = torch.tensor([3, 30, 64], dtype=torch.int32)
     query = torch.randn(3, SHAPE.num_heads, SHAPE.head_dim, generator=torch.Generator().manual_seed(3))
-    expected = sdpa.decode(query, k_layer, v_layer, sdpa.decode_plan(lengths, 64))
+    expected = sdpa.decode_gathered(query, k_layer, v_layer, sdpa.gathered_plan(lengths, 64))
     for row, length in enumerate(lengths.tolist()):
         k_layer[row, length:] = float("nan")
         v_layer[row, length:] = float("nan")
     k_layer[3:] = float("nan")
     v_layer[3:] = float("nan")
-    got = flash.decode(query, k_layer, v_layer, flash.decode_plan(lengths, 64))
+    got = flash.decode_gathered(query, k_layer, v_layer, flash.gathered_plan(lengths, 64))
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
@@ -221,7 +221,7 @@ def test_when_sdpa_capture_fails_too_the_engine_keeps_flash_and_decodes_eagerly(
 
 
 def test_engine_config_rejects_an_unknown_attention():
-    with pytest.raises(ValueError, match="attention: 'xformers' is not one of 'auto', 'flash', 'sdpa'"):
+    with pytest.raises(ValueError, match="attention: 'xformers' is not one of 'auto', 'triton', 'flash', 'sdpa'"):
         EngineConfig(attention="xformers")
 
 
@@ -239,15 +239,16 @@ def test_the_flash_kernel_agrees_with_sdpa_and_the_cpu_stand_in_on_the_gpu():
     k_layer, v_layer = (tensor.to("cuda", torch.bfloat16) for tensor in random_cache(shape, seed=7))
     query = torch.randn(8, 32, 64, device="cuda", dtype=torch.bfloat16)
     lengths = torch.tensor([1, 1024, 300, 77, 513, 2, 640, 999], dtype=torch.int32, device="cuda")
-    got = flash.decode(query, k_layer, v_layer, flash.decode_plan(lengths, 1024))
+    got = flash.decode_gathered(query, k_layer, v_layer, flash.gathered_plan(lengths, 1024))
     stand_in = FlashAttention(dataclasses.replace(shape, device=torch.device("cpu")), flash_varlen_reference)
-    expected = stand_in.decode(query.cpu(), k_layer.cpu(), v_layer.cpu(), stand_in.decode_plan(lengths.cpu(), 1024))
+    expected = stand_in.decode_gathered(query.cpu(), k_layer.cpu(), v_layer.cpu(),
+                                        stand_in.gathered_plan(lengths.cpu(), 1024))
     torch.testing.assert_close(got.cpu().float(), expected.float(), atol=3e-2, rtol=3e-2)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_flash_engine_on_the_gpu_chooses_flash_and_graphs_replay_its_eager_tokens(tmp_path):
+def test_flash_engine_on_the_gpu_uses_flash_and_graphs_replay_its_eager_tokens(tmp_path):
     from tests.serving.tiny_model import build_tiny_model
 
     model_dir = build_tiny_model(tmp_path / "model", max_position_embeddings=1024)
@@ -256,8 +257,8 @@ def test_flash_engine_on_the_gpu_chooses_flash_and_graphs_replay_its_eager_token
 
     def run(cuda_graphs: bool):
         engine = LLMEngine.from_model_dir(model_dir, EngineConfig(device="cuda", dtype="bfloat16", max_num_seqs=4,
-                                                                  cuda_graphs=cuda_graphs))
-        assert engine.runner.attention.name == "flash", "auto did not choose flash (see the log for why)"
+                                                                  cuda_graphs=cuda_graphs, attention="flash"))
+        assert engine.runner.attention.name == "flash"
         assert (engine.runner.graphs is not None) == cuda_graphs, "graph capture failed (see the warning log)"
         return asyncio.run(greedy_tokens(engine, cases, shutdown=True))
 

@@ -23,8 +23,9 @@ def test_engine_steps_times_every_variant_and_checks_the_attention_forms_agree(t
     assert engine_steps.main(["--shape", "tiny", "--device", "cpu", "--batches", "1,3", "--kv-len", "64",
                               "--prompts", "3", "--prompt-len", "16", "--repeat", "1", "--json-out", str(out)]) == 0
     result = json.loads(out.read_text())
-    # On CPU only sdpa applies; flash is skipped with its reason.
-    assert result["skipped"] == {"flash": "it needs a CUDA device (the engine runs on cpu)"}
+    # On CPU only sdpa applies; flash and triton are skipped with their reasons.
+    assert result["skipped"] == {"flash": "it needs a CUDA device (the engine runs on cpu)",
+                                 "triton": "it needs a CUDA device (the engine runs on cpu)"}
     assert [(row["attention"], row["batch"]) for row in result["decode"]] == [("sdpa", 1), ("sdpa", 3)]
     assert all(row["eager_ms"] > 0 and row["graph_ms"] is None for row in result["decode"])  # no graphs on CPU
     for row in result["decode"]:  # rows hold a spread of lengths within the bucket: less to read than the bucket
@@ -46,7 +47,8 @@ def test_engine_steps_times_flash_beside_sdpa_where_it_applies(tmp_path, monkeyp
                         raising=False)
     out = tmp_path / "steps.json"
     assert engine_steps.main(["--shape", "tiny", "--device", "cpu", "--batches", "2", "--kv-len", "64",
-                              "--prompts", "2", "--prompt-len", "16", "--repeat", "1", "--json-out", str(out)]) == 0
+                              "--prompts", "2", "--prompt-len", "16", "--repeat", "1", "--attention", "sdpa,flash",
+                              "--json-out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["skipped"] == {}
     assert [row["attention"] for row in result["decode"]] == ["sdpa", "flash"]

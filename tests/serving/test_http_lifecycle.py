@@ -45,7 +45,7 @@ def test_bad_setting_exits_2_with_one_line(tiny_model_dir):
     ([], {"CUDA_GRAPHS": "maybe"}, "CUDA_GRAPHS='maybe': must be on or off (true/false, 1/0)"),
     ([], {"ENGINE_PROCESS": "sometimes"}, "ENGINE_PROCESS='sometimes': must be on or off (true/false, 1/0)"),
     ([], {"MAX_PREFILL_TOKENS": "0"}, "MAX_PREFILL_TOKENS='0': must be a positive integer"),
-    ([], {"ATTENTION_BACKEND": "xformers"}, "ATTENTION_BACKEND='xformers': must be one of auto, flash, sdpa"),
+    ([], {"ATTENTION_BACKEND": "xformers"}, "ATTENTION_BACKEND='xformers': must be one of auto, triton, flash, sdpa"),
     ([], {"OVERLAP": "sometimes"}, "OVERLAP='sometimes': must be auto, on or off"),
     ([], {"BLOCK_SIZE": "12"}, "BLOCK_SIZE='12': must be one of 1, 2, 4, 8, 16, 32, 64, 128, 256"),
     (["--block-size", "sixteen"], {}, "--block-size='sixteen': is not a whole number"),

@@ -189,7 +189,7 @@ def test_a_random_mix_with_shared_prefixes_under_memory_pressure_matches_one_req
 def test_a_decode_step_gathering_in_groups_of_rows_matches_hf_greedy(make_engine, hf_model, monkeypatch):
     """A bound of 256 gathered tokens per group: every row of a 256-token bucket is attended in a group of its own,
     as a full batch over a long context's bucket would be; the tokens are HF's."""
-    monkeypatch.setattr("serving.engine.model_runner.DECODE_GATHER_TOKENS", 256)
+    monkeypatch.setattr("serving.engine.attention.DECODE_GATHER_TOKENS", 256)
     engine = make_engine(max_num_seqs=4, block_size=8)
     cases = [(random_prompt(length, seed=800 + length), max_tokens)
              for length, max_tokens in [(5, 20), (30, 9), (12, 16)]]
