@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any, Callable
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -20,6 +21,7 @@ from serving.app import create_app
 from serving.connections import guarded_protocol
 from serving.draining import DrainingServer
 from serving.engine.config import GIL_SWITCH_INTERVAL_S, EngineConfig
+from serving.engine.interface import Engine
 from serving.logs import configure_logging, route_transformers_logging
 from serving.settings import Settings, SettingsError, load_settings
 from serving.state import EngineSource, Phase, ServerState
@@ -32,23 +34,25 @@ _UVICORN_GRACEFUL_SECONDS = 5
 
 def engine_config(settings: Settings) -> EngineConfig:
     """The engine's settings from the server's; SettingsError for a combination the engine refuses."""
-    options = {"device": settings.device, "dtype": settings.dtype, "max_num_seqs": settings.max_num_seqs,
-               "max_model_len": settings.max_model_len, "max_waiting": settings.max_queue,
-               "gpu_memory_utilization": settings.gpu_memory_utilization, "cuda_graphs": settings.cuda_graphs,
-               "max_prefill_tokens_per_step": settings.max_prefill_tokens, "attention": settings.attention_backend,
-               "overlap": settings.overlap, "block_size": settings.block_size,
-               "enable_prefix_caching": settings.enable_prefix_caching}
+    # Each value has its EngineConfig field's type; None leaves the engine's default.
+    options: dict[str, Any] = {
+        "device": settings.device, "dtype": settings.dtype, "max_num_seqs": settings.max_num_seqs,
+        "max_model_len": settings.max_model_len, "max_waiting": settings.max_queue,
+        "gpu_memory_utilization": settings.gpu_memory_utilization, "cuda_graphs": settings.cuda_graphs,
+        "max_prefill_tokens_per_step": settings.max_prefill_tokens, "attention": settings.attention_backend,
+        "overlap": settings.overlap, "block_size": settings.block_size,
+        "enable_prefix_caching": settings.enable_prefix_caching}
     try:
         return EngineConfig(**{name: value for name, value in options.items() if value is not None})
     except ValueError as exc:
         raise SettingsError(str(exc)) from None
 
 
-def _engine_factory(settings: Settings):
+def _engine_factory(settings: Settings) -> Callable[[], Engine]:
     """The zero-argument factory the app runs in a thread; imports torch only when called."""
     config = engine_config(settings)
 
-    def build():
+    def build() -> Engine:
         if settings.engine_process:
             from serving.engine.process import EngineClient
 

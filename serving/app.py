@@ -16,6 +16,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from functools import partial
+from typing import AsyncIterator
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
@@ -74,9 +75,9 @@ class RequestMiddleware:
             if refusal is not None:
                 await refusal(scope, _no_body, send_with_id)
             else:
-                receive = await self._bounded_body(scope, headers, receive, send_with_id)
-                if receive is not None:
-                    await self.app(scope, receive, send_with_id)
+                bounded = await self._bounded_body(scope, headers, receive, send_with_id)
+                if bounded is not None:
+                    await self.app(scope, bounded, send_with_id)
         except Exception:
             logger.exception("unhandled error", extra={"path": scope["path"]})
             if status is None:
@@ -212,7 +213,7 @@ def create_app(settings: Settings, engine: EngineSource) -> FastAPI:
     state = ServerState(settings)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Not awaited here: uvicorn only starts listening once startup returns, and probes must answer meanwhile.
         loading = asyncio.create_task(state.load(engine), name="load-engine")
         try:

@@ -39,6 +39,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     _refused = 0
     _refusal_logged_at = float("-inf")
 
+    # uvicorn's own signature, which narrows asyncio.Protocol's BaseTransport (and ignores the override there too).
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._header_timer: asyncio.TimerHandle | None = None

@@ -20,8 +20,9 @@ and time per token grow with the stop strings' length, never with its square.
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
+from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
 _PROMPT_CONTEXT_TOKENS = 5
@@ -34,7 +35,8 @@ _REPLACEMENT = "\ufffd"
 class IncrementalDetokenizer:
     """One per request. `add()` each engine output, then `finish()` once the engine is done (or we stop)."""
 
-    def __init__(self, tokenizer: object, prompt_token_ids: Sequence[int], stop: Sequence[str] = ()) -> None:
+    def __init__(self, tokenizer: Any, prompt_token_ids: Sequence[int], stop: Sequence[str] = ()) -> None:
+        """`tokenizer` is a transformers tokenizer (untyped, as in `serving.api.prompts`): any with `decode`."""
         self._decode = _decoder(tokenizer)
         self._ids: list[int] = list(prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:])
         # Everything before read_offset has been decoded into text; the window decoded with the new tokens
@@ -42,7 +44,7 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
         self._backend = _rust_backend(tokenizer)
-        self._stream = None
+        self._stream: DecodeStream | None = None
         if self._backend is not None and not self._decode(self._ids).endswith(_REPLACEMENT):
             # (A prompt ending inside a character would leave the Rust stream unprimed: its first text would repeat
             # the prompt's.)
@@ -61,7 +63,9 @@ class IncrementalDetokenizer:
         if self.stopped or not token_ids:
             return ""
         self._ids.extend(token_ids)
-        delta = self._decode_new(final=False) if self._stream is None else self._step(token_ids)
+        stream, backend = self._stream, self._backend  # a stream only ever exists with its backend
+        delta = (self._step(stream, backend, token_ids) if stream is not None and backend is not None
+                 else self._decode_new(final=False))
         if not self._stop:  # nothing to hold back or cut
             return delta
         self._append(delta)
@@ -73,12 +77,12 @@ class IncrementalDetokenizer:
             self._append(self._decode_new(final=True))
         return self._take(final=True)
 
-    def _step(self, token_ids: Sequence[int]) -> str:
+    def _step(self, stream: DecodeStream, backend: Tokenizer, token_ids: Sequence[int]) -> str:
         """The new text from the Rust stream. It holds tokens while the text ends in an incomplete character or they
         add no text; the window decode then decides as it would alone: hold them, skip them, or (a character that
         never completes) send them as U+FFFD, after which it decodes the rest of this request itself."""
         try:
-            text = self._stream.step(self._backend, list(token_ids))
+            text = stream.step(backend, list(token_ids))
         except Exception:  # noqa: BLE001 - "Invalid prefix encountered" (a decoder whose output is not monotonic)
             self._stream = None
             return self._decode_new(final=False)
@@ -132,7 +136,7 @@ class IncrementalDetokenizer:
         return 0
 
 
-def _decoder(tokenizer: object) -> Callable[[list[int]], str]:
+def _decoder(tokenizer: Any) -> Callable[[list[int]], str]:
     """`ids -> text` without special tokens or clean-up of spaces.
 
     For a `tokenizers`-backed tokenizer that does not change decoding, that is exactly the Rust tokenizer's own
@@ -145,7 +149,7 @@ def _decoder(tokenizer: object) -> Callable[[list[int]], str]:
     return partial(tokenizer.decode, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
-def _rust_backend(tokenizer: object) -> object | None:
+def _rust_backend(tokenizer: object) -> Tokenizer | None:
     """The `tokenizers.Tokenizer` whose decode is exactly `tokenizer`'s (without clean-up), else None."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and getattr(type(tokenizer), "_decode", None) is _TOKENIZERS_BACKEND_DECODE:
@@ -153,6 +157,7 @@ def _rust_backend(tokenizer: object) -> object | None:
     return None
 
 
+_TOKENIZERS_BACKEND_DECODE: object
 try:
     from transformers.tokenization_utils_tokenizers import TokenizersBackend
 

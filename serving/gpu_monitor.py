@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Iterator
+from types import ModuleType
+from typing import Iterator, Literal
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
@@ -19,9 +20,10 @@ logger = logging.getLogger(__name__)
 class GpuUtilizationCollector:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._nvml = None  # the pynvml module once initialised; False once known to be unavailable
+        # The pynvml module once initialised; False once known to be unavailable.
+        self._nvml: ModuleType | Literal[False] | None = None
 
-    def _init(self):
+    def _init(self) -> ModuleType | Literal[False] | None:
         with self._lock:
             if self._nvml is None:
                 try:

@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from serving.engine.interface import EngineStats
 
@@ -29,7 +30,7 @@ class ServerMetrics:
     """The app's metrics. `registry` is what /metrics exposes."""
 
     def __init__(self, model_name: str, stats: Callable[[], EngineStats | None],
-                 gpu_collector: object | None = None) -> None:
+                 gpu_collector: Collector | None = None) -> None:
         self.model_name = model_name
         self.registry = CollectorRegistry()
         self._requests = Counter("llm_requests_total", "API requests by outcome (success/error) and HTTP status code.",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, NoReturn, Sequence
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -111,7 +111,7 @@ def option_parser(prog: str, description: str, epilog: str, options: Sequence[Op
     are raised as `error`, one line, like every other bad value, instead of printing usage."""
 
     class OneLineErrorParser(argparse.ArgumentParser):
-        def error(self, message: str) -> None:  # type: ignore[override]
+        def error(self, message: str) -> NoReturn:
             raise error(message)
 
     parser = OneLineErrorParser(prog=prog, description=description, epilog=epilog)
@@ -122,9 +122,12 @@ def option_parser(prog: str, description: str, epilog: str, options: Sequence[Op
 
 
 def read_options(flags: Mapping[str, object], options: Sequence[Option], environ: Mapping[str, str],
-                 error: type[Exception]) -> dict[str, object]:
-    """Each option given by flag or environment, parsed: {attribute: value}; `error` for a bad value."""
-    values: dict[str, object] = {}
+                 error: type[Exception]) -> dict[str, Any]:
+    """Each option given by flag or environment, parsed: {attribute: value}; `error` for a bad value.
+
+    Each value has its option's parser's type, which only the table knows: the dict is Any-valued so that the
+    callers can pass it on as their settings' fields (`Settings(**values)`)."""
+    values: dict[str, Any] = {}
     for option in options:
         raw, source = flags.get(option.attribute), option.flag
         if raw is None and environ.get(option.env, "").strip():

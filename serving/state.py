@@ -18,7 +18,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import TYPE_CHECKING, Any, Callable, Union
 
 from serving.api_keys import KeyRing
 from serving.engine.interface import Engine, EngineStats, ModelLoadError
@@ -26,6 +26,9 @@ from serving.errors import APIError
 from serving.gpu_monitor import GpuUtilizationCollector
 from serving.metrics import ServerMetrics
 from serving.settings import BODY_BYTES_BEFORE_LOAD, Settings, default_max_body_bytes
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs  # typing's own from Python 3.13
 
 logger = logging.getLogger("serving")
 
@@ -131,10 +134,7 @@ class ServerState:
     async def load(self, source: EngineSource) -> None:
         """Build the engine (slow: in a thread, so health probes answer meanwhile), then warm it up."""
         try:
-            if callable(source) and not hasattr(source, "generate"):
-                engine = await _run_in_daemon_thread(source)
-            else:
-                engine = source
+            engine = await _run_in_daemon_thread(source) if _is_factory(source) else source
             self.engine = engine
             await engine.start()
         except ModelLoadError as exc:
@@ -215,26 +215,31 @@ class ServerState:
             return False
 
 
+def _is_factory(source: EngineSource) -> TypeIs[Callable[[], Engine]]:
+    """Whether `source` is a factory to call rather than an engine (which may be callable too, but generates)."""
+    return callable(source) and not hasattr(source, "generate")
+
+
 async def _run_in_daemon_thread(function: Callable[[], Engine]) -> Engine:
     """Like asyncio.to_thread, but a daemon thread: a SIGTERM during a minutes-long load must not wait for it."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future[Engine] = loop.create_future()
 
-    def settle(result: Engine | None, error: BaseException | None) -> None:
+    def settle(outcome: Engine | BaseException) -> None:
         if future.done():
             return
-        if error is not None:
-            future.set_exception(error)
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
         else:
-            future.set_result(result)
+            future.set_result(outcome)
 
     def work() -> None:
         try:
             result = function()
         except BaseException as exc:
-            loop.call_soon_threadsafe(settle, None, exc)
+            loop.call_soon_threadsafe(settle, exc)
         else:
-            loop.call_soon_threadsafe(settle, result, None)
+            loop.call_soon_threadsafe(settle, result)
 
     threading.Thread(target=work, name="model-loader", daemon=True).start()
     return await future

@@ -44,6 +44,7 @@ from serving.protocol import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
+    FinishReason,
     ModelCard,
     ModelList,
     Usage,
@@ -182,7 +183,7 @@ class _Generation:
         self.request_id = request_id
         self.prompt_tokens = len(prompt_ids)
         self.completion_tokens = 0
-        self.finish_reason: str | None = None
+        self.finish_reason: FinishReason | None = None
         self._stream = stream
         self._detokenizer = IncrementalDetokenizer(engine.tokenizer, prompt_ids, stop)
         self._arrived = arrived

@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 
@@ -43,6 +44,8 @@ from serving.engine.config import EngineConfig
 from serving.engine.engine import LLMEngine
 from serving.engine.interface import GenerationRequest, ModelInfo, SamplingParams
 from serving.engine.model_runner import KVCachePlan, ModelRunner
+from serving.engine.scheduler import PrefillChunk
+from serving.engine.stream import StreamItem
 
 
 class DeviceLogits(torch.Tensor):
@@ -91,7 +94,7 @@ def _flatten(value):
         yield value
 
 
-def _wrap(value, ready: float):
+def _wrap(value: object, ready: float) -> object:
     if isinstance(value, torch.Tensor):
         return DeviceLogits.of(value, ready)
     if isinstance(value, tuple):  # torch's named results (sort: values, indices) take a sequence
@@ -99,8 +102,23 @@ def _wrap(value, ready: float):
     return value
 
 
+class StubRunner(ModelRunner):
+    """What `stub_runner` builds: a real `ModelRunner` that records when each decode step started (`decode_times`)
+    and when the simulated device was busy (`device_busy`), its prefill passes simulated when `simulated_prefill`
+    is set."""
+
+    decode_times: list[float]
+    device_busy: list[tuple[float, float]]
+    simulated_prefill: Callable[[Sequence[PrefillChunk]], torch.Tensor | None] | None = None
+
+    def prefill(self, chunks: Sequence[PrefillChunk]) -> torch.Tensor | None:
+        if self.simulated_prefill is not None:
+            return self.simulated_prefill(chunks)
+        return super().prefill(chunks)
+
+
 def stub_runner(num_slots: int, max_model_len: int, vocab: int, device_ms: float = 0.0,
-                prefill_us: float = 0.0) -> ModelRunner:
+                prefill_us: float = 0.0) -> StubRunner:
     """A real `ModelRunner` (a tiny random model) whose decode step returns fixed logits: everything the engine
     thread does around a decode step runs as in serving (the runner's host-side layout of the batch included),
     only the device step is gone. With `device_ms`, the step is a simulated device that works that long per step,
@@ -111,20 +129,20 @@ def stub_runner(num_slots: int, max_model_len: int, vocab: int, device_ms: float
 
     config = LlamaConfig(**{**SHAPES["tiny"], "vocab_size": vocab, "max_position_embeddings": max_model_len})
     torch.manual_seed(0)
-    runner = ModelRunner(LlamaForCausalLM(config).eval(), KVCachePlan(num_slots, max_model_len))
+    runner = StubRunner(LlamaForCausalLM(config).eval(), KVCachePlan(num_slots, max_model_len))
     logits = torch.randn(runner.batch_buckets[-1], vocab, generator=torch.Generator().manual_seed(0))
     runner.decode_times = []
     runner.device_busy = []
     device_free = 0.0
 
-    def run_on_device(result: torch.Tensor, seconds: float):
+    def run_on_device(result: torch.Tensor, seconds: float) -> DeviceLogits:
         nonlocal device_free
         start = max(time.perf_counter(), device_free)
         device_free = start + seconds
         runner.device_busy.append((start, device_free))
         return DeviceLogits.of(result, device_free)
 
-    def step(inputs: torch.Tensor, block_tables: torch.Tensor, kv_len: int):
+    def step(inputs: torch.Tensor, block_tables: torch.Tensor, kv_len: int) -> torch.Tensor:
         runner.decode_times.append(time.perf_counter())
         if not device_ms:
             return logits[: inputs.shape[1]]
@@ -132,13 +150,13 @@ def stub_runner(num_slots: int, max_model_len: int, vocab: int, device_ms: float
 
     runner.use_graphs(step)
     if device_ms and prefill_us:
-        def prefill(chunks):
+        def prefill(chunks: Sequence[PrefillChunk]) -> torch.Tensor | None:
             inputs, _, wanted_rows, _ = runner.prefill_inputs(chunks)  # the pass's host side, as in serving
             if wanted_rows is None:
                 return None
             return run_on_device(logits[: wanted_rows.shape[0]], inputs.shape[1] * prefill_us / 1e6)
 
-        runner.prefill = prefill
+        runner.simulated_prefill = prefill
     return runner
 
 
@@ -146,15 +164,17 @@ class CountingSink:
     """Counts tokens and finished requests; sets `done` when every request has finished. With `on_finish`, calls it
     for each finished request (on the engine thread, as soon as the output is delivered)."""
 
-    def __init__(self, expected: int, on_finish=None) -> None:
+    def __init__(self, expected: int, on_finish: Callable[[], None] | None = None) -> None:
         self.tokens = 0
         self.finished = 0
         self.expected = expected
         self.on_finish = on_finish
         self.done = threading.Event()
 
-    def deliver(self, items) -> bool:
+    def deliver(self, items: list[tuple[object, StreamItem]]) -> bool:
         for _, output in items:
+            if isinstance(output, BaseException):  # the engine loop died: the engine logs it with this sink's failure
+                raise output
             self.tokens += len(output.token_ids)
             if output.finish_reason is not None:
                 self.finished += 1

@@ -31,7 +31,7 @@ from serving.bench.http_layer import cpu_seconds
 MODEL_NAME = "bench"
 
 
-def start_backend(args: argparse.Namespace, log_path: Path):
+def start_backend(args: argparse.Namespace, log_path: Path) -> tuple[subprocess.Popen, str]:
     port = loadtest.free_port()
     if args.backend == "synthetic":
         command = [sys.executable, "-m", "serving.bench.http_layer", "--serve", "--model-path", str(args.model_path),
@@ -45,7 +45,7 @@ def start_backend(args: argparse.Namespace, log_path: Path):
                                   env={**os.environ, "API_KEY": "", "API_KEYS_FILE": ""})
 
 
-def start_gateway(args: argparse.Namespace, upstream: str, log_path: Path):
+def start_gateway(args: argparse.Namespace, upstream: str, log_path: Path) -> tuple[subprocess.Popen, str]:
     port = loadtest.free_port()
     command = [sys.executable, "-m", "serving.gateway", "--host", "127.0.0.1", "--port", str(port),
                "--route", f"{MODEL_NAME}={upstream}", "--max-inflight-per-pod", "4096", "--max-queue", "4096"]
@@ -61,7 +61,7 @@ def start_gateway(args: argparse.Namespace, upstream: str, log_path: Path):
     return process, url
 
 
-def _wait_routed(process, url: str, timeout: float, log_path: Path) -> None:
+def _wait_routed(process: subprocess.Popen, url: str, timeout: float, log_path: Path) -> None:
     """Until the gateway listens and sees the server ready (its readiness probe of the route passed)."""
     ready_line = f'llm_gateway_ready_pods{{model="{MODEL_NAME}"}} 1.0'
     deadline = time.monotonic() + timeout

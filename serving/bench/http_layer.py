@@ -27,10 +27,11 @@ import threading
 import time
 from functools import partial
 from pathlib import Path
+from typing import Sized
 
 from serving.bench import loadtest
 from serving.engine.interface import EngineStats, GenerationRequest, ModelInfo, QueueFullError, TokenOutput
-from serving.engine.stream import LoopSink, Mailbox, OutputSink, TokenStream
+from serving.engine.stream import LoopSink, Mailbox, OutputSink, StreamItem, TokenStream
 
 MODEL_NAME = "bench"
 
@@ -38,9 +39,9 @@ MODEL_NAME = "bench"
 class SyntheticEngine:
     """Implements `serving.engine.interface.Engine` with timed steps instead of a model (see the module doc)."""
 
-    def __init__(self, tokenizer: object, *, device_ms: float, python_ms: float, max_running: int,
+    def __init__(self, tokenizer: Sized, *, device_ms: float, python_ms: float, max_running: int,
                  max_waiting: int = 4096, max_model_len: int = 1 << 20) -> None:
-        self.tokenizer = tokenizer
+        self.tokenizer: object = tokenizer  # as `Engine` declares it
         vocab = len(tokenizer)
         self.model_info = ModelInfo(max_model_len=max_model_len, vocab_size=vocab, eos_token_ids=())
         self._token_range = (10, max(11, vocab - 2))  # below the random models' special tokens
@@ -110,7 +111,7 @@ class SyntheticEngine:
             spin_until = time.perf_counter() + self._python_s
             while time.perf_counter() < spin_until:
                 pass
-            batches: dict[OutputSink, list[tuple[object, object]]] = {}
+            batches: dict[OutputSink, list[tuple[object, StreamItem]]] = {}
             finished = []
             for seq in step:
                 seq.generated += 1

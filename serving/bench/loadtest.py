@@ -37,7 +37,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Coroutine, Iterator, TypeVar
+from typing import Any, Coroutine, Iterator, TypeVar
 from urllib.parse import urlparse
 
 T = TypeVar("T")
@@ -46,7 +46,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CLIENT_BUSY_WARNING = 0.85
 
 # Random-weight model shapes (`--random-model`): real architectures, so GPU numbers mean something.
-SHAPES = {
+SHAPES: dict[str, dict[str, Any]] = {  # each a LlamaConfig's keyword arguments
     "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                          num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=131072,
                          rope_theta=500000.0, tie_word_embeddings=True),
@@ -316,8 +316,9 @@ def split_level(work: list, concurrency: int, processes: int) -> list[tuple[list
 
 
 def _receive(out: "multiprocessing.Queue", children: list, kind: str, timeout: float | None,
-             abandoned: threading.Event) -> object:
-    """The next message of `kind` from a client process; exits with a clear message if one died instead."""
+             abandoned: threading.Event) -> Any:
+    """The payload of the next message of `kind` from a client process (what that kind carries); exits with a clear
+    message if one died instead."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while deadline is None or time.monotonic() < deadline:
         try:
@@ -387,7 +388,8 @@ def build_random_model(directory: Path, shape: str) -> None:
     config = LlamaConfig(**dims, bos_token_id=vocab - 2, eos_token_id=vocab - 1, initializer_range=0.02)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(torch.bfloat16 if device == "cuda" else torch.float32)
+        # transformers declares PreTrainedModel.to through @wraps(Module.to), which mypy reads as unbound.
+        model = LlamaForCausalLM(config).to(torch.bfloat16 if device == "cuda" else torch.float32)  # type: ignore[arg-type]
     model.save_pretrained(directory, safe_serialization=True)
 
 

@@ -24,7 +24,7 @@ def _load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _number(value, digits: int = 1) -> str:
+def _number(value: float | None, digits: int = 1) -> str:
     if value is None:
         return "-"
     return f"{value:,.{digits}f}" if isinstance(value, float) else f"{value:,}"

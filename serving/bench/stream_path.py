@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any, Callable, cast
 
 from serving.bench.loadtest import markdown_table
 
@@ -39,11 +40,11 @@ def build_tokenizer(directory: Path) -> Path:
     return directory
 
 
-def _best_us(run, repeat: int) -> float:
+def _best_us(run: Callable[[], float], repeat: int) -> float:
     return min(run() for _ in range(repeat))
 
 
-def time_detokenizer(tokenizer: object, stop: tuple[str, ...], repeat: int) -> float:
+def time_detokenizer(tokenizer: Any, stop: tuple[str, ...], repeat: int) -> float:
     from serving.detokenizer import IncrementalDetokenizer
 
     ids = tokenizer.encode(TEXT, add_special_tokens=False)
@@ -88,11 +89,13 @@ def time_stream(repeat: int, tokens: int = 20_000) -> float:
 
 
 def time_sse_event(repeat: int) -> float:
-    from serving.api.openai import _Chunks
+    from serving.api.openai import _Chunks, _Generation
+    from serving.protocol import BaseGenerationRequest
 
-    generation = SimpleNamespace(request_id="cmpl-0", finish_reason="length", usage=lambda: None)
-    chunks = _Chunks(generation, SimpleNamespace(include_usage=True), "bench", "text_completion",
-                     lambda text: {"text": text}, last={"text": ""})
+    # Stand-ins with just what `_Chunks` reads of a generation and a request body.
+    generation = cast(_Generation, SimpleNamespace(request_id="cmpl-0", finish_reason="length", usage=lambda: None))
+    body = cast(BaseGenerationRequest, SimpleNamespace(include_usage=True))
+    chunks = _Chunks(generation, body, "bench", "text_completion", lambda text: {"text": text}, last={"text": ""})
     deltas = TEXT.split(" ")
     expected = f"data: {json.dumps(chunks.choice({'text': deltas[1]}, None), ensure_ascii=False)}\n\n"
     assert chunks.event(deltas[1]) == expected

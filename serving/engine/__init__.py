@@ -3,6 +3,8 @@
 `LLMEngine` is imported lazily so that code needing only the interface types (the HTTP layer and its
 tests with a fake engine) does not import torch and transformers.
 """
+from typing import TYPE_CHECKING
+
 from serving.engine.config import EngineConfig
 from serving.engine.interface import (
     Engine,
@@ -17,6 +19,9 @@ from serving.engine.interface import (
     SamplingParams,
     TokenOutput,
 )
+
+if TYPE_CHECKING:
+    from serving.engine.engine import LLMEngine
 
 __all__ = [
     "Engine",
@@ -35,7 +40,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> "type[LLMEngine]":
     if name == "LLMEngine":
         from serving.engine.engine import LLMEngine
 

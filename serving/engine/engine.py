@@ -57,7 +57,7 @@ from serving.engine.model_runner import (
 )
 from serving.engine.sampling import RowSampling, sample_tokens
 from serving.engine.scheduler import Scheduler, Sequence, StepPlan, StopRule
-from serving.engine.stream import LoopSink, Mailbox, OutputSink, TokenStream
+from serving.engine.stream import LoopSink, Mailbox, OutputSink, StreamItem, TokenStream
 
 logger = logging.getLogger("serving.engine")
 
@@ -106,7 +106,7 @@ class _InFlight:
         self._copy = self._copy_back(self.sources[0])
 
     @staticmethod
-    def _copy_back(tokens: torch.Tensor) -> tuple[torch.Tensor, object] | None:
+    def _copy_back(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event] | None:
         """Start copying `tokens` to the host, without waiting: (pinned host tensor, event recorded after the copy). On
         CPU, None: the tokens are read as they are."""
         if not tokens.is_cuda:
@@ -151,7 +151,7 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.model_info = model_info
         self.config = config
-        self.scheduler = Scheduler(
+        self.scheduler: Scheduler[_Request] = Scheduler(
             BlockManager(runner.num_blocks, runner.block_size, runner.num_slots,
                          enable_prefix_caching=config.enable_prefix_caching),
             max_prefill_tokens=config.max_prefill_tokens_per_step,
@@ -429,6 +429,7 @@ class LLMEngine:
             logits = self.runner.prefill(plan.chunks)
             prefilled = plan.prefilled
             if prefilled:
+                assert logits is not None, "a chunk that completes a prompt wants its logits"
                 # After a preemption the prefill chooses a later token than the first (its bans follow the count).
                 first = self._choose(prefilled, logits, [len(seq.output_ids) for seq in prefilled])
                 if self._overlap:
@@ -529,7 +530,7 @@ class LLMEngine:
 
     def _emit(self, seqs: list[_Request]) -> None:
         """Send each sequence's new tokens: one delivery per sink (one call_soon_threadsafe per event loop)."""
-        batches: dict[OutputSink, list[tuple[object, object]]] = {}
+        batches: dict[OutputSink, list[tuple[object, StreamItem]]] = {}
         for seq in seqs:
             reason = seq.finish_reason if seq.finished and not seq.final_emitted else None
             if seq.num_emitted == len(seq.output_ids) and reason is None:
@@ -569,10 +570,11 @@ class LLMEngine:
             self._aborted.clear()
             self.scheduler.abort_all()
             self._kv_usage = 0.0
-        batches: dict[OutputSink, list[tuple[object, object]]] = {}
+        batches: dict[OutputSink, list[tuple[object, StreamItem]]] = {}
         for seq in live:
             # Their last output is this one, even if a stuck loop wakes up later and reads their tokens back.
             seq.finished = seq.final_emitted = True
+            item: StreamItem
             if error is not None:
                 item = EngineDeadError(str(error))
             else:

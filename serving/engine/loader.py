@@ -12,10 +12,14 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 
 from serving.engine.interface import ModelLoadError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger("serving.engine")
 
@@ -29,7 +33,7 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 
 @dataclass(frozen=True)
 class LoadedModel:
-    model: torch.nn.Module
+    model: PreTrainedModel
     tokenizer: object
     eos_token_ids: tuple[int, ...]
     """EOS ids from generation_config.json, config.json and the tokenizer, merged: chat models often
@@ -99,10 +103,12 @@ def load_model(path: str | os.PathLike, device: torch.device, dtype: torch.dtype
     try:
         # Straight onto the target device (accelerate's device_map): staging an 8B bf16 model in host RAM
         # first would need 16 GB there and get the pod OOM-killed under a 16Gi memory limit.
-        model, info = AutoModelForCausalLM.from_pretrained(
+        loaded = AutoModelForCausalLM.from_pretrained(
             directory, dtype=dtype, local_files_only=True, output_loading_info=True,
             device_map={"": str(device)},
         )
+        # With output_loading_info, (model, loading info); transformers' annotation knows only the model.
+        model, info = cast("tuple[PreTrainedModel, dict[str, list[str]]]", loaded)
     except Exception as exc:  # transformers raises many types; the operator needs one message
         raise ModelLoadError(f"loading the weights in {directory} failed: {exc}") from exc
     # transformers initialises missing tensors randomly with only a warning; serving that would be silent garbage.

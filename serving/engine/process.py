@@ -26,11 +26,13 @@ import sys
 import threading
 import time
 from functools import partial
+from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 from serving.engine.config import GIL_SWITCH_INTERVAL_S, EngineConfig
 from serving.engine.interface import (
+    Engine,
     EngineDeadError,
     EngineStats,
     GenerationRequest,
@@ -45,6 +47,7 @@ from serving.engine.messages import (
     Add,
     Loaded,
     LoadFailed,
+    Output,
     Outputs,
     Rejected,
     Shutdown,
@@ -53,7 +56,7 @@ from serving.engine.messages import (
     StartFailed,
     Stopped,
 )
-from serving.engine.stream import LoopSink, Mailbox, TokenStream
+from serving.engine.stream import LoopSink, Mailbox, OutputSink, StreamItem, TokenStream
 
 logger = logging.getLogger("serving.engine")
 
@@ -65,8 +68,8 @@ _JOIN_TIMEOUT_S = 10.0
 class EngineClient:
     """`Engine` for the HTTP process; the real engine runs in the child process this starts."""
 
-    def __init__(self, process: multiprocessing.process.BaseProcess, conn, model_info: ModelInfo, tokenizer: object,
-                 stats: EngineStats, max_waiting: int, reaper: Callable[[], None]) -> None:
+    def __init__(self, process: multiprocessing.process.BaseProcess, conn: Connection, model_info: ModelInfo,
+                 tokenizer: object, stats: EngineStats, max_waiting: int, reaper: Callable[[], None]) -> None:
         self.model_info = model_info
         self.tokenizer = tokenizer
         self._process = process
@@ -100,7 +103,8 @@ class EngineClient:
         return cls.spawn_engine(partial(load_engine, str(model_path), unlimited), config.max_waiting, log_level)
 
     @classmethod
-    def spawn_engine(cls, build: Callable[[], object], max_waiting: int, log_level: str = "info") -> "EngineClient":
+    def spawn_engine(cls, build: Callable[[], SubmittingEngine], max_waiting: int,
+                     log_level: str = "info") -> "EngineClient":
         """Like `spawn`, for any engine `build()` returns in the child (it must be picklable, and the engine must
         have `submit(request, sink, handle)` besides the `Engine` methods, as `LLMEngine` does)."""
         context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
@@ -139,7 +143,7 @@ class EngineClient:
         self._loop = asyncio.get_running_loop()
         # A thread with a blocking socket, not loop.add_reader: uvloop makes a watched descriptor non-blocking, and
         # the writer thread's sends on the same socket would then fail with EAGAIN whenever the pipe is full.
-        reader = threading.Thread(target=self._read, name="engine-client-reader", daemon=True)
+        reader = threading.Thread(target=self._read, args=(self._loop,), name="engine-client-reader", daemon=True)
         reader.start()
         await self._request(Started, Start())
 
@@ -216,17 +220,17 @@ class EngineClient:
             except (OSError, ValueError):
                 return
 
-    def _read(self) -> None:
+    def _read(self, loop: asyncio.AbstractEventLoop) -> None:
         """Reader thread: receive what the engine sends and run `_handle` on the event loop, a batch per callback."""
         try:
             while True:
                 batch = [self._conn.recv()]
                 while self._conn.poll():
                     batch.append(self._conn.recv())
-                self._loop.call_soon_threadsafe(self._handle_all, batch)
+                loop.call_soon_threadsafe(self._handle_all, batch)
         except (EOFError, OSError):
             try:
-                self._loop.call_soon_threadsafe(self._on_closed)
+                loop.call_soon_threadsafe(self._on_closed)
             except RuntimeError:
                 pass
         except RuntimeError:  # the event loop is closed: nobody is left to tell
@@ -240,8 +244,10 @@ class EngineClient:
         match message:
             case Outputs(outputs, stats):
                 self._stats = stats
-                self._dispatch([(request_id, error if token_ids is None else TokenOutput(token_ids, error))
-                                for request_id, token_ids, error in outputs])
+                # An output's error comes without tokens (see `Output`).
+                self._dispatch([(request_id, outcome if isinstance(outcome, BaseException)
+                                 else TokenOutput(token_ids or (), outcome))
+                                for request_id, token_ids, outcome in outputs])
             case Rejected(request_id, error):
                 self._dispatch([(request_id, error)])
             case StartFailed(text):
@@ -284,8 +290,8 @@ class EngineClient:
                 future.set_exception(EngineDeadError(reason))
         self._deliver([(loop, queue, EngineDeadError(reason)) for loop, queue in streams.values()])
 
-    def _dispatch(self, outputs: list[tuple[str, object]]) -> None:
-        items = []
+    def _dispatch(self, outputs: list[tuple[str, StreamItem]]) -> None:
+        items: list[tuple[asyncio.AbstractEventLoop, Mailbox, StreamItem]] = []
         with self._lock:
             for request_id, item in outputs:
                 final = not isinstance(item, TokenOutput) or item.finish_reason is not None
@@ -294,8 +300,8 @@ class EngineClient:
                     items.append((entry[0], entry[1], item))
         self._deliver(items)
 
-    def _deliver(self, items: list[tuple[asyncio.AbstractEventLoop, Mailbox, object]]) -> None:
-        other_loops: dict[asyncio.AbstractEventLoop, list[tuple[Mailbox, object]]] = {}
+    def _deliver(self, items: list[tuple[asyncio.AbstractEventLoop, Mailbox, StreamItem]]) -> None:
+        other_loops: dict[asyncio.AbstractEventLoop, list[tuple[Mailbox, StreamItem]]] = {}
         for loop, stream_queue, item in items:
             if loop is self._loop:
                 stream_queue.put_nowait(item)
@@ -305,7 +311,7 @@ class EngineClient:
             LoopSink.of(loop).deliver(batch)
 
 
-def _reap(process: multiprocessing.process.BaseProcess, conn) -> None:
+def _reap(process: multiprocessing.process.BaseProcess, conn: Connection) -> None:
     """At exit: close the pipe (the engine process stops on its own when it sees that), kill it if it lingers."""
     if not process.is_alive():
         return
@@ -319,22 +325,29 @@ def _reap(process: multiprocessing.process.BaseProcess, conn) -> None:
 # ---- the engine process ----------------------------------------------------------------------------------------
 
 
+class SubmittingEngine(Engine, Protocol):
+    """What the engine process runs (`LLMEngine`): an `Engine` that also takes requests with where their outputs go."""
+
+    def submit(self, request: GenerationRequest, sink: OutputSink, handle: object) -> object:
+        """Validate and enqueue `request`; its outputs go to `sink.deliver([(handle, output), ...])`."""
+
+
 class _PipeSink:
     """Engine-process side: each step's outputs, keyed by request id, in one message with a stats snapshot."""
 
-    def __init__(self, conn, lock: threading.Lock, engine) -> None:
+    def __init__(self, conn: Connection, lock: threading.Lock, engine: Engine) -> None:
         self._conn = conn
         self._lock = lock
         self._engine = engine
 
-    def deliver(self, items: list[tuple[object, object]]) -> bool:
+    def deliver(self, items: list[tuple[str, StreamItem]]) -> bool:
         # Plain tuples inside (see `serving.engine.messages.Outputs`).
-        outputs = [(handle, item.token_ids, item.finish_reason) if isinstance(item, TokenOutput)
+        outputs: list[Output] = [(handle, item.token_ids, item.finish_reason) if isinstance(item, TokenOutput)
                    else (handle, None, item) for handle, item in items]
         return _send(self._conn, self._lock, Outputs(outputs, self._engine.stats()))
 
 
-def _send(conn, lock: threading.Lock, message: tuple) -> bool:
+def _send(conn: Connection, lock: threading.Lock, message: tuple) -> bool:
     try:
         with lock:
             conn.send(message)
@@ -343,7 +356,7 @@ def _send(conn, lock: threading.Lock, message: tuple) -> bool:
     return True
 
 
-def load_engine(model_path: str, config: EngineConfig) -> object:
+def load_engine(model_path: str, config: EngineConfig) -> SubmittingEngine:
     import torch
 
     from serving.engine.engine import LLMEngine
@@ -358,7 +371,7 @@ def load_engine(model_path: str, config: EngineConfig) -> object:
     return engine
 
 
-def engine_main(conn, build: Callable[[], object], log_level: str) -> None:
+def engine_main(conn: Connection, build: Callable[[], SubmittingEngine], log_level: str) -> None:
     """The engine process: build the engine, then serve the HTTP process's commands until told to stop."""
     # A signal for the whole process group (Ctrl-C in a terminal; `timeout`, an init or a supervisor that signals the
     # group) must not stop the engine under requests the HTTP process is still draining: it stops the engine when

@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 from typing import Sequence as Seq
 
 from serving.engine.block_manager import BlockManager
@@ -101,6 +102,10 @@ class Sequence:
         return self.recompute or self.prompt
 
 
+S = TypeVar("S", bound=Sequence)
+"""The scheduler's sequences: `Sequence`, or the engine's subclass that also carries how to sample and stream."""
+
+
 @dataclass(frozen=True, slots=True)
 class PrefillChunk:
     """Prompt tokens `token_ids` of the request in `slot`, at positions start.. of its sequence, whose K/V go to
@@ -120,14 +125,14 @@ class PrefillChunk:
 
 
 @dataclass(slots=True)
-class StepPlan:
+class StepPlan(Generic[S]):
     """What one engine step computes: a prefill pass, then a decode step (either may be empty)."""
 
     chunks: list[PrefillChunk]
     """The prefill pass: prompt chunks within the step's token budget, in admission order."""
-    prefilled: list[Sequence]
+    prefilled: list[S]
     """The requests whose prompts these chunks complete, in chunk order: the pass chooses their first token."""
-    decode: list[Sequence]
+    decode: list[S]
     """The decode step's rows, in slot order: each feeds its token number `launched - 1` and chooses the next."""
     slots: list[int]
     """Each decode row's slot."""
@@ -135,7 +140,7 @@ class StepPlan:
     """Each decode row's position: where the token it feeds goes in the cache."""
     block_tables: list[list[int]] = field(default_factory=list)
     """Each decode row's blocks, covering its position."""
-    preempted: list[Sequence] = field(default_factory=list)
+    preempted: list[S] = field(default_factory=list)
     """Requests preempted while laying this plan out (back in the queue, to be recomputed)."""
 
     @property
@@ -143,18 +148,18 @@ class StepPlan:
         return not self.chunks and not self.decode
 
 
-class Scheduler:
+class Scheduler(Generic[S]):
     """Admission, preemption, chunked prefill and finish rules over one `BlockManager`; see the module docstring."""
 
     def __init__(self, cache: BlockManager, max_prefill_tokens: int) -> None:
         self.cache = cache
         self.max_prefill_tokens = max_prefill_tokens
-        self.waiting: deque[Sequence] = deque()
-        self.running: set[Sequence] = set()
+        self.waiting: deque[S] = deque()
+        self.running: set[S] = set()
         """Requests holding a row and blocks: the prefilling and the decoding."""
-        self.prefilling: list[Sequence] = []
+        self.prefilling: list[S] = []
         """In admission order: the prefill budget goes to the oldest prompt first."""
-        self.decoding: list[Sequence] = []
+        self.decoding: list[S] = []
         """In slot order, so that a full batch is laid out as it stands (`ModelRunner.decode`)."""
         self.generated_tokens = 0
         """Tokens chosen for requests that had not ended, since the start (a counter for metrics)."""
@@ -165,10 +170,10 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: S) -> None:
         self.waiting.append(seq)
 
-    def abort(self, seq: Sequence) -> bool:
+    def abort(self, seq: S) -> bool:
         """End a request now, waiting or running, with finish reason `abort`; False if it had already ended."""
         if seq.finished:
             return False
@@ -179,7 +184,7 @@ class Scheduler:
             self._finish(seq, "abort")
         return True
 
-    def abort_all(self) -> list[Sequence]:
+    def abort_all(self) -> list[S]:
         """End every request (the engine is stopping, or has died in the middle of a step); those that had not ended
         yet."""
         ended = [seq for seq in [*self.waiting, *self.running] if not seq.finished]
@@ -193,12 +198,12 @@ class Scheduler:
         self.decoding.clear()
         return ended
 
-    def schedule(self) -> StepPlan:
+    def schedule(self) -> StepPlan[S]:
         """Give decode rows their blocks (preempting if need be), admit, then lay out the next step. Its chunks count
         as cached and its rows as launched from here on."""
         cache = self.cache
-        rows: list[Sequence] = []
-        preempted: list[Sequence] = []
+        rows: list[S] = []
+        preempted: list[S] = []
         for seq in list(self.decoding):
             if seq.finished or seq not in self.running:  # preempted for an older row above
                 continue
@@ -241,11 +246,11 @@ class Scheduler:
             seq.launched = launched + 1
         return StepPlan(chunks, prefilled, decode, slots, positions, tables, preempted)
 
-    def update(self, rows: Iterable[Sequence], sampled: Iterable[int]) -> list[Sequence]:
+    def update(self, rows: Iterable[S], sampled: Iterable[int]) -> list[S]:
         """Append the tokens a pass chose (`sampled[i]` for `rows[i]`: a plan's `prefilled`, or its `decode`) and end
         the requests that are done; the ones that ended. A row of a request that has already ended (an abort, or a
         step launched before its end was known) takes no token."""
-        finished: list[Sequence] = []
+        finished: list[S] = []
         generated = 0
         for seq, token in zip(rows, sampled):
             if seq.finished:
@@ -262,12 +267,12 @@ class Scheduler:
         self.generated_tokens += generated
         return finished
 
-    def _plan_prefill(self) -> tuple[list[PrefillChunk], list[Sequence]]:
+    def _plan_prefill(self) -> tuple[list[PrefillChunk], list[S]]:
         """This step's prompt chunks within the token budget, and the requests whose prompts they complete (which
         move to decoding, their next token launched)."""
         budget = self.max_prefill_tokens
         chunks: list[PrefillChunk] = []
-        prefilled: list[Sequence] = []
+        prefilled: list[S] = []
         for seq in self.prefilling:
             if budget == 0:
                 break
@@ -291,13 +296,13 @@ class Scheduler:
             self.decoding.sort(key=_slot_of)
         return chunks, prefilled
 
-    def _victim(self) -> Sequence | None:
+    def _victim(self) -> S | None:
         """The youngest running request with no token in flight (every prefilling one, and a decoding one whose tokens
         are all read back), or None."""
         candidates = [*self.prefilling, *(seq for seq in self.decoding if seq.launched == len(seq.output_ids))]
         return max(candidates, key=_admitted, default=None)
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: S) -> None:
         """Give back `seq`'s blocks and queue it first, to prefill its prompt and its tokens again."""
         if seq in self.prefilling:
             self.prefilling.remove(seq)
@@ -314,7 +319,7 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+    def _finish(self, seq: S, reason: FinishReason) -> None:
         seq.finished, seq.finish_reason = True, reason
         if seq in self.prefilling:
             self.prefilling.remove(seq)

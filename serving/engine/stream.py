@@ -11,9 +11,13 @@ import asyncio
 import collections
 import threading
 import weakref
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol, Union
 
 from serving.engine.interface import TokenOutput
+
+StreamItem = Union[TokenOutput, BaseException]
+"""What a stream's mailbox holds: a request's next output, or the error that ends it (an `EngineError`, or what the
+engine process refused its submit with)."""
 
 
 class Mailbox:
@@ -25,10 +29,10 @@ class Mailbox:
     __slots__ = ("_items", "_waiter")
 
     def __init__(self) -> None:
-        self._items: collections.deque = collections.deque()
-        self._waiter: asyncio.Future | None = None
+        self._items: collections.deque[StreamItem] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
 
-    def put_nowait(self, item: object) -> None:
+    def put_nowait(self, item: StreamItem) -> None:
         self._items.append(item)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -46,7 +50,7 @@ class Mailbox:
             finally:
                 self._waiter = None
 
-    def take(self) -> object:
+    def take(self) -> StreamItem:
         return self._items.popleft()
 
 
@@ -113,9 +117,10 @@ class TokenStream:
 class OutputSink(Protocol):
     """Where the engine loop thread sends outputs: once per step, every output for this sink's requests."""
 
-    def deliver(self, items: list[tuple[object, object]]) -> bool:
+    def deliver(self, items: list[tuple[Any, StreamItem]]) -> bool:
         """`items` are (handle, TokenOutput or EngineError) pairs, the handle being what the request was submitted
-        with. False when nobody can read them any more (the engine then aborts those requests)."""
+        with (each sink has its own kind: a `Mailbox`, a request id). False when nobody can read them any more (the
+        engine then aborts those requests)."""
 
 
 class LoopSink:
@@ -137,7 +142,7 @@ class LoopSink:
                 sink = cls._by_loop[loop] = cls(loop)
             return sink
 
-    def deliver(self, items: list[tuple[Mailbox, object]]) -> bool:
+    def deliver(self, items: list[tuple[Mailbox, StreamItem]]) -> bool:
         try:
             self.loop.call_soon_threadsafe(_put_all, items)
         except RuntimeError:  # the loop is closed
@@ -145,6 +150,6 @@ class LoopSink:
         return True
 
 
-def _put_all(items: list[tuple[Mailbox, object]]) -> None:
+def _put_all(items: list[tuple[Mailbox, StreamItem]]) -> None:
     for queue, item in items:
         queue.put_nowait(item)

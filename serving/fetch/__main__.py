@@ -19,11 +19,11 @@ import argparse
 import logging
 import os
 import sys
-from typing import NoReturn
+from typing import NoReturn, cast
 
 from serving.fetch.errors import EXIT_OK, EXIT_USAGE, FetchError
 from serving.fetch.fill import DEFAULT_RETRIES, fill, verify
-from serving.fetch.manifest import VERIFY_MODES
+from serving.fetch.manifest import VERIFY_MODES, VerifyMode
 from serving.fetch.sources import ACCEPTED_FORMS, DEFAULT_EXCLUDES
 
 PROG = "serving.fetch"
@@ -96,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
 def _run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     try:
         args = parser.parse_args(argv)
-        mode = args.verify_mode or _from_env(VERIFY_MODE_ENV, VERIFY_MODES, "full", "--verify-mode")
+        # Both the flag's choices and the variable's allowed values are VERIFY_MODES.
+        mode = cast(VerifyMode, args.verify_mode or _from_env(VERIFY_MODE_ENV, VERIFY_MODES, "full",
+                                                              "--verify-mode"))
         require_checksums = args.require_checksums or _BOOLEANS.get(
             _from_env(REQUIRE_CHECKSUMS_ENV, tuple(_BOOLEANS), "false", "--require-checksums")) == "true"
         if args.verify:

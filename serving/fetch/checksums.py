@@ -34,7 +34,7 @@ class Digest(Protocol):
 
 
 class _Raw(Protocol):
-    def update(self, chunk: bytes) -> None: ...
+    def update(self, chunk: bytes | memoryview, /) -> None: ...
 
     def digest(self) -> bytes: ...
 
@@ -42,17 +42,17 @@ class _Raw(Protocol):
 class _Crc:
     """A CRC with hashlib's update/digest, from a `crc(data, previous) -> int` function."""
 
-    def __init__(self, crc: Callable[[bytes, int], int], width: int) -> None:
+    def __init__(self, crc: Callable[[bytes | memoryview, int], int], width: int) -> None:
         self._crc, self._width, self._value = crc, width, 0
 
-    def update(self, chunk: bytes) -> None:
+    def update(self, chunk: bytes | memoryview, /) -> None:
         self._value = self._crc(chunk, self._value)
 
     def digest(self) -> bytes:
         return self._value.to_bytes(self._width, "big")
 
 
-def _crt(name: str) -> Callable[[bytes, int], int] | None:
+def _crt(name: str) -> Callable[[bytes | memoryview, int], int] | None:
     try:
         from awscrt import checksums
     except ImportError:

@@ -154,27 +154,28 @@ def _exclusive(dest: Path) -> Iterator[None]:
 
 def _fill(source: HfSource | S3Source, dest: Path, options: _Options) -> FillResult:
     manifest = read_manifest(dest)
-    current = manifest is not None and same_source(str(manifest.get("source")), source) and not missing_files(
-        manifest, dest)
-    if current and options.require_checksums and (unchecked := size_only_files(manifest)):
+    # The manifest of a complete fill of this source while that fill may still be kept, else None.
+    current = manifest if (manifest is not None and same_source(str(manifest.get("source")), source)
+                           and not missing_files(manifest, dest)) else None
+    if current is not None and options.require_checksums and (unchecked := size_only_files(current)):
         # Filled before checksums were required: look at the source again (it may have published them since).
         logger.info("%s: %d files were filled with only their size checked (%s): checking the source again",
                     dest, len(unchecked), _first(unchecked))
-        current = False
-    if current and source.pinned:  # the same URI always means the same bytes: no request needed
-        if _still_intact(dest, manifest, options.verify_mode):
-            return _already_filled(source, dest, manifest, options.keep_revisions)
-        current = False
+        current = None
+    if current is not None and source.pinned:  # the same URI always means the same bytes: no request needed
+        if _still_intact(dest, current, options.verify_mode):
+            return _already_filled(source, dest, current, options.keep_revisions)
+        current = None
     store = _open_store(source, load_credentials())
     try:
         listing = _with_retries(store.list, options.retries, options.retry_delay, f"listing {source.uri}")
-        if current:
+        if current is not None:
             # A branch may have moved since: the fill is current only if it still points at the same commit.
-            if listing.revision != manifest.get("revision"):
-                logger.info("%s: %s moved from %s to %s: refilling", dest, source.uri, manifest.get("revision"),
+            if listing.revision != current.get("revision"):
+                logger.info("%s: %s moved from %s to %s: refilling", dest, source.uri, current.get("revision"),
                             listing.revision)
-            elif _still_intact(dest, manifest, options.verify_mode):
-                return _already_filled(source, dest, manifest, options.keep_revisions)
+            elif _still_intact(dest, current, options.verify_mode):
+                return _already_filled(source, dest, current, options.keep_revisions)
         elif dest.exists():
             logger.info("%s: holds no complete fill of %s: it will be replaced", dest, source.uri)
         tmp = dest.with_name(dest.name + PARTIAL_SUFFIX)

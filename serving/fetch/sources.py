@@ -85,10 +85,10 @@ def parse_source(uri: str) -> Source:
     if match := _HF.fullmatch(uri):
         revision = match["revision"]
         return HfSource(uri, f"{match['org']}/{match['name']}", revision or DEFAULT_REVISION, revision is not None)
-    if (match := _S3.fullmatch(uri)) and _clean_path(match["prefix"]):
-        return S3Source(uri, match["bucket"], _clean_path(match["prefix"]))
-    if (match := _PVC.fullmatch(uri)) and _clean_path(match["path"] or "") is not None:
-        return PvcSource(uri, match["claim"], _clean_path(match["path"] or ""))
+    if (match := _S3.fullmatch(uri)) and (prefix := _clean_path(match["prefix"])):
+        return S3Source(uri, match["bucket"], prefix)
+    if (match := _PVC.fullmatch(uri)) and (path := _clean_path(match["path"] or "")) is not None:
+        return PvcSource(uri, match["claim"], path)
     raise FetchError(f"{uri!r} is not a model source; use {ACCEPTED_FORMS}", EXIT_USAGE)
 
 
@@ -125,7 +125,7 @@ def _model_prefix(prefix: str) -> str:
 
 def refuse_unpinned(source: Source) -> None:
     """Raise a usage error for a source whose content can change under the same URI."""
-    if source.pinned:
+    if not isinstance(source, HfSource) or source.pinned:  # s3 and pvc sources are always pinned
         return
     example = f"hf://{source.repo_id}@<40-hex sha>"
     moving = (f"revision '{source.revision}' is a branch or tag and can move" if source.revision_given
@@ -180,9 +180,11 @@ class Store(Protocol):
 
 def content_range_start(header: str | None) -> int:
     """The first byte of a `Content-Range: bytes START-END/TOTAL` answer (-1 when it cannot be read)."""
+    if header is None:
+        return -1
     try:
-        return int(header.split()[1].split("-")[0])  # type: ignore[union-attr]
-    except (AttributeError, IndexError, ValueError):
+        return int(header.split()[1].split("-")[0])
+    except (IndexError, ValueError):
         return -1
 
 
@@ -200,7 +202,8 @@ def select_files(files: Iterable[RemoteFile], excludes: Iterable[str] = ()) -> t
     `*.bin` is excluded only when safetensors weights remain, so a pickle-only model still downloads.
     """
     patterns = (*DEFAULT_EXCLUDES, *excludes)
-    kept, excluded = [], []
+    kept: list[RemoteFile] = []
+    excluded: list[RemoteFile] = []
     for file in files:
         (excluded if any(fnmatch.fnmatchcase(file.path, p) for p in patterns) else kept).append(file)
     if any(file.path.endswith(".safetensors") for file in kept):

@@ -19,7 +19,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeGuard
 from urllib.parse import urlsplit
 
 from serving.options import (
@@ -162,7 +162,7 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
     flags = vars(build_parser().parse_args(list(argv) if argv is not None else None))
     values = read_options(flags, _OPTIONS, environ, ConfigError)
 
-    defaults = {name: values.pop(name) for name in ("cold_start_timeout_seconds", "max_queue",
+    defaults: dict[str, object] = {name: values.pop(name) for name in ("cold_start_timeout_seconds", "max_queue",
                                                     "max_inflight_per_pod") if name in values}
     if flags["route"]:
         specs, source = list(flags["route"]), "--route"
@@ -185,8 +185,9 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
                          api_key=environ.get("API_KEY", "").strip() or None, **values)
 
 
-def parse_route(spec: str, source: str, defaults: Mapping[str, object]) -> Route:
-    """`MODEL=URL[,URL...]`, each URL `http(s)://host:port` with no path."""
+def parse_route(spec: str, source: str, defaults: Mapping[str, Any]) -> Route:
+    """`MODEL=URL[,URL...]`, each URL `http(s)://host:port` with no path; `defaults` are parsed `Route` fields
+    (`read_options`), each of its field's type."""
     model, sep, urls_text = spec.strip().partition("=")
     model = model.strip()
     if not sep or not model:
@@ -206,7 +207,7 @@ def parse_route(spec: str, source: str, defaults: Mapping[str, object]) -> Route
             raise ConfigError(f"{source} {spec!r}: {url!r} is not an upstream URL; write http://HOST:PORT "
                               "(no path)")
         checked.append(f"{parts.scheme}://{parts.netloc}")
-    return Route(model=model, urls=tuple(dict.fromkeys(checked)), **defaults)  # type: ignore[arg-type]
+    return Route(model=model, urls=tuple(dict.fromkeys(checked)), **defaults)
 
 
 # routes file key -> (Route attribute, check, what is allowed)
@@ -222,11 +223,11 @@ _FILE_FIELDS: dict[str, tuple[str, Callable[[object], bool], str]] = {
 }
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: object) -> bool:
+def _is_number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -253,13 +254,13 @@ def read_routes_file(path: Path) -> list[Route]:
         for required in ("model", "service"):
             if required not in entry:
                 raise ConfigError(f"{key_path}: {required!r} is required")
-        fields: dict[str, object] = {}
+        fields: dict[str, Any] = {}  # Route's fields, each value passed its key's check
         for key, value in entry.items():
             attribute, check, allowed = _FILE_FIELDS[key]
             if not check(value):
                 raise ConfigError(f"{key_path}.{key}: {value!r} is not allowed; it must be {allowed}")
             fields[attribute] = value.strip() if isinstance(value, str) else value
         if "cold_start_timeout_seconds" in fields:
-            fields["cold_start_timeout_seconds"] = float(fields["cold_start_timeout_seconds"])  # type: ignore
-        routes.append(Route(**fields))  # type: ignore[arg-type]
+            fields["cold_start_timeout_seconds"] = float(fields["cold_start_timeout_seconds"])
+        routes.append(Route(**fields))
     return routes

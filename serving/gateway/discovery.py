@@ -102,7 +102,8 @@ async def resolve(service: str, port: int) -> list[str]:
         raise  # the resolver failed (timeout, server error): keep the pods known until the next pass
     urls = set()
     for _, _, _, _, sockaddr in infos:
-        address = ipaddress.ip_address(sockaddr[0].split("%", 1)[0])
+        # An IPv4 or IPv6 sockaddr: its host is text (typeshed's int is for families a host name never resolves to).
+        address = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
         host = f"[{address}]" if address.version == 6 else str(address)
         urls.add(f"http://{host}:{port}")
     return sorted(urls)
