@@ -48,6 +48,7 @@ from serving.engine.interface import (
 )
 from serving.engine.loader import load_model, resolve_device, resolve_dtype
 from serving.engine.model_runner import (
+    PREFILL_GATHER_TOKENS,
     KVCachePlan,
     ModelRunner,
     kv_bytes_per_token,
@@ -155,6 +156,7 @@ class LLMEngine:
             BlockManager(runner.num_blocks, runner.block_size, runner.num_slots,
                          enable_prefix_caching=config.enable_prefix_caching),
             max_prefill_tokens=config.max_prefill_tokens_per_step,
+            max_prefill_context_tokens=PREFILL_GATHER_TOKENS,
         )
         self._overlap = config.overlap if config.overlap is not None else runner.device.type == "cuda"
         self._wakeup = threading.Condition(threading.RLock())
@@ -207,7 +209,8 @@ class LLMEngine:
             bytes_per_token=kv_bytes_per_token(hf_config, dtype),
             budget_bytes=kv_cache_budget_bytes(
                 device, hf_config, dtype, memory_utilization=config.gpu_memory_utilization,
-                num_slots=num_slots, max_prefill_tokens=config.max_prefill_tokens_per_step, decode_graphs=graphs,
+                num_slots=num_slots, max_prefill_tokens=config.max_prefill_tokens_per_step,
+                max_model_len=config.max_model_len or context_len, decode_graphs=graphs,
             ),
             num_slots=num_slots,
             max_model_len=config.max_model_len or context_len,

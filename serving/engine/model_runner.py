@@ -45,6 +45,10 @@ KV_LEN_BUCKET = 256
 KV_LEN_LINEAR_MAX = 2048
 """...and beyond it to the next power of two: at most 2x the attention reads, and a handful of shapes
 (graphs) even for a 128k context."""
+PREFILL_GATHER_TOKENS = 256 * 1024
+"""A prefill pass gathers each chunk's K/V up to the chunk's end (all its attention reads) per layer; the scheduler
+keeps the ends of a pass's chunks within this many tokens together (`Scheduler.max_prefill_context_tokens`), except
+for the pass's first chunk, which alone can reach max_model_len. The KV budget keeps the larger of the two out."""
 MIN_DEFAULT_MODEL_LEN = 4096
 """When the cache cannot give every slot the model's full context, keep at least this much per slot
 (or the model's own limit) and run fewer slots instead."""
@@ -105,14 +109,15 @@ def kv_bytes_per_token(hf_config, dtype: torch.dtype) -> int:
 
 
 def kv_cache_budget_bytes(device: torch.device, hf_config, dtype: torch.dtype, *, memory_utilization: float,
-                          num_slots: int, max_prefill_tokens: int, decode_graphs: bool = False) -> int:
+                          num_slots: int, max_prefill_tokens: int, max_model_len: int,
+                          decode_graphs: bool = False) -> int:
     """Bytes the KV cache may take, measured after the weights are on the device."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(device)
         reserve = (512 << 20) + activation_reserve_bytes(hf_config, dtype, num_slots=num_slots,
                                                          max_prefill_tokens=max_prefill_tokens,
-                                                         decode_graphs=decode_graphs)
+                                                         max_model_len=max_model_len, decode_graphs=decode_graphs)
         return int(total * memory_utilization - (total - free) - reserve)
     available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return int(available * memory_utilization)
@@ -126,10 +131,11 @@ each (4) and the mask (1): 33, with 3 to spare. A GPU test measures it."""
 
 
 def activation_reserve_bytes(hf_config, dtype: torch.dtype, *, num_slots: int, max_prefill_tokens: int,
-                             decode_graphs: bool) -> int:
-    """Memory kept out of the KV cache for activations: one prefill chunk's, and the decode logits with what
-    sampling them takes at its peak; with decode graphs also their private pool (the largest step's activations and
-    logits) and static logits.
+                             max_model_len: int, decode_graphs: bool) -> int:
+    """Memory kept out of the KV cache for activations: one prefill pass's (its chunks' tokens, and the K/V it gathers
+    for attention: PREFILL_GATHER_TOKENS, or one chunk at the end of a longer context), and the decode logits with
+    what sampling them takes at its peak; with decode graphs also their private pool (the largest step's activations,
+    the K/V a gathering decode copies, and logits) and static logits.
 
     Prefill attention runs in the flash kernel (no score matrix), so its activations scale with chunk
     tokens, not tokens^2.
@@ -137,10 +143,13 @@ def activation_reserve_bytes(hf_config, dtype: torch.dtype, *, num_slots: int, m
     element = torch.empty((), dtype=dtype).element_size()
     slots = max(num_slots, 1)
     per_token = (8 * hf_config.hidden_size + 4 * hf_config.intermediate_size) * element
-    # A decode step's K/V gathered through the block tables, one layer and one group of rows at a time.
-    gather = DECODE_GATHER_TOKENS * kv_bytes_per_token(hf_config, dtype) // hf_config.num_hidden_layers
-    reserve = (max_prefill_tokens * per_token + slots * hf_config.vocab_size * SAMPLING_BYTES_PER_LOGIT
-               + gather * (2 if decode_graphs else 1))  # with graphs the pool keeps one; prefill gathers apart
+    # K/V gathered through the block tables, one layer at a time: by a gathering decode, one group of rows at a time,
+    # and by a prefill pass. Eager, the two never live at once; with graphs the pool keeps the decode's apart.
+    layer_token = kv_bytes_per_token(hf_config, dtype) // hf_config.num_hidden_layers
+    decode_gather = DECODE_GATHER_TOKENS * layer_token
+    prefill_gather = max(PREFILL_GATHER_TOKENS, max_model_len) * layer_token
+    gathers = decode_gather + prefill_gather if decode_graphs else max(decode_gather, prefill_gather)
+    reserve = max_prefill_tokens * per_token + slots * hf_config.vocab_size * SAMPLING_BYTES_PER_LOGIT + gathers
     if decode_graphs:
         reserve += slots * (per_token + hf_config.vocab_size * (element + 4 + 4)) + (64 << 20)
     return reserve

@@ -9,7 +9,8 @@ cut down to what this engine runs: one prefill pass and one decode step per engi
   preempting the youngest request when none is free; then, unless it preempted, admits queued requests while their
   blocks fit (`BlockManager`, the one object that accounts for the cache; a cached prefix is shared, not
   prefilled); spends the prefill budget on prompts in the order they were admitted (a long prompt is split into
-  chunks across steps); and lays out one decode row for every request whose prompt is in the cache, in slot order.
+  chunks across steps), within a bound on the K/V the pass's attention reads (a chunk deep into a long context reads
+  all of it); and lays out one decode row for every request whose prompt is in the cache, in slot order.
 - Preemption is recomputation, as vLLM's default: the preempted request gives back its blocks (their full ones stay
   in the prefix cache) and goes back to the front of the queue with its prompt and the tokens it has generated as
   the prompt to prefill again. Only a request with no token in flight can be preempted (its tokens must be known);
@@ -151,9 +152,15 @@ class StepPlan(Generic[S]):
 class Scheduler(Generic[S]):
     """Admission, preemption, chunked prefill and finish rules over one `BlockManager`; see the module docstring."""
 
-    def __init__(self, cache: BlockManager, max_prefill_tokens: int) -> None:
+    def __init__(self, cache: BlockManager, max_prefill_tokens: int,
+                 max_prefill_context_tokens: int | None = None) -> None:
         self.cache = cache
         self.max_prefill_tokens = max_prefill_tokens
+        """New prompt tokens per prefill pass."""
+        self.max_prefill_context_tokens = max_prefill_context_tokens
+        """The most K/V a prefill pass's attention reads, counted as the sum of its chunks' ends (each chunk attends to
+        its whole prefix); a chunk that would pass it waits for the next step, unless it is the pass's first. None:
+        no bound."""
         self.waiting: deque[S] = deque()
         self.running: set[S] = set()
         """Requests holding a row and blocks: the prefilling and the decoding."""
@@ -271,6 +278,7 @@ class Scheduler(Generic[S]):
         """This step's prompt chunks within the token budget, and the requests whose prompts they complete (which
         move to decoding, their next token launched)."""
         budget = self.max_prefill_tokens
+        context = self.max_prefill_context_tokens
         chunks: list[PrefillChunk] = []
         prefilled: list[S] = []
         for seq in self.prefilling:
@@ -279,6 +287,10 @@ class Scheduler(Generic[S]):
             tokens = seq.prefill_tokens
             start = seq.num_cached
             count = min(budget, len(tokens) - start)
+            if context is not None:
+                if chunks and start + count > context:  # the oldest prompts first: later ones wait their turn
+                    break
+                context -= start + count
             done = start + count == len(tokens)
             chunks.append(PrefillChunk(seq.slot, tokens[start : start + count], start, want_logits=done,
                                        block_table=tuple(seq.block_table)))

@@ -720,11 +720,52 @@ def test_decode_graphs_reserve_memory_outside_the_kv_cache():
 
     config = LlamaConfig(hidden_size=2048, intermediate_size=8192, vocab_size=128256)
     eager = activation_reserve_bytes(config, torch.bfloat16, num_slots=256, max_prefill_tokens=2048,
-                                     decode_graphs=False)
+                                     max_model_len=8192, decode_graphs=False)
     graphs = activation_reserve_bytes(config, torch.bfloat16, num_slots=256, max_prefill_tokens=2048,
-                                      decode_graphs=True)
+                                      max_model_len=8192, decode_graphs=True)
     # At least the static float32 logits plus the pool's bf16 and float32 logits of the largest step.
     assert graphs - eager >= 256 * 128256 * (4 + 2 + 4)
+
+
+def test_the_reserve_holds_a_prefill_chunks_k_v_at_the_end_of_a_context_longer_than_the_bound():
+    """A pass's first chunk may read past PREFILL_GATHER_TOKENS alone: at the end of a 1M-token context it gathers
+    1M tokens' K/V of a layer, and the reserve grows by exactly what lies beyond the bound."""
+    from transformers import LlamaConfig
+
+    from serving.engine.model_runner import PREFILL_GATHER_TOKENS
+
+    config = LlamaConfig(hidden_size=2048, intermediate_size=8192, vocab_size=128256, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8)
+    layer_token = 2 * 8 * 64 * 2  # K and V of one token in one layer, bf16
+    for graphs in (False, True):
+        within, long = (activation_reserve_bytes(config, torch.bfloat16, num_slots=64, max_prefill_tokens=2048,
+                                                 max_model_len=length, decode_graphs=graphs)
+                        for length in (8192, 1 << 20))
+        assert long - within == ((1 << 20) - PREFILL_GATHER_TOKENS) * layer_token
+
+
+def test_the_engine_bounds_a_prefill_passs_k_v_reads(make_engine, monkeypatch, hf_model):
+    """Two prompts whose chunks together would read past the bound are prefilled in separate passes; the tokens
+    are HF's."""
+    import serving.engine.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "PREFILL_GATHER_TOKENS", 40)
+    engine = make_engine(max_num_seqs=2, max_prefill_tokens_per_step=64)
+    assert engine.scheduler.max_prefill_context_tokens == 40
+    passes: list[list[int]] = []
+    prefill = engine.runner.prefill
+
+    def recorded(chunks):
+        passes.append([chunk.end for chunk in chunks])
+        return prefill(chunks)
+
+    engine.runner.prefill = recorded
+    cases = [(random_prompt(30, seed=1), 4), (random_prompt(25, seed=2), 4)]
+    results = asyncio.run(greedy_tokens(engine, cases))
+    for (prompt, max_tokens), tokens in zip(cases, results):
+        assert tokens == hf_greedy(hf_model, prompt, max_tokens)
+    assert all(sum(ends) <= 40 or len(ends) == 1 for ends in passes)
+    assert [30] in passes and [25] in passes
 
 
 @pytest.mark.gpu

@@ -27,12 +27,12 @@ BLOCK = 4
 
 
 def make_scheduler(slots: int = 2, budget: int = 16, max_model_len: int = 64, blocks: int | None = None,
-                   prefix_caching: bool = False) -> Scheduler:
+                   prefix_caching: bool = False, context: int | None = None) -> Scheduler:
     """A scheduler over blocks of 4 tokens, by default enough for every slot at full length (as the engine sizes it
-    on CPU), without the prefix cache unless asked."""
+    on CPU), without the prefix cache unless asked, and no bound on a pass's K/V reads unless `context` is given."""
     blocks = blocks if blocks is not None else slots * -(-max_model_len // BLOCK)
     return Scheduler(BlockManager(blocks, BLOCK, slots, enable_prefix_caching=prefix_caching),
-                     max_prefill_tokens=budget)
+                     max_prefill_tokens=budget, max_prefill_context_tokens=context)
 
 
 def make_seq(request_id: str, prompt_len: int = 4, max_tokens: int = 8, max_model_len: int = 64,
@@ -131,6 +131,34 @@ def test_a_long_prompt_is_prefilled_in_chunks_within_the_budget_oldest_first():
     assert chunks_per_step == [[(0, 0, 16, False)], [(0, 16, 32, False)], [(0, 32, 40, True), (1, 0, 5, True)], []]
     assert long.num_cached == 40 and short.num_cached == 5
     assert [chunk.token_ids for chunk in scheduler.schedule().chunks] == []
+
+
+def test_a_pass_reads_at_most_the_context_bound_of_k_v_but_its_first_chunk_always_runs():
+    """Each chunk attends to its whole prefix, so a pass reads the sum of its chunks' ends: a later prompt's chunk
+    that would pass the bound waits a step though budget is left; the oldest prompt's chunk runs even past the bound
+    alone (the engine keeps memory for one chunk at the context's end), so nothing starves."""
+    scheduler = make_scheduler(slots=3, budget=16, max_model_len=64, context=30)
+    first, second, third = make_seq("a", prompt_len=34), make_seq("b", prompt_len=14), make_seq("c", prompt_len=2)
+    for seq in (first, second, third):
+        scheduler.add(seq)
+    passes = []
+    for _ in range(5):
+        plan, _ = step(scheduler)
+        passes.append([(chunk.slot, chunk.start, chunk.end) for chunk in plan.chunks])
+    assert passes == [
+        [(0, 0, 16)],               # the budget is spent
+        [(0, 16, 32)],              # 32 alone is past the bound: the oldest prompt's chunk runs anyway
+        [(0, 32, 34)],              # 14 tokens of budget left, but b's chunk (end 14) would make 48 > 30: b waits
+        [(1, 0, 14), (2, 0, 2)],    # 14 + 2 = 16 <= 30
+        [],
+    ]
+    assert first.num_cached == 34 and second.num_cached == 14 and third.num_cached == 2
+    # Without the bound the same prompts share the third pass.
+    unbounded = make_scheduler(slots=3, budget=16, max_model_len=64)
+    for seq in (make_seq("a", prompt_len=34), make_seq("b", prompt_len=14), make_seq("c", prompt_len=2)):
+        unbounded.add(seq)
+    ends = [[chunk.end for chunk in step(unbounded)[0].chunks] for _ in range(3)]
+    assert ends == [[16], [32], [34, 14]]
 
 
 def test_chunks_carry_the_prompts_own_tokens_and_only_the_last_one_wants_logits():
@@ -320,10 +348,11 @@ def test_abort_all_ends_waiting_and_running_requests_and_empties_the_cache():
 @pytest.mark.parametrize("seed", range(6))
 def test_a_random_mix_keeps_every_rule_at_every_step(seed):
     """Requests of every kind arrive, run ahead one step or none, stop on EOS, are aborted; at every step no slot is
-    held twice, the budget holds, the cache's count equals a recount; each request ends as its rule says."""
+    held twice, the budget and the bound on a pass's K/V reads hold, the cache's count equals a recount; each request
+    ends as its rule says."""
     rng = random.Random(seed)
-    slots, budget = rng.choice([1, 2, 5]), rng.choice([4, 16, 64])
-    scheduler = make_scheduler(slots=slots, budget=budget, max_model_len=48)
+    slots, budget, context = rng.choice([1, 2, 5]), rng.choice([4, 16, 64]), rng.choice([None, 24, 60])
+    scheduler = make_scheduler(slots=slots, budget=budget, max_model_len=48, context=context)
     requests: list[Sequence] = []
     in_flight = None
     eos_at: dict[str, int] = {}
@@ -343,6 +372,8 @@ def test_a_random_mix_keeps_every_rule_at_every_step(seed):
             scheduler.abort(rng.choice(requests))
         plan = scheduler.schedule()
         assert sum(len(chunk.token_ids) for chunk in plan.chunks) <= budget
+        ends = [chunk.end for chunk in plan.chunks]  # past the bound only as the pass's one chunk
+        assert context is None or sum(ends) <= context or len(ends) == 1
         held = [seq.slot for seq in scheduler.running]
         assert len(held) == len(set(held)) <= slots and -1 not in held
         assert plan.slots == sorted(plan.slots) and all(seq.slot == slot for seq, slot in zip(plan.decode, plan.slots))
