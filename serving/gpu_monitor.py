@@ -32,7 +32,7 @@ class GpuUtilizationCollector:
                     pynvml.nvmlInit()
                     self._nvml = pynvml
                     logger.info("NVML initialised", extra={"gpus": pynvml.nvmlDeviceGetCount()})
-                except Exception as exc:  # NVMLError_LibraryNotFound, DriverNotLoaded, ImportError, ...
+                except Exception as exc:  # noqa: BLE001 - NVMLError_LibraryNotFound, DriverNotLoaded, ImportError...
                     self._nvml = False
                     logger.info("No GPU utilization metrics: NVML unavailable", extra={"reason": str(exc)})
             return self._nvml
@@ -58,6 +58,6 @@ class GpuUtilizationCollector:
             if self._nvml:
                 try:
                     self._nvml.nvmlShutdown()
-                except Exception:  # shutting down anyway; nothing useful to do with the error
+                except Exception:  # noqa: BLE001 - shutting down anyway; nothing useful to do with the error
                     pass
             self._nvml = None

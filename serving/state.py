@@ -236,7 +236,7 @@ async def _run_in_daemon_thread(function: Callable[[], Engine]) -> Engine:
     def work() -> None:
         try:
             result = function()
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - whatever the thread's outcome, the future in the loop gets it
             loop.call_soon_threadsafe(settle, exc)
         else:
             loop.call_soon_threadsafe(settle, result)

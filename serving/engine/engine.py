@@ -505,7 +505,7 @@ class LLMEngine:
             self._read_back_in_flight(_READ_BACK_AFTER_FAILURE_S)
             if launching:
                 self._read_back(_InFlight(launching), max(deadline - time.monotonic(), 0.0))
-        except Exception:  # noqa: BLE001 - the device failed too: those requests fail with the loop
+        except Exception:  # the device failed too: those requests fail with the loop
             logger.warning("could not read back the tokens of the steps in flight", exc_info=True)
 
     def _choose(self, seqs: list[_Request], logits: torch.Tensor, generated: list[int]) -> torch.Tensor:
@@ -556,7 +556,7 @@ class LLMEngine:
         for sink, items in batches.items():
             try:
                 delivered = sink.deliver(items)
-            except Exception:  # noqa: BLE001 - a broken sink loses its own requests, not the loop or other sinks'
+            except Exception:  # a broken sink loses its own requests, not the loop or other sinks'
                 logger.exception("an output sink failed; aborting its %d requests", len(items))
                 delivered = False
             if not delivered:  # nobody can read them any more: free their slots
@@ -586,5 +586,5 @@ class LLMEngine:
         for sink, items in batches.items():
             try:
                 sink.deliver(items)
-            except Exception:  # noqa: BLE001 - every other sink still gets its requests' last outputs
+            except Exception:  # every other sink still gets its requests' last outputs
                 logger.exception("an output sink failed to take the last outputs of %d requests", len(items))

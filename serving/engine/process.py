@@ -388,7 +388,7 @@ def engine_main(conn: Connection, build: Callable[[], SubmittingEngine], log_lev
     except ModelLoadError as exc:
         _send(conn, lock, LoadFailed("ModelLoadError", str(exc)))
         return
-    except Exception as exc:  # noqa: BLE001 - reported to the HTTP process, which logs it and exits 1
+    except Exception as exc:  # reported to the HTTP process, which logs it and exits 1
         logger.exception("the engine failed to load the model")
         _send(conn, lock, LoadFailed(type(exc).__name__, f"{type(exc).__name__}: {exc}"))
         return
@@ -412,7 +412,7 @@ def engine_main(conn: Connection, build: Callable[[], SubmittingEngine], log_lev
             started = time.perf_counter()
             try:
                 asyncio.run(engine.start())
-            except Exception as exc:  # noqa: BLE001 - reported to the HTTP process, which logs it and exits 1
+            except Exception as exc:  # reported to the HTTP process, which logs it and exits 1
                 logger.exception("the engine's warm-up failed")
                 _send(conn, lock, StartFailed(f"{type(exc).__name__}: {exc}"))
                 continue

@@ -110,7 +110,7 @@ class TokenStream:
         if not self._done:
             try:
                 self._on_abandon()
-            except Exception:  # interpreter shutdown: nothing left to free
+            except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to free
                 pass
 
 

@@ -102,7 +102,7 @@ class S3Store:
                     files.append(RemoteFile(key[len(prefix) + 1:], entry["Size"], key, {}, etag or None))
         except _transient_errors() as exc:
             raise TransientError(f"cannot reach {self._where()}: {exc}") from exc
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any other botocore error: one FetchError saying what to do
             raise self._error(exc, where) from None
         if not files:
             raise FetchError(f"no objects under {where}/; check the bucket and prefix (each model version is "
@@ -182,7 +182,7 @@ class S3Store:
             return method(**request)
         except _transient_errors() as exc:
             raise TransientError(f"connection failed: {exc}") from exc
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any other botocore error: one FetchError saying what to do
             raise self._error(exc, where) from None
 
     @contextmanager
@@ -200,7 +200,7 @@ class S3Store:
                     raise
         except _transient_errors() as exc:
             raise TransientError(f"connection failed: {exc}") from exc
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any other botocore error: one FetchError saying what to do
             raise self._error(exc, f"s3://{self.source.bucket}/{file.location}") from None
         status = response["ResponseMetadata"]["HTTPStatusCode"]
         start = content_range_start(response.get("ContentRange")) if status == 206 else 0

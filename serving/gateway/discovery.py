@@ -57,7 +57,7 @@ class Discovery:
             before = set(self.pool.ready_urls)
             try:
                 urls = await self._ready_urls()
-            except Exception as exc:  # discovery must outlive any one failure; the next pass tries again
+            except Exception as exc:  # noqa: BLE001 - discovery outlives any one failure; the next pass tries again
                 logger.warning("pod discovery failed; the pods known stay in use",
                                extra={"event": "discovery_failed", "model": self.pool.model, "error": repr(exc)})
                 return

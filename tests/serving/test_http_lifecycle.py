@@ -187,7 +187,7 @@ class StreamInBackground:
                         payload = line[len("data: "):]
                         self.events.append(payload if payload == "[DONE]" else json.loads(payload))
                         self.first_token.set()
-        except BaseException as exc:  # reported by the test
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
             self.error = exc
             self.first_token.set()
 
