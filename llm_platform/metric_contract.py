@@ -78,6 +78,9 @@ BUILTIN = Runtime(
         ("llm_prefix_cache_queried_tokens_total", "counter", "Prompt tokens looked up in the prefix cache"),
         ("llm_prefix_cache_hit_tokens_total", "counter", "Prompt tokens found in the prefix cache (not prefilled)"),
         ("llm_preemptions_total", "counter", "Running requests preempted (recomputed later) when KV blocks ran out"),
+        ("llm_engine_info", "gauge", "1 per pod, labelled with its device, the attention the engine chose at load "
+                                     "(triton, flash or sdpa: a GPU pod on sdpa fell back, and its load log says why) "
+                                     "and the KV block size"),
         # The names the Gateway API Inference Extension's endpoint picker reads from vLLM.
         ("vllm:num_requests_waiting", "gauge", "Waiting requests (inference-gateway compatible name)"),
         ("vllm:num_requests_running", "gauge", "Running requests (inference-gateway compatible name)"),

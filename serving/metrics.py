@@ -5,7 +5,8 @@ Request series (`llm_requests_total`, durations, latencies) are observed by the 
 `error` (400 and up, 499 for a client that left included), so the article's queries work; `code` is the HTTP code
 (`code=~"5.."` picks the server's own failures).
 Engine series (queue depth, running requests, KV-cache blocks in use, token totals, prefix-cache lookups and hits,
-preemptions) and GPU utilization are read at
+preemptions, and `llm_engine_info`: the device, the attention implementation the load chose and the block size) and
+GPU utilization are read at
 scrape time by custom collectors, so they are exactly current and cost nothing between scrapes. The engine
 series are also exported under vLLM's names, which the Gateway API Inference Extension's endpoint picker reads.
 """
@@ -96,6 +97,12 @@ class EngineCollector:
         yield counter("llm_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache (not prefilled again).",
                       hits)
         yield counter("llm_preemptions", "Requests preempted to be recomputed because KV blocks ran out.", preemptions)
+        if stats and stats.attention:
+            info = GaugeMetricFamily("llm_engine_info", "1, labelled with how the engine runs: its device, the attention "
+                                     "that reads the KV cache (triton, flash or sdpa) and the KV block size.",
+                                     labels=["model", "device", "attention", "block_size"])
+            info.add_metric([self._model_name, stats.device, stats.attention, str(stats.kv_block_size)], 1)
+            yield info
 
         def vllm_counter(name: str, help_text: str, value: float) -> CounterMetricFamily:
             family = CounterMetricFamily(name, help_text, labels=["model_name"])

@@ -320,6 +320,8 @@ class LLMEngine:
                 generation_tokens_total=self._generation_tokens_total,
                 loop_alive=self._loop_alive(),
                 device=self.model_info.device,
+                attention=self.runner.attention.name,
+                kv_block_size=self.runner.block_size,
             )
 
     async def shutdown(self) -> None:

@@ -75,6 +75,11 @@ class EngineStats:
     """Of those, tokens found cached (not prefilled again)."""
     preemptions_total: int = 0
     """Requests preempted (to be recomputed) because KV blocks ran out."""
+    attention: str = ""
+    """How the engine reads its KV cache: `triton`, `flash` or `sdpa` (`serving.engine.attention`; the load log says
+    why it is not the first of these); empty for an engine without one."""
+    kv_block_size: int = 0
+    """Tokens per KV-cache block (0: no paged cache)."""
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ def test_engine_series_carry_the_prefix_cache_and_preemption_counters_under_our_
     stats = EngineStats(waiting=0, running=1, max_running=4, kv_cache_usage=0.25, kv_cache_capacity_tokens=1024,
                         prompt_tokens_total=300, generation_tokens_total=20, loop_alive=True, device="cpu",
                         prefix_cache_queried_tokens_total=300, prefix_cache_hit_tokens_total=128,
-                        preemptions_total=2)
+                        preemptions_total=2, attention="triton", kv_block_size=16)
     metrics = ServerMetrics("tiny", lambda: stats)
     values = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
               for family in metrics.registry.collect() for sample in family.samples}
@@ -34,3 +34,17 @@ def test_engine_series_carry_the_prefix_cache_and_preemption_counters_under_our_
     assert values[("vllm:prefix_cache_queries_total", theirs)] == 300
     assert values[("vllm:prefix_cache_hits_total", theirs)] == 128
     assert values[("vllm:num_preemptions_total", theirs)] == 2
+
+
+def test_the_engine_info_says_which_attention_the_load_chose_once_an_engine_exists():
+    from serving.engine.interface import EngineStats
+
+    def info(stats):
+        return [(sample.labels, sample.value) for family in ServerMetrics("tiny", lambda: stats).registry.collect()
+                if family.name == "llm_engine_info" for sample in family.samples]
+
+    assert info(None) == []  # loading: no engine, no info
+    stats = EngineStats(waiting=0, running=0, max_running=4, kv_cache_usage=0.0, kv_cache_capacity_tokens=1024,
+                        prompt_tokens_total=0, generation_tokens_total=0, loop_alive=True, device="cuda:0",
+                        attention="sdpa", kv_block_size=32)
+    assert info(stats) == [({"model": "tiny", "device": "cuda:0", "attention": "sdpa", "block_size": "32"}, 1.0)]
