@@ -98,8 +98,8 @@ class EngineCollector:
                       hits)
         yield counter("llm_preemptions", "Requests preempted to be recomputed because KV blocks ran out.", preemptions)
         if stats and stats.attention:
-            info = GaugeMetricFamily("llm_engine_info", "1, labelled with how the engine runs: its device, the attention "
-                                     "that reads the KV cache (triton, flash or sdpa) and the KV block size.",
+            info = GaugeMetricFamily("llm_engine_info", "1, labelled with how the engine runs: its device, the "
+                                     "attention that reads the KV cache (triton, flash or sdpa) and the KV block size.",
                                      labels=["model", "device", "attention", "block_size"])
             info.add_metric([self._model_name, stats.device, stats.attention, str(stats.kv_block_size)], 1)
             yield info
