@@ -42,8 +42,6 @@ from serving.engine.transfer import to_device
 if TYPE_CHECKING:
     from transformers import PreTrainedConfig
 
-    from serving.engine.cuda_graphs import DecodeGraphs
-
 logger = logging.getLogger("serving.engine")
 
 KV_LEN_BUCKET = 256
@@ -180,6 +178,11 @@ def plan_kv_cache(*, bytes_per_token: int, budget_bytes: int, num_slots: int, ma
     return KVCachePlan(num_slots, planned_len, num_blocks, block_size)
 
 
+GraphedDecode = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+"""`graphs(inputs [3, B], block_tables [B, kv_len / block_size], kv_len) -> float32 logits [B, vocab]`: decode steps
+replayed from CUDA graphs (`serving.engine.cuda_graphs.DecodeGraphs`), or what stands in for them."""
+
+
 class _SelfAttention(Protocol):
     """What the runner uses of an HF decoder layer's attention module: its projections and shape (the module's own
     forward is never called)."""
@@ -270,7 +273,7 @@ class ModelRunner:
         self.attention = attention(self.attention_shape)
         self.batch_buckets = _batch_buckets(self.num_slots)
         self.kv_len_buckets = kv_len_buckets(self.max_kv_len)
-        self.graphs: DecodeGraphs | None = None
+        self.graphs: GraphedDecode | None = None
 
     @property
     def capacity_tokens(self) -> int:
@@ -393,7 +396,7 @@ class ModelRunner:
         logits = (self.graphs if self.graphs is not None else self._decode_eager)(inputs, table_rows, kv_len)
         return logits if full else logits[packed[-1, : len(slots)]]
 
-    def use_graphs(self, graphs: DecodeGraphs | None) -> None:
+    def use_graphs(self, graphs: GraphedDecode | None) -> None:
         """Route decode steps through `graphs` (a `serving.engine.cuda_graphs.DecodeGraphs`), or eager (None)."""
         self.graphs = graphs
 
