@@ -108,8 +108,9 @@ def kv_bytes_per_token(hf_config: PreTrainedConfig, dtype: torch.dtype) -> int:
     return 2 * hf_config.num_hidden_layers * hf_config.num_key_value_heads * head_dim * element
 
 
-def kv_cache_budget_bytes(device: torch.device, hf_config, dtype: torch.dtype, *, memory_utilization: float,
-                          num_slots: int, max_prefill_tokens: int, decode_graphs: bool = False) -> int:
+def kv_cache_budget_bytes(device: torch.device, hf_config: PreTrainedConfig, dtype: torch.dtype, *,
+                          memory_utilization: float, num_slots: int, max_prefill_tokens: int,
+                          decode_graphs: bool = False) -> int:
     """Bytes the KV cache may take, measured after the weights are on the device."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -129,8 +130,8 @@ makes (4), the banned copy (4), the probabilities (4), top-p's sorted values and
 each (4) and the mask (1): 33, with 3 to spare. A GPU test measures it."""
 
 
-def activation_reserve_bytes(hf_config, dtype: torch.dtype, *, num_slots: int, max_prefill_tokens: int,
-                             decode_graphs: bool) -> int:
+def activation_reserve_bytes(hf_config: PreTrainedConfig, dtype: torch.dtype, *, num_slots: int,
+                             max_prefill_tokens: int, decode_graphs: bool) -> int:
     """Memory kept out of the KV cache for activations: one prefill chunk's, and the decode logits with what
     sampling them takes at its peak; with decode graphs also their private pool (the largest step's activations and
     logits) and static logits.
