@@ -23,13 +23,17 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from serving.bench.loadtest import SHAPES, markdown_table
 from serving.engine.attention import (
+    Attention,
+    AttentionShape,
     FlashAttention,
     SdpaAttention,
     TritonAttention,
@@ -40,19 +44,24 @@ from serving.engine.attention import (
 from serving.engine.cuda_graphs import DecodeGraphs
 from serving.engine.model_runner import KVCachePlan, ModelRunner, PrefillChunk, kv_bytes_per_token, kv_len_bucket
 
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
 
-def build_runner(shape: str, device: torch.device, dtype: torch.dtype, num_slots: int, max_model_len: int):
+
+def build_runner(shape: str, device: torch.device, dtype: torch.dtype, num_slots: int, max_model_len: int
+                 ) -> tuple[ModelRunner, LlamaConfig]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     dims = SHAPES[shape]
     config = LlamaConfig(**dims, initializer_range=0.02)
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype).eval()
+        # transformers declares PreTrainedModel.to through @wraps(Module.to), which mypy reads as unbound.
+        model = LlamaForCausalLM(config).to(dtype).eval()  # type: ignore[arg-type]
     return ModelRunner(model, KVCachePlan(num_slots, max_model_len)), config
 
 
-def timed(fn, device: torch.device, repeat: int, warmup: int = 2) -> float:
+def timed(fn: Callable[[], object], device: torch.device, repeat: int, warmup: int = 2) -> float:
     """Median milliseconds of `fn()` over `repeat` runs, each synchronised."""
     for _ in range(warmup):
         fn()
@@ -68,15 +77,16 @@ def timed(fn, device: torch.device, repeat: int, warmup: int = 2) -> float:
     return statistics.median(samples)
 
 
-def attentions(runner: ModelRunner, names: list[str], dtype: torch.dtype) -> tuple[dict, dict]:
+def attentions(runner: ModelRunner, names: list[str], dtype: torch.dtype
+               ) -> tuple[dict[str, Attention], dict[str, str | None]]:
     """The requested attention implementations that apply here, and why the others were skipped."""
     unknown = sorted(set(names) - {"sdpa", "flash", "triton"})
     if unknown:
         raise SystemExit(f"--attention: {', '.join(unknown)} unknown; choose from sdpa, flash, triton")
     shape = runner.attention_shape
     flash_reason = flash_unavailable_reason(runner.device, dtype, runner.head_dim)
-    chosen: dict = {}
-    skipped: dict = {}
+    chosen: dict[str, Attention] = {}
+    skipped: dict[str, str | None] = {}
     for name in names:
         if name == "sdpa":
             chosen[name] = SdpaAttention(shape)
@@ -89,7 +99,7 @@ def attentions(runner: ModelRunner, names: list[str], dtype: torch.dtype) -> tup
     return chosen, skipped
 
 
-def _triton_reason(shape, dtype: torch.dtype, flash_reason: str | None) -> str | None:
+def _triton_reason(shape: AttentionShape, dtype: torch.dtype, flash_reason: str | None) -> str | None:
     """Why the Triton kernel is not timed: it cannot run here, or it fails the engine's load check (which also
     catches a kernel that does not compile)."""
     reason = triton_unavailable_reason(shape.device, dtype, shape.head_dim)
@@ -104,7 +114,8 @@ def row_lengths(batch: int, kv_len: int) -> torch.Tensor:
     return torch.randint(max(kv_len // 4, 1), kv_len, (batch,), generator=generator)
 
 
-def decode_rows(runner: ModelRunner, config, args, device, dtype, backends: dict, skipped: dict) -> list[dict]:
+def decode_rows(runner: ModelRunner, config: LlamaConfig, args: argparse.Namespace, device: torch.device,
+                dtype: torch.dtype, backends: dict[str, Attention], skipped: dict[str, str | None]) -> list[dict]:
     """Decode steps with each implementation; one whose graphs cannot be captured is timed eagerly only, and
     `skipped` says why."""
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
@@ -152,7 +163,8 @@ def _floor_ms(bytes_moved: float, tb_per_s: float) -> float:
     return bytes_moved / (tb_per_s * 1e12) * 1e3
 
 
-def prefill_rows(runner: ModelRunner, config, args, device, backends: dict) -> list[dict]:
+def prefill_rows(runner: ModelRunner, config: LlamaConfig, args: argparse.Namespace, device: torch.device,
+                 backends: dict[str, Attention]) -> list[dict]:
     generator = torch.Generator().manual_seed(1)
     prompts = [torch.randint(10, config.vocab_size, (args.prompt_len,), generator=generator).tolist()
                for _ in range(args.prompts)]
@@ -160,10 +172,11 @@ def prefill_rows(runner: ModelRunner, config, args, device, backends: dict) -> l
     chunks = [PrefillChunk(slot, prompt, 0, want_logits=True, block_table=range(slot * per, (slot + 1) * per))
               for slot, prompt in enumerate(prompts)]
     tokens = args.prompts * args.prompt_len
-    rows = []
+    rows: list[dict] = []
     for name, attention in backends.items():
         runner.use_attention(attention)
-        variants = [("one prompt per pass", lambda: [runner.prefill([chunk]) for chunk in chunks])] if not rows else []
+        variants: list[tuple[str, Callable[[], object]]] = (
+            [("one prompt per pass", lambda: [runner.prefill([chunk]) for chunk in chunks])] if not rows else [])
         variants.append(("packed in one pass", lambda: runner.prefill(chunks)))
         for what, run in variants:
             ms = timed(run, device, args.repeat)
@@ -172,7 +185,8 @@ def prefill_rows(runner: ModelRunner, config, args, device, backends: dict) -> l
     return rows
 
 
-def attention_rows(runner: ModelRunner, config, args, device, dtype, backends: dict) -> list[dict]:
+def attention_rows(runner: ModelRunner, config: LlamaConfig, args: argparse.Namespace, device: torch.device,
+                   dtype: torch.dtype, backends: dict[str, Attention]) -> list[dict]:
     """Decode attention alone, all layers' worth, over a random paged cache with the decode rows' lengths, each row's
     blocks shuffled through the pool as serving leaves them (the gathering implementations' copy included); each
     implementation's result checked against sdpa's."""
@@ -203,7 +217,7 @@ def attention_rows(runner: ModelRunner, config, args, device, dtype, backends: d
     return rows
 
 
-def fmt(value) -> str:
+def fmt(value: object) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):

@@ -32,6 +32,10 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from serving.engine import LLMEngine
 
 CONTEXT = 4096
 MEMORY_SEQUENCES = 16
@@ -51,11 +55,11 @@ def build(out: Path, shapes: list[str]) -> None:
             print(f"built {out / shape}", file=sys.stderr)
 
 
-DEVICE = {"device": "cpu", "dtype": "float32"}
-"""Where the engines run (`measure --device/--dtype`)."""
+DEVICE: dict[str, Any] = {"device": "cpu", "dtype": "float32"}
+"""Where the engines run (`measure --device/--dtype`): EngineConfig keyword arguments, each of its field's type."""
 
 
-def _engine(model_dir: Path, paged: bool, **config):
+def _engine(model_dir: Path, paged: bool, **config: Any) -> LLMEngine:
     """An engine on this checkout's layout; paged options only where the checkout has them."""
     from serving.engine import EngineConfig, LLMEngine
 
@@ -68,7 +72,7 @@ def _prompt(rng: random.Random, length: int, vocab: int) -> tuple[int, ...]:
     return tuple(rng.randrange(10, vocab - 10) for _ in range(length))
 
 
-async def _first_token_s(engine, name: str, prompt: tuple[int, ...]) -> float:
+async def _first_token_s(engine: LLMEngine, name: str, prompt: tuple[int, ...]) -> float:
     from serving.engine import GenerationRequest, SamplingParams
 
     started = time.perf_counter()

@@ -36,15 +36,18 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from serving.engine.config import Attention as AttentionChoice
 from serving.engine.interface import ModelLoadError
 from serving.engine.transfer import to_device
+
+if TYPE_CHECKING:  # the module imports Triton: at run time only when TritonAttention is built
+    from serving.engine.paged_decode import DecodeLaunch
 
 logger = logging.getLogger("serving.engine")
 
@@ -95,54 +98,80 @@ class ChunkSpan:
 
 class Attention(Protocol):
     """Attention over the cache. Plans are built once per step (outside the layer loop) and reused by every
-    layer; a decode plan holds only tensors computed on the device, so a decode step can be a CUDA graph."""
+    layer; a decode plan holds only tensors computed on the device, so a decode step can be a CUDA graph.
+
+    Each implementation's plans have their own types (`SdpaDecodePlan`, `FlashPrefillPlan`, ...); here they are
+    `Any`, since a caller only hands a plan back to the implementation that made it."""
 
     name: str
     shape: AttentionShape
 
-    def decode_plan(self, lengths: torch.Tensor, block_tables: torch.Tensor, kv_len: int) -> object:
+    def decode_plan(self, lengths: torch.Tensor, block_tables: torch.Tensor, kv_len: int) -> Any:
         """`lengths` int32 [B]: valid cache tokens of row i, including the token just written; `block_tables` int64
         [B, kv_len / block_size]: row i's blocks; `kv_len` >= every length, the step's KV bucket."""
 
-    def decode(self, query: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor, plan: object
+    def decode(self, query: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor, plan: Any
                ) -> torch.Tensor:
         """`query` [B, heads, head_dim], `k_blocks`/`v_blocks` one layer's cache [blocks, block_size, kv_heads,
         head_dim] -> [B, heads * head_dim]."""
 
-    def prefill_plan(self, spans: Sequence[ChunkSpan]) -> object:
+    def prefill_plan(self, spans: Sequence[ChunkSpan]) -> Any:
         ...
 
-    def prefill(self, query: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, plan: object) -> torch.Tensor:
+    def prefill(self, query: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, plan: Any) -> torch.Tensor:
         """`query` [T, heads, head_dim] (every chunk's tokens, packed), `k_layer`/`v_layer` every chunk's K/V up to
         its end, packed (`ChunkSpan.kv_start`) -> [T, heads * head_dim]; each chunk attends causally to its K/V up to
         its own end."""
 
 
-class GatheringDecode:
+GroupPlan = TypeVar("GroupPlan")
+"""A gathering implementation's plan for one group of rows."""
+
+
+class GatherGroup(NamedTuple, Generic[GroupPlan]):
+    """Rows first..last of a decode step, gathered and attended together."""
+
+    first: int
+    last: int
+    tables: torch.Tensor
+    """The rows' block tables [last - first, kv_len / block_size]."""
+    plan: GroupPlan
+
+
+class GatheredPlan(NamedTuple, Generic[GroupPlan]):
+    """A gathering decode step's plan: the KV bucket and the groups of rows."""
+
+    kv_len: int
+    groups: list[GatherGroup[GroupPlan]]
+
+
+class GatheringDecode(Generic[GroupPlan]):
     """Decode for implementations that read one contiguous K/V: the rows' blocks are gathered into
     [rows, kv_len, kv_heads, head_dim] (in groups of at most DECODE_GATHER_TOKENS tokens) and handed to
     `decode_gathered`."""
 
     shape: AttentionShape
 
-    def gathered_plan(self, lengths: torch.Tensor, kv_len: int) -> object:
+    def gathered_plan(self, lengths: torch.Tensor, kv_len: int) -> GroupPlan:
         raise NotImplementedError
 
-    def decode_gathered(self, query: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, plan: object
+    def decode_gathered(self, query: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, plan: GroupPlan
                         ) -> torch.Tensor:
         """`query` [B, heads, head_dim], `k_layer`/`v_layer` contiguous [B, kv_len, kv_heads, head_dim], row b's
         first lengths[b] tokens valid -> [B, heads * head_dim]."""
         raise NotImplementedError
 
-    def decode_plan(self, lengths: torch.Tensor, block_tables: torch.Tensor, kv_len: int) -> object:
+    def decode_plan(self, lengths: torch.Tensor, block_tables: torch.Tensor, kv_len: int
+                    ) -> GatheredPlan[GroupPlan]:
         batch = lengths.shape[0]
         group = max(1, DECODE_GATHER_TOKENS // kv_len)
         groups = [(first, min(first + group, batch)) for first in range(0, batch, group)]
-        return kv_len, [(first, last, block_tables[first:last], self.gathered_plan(lengths[first:last], kv_len))
-                        for first, last in groups]
+        return GatheredPlan(kv_len, [GatherGroup(first, last, block_tables[first:last],
+                                                 self.gathered_plan(lengths[first:last], kv_len))
+                                     for first, last in groups])
 
-    def decode(self, query: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor, plan: object
-               ) -> torch.Tensor:
+    def decode(self, query: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor,
+               plan: GatheredPlan[GroupPlan]) -> torch.Tensor:
         kv_len, groups = plan
         heads = k_blocks.shape[2:]
         attended = [
@@ -153,7 +182,23 @@ class GatheringDecode:
         return attended[0] if len(attended) == 1 else torch.cat(attended)
 
 
-class SdpaAttention(GatheringDecode):
+class SdpaDecodePlan(NamedTuple):
+    """SDPA's plan for a group of gathered rows."""
+
+    mask: torch.Tensor
+    """[rows, 1, 1, kv_len]: True where a row's token is valid."""
+    kv_len: int
+
+
+class SdpaPrefillChunk(NamedTuple):
+    """SDPA's plan for one prompt chunk (a prefill plan is a list of them)."""
+
+    span: ChunkSpan
+    mask: CausalBias | None
+    """None for a first chunk (plain causal); a later one's causal mask aligned to the bottom-right corner."""
+
+
+class SdpaAttention(GatheringDecode[SdpaDecodePlan]):
     """`F.scaled_dot_product_attention` over the batch's KV bucket (masked) and per prefill chunk."""
 
     name = "sdpa"
@@ -162,12 +207,12 @@ class SdpaAttention(GatheringDecode):
         self.shape = shape
         self._positions = torch.arange(shape.max_model_len, device=shape.device)
 
-    def gathered_plan(self, lengths: torch.Tensor, kv_len: int) -> object:
+    def gathered_plan(self, lengths: torch.Tensor, kv_len: int) -> SdpaDecodePlan:
         mask = self._positions[:kv_len].unsqueeze(0) < lengths.unsqueeze(1)
-        return mask[:, None, None, :], kv_len
+        return SdpaDecodePlan(mask[:, None, None, :], kv_len)
 
-    def decode_gathered(self, query: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, plan: object
-                        ) -> torch.Tensor:
+    def decode_gathered(self, query: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor,
+                        plan: SdpaDecodePlan) -> torch.Tensor:
         mask, kv_len = plan
         s = self.shape
         batch = query.shape[0]
@@ -181,13 +226,15 @@ class SdpaAttention(GatheringDecode):
         )
         return attended.reshape(batch, -1)
 
-    def prefill_plan(self, spans: Sequence[ChunkSpan]) -> object:
+    def prefill_plan(self, spans: Sequence[ChunkSpan]) -> list[SdpaPrefillChunk]:
         # A first chunk is plain causal attention. A later chunk also sees its cached prefix: causal aligned to the
         # bottom-right corner, which CUDA runs in the flash kernel without building a mask.
-        return [(span, None if span.start == 0 else causal_lower_right(span.last - span.first, span.end))
+        return [SdpaPrefillChunk(span, None if span.start == 0
+                                 else causal_lower_right(span.last - span.first, span.end))
                 for span in spans]
 
-    def prefill(self, query: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, plan: object) -> torch.Tensor:
+    def prefill(self, query: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor,
+                plan: list[SdpaPrefillChunk]) -> torch.Tensor:
         attended = []
         for span, mask in plan:
             out = F.scaled_dot_product_attention(
@@ -208,7 +255,28 @@ FlashForward = Callable[..., tuple]
 """`torch.ops.aten._flash_attention_forward`'s calling convention (variable-length form)."""
 
 
-class FlashAttention(GatheringDecode):
+class FlashDecodePlan(NamedTuple):
+    """The flash kernel's plan for a group of gathered rows: one query token per row, row b's K/V from
+    `cu_k[b]`, `lengths[b]` of them valid."""
+
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    lengths: torch.Tensor
+    kv_len: int
+
+
+class FlashPrefillPlan(NamedTuple):
+    """The flash kernel's plan for a prefill pass: chunk i's queries from `cu_q[i]`, its K/V from `cu_k[i]`, `ends[i]`
+    of them; the longest chunk and the longest K/V."""
+
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    ends: torch.Tensor
+    max_q: int
+    max_k: int
+
+
+class FlashAttention(GatheringDecode[FlashDecodePlan]):
     """The flash kernel's variable-length form over the step's K/V viewed as [rows, kv_heads, dim]: sequence b
     starts at row `cu_seq_k[b]` and has `seqused_k[b]` valid tokens."""
 
@@ -220,14 +288,14 @@ class FlashAttention(GatheringDecode):
         # Decode: one query token per row.
         self._decode_cu_q = torch.arange(shape.num_slots + 1, dtype=torch.int32, device=shape.device)
 
-    def gathered_plan(self, lengths: torch.Tensor, kv_len: int) -> object:
+    def gathered_plan(self, lengths: torch.Tensor, kv_len: int) -> FlashDecodePlan:
         batch = lengths.shape[0]
         cu_q = self._decode_cu_q[: batch + 1]
         # Row b's K/V start at b * kv_len of the gathered [B, kv_len, ...] (a device op: graphs capture it).
-        return cu_q, cu_q * kv_len, lengths, kv_len
+        return FlashDecodePlan(cu_q, cu_q * kv_len, lengths, kv_len)
 
-    def decode_gathered(self, query: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, plan: object
-                        ) -> torch.Tensor:
+    def decode_gathered(self, query: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor,
+                        plan: FlashDecodePlan) -> torch.Tensor:
         cu_q, cu_k, lengths, kv_len = plan
         s = self.shape
         # One query token per sequence (max_q 1), grouped-query heads unfolded: given that, the kernel folds each KV
@@ -242,7 +310,7 @@ class FlashAttention(GatheringDecode):
         )[0]
         return out.reshape(query.shape[0], -1)
 
-    def prefill_plan(self, spans: Sequence[ChunkSpan]) -> object:
+    def prefill_plan(self, spans: Sequence[ChunkSpan]) -> FlashPrefillPlan:
         s = self.shape
         table = to_device(torch.tensor(
             [[span.first for span in spans] + [spans[-1].last],
@@ -251,9 +319,10 @@ class FlashAttention(GatheringDecode):
             dtype=torch.int32,
         ), s.device)
         max_q = max(span.last - span.first for span in spans)
-        return table[0], table[1], table[2, :-1], max_q, max(span.end for span in spans)
+        return FlashPrefillPlan(table[0], table[1], table[2, :-1], max_q, max(span.end for span in spans))
 
-    def prefill(self, query: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, plan: object) -> torch.Tensor:
+    def prefill(self, query: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor,
+                plan: FlashPrefillPlan) -> torch.Tensor:
         cu_q, cu_k, ends, max_q, max_k = plan
         s = self.shape
         # Causal in the flash kernel is aligned to the bottom-right corner: a chunk's i-th token sees its K/V up to
@@ -266,6 +335,15 @@ class FlashAttention(GatheringDecode):
             scale=s.scale, seqused_k=ends,
         )[0]
         return out.reshape(query.shape[0], -1)
+
+
+class TritonDecodePlan(NamedTuple):
+    """The Triton kernel's plan for a decode step: the rows' lengths and block tables as the step has them, and the
+    bucket's launch shape."""
+
+    lengths: torch.Tensor
+    block_tables: torch.Tensor
+    launch: DecodeLaunch
 
 
 class TritonAttention:
@@ -285,21 +363,22 @@ class TritonAttention:
                                if shape.device.type == "cuda" else 1)
         self._multiprocessors = multiprocessors
 
-    def decode_plan(self, lengths: torch.Tensor, block_tables: torch.Tensor, kv_len: int) -> object:
+    def decode_plan(self, lengths: torch.Tensor, block_tables: torch.Tensor, kv_len: int) -> TritonDecodePlan:
         s = self.shape
         launch = self._kernel.plan_launch(lengths.shape[0], s.num_kv_heads, kv_len, s.head_dim, self._multiprocessors)
-        return lengths, block_tables, launch
+        return TritonDecodePlan(lengths, block_tables, launch)
 
-    def decode(self, query: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor, plan: object
+    def decode(self, query: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor, plan: TritonDecodePlan
                ) -> torch.Tensor:
         lengths, block_tables, launch = plan
         out = self._kernel.paged_decode(query, k_blocks, v_blocks, block_tables, lengths, self.shape.scale, launch)
         return out.reshape(query.shape[0], -1)
 
-    def prefill_plan(self, spans: Sequence[ChunkSpan]) -> object:
+    def prefill_plan(self, spans: Sequence[ChunkSpan]) -> Any:
+        """`prefill_with`'s plan."""
         return self._prefill.prefill_plan(spans)
 
-    def prefill(self, query: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, plan: object) -> torch.Tensor:
+    def prefill(self, query: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, plan: Any) -> torch.Tensor:
         return self._prefill.prefill(query, k_layer, v_layer, plan)
 
 

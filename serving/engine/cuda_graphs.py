@@ -59,7 +59,7 @@ class DecodeGraphs:
         self._replays: dict[tuple[int, int], Callable[[], None]] = {}
 
     @classmethod
-    def for_runner(cls, runner) -> "DecodeGraphs":
+    def for_runner(cls, runner: ModelRunner) -> DecodeGraphs:
         """Graphs for every decode shape of a `ModelRunner`, replaying its `decode_step`."""
         return cls(runner.decode_step, batch_buckets=runner.batch_buckets, kv_len_buckets=runner.kv_len_buckets,
                    vocab_size=runner.vocab_size, block_size=runner.block_size, scratch_block=runner.scratch_block,
@@ -78,7 +78,8 @@ class DecodeGraphs:
                 ids, positions, rows = self._inputs[0, :batch], self._inputs[1, :batch], self._inputs[2, :batch]
                 tables = self._tables[:batch, : kv_len // self._block_size]
 
-                def step(batch=batch, ids=ids, positions=positions, rows=rows, tables=tables, kv_len=kv_len) -> None:
+                def step(batch: int = batch, ids: torch.Tensor = ids, positions: torch.Tensor = positions,
+                         rows: torch.Tensor = rows, tables: torch.Tensor = tables, kv_len: int = kv_len) -> None:
                     self._logits[:batch].copy_(self._step(ids, positions, rows, tables, kv_len))
 
                 self._replays[(batch, kv_len)] = record(step)

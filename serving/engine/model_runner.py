@@ -27,8 +27,9 @@ import itertools
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 
@@ -37,6 +38,9 @@ from serving.engine.block_manager import DEFAULT_BLOCK_SIZE
 from serving.engine.interface import ModelLoadError
 from serving.engine.scheduler import PrefillChunk
 from serving.engine.transfer import to_device
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 logger = logging.getLogger("serving.engine")
 
@@ -88,7 +92,7 @@ def kv_len_buckets(max_model_len: int) -> list[int]:
         length = bucket + 1
 
 
-def model_context_len(hf_config) -> int:
+def model_context_len(hf_config: PreTrainedConfig) -> int:
     """The longest context the runner handles exactly for this model.
 
     Attention here is always full; with sequences no longer than the sliding window, full and
@@ -102,14 +106,14 @@ def model_context_len(hf_config) -> int:
     return length
 
 
-def kv_bytes_per_token(hf_config, dtype: torch.dtype) -> int:
+def kv_bytes_per_token(hf_config: PreTrainedConfig, dtype: torch.dtype) -> int:
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
     element = torch.empty((), dtype=dtype).element_size()
     return 2 * hf_config.num_hidden_layers * hf_config.num_key_value_heads * head_dim * element
 
 
-def kv_cache_budget_bytes(device: torch.device, hf_config, dtype: torch.dtype, *, memory_utilization: float,
-                          num_slots: int, max_prefill_tokens: int, max_model_len: int,
+def kv_cache_budget_bytes(device: torch.device, hf_config: PreTrainedConfig, dtype: torch.dtype, *,
+                          memory_utilization: float, num_slots: int, max_prefill_tokens: int, max_model_len: int,
                           decode_graphs: bool = False) -> int:
     """Bytes the KV cache may take, measured after the weights are on the device."""
     if device.type == "cuda":
@@ -130,8 +134,8 @@ makes (4), the banned copy (4), the probabilities (4), top-p's sorted values and
 each (4) and the mask (1): 33, with 3 to spare. A GPU test measures it."""
 
 
-def activation_reserve_bytes(hf_config, dtype: torch.dtype, *, num_slots: int, max_prefill_tokens: int,
-                             max_model_len: int, decode_graphs: bool) -> int:
+def activation_reserve_bytes(hf_config: PreTrainedConfig, dtype: torch.dtype, *, num_slots: int,
+                             max_prefill_tokens: int, max_model_len: int, decode_graphs: bool) -> int:
     """Memory kept out of the KV cache for activations: one prefill pass's (its chunks' tokens, and the K/V it gathers
     for attention: PREFILL_GATHER_TOKENS, or one chunk at the end of a longer context), and the decode logits with
     what sampling them takes at its peak; with decode graphs also their private pool (the largest step's activations,
@@ -183,17 +187,65 @@ def plan_kv_cache(*, bytes_per_token: int, budget_bytes: int, num_slots: int, ma
     return KVCachePlan(num_slots, planned_len, num_blocks, block_size)
 
 
+GraphedDecode = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+"""`graphs(inputs [3, B], block_tables [B, kv_len / block_size], kv_len) -> float32 logits [B, vocab]`: decode steps
+replayed from CUDA graphs (`serving.engine.cuda_graphs.DecodeGraphs`), or what stands in for them."""
+
+
+class _SelfAttention(Protocol):
+    """What the runner uses of an HF decoder layer's attention module: its projections and shape (the module's own
+    forward is never called)."""
+
+    q_proj: torch.nn.Module
+    k_proj: torch.nn.Module
+    v_proj: torch.nn.Module
+    o_proj: torch.nn.Module
+    head_dim: int
+    scaling: float
+
+
+class _NormedAttention(_SelfAttention, Protocol):
+    """An attention module that normalises queries and keys per head before RoPE (Qwen3's)."""
+
+    q_norm: torch.nn.Module
+    k_norm: torch.nn.Module
+
+
+class _DecoderLayer(Protocol):
+    self_attn: _SelfAttention
+    input_layernorm: torch.nn.Module
+    post_attention_layernorm: torch.nn.Module
+    mlp: torch.nn.Module
+
+
+class _Decoder(Protocol):
+    embed_tokens: torch.nn.Module
+    layers: Iterable[_DecoderLayer]
+    norm: torch.nn.Module
+    rotary_emb: torch.nn.Module
+
+
+class _CausalLM(Protocol):
+    """The parts of an HF causal LM (`LlamaForCausalLM` and kin) the runner calls."""
+
+    model: _Decoder
+    lm_head: torch.nn.Module
+    config: PreTrainedConfig
+
+
 class ModelRunner:
     """Runs prefill chunks and batched decode steps of one HF causal LM over its own KV cache."""
 
     def __init__(self, model: torch.nn.Module, plan: KVCachePlan,
                  attention: Callable[[AttentionShape], Attention] = SdpaAttention) -> None:
-        decoder = model.model
+        # torch's Module.__getattr__ types every submodule Tensor | Module: read the model as the parts called here.
+        causal_lm = cast(_CausalLM, model)
+        decoder = causal_lm.model
         self.model = model
         self.embed_tokens = decoder.embed_tokens
         self.layers = list(decoder.layers)
         self.norm = decoder.norm
-        self.lm_head = model.lm_head
+        self.lm_head = causal_lm.lm_head
         self.rotary_emb = decoder.rotary_emb
         first_attention = self.layers[0].self_attn
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -205,8 +257,8 @@ class ModelRunner:
         self._apply_rotary = sys.modules[type(first_attention).__module__].apply_rotary_pos_emb
         self.head_dim = first_attention.head_dim
         self.scaling = first_attention.scaling
-        self.num_kv_heads = model.config.num_key_value_heads
-        self.vocab_size = model.config.vocab_size
+        self.num_kv_heads: int = causal_lm.config.num_key_value_heads
+        self.vocab_size: int = causal_lm.config.vocab_size
         self.num_slots = plan.num_slots
         self.max_model_len = plan.max_model_len
         self.num_blocks = plan.num_blocks
@@ -223,14 +275,14 @@ class ModelRunner:
         self.max_kv_len = self.max_blocks_per_seq * self.block_size
         """The longest K/V a decode step reads: the context, rounded up to whole blocks."""
         self.attention_shape = AttentionShape(
-            num_heads=model.config.num_attention_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+            num_heads=causal_lm.config.num_attention_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
             scale=self.scaling, num_slots=self.num_slots, max_model_len=self.max_kv_len, device=self.device,
             block_size=self.block_size,
         )
         self.attention = attention(self.attention_shape)
         self.batch_buckets = _batch_buckets(self.num_slots)
         self.kv_len_buckets = kv_len_buckets(self.max_kv_len)
-        self.graphs = None
+        self.graphs: GraphedDecode | None = None
 
     @property
     def capacity_tokens(self) -> int:
@@ -353,7 +405,7 @@ class ModelRunner:
         logits = (self.graphs if self.graphs is not None else self._decode_eager)(inputs, table_rows, kv_len)
         return logits if full else logits[packed[-1, : len(slots)]]
 
-    def use_graphs(self, graphs) -> None:
+    def use_graphs(self, graphs: GraphedDecode | None) -> None:
         """Route decode steps through `graphs` (a `serving.engine.cuda_graphs.DecodeGraphs`), or eager (None)."""
         self.graphs = graphs
 
@@ -386,7 +438,8 @@ class ModelRunner:
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return self.lm_head(self.norm(hidden[:, 0])).float()
 
-    def _project_qkv(self, attention, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def _project_qkv(self, attention: _SelfAttention, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Token-major [batch, tokens, heads, head_dim] queries, keys and values, RoPE applied."""
         batch, length, _ = hidden.shape
         shape = (batch, length, -1, self.head_dim)
@@ -394,7 +447,8 @@ class ModelRunner:
         key = attention.k_proj(hidden).view(shape)
         value = attention.v_proj(hidden).view(shape)
         if hasattr(attention, "q_norm"):
-            query, key = attention.q_norm(query), attention.k_norm(key)
+            normed = cast(_NormedAttention, attention)
+            query, key = normed.q_norm(query), normed.k_norm(key)
         query, key = self._apply_rotary(query, key, cos, sin, unsqueeze_dim=2)
         return query, key, value
 

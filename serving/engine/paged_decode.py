@@ -55,18 +55,21 @@ def plan_launch(batch: int, num_kv_heads: int, kv_len: int, head_dim: int, multi
     return DecodeLaunch(num_splits=math.ceil(kv_len / split_len), split_len=split_len, tile=tile)
 
 
+# The kernel's parameters are Any to mypy: Triton types them at each launch (pointers from the tensors, ints
+# specialised by value), and a type annotation Triton knows (`tl.int32`, "*fp16", anything naming const) would change
+# the compiled kernel, where `Any` is one it ignores. Inside, every value is a Triton tensor of Triton's untyped API.
 def _paged_decode_kernel(
-    q_ptr, k_ptr, v_ptr, tables_ptr, lengths_ptr, out_ptr, lse_ptr,
-    scale,
-    stride_q_row, stride_q_head,
-    stride_k_block, stride_k_token, stride_k_head,
-    stride_table_row,
-    stride_out_row, stride_out_head, stride_out_split,
-    stride_lse_row, stride_lse_head,
-    split_len,
+    q_ptr: Any, k_ptr: Any, v_ptr: Any, tables_ptr: Any, lengths_ptr: Any, out_ptr: Any, lse_ptr: Any,
+    scale: Any,
+    stride_q_row: Any, stride_q_head: Any,
+    stride_k_block: Any, stride_k_token: Any, stride_k_head: Any,
+    stride_table_row: Any,
+    stride_out_row: Any, stride_out_head: Any, stride_out_split: Any,
+    stride_lse_row: Any, stride_lse_head: Any,
+    split_len: Any,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
-):
+) -> None:
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
