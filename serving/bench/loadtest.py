@@ -489,7 +489,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     server.add_argument("--cuda-graphs", choices=["on", "off"], help="decode from CUDA graphs (server default: on)")
     server.add_argument("--engine-process", choices=["on", "off"],
                         help="the engine in its own process or on a thread of the server's (server default: on)")
-    server.add_argument("--attention-backend", choices=["auto", "flash", "sdpa"],
+    server.add_argument("--attention-backend", choices=["auto", "triton", "flash", "sdpa"],
                         help="how attention reads the KV cache (server default: auto)")
     server.add_argument("--overlap", choices=["auto", "on", "off"],
                         help="steps launched from tokens still on the device, host work overlapping the device "
