@@ -159,6 +159,13 @@ def alert_group(o: ObservedModel, cfg: ObservabilityConfig) -> dict[str, Any]:
               "The container exits at start: read its last log line (a JSON error naming the problem: model "
               "directory, GPU memory, settings) with `kubectl logs --previous`.", name),
     ]
+    if q.attention_fallback:
+        rules.append(_rule("LLMAttentionFallback", f"({q.attention_fallback}) > 0", "5m", "warning",
+                           f"{name} pods decode with SDPA attention on the GPU, the slowest of the engine's three",
+                           "Its load log's `attention:` lines say why the Triton and flash kernels were not used (no "
+                           "C compiler or Triton in the image, a kernel that disagreed with SDPA on the load check, "
+                           "a GPU older than compute capability 8.0, a float32 model); fix that, or set "
+                           "ATTENTION_BACKEND to triton so that such a pod fails at load instead.", name))
     if q.at_max_replicas:
         rules.append(_rule("LLMReplicasAtMaximum", q.at_max_replicas, "10m", "warning",
                            f"{name} has run at its maximum replicas for 10 minutes",

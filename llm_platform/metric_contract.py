@@ -93,7 +93,7 @@ BUILTIN = Runtime(
              "latency": "llm_request_duration_seconds", "requests": "llm_requests_total",
              "generation_tokens": "llm_generation_tokens_total", "gpu_utilization": "llm_gpu_utilization",
              "prefix_cache_queries": "llm_prefix_cache_queried_tokens_total",
-             "prefix_cache_hits": "llm_prefix_cache_hit_tokens_total"},
+             "prefix_cache_hits": "llm_prefix_cache_hit_tokens_total", "engine_info": "llm_engine_info"},
     error_matcher='code=~"5.."',
     health={"startup": "/health/startup", "liveness": "/health/live", "readiness": "/health/ready"},
     default_max_num_seqs=64,
@@ -207,6 +207,9 @@ class ModelQueries:
     """Share of prompt tokens served from the prefix cache over 5 minutes; None when the runtime reports none."""
     gateway_pending: str | None = None
     """Requests the gateway holds for this model (starting from zero or saturated); None without a gateway."""
+    attention_fallback: str | None = None
+    """GPU pods whose engine reads its KV cache with SDPA, the slowest attention (a faster one did not apply or failed
+    its check at load); None when the runtime does not say which attention it runs."""
 
 
 LOAD_METRIC = "llm_load_per_replica"
@@ -251,6 +254,8 @@ def model_queries(rt: Runtime, *, namespace: str, workload: str, served_model_na
             f"min({platform_metric('certmanager_certificate_expiration_timestamp_seconds')}"
             f'{{namespace="{namespace}",name="{certificate}"}}) - time()'),
         gateway_pending=pending,
+        attention_fallback=(f'count({rt.signal("engine_info")}{sel[:-1]},device=~"cuda.*",attention="sdpa"}})'
+                            if rt.has("engine_info") else None),
         prefix_cache_hit_ratio=(f"sum(rate({rt.signal('prefix_cache_hits')}{sel}[5m])) / "
                                 f"sum(rate({rt.signal('prefix_cache_queries')}{sel}[5m]))"
                                 if rt.has("prefix_cache_hits") and rt.has("prefix_cache_queries") else None),

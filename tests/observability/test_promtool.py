@@ -143,6 +143,13 @@ CASES = {
          (f'llm_gateway_requests_total{{{GATEWAY},code="429"}}', "0+50x30"),
          (f'llm_gateway_requests_total{{{GATEWAY},code="200"}}', "0+99x30")],
         "20m"),
+    "LLMAttentionFallback": (
+        # A GPU pod on SDPA, against one on the Triton kernel and a CPU pod on SDPA (CPU has nothing faster).
+        [(f'llm_engine_info{{{OWN},device="cuda:0",attention="sdpa",block_size="16"}}', "1x30")],
+        [(f'llm_engine_info{{{OWN},device="cuda:0",attention="triton",block_size="16"}}', "1x30"),
+         (f'llm_engine_info{{namespace="{NS}",model="{MODEL}",pod="cpu-pod",device="cpu",attention="sdpa",'
+          f'block_size="16"}}', "1x30")],
+        "20m"),
     "LLMCertificateExpiringSoon": (
         # Expiry 5 days after the start of the test clock (t=0), evaluated 2 hours in.
         [(f'certmanager_certificate_expiration_timestamp_seconds{{namespace="{NS}",name="llm-tls"}}', "432000x180")],

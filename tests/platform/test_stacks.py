@@ -140,7 +140,7 @@ def test_prod_observability_with_operator(rendered):
     alerts = {r["alert"] for r in rule["spec"]["groups"][0]["rules"]}
     assert alerts == {"LLMHighErrorRatio", "LLMTimeToFirstTokenSlow", "LLMQueueBacklog", "LLMKVCacheNearlyFull",
                       "LLMPodRestarting", "LLMPodCrashLooping", "LLMReplicasAtMaximum", "LLMGpuIdleAboveMinimum",
-                      "LLMCertificateExpiringSoon"}
+                      "LLMCertificateExpiringSoon", "LLMAttentionFallback"}
     for r in rule["spec"]["groups"][0]["rules"]:
         assert r["labels"]["severity"] in ("info", "warning", "critical")
         assert r["annotations"]["summary"] and r["annotations"]["runbook"]
