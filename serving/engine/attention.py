@@ -389,15 +389,8 @@ def triton_interpreting() -> bool:
 
 def triton_unavailable_reason(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
     """Why the Triton decode kernel cannot serve this model here, or None if it can."""
-    interpreted = triton_interpreting() and device.type == "cpu"
-    if not interpreted:
-        if device.type != "cuda":
-            return f"it needs a CUDA device (the engine runs on {device.type})"
-        if dtype not in FLASH_DTYPES:
-            return f"it needs float16 or bfloat16 (the engine runs in {str(dtype).removeprefix('torch.')})"
-        if torch.cuda.get_device_capability(device) < (8, 0):
-            major, minor = torch.cuda.get_device_capability(device)
-            return f"it needs compute capability 8.0 or newer (this GPU has {major}.{minor})"
+    if not (triton_interpreting() and device.type == "cpu") and (reason := _half_precision_gpu_reason(device, dtype)):
+        return reason
     if head_dim > 256:
         return f"it needs a head dimension of at most 256 (this model's is {head_dim})"
     try:
@@ -407,17 +400,24 @@ def triton_unavailable_reason(device: torch.device, dtype: torch.dtype, head_dim
     return None
 
 
-def flash_unavailable_reason(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
-    """Why the flash kernel cannot serve this model here, or None if it can."""
+def _half_precision_gpu_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """What both GPU kernels (flash and Triton) need: a CUDA device of compute capability 8.0+, float16/bfloat16."""
     if device.type != "cuda":
         return f"it needs a CUDA device (the engine runs on {device.type})"
     if dtype not in FLASH_DTYPES:
         return f"it needs float16 or bfloat16 (the engine runs in {str(dtype).removeprefix('torch.')})"
-    if head_dim % 8 or head_dim > 256:
-        return f"it needs a head dimension that is a multiple of 8, at most 256 (this model's is {head_dim})"
     if torch.cuda.get_device_capability(device) < (8, 0):
         major, minor = torch.cuda.get_device_capability(device)
         return f"it needs compute capability 8.0 or newer (this GPU has {major}.{minor})"
+    return None
+
+
+def flash_unavailable_reason(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """Why the flash kernel cannot serve this model here, or None if it can."""
+    if reason := _half_precision_gpu_reason(device, dtype):
+        return reason
+    if head_dim % 8 or head_dim > 256:
+        return f"it needs a head dimension that is a multiple of 8, at most 256 (this model's is {head_dim})"
     if not torch.backends.cuda.is_flash_attention_available():
         return "this torch build has no flash attention kernel"
     return None
