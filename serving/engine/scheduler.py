@@ -316,16 +316,9 @@ class Scheduler(Generic[S]):
 
     def _preempt(self, seq: S) -> None:
         """Give back `seq`'s blocks and queue it first, to prefill its prompt and its tokens again."""
-        if seq in self.prefilling:
-            self.prefilling.remove(seq)
-        else:
-            self.decoding.remove(seq)
-            # Every token but the last has its K/V written: those full blocks stay cached for the recompute.
-            tokens = seq.prompt + tuple(seq.output_ids)
-            self.cache.cache_full_blocks(seq, tokens, len(tokens) - 1)
-            seq.recompute = tokens
-        self.running.discard(seq)
-        self.cache.free(seq)
+        written = self._release(seq)
+        if written is not None:
+            seq.recompute = written
         seq.num_cached = 0
         seq.launched = 0
         self.waiting.appendleft(seq)
@@ -333,15 +326,22 @@ class Scheduler(Generic[S]):
 
     def _finish(self, seq: S, reason: FinishReason) -> None:
         seq.finished, seq.finish_reason = True, reason
+        self._release(seq)
+
+    def _release(self, seq: S) -> tuple[int, ...] | None:
+        """Take `seq` off the running lists and give back its blocks. A decoding request's prompt and every generated
+        token but the last (never fed back) have their K/V written: those full blocks stay in the prefix cache, and
+        its tokens are returned; a prefilling request's chunks cached theirs as they were launched (None)."""
+        written = None
         if seq in self.prefilling:
             self.prefilling.remove(seq)
         else:
             self.decoding.remove(seq)
-            # Its prompt and every generated token but the last (never fed back) have their K/V in the cache.
-            tokens = seq.prompt + tuple(seq.output_ids)
-            self.cache.cache_full_blocks(seq, tokens, len(tokens) - 1)
+            written = seq.prompt + tuple(seq.output_ids)
+            self.cache.cache_full_blocks(seq, written, len(written) - 1)
         self.running.discard(seq)
         self.cache.free(seq)
+        return written
 
 
 def _slot_of(seq: Sequence) -> int:
