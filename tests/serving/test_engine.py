@@ -1117,6 +1117,17 @@ def _random_mix(seed: int, count: int, max_model_len: int) -> list[GenerationReq
     return mix
 
 
+def assert_mix_matches(requests: list[GenerationRequest], results: dict, aborts: set[str], alone: dict) -> None:
+    """Each request of a mix gave what it gives run alone (`alone`, from `_run_mix` on a reference engine): the same
+    tokens and finish reason, or, aborted, a prefix of those tokens."""
+    for item in requests:
+        tokens, reason = results[item.request_id]
+        if reason == "abort":
+            assert item.request_id in aborts and tokens == alone[item.request_id][0][: len(tokens)]
+        else:
+            assert (tokens, reason) == alone[item.request_id], item.request_id
+
+
 def _run_mix(engine: LLMEngine, requests: list[GenerationRequest], rng=None, aborts: set | None = None) -> dict:
     """Submit every request (with `rng`: at random moments, aborting some into `aborts`); each one's tokens and
     finish reason. Fails on anything delivered after a request's final output."""
@@ -1195,12 +1206,7 @@ def test_a_random_mix_under_overlap_gives_each_request_its_tokens_one_step_at_a_
         results = _run_mix(engine, requests, rng, aborts)
     finally:
         asyncio.run(engine.shutdown())
-    for item in requests:
-        tokens, reason = results[item.request_id]
-        if reason == "abort":
-            assert item.request_id in aborts and tokens == alone[item.request_id][0][: len(tokens)]
-        else:
-            assert (tokens, reason) == alone[item.request_id], item.request_id
+    assert_mix_matches(requests, results, aborts, alone)
 
 
 def test_a_sequence_reaching_the_context_end_while_others_go_on_matches_hf_greedy(make_engine, hf_model):

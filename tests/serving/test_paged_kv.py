@@ -17,6 +17,7 @@ from tests.serving.test_engine import (  # noqa: F401 - fixtures
     _random_mix,
     _ReadyNow,
     _run_mix,
+    assert_mix_matches,
     collect,
     greedy,
     greedy_tokens,
@@ -176,12 +177,7 @@ def test_a_random_mix_with_shared_prefixes_under_memory_pressure_matches_one_req
         stats = engine.stats()
     finally:
         asyncio.run(engine.shutdown())
-    for item in requests:
-        tokens, reason = results[item.request_id]
-        if reason == "abort":
-            assert item.request_id in aborts and tokens == alone[item.request_id][0][: len(tokens)]
-        else:
-            assert (tokens, reason) == alone[item.request_id], item.request_id
+    assert_mix_matches(requests, results, aborts, alone)
     assert stats.prefix_cache_hit_tokens_total > 0  # and, with these pools, preemptions:
     assert stats.preemptions_total > 0
 
