@@ -15,7 +15,16 @@ from dataclasses import dataclass, field
 import pytest
 
 from serving.engine.block_manager import BlockManager, block_hash
-from tests.serving.test_scheduler import EOS, TOKEN, make_scheduler, make_seq, read_back, recount, step
+from tests.serving.test_scheduler import (
+    EOS,
+    TOKEN,
+    assert_plan_within_limits,
+    make_scheduler,
+    make_seq,
+    read_back,
+    recount,
+    step,
+)
 
 
 @dataclass(eq=False)
@@ -270,9 +279,7 @@ def test_a_random_mix_under_memory_pressure_ends_every_request_as_its_rule_says(
         if requests and rng.random() < 0.04:
             scheduler.abort(rng.choice(requests))
         plan = scheduler.schedule()
-        assert sum(len(chunk.token_ids) for chunk in plan.chunks) <= budget
-        held = [seq.slot for seq in scheduler.running]
-        assert len(held) == len(set(held)) <= slots and -1 not in held
+        assert_plan_within_limits(scheduler, plan, budget=budget, slots=slots)
         assert scheduler.cache.num_used_blocks == recount(scheduler)
         for _seq, position, table in zip(plan.decode, plan.positions, plan.block_tables):
             assert len(table) * 4 > position

@@ -64,6 +64,17 @@ def recount(scheduler: Scheduler) -> int:
     return len({block for seq in scheduler.running for block in seq.block_table})
 
 
+def assert_plan_within_limits(scheduler: Scheduler, plan, *, budget: int, slots: int,
+                              context: int | None = None) -> None:
+    """A plan keeps the prefill budget and the bound on its pass's K/V reads (past it only as the pass's one chunk),
+    and no slot is held twice or beyond the slots."""
+    assert sum(len(chunk.token_ids) for chunk in plan.chunks) <= budget
+    ends = [chunk.end for chunk in plan.chunks]
+    assert context is None or sum(ends) <= context or len(ends) == 1
+    held = [seq.slot for seq in scheduler.running]
+    assert len(held) == len(set(held)) <= slots and -1 not in held
+
+
 def test_the_scheduler_imports_without_torch():
     code = "import sys, serving.engine.scheduler; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
@@ -371,11 +382,7 @@ def test_a_random_mix_keeps_every_rule_at_every_step(seed):
         if requests and rng.random() < 0.05:
             scheduler.abort(rng.choice(requests))
         plan = scheduler.schedule()
-        assert sum(len(chunk.token_ids) for chunk in plan.chunks) <= budget
-        ends = [chunk.end for chunk in plan.chunks]  # past the bound only as the pass's one chunk
-        assert context is None or sum(ends) <= context or len(ends) == 1
-        held = [seq.slot for seq in scheduler.running]
-        assert len(held) == len(set(held)) <= slots and -1 not in held
+        assert_plan_within_limits(scheduler, plan, budget=budget, slots=slots, context=context)
         assert plan.slots == sorted(plan.slots) and all(seq.slot == slot for seq, slot in zip(plan.decode, plan.slots))
         # Run ahead or not, at random: this plan is read back now, or after the next one is laid out.
         run_ahead = rng.random() < 0.5
